@@ -1,0 +1,46 @@
+//! Plain data shared by the eBPF programs (`proxy-ebpf`) and the agent
+//! (`proxy-userspace`).
+//!
+//! Every map key and value here is `#[repr(C)]`, holds only integers and
+//! arrays, and spells its padding out as named fields, so that the kernel,
+//! the agent and `bpftool` all agree on one layout. Each type carries a
+//! compile-time size check.
+//!
+//! Byte order, for every type in this crate:
+//! - addresses (`*_addr`) are 16 bytes in network order; IPv4 is stored
+//!   IPv4-mapped (`::ffff:a.b.c.d`);
+//! - ports, counters, ids and times are integers in the host's byte order;
+//! - times are nanoseconds since the Unix epoch (`CLOCK_REALTIME`).
+#![no_std]
+
+pub mod addr;
+pub mod grant;
+pub mod intercept;
+pub mod session;
+pub mod stats;
+
+/// Map names, shared so user space finds what the eBPF object declares.
+pub mod map_names {
+    /// SOCKHASH of spliced sockets, keyed by socket cookie.
+    pub const SOCKHASH: &str = "SOCKHASH";
+    /// Socket cookie -> [`crate::session::SocketEntry`].
+    pub const SOCKETS: &str = "SOCKETS";
+    /// Session id -> [`crate::session::SessionRecord`].
+    pub const SESSIONS: &str = "SESSIONS";
+    /// Single-slot per-CPU [`crate::stats::GlobalStats`].
+    pub const STATS: &str = "STATS";
+    /// LPM trie: intercepted prefix -> [`crate::intercept::InterceptValue`].
+    pub const INTERCEPT: &str = "INTERCEPT";
+    /// SOCKMAP holding the agent's transparent listeners.
+    pub const LISTENERS: &str = "LISTENERS";
+    /// Grant id -> [`crate::grant::GrantRecord`].
+    pub const GRANTS: &str = "GRANTS";
+}
+
+/// Program names, as the eBPF object exports them.
+pub mod program_names {
+    /// `sk_skb/stream_verdict`: splices each direction to the peer socket.
+    pub const VERDICT: &str = "tcpgate_verdict";
+    /// `sk_lookup`: steers intercepted SYNs to the agent's listener.
+    pub const LOOKUP: &str = "tcpgate_lookup";
+}

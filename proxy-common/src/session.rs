@@ -1,0 +1,147 @@
+//! Per-session records: what the verdict program needs to splice a socket,
+//! and what operators read from the pinned `sessions` map.
+
+/// `SocketEntry::direction` of the client socket: its bytes go upstream.
+pub const DIRECTION_UP: u32 = 0;
+/// `SocketEntry::direction` of the upstream socket: its bytes go to the client.
+pub const DIRECTION_DOWN: u32 = 1;
+
+/// `SessionRecord::datapath`: bytes are spliced by the verdict program.
+pub const DATAPATH_EBPF: u32 = 1;
+/// `SessionRecord::datapath`: bytes are copied by the agent.
+pub const DATAPATH_USERSPACE: u32 = 2;
+
+/// `SessionRecord::auth_method`: no authentication (static forward).
+pub const AUTH_NONE: u16 = 0;
+/// `SessionRecord::auth_method`: an in-band token preamble.
+pub const AUTH_PREAMBLE: u16 = 1;
+/// `SessionRecord::auth_method`: a grant bound to the client's source address.
+pub const AUTH_SOURCE_GRANT: u16 = 2;
+
+/// Bytes of the token subject kept in a record (NUL-padded, truncated).
+pub const SUBJECT_LEN: usize = 64;
+
+/// Value of the `SOCKETS` map, keyed by the socket's cookie (`SO_COOKIE`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketEntry {
+    /// Cookie of the socket that receives this socket's bytes.
+    pub peer_cookie: u64,
+    /// Key of the session's record in the `SESSIONS` map.
+    pub session_id: u64,
+    /// [`DIRECTION_UP`] or [`DIRECTION_DOWN`].
+    pub direction: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+
+/// Traffic counters of one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectionCounters {
+    /// Payload bytes the verdict program redirected to the peer.
+    pub kernel_bytes: u64,
+    /// Non-empty skbs the verdict program redirected.
+    pub kernel_packets: u64,
+    /// Skbs that could not be redirected (the peer left the map).
+    pub redirect_failures: u64,
+    /// Payload bytes the agent wrote itself (the user-space data path).
+    pub userspace_bytes: u64,
+}
+
+impl DirectionCounters {
+    /// All payload bytes moved in this direction, by either path.
+    #[must_use]
+    pub const fn total_bytes(&self) -> u64 {
+        self.kernel_bytes + self.userspace_bytes
+    }
+}
+
+/// Value of the pinned `SESSIONS` map, keyed by session id.
+///
+/// User space writes the whole record once, before the sockets enter the
+/// SOCKHASH; after that only the verdict program writes the kernel counters
+/// (each direction from its own socket's receive path, which the kernel runs
+/// one skb at a time per socket).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// The session id (also the map key), unique per agent run.
+    pub session_id: u64,
+    /// Grant that admitted the session; 0 when none was needed.
+    pub grant_id: u64,
+    /// When the agent accepted the client.
+    pub started_unix_ns: u64,
+    /// When the grant ends and the session is torn down; 0 for never.
+    pub expires_unix_ns: u64,
+    /// The client's address, as the bastion saw it.
+    pub client_addr: [u8; 16],
+    /// The destination the client dialled (the original destination).
+    pub dest_addr: [u8; 16],
+    /// Where the agent connected upstream (differs when a prefix is mapped).
+    pub upstream_addr: [u8; 16],
+    /// The client's port.
+    pub client_port: u16,
+    /// The original destination port.
+    pub dest_port: u16,
+    /// The upstream port.
+    pub upstream_port: u16,
+    /// `AUTH_*`: how the session was admitted.
+    pub auth_method: u16,
+    /// `DATAPATH_*`: which path moves the bytes.
+    pub datapath: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+    /// Token subject (`sub`), NUL-padded UTF-8; empty when unauthenticated.
+    pub subject: [u8; SUBJECT_LEN],
+    /// Client to upstream.
+    pub up: DirectionCounters,
+    /// Upstream to client.
+    pub down: DirectionCounters,
+}
+
+impl SessionRecord {
+    /// A record with every field zero.
+    #[must_use]
+    pub const fn zeroed() -> Self {
+        Self {
+            session_id: 0,
+            grant_id: 0,
+            started_unix_ns: 0,
+            expires_unix_ns: 0,
+            client_addr: [0; 16],
+            dest_addr: [0; 16],
+            upstream_addr: [0; 16],
+            client_port: 0,
+            dest_port: 0,
+            upstream_port: 0,
+            auth_method: 0,
+            datapath: 0,
+            _pad: 0,
+            subject: [0; SUBJECT_LEN],
+            up: DirectionCounters {
+                kernel_bytes: 0,
+                kernel_packets: 0,
+                redirect_failures: 0,
+                userspace_bytes: 0,
+            },
+            down: DirectionCounters {
+                kernel_bytes: 0,
+                kernel_packets: 0,
+                redirect_failures: 0,
+                userspace_bytes: 0,
+            },
+        }
+    }
+}
+
+const _: () = assert!(size_of::<SocketEntry>() == 24);
+const _: () = assert!(size_of::<DirectionCounters>() == 32);
+const _: () = assert!(size_of::<SessionRecord>() == 224);
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integers and arrays only, no implicit padding (checked above).
+unsafe impl aya::Pod for SocketEntry {}
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integers and arrays only, no implicit padding (checked above).
+unsafe impl aya::Pod for SessionRecord {}

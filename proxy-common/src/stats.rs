@@ -1,0 +1,25 @@
+//! Agent-wide counters kept by the eBPF programs, one slot per CPU.
+
+/// Value of the single-slot per-CPU `STATS` array. User space sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalStats {
+    /// Skbs redirected to a peer socket.
+    pub redirected_skbs: u64,
+    /// Skbs whose peer was missing from the SOCKHASH; passed to their own socket.
+    pub redirect_failures: u64,
+    /// Skbs on a socket the verdict program has no entry for.
+    pub unknown_socket_skbs: u64,
+    /// Empty skbs (FIN) passed to their own socket so user space sees EOF.
+    pub fin_passed: u64,
+    /// SYNs the lookup program steered to the agent's listener.
+    pub lookups_steered: u64,
+    /// Intercepted SYNs that found no listener (the agent is not serving).
+    pub lookups_no_listener: u64,
+}
+
+const _: () = assert!(size_of::<GlobalStats>() == 48);
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), u64 fields only, no padding (checked above).
+unsafe impl aya::Pod for GlobalStats {}

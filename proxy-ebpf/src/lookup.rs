@@ -1,0 +1,63 @@
+//! `sk_lookup`: steers SYNs for intercepted prefixes and ports to the agent's
+//! transparent listener. Everything else takes the normal socket lookup.
+use aya_ebpf::{
+    bindings::sk_action::SK_PASS, btf_maps::lpm_trie::Key, macros::sk_lookup,
+    programs::SkLookupContext,
+};
+use proxy_common::{
+    addr::{V4_MAPPED_PREFIX_BITS, v4_mapped},
+    intercept::{LISTENER_V4, LISTENER_V6},
+};
+
+use crate::maps::{INTERCEPT, LISTENERS, bump};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const IPPROTO_TCP: u32 = 6;
+
+#[sk_lookup]
+pub fn tcpgate_lookup(ctx: SkLookupContext) -> u32 {
+    // Not steering is always safe: the kernel's own lookup runs instead.
+    let _ = try_lookup(&ctx);
+    SK_PASS
+}
+
+fn try_lookup(ctx: &SkLookupContext) -> Result<(), i32> {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let lookup = unsafe { &*ctx.lookup };
+    if lookup.protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let (addr, bits, slot) = match lookup.family {
+        AF_INET => {
+            // local_ip4 is in network order, as the packet carries it.
+            let octets = lookup.local_ip4.to_ne_bytes();
+            (v4_mapped(octets), V4_MAPPED_PREFIX_BITS + 32, LISTENER_V4)
+        }
+        AF_INET6 => {
+            let mut addr = [0u8; 16];
+            for (i, word) in lookup.local_ip6.iter().enumerate() {
+                addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+            (addr, 128, LISTENER_V6)
+        }
+        _ => return Ok(()),
+    };
+    // local_port is in host order.
+    let port = lookup.local_port as u16;
+    let key = Key::new(bits, addr);
+    let Some(value) = INTERCEPT.get(&key) else {
+        return Ok(());
+    };
+    if !value.contains(port) {
+        return Ok(());
+    }
+    match LISTENERS.redirect_sk_lookup(ctx, slot, 0) {
+        Ok(()) => bump(|s| &mut s.lookups_steered),
+        Err(e) => {
+            bump(|s| &mut s.lookups_no_listener);
+            return Err(e);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! Maps shared by the programs. Sizes are defaults: the agent resizes them
+//! at load time from its configuration.
+use aya_ebpf::{
+    btf_maps::{HashMap, LpmTrie, PerCpuArray, SockHash, SockMap},
+    macros::btf_map,
+};
+use proxy_common::{
+    grant::GrantRecord,
+    intercept::InterceptValue,
+    session::{SessionRecord, SocketEntry},
+    stats::GlobalStats,
+};
+
+/// Spliced sockets, keyed by socket cookie.
+#[btf_map]
+pub static SOCKHASH: SockHash<u64, 32768> = SockHash::new();
+
+/// Socket cookie -> its peer and session.
+#[btf_map]
+pub static SOCKETS: HashMap<u64, SocketEntry, 32768> = HashMap::new();
+
+/// Session id -> session record with per-direction counters.
+#[btf_map]
+pub static SESSIONS: HashMap<u64, SessionRecord, 16384> = HashMap::new();
+
+/// Grant id -> grant record. Written by user space only; declared here so
+/// it is created with BTF and pinned beside the others.
+#[btf_map]
+pub static GRANTS: HashMap<u64, GrantRecord, 16384> = HashMap::new();
+
+/// Agent-wide counters.
+#[btf_map]
+pub static STATS: PerCpuArray<GlobalStats, 1> = PerCpuArray::new();
+
+/// Intercepted prefixes and their ports.
+#[btf_map]
+pub static INTERCEPT: LpmTrie<[u8; 16], InterceptValue, 4096> = LpmTrie::new();
+
+/// The agent's transparent listeners (slot 0: IPv4, slot 1: IPv6).
+#[btf_map]
+pub static LISTENERS: SockMap<2> = SockMap::new();
+
+/// Adds to one field of this CPU's stats slot.
+#[inline(always)]
+pub fn bump(field: impl FnOnce(&mut GlobalStats) -> &mut u64) {
+    if let Some(stats) = STATS.get_ptr_mut(0) {
+        // SAFETY: the pointer comes from a successful per-CPU array lookup and
+        // is only used on this CPU while the program runs.
+        let stats = unsafe { &mut *stats };
+        *field(stats) += 1;
+    }
+}

@@ -1,0 +1,72 @@
+//! `sk_skb/stream_verdict`: moves every payload skb to the peer socket's
+//! egress, and counts what it moved in the session record.
+use aya_ebpf::{
+    bindings::sk_action::SK_PASS, helpers::bpf_get_socket_cookie, macros::stream_verdict,
+    programs::SkBuffContext,
+};
+use aya_log_ebpf::warn;
+use proxy_common::session::{DIRECTION_UP, SocketEntry};
+
+use crate::maps::{SESSIONS, SOCKETS, SOCKHASH, bump};
+
+#[stream_verdict]
+pub fn tcpgate_verdict(ctx: SkBuffContext) -> u32 {
+    // Every outcome is SK_PASS or a redirect: an skb this program cannot
+    // place stays on its own socket, where the agent sees it, rather than
+    // being dropped.
+    try_verdict(&ctx).unwrap_or(SK_PASS)
+}
+
+enum Skip {
+    UnknownSocket,
+}
+
+fn try_verdict(ctx: &SkBuffContext) -> Result<u32, Skip> {
+    let len = ctx.len();
+    if len == 0 {
+        // A FIN. Redirecting it makes the peer's send fail with EPIPE; passed
+        // to its own socket it becomes the EOF the agent waits for.
+        bump(|s| &mut s.fin_passed);
+        return Ok(SK_PASS);
+    }
+    // SAFETY: the helper only reads the skb's socket, which the kernel holds.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    // SAFETY: entries are written once by user space before the socket joins
+    // the SOCKHASH and removed only after it has left; the copy is read-only.
+    let entry: SocketEntry = match unsafe { SOCKETS.get(&cookie) } {
+        Some(entry) => *entry,
+        None => {
+            bump(|s| &mut s.unknown_socket_skbs);
+            return Err(Skip::UnknownSocket);
+        }
+    };
+    let mut peer = entry.peer_cookie;
+    let ret = SOCKHASH.redirect_skb(ctx, &mut peer, 0);
+    let redirected = ret == i64::from(SK_PASS);
+    if let Some(record) = SESSIONS.get_ptr_mut(&entry.session_id) {
+        // SAFETY: each direction's counters are written only from this
+        // socket's receive path, which the kernel runs one skb at a time.
+        let record = unsafe { &mut *record };
+        let counters = if entry.direction == DIRECTION_UP {
+            &mut record.up
+        } else {
+            &mut record.down
+        };
+        if redirected {
+            counters.kernel_bytes += u64::from(len);
+            counters.kernel_packets += 1;
+        } else {
+            counters.redirect_failures += 1;
+        }
+    }
+    if redirected {
+        bump(|s| &mut s.redirected_skbs);
+    } else {
+        bump(|s| &mut s.redirect_failures);
+        warn!(
+            ctx,
+            "tcpgate: redirect failed for session {}", entry.session_id
+        );
+    }
+    Ok(SK_PASS)
+}
