@@ -1,5 +1,33 @@
 //! tcpgate: a transparent, token-authenticated TCP proxy whose data path runs
 //! in the kernel.
+//!
+//! The crate is the agent and the operator CLI. The eBPF programs live in
+//! `proxy-ebpf` and are embedded here at build time; the map types they
+//! share with user space live in `proxy-common`.
+
+pub mod agent;
+pub mod audit;
+pub mod bpf;
+pub mod cli;
+pub mod config;
+pub mod datapath;
+pub mod notify;
+pub mod registry;
+pub mod session;
+pub mod sockopt;
 
 /// The eBPF object, compiled by build.rs for the bpf target, with BTF.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpgate"));
+
+/// Renders an error with its chain of causes, for logs and audit details.
+#[must_use]
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,94 @@
+//! One agent per network namespace, and one per pin directory.
+//!
+//! The namespace lock is a listening socket in the abstract unix namespace,
+//! which is per network namespace and vanishes when its owner dies, so a
+//! crashed agent never leaves a stale lock. A second agent connects to it
+//! to learn the owner's pid for the error message. The pin directory (bpffs
+//! is shared by all namespaces) is locked with `flock`.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+
+const ABSTRACT_NAME: &[u8] = b"tcpgate-agent";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("another tcpgate agent is already running in this network namespace{}", pid_note(*.pid))]
+    NamespaceTaken { pid: Option<i32> },
+    #[error("cannot take the agent lock")]
+    Io(#[source] std::io::Error),
+    #[error(
+        "pin directory {0} is in use by another tcpgate agent (another namespace?); give each agent its own agent.pin_dir"
+    )]
+    PinDirTaken(PathBuf),
+    #[error("cannot create pin directory {path}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn pid_note(pid: Option<i32>) -> String {
+    pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+}
+
+/// Held for the agent's lifetime.
+pub struct InstanceLock {
+    _listener: UnixListener,
+    _pin_dir: Option<Flock<File>>,
+}
+
+impl InstanceLock {
+    /// Takes the namespace lock, and the pin directory lock when the agent
+    /// uses pins (created if missing).
+    pub fn acquire(pin_dir: Option<&Path>) -> Result<Self, LockError> {
+        let addr = SocketAddr::from_abstract_name(ABSTRACT_NAME).map_err(LockError::Io)?;
+        let listener = match UnixListener::bind_addr(&addr) {
+            Ok(listener) => listener,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                let pid = UnixStream::connect_addr(&addr)
+                    .ok()
+                    .and_then(|s| getsockopt(&s.as_fd(), PeerCredentials).ok())
+                    .map(|cred| cred.pid());
+                return Err(LockError::NamespaceTaken { pid });
+            }
+            Err(e) => return Err(LockError::Io(e)),
+        };
+        let pin_lock = match pin_dir {
+            Some(dir) => Some(lock_dir(dir)?),
+            None => None,
+        };
+        Ok(Self {
+            _listener: listener,
+            _pin_dir: pin_lock,
+        })
+    }
+}
+
+fn lock_dir(dir: &Path) -> Result<Flock<File>, LockError> {
+    std::fs::create_dir_all(dir).map_err(|source| LockError::PinDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let file = File::open(dir).map_err(|source| LockError::PinDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == nix::errno::Errno::EWOULDBLOCK {
+            LockError::PinDirTaken(dir.to_owned())
+        } else {
+            LockError::PinDir {
+                path: dir.to_owned(),
+                source: errno.into(),
+            }
+        }
+    })
+}

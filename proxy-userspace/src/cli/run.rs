@@ -1,0 +1,50 @@
+//! `tcpgate run`.
+
+use std::path::PathBuf;
+
+use crate::config::{Config, DatapathChoice, EXIT_CONFIG, Overrides};
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub config: super::ConfigArg,
+    /// Override `agent.datapath`: `ebpf` fails if eBPF cannot load; `auto`
+    /// falls back to the user-space copy with a warning.
+    #[arg(long, value_enum)]
+    pub datapath: Option<DatapathChoice>,
+    /// Override `agent.pin_dir`, the bpffs directory for the pinned maps.
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+}
+
+pub fn run(args: RunArgs) -> i32 {
+    let config = match Config::load(&args.config.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("tcpgate: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let config = config.with_overrides(&Overrides {
+        datapath: args.datapath,
+        pin_dir: args.pin_dir,
+    });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("tcpgate: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(crate::agent::run(config)) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "agent failed");
+            eprintln!("tcpgate: {}", crate::error_chain(&e));
+            1
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! The agent's configuration: a TOML file, loaded, then validated (every bad
+//! field reported at once), then CLI overrides applied. Nothing falls back
+//! silently: a field is either absent (and takes its documented default) or
+//! valid.
+
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use validate::FieldError;
+
+/// Exit status for configuration and usage errors (`EX_USAGE`).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/tcpgate/tcpgate.toml";
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML for tcpgate: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path} has {} invalid field(s):\n{}", errors.len(), validate::render(errors))]
+    Invalid {
+        path: PathBuf,
+        errors: Vec<FieldError>,
+    },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Agent-wide settings.
+    #[serde(default)]
+    pub agent: AgentSection,
+    /// Where audit events go.
+    #[serde(default)]
+    pub audit: AuditSection,
+    /// Health and metrics endpoint.
+    #[serde(default)]
+    pub admin: Option<AdminSection>,
+    /// Static listeners: a local address forwarded to a fixed upstream.
+    #[serde(default, rename = "forward")]
+    pub forwards: Vec<Forward>,
+}
+
+/// Which data path moves the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathChoice {
+    /// eBPF when it loads, else the user-space copy with a warning.
+    Auto,
+    /// The in-kernel splice; fail to start if eBPF cannot load.
+    Ebpf,
+    /// The agent copies bytes itself (splice-free fallback).
+    Userspace,
+}
+
+/// `[agent]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSection {
+    pub datapath: DatapathChoice,
+    /// bpffs directory for the pinned maps.
+    pub pin_dir: PathBuf,
+    /// Most sessions live at once; also sizes the eBPF maps.
+    pub max_sessions: u32,
+    /// Deadline for the upstream TCP handshake.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// After one side closes, how long the other direction may go without
+    /// progress before the session is aborted.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// On SIGTERM, how long live sessions may continue before being ended.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// `SO_MARK` on the agent's upstream sockets.
+    pub upstream_mark: u32,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        Self {
+            datapath: DatapathChoice::Auto,
+            pin_dir: PathBuf::from("/sys/fs/bpf/tcpgate"),
+            max_sessions: 16384,
+            connect_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(10),
+            upstream_mark: 0x7467,
+        }
+    }
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSection {
+    /// A file to append JSON lines to, or `-` for standard output.
+    pub path: String,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        Self {
+            path: "-".to_owned(),
+        }
+    }
+}
+
+/// `[admin]`: `/healthz`, `/readyz` and `/metrics`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub listen: SocketAddr,
+}
+
+/// `[[forward]]`: connections to `listen` go to `upstream`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forward {
+    /// A name for logs; defaults to the listen address.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub listen: SocketAddr,
+    pub upstream: SocketAddr,
+}
+
+impl Forward {
+    /// The name shown in logs and audit events.
+    #[must_use]
+    pub fn display_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+}
+
+/// Settings given on the command line, applied after validation.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub datapath: Option<DatapathChoice>,
+    pub pin_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Parses and validates `text`; `path` only names the source in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let errors = config.validate();
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                errors,
+            })
+        }
+    }
+
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Applies command-line overrides (already validated by clap).
+    #[must_use]
+    pub fn with_overrides(mut self, overrides: &Overrides) -> Self {
+        if let Some(datapath) = overrides.datapath {
+            self.agent.datapath = datapath;
+        }
+        if let Some(pin_dir) = &overrides.pin_dir {
+            self.agent.pin_dir.clone_from(pin_dir);
+        }
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,113 @@
+//! Semantic checks that serde cannot express. Every problem is collected,
+//! so an operator fixes a file in one pass.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use super::Config;
+
+/// One invalid field: where it is, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted path, e.g. `forward[1].upstream`.
+    pub path: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+pub(super) fn render(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("  - {e}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// Every semantic problem in the file.
+    #[must_use]
+    pub fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let agent = &self.agent;
+        if agent.max_sessions == 0 || agent.max_sessions > 1 << 20 {
+            errors.push(FieldError::new(
+                "agent.max_sessions",
+                "must be between 1 and 1048576",
+            ));
+        }
+        for (name, value) in [
+            ("agent.connect_timeout", agent.connect_timeout),
+            ("agent.drain_timeout", agent.drain_timeout),
+        ] {
+            if value.is_zero() {
+                errors.push(FieldError::new(name, "must be greater than zero"));
+            }
+        }
+        if !agent.pin_dir.is_absolute() {
+            errors.push(FieldError::new("agent.pin_dir", "must be an absolute path"));
+        }
+        if agent.upstream_mark == 0 {
+            errors.push(FieldError::new(
+                "agent.upstream_mark",
+                "must be non-zero: it tells the agent's own upstream packets apart",
+            ));
+        }
+        if self.audit.path.is_empty() {
+            errors.push(FieldError::new(
+                "audit.path",
+                "must be a file path or \"-\" for stdout",
+            ));
+        }
+        let mut listens = HashSet::new();
+        for (i, forward) in self.forwards.iter().enumerate() {
+            let path = format!("forward[{i}]");
+            if forward.listen.port() == 0 {
+                errors.push(FieldError::new(format!("{path}.listen"), "needs a port"));
+            }
+            if !listens.insert(forward.listen) {
+                errors.push(FieldError::new(
+                    format!("{path}.listen"),
+                    format!("{} is already used by another forward", forward.listen),
+                ));
+            }
+            if forward.upstream.port() == 0 || forward.upstream.ip().is_unspecified() {
+                errors.push(FieldError::new(
+                    format!("{path}.upstream"),
+                    "must be a concrete address and port",
+                ));
+            }
+            if forward.name.as_deref() == Some("") {
+                errors.push(FieldError::new(format!("{path}.name"), "must not be empty"));
+            }
+        }
+        if let Some(admin) = &self.admin {
+            if listens.contains(&admin.listen) {
+                errors.push(FieldError::new(
+                    "admin.listen",
+                    "collides with a forward listener",
+                ));
+            }
+        }
+        if self.forwards.is_empty() {
+            errors.push(FieldError::new(
+                "forward",
+                "nothing to serve: configure at least one [[forward]]",
+            ));
+        }
+        errors
+    }
+}

@@ -1,0 +1,231 @@
+//! The in-kernel data path: both sockets of a session join a SOCKHASH whose
+//! `sk_skb` verdict program redirects each skb to the peer socket's egress.
+//! User space writes the map entries at setup and removes them at teardown;
+//! it copies no payload.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use aya::maps::{HashMap, MapData, SockHash};
+use aya::programs::SkSkb;
+use proxy_common::addr::{fill_str, v4_mapped};
+use proxy_common::map_names;
+use proxy_common::program_names;
+use proxy_common::session::{
+    DATAPATH_EBPF, DIRECTION_DOWN, DIRECTION_UP, DirectionCounters, SessionRecord, SocketEntry,
+};
+
+use super::watcher::Watcher;
+use super::{SessionMeta, SpliceOutcome, StopSignal};
+use crate::bpf::{BpfError, LoadedBpf, typed};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfSetupError {
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    #[error("cannot attach the verdict program to the SOCKHASH")]
+    Attach(#[source] aya::programs::ProgramError),
+    #[error("cannot start the session watcher")]
+    Watcher(#[source] std::io::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpliceSetupError {
+    #[error("cannot read socket state")]
+    Socket(#[source] std::io::Error),
+    #[error("cannot update map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// The session-related maps; a short lock around each syscall.
+struct Maps {
+    sockhash: SockHash<MapData, u64>,
+    sockets: HashMap<MapData, u64, SocketEntry>,
+    sessions: HashMap<MapData, u64, SessionRecord>,
+}
+
+/// Cookies of a session's two sockets, as inserted.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Cookies {
+    pub client: u64,
+    pub upstream: u64,
+}
+
+pub struct EbpfDatapath {
+    maps: Mutex<Maps>,
+    pub(super) watcher: Watcher,
+    pub(super) stall_limit: Duration,
+}
+
+impl EbpfDatapath {
+    /// Takes the session maps out of `bpf` and attaches the verdict program.
+    /// `bpf` must outlive the data path (it owns the program link).
+    pub fn attach(bpf: &mut LoadedBpf, stall_limit: Duration) -> Result<Self, EbpfSetupError> {
+        let sockhash: SockHash<MapData, u64> =
+            typed(map_names::SOCKHASH, bpf.take_map(map_names::SOCKHASH)?)?;
+        let sockets = typed(map_names::SOCKETS, bpf.take_map(map_names::SOCKETS)?)?;
+        let sessions = typed(map_names::SESSIONS, bpf.take_map(map_names::SESSIONS)?)?;
+        let program: &mut SkSkb = bpf
+            .ebpf
+            .program_mut(program_names::VERDICT)
+            .ok_or(BpfError::MissingProgram(program_names::VERDICT))?
+            .try_into()
+            .map_err(|source| BpfError::Program {
+                name: program_names::VERDICT,
+                source,
+            })?;
+        program.load().map_err(|source| BpfError::Program {
+            name: program_names::VERDICT,
+            source,
+        })?;
+        let map_fd = sockhash.fd().try_clone().map_err(EbpfSetupError::Watcher)?;
+        // The link lives in `bpf`'s program data until the object drops.
+        program.attach(&map_fd).map_err(EbpfSetupError::Attach)?;
+        Ok(Self {
+            maps: Mutex::new(Maps {
+                sockhash,
+                sockets,
+                sessions,
+            }),
+            watcher: Watcher::new().map_err(EbpfSetupError::Watcher)?,
+            stall_limit,
+        })
+    }
+
+    fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes the session record and socket entries, then puts both sockets
+    /// in the SOCKHASH. From the moment a socket is inserted, its bytes are
+    /// spliced (the caller kicks the ones queued before that).
+    pub(super) fn insert(
+        &self,
+        meta: &SessionMeta,
+        client: BorrowedFd<'_>,
+        upstream: BorrowedFd<'_>,
+    ) -> Result<Cookies, SpliceSetupError> {
+        let cookies = Cookies {
+            client: crate::sockopt::cookie(client).map_err(SpliceSetupError::Socket)?,
+            upstream: crate::sockopt::cookie(upstream).map_err(SpliceSetupError::Socket)?,
+        };
+        let record = session_record(meta);
+        let mut maps = self.maps();
+        let map_err = |map| move |source| SpliceSetupError::Map { map, source };
+        maps.sessions
+            .insert(meta.id, record, 0)
+            .map_err(map_err(map_names::SESSIONS))?;
+        let up = SocketEntry {
+            peer_cookie: cookies.upstream,
+            session_id: meta.id,
+            direction: DIRECTION_UP,
+            _pad: 0,
+        };
+        let down = SocketEntry {
+            peer_cookie: cookies.client,
+            session_id: meta.id,
+            direction: DIRECTION_DOWN,
+            _pad: 0,
+        };
+        let result = (|| {
+            maps.sockets
+                .insert(cookies.client, up, 0)
+                .map_err(map_err(map_names::SOCKETS))?;
+            maps.sockets
+                .insert(cookies.upstream, down, 0)
+                .map_err(map_err(map_names::SOCKETS))?;
+            maps.sockhash
+                .insert(cookies.upstream, upstream.as_raw_fd(), 0)
+                .map_err(map_err(map_names::SOCKHASH))?;
+            maps.sockhash
+                .insert(cookies.client, client.as_raw_fd(), 0)
+                .map_err(map_err(map_names::SOCKHASH))
+        })();
+        if let Err(e) = result {
+            drop(maps);
+            self.remove(meta.id, cookies);
+            return Err(e);
+        }
+        Ok(cookies)
+    }
+
+    /// Removes a session's entries: sockets first, so no verdict runs for
+    /// them afterwards, then returns the final counters.
+    pub(super) fn remove(
+        &self,
+        session_id: u64,
+        cookies: Cookies,
+    ) -> (DirectionCounters, DirectionCounters) {
+        let mut maps = self.maps();
+        // A socket that closed has already left the SOCKHASH; not an error.
+        let _ = maps.sockhash.remove(&cookies.client);
+        let _ = maps.sockhash.remove(&cookies.upstream);
+        let counters = maps
+            .sessions
+            .get(&session_id, 0)
+            .map(|r| (r.up, r.down))
+            .unwrap_or_default();
+        let _ = maps.sockets.remove(&cookies.client);
+        let _ = maps.sockets.remove(&cookies.upstream);
+        let _ = maps.sessions.remove(&session_id);
+        counters
+    }
+
+    /// The kernel's counters for a live session.
+    #[must_use]
+    pub fn live_counters(&self, session_id: u64) -> Option<(DirectionCounters, DirectionCounters)> {
+        self.maps()
+            .sessions
+            .get(&session_id, 0)
+            .ok()
+            .map(|r| (r.up, r.down))
+    }
+
+    /// Runs one session on the kernel path until it ends.
+    pub async fn splice(
+        &self,
+        meta: &SessionMeta,
+        client: tokio::net::TcpStream,
+        upstream: tokio::net::TcpStream,
+        stop: StopSignal,
+    ) -> SpliceOutcome {
+        super::kernel_session::run(self, meta, client, upstream, stop).await
+    }
+}
+
+fn addr16(addr: std::net::IpAddr) -> [u8; 16] {
+    match addr {
+        std::net::IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn unix_ns(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The record operators read from the pinned `sessions` map.
+#[must_use]
+pub fn session_record(meta: &SessionMeta) -> SessionRecord {
+    let mut record = SessionRecord::zeroed();
+    record.session_id = meta.id;
+    record.grant_id = meta.grant_id;
+    record.started_unix_ns = unix_ns(meta.started);
+    record.expires_unix_ns = meta.expires.map_or(0, unix_ns);
+    record.client_addr = addr16(meta.client.ip());
+    record.client_port = meta.client.port();
+    record.dest_addr = addr16(meta.destination.ip());
+    record.dest_port = meta.destination.port();
+    record.upstream_addr = addr16(meta.upstream.ip());
+    record.upstream_port = meta.upstream.port();
+    record.auth_method = meta.auth_method;
+    record.datapath = DATAPATH_EBPF;
+    fill_str(&mut record.subject, &meta.subject);
+    record
+}

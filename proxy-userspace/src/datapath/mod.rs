@@ -1,0 +1,141 @@
+//! The data path seam: once a session is authorised and its upstream is
+//! connected, a [`Datapath`] moves its bytes until it ends, and reports why
+//! it ended and how many bytes went each way.
+//!
+//! Two implementations sit behind the seam: [`ebpf::EbpfDatapath`] splices in
+//! the kernel; [`userspace::UserspaceDatapath`] copies in the agent and is
+//! the fallback when eBPF cannot load.
+
+pub mod barrier;
+pub mod ebpf;
+mod kernel_session;
+pub mod userspace;
+mod watcher;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use proxy_common::session::DirectionCounters;
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// Which path moves a session's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathKind {
+    Ebpf,
+    Userspace,
+}
+
+impl DatapathKind {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Ebpf => "ebpf",
+            Self::Userspace => "userspace",
+        }
+    }
+}
+
+/// Why a session ended. Every session ends with exactly one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    ClientClosed,
+    UpstreamClosed,
+    GrantExpired,
+    Revoked,
+    UpstreamUnreachable,
+    AuthFailed,
+    AgentShutdown,
+    /// The agent itself failed (a map update, say); the detail says how.
+    InternalError,
+}
+
+impl EndReason {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientClosed => "client_closed",
+            Self::UpstreamClosed => "upstream_closed",
+            Self::GrantExpired => "grant_expired",
+            Self::Revoked => "revoked",
+            Self::UpstreamUnreachable => "upstream_unreachable",
+            Self::AuthFailed => "auth_failed",
+            Self::AgentShutdown => "agent_shutdown",
+            Self::InternalError => "internal_error",
+        }
+    }
+}
+
+/// What the data path needs to know about a session.
+#[derive(Debug, Clone)]
+pub struct SessionMeta {
+    pub id: u64,
+    pub grant_id: u64,
+    pub started: SystemTime,
+    pub expires: Option<SystemTime>,
+    pub client: SocketAddr,
+    pub destination: SocketAddr,
+    pub upstream: SocketAddr,
+    /// `proxy_common::session::AUTH_*`.
+    pub auth_method: u16,
+    pub subject: String,
+}
+
+/// How a session ended.
+#[derive(Debug, Clone)]
+pub struct SpliceOutcome {
+    pub reason: EndReason,
+    pub detail: Option<String>,
+    /// Client to upstream.
+    pub up: DirectionCounters,
+    /// Upstream to client.
+    pub down: DirectionCounters,
+}
+
+/// Ends a session from outside (expiry, revocation, shutdown).
+pub type StopSignal = watch::Receiver<Option<EndReason>>;
+
+/// The data path chosen at startup.
+#[derive(Clone)]
+pub enum Datapath {
+    Ebpf(Arc<ebpf::EbpfDatapath>),
+    Userspace(Arc<userspace::UserspaceDatapath>),
+}
+
+impl Datapath {
+    #[must_use]
+    pub fn kind(&self) -> DatapathKind {
+        match self {
+            Self::Ebpf(_) => DatapathKind::Ebpf,
+            Self::Userspace(_) => DatapathKind::Userspace,
+        }
+    }
+
+    /// Moves the session's bytes until it ends; never panics, always
+    /// closes both sockets before returning.
+    pub async fn splice(
+        &self,
+        meta: &SessionMeta,
+        client: TcpStream,
+        upstream: TcpStream,
+        stop: StopSignal,
+    ) -> SpliceOutcome {
+        match self {
+            Self::Ebpf(dp) => dp.splice(meta, client, upstream, stop).await,
+            Self::Userspace(dp) => dp.splice(meta, client, upstream, stop).await,
+        }
+    }
+
+    /// Live counters of a session, if it is still running.
+    #[must_use]
+    pub fn live_counters(&self, session_id: u64) -> Option<(DirectionCounters, DirectionCounters)> {
+        match self {
+            Self::Ebpf(dp) => dp.live_counters(session_id),
+            Self::Userspace(dp) => dp.live_counters(session_id),
+        }
+    }
+}

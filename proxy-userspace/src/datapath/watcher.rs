@@ -1,0 +1,158 @@
+//! One epoll instance for every spliced socket, registered for hang-up and
+//! error events only.
+//!
+//! A spliced socket's data-ready callback still wakes waiters for every
+//! batch of redirected bytes. Registering `EPOLLIN` (as tokio does) would
+//! wake the agent per batch; with only `EPOLLRDHUP` (plus the implicit
+//! `EPOLLERR`/`EPOLLHUP`) epoll filters those wakeups out, and an idle or
+//! busy session costs the agent nothing until it ends.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+
+/// Which socket of a session an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+/// A hang-up or error on one socket.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketEvent {
+    pub side: Side,
+    pub flags: EpollFlags,
+}
+
+struct EpollFd(Epoll);
+
+impl AsRawFd for EpollFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.0.as_raw_fd()
+    }
+}
+
+type Subscribers = Mutex<HashMap<u64, mpsc::UnboundedSender<SocketEvent>>>;
+
+/// Shared by every eBPF session.
+pub struct Watcher {
+    epoll: Arc<AsyncFd<EpollFd>>,
+    subscribers: Arc<Subscribers>,
+}
+
+fn token(session_id: u64, side: Side) -> u64 {
+    (session_id << 1) | u64::from(side == Side::Upstream)
+}
+
+impl Watcher {
+    /// Creates the epoll instance and its dispatcher task.
+    pub fn new() -> io::Result<Self> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
+        // SAFETY: the epoll fd is owned by `EpollFd` and lives exactly as long
+        // as the AsyncFd wrapping it.
+        let epoll = unsafe {
+            AsyncFd::register_with_interest(EpollFd(epoll), tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.into_parts().1)?;
+        let epoll = Arc::new(epoll);
+        let subscribers: Arc<Subscribers> = Arc::default();
+        tokio::spawn(dispatch(Arc::clone(&epoll), Arc::clone(&subscribers)));
+        Ok(Self { epoll, subscribers })
+    }
+
+    /// Watches both sockets of a session. Events already pending (an EOF
+    /// that arrived before registration) are reported at once.
+    pub fn watch(
+        &self,
+        session_id: u64,
+        client: BorrowedFd<'_>,
+        upstream: BorrowedFd<'_>,
+    ) -> io::Result<mpsc::UnboundedReceiver<SocketEvent>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.subscribers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(session_id, tx);
+        let interest = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
+        let epoll = &self.epoll.get_ref().0;
+        let added = epoll
+            .add(
+                client,
+                EpollEvent::new(interest, token(session_id, Side::Client)),
+            )
+            .and_then(|()| {
+                epoll.add(
+                    upstream,
+                    EpollEvent::new(interest, token(session_id, Side::Upstream)),
+                )
+            });
+        if let Err(e) = added {
+            self.unwatch(session_id, client, upstream);
+            return Err(e.into());
+        }
+        Ok(rx)
+    }
+
+    /// Stops watching; call before the sockets are closed.
+    pub fn unwatch(&self, session_id: u64, client: BorrowedFd<'_>, upstream: BorrowedFd<'_>) {
+        let epoll = &self.epoll.get_ref().0;
+        // Either may not be registered if `watch` failed half-way.
+        let _ = epoll.delete(client);
+        let _ = epoll.delete(upstream);
+        self.subscribers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&session_id);
+    }
+}
+
+async fn dispatch(epoll: Arc<AsyncFd<EpollFd>>, subscribers: Arc<Subscribers>) {
+    let mut events = vec![EpollEvent::empty(); 256];
+    loop {
+        let mut guard = match epoll.readable().await {
+            Ok(guard) => guard,
+            Err(e) => {
+                tracing::error!(error = %e, "session watcher failed; sessions will not see hang-ups");
+                return;
+            }
+        };
+        let ready = match guard.get_inner().0.wait(&mut events, EpollTimeout::ZERO) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "epoll_wait failed");
+                return;
+            }
+        };
+        if ready < events.len() {
+            guard.clear_ready();
+        }
+        let subscribers = subscribers.lock().unwrap_or_else(PoisonError::into_inner);
+        for event in &events[..ready] {
+            let data = event.data();
+            let side = if data & 1 == 1 {
+                Side::Upstream
+            } else {
+                Side::Client
+            };
+            if let Some(tx) = subscribers.get(&(data >> 1)) {
+                let _ = tx.send(SocketEvent {
+                    side,
+                    flags: event.events(),
+                });
+            }
+        }
+    }
+}
+
+impl AsFd for EpollFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.0.as_fd()
+    }
+}

@@ -1,0 +1,147 @@
+//! Thin, checked wrappers over the socket options and ioctls the agent needs.
+//! Each takes a borrowed fd so callers cannot outlive the socket.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+fn getsockopt_raw<T: Copy>(
+    fd: BorrowedFd<'_>,
+    level: i32,
+    name: i32,
+    value: &mut T,
+) -> io::Result<()> {
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` points to a live, writable T and `len` is its size; the
+    // kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_mut(value).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn setsockopt_raw<T: Copy>(fd: BorrowedFd<'_>, level: i32, name: i32, value: &T) -> io::Result<()> {
+    // SAFETY: `value` points to a live T and the length passed is its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(value).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The socket's cookie (`SO_COOKIE`): stable for its lifetime, and what the
+/// eBPF programs see from `bpf_get_socket_cookie`.
+pub fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    getsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_COOKIE, &mut value)?;
+    Ok(value)
+}
+
+/// Bytes this socket has handed to TCP so far: acknowledged plus still queued
+/// (`tcpi_bytes_acked + SIOCOUTQ`). Compared against a baseline taken before
+/// splicing, it tells how much a redirect has really reached the socket.
+pub fn bytes_sent(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    getsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)?;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one c_int to the pointer we pass.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_bytes_acked + u64::try_from(queued).unwrap_or(0))
+}
+
+/// TCP state from `TCP_INFO` (`TCP_ESTABLISHED` = 1, ...).
+pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    getsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)?;
+    Ok(info.tcpi_state)
+}
+
+/// Sets `SO_RCVLOWAT`. Setting it also re-evaluates the socket's readiness
+/// and calls its data-ready callback when data is queued, which is how bytes
+/// that arrived before the socket joined the SOCKHASH reach the verdict.
+pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
+    setsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, &bytes)
+}
+
+/// Marks the socket's packets (`SO_MARK`) so policy routing can exempt the
+/// agent's own upstream connections from interception.
+pub fn set_mark(fd: BorrowedFd<'_>, mark: u32) -> io::Result<()> {
+    setsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_MARK, &mark)
+}
+
+/// Lets a listener accept connections for non-local destinations
+/// (`IP_TRANSPARENT` / `IPV6_TRANSPARENT`).
+pub fn set_transparent(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    if ipv6 {
+        setsockopt_raw(fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, &on)
+    } else {
+        setsockopt_raw(fd, libc::SOL_IP, libc::IP_TRANSPARENT, &on)
+    }
+}
+
+/// Makes the next `close()` send a RST instead of a FIN, so the peer learns
+/// at once that the stream did not end cleanly.
+pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    setsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_LINGER, &linger)
+}
+
+/// The pending socket error (`SO_ERROR`), if any.
+pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
+    let mut value: libc::c_int = 0;
+    getsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_ERROR, &mut value)?;
+    Ok((value != 0).then(|| io::Error::from_raw_os_error(value)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn cookies_differ_and_bytes_sent_counts_writes() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        let (a, b) = (
+            cookie(client.as_fd()).expect("cookie"),
+            cookie(server.as_fd()).expect("cookie"),
+        );
+        assert_ne!(a, 0);
+        assert_ne!(a, b);
+        let before = bytes_sent(client.as_fd()).expect("bytes_sent");
+        client.write_all(&[7u8; 1000]).expect("write");
+        let after = bytes_sent(client.as_fd()).expect("bytes_sent");
+        assert_eq!(after - before, 1000);
+        assert_eq!(tcp_state(server.as_fd()).expect("state"), 1);
+    }
+}
