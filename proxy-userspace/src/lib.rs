@@ -11,6 +11,8 @@ pub mod bpf;
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod dest;
+pub mod intercept;
 pub mod notify;
 pub mod registry;
 pub mod session;

@@ -22,6 +22,8 @@ pub struct Services {
     pub connect_timeout: Duration,
     /// `SO_MARK` for upstream sockets, when interception needs it.
     pub upstream_mark: Option<u32>,
+    /// Present when interception is installed.
+    pub interceptor: Option<Arc<crate::intercept::Interceptor>>,
 }
 
 /// Where an accepted connection goes.

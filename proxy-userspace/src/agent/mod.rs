@@ -1,9 +1,11 @@
-//! The agent: choose the data path, listen, serve sessions, and shut down
-//! cleanly on SIGTERM.
+//! The agent: choose the data path, install interception, serve sessions,
+//! reload on SIGHUP, and shut down cleanly on SIGTERM.
 
+mod accept;
 mod lock;
 mod startup;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,8 +15,10 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::{AuditLog, AuditTarget};
-use crate::config::{Config, Forward};
-use crate::session::{self, Admitted, Services, Target};
+use crate::config::Config;
+use crate::datapath::EndReason;
+use crate::session::{Services, Target};
+use accept::Resolver;
 
 pub use lock::LockError;
 pub use startup::StartupError;
@@ -24,18 +28,22 @@ pub use startup::StartupError;
 const TEARDOWN_BOUND: Duration = Duration::from_secs(5);
 
 /// Runs the agent until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), StartupError> {
-    let started = startup::start(&config).await?;
+pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupError> {
+    let mut started = startup::start(&config).await?;
     let audit = AuditLog::open(&AuditTarget::parse(&config.audit.path)).await?;
     let services = Arc::new(Services {
         datapath: started.datapath.clone(),
         audit: audit.clone(),
         registry: crate::registry::Registry::new(config.agent.max_sessions as usize),
         connect_timeout: config.agent.connect_timeout,
-        upstream_mark: None,
+        upstream_mark: started
+            .interceptor
+            .as_ref()
+            .map(|_| config.agent.upstream_mark),
+        interceptor: started.interceptor.clone(),
     });
 
-    let mut listeners = Vec::new();
+    let mut listeners: Vec<(TcpListener, Resolver)> = Vec::new();
     for forward in &config.forwards {
         let listener =
             TcpListener::bind(forward.listen)
@@ -44,32 +52,50 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
                     addr: forward.listen,
                     source,
                 })?;
-        listeners.push((listener, Arc::new(forward.clone())));
+        tracing::info!(listen = %forward.listen, upstream = %forward.upstream, "forwarding");
+        let target = Target {
+            destination: forward.listen,
+            upstream: forward.upstream,
+        };
+        listeners.push((listener, Resolver::Fixed(target)));
+    }
+    if let Some(interceptor) = started.interceptor.clone() {
+        for listener in started.take_intercept_listeners() {
+            listeners.push((listener, Resolver::Intercept(Arc::clone(&interceptor))));
+        }
+        for entry in &interceptor.current().entries {
+            tracing::info!(destination = %entry.destination, "intercepting");
+        }
     }
     let (stop_accepting, accepting) = watch::channel(false);
     let tasks = TaskTracker::new();
-    for (listener, forward) in listeners {
-        tracing::info!(listen = %forward.listen, upstream = %forward.upstream, "forwarding");
-        tasks.spawn(accept_forward(
+    for (listener, resolver) in listeners {
+        tasks.spawn(accept::accept_loop(
             listener,
-            forward,
+            resolver,
             Arc::clone(&services),
             accepting.clone(),
             tasks.clone(),
         ));
     }
     let datapath = services.datapath.kind().as_str();
-    tracing::info!(
-        datapath,
-        forwards = config.forwards.len(),
-        "tcpgate agent ready"
-    );
+    tracing::info!(datapath, "tcpgate agent ready");
     crate::notify::ready(&format!("serving on the {datapath} data path"));
 
-    wait_for_termination().await?;
+    wait_for_termination(&config_path, &services).await?;
     crate::notify::status("STOPPING=1\nSTATUS=draining sessions");
     let _ = stop_accepting.send(true);
-    let grace = config.agent.shutdown_grace;
+    drain(&services, config.agent.shutdown_grace).await;
+    tasks.close();
+    let _ = tokio::time::timeout(TEARDOWN_BOUND, tasks.wait()).await;
+    audit.flush().await;
+    drop(services);
+    started.cleanup();
+    tracing::info!("tcpgate agent stopped");
+    Ok(())
+}
+
+async fn drain(services: &Services, grace: Duration) {
     let live = services.registry.len();
     tracing::info!(
         live,
@@ -82,7 +108,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     {
         let ended = services
             .registry
-            .stop_where(crate::datapath::EndReason::AgentShutdown, |_| true);
+            .stop_where(EndReason::AgentShutdown, |_| true);
         tracing::info!(
             sessions = ended,
             "grace period over; ending remaining sessions"
@@ -97,15 +123,9 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
             );
         }
     }
-    tasks.close();
-    let _ = tokio::time::timeout(TEARDOWN_BOUND, tasks.wait()).await;
-    audit.flush().await;
-    started.cleanup();
-    tracing::info!("tcpgate agent stopped");
-    Ok(())
 }
 
-async fn wait_for_termination() -> Result<(), StartupError> {
+async fn wait_for_termination(config_path: &Path, services: &Services) -> Result<(), StartupError> {
     let mut term = signal(SignalKind::terminate()).map_err(StartupError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(StartupError::Signals)?;
     let mut hup = signal(SignalKind::hangup()).map_err(StartupError::Signals)?;
@@ -113,39 +133,46 @@ async fn wait_for_termination() -> Result<(), StartupError> {
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: static forwards are fixed at startup; restart the agent to change them");
-            }
+            _ = hup.recv() => reload(config_path, services),
         }
     }
 }
 
-async fn accept_forward(
-    listener: TcpListener,
-    forward: Arc<Forward>,
-    services: Arc<Services>,
-    mut stop: watch::Receiver<bool>,
-    tasks: TaskTracker,
-) {
-    let target = Target {
-        destination: forward.listen,
-        upstream: forward.upstream,
+/// SIGHUP: re-reads the configuration and applies what can change live
+/// (the intercepted set). A bad file changes nothing.
+fn reload(config_path: &Path, services: &Services) {
+    crate::notify::status("RELOADING=1");
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!(error = %e, "reload rejected; keeping the running configuration");
+            crate::notify::status("READY=1\nSTATUS=reload rejected");
+            return;
+        }
     };
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((client, peer)) => {
-                    let services = Arc::clone(&services);
-                    let target = target.clone();
-                    tasks.spawn(session::serve(services, client, peer, target, Admitted::unauthenticated()));
-                }
+    match (&services.interceptor, config.intercept.is_some()) {
+        (Some(interceptor), true) => {
+            match interceptor.apply(config.intercept_set, &services.registry.snapshot()) {
+                Ok(report) => tracing::info!(
+                    prefixes = report.prefixes,
+                    rules_added = report.rules_added,
+                    rules_removed = report.rules_removed,
+                    sessions_pinned = report.sessions_pinned,
+                    "reloaded the intercepted set"
+                ),
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(listen = %forward.listen, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tracing::error!(error = %crate::error_chain(&e), "reload of the intercepted set failed")
                 }
-            },
-            _ = stop.changed() => return,
+            }
+        }
+        (None, true) | (Some(_), false) => {
+            tracing::warn!(
+                "turning interception on or off needs a restart; intercepted set unchanged"
+            );
+        }
+        (None, false) => {
+            tracing::info!("reload: nothing to apply live (forwards change on restart)")
         }
     }
+    crate::notify::status("READY=1\nSTATUS=serving");
 }

@@ -1,9 +1,12 @@
-//! Startup: the instance lock, stale state from a crashed predecessor, and
-//! the data path (eBPF when it loads, else the user-space fallback).
+//! Startup: the instance lock, stale state from a crashed predecessor, the
+//! data path (eBPF when it loads, else the user-space fallback), and
+//! interception.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+
+use tokio::net::TcpListener;
 
 use crate::audit::AuditError;
 use crate::bpf::{LoadedBpf, MapSizes};
@@ -11,6 +14,7 @@ use crate::config::{Config, DatapathChoice};
 use crate::datapath::Datapath;
 use crate::datapath::ebpf::{EbpfDatapath, EbpfSetupError};
 use crate::datapath::userspace::UserspaceDatapath;
+use crate::intercept::{InterceptError, Interceptor};
 
 use super::lock::{InstanceLock, LockError};
 
@@ -26,6 +30,10 @@ pub enum StartupError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot install interception")]
+    Intercept(#[from] InterceptError),
+    #[error("interception needs eBPF (the sk_lookup program), which cannot load")]
+    InterceptNeedsBpf(#[source] EbpfSetupError),
     #[error(transparent)]
     Audit(#[from] AuditError),
     #[error("cannot listen on {addr}")]
@@ -41,6 +49,8 @@ pub enum StartupError {
 /// What startup built; [`Started::cleanup`] undoes it.
 pub struct Started {
     pub datapath: Datapath,
+    pub interceptor: Option<Arc<Interceptor>>,
+    intercept_listeners: Vec<TcpListener>,
     /// Keeps programs attached and maps alive.
     bpf: Option<LoadedBpf>,
     _lock: InstanceLock,
@@ -50,7 +60,9 @@ pub struct Started {
 pub async fn start(config: &Config) -> Result<Started, StartupError> {
     let choice = config.agent.datapath;
     let pin_dir = &config.agent.pin_dir;
-    let wants_bpf = choice != DatapathChoice::Userspace;
+    let intercepting = config.intercept.is_some();
+    // Interception always needs eBPF (sk_lookup), whatever moves the bytes.
+    let wants_bpf = choice != DatapathChoice::Userspace || intercepting;
     let lock = InstanceLock::acquire(wants_bpf.then_some(pin_dir.as_path()))?;
     if wants_bpf {
         let removed =
@@ -62,48 +74,79 @@ pub async fn start(config: &Config) -> Result<Started, StartupError> {
             tracing::warn!(pins = ?removed, "removed pins left behind by a previous agent that did not shut down cleanly");
         }
     }
-    let loaded = if wants_bpf {
-        Some(load_ebpf(config))
-    } else {
-        None
-    };
-    match (choice, loaded) {
-        (_, Some(Ok((bpf, datapath, logger)))) => Ok(Started {
-            datapath: Datapath::Ebpf(Arc::new(datapath)),
-            bpf: Some(bpf),
-            _lock: lock,
-            _logger: logger,
-        }),
-        (DatapathChoice::Ebpf, Some(Err(e))) => Err(StartupError::Ebpf(e)),
-        (_, loaded) => {
-            if let Some(Err(e)) = loaded {
-                tracing::warn!(
-                    reason = %crate::error_chain(&e),
-                    "eBPF data path unavailable; falling back to the user-space copy (slower, but byte-exact)"
-                );
-                let _ = crate::bpf::remove_pin_files(pin_dir);
+    let (mut bpf, mut logger, mut load_error) = (None, None, None);
+    if wants_bpf {
+        match load_object(config) {
+            Ok((loaded, log_task)) => {
+                bpf = Some(loaded);
+                logger = log_task;
             }
-            Ok(Started {
-                datapath: Datapath::Userspace(Arc::new(UserspaceDatapath::default())),
-                bpf: None,
-                _lock: lock,
-                _logger: None,
-            })
+            Err(e) => load_error = Some(e),
         }
     }
+    let datapath = match (&mut bpf, choice) {
+        (_, DatapathChoice::Userspace) => {
+            Datapath::Userspace(Arc::new(UserspaceDatapath::default()))
+        }
+        (Some(loaded), _) => match EbpfDatapath::attach(loaded, config.agent.drain_timeout) {
+            Ok(dp) => Datapath::Ebpf(Arc::new(dp)),
+            Err(e) if choice == DatapathChoice::Ebpf => return Err(StartupError::Ebpf(e)),
+            Err(e) => fallback(&e),
+        },
+        (None, _) => match load_error.take() {
+            Some(e) if choice == DatapathChoice::Ebpf => return Err(StartupError::Ebpf(e)),
+            Some(e) => {
+                let datapath = fallback(&e);
+                load_error = Some(e);
+                datapath
+            }
+            None => Datapath::Userspace(Arc::new(UserspaceDatapath::default())),
+        },
+    };
+    let (interceptor, intercept_listeners) = match (&config.intercept, &mut bpf, load_error) {
+        (Some(section), Some(loaded), _) => {
+            let (interceptor, listeners) = Interceptor::start(
+                loaded,
+                section,
+                config.intercept_set.clone(),
+                config.agent.upstream_mark,
+            )?;
+            (Some(Arc::new(interceptor)), listeners)
+        }
+        (Some(_), None, Some(e)) => return Err(StartupError::InterceptNeedsBpf(e)),
+        _ => (None, Vec::new()),
+    };
+    if bpf.is_none() && wants_bpf {
+        let _ = crate::bpf::remove_pin_files(pin_dir);
+    }
+    Ok(Started {
+        datapath,
+        interceptor,
+        intercept_listeners,
+        bpf,
+        _lock: lock,
+        _logger: logger,
+    })
 }
 
-type Loaded = (LoadedBpf, EbpfDatapath, Option<tokio::task::JoinHandle<()>>);
+fn fallback(reason: &(dyn std::error::Error + 'static)) -> Datapath {
+    tracing::warn!(
+        reason = %crate::error_chain(reason),
+        "eBPF data path unavailable; falling back to the user-space copy (slower, but byte-exact)"
+    );
+    Datapath::Userspace(Arc::new(UserspaceDatapath::default()))
+}
 
-fn load_ebpf(config: &Config) -> Result<Loaded, EbpfSetupError> {
+type LoadedObject = (LoadedBpf, Option<tokio::task::JoinHandle<()>>);
+
+fn load_object(config: &Config) -> Result<LoadedObject, EbpfSetupError> {
     let sizes = MapSizes {
         max_sessions: config.agent.max_sessions,
     };
     let mut bpf = LoadedBpf::load(sizes, &config.agent.pin_dir)?;
     let logger = spawn_ebpf_logger(&mut bpf);
     bpf.pin_maps()?;
-    let datapath = EbpfDatapath::attach(&mut bpf, config.agent.drain_timeout)?;
-    Ok((bpf, datapath, logger))
+    Ok((bpf, logger))
 }
 
 /// Forwards the rare events the eBPF programs log (redirect failures) to
@@ -140,8 +183,16 @@ fn spawn_ebpf_logger(bpf: &mut LoadedBpf) -> Option<tokio::task::JoinHandle<()>>
 }
 
 impl Started {
-    /// Detaches programs and removes pins.
+    /// The transparent listeners, handed to the accept loops once.
+    pub fn take_intercept_listeners(&mut self) -> Vec<TcpListener> {
+        std::mem::take(&mut self.intercept_listeners)
+    }
+
+    /// Removes routing, detaches programs and removes pins.
     pub fn cleanup(self) {
+        if let Some(interceptor) = &self.interceptor {
+            interceptor.shutdown();
+        }
         let pin_dir = self.bpf.as_ref().map(|b| b.pin_dir.clone());
         drop(self.bpf);
         if let Some(dir) = pin_dir {

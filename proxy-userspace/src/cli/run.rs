@@ -39,7 +39,7 @@ pub fn run(args: RunArgs) -> i32 {
             return 1;
         }
     };
-    match runtime.block_on(crate::agent::run(config)) {
+    match runtime.block_on(crate::agent::run(config, args.config.config.clone())) {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!(error = %crate::error_chain(&e), "agent failed");

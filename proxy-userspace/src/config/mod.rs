@@ -3,6 +3,7 @@
 //! silently: a field is either absent (and takes its documented default) or
 //! valid.
 
+mod intercept;
 mod validate;
 
 use std::net::SocketAddr;
@@ -11,6 +12,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use intercept::{
+    DEFAULT_LISTEN_PORT, InterceptEntry, InterceptPrefix, InterceptSection, InterceptSet,
+    UpstreamMap,
+};
 pub use validate::FieldError;
 
 /// Exit status for configuration and usage errors (`EX_USAGE`).
@@ -53,6 +58,12 @@ pub struct Config {
     /// Static listeners: a local address forwarded to a fixed upstream.
     #[serde(default, rename = "forward")]
     pub forwards: Vec<Forward>,
+    /// Transparent interception of destination prefixes.
+    #[serde(default)]
+    pub intercept: Option<InterceptSection>,
+    /// The validated form of `intercept` (filled by validation).
+    #[serde(skip)]
+    pub intercept_set: InterceptSet,
 }
 
 /// Which data path moves the bytes.
@@ -156,11 +167,14 @@ pub struct Overrides {
 impl Config {
     /// Parses and validates `text`; `path` only names the source in errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
-        let errors = config.validate();
+        let mut errors = config.validate();
+        if let Some(section) = &config.intercept {
+            config.intercept_set = section.resolve(&mut errors);
+        }
         if errors.is_empty() {
             Ok(config)
         } else {

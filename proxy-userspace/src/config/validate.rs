@@ -102,10 +102,11 @@ impl Config {
                 ));
             }
         }
-        if self.forwards.is_empty() {
+        let intercepts = self.intercept.as_ref().map_or(0, |i| i.prefixes.len());
+        if self.forwards.is_empty() && intercepts == 0 {
             errors.push(FieldError::new(
                 "forward",
-                "nothing to serve: configure at least one [[forward]]",
+                "nothing to serve: configure at least one [[forward]] or [[intercept.prefix]]",
             ));
         }
         errors

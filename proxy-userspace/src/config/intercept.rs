@@ -1,0 +1,224 @@
+//! `[intercept]`: which destinations the bastion takes over, and how.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Deserialize;
+
+use super::FieldError;
+use crate::dest::{Destination, DestinationSpec, canonical_ip};
+
+/// Default port of the transparent listeners on 127.0.0.1 and [::1].
+pub const DEFAULT_LISTEN_PORT: u16 = 15001;
+/// Default policy routing table for intercepted prefixes.
+pub const DEFAULT_ROUTE_TABLE: u32 = 4765;
+/// Default first rule priority; tcpgate owns this one and the next two.
+pub const DEFAULT_RULE_PRIORITY: u32 = 4760;
+
+/// `[intercept]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterceptSection {
+    /// Port of the transparent listeners (127.0.0.1 and [::1]).
+    #[serde(default = "default_listen_port")]
+    pub listen_port: u16,
+    /// Routing table holding the local routes for intercepted traffic.
+    #[serde(default = "default_route_table")]
+    pub route_table: u32,
+    /// First of the three rule priorities tcpgate owns.
+    #[serde(default = "default_rule_priority")]
+    pub rule_priority: u32,
+    /// The intercepted destinations.
+    #[serde(default, rename = "prefix")]
+    pub prefixes: Vec<InterceptPrefix>,
+}
+
+const fn default_listen_port() -> u16 {
+    DEFAULT_LISTEN_PORT
+}
+const fn default_route_table() -> u32 {
+    DEFAULT_ROUTE_TABLE
+}
+const fn default_rule_priority() -> u32 {
+    DEFAULT_RULE_PRIORITY
+}
+
+/// `[[intercept.prefix]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterceptPrefix {
+    /// CIDR prefix or single address.
+    pub prefix: String,
+    /// Ports or ranges, e.g. `["5432", "8000-8099"]`.
+    pub ports: Vec<String>,
+    /// Optional: connect here instead of the dialled address. `ip:port`, or
+    /// an address alone to keep the dialled port (virtual service addresses).
+    #[serde(default)]
+    pub upstream: Option<String>,
+}
+
+/// Where an intercepted connection goes upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamMap {
+    /// Exactly the address the client dialled.
+    Original,
+    /// Another address, same port.
+    Host(IpAddr),
+    /// A fixed address and port.
+    Fixed(SocketAddr),
+}
+
+impl UpstreamMap {
+    #[must_use]
+    pub fn resolve(self, dialled: SocketAddr) -> SocketAddr {
+        match self {
+            Self::Original => dialled,
+            Self::Host(ip) => SocketAddr::new(ip, dialled.port()),
+            Self::Fixed(addr) => addr,
+        }
+    }
+}
+
+/// One validated intercepted destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterceptEntry {
+    pub index: usize,
+    pub destination: Destination,
+    pub upstream: UpstreamMap,
+}
+
+/// The validated intercepted set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InterceptSet {
+    pub entries: Vec<InterceptEntry>,
+}
+
+impl InterceptSet {
+    /// The most specific entry covering `addr`, as the kernel's trie picks it.
+    #[must_use]
+    pub fn lookup(&self, addr: SocketAddr) -> Option<&InterceptEntry> {
+        let addr = SocketAddr::new(canonical_ip(addr.ip()), addr.port());
+        self.entries
+            .iter()
+            .filter(|e| e.destination.contains(addr))
+            .max_by_key(|e| e.destination.prefix.prefix_len())
+    }
+
+    #[must_use]
+    pub fn destinations(&self) -> Vec<Destination> {
+        self.entries.iter().map(|e| e.destination.clone()).collect()
+    }
+}
+
+fn parse_upstream(text: &str) -> Option<UpstreamMap> {
+    let text = text.trim();
+    text.parse::<SocketAddr>()
+        .ok()
+        .filter(|a| a.port() != 0)
+        .map(UpstreamMap::Fixed)
+        .or_else(|| text.parse::<IpAddr>().ok().map(UpstreamMap::Host))
+}
+
+impl InterceptSection {
+    /// Parses every entry, collecting errors under `intercept.prefix[i]`.
+    pub fn resolve(&self, errors: &mut Vec<FieldError>) -> InterceptSet {
+        if self.listen_port == 0 {
+            errors.push(FieldError::new(
+                "intercept.listen_port",
+                "must be a port between 1 and 65535",
+            ));
+        }
+        if matches!(self.route_table, 0 | 253..=255) {
+            errors.push(FieldError::new(
+                "intercept.route_table",
+                "must not be 0 or a reserved table (253 default, 254 main, 255 local)",
+            ));
+        }
+        if self.rule_priority == 0 || self.rule_priority > 32_000 {
+            errors.push(FieldError::new(
+                "intercept.rule_priority",
+                "must be between 1 and 32000",
+            ));
+        }
+        let mut set = InterceptSet::default();
+        for (index, entry) in self.prefixes.iter().enumerate() {
+            let path = format!("intercept.prefix[{index}]");
+            let spec = DestinationSpec {
+                prefix: entry.prefix.clone(),
+                ports: entry.ports.clone(),
+            };
+            let destination = match spec.parse() {
+                Ok(d) => d,
+                Err(e) => {
+                    let field = if matches!(e, crate::dest::DestinationError::Prefix(_)) {
+                        "prefix"
+                    } else {
+                        "ports"
+                    };
+                    errors.push(FieldError::new(format!("{path}.{field}"), e.to_string()));
+                    continue;
+                }
+            };
+            if destination
+                .ports
+                .ranges()
+                .iter()
+                .any(|r| r.last == u16::MAX && r.first != 1)
+            {
+                errors.push(FieldError::new(
+                    format!("{path}.ports"),
+                    "port 65535 can only be intercepted as part of the full range 1-65535 (a kernel policy-routing limit)",
+                ));
+                continue;
+            }
+            let net = destination.prefix;
+            let network = net.network();
+            if network.is_loopback()
+                || network.is_unspecified()
+                || network.is_multicast()
+                || net.prefix_len() == 0
+            {
+                errors.push(FieldError::new(
+                    format!("{path}.prefix"),
+                    format!("{net} cannot be intercepted (loopback, unspecified, multicast or a default route)"),
+                ));
+                continue;
+            }
+            let upstream = match entry.upstream.as_deref() {
+                None => UpstreamMap::Original,
+                Some(text) => match parse_upstream(text) {
+                    Some(map) => map,
+                    None => {
+                        errors.push(FieldError::new(
+                            format!("{path}.upstream"),
+                            format!("{text:?} is not an address or address:port"),
+                        ));
+                        continue;
+                    }
+                },
+            };
+            if set
+                .entries
+                .iter()
+                .any(|e| e.destination.prefix == destination.prefix)
+            {
+                errors.push(FieldError::new(
+                    format!("{path}.prefix"),
+                    format!(
+                        "{} is listed twice; merge the ports into one entry",
+                        destination.prefix
+                    ),
+                ));
+                continue;
+            }
+            set.entries.push(InterceptEntry {
+                index,
+                destination,
+                upstream,
+            });
+        }
+        if let Err(e) = crate::intercept::trie::entries(&set) {
+            errors.push(FieldError::new("intercept.prefix", e.to_string()));
+        }
+        set
+    }
+}
