@@ -3,7 +3,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -320,6 +320,12 @@ impl Agent {
 
     pub fn config_path(&self) -> &Path {
         &self.config_path
+    }
+
+    /// A command running the same binary as an operator CLI (e.g.
+    /// `sessions`), in the host's namespaces: pinned maps are global.
+    pub fn cli_command(&self) -> Command {
+        Command::new(&self.binary)
     }
 
     pub fn dir(&self) -> &Path {

@@ -17,6 +17,9 @@ use nix::unistd::Pid;
 
 use crate::cmd::{self, CommandError};
 
+/// Prefix of every namespace name made here.
+pub const NAME_PREFIX: &str = "tg";
+
 /// How long `Drop` waits for killed processes to leave the namespace.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
@@ -55,8 +58,9 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Creates a fresh namespace with `lo` up. `tag` is a short hint that
-    /// shows up in the name (it is shortened to keep names ≤ 15 chars).
+    /// Creates a fresh namespace with `lo` up, named `tg<tag><pid>-<n>`.
+    /// `tag` is a short hint (shortened to keep names ≤ 15 chars); the `tg`
+    /// prefix marks every namespace the toolkit makes, for leak checks.
     pub fn new(tag: &str) -> Result<Netns, NetnsError> {
         let name = Self::add(tag)?;
         // From here on the guard owns the namespace, so `?` cleans it up.
@@ -71,7 +75,7 @@ impl Netns {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut attempt = 0;
         loop {
-            let name = crate::unique_name(tag);
+            let name = crate::unique_name(&format!("{NAME_PREFIX}{tag}"));
             match cmd::run("ip", ["netns", "add", name.as_str()]) {
                 Ok(_) => return Ok(name),
                 // A leftover from an earlier run with the same pid: take the next name.

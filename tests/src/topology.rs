@@ -80,9 +80,9 @@ pub struct Topology {
 impl Topology {
     pub fn new() -> Result<Topology, TopologyError> {
         let topo = Topology {
-            runner: Netns::new("tgr")?,
-            bastion: Netns::new("tgb")?,
-            target: Netns::new("tgt")?,
+            runner: Netns::new("r")?,
+            bastion: Netns::new("b")?,
+            target: Netns::new("t")?,
         };
         for ns in topo.all() {
             // Set before the links exist so they inherit it: link-local

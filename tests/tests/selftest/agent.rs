@@ -71,7 +71,7 @@ fn builder_writes_config_and_hands_out_unique_paths() {
     if !require_root() {
         return;
     }
-    let ns = Netns::new("tgcfg").expect("netns");
+    let ns = Netns::new("cfg").expect("netns");
     let config = "[agent]\nname = \"x\"\n";
     let builder = Agent::builder(&ns).expect("builder").config(config);
     let other = Agent::builder(&ns).expect("builder");
@@ -98,7 +98,7 @@ fn fake_agent_runs_in_the_namespace_with_host_bpffs_and_is_cleaned_up() {
     }
     bpffs::ensure_mounted().expect("bpffs");
     let scripts = tempfile::tempdir().expect("tempdir");
-    let ns = Netns::new("tgagt").expect("netns");
+    let ns = Netns::new("agt").expect("netns");
     let body = format!(
         r#"{NOTIFY}
 echo "args: $*" >&2
@@ -166,7 +166,7 @@ fn agent_exiting_before_ready_reports_status_and_stderr() {
         return;
     }
     let scripts = tempfile::tempdir().expect("tempdir");
-    let ns = Netns::new("tgbad").expect("netns");
+    let ns = Netns::new("bad").expect("netns");
     let body = format!(
         "{NOTIFY}\nnotify 'STATUS=parsing config'\necho 'config error: agent.pin_dir: missing' >&2\nexit 64"
     );
@@ -200,7 +200,7 @@ fn agent_never_ready_times_out_and_is_killed() {
         return;
     }
     let scripts = tempfile::tempdir().expect("tempdir");
-    let ns = Netns::new("tgslow").expect("netns");
+    let ns = Netns::new("slow").expect("netns");
     let pid_file = scripts.path().join("pid");
     let fake = script(
         scripts.path(),

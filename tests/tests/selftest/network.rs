@@ -120,7 +120,7 @@ fn run_and_spawn_thread_enter_the_namespace() {
     if !require_root() {
         return;
     }
-    let ns = Netns::new("tgsel").expect("netns");
+    let ns = Netns::new("sel").expect("netns");
     let expected = ns_inode(ns.path());
     assert_ne!(expected, ns_inode("/proc/self/ns/net"));
     let inside = ns.run(|| ns_inode("/proc/thread-self/ns/net"));
@@ -155,7 +155,7 @@ fn accept_loop_serves_several_connections_over_v4_and_v6() {
     if !require_root() {
         return;
     }
-    let ns = Netns::new("tgacc").expect("netns");
+    let ns = Netns::new("acc").expect("netns");
     for bind in ["127.0.0.1:0", "[::1]:0"] {
         let bind: SocketAddr = bind.parse().expect("addr");
         let server = accept_loop(&ns, bind, 3, |mut stream, _peer| {
@@ -207,7 +207,7 @@ fn dropping_a_netns_kills_processes_left_inside() {
     if !require_root() {
         return;
     }
-    let ns = Netns::new("tgkill").expect("netns");
+    let ns = Netns::new("kill").expect("netns");
     let name = ns.name().to_owned();
     // A direct child, and an orphan it leaves behind in the namespace.
     let mut command = ns.command("sh");
