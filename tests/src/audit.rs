@@ -1,0 +1,88 @@
+//! Reading the agent's JSON-lines audit file.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const AUDIT_POLL: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot read audit file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("audit file {path} line {line_no} is not JSON: {line}")]
+    Parse {
+        path: PathBuf,
+        line_no: usize,
+        line: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("no matching event in audit file {path} within {timeout:?}; events so far: {events:?}")]
+    Timeout {
+        path: PathBuf,
+        timeout: Duration,
+        events: Vec<Value>,
+    },
+}
+
+/// The file's complete JSON lines (none if it does not exist yet). A last
+/// line without its newline is still being written and is skipped.
+pub fn read_audit(path: &Path) -> Result<Vec<Value>, AuditError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(AuditError::Read {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..end],
+        None => "",
+    };
+    complete
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(index, line)| {
+            serde_json::from_str(line).map_err(|source| AuditError::Parse {
+                path: path.to_owned(),
+                line_no: index + 1,
+                line: line.to_owned(),
+                source,
+            })
+        })
+        .collect()
+}
+
+/// Polls the file until an event matches `pred`, for at most `timeout`;
+/// returns that event.
+pub fn wait_for_audit(
+    path: &Path,
+    pred: impl Fn(&Value) -> bool,
+    timeout: Duration,
+) -> Result<Value, AuditError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let events = read_audit(path)?;
+        if let Some(event) = events.iter().find(|e| pred(e)) {
+            return Ok(event.clone());
+        }
+        if Instant::now() >= deadline {
+            return Err(AuditError::Timeout {
+                path: path.to_owned(),
+                timeout,
+                events,
+            });
+        }
+        std::thread::sleep(AUDIT_POLL);
+    }
+}
