@@ -60,6 +60,11 @@ pub struct AuditEvent {
     pub userspace_bytes_up: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub userspace_bytes_down: Option<u64>,
+    /// Client bytes already queued when the sockets joined the splice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub early_bytes_up: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub early_bytes_down: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
     /// Why the session ended or the connection was denied.
@@ -91,6 +96,8 @@ impl AuditEvent {
             kernel_bytes_down: None,
             userspace_bytes_up: None,
             userspace_bytes_down: None,
+            early_bytes_up: None,
+            early_bytes_down: None,
             duration_ms: None,
             reason: None,
             detail: None,

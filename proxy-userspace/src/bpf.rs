@@ -9,8 +9,9 @@ use aya::{Ebpf, EbpfLoader};
 use proxy_common::map_names;
 
 /// Maps pinned under the pin directory, with the file name operators see.
-pub const PINNED: [(&str, &str); 4] = [
+pub const PINNED: [(&str, &str); 5] = [
     (map_names::SESSIONS, "sessions"),
+    (map_names::SOCKETS, "sockets"),
     (map_names::GRANTS, "grants"),
     (map_names::INTERCEPT, "intercept"),
     (map_names::STATS, "stats"),

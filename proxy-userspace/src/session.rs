@@ -233,6 +233,10 @@ fn close_event(
     event.kernel_bytes_down = Some(outcome.down.kernel_bytes);
     event.userspace_bytes_up = Some(outcome.up.userspace_bytes);
     event.userspace_bytes_down = Some(outcome.down.userspace_bytes);
+    if let Some((up, down)) = outcome.queued_at_splice {
+        event.early_bytes_up = Some(up);
+        event.early_bytes_down = Some(down);
+    }
     event.duration_ms = Some(duration_ms(elapsed));
     event.reason = Some(outcome.reason.as_str().to_owned());
     event.detail.clone_from(&outcome.detail);

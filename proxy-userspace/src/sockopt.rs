@@ -71,6 +71,36 @@ pub fn bytes_sent(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(info.tcpi_bytes_acked + u64::try_from(queued).unwrap_or(0))
 }
 
+/// Bytes waiting in the socket's receive queue (`SIOCINQ`).
+pub fn queued_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCINQ (FIONREAD) writes one c_int to the pointer we pass.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut queued) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(queued).unwrap_or(0))
+}
+
+/// Raises the open-files soft limit to the hard limit: every session holds
+/// two sockets, and the usual soft limit of 1024 caps the agent near 500.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit to the pointer we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: setrlimit reads one rlimit from the pointer we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(limit.rlim_cur)
+}
+
 /// TCP state from `TCP_INFO` (`TCP_ESTABLISHED` = 1, ...).
 pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
     // SAFETY: tcp_info is plain old data; all-zero is a valid value.

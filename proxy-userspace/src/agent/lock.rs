@@ -39,16 +39,26 @@ fn pid_note(pid: Option<i32>) -> String {
     pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
 }
 
-/// Held for the agent's lifetime.
-pub struct InstanceLock {
+/// The namespace lock, held for the agent's lifetime.
+pub struct NamespaceLock {
     _listener: UnixListener,
-    _pin_dir: Option<Flock<File>>,
 }
 
-impl InstanceLock {
-    /// Takes the namespace lock, and the pin directory lock when the agent
-    /// uses pins (created if missing).
-    pub fn acquire(pin_dir: Option<&Path>) -> Result<Self, LockError> {
+/// The pin directory lock, held while the agent's maps are pinned there.
+pub struct PinDirLock {
+    _lock: Flock<File>,
+}
+
+impl PinDirLock {
+    /// Creates the directory if missing and locks it.
+    pub fn acquire(dir: &Path) -> Result<Self, LockError> {
+        lock_dir(dir).map(|lock| Self { _lock: lock })
+    }
+}
+
+impl NamespaceLock {
+    /// Fails if another agent runs in this network namespace.
+    pub fn acquire() -> Result<Self, LockError> {
         let addr = SocketAddr::from_abstract_name(ABSTRACT_NAME).map_err(LockError::Io)?;
         let listener = match UnixListener::bind_addr(&addr) {
             Ok(listener) => listener,
@@ -61,13 +71,8 @@ impl InstanceLock {
             }
             Err(e) => return Err(LockError::Io(e)),
         };
-        let pin_lock = match pin_dir {
-            Some(dir) => Some(lock_dir(dir)?),
-            None => None,
-        };
         Ok(Self {
             _listener: listener,
-            _pin_dir: pin_lock,
         })
     }
 }

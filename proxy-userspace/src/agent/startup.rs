@@ -16,7 +16,7 @@ use crate::datapath::ebpf::{EbpfDatapath, EbpfSetupError};
 use crate::datapath::userspace::UserspaceDatapath;
 use crate::intercept::{InterceptError, Interceptor};
 
-use super::lock::{InstanceLock, LockError};
+use super::lock::{LockError, NamespaceLock, PinDirLock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -53,7 +53,8 @@ pub struct Started {
     intercept_listeners: Vec<TcpListener>,
     /// Keeps programs attached and maps alive.
     bpf: Option<LoadedBpf>,
-    _lock: InstanceLock,
+    _pin_lock: Option<PinDirLock>,
+    _lock: NamespaceLock,
     _logger: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -63,8 +64,20 @@ pub async fn start(config: &Config) -> Result<Started, StartupError> {
     let intercepting = config.intercept.is_some();
     // Interception always needs eBPF (sk_lookup), whatever moves the bytes.
     let wants_bpf = choice != DatapathChoice::Userspace || intercepting;
-    let lock = InstanceLock::acquire(wants_bpf.then_some(pin_dir.as_path()))?;
+    let lock = NamespaceLock::acquire()?;
+    let (mut bpf, mut logger, mut load_error) = (None, None, None);
+    let mut pin_lock = None;
     if wants_bpf {
+        match PinDirLock::acquire(pin_dir) {
+            Ok(locked) => pin_lock = Some(locked),
+            // Someone else's pins: never touch them, whatever the data path.
+            Err(e @ LockError::PinDirTaken(_)) => return Err(e.into()),
+            // No permission to create or lock the directory: eBPF would not
+            // load either; `auto` falls back below.
+            Err(e) => load_error = Some(EbpfSetupError::PinDir(e)),
+        }
+    }
+    if pin_lock.is_some() {
         let removed =
             crate::bpf::remove_pin_files(pin_dir).map_err(|source| StartupError::StalePins {
                 dir: pin_dir.clone(),
@@ -73,9 +86,6 @@ pub async fn start(config: &Config) -> Result<Started, StartupError> {
         if !removed.is_empty() {
             tracing::warn!(pins = ?removed, "removed pins left behind by a previous agent that did not shut down cleanly");
         }
-    }
-    let (mut bpf, mut logger, mut load_error) = (None, None, None);
-    if wants_bpf {
         match load_object(config) {
             Ok((loaded, log_task)) => {
                 bpf = Some(loaded);
@@ -116,14 +126,16 @@ pub async fn start(config: &Config) -> Result<Started, StartupError> {
         (Some(_), None, Some(e)) => return Err(StartupError::InterceptNeedsBpf(e)),
         _ => (None, Vec::new()),
     };
-    if bpf.is_none() && wants_bpf {
-        let _ = crate::bpf::remove_pin_files(pin_dir);
+    if bpf.is_none() && pin_lock.is_some() {
+        let _ = crate::bpf::remove_pins(pin_dir);
+        pin_lock = None;
     }
     Ok(Started {
         datapath,
         interceptor,
         intercept_listeners,
         bpf,
+        _pin_lock: pin_lock,
         _lock: lock,
         _logger: logger,
     })

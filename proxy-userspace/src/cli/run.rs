@@ -29,6 +29,9 @@ pub fn run(args: RunArgs) -> i32 {
         datapath: args.datapath,
         pin_dir: args.pin_dir,
     });
+    if let Err(e) = crate::sockopt::raise_nofile_limit() {
+        tracing::warn!(error = %e, "cannot raise the open-files limit; the session capacity may be lower");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -70,6 +70,7 @@ struct Session<'a> {
     client: std::net::TcpStream,
     upstream: std::net::TcpStream,
     baselines: [u64; 2],
+    queued: (u64, u64),
     /// Index 0: client to upstream; 1: upstream to client.
     dirs: [Direction; 2],
     first_close: Option<EndReason>,
@@ -104,6 +105,11 @@ pub(super) async fn run(
             return abort_unspliced(&client, &upstream, format!("cannot prepare sockets: {e}"));
         }
     };
+    // Only for the audit line: how much the kick below has to push through.
+    let queued = (
+        sockopt::queued_bytes(client.as_fd()).unwrap_or(0),
+        sockopt::queued_bytes(upstream.as_fd()).unwrap_or(0),
+    );
     let cookies = match dp.insert(meta, client.as_fd(), upstream.as_fd()) {
         Ok(c) => c,
         Err(e) => return abort_unspliced(&client, &upstream, format!("{e}: {}", error_chain(&e))),
@@ -115,6 +121,7 @@ pub(super) async fn run(
         client,
         upstream,
         baselines,
+        queued,
         dirs: [Direction::new(), Direction::new()],
         first_close: None,
         attempt: 0,
@@ -318,6 +325,7 @@ impl Session<'_> {
             detail,
             up,
             down,
+            queued_at_splice: Some(self.queued),
         }
     }
 }
@@ -335,6 +343,7 @@ fn failed(detail: String) -> SpliceOutcome {
         detail: Some(detail),
         up: DirectionCounters::default(),
         down: DirectionCounters::default(),
+        queued_at_splice: None,
     }
 }
 

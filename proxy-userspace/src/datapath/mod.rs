@@ -94,6 +94,10 @@ pub struct SpliceOutcome {
     pub up: DirectionCounters,
     /// Upstream to client.
     pub down: DirectionCounters,
+    /// Bytes already queued on the client and upstream sockets when they
+    /// joined the SOCKHASH (kernel path only): the early bytes the setup
+    /// had to push through the verdict itself.
+    pub queued_at_splice: Option<(u64, u64)>,
 }
 
 /// Ends a session from outside (expiry, revocation, shutdown).

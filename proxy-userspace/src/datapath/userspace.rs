@@ -176,6 +176,7 @@ impl UserspaceDatapath {
             detail,
             up: counters(live.up.load(Ordering::Relaxed)),
             down: counters(live.down.load(Ordering::Relaxed)),
+            queued_at_splice: None,
         }
     }
 }
