@@ -202,7 +202,6 @@ pub async fn serve(
         .await;
     drop(admission);
     services.audit.record(close_event(
-        &services,
         &meta,
         &target,
         &admitted,
@@ -217,7 +216,6 @@ pub async fn serve(
 }
 
 fn close_event(
-    services: &Services,
     meta: &SessionMeta,
     target: &Target,
     admitted: &Admitted,
@@ -226,7 +224,7 @@ fn close_event(
 ) -> AuditEvent {
     let mut event = base_event(EventKind::SessionClose, meta.client, target, admitted);
     event.session_id = Some(format!("{:016x}", meta.id));
-    event.datapath = Some(services.datapath.kind().as_str());
+    event.datapath = Some(outcome.datapath.as_str());
     event.bytes_up = Some(outcome.up.total_bytes());
     event.bytes_down = Some(outcome.down.total_bytes());
     event.kernel_bytes_up = Some(outcome.up.kernel_bytes);

@@ -34,6 +34,8 @@ pub enum EbpfSetupError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpliceSetupError {
+    #[error("a socket left the ESTABLISHED state before it could join the SOCKHASH")]
+    NotEstablished,
     #[error("cannot read socket state")]
     Socket(#[source] std::io::Error),
     #[error("cannot update map {map}")]
@@ -60,6 +62,8 @@ pub(super) struct Cookies {
 
 pub struct EbpfDatapath {
     maps: Mutex<Maps>,
+    /// For sessions the kernel cannot splice (a peer closed before setup).
+    pub(super) fallback: super::userspace::UserspaceDatapath,
     pub(super) watcher: Watcher,
     pub(super) stall_limit: Duration,
 }
@@ -94,6 +98,7 @@ impl EbpfDatapath {
                 sockets,
                 sessions,
             }),
+            fallback: super::userspace::UserspaceDatapath::default(),
             watcher: Watcher::new().map_err(EbpfSetupError::Watcher)?,
             stall_limit,
         })

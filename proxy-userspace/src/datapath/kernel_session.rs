@@ -21,9 +21,9 @@ use proxy_common::session::DirectionCounters;
 use tokio::net::TcpStream;
 
 use super::barrier::{BarrierState, DrainBarrier, poll_interval};
-use super::ebpf::{Cookies, EbpfDatapath};
+use super::ebpf::{Cookies, EbpfDatapath, SpliceSetupError};
 use super::watcher::Side;
-use super::{EndReason, SessionMeta, SpliceOutcome, StopSignal};
+use super::{DatapathKind, EndReason, SessionMeta, SpliceOutcome, StopSignal};
 use crate::sockopt;
 
 /// Per-direction progress after the source side reached EOF.
@@ -90,6 +90,20 @@ pub(super) async fn run(
             return failed(format!("cannot detach sockets from the runtime: {e}"));
         }
     };
+    // SOCKHASH takes only ESTABLISHED sockets: a peer that already sent its
+    // FIN (a client that writes and half-closes at once) leaves its socket in
+    // CLOSE_WAIT, and the session is copied in user space instead.
+    if !established(&client) || !established(&upstream) {
+        return copy_instead(
+            dp,
+            meta,
+            client,
+            upstream,
+            stop,
+            "a peer half-closed before the splice",
+        )
+        .await;
+    }
     let hold = |fd: BorrowedFd<'_>, bytes| sockopt::set_rcvlowat(fd, bytes);
     let prepared = hold(client.as_fd(), i32::MAX)
         .and_then(|()| hold(upstream.as_fd(), i32::MAX))
@@ -112,8 +126,34 @@ pub(super) async fn run(
     );
     let cookies = match dp.insert(meta, client.as_fd(), upstream.as_fd()) {
         Ok(c) => c,
+        Err(SpliceSetupError::NotEstablished) => {
+            return copy_instead(
+                dp,
+                meta,
+                client,
+                upstream,
+                stop,
+                "a peer half-closed during the splice setup",
+            )
+            .await;
+        }
         Err(e) => return abort_unspliced(&client, &upstream, format!("{e}: {}", error_chain(&e))),
     };
+    // Held sockets run no verdict, except when a FIN lands between the two
+    // insertions: then bytes may have been passed to their own socket
+    // instead of the peer. Never continue silently after that.
+    let (up, down) = dp.live_counters(meta.id).unwrap_or_default();
+    if up.redirect_failures + down.redirect_failures > 0 {
+        let (up, down) = dp.remove(meta.id, cookies);
+        let mut outcome = abort_unspliced(
+            &client,
+            &upstream,
+            "a FIN raced the splice setup and bytes could not be redirected; the session was reset"
+                .into(),
+        );
+        (outcome.up, outcome.down) = (up, down);
+        return outcome;
+    }
     let kicked = hold(client.as_fd(), 1).and_then(|()| hold(upstream.as_fd(), 1));
     let mut session = Session {
         dp,
@@ -326,6 +366,7 @@ impl Session<'_> {
             up,
             down,
             queued_at_splice: Some(self.queued),
+            datapath: DatapathKind::Ebpf,
         }
     }
 }
@@ -344,7 +385,40 @@ fn failed(detail: String) -> SpliceOutcome {
         up: DirectionCounters::default(),
         down: DirectionCounters::default(),
         queued_at_splice: None,
+        datapath: DatapathKind::Ebpf,
     }
+}
+
+/// `TCP_ESTABLISHED` from the kernel's `enum tcp_state`.
+const TCP_ESTABLISHED: u8 = 1;
+
+fn established(socket: &std::net::TcpStream) -> bool {
+    sockopt::tcp_state(socket.as_fd()).is_ok_and(|state| state == TCP_ESTABLISHED)
+}
+
+/// Runs a session that cannot be spliced on the user-space copy.
+async fn copy_instead(
+    dp: &EbpfDatapath,
+    meta: &SessionMeta,
+    client: std::net::TcpStream,
+    upstream: std::net::TcpStream,
+    stop: StopSignal,
+    why: &str,
+) -> SpliceOutcome {
+    let _ = sockopt::set_rcvlowat(client.as_fd(), 1);
+    let _ = sockopt::set_rcvlowat(upstream.as_fd(), 1);
+    tracing::info!(session = %format_args!("{:016x}", meta.id), why, "copying this session in user space");
+    let (client, upstream) = match (TcpStream::from_std(client), TcpStream::from_std(upstream)) {
+        (Ok(c), Ok(u)) => (c, u),
+        (Err(e), _) | (_, Err(e)) => {
+            return failed(format!("cannot hand sockets back to the runtime: {e}"));
+        }
+    };
+    let mut outcome = dp.fallback.splice(meta, client, upstream, stop).await;
+    outcome
+        .detail
+        .get_or_insert_with(|| format!("copied in user space: {why}"));
+    outcome
 }
 
 fn abort_unspliced(

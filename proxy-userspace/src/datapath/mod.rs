@@ -98,6 +98,8 @@ pub struct SpliceOutcome {
     /// joined the SOCKHASH (kernel path only): the early bytes the setup
     /// had to push through the verdict itself.
     pub queued_at_splice: Option<(u64, u64)>,
+    /// The path that actually moved this session's bytes.
+    pub datapath: DatapathKind,
 }
 
 /// Ends a session from outside (expiry, revocation, shutdown).

@@ -177,6 +177,7 @@ impl UserspaceDatapath {
             up: counters(live.up.load(Ordering::Relaxed)),
             down: counters(live.down.load(Ordering::Relaxed)),
             queued_at_splice: None,
+            datapath: super::DatapathKind::Userspace,
         }
     }
 }

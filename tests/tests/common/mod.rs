@@ -1,0 +1,251 @@
+//! Fixtures shared by the integration test binaries.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+use tcpgate_tests::topology::{BASTION_RUNNER_V4, TARGET_V4};
+use tcpgate_tests::{Agent, Topology, dial};
+
+/// The two data paths; every correctness test runs on both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPath {
+    Ebpf,
+    Userspace,
+}
+
+impl DataPath {
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::Ebpf => "ebpf",
+            Self::Userspace => "userspace",
+        }
+    }
+}
+
+/// Generates one `#[test]` per data path from a `fn(DataPath) -> Result<()>`.
+#[macro_export]
+macro_rules! on_both_paths {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn ebpf() -> anyhow::Result<()> {
+                    if !tcpgate_tests::require_root() {
+                        return Ok(());
+                    }
+                    super::$name(super::common::DataPath::Ebpf)
+                }
+                #[test]
+                fn userspace() -> anyhow::Result<()> {
+                    if !tcpgate_tests::require_root() {
+                        return Ok(());
+                    }
+                    super::$name(super::common::DataPath::Userspace)
+                }
+            }
+        )*
+    };
+}
+
+/// Port the forward listens on in the bastion.
+pub const LISTEN_PORT: u16 = 7000;
+/// Port the upstream server listens on in the target.
+pub const UPSTREAM_PORT: u16 = 9000;
+
+/// runner → bastion (agent with one static forward) → target.
+pub struct ForwardFixture {
+    /// Dropped after the agent (field order), so the agent stops first.
+    pub agent: Agent,
+    pub topo: Topology,
+    pub path: DataPath,
+}
+
+impl ForwardFixture {
+    pub fn start(path: DataPath) -> Result<Self> {
+        Self::start_with(path, "")
+    }
+
+    /// `extra` is appended to the generated config (more sections).
+    pub fn start_with(path: DataPath, extra: &str) -> Result<Self> {
+        let topo = Topology::new()?;
+        let builder = Agent::builder(&topo.bastion)?;
+        let config = format!(
+            "[agent]\npin_dir = {pin:?}\ndrain_timeout = \"20s\"\n\n[audit]\npath = {audit:?}\n\n\
+             [[forward]]\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\n{extra}",
+            pin = builder.pin_dir().display().to_string(),
+            audit = builder.audit_path().display().to_string(),
+            listen = SocketAddr::from((BASTION_RUNNER_V4, LISTEN_PORT)),
+            upstream = SocketAddr::from((TARGET_V4, UPSTREAM_PORT)),
+        );
+        let agent = builder
+            .config(config)
+            .args(["--datapath", path.flag()])
+            .spawn()?;
+        Ok(Self { agent, topo, path })
+    }
+
+    pub fn upstream_addr(&self) -> SocketAddr {
+        SocketAddr::from((TARGET_V4, UPSTREAM_PORT))
+    }
+
+    /// Dials the forward from the runner namespace.
+    pub fn dial(&self) -> Result<TcpStream> {
+        Ok(dial(
+            &self.topo.runner,
+            SocketAddr::from((BASTION_RUNNER_V4, LISTEN_PORT)),
+        )?)
+    }
+
+    /// Waits for the `n`-th `session_close` audit event and returns all of them.
+    pub fn wait_closed(&self, n: usize) -> Result<Vec<Value>> {
+        wait_events(&self.agent, "session_close", n)
+    }
+
+    /// The agent's recent log and audit lines, for failure messages.
+    pub fn dump(&self) -> String {
+        let audit = self.agent.audit_events().map(|events| {
+            events
+                .iter()
+                .rev()
+                .take(6)
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        });
+        format!(
+            "agent log tail:\n{}\naudit tail:\n{}",
+            self.agent.logs_tail(20),
+            audit.unwrap_or_default()
+        )
+    }
+
+    /// Asserts which path moved the bytes of a closed session, and how many.
+    pub fn assert_bytes(&self, event: &Value, up: u64, down: u64) -> Result<()> {
+        assert_bytes(self.path, event, up, down)
+    }
+
+    /// Asserts the pinned session and socket maps hold no entry.
+    pub fn assert_maps_empty(&self) -> Result<()> {
+        if self.path == DataPath::Ebpf {
+            assert_maps_empty(self.agent.pin_dir())?;
+        }
+        Ok(())
+    }
+}
+
+/// Waits (bounded) until the audit log holds at least `n` events of `kind`.
+pub fn wait_events(agent: &Agent, kind: &str, n: usize) -> Result<Vec<Value>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let events: Vec<Value> = agent
+            .audit_events()?
+            .into_iter()
+            .filter(|e| e["event"] == kind)
+            .collect();
+        if events.len() >= n {
+            return Ok(events);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "only {} of {n} {kind} events after 60 s; agent log:\n{}",
+                events.len(),
+                agent.logs_tail(30)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn field(event: &Value, name: &str) -> Result<u64> {
+    event[name]
+        .as_u64()
+        .with_context(|| format!("audit event lacks {name}: {event}"))
+}
+
+/// On the eBPF path every byte must have gone through the verdict program
+/// (its map counters) and none through user space; on the user-space path
+/// the reverse.
+pub fn assert_bytes(path: DataPath, event: &Value, up: u64, down: u64) -> Result<()> {
+    ensure!(field(event, "bytes_up")? == up, "bytes_up: {event}");
+    ensure!(field(event, "bytes_down")? == down, "bytes_down: {event}");
+    let (kernel, user) = match path {
+        DataPath::Ebpf => ((up, down), (0, 0)),
+        DataPath::Userspace => ((0, 0), (up, down)),
+    };
+    ensure!(
+        (
+            field(event, "kernel_bytes_up")?,
+            field(event, "kernel_bytes_down")?
+        ) == kernel,
+        "kernel byte counters (from the eBPF session map) wrong for {path:?}: {event}"
+    );
+    ensure!(
+        (
+            field(event, "userspace_bytes_up")?,
+            field(event, "userspace_bytes_down")?
+        ) == user,
+        "user-space copy counters wrong for {path:?}: {event}"
+    );
+    ensure!(event["datapath"] == path.flag(), "datapath: {event}");
+    Ok(())
+}
+
+/// Entries of a pinned map, via Debian's bpftool.
+pub fn pinned_entries(pin_dir: &Path, map: &str) -> Result<Vec<Value>> {
+    let path = pin_dir.join(map);
+    let output = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&path)
+        .output()
+        .context("run bpftool (apt install bpftool)")?;
+    ensure!(
+        output.status.success(),
+        "bpftool map dump {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let entries: Vec<Value> = serde_json::from_slice(&output.stdout).context("bpftool JSON")?;
+    Ok(entries)
+}
+
+pub fn assert_maps_empty(pin_dir: &Path) -> Result<()> {
+    for map in ["sessions", "sockets"] {
+        let entries = pinned_entries(pin_dir, map)?;
+        ensure!(
+            entries.is_empty(),
+            "{map} map still holds {} entries: {entries:?}",
+            entries.len()
+        );
+    }
+    Ok(())
+}
+
+/// Resident memory of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("VmRSS")?;
+    Ok(kib * 1024)
+}
+
+/// Raises this process's open-files limit (1,000 sessions need ~2,000 fds).
+pub fn raise_nofile() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
