@@ -22,21 +22,52 @@ pub fn tcpgate_lookup(ctx: SkLookupContext) -> u32 {
     SK_PASS
 }
 
+/// The context fields the program uses, each read once with a volatile
+/// load: the verifier only accepts ctx accesses at a constant offset from
+/// the ctx pointer itself, and plain reads let LLVM hoist `ctx + off` into a
+/// register it dereferences later, which the verifier rejects.
+struct Fields {
+    protocol: u32,
+    family: u32,
+    local_ip4: u32,
+    local_ip6: [u32; 4],
+    local_port: u32,
+}
+
+fn read_fields(ctx: &SkLookupContext) -> Fields {
+    let lookup = ctx.lookup;
+    // SAFETY: `lookup` is the program's ctx pointer, valid for the whole run;
+    // each read is a single aligned u32 load at a constant ctx offset.
+    unsafe {
+        Fields {
+            protocol: core::ptr::read_volatile(&raw const (*lookup).protocol),
+            family: core::ptr::read_volatile(&raw const (*lookup).family),
+            local_ip4: core::ptr::read_volatile(&raw const (*lookup).local_ip4),
+            local_ip6: [
+                core::ptr::read_volatile(&raw const (*lookup).local_ip6[0]),
+                core::ptr::read_volatile(&raw const (*lookup).local_ip6[1]),
+                core::ptr::read_volatile(&raw const (*lookup).local_ip6[2]),
+                core::ptr::read_volatile(&raw const (*lookup).local_ip6[3]),
+            ],
+            local_port: core::ptr::read_volatile(&raw const (*lookup).local_port),
+        }
+    }
+}
+
 fn try_lookup(ctx: &SkLookupContext) -> Result<(), i32> {
-    // SAFETY: the context pointer is valid for the whole program run.
-    let lookup = unsafe { &*ctx.lookup };
-    if lookup.protocol != IPPROTO_TCP {
+    let fields = read_fields(ctx);
+    if fields.protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let (addr, bits, slot) = match lookup.family {
+    let (addr, bits, slot) = match fields.family {
         AF_INET => {
             // local_ip4 is in network order, as the packet carries it.
-            let octets = lookup.local_ip4.to_ne_bytes();
+            let octets = fields.local_ip4.to_ne_bytes();
             (v4_mapped(octets), V4_MAPPED_PREFIX_BITS + 32, LISTENER_V4)
         }
         AF_INET6 => {
             let mut addr = [0u8; 16];
-            for (i, word) in lookup.local_ip6.iter().enumerate() {
+            for (i, word) in fields.local_ip6.iter().enumerate() {
                 addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
             }
             (addr, 128, LISTENER_V6)
@@ -44,7 +75,7 @@ fn try_lookup(ctx: &SkLookupContext) -> Result<(), i32> {
         _ => return Ok(()),
     };
     // local_port is in host order.
-    let port = lookup.local_port as u16;
+    let port = fields.local_port as u16;
     let key = Key::new(bits, addr);
     let Some(value) = INTERCEPT.get(&key) else {
         return Ok(());

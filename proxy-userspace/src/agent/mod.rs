@@ -152,6 +152,8 @@ fn reload(config_path: &Path, services: &Services) {
     };
     match (&services.interceptor, config.intercept.is_some()) {
         (Some(interceptor), true) => {
+            interceptor
+                .set_interfaces(config.intercept.as_ref().and_then(|i| i.interfaces.clone()));
             match interceptor.apply(config.intercept_set, &services.registry.snapshot()) {
                 Ok(report) => tracing::info!(
                     prefixes = report.prefixes,

@@ -27,6 +27,10 @@ pub struct InterceptSection {
     /// First of the three rule priorities tcpgate owns.
     #[serde(default = "default_rule_priority")]
     pub rule_priority: u32,
+    /// Interfaces that forwarded runner traffic arrives on. Unset: every
+    /// interface except loopback, as present at startup and at each reload.
+    #[serde(default)]
+    pub interfaces: Option<Vec<String>>,
     /// The intercepted destinations.
     #[serde(default, rename = "prefix")]
     pub prefixes: Vec<InterceptPrefix>,
@@ -138,6 +142,14 @@ impl InterceptSection {
                 "intercept.rule_priority",
                 "must be between 1 and 32000",
             ));
+        }
+        for (i, name) in self.interfaces.iter().flatten().enumerate() {
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) || name == "lo" {
+                errors.push(FieldError::new(
+                    format!("intercept.interfaces[{i}]"),
+                    format!("{name:?} is not a usable interface name (1-15 characters, not lo)"),
+                ));
+            }
         }
         let mut set = InterceptSet::default();
         for (index, entry) in self.prefixes.iter().enumerate() {

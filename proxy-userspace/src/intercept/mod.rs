@@ -58,6 +58,8 @@ pub struct Interceptor {
     trie: Mutex<LpmTrie<MapData, [u8; 16], InterceptValue>>,
     _listener_map: SockMap<MapData>,
     set: RwLock<Arc<InterceptSet>>,
+    /// `intercept.interfaces` as configured (None: all but loopback).
+    interfaces: RwLock<Option<Vec<String>>>,
     prefix_rules: Mutex<HashSet<Rule>>,
     session_rules: Mutex<HashMap<u64, Rule>>,
 }
@@ -120,6 +122,7 @@ impl Interceptor {
             trie: Mutex::new(trie),
             _listener_map: listener_map,
             set: RwLock::new(Arc::new(InterceptSet::default())),
+            interfaces: RwLock::new(section.interfaces.clone()),
             prefix_rules: Mutex::default(),
             session_rules: Mutex::default(),
         };
@@ -150,6 +153,15 @@ impl Interceptor {
     #[must_use]
     pub fn current(&self) -> Arc<InterceptSet> {
         Arc::clone(&self.set.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Replaces the configured runner-facing interfaces (applied by the next
+    /// [`Interceptor::apply`]).
+    pub fn set_interfaces(&self, interfaces: Option<Vec<String>>) {
+        *self
+            .interfaces
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = interfaces;
     }
 
     /// Switches to `set`. Live sessions whose destination leaves the set
@@ -204,9 +216,16 @@ impl Interceptor {
         // 3. Routing rules: add before removing, so no prefix kept in both
         //    sets is ever unrouted.
         {
-            let wanted: HashSet<Rule> = routing::prefix_rules(&set, self.routing.params())
-                .into_iter()
-                .collect();
+            let configured = self
+                .interfaces
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let interfaces = self.routing.interfaces(configured.as_deref())?;
+            let wanted: HashSet<Rule> =
+                routing::prefix_rules(&set, self.routing.params(), &interfaces)
+                    .into_iter()
+                    .collect();
             let mut installed = self
                 .prefix_rules
                 .lock()

@@ -111,39 +111,80 @@ impl Rule {
     }
 }
 
-/// The prefix rules for an intercepted set. The kernel rejects a port range
-/// ending at 65535 unless it is the whole range, so `1-65535` becomes a rule
-/// without a port match (config validation rejects other ranges up to 65535).
+/// Where intercepted connections come from: the interfaces runners' packets
+/// arrive on (forwarded traffic), and the bastion's own processes.
+///
+/// Rules never match on destination alone: with custom rules in place, the
+/// kernel's reverse-path check of every incoming packet does a lookup with
+/// `iif lo`, the packet's source as destination and its ports swapped, so a
+/// bare `to <prefix> dport 80` rule would also match the upstream's replies to
+/// the agent, route them to the local table and drop them as martians. Local
+/// processes are told apart by their source during connect: unset
+/// (`0.0.0.0`, `::`) on the first lookup, then the loopback source the local
+/// route hands out.
 #[must_use]
-pub fn prefix_rules(set: &InterceptSet, params: RoutingParams) -> Vec<Rule> {
+pub fn prefix_rules(set: &InterceptSet, params: RoutingParams, interfaces: &[String]) -> Vec<Rule> {
     let mut rules = Vec::new();
     for entry in &set.entries {
         let prefix = entry.destination.prefix;
-        for range in entry.destination.ports.ranges() {
-            let mut selector = vec![
-                "to".to_owned(),
-                prefix.to_string(),
-                "ipproto".to_owned(),
-                "tcp".to_owned(),
-            ];
-            if *range
-                != (PortRange {
-                    first: 1,
-                    last: u16::MAX,
-                })
-            {
-                selector.push("dport".to_owned());
-                selector.push(format!("{}-{}", range.first, range.last));
+        let v6 = matches!(prefix, IpNet::V6(_));
+        let local_sources: [&str; 2] = if v6 {
+            ["::/128", "::1/128"]
+        } else {
+            ["0.0.0.0/32", "127.0.0.1/32"]
+        };
+        let origins = interfaces
+            .iter()
+            .map(|ifname| ["iif".to_owned(), ifname.clone()])
+            .chain(
+                local_sources
+                    .iter()
+                    .map(|src| ["from".to_owned(), (*src).to_owned()]),
+            );
+        for origin in origins {
+            for range in entry.destination.ports.ranges() {
+                let mut selector = origin.to_vec();
+                selector.extend([
+                    "to".to_owned(),
+                    prefix.to_string(),
+                    "ipproto".to_owned(),
+                    "tcp".to_owned(),
+                ]);
+                if *range
+                    != (PortRange {
+                        first: 1,
+                        last: u16::MAX,
+                    })
+                {
+                    selector.push("dport".to_owned());
+                    selector.push(format!("{}-{}", range.first, range.last));
+                }
+                rules.push(Rule {
+                    v6,
+                    priority: params.priority + 2,
+                    selector,
+                    table: params.table.to_string(),
+                });
             }
-            rules.push(Rule {
-                v6: matches!(prefix, IpNet::V6(_)),
-                priority: params.priority + 2,
-                selector,
-                table: params.table.to_string(),
-            });
         }
     }
     rules
+}
+
+/// Every interface except loopback, for `intercept.interfaces = "all"`.
+pub fn all_interfaces(runner: &dyn IpRunner) -> Result<Vec<String>, RoutingError> {
+    let list = args(&["-j", "link", "show"]);
+    let text = runner.ip(&list)?;
+    let links: Vec<serde_json::Value> =
+        serde_json::from_str(&text).map_err(|source| RoutingError::Parse {
+            args: list.join(" "),
+            source,
+        })?;
+    Ok(links
+        .iter()
+        .filter(|l| l["link_type"] != "loopback")
+        .filter_map(|l| l["ifname"].as_str().map(str::to_owned))
+        .collect())
 }
 
 /// The rules that exempt the agent's own upstream sockets (both families).
@@ -204,6 +245,15 @@ impl Routing {
         self.params
     }
 
+    /// The interfaces to intercept forwarded traffic on: the configured
+    /// ones, or every non-loopback interface present now.
+    pub fn interfaces(&self, configured: Option<&[String]>) -> Result<Vec<String>, RoutingError> {
+        match configured {
+            Some(list) => Ok(list.to_vec()),
+            None => all_interfaces(self.runner.as_ref()),
+        }
+    }
+
     pub fn add(&self, rule: &Rule) -> Result<(), RoutingError> {
         self.runner.ip(&rule.args("add")).map(drop)
     }
@@ -246,11 +296,25 @@ impl Routing {
                 ]))?;
                 removed += 1;
             }
+            // `show table T` fails while the table does not exist; `all` never does.
+            let list = args(&[family, "-j", "route", "show", "table", "all"]);
+            let text = self.runner.ip(&list)?;
+            let routes: Vec<serde_json::Value> =
+                serde_json::from_str(if text.trim().is_empty() { "[]" } else { &text }).map_err(
+                    |source| RoutingError::Parse {
+                        args: list.join(" "),
+                        source,
+                    },
+                )?;
             let table = self.params.table.to_string();
-            let before = self
-                .runner
-                .ip(&args(&[family, "-j", "route", "show", "table", &table]))?;
-            if before.contains("\"dst\"") {
+            let ours = routes
+                .iter()
+                .filter(|r| {
+                    r["table"].as_str() == Some(&table)
+                        && r["protocol"].as_str() == Some(&PROTO.to_string())
+                })
+                .count();
+            if ours > 0 {
                 self.runner.ip(&args(&[
                     family,
                     "route",
@@ -260,7 +324,7 @@ impl Routing {
                     "proto",
                     &PROTO.to_string(),
                 ]))?;
-                removed += before.matches("\"dst\"").count();
+                removed += ours;
             }
         }
         Ok(removed)

@@ -77,6 +77,7 @@ mod tests {
             listen_port: 15001,
             route_table: 4765,
             rule_priority: 4760,
+            interfaces: None,
             prefixes: entries
                 .iter()
                 .map(|(p, ports)| InterceptPrefix {
@@ -145,6 +146,7 @@ mod tests {
             listen_port: 15001,
             route_table: 4765,
             rule_priority: 4760,
+            interfaces: None,
             prefixes: vec![InterceptPrefix {
                 prefix: "192.0.2.0/24".into(),
                 ports,

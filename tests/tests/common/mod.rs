@@ -249,3 +249,148 @@ pub fn raise_nofile() {
         }
     }
 }
+
+/// A real HTTP server (Debian's python3 `http.server`) serving `body` as
+/// `/file.bin`, bound to `bind:port` inside `ns`.
+pub struct HttpServer {
+    _child: tcpgate_tests::ChildGuard,
+    _dir: tempfile::TempDir,
+    pub body: Vec<u8>,
+}
+
+impl HttpServer {
+    pub fn start(
+        ns: &tcpgate_tests::Netns,
+        bind: std::net::IpAddr,
+        port: u16,
+        body: Vec<u8>,
+    ) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("file.bin"), &body)?;
+        let mut command = ns.command("python3");
+        command
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                &bind.to_string(),
+                "--directory",
+            ])
+            .arg(dir.path());
+        let child = tcpgate_tests::ChildGuard::spawn_logged(&mut command, dir.path(), "http")?;
+        let addr = SocketAddr::new(bind, port);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while ns
+            .run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
+            .is_err()
+        {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "http server on {addr} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self {
+            _child: child,
+            _dir: dir,
+            body,
+        })
+    }
+}
+
+/// Runs curl in `ns` and returns the body it fetched.
+pub fn curl(ns: &tcpgate_tests::Netns, url: &str) -> Result<Vec<u8>> {
+    let output = ns
+        .command("curl")
+        .args([
+            "--silent",
+            "--show-error",
+            "--fail",
+            "--max-time",
+            "30",
+            "--noproxy",
+            "*",
+            url,
+        ])
+        .output()
+        .context("run curl")?;
+    ensure!(
+        output.status.success(),
+        "curl {url}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(output.stdout)
+}
+
+/// The agent's configuration with interception of `prefixes`
+/// (`(prefix, ports)`), written for a builder.
+pub fn intercept_config(
+    builder: &tcpgate_tests::AgentBuilder<'_>,
+    prefixes: &[(&str, &[&str])],
+    extra: &str,
+) -> String {
+    let mut config = format!(
+        "[agent]\npin_dir = {:?}\n\n[audit]\npath = {:?}\n\n[intercept]\n",
+        builder.pin_dir().display().to_string(),
+        builder.audit_path().display().to_string(),
+    );
+    config.push_str(&intercept_prefixes(prefixes));
+    config.push_str(extra);
+    config
+}
+
+pub fn intercept_prefixes(prefixes: &[(&str, &[&str])]) -> String {
+    prefixes
+        .iter()
+        .map(|(prefix, ports)| {
+            let ports: Vec<String> = ports.iter().map(|p| format!("{p:?}")).collect();
+            format!(
+                "\n[[intercept.prefix]]\nprefix = {prefix:?}\nports = [{}]\n",
+                ports.join(", ")
+            )
+        })
+        .collect()
+}
+
+/// tcpgate's policy-routing state in a namespace: rules with its protocol
+/// number and routes in its table.
+pub fn routing_leftovers(ns: &tcpgate_tests::Netns) -> Result<Vec<String>> {
+    let mut left = Vec::new();
+    for family in ["-4", "-6"] {
+        let rules = ns.exec_ok(&["ip", family, "rule", "show"])?;
+        left.extend(
+            rules
+                .lines()
+                .filter(|l| l.contains("proto 213"))
+                .map(|l| format!("rule {l}")),
+        );
+        let routes = ns.exec_ok(&["ip", family, "route", "show", "table", "all"])?;
+        left.extend(
+            routes
+                .lines()
+                .filter(|l| l.contains("proto 213"))
+                .map(|l| format!("route {l}")),
+        );
+    }
+    Ok(left)
+}
+
+/// sk_lookup links attached to a namespace (by its inode), via bpftool.
+pub fn sk_lookup_links(ns: &tcpgate_tests::Netns) -> Result<usize> {
+    use std::os::unix::fs::MetadataExt;
+    let inode = std::fs::metadata(ns.path())?.ino();
+    let output = std::process::Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "bpftool link show: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let links: Vec<Value> = serde_json::from_slice(&output.stdout)?;
+    Ok(links
+        .iter()
+        .filter(|l| l["type"] == "netns" && l["netns_ino"] == inode)
+        .count())
+}

@@ -52,22 +52,56 @@ fn set(entries: &[(&str, &[&str])]) -> InterceptSet {
 }
 
 #[test]
-fn prefix_rules_cover_each_range_and_family() {
-    let rules = prefix_rules(
-        &set(&[
-            ("192.0.2.0/24", &["5432", "8000-8099"]),
-            ("2001:db8::/64", &["1-65535"]),
-        ]),
-        PARAMS,
-    );
+fn prefix_rules_cover_each_origin_range_and_family() {
+    let set = set(&[
+        ("192.0.2.0/24", &["5432", "8000-8099"]),
+        ("2001:db8::/64", &["1-65535"]),
+    ]);
+    let rules = prefix_rules(&set, PARAMS, &["to-runner".to_owned()]);
     let rendered: Vec<String> = rules.iter().map(|r| r.args("add").join(" ")).collect();
+    let v4 = |origin: &str, ports: &str| {
+        format!(
+            "rule add priority 4762 {origin} to 192.0.2.0/24 ipproto tcp dport {ports} lookup 4765 protocol 213"
+        )
+    };
+    let v6 = |origin: &str| {
+        format!(
+            "-6 rule add priority 4762 {origin} to 2001:db8::/64 ipproto tcp lookup 4765 protocol 213"
+        )
+    };
     assert_eq!(
         rendered,
         [
-            "rule add priority 4762 to 192.0.2.0/24 ipproto tcp dport 5432-5432 lookup 4765 protocol 213",
-            "rule add priority 4762 to 192.0.2.0/24 ipproto tcp dport 8000-8099 lookup 4765 protocol 213",
-            "-6 rule add priority 4762 to 2001:db8::/64 ipproto tcp lookup 4765 protocol 213",
+            v4("iif to-runner", "5432-5432"),
+            v4("iif to-runner", "8000-8099"),
+            v4("from 0.0.0.0/32", "5432-5432"),
+            v4("from 0.0.0.0/32", "8000-8099"),
+            v4("from 127.0.0.1/32", "5432-5432"),
+            v4("from 127.0.0.1/32", "8000-8099"),
+            v6("iif to-runner"),
+            v6("from ::/128"),
+            v6("from ::1/128"),
         ]
+    );
+    assert!(
+        rendered
+            .iter()
+            .all(|r| r.contains(" iif ") || r.contains(" from ")),
+        "never a bare destination rule"
+    );
+}
+
+#[test]
+fn all_interfaces_skips_loopback() {
+    struct Links;
+    impl IpRunner for Links {
+        fn ip(&self, _: &[String]) -> Result<String, RoutingError> {
+            Ok(r#"[{"ifname":"lo","link_type":"loopback"},{"ifname":"eth0","link_type":"ether"},{"ifname":"to-runner","link_type":"ether"}]"#.to_owned())
+        }
+    }
+    assert_eq!(
+        all_interfaces(&Links).expect("parse"),
+        ["eth0", "to-runner"]
     );
 }
 
