@@ -7,6 +7,7 @@
 mod bpf_linker;
 mod bpffs;
 mod debian;
+mod llvm_prefix;
 mod toolchain;
 
 use std::fmt::Display;

@@ -5,15 +5,13 @@
 //! than rustc's, so we link it against the libLLVM shipped in the sysroot.
 
 use std::fmt;
-use std::fs;
-use std::io::Read as _;
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Result, anyhow};
 
+use super::llvm_prefix::{llvm_major_from_lib_name, llvm_prefix};
 use super::report;
 use super::toolchain::{RustcInfo, check_llvm_supported};
 use crate::cmd;
@@ -235,117 +233,9 @@ fn linked_llvm(ldd_output: &str) -> Option<LinkedLlvm> {
     })
 }
 
-/// The LLVM major in a libLLVM file name or SONAME, in any of the shapes
-/// seen: `libLLVM.so.22.1-rust-1.95.0-stable`, `libLLVM-22-rust-1.95.0-stable.so`,
-/// `libLLVM-17.so`, `libLLVM.so.18.1`.
-pub fn llvm_major_from_lib_name(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix("libLLVM")?;
-    let rest = rest
-        .strip_prefix(".so.")
-        .or_else(|| rest.strip_prefix('-'))?;
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
-}
-
-/// Makes `$CARGO_HOME/tcpgate-llvm/<rustc release>/lib` hold `libLLVM.so` and
-/// the SONAME file, both links to the sysroot's libLLVM, and returns its
-/// parent for LLVM_PREFIX. bpf-linker's RUNPATH will name this directory,
-/// so it lives beside the installed binaries, not in /tmp.
-fn llvm_prefix(host: &Host, rustc: &RustcInfo) -> Result<PathBuf> {
-    let sysroot_lib = rustc.sysroot.join("lib");
-    let libllvm = find_sysroot_libllvm(&sysroot_lib)?;
-    let soname = libllvm
-        .file_name()
-        .and_then(|name| name.to_str())
-        .context("libLLVM has a non-UTF-8 name")?
-        .to_owned();
-    if llvm_major_from_lib_name(&soname) != Some(rustc.llvm_major) {
-        anyhow::bail!(
-            "{} does not look like LLVM {}, which `rustc -vV` reports",
-            libllvm.display(),
-            rustc.llvm_major
-        );
-    }
-    let prefix = host.cargo_home.join("tcpgate-llvm").join(&rustc.release);
-    let lib = prefix.join("lib");
-    fs::create_dir_all(&lib).with_context(|| format!("cannot create {}", lib.display()))?;
-    for name in ["libLLVM.so", soname.as_str()] {
-        ensure_symlink(&lib.join(name), &libllvm)?;
-    }
-    Ok(prefix)
-}
-
-/// The real libLLVM in the sysroot. Its file name is its SONAME; a
-/// `libLLVM-*.so` beside it may be a linker script, so only ELF files count.
-fn find_sysroot_libllvm(sysroot_lib: &Path) -> Result<PathBuf> {
-    let entries = fs::read_dir(sysroot_lib)
-        .with_context(|| format!("cannot list {}", sysroot_lib.display()))?;
-    let mut candidates: Vec<PathBuf> = entries
-        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-        .filter(|path| {
-            path.file_name()
-                .and_then(|name| name.to_str())
-                .is_some_and(|name| {
-                    name.starts_with("libLLVM.so.")
-                        || (name.starts_with("libLLVM-") && name.ends_with(".so"))
-                })
-        })
-        .filter(|path| is_elf(path))
-        .collect();
-    // Prefer the versioned `libLLVM.so.<ver>` shape, then by name, so the
-    // choice does not depend on directory order.
-    candidates.sort_by_key(|path| {
-        (
-            !path.to_string_lossy().contains("libLLVM.so."),
-            path.clone(),
-        )
-    });
-    candidates.into_iter().next().with_context(|| {
-        format!(
-            "no libLLVM shared library in {}; bpf-linker needs the one the Rust toolchain ships",
-            sysroot_lib.display()
-        )
-    })
-}
-
-fn is_elf(path: &Path) -> bool {
-    let mut magic = [0u8; 4];
-    fs::File::open(path)
-        .and_then(|mut file| file.read_exact(&mut magic))
-        .is_ok()
-        && magic == *b"\x7fELF"
-}
-
-fn ensure_symlink(link: &Path, target: &Path) -> Result<()> {
-    if fs::read_link(link).is_ok_and(|current| current == target) {
-        return Ok(());
-    }
-    if link.symlink_metadata().is_ok() {
-        fs::remove_file(link).with_context(|| format!("cannot replace {}", link.display()))?;
-    }
-    symlink(target, link)
-        .with_context(|| format!("cannot link {} to {}", link.display(), target.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn llvm_major_from_every_name_shape() {
-        assert_eq!(
-            llvm_major_from_lib_name("libLLVM.so.22.1-rust-1.95.0-stable"),
-            Some(22)
-        );
-        assert_eq!(
-            llvm_major_from_lib_name("libLLVM-22-rust-1.95.0-stable.so"),
-            Some(22)
-        );
-        assert_eq!(llvm_major_from_lib_name("libLLVM-17.so"), Some(17));
-        assert_eq!(llvm_major_from_lib_name("libLLVM.so.18.1"), Some(18));
-        assert_eq!(llvm_major_from_lib_name("libLLVM.so"), None);
-        assert_eq!(llvm_major_from_lib_name("libclang-17.so"), None);
-    }
 
     #[test]
     fn ldd_line_for_libllvm_found_and_missing() {
@@ -380,55 +270,59 @@ mod tests {
         assert!(!is_wanted_version(""));
     }
 
+    /// A stand-in bpf-linker: a shell script, so it links no libLLVM.
+    fn fake_linker(name: &str, script: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("xtask-linker-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("bpf-linker");
+        std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        path
+    }
+
+    fn inspect_fake(name: &str, script: &str) -> Result<Found, Unusable> {
+        let path = fake_linker(name, script);
+        let verdict = inspect(&path, 22);
+        let dir = path.parent().expect("has a dir");
+        std::fs::remove_dir_all(dir).expect("cleanup");
+        verdict
+    }
+
     #[test]
-    fn sysroot_search_skips_linker_scripts_and_takes_the_elf_file() {
-        let dir = std::env::temp_dir().join(format!("xtask-sysroot-{}", std::process::id()));
-        fs::create_dir_all(&dir).expect("mkdir");
-        fs::write(
-            dir.join("libLLVM-22-rust-1.95.0-stable.so"),
-            "INPUT(libLLVM.so.22.1)\n",
-        )
-        .expect("write");
-        fs::write(
-            dir.join("libLLVM.so.22.1-rust-1.95.0-stable"),
-            b"\x7fELF\x02\x01",
-        )
-        .expect("write");
-        fs::write(dir.join("librustc_driver-1.so"), b"\x7fELF").expect("write");
-        let found = find_sysroot_libllvm(&dir);
-        let empty = tempdir_without_llvm(&dir);
-        fs::remove_dir_all(&dir).expect("cleanup");
-        assert_eq!(
-            found.expect("found").file_name().and_then(|n| n.to_str()),
-            Some("libLLVM.so.22.1-rust-1.95.0-stable")
+    fn a_linker_that_fails_to_run_is_unusable_with_its_error() {
+        let verdict = inspect_fake(
+            "fails",
+            "echo 'error while loading shared libraries' >&2; exit 127",
         );
+        let Err(reason @ Unusable::WontRun { .. }) = verdict else {
+            panic!("expected WontRun, got {:?}", verdict.err());
+        };
         assert!(
-            empty
-                .expect_err("none")
+            reason
                 .to_string()
-                .contains("no libLLVM shared library")
+                .contains("error while loading shared libraries"),
+            "{reason}"
         );
     }
 
-    fn tempdir_without_llvm(base: &Path) -> Result<PathBuf> {
-        let empty = base.join("empty");
-        fs::create_dir_all(&empty).expect("mkdir");
-        find_sysroot_libllvm(&empty)
+    #[test]
+    fn another_version_is_unusable() {
+        let verdict = inspect_fake("old", "echo bpf-linker 0.9.13");
+        assert!(
+            matches!(&verdict, Err(Unusable::WrongVersion { version, .. }) if version == "bpf-linker 0.9.13"),
+            "{:?}",
+            verdict.err()
+        );
     }
 
     #[test]
-    fn ensure_symlink_replaces_a_stale_link_and_keeps_a_good_one() {
-        let dir = std::env::temp_dir().join(format!("xtask-symlink-{}", std::process::id()));
-        fs::create_dir_all(&dir).expect("mkdir");
-        let link = dir.join("libLLVM.so");
-        symlink("/old/libLLVM.so.21", &link).expect("symlink");
-        let target = Path::new("/new/libLLVM.so.22");
-        let first = ensure_symlink(&link, target);
-        let second = ensure_symlink(&link, target);
-        let now = fs::read_link(&link);
-        fs::remove_dir_all(&dir).expect("cleanup");
-        first.expect("replaced");
-        second.expect("kept");
-        assert_eq!(now.expect("a link"), target);
+    fn a_linker_without_shared_libllvm_cannot_be_vouched_for() {
+        let verdict = inspect_fake("static", "echo bpf-linker 0.13.0");
+        assert!(
+            matches!(verdict, Err(Unusable::NoSharedLlvm { .. })),
+            "{:?}",
+            verdict.err()
+        );
     }
 }
