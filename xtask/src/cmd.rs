@@ -37,12 +37,17 @@ fn quote(word: &OsStr) -> String {
 /// Echoes `cmd`, runs it with our stdin/stdout/stderr, and fails unless it
 /// exits 0.
 pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = status(cmd)?;
+    check(&describe(cmd), status)
+}
+
+/// Echoes `cmd` and runs it with our stdin/stdout/stderr; only a command
+/// that cannot start is an error.
+pub fn status(cmd: &mut Command) -> Result<ExitStatus> {
     let shown = describe(cmd);
     println!("$ {shown}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("could not start `{shown}`"))?;
-    check(&shown, status)
+    cmd.status()
+        .with_context(|| format!("could not start `{shown}`"))
 }
 
 /// Turns a non-zero exit into an error that names the command.
