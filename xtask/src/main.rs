@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(
     name = "cargo xtask",
+    bin_name = "cargo xtask",
     about = "tcpgate's developer tasks",
     long_about = "tcpgate's developer tasks. `build`, `test` and `demo` first run \
                   `setup`, which installs what is missing and leaves alone what is there."

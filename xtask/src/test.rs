@@ -15,7 +15,7 @@ use crate::setup;
 
 #[derive(Args, Debug)]
 pub struct TestArgs {
-    /// Also run the chaos suite (sets TCPGATE_CHAOS=1 for the tests).
+    /// Enable the chaos tests (sets TCPGATE_CHAOS=1 for the test processes).
     #[arg(long)]
     pub chaos: bool,
     /// Run only the tests whose name contains NAME.
