@@ -66,7 +66,7 @@ pub fn ensure(host: &Host, rustc: &RustcInfo) -> Result<()> {
         .arg(&host.cargo_home);
     // cargo refuses to replace an installed version without --force; only a
     // broken or mismatched one gets here.
-    if bin_dir.join("bpf-linker").exists() {
+    if bin_dir.join("bpf-linker").symlink_metadata().is_ok() {
         install.arg("--force");
     }
     cmd::run(&mut install)?;

@@ -102,6 +102,7 @@ fn ensure_symlink(link: &Path, target: &Path) -> Result<()> {
     symlink(target, link)
         .with_context(|| format!("cannot link {} to {}", link.display(), target.display()))
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,40 +123,91 @@ mod tests {
         assert_eq!(llvm_major_from_lib_name("libclang-17.so"), None);
     }
 
-    #[test]
-    fn sysroot_search_skips_linker_scripts_and_takes_the_elf_file() {
-        let dir = std::env::temp_dir().join(format!("xtask-sysroot-{}", std::process::id()));
-        fs::create_dir_all(&dir).expect("mkdir");
+    /// A scratch directory laid out like a toolchain sysroot's `lib/`.
+    fn fake_sysroot(tag: &str) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("xtask-{tag}-{}", std::process::id()));
+        let lib = root.join("sysroot/lib");
+        fs::create_dir_all(&lib).expect("mkdir");
+        // rustup ships this linker script beside the real library.
         fs::write(
-            dir.join("libLLVM-22-rust-1.95.0-stable.so"),
-            "INPUT(libLLVM.so.22.1)\n",
+            lib.join("libLLVM-22-rust-1.95.0-stable.so"),
+            "INPUT(libLLVM.so.22.1-rust-1.95.0-stable)\n",
         )
         .expect("write");
         fs::write(
-            dir.join("libLLVM.so.22.1-rust-1.95.0-stable"),
+            lib.join("libLLVM.so.22.1-rust-1.95.0-stable"),
             b"\x7fELF\x02\x01",
         )
         .expect("write");
-        fs::write(dir.join("librustc_driver-1.so"), b"\x7fELF").expect("write");
-        let found = find_sysroot_libllvm(&dir);
-        let empty = tempdir_without_llvm(&dir);
-        fs::remove_dir_all(&dir).expect("cleanup");
+        fs::write(lib.join("librustc_driver-1.so"), b"\x7fELF").expect("write");
+        root
+    }
+
+    fn rustc_info(sysroot: PathBuf, llvm_major: u32) -> RustcInfo {
+        RustcInfo {
+            release: "1.95.0".into(),
+            host: "x86_64-unknown-linux-gnu".into(),
+            llvm_version: format!("{llvm_major}.1.2"),
+            llvm_major,
+            sysroot,
+        }
+    }
+
+    fn host_with_cargo_home(cargo_home: PathBuf) -> Host {
+        Host {
+            cargo_home,
+            toolchain: "stable".into(),
+            child_path: "/usr/bin".into(),
+            workspace: PathBuf::from("/nonexistent"),
+            is_root: false,
+        }
+    }
+
+    #[test]
+    fn sysroot_search_skips_linker_scripts_and_takes_the_elf_file() {
+        let root = fake_sysroot("search");
+        let found = find_sysroot_libllvm(&root.join("sysroot/lib"));
+        let empty = find_sysroot_libllvm(&root);
+        fs::remove_dir_all(&root).expect("cleanup");
         assert_eq!(
             found.expect("found").file_name().and_then(|n| n.to_str()),
             Some("libLLVM.so.22.1-rust-1.95.0-stable")
         );
+        let err = empty.expect_err("no libLLVM at the top");
         assert!(
-            empty
-                .expect_err("none")
-                .to_string()
-                .contains("no libLLVM shared library")
+            err.to_string().contains("no libLLVM shared library"),
+            "{err}"
         );
     }
 
-    fn tempdir_without_llvm(base: &Path) -> Result<PathBuf> {
-        let empty = base.join("empty");
-        fs::create_dir_all(&empty).expect("mkdir");
-        find_sysroot_libllvm(&empty)
+    #[test]
+    fn prefix_holds_both_names_linked_to_the_sysroot_library() {
+        let root = fake_sysroot("prefix");
+        let host = host_with_cargo_home(root.join("cargo-home"));
+        let made = llvm_prefix(&host, &rustc_info(root.join("sysroot"), 22));
+        let lib = root.join("cargo-home/tcpgate-llvm/1.95.0/lib");
+        let links = ["libLLVM.so", "libLLVM.so.22.1-rust-1.95.0-stable"]
+            .map(|name| fs::read_link(lib.join(name)).ok());
+        fs::remove_dir_all(&root).expect("cleanup");
+        assert_eq!(
+            made.expect("made"),
+            root.join("cargo-home/tcpgate-llvm/1.95.0")
+        );
+        let real = root.join("sysroot/lib/libLLVM.so.22.1-rust-1.95.0-stable");
+        assert_eq!(links, [Some(real.clone()), Some(real)]);
+    }
+
+    #[test]
+    fn prefix_refuses_a_library_of_another_llvm_major() {
+        let root = fake_sysroot("mismatch");
+        let host = host_with_cargo_home(root.join("cargo-home"));
+        let made = llvm_prefix(&host, &rustc_info(root.join("sysroot"), 23));
+        fs::remove_dir_all(&root).expect("cleanup");
+        let err = made.expect_err("22 is not 23");
+        assert!(
+            err.to_string().contains("does not look like LLVM 23"),
+            "{err}"
+        );
     }
 
     #[test]
