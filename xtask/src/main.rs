@@ -1,1 +1,130 @@
-fn main() {}
+//! tcpgate's developer tasks, run as `cargo xtask <verb>`.
+
+mod build;
+mod cmd;
+mod demo;
+mod host;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "tcpgate's developer tasks",
+    long_about = "tcpgate's developer tasks. `build`, `test` and `demo` first run \
+                  `setup`, which installs what is missing and leaves alone what is there."
+)]
+struct Cli {
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(Subcommand, Debug)]
+enum Verb {
+    /// Install what building and testing needs: rust-src, bpf-linker, Debian packages, bpffs.
+    ///
+    /// Each step checks first and prints one line saying what it found or
+    /// did; a second run changes nothing. Installing Debian packages and
+    /// mounting bpffs need root.
+    Setup,
+    /// Build the tcpgate binary (agent and CLI, with its eBPF object).
+    Build(build::BuildArgs),
+    /// Run every test, including the privileged integration tests (as root).
+    ///
+    /// Runs setup, checks formatting, builds tcpgate, then `cargo test` for
+    /// the whole workspace with TCPGATE_BIN pointing at the binary and
+    /// TCPGATE_PRIVILEGED_TESTS=required, so tests that need root, network
+    /// namespaces or eBPF fail instead of skipping.
+    Test(test::TestArgs),
+    /// Build everything and run a kernel-spliced session end to end (as root).
+    ///
+    /// The demo sets up a runner, a bastion and a target in network
+    /// namespaces of its own, starts the tcpgate agent on the bastion, and
+    /// connects from the runner to a real service on the target with a
+    /// token. It shows the connection intercepted, authenticated, spliced in
+    /// the kernel through the SOCKHASH, and torn down, then removes
+    /// everything it created. Not implemented yet: today it only builds.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = host::Host::detect().and_then(|host| match &cli.verb {
+        Verb::Setup => setup::run(&host),
+        Verb::Build(args) => build::run(&host, args),
+        Verb::Test(args) => test::run(&host, args),
+        Verb::Demo(args) => demo::run(&host, args),
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // The cause chain without anyhow's backtrace: these errors are
+            // about the machine, not about xtask's code.
+            eprintln!("xtask: error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Time since `started`, for humans: `0.4s`, `73s`, `2m05s`.
+pub(crate) fn took(started: Instant) -> String {
+    human_duration(started.elapsed())
+}
+
+fn human_duration(elapsed: Duration) -> String {
+    let secs = elapsed.as_secs();
+    if secs < 10 {
+        format!("{:.1}s", elapsed.as_secs_f64())
+    } else if secs < 120 {
+        format!("{secs}s")
+    } else {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_verb_takes_filter_chaos_and_harness_args() {
+        let cli = Cli::try_parse_from([
+            "xtask",
+            "test",
+            "--chaos",
+            "--filter",
+            "splice",
+            "--",
+            "--nocapture",
+        ])
+        .expect("parses");
+        let Verb::Test(args) = cli.verb else {
+            panic!("parsed as {:?}", cli.verb);
+        };
+        assert!(args.chaos);
+        assert_eq!(args.filter.as_deref(), Some("splice"));
+        assert_eq!(args.harness_args, ["--nocapture"]);
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(human_duration(Duration::from_millis(420)), "0.4s");
+        assert_eq!(human_duration(Duration::from_secs(73)), "73s");
+        assert_eq!(human_duration(Duration::from_secs(125)), "2m05s");
+    }
+}
