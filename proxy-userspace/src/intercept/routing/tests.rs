@@ -36,6 +36,7 @@ fn set(entries: &[(&str, &[&str])]) -> InterceptSet {
         listen_port: 15001,
         route_table: 4765,
         rule_priority: 4760,
+        interfaces: None,
         prefixes: entries
             .iter()
             .map(|(p, ports)| InterceptPrefix {
