@@ -202,8 +202,7 @@ mod tests {
             serde_json::from_str::<GrantRequest>(json)
                 .expect("json")
                 .parse()
-                .err()
-                .expect("bad")
+                .expect_err("bad")
         };
         let e = bad(
             r#"{"destinations":[{"prefix":"192.0.2.0/24","ports":["5432"]},{"prefix":"x","ports":["0"]}]}"#,
