@@ -137,6 +137,14 @@ pub struct GrantStore {
     inner: Arc<Inner>,
 }
 
+impl fmt::Debug for GrantStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrantStore")
+            .field("grants", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl GrantStore {
     /// `audit_claims` names the token claims copied into each grant.
     pub fn new(audit_claims: Vec<String>) -> GrantStore {

@@ -110,6 +110,17 @@ pub struct TokenValidator {
     leeway_secs: u64,
 }
 
+impl std::fmt::Debug for TokenValidator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut issuers: Vec<&String> = self.issuers.keys().collect();
+        issuers.sort();
+        f.debug_struct("TokenValidator")
+            .field("issuers", &issuers)
+            .field("leeway_secs", &self.leeway_secs)
+            .finish()
+    }
+}
+
 #[derive(Deserialize)]
 struct RawHeader {
     alg: String,
