@@ -134,11 +134,25 @@ pub enum AuditError {
     },
 }
 
+enum Message {
+    Event(AuditEvent),
+    /// Acknowledged once every event queued before it is written.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 /// Cheap to clone; every clone feeds the same writer task.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<AuditEvent>,
+    tx: mpsc::Sender<Message>,
     dropped: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("dropped", &self.dropped())
+            .finish_non_exhaustive()
+    }
 }
 
 impl AuditLog {
@@ -170,7 +184,7 @@ impl AuditLog {
     /// Queues an event without waiting; if the writer is far behind, the
     /// event is dropped and counted rather than stalling the caller.
     pub fn record(&self, event: AuditEvent) {
-        if self.tx.try_send(event).is_err() {
+        if self.tx.try_send(Message::Event(event)).is_err() {
             let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if dropped.is_power_of_two() {
                 tracing::error!(dropped, "audit log writer is behind; events dropped");
@@ -186,18 +200,26 @@ impl AuditLog {
 
     /// Waits until every event queued so far has been written.
     pub async fn flush(&self) {
-        // The writer handles events in order; a full round trip through the
-        // queue means everything before it was written.
-        let _ = self.tx.reserve_many(QUEUE_DEPTH).await.map(drop);
+        let (done, written) = tokio::sync::oneshot::channel();
+        if self.tx.send(Message::Flush(done)).await.is_ok() {
+            let _ = written.await;
+        }
     }
 }
 
 async fn write_loop(
-    mut rx: mpsc::Receiver<AuditEvent>,
+    mut rx: mpsc::Receiver<Message>,
     mut sink: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
 ) {
     let mut failures: u64 = 0;
-    while let Some(event) = rx.recv().await {
+    while let Some(message) = rx.recv().await {
+        let event = match message {
+            Message::Event(event) => event,
+            Message::Flush(done) => {
+                let _ = done.send(());
+                continue;
+            }
+        };
         let mut line = match serde_json::to_vec(&event) {
             Ok(line) => line,
             Err(e) => {

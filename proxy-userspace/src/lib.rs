@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod audit;
+pub mod auth;
 pub mod bpf;
 pub mod cli;
 pub mod config;

@@ -1,0 +1,240 @@
+//! Client-side helpers behind the CLI verbs: read a token, dial through the
+//! agent with a preamble, or ask the grant API for a source-bound grant.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::api_types::{ApiError, GrantRequest, GrantResponse};
+use super::destination::Destination;
+use super::jwks::{JwksError, load_ca};
+use super::preamble::{PreambleError, Status, encode_preamble, read_response};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot read token file {path}")]
+    ReadToken {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("token file {path} is empty")]
+    EmptyToken { path: PathBuf },
+    #[error(
+        "token file {path} does not hold a JWT (expected three base64url parts separated by dots)"
+    )]
+    NotAJwt { path: PathBuf },
+    #[error("cannot connect to {target}")]
+    Connect {
+        target: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timed out after {timeout:?} connecting to {target}")]
+    ConnectTimeout {
+        target: SocketAddr,
+        timeout: Duration,
+    },
+    #[error("cannot send the preamble to {target}")]
+    Send {
+        target: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no valid answer from the agent at {target}")]
+    Answer {
+        target: SocketAddr,
+        #[source]
+        source: PreambleError,
+    },
+    #[error("the token cannot be sent")]
+    Token(#[source] PreambleError),
+    #[error("access denied by the agent: {message}")]
+    Denied { message: String },
+    #[error("the agent failed: {message}")]
+    Agent { message: String },
+    #[error("cannot load the CA file")]
+    Ca(#[source] JwksError),
+    #[error("grant API URL {url:?} is not http(s)")]
+    BadUrl { url: String },
+    #[error("grant API request to {url} failed")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("grant API refused ({status} {error}): {message}")]
+    Api {
+        status: u16,
+        error: String,
+        message: String,
+    },
+    #[error("grant API answered HTTP {status} with an unexpected body: {snippet}")]
+    UnexpectedBody { status: u16, snippet: String },
+}
+
+impl ClientError {
+    /// The agent's or API's reason code, when it gave one.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// Reads a token file (e.g. `$CI_JOB_JWT`-style files), trimmed, and checks
+/// it has the shape of a JWT.
+pub fn read_token_file(path: &Path) -> Result<String, ClientError> {
+    let raw = std::fs::read_to_string(path).map_err(|source| ClientError::ReadToken {
+        path: path.to_owned(),
+        source,
+    })?;
+    let token = raw.trim();
+    if token.is_empty() {
+        return Err(ClientError::EmptyToken {
+            path: path.to_owned(),
+        });
+    }
+    if !looks_like_jwt(token) {
+        return Err(ClientError::NotAJwt {
+            path: path.to_owned(),
+        });
+    }
+    Ok(token.to_owned())
+}
+
+fn looks_like_jwt(token: &str) -> bool {
+    let parts: Vec<&str> = token.split('.').collect();
+    parts.len() == 3
+        && parts[..2].iter().all(|p| !p.is_empty())
+        && parts.iter().all(|p| {
+            p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// Connects to `target` (intercepted by the agent), sends the preamble and
+/// waits for the verdict. On `ok` the stream is ready for the client's own
+/// protocol; nothing after the response has been read from it.
+pub async fn connect_with_preamble(
+    target: SocketAddr,
+    token: &str,
+    timeout: Duration,
+) -> Result<TcpStream, ClientError> {
+    let preamble = encode_preamble(token).map_err(ClientError::Token)?;
+    let mut stream = tokio::time::timeout(timeout, TcpStream::connect(target))
+        .await
+        .map_err(|_| ClientError::ConnectTimeout { target, timeout })?
+        .map_err(|source| ClientError::Connect { target, source })?;
+    stream
+        .write_all(&preamble)
+        .await
+        .map_err(|source| ClientError::Send { target, source })?;
+    let answer = read_response(&mut stream, timeout)
+        .await
+        .map_err(|source| ClientError::Answer { target, source })?;
+    match answer.status {
+        Status::Ok => Ok(stream),
+        Status::Denied => Err(ClientError::Denied {
+            message: answer.message,
+        }),
+        Status::Error => Err(ClientError::Agent {
+            message: answer.message,
+        }),
+    }
+}
+
+const API_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `POST {api_url}/v1/grants` with the token as bearer. `ca_file` adds a
+/// trusted CA for an https API with a private certificate.
+pub async fn request_grant(
+    api_url: &str,
+    token: &str,
+    destinations: Option<&[Destination]>,
+    lifetime: Option<Duration>,
+    ca_file: Option<&Path>,
+) -> Result<GrantResponse, ClientError> {
+    let base = api_url.trim_end_matches('/');
+    if !(base.starts_with("https://") || base.starts_with("http://")) {
+        return Err(ClientError::BadUrl {
+            url: api_url.to_owned(),
+        });
+    }
+    let url = format!("{base}/v1/grants");
+    let http_err = |source| ClientError::Http {
+        url: url.clone(),
+        source,
+    };
+    let mut builder = reqwest::Client::builder().timeout(API_TIMEOUT);
+    if let Some(path) = ca_file {
+        builder = builder.add_root_certificate(load_ca(path).map_err(ClientError::Ca)?);
+    }
+    let client = builder.build().map_err(http_err)?;
+    let resp = client
+        .post(&url)
+        .bearer_auth(token)
+        .json(&GrantRequest::new(destinations, lifetime))
+        .send()
+        .await
+        .map_err(http_err)?;
+    let status = resp.status().as_u16();
+    let body = resp.bytes().await.map_err(http_err)?;
+    if (200..300).contains(&status) {
+        return serde_json::from_slice(&body).map_err(|_| unexpected(status, &body));
+    }
+    match serde_json::from_slice::<ApiError>(&body) {
+        Ok(e) => Err(ClientError::Api {
+            status,
+            error: e.error,
+            message: e.message,
+        }),
+        Err(_) => Err(unexpected(status, &body)),
+    }
+}
+
+fn unexpected(status: u16, body: &[u8]) -> ClientError {
+    let text = String::from_utf8_lossy(body);
+    let snippet: String = text.chars().take(200).collect();
+    ClientError::UnexpectedBody { status, snippet }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_file_is_trimmed_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln\n").expect("write");
+        assert_eq!(
+            read_token_file(&path).expect("token"),
+            "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
+        );
+        std::fs::write(&path, " \n").expect("write");
+        assert!(matches!(
+            read_token_file(&path),
+            Err(ClientError::EmptyToken { .. })
+        ));
+        std::fs::write(&path, "not a token").expect("write");
+        assert!(matches!(
+            read_token_file(&path),
+            Err(ClientError::NotAJwt { .. })
+        ));
+        std::fs::write(&path, "a.b.c.d").expect("write");
+        assert!(matches!(
+            read_token_file(&path),
+            Err(ClientError::NotAJwt { .. })
+        ));
+        let missing = dir.path().join("missing");
+        assert!(matches!(
+            read_token_file(&missing),
+            Err(ClientError::ReadToken { .. })
+        ));
+    }
+}

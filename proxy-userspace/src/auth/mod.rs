@@ -1,0 +1,48 @@
+//! Authentication and authorization: no connection reaches a private
+//! service without a valid short-lived token, and access ends when the
+//! token's grant ends.
+//!
+//! - [`config`]: the `[auth]` and `[[policy]]` config sections and their validation.
+//! - [`token`] and [`jwks`]: JWT validation against per-issuer JWKS keys.
+//! - [`policy`] (with [`matcher`] and [`destination`]): deny-by-default rules.
+//! - [`preamble`]: the in-band token preamble a client sends first.
+//! - [`grants`]: live grants, their expiry and revocation events.
+//! - [`api_types`] and [`client`]: the grant API wire types and client helpers.
+//!
+//! ## Wiring into the agent
+//!
+//! 1. Embed [`AuthConfig`] as `auth` and `Vec<RuleConfig>` as `policy` in the
+//!    agent config; report [`validate_all`] plus [`Policy::check_within`]
+//!    (with the intercepted destinations) as config errors.
+//! 2. [`TokenValidator::load`] at startup; spawn
+//!    `validator.clone().run_refresh(shutdown)`.
+//! 3. `GrantStore::new(auth.audit_claims.clone())`; spawn
+//!    `store.clone().run_expiry(shutdown)`; tear sessions down on the
+//!    [`GrantEvent`]s from `store.subscribe()` (on `Lagged`, re-check each
+//!    session's grant with `store.get`).
+//! 4. Per connection: first `store.covering(peer_ip, original_dst, now)`
+//!    (server-speaks-first protocols send nothing, so a source grant must be
+//!    honoured without waiting for bytes); otherwise
+//!    [`preamble::read_preamble`] with `auth.preamble_timeout()` on the raw
+//!    socket (never a buffered reader), `validator.validate`,
+//!    `policy.decide`, `store.create(GrantKind::Preamble, ..)`, and answer
+//!    with [`preamble::encode_response`].
+//! 5. Audit and metrics use the stable `reason()` strings of [`TokenError`],
+//!    [`Denial`] and [`preamble::PreambleError`].
+
+pub mod api_types;
+pub mod client;
+pub mod config;
+pub mod destination;
+pub mod grants;
+pub mod jwks;
+pub mod matcher;
+pub mod policy;
+pub mod preamble;
+pub mod token;
+
+pub use config::{AuthConfig, FieldError, IssuerConfig, RuleConfig, validate_all};
+pub use destination::{Destination, DestinationSpec, PortRange};
+pub use grants::{Grant, GrantEvent, GrantId, GrantKind, GrantStore};
+pub use policy::{Decision, Denial, Policy};
+pub use token::{TokenError, TokenValidator, ValidatedToken};

@@ -1,0 +1,392 @@
+//! JWT validation against the configured issuers.
+//!
+//! The issuer is picked by the token's `iss` (read from the payload without
+//! trusting it), then the token is fully validated with that issuer's keys.
+//! The algorithm comes from the key, never from the token: the header's
+//! `alg` must equal it. HS256 is accepted only for an issuer that has a
+//! configured shared secret, and only against that secret.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::config::{AuthConfig, FieldError, IssuerConfig};
+use super::jwks::{JwksError, JwksSource, JwksStatsSnapshot, KeyCache, KeySet, error_chain};
+
+/// Longest token accepted (the preamble bound).
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// A token whose signature, issuer, audience and times were checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidatedToken {
+    pub issuer: String,
+    pub subject: String,
+    pub expires_at: SystemTime,
+    pub claims: Map<String, Value>,
+}
+
+/// Why a token was rejected. [`TokenError::reason`] is stable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("token expired")]
+    Expired,
+    #[error("token not yet valid (nbf is in the future)")]
+    NotYetValid,
+    #[error("token issuer {0:?} is not accepted")]
+    WrongIssuer(String),
+    #[error("token audience does not include {0:?}")]
+    WrongAudience(String),
+    #[error("token has no exp claim")]
+    MissingExp,
+    #[error("token signature is invalid")]
+    BadSignature,
+    #[error("no key with kid {kid:?} is known for issuer {issuer}")]
+    UnknownKid { issuer: String, kid: Option<String> },
+    #[error("token algorithm not allowed: {0}")]
+    AlgNotAllowed(String),
+    #[error("malformed token: {0}")]
+    Malformed(String),
+}
+
+impl TokenError {
+    /// Stable machine-readable reason for audit logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TokenError::Expired => "token_expired",
+            TokenError::NotYetValid => "token_not_yet_valid",
+            TokenError::WrongIssuer(_) => "wrong_issuer",
+            TokenError::WrongAudience(_) => "wrong_audience",
+            TokenError::MissingExp => "missing_exp",
+            TokenError::BadSignature => "bad_signature",
+            TokenError::UnknownKid { .. } => "unknown_kid",
+            TokenError::AlgNotAllowed(_) => "alg_not_allowed",
+            TokenError::Malformed(_) => "malformed_token",
+        }
+    }
+}
+
+/// Errors loading issuer keys and secrets at startup.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("invalid auth config: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<FieldError>),
+    #[error("auth.issuer[{index}]: cannot load keys")]
+    Keys {
+        index: usize,
+        #[source]
+        source: JwksError,
+    },
+    #[error("auth.issuer[{index}].hs256_secret_file: cannot read {path}")]
+    Secret {
+        index: usize,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("auth.issuer[{index}].hs256_secret_file: {path} is empty")]
+    EmptySecret { index: usize, path: String },
+}
+
+struct IssuerState {
+    audience: String,
+    keys: Option<Arc<KeyCache>>,
+    refresh_interval: Duration,
+    hs256: Option<DecodingKey>,
+}
+
+/// Validates tokens of all configured issuers. Cheap to clone.
+#[derive(Clone)]
+pub struct TokenValidator {
+    issuers: Arc<HashMap<String, IssuerState>>,
+    leeway_secs: u64,
+}
+
+impl std::fmt::Debug for TokenValidator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut issuers: Vec<&String> = self.issuers.keys().collect();
+        issuers.sort();
+        f.debug_struct("TokenValidator")
+            .field("issuers", &issuers)
+            .field("leeway_secs", &self.leeway_secs)
+            .finish()
+    }
+}
+
+#[derive(Deserialize)]
+struct RawHeader {
+    alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+    #[serde(default)]
+    crit: Option<Value>,
+}
+
+impl TokenValidator {
+    /// Loads every issuer's keys. A JWKS file must load; a JWKS URL that
+    /// cannot be fetched now only logs a warning and starts empty, so a
+    /// GitLab outage does not keep the agent down: tokens are then rejected
+    /// with `unknown_kid` until a refresh succeeds.
+    pub async fn load(config: &AuthConfig) -> Result<TokenValidator, LoadError> {
+        let errors = config.validate();
+        if !errors.is_empty() {
+            return Err(LoadError::Invalid(errors));
+        }
+        let mut issuers = HashMap::new();
+        for (index, ic) in config.issuers.iter().enumerate() {
+            issuers.insert(ic.issuer.clone(), load_issuer(index, ic).await?);
+        }
+        Ok(TokenValidator {
+            issuers: Arc::new(issuers),
+            leeway_secs: config.leeway().as_secs(),
+        })
+    }
+
+    /// Refresh counters per issuer (only issuers with a JWKS).
+    pub fn jwks_stats(&self) -> Vec<(String, JwksStatsSnapshot)> {
+        let mut v: Vec<_> = self
+            .issuers
+            .iter()
+            .filter_map(|(name, st)| st.keys.as_ref().map(|k| (name.clone(), k.stats())))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Refreshes each issuer's JWKS every `refresh_interval` until `shutdown`
+    /// resolves. Spawn it once next to the agent.
+    pub async fn run_refresh(self, shutdown: impl Future<Output = ()>) {
+        let start = tokio::time::Instant::now();
+        let mut due: Vec<(Arc<KeyCache>, Duration, tokio::time::Instant)> = self
+            .issuers
+            .values()
+            .filter_map(|st| {
+                st.keys
+                    .clone()
+                    .map(|k| (k, st.refresh_interval, start + st.refresh_interval))
+            })
+            .collect();
+        tokio::pin!(shutdown);
+        loop {
+            let Some(next) = due.iter().map(|d| d.2).min() else {
+                return;
+            };
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = tokio::time::sleep_until(next) => {}
+            }
+            let now = tokio::time::Instant::now();
+            for (cache, interval, at) in due.iter_mut().filter(|d| d.2 <= now) {
+                cache.refresh().await;
+                *at = tokio::time::Instant::now() + *interval;
+            }
+        }
+    }
+
+    /// Validates `token` against the issuer named by its `iss` claim.
+    pub async fn validate(&self, token: &str) -> Result<ValidatedToken, TokenError> {
+        let token = token.trim();
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::Malformed(format!(
+                "longer than {MAX_TOKEN_BYTES} bytes"
+            )));
+        }
+        let (header, payload) = split_untrusted(token)?;
+        if header.alg.eq_ignore_ascii_case("none") {
+            return Err(TokenError::AlgNotAllowed("none".into()));
+        }
+        if header.crit.is_some() {
+            return Err(TokenError::Malformed(
+                "critical header extensions are not supported".into(),
+            ));
+        }
+        let issuer = match payload.get("iss") {
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return Err(TokenError::Malformed("claim `iss` is not a string".into())),
+            None => return Err(TokenError::Malformed("token has no iss claim".into())),
+        };
+        let state = self
+            .issuers
+            .get(&issuer)
+            .ok_or_else(|| TokenError::WrongIssuer(issuer.clone()))?;
+        let alg: Algorithm = header.alg.parse().map_err(|_| {
+            TokenError::AlgNotAllowed(format!("unknown algorithm {:?}", header.alg))
+        })?;
+        let (key, key_alg) =
+            if alg == Algorithm::HS256 {
+                match &state.hs256 {
+                    Some(secret) => (secret.clone(), Algorithm::HS256),
+                    None => {
+                        return Err(TokenError::AlgNotAllowed(
+                            "HS256 is not enabled for this issuer".into(),
+                        ));
+                    }
+                }
+            } else {
+                let cache = state.keys.as_ref().ok_or_else(|| {
+                    TokenError::AlgNotAllowed(format!(
+                        "{alg:?}: this issuer only accepts HS256 (dev secret)"
+                    ))
+                })?;
+                let vk = cache.find(header.kid.as_deref()).await.ok_or_else(|| {
+                    TokenError::UnknownKid {
+                        issuer: issuer.clone(),
+                        kid: header.kid.clone(),
+                    }
+                })?;
+                (vk.key, vk.alg)
+            };
+        if alg != key_alg {
+            return Err(TokenError::AlgNotAllowed(format!(
+                "header alg {alg:?} does not match the key's {key_alg:?}"
+            )));
+        }
+        let mut validation = Validation::new(key_alg);
+        validation.leeway = self.leeway_secs;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        validation.set_issuer(&[&issuer]);
+        validation.set_audience(&[&state.audience]);
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation)
+            .map_err(|e| map_jwt_error(e.into_kind(), &issuer, &state.audience))?;
+        finish(issuer, data.claims)
+    }
+}
+
+async fn load_issuer(index: usize, ic: &IssuerConfig) -> Result<IssuerState, LoadError> {
+    let keys_err = |source| LoadError::Keys { index, source };
+    let min = ic
+        .min_refresh_interval
+        .get()
+        .unwrap_or(super::config::DEFAULT_MIN_REFRESH_INTERVAL);
+    let keys = if let Some(path) = &ic.jwks_file {
+        let source = JwksSource::File(path.clone());
+        let initial = source.fetch().await.map_err(keys_err)?;
+        Some(Arc::new(KeyCache::new(source, initial, min)))
+    } else if let Some(url) = &ic.jwks_url {
+        let source = JwksSource::url(url, ic.ca_file.as_deref()).map_err(keys_err)?;
+        let initial = source.fetch().await.unwrap_or_else(|e| {
+            tracing::warn!(issuer = %ic.issuer, error = %error_chain(&e),
+                "cannot fetch JWKS at startup; starting without keys and retrying on demand");
+            KeySet::default()
+        });
+        Some(Arc::new(KeyCache::new(source, initial, min)))
+    } else {
+        None
+    };
+    let hs256 = match &ic.hs256_secret_file {
+        None => None,
+        Some(path) => {
+            tracing::warn!(issuer = %ic.issuer, "HS256 with a shared secret is enabled for this issuer: development only");
+            Some(DecodingKey::from_secret(&read_secret(index, path)?))
+        }
+    };
+    Ok(IssuerState {
+        audience: ic.audience.clone(),
+        keys,
+        refresh_interval: ic
+            .refresh_interval
+            .get()
+            .unwrap_or(super::config::DEFAULT_REFRESH_INTERVAL),
+        hs256,
+    })
+}
+
+fn read_secret(index: usize, path: &Path) -> Result<Vec<u8>, LoadError> {
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Secret {
+        index,
+        path: shown.clone(),
+        source,
+    })?;
+    let trimmed = bytes.trim_ascii();
+    if trimmed.is_empty() {
+        return Err(LoadError::EmptySecret { index, path: shown });
+    }
+    Ok(trimmed.to_vec())
+}
+
+/// Decodes header and payload without checking anything, to choose the
+/// issuer and key. Nothing read here is trusted before the signature check.
+fn split_untrusted(token: &str) -> Result<(RawHeader, Map<String, Value>), TokenError> {
+    let mut parts = token.split('.');
+    let (Some(h), Some(p), Some(_sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed(
+            "expected three dot-separated parts".into(),
+        ));
+    };
+    let decode = |part: &str, what: &str| {
+        URL_SAFE_NO_PAD
+            .decode(part)
+            .map_err(|e| TokenError::Malformed(format!("{what} is not base64url: {e}")))
+    };
+    let header: RawHeader = serde_json::from_slice(&decode(h, "header")?).map_err(|e| {
+        TokenError::Malformed(format!("header is not a JSON object with `alg`: {e}"))
+    })?;
+    let payload: Map<String, Value> = serde_json::from_slice(&decode(p, "payload")?)
+        .map_err(|e| TokenError::Malformed(format!("payload is not a JSON object: {e}")))?;
+    Ok((header, payload))
+}
+
+fn map_jwt_error(kind: ErrorKind, issuer: &str, audience: &str) -> TokenError {
+    match kind {
+        ErrorKind::InvalidSignature => TokenError::BadSignature,
+        ErrorKind::ExpiredSignature => TokenError::Expired,
+        ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+        ErrorKind::InvalidIssuer => TokenError::WrongIssuer(issuer.to_owned()),
+        ErrorKind::InvalidAudience => TokenError::WrongAudience(audience.to_owned()),
+        ErrorKind::MissingRequiredClaim(c) if c == "exp" => TokenError::MissingExp,
+        ErrorKind::MissingRequiredClaim(c) if c == "aud" => {
+            TokenError::WrongAudience(audience.to_owned())
+        }
+        ErrorKind::MissingRequiredClaim(c) => TokenError::Malformed(format!("missing claim `{c}`")),
+        ErrorKind::InvalidClaimFormat(c) => {
+            TokenError::Malformed(format!("claim `{c}` has the wrong type"))
+        }
+        ErrorKind::InvalidAlgorithm | ErrorKind::UnsupportedAlgorithm => {
+            TokenError::AlgNotAllowed("algorithm does not match the key".into())
+        }
+        // Signature bytes of the wrong shape for the key (e.g. a truncated
+        // ECDSA signature) are a bad signature, not a server fault.
+        ErrorKind::InvalidEcdsaKey | ErrorKind::InvalidEddsaKey | ErrorKind::InvalidRsaKey(_) => {
+            TokenError::BadSignature
+        }
+        ErrorKind::Base64(e) => TokenError::Malformed(format!("bad base64url: {e}")),
+        ErrorKind::Json(e) => TokenError::Malformed(format!("bad JSON: {e}")),
+        ErrorKind::Utf8(e) => TokenError::Malformed(format!("bad UTF-8: {e}")),
+        other => TokenError::Malformed(format!("{other:?}")),
+    }
+}
+
+fn finish(issuer: String, claims: Map<String, Value>) -> Result<ValidatedToken, TokenError> {
+    let subject = match claims.get("sub") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        _ => return Err(TokenError::Malformed("token has no sub claim".into())),
+    };
+    let exp = claims
+        .get("exp")
+        .and_then(Value::as_f64)
+        .ok_or(TokenError::MissingExp)?;
+    if !exp.is_finite() || exp < 0.0 {
+        return Err(TokenError::Malformed("claim `exp` is out of range".into()));
+    }
+    let expires_at = SystemTime::UNIX_EPOCH
+        .checked_add(Duration::from_secs(exp as u64))
+        .ok_or_else(|| TokenError::Malformed("claim `exp` is out of range".into()))?;
+    Ok(ValidatedToken {
+        issuer,
+        subject,
+        expires_at,
+        claims,
+    })
+}

@@ -1,0 +1,12 @@
+//! Tests of the `auth` module (one binary, to keep link time down). None of
+//! them need root: keys come from the openssl CLI, servers bind loopback.
+
+mod client;
+mod config;
+mod grants;
+mod jwks_https;
+mod policy;
+mod preamble;
+mod support;
+mod test_server;
+mod tokens;

@@ -1,0 +1,146 @@
+//! A tiny HTTP/1.1 server on loopback, optionally behind TLS with the test
+//! CA's certificate, that records requests and answers a settable reply.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::support::key_files;
+
+/// One HTTP request as a test server saw it.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl SeenRequest {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
+    }
+}
+
+/// What a test server answers: status and body (JSON content type).
+pub type Reply = Arc<Mutex<(u16, String)>>;
+
+/// A one-request-per-connection HTTP/1.1 server on 127.0.0.1, optionally
+/// behind TLS. Counts requests; stops when dropped.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub reply: Reply,
+    pub hits: Arc<AtomicUsize>,
+    pub seen: Arc<Mutex<Vec<SeenRequest>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TestServer {
+    pub async fn start(tls: bool, status: u16, body: &str) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let reply: Reply = Arc::new(Mutex::new((status, body.to_owned())));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let acceptor = tls.then(tls_acceptor);
+        let (r, h, s) = (reply.clone(), hits.clone(), seen.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (r, h, s, acceptor) = (r.clone(), h.clone(), s.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    match acceptor {
+                        Some(a) => {
+                            if let Ok(stream) = a.accept(tcp).await {
+                                serve_one(stream, r, h, s).await;
+                            }
+                        }
+                        None => serve_one(tcp, r, h, s).await,
+                    }
+                });
+            }
+        });
+        TestServer {
+            addr,
+            reply,
+            hits,
+            seen,
+            task,
+        }
+    }
+
+    pub fn set_reply(&self, status: u16, body: &str) {
+        *self.reply.lock().expect("reply lock") = (status, body.to_owned());
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+fn tls_acceptor() -> tokio_rustls::TlsAcceptor {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let k = key_files();
+    let certs = vec![CertificateDer::from_pem_file(&k.server_cert).expect("server cert")];
+    let key = PrivateKeyDer::from_pem_file(&k.server_key).expect("server key");
+    let config = tokio_rustls::rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server tls config");
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+async fn serve_one<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    reply: Reply,
+    hits: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<SeenRequest>>>,
+) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut request = SeenRequest {
+        head,
+        body: buf[head_end..].to_vec(),
+    };
+    let len: usize = request
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    while request.body.len() < len {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    hits.fetch_add(1, Ordering::SeqCst);
+    seen.lock().expect("seen lock").push(request);
+    let (status, body) = reply.lock().expect("reply lock").clone();
+    let response = format!(
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
