@@ -31,10 +31,8 @@ impl Resolver {
                         format!("cannot read the original destination: {e}"),
                     )
                 })?;
-                let destination = SocketAddr::new(
-                    crate::dest::canonical_ip(destination.ip()),
-                    destination.port(),
-                );
+                let destination =
+                    SocketAddr::new(destination.ip().to_canonical(), destination.port());
                 let entry = interceptor.lookup(destination).ok_or_else(|| {
                     (
                         "not_intercepted",
@@ -65,7 +63,7 @@ pub async fn accept_loop(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((client, peer)) => {
-                    let peer = SocketAddr::new(crate::dest::canonical_ip(peer.ip()), peer.port());
+                    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                     let services = Arc::clone(&services);
                     match resolver.resolve(&client) {
                         Ok(target) => {

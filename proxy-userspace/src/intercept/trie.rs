@@ -10,7 +10,7 @@ use proxy_common::addr::{V4_MAPPED_PREFIX_BITS, v4_mapped};
 use proxy_common::intercept::{InterceptValue, MAX_PORT_RANGES, PortRange};
 
 use crate::config::InterceptSet;
-use crate::dest::PortSet;
+use crate::dest::normalize_ports;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TrieError {
@@ -37,14 +37,13 @@ pub fn entries(set: &InterceptSet) -> Result<Vec<(IpNet, InterceptValue)>, TrieE
     let mut out = Vec::with_capacity(set.entries.len());
     for entry in &set.entries {
         let prefix = entry.destination.prefix;
-        let ports = set
-            .entries
-            .iter()
-            .filter(|other| other.destination.prefix.contains(&prefix))
-            .fold(PortSet::default(), |acc, other| {
-                acc.union(&other.destination.ports)
-            });
-        let ranges = ports.ranges();
+        let ranges = normalize_ports(
+            set.entries
+                .iter()
+                .filter(|other| other.destination.prefix.contains(&prefix))
+                .flat_map(|other| other.destination.ports.iter().copied())
+                .collect(),
+        );
         if ranges.len() > MAX_PORT_RANGES {
             return Err(TrieError::TooManyRanges {
                 prefix,
@@ -56,7 +55,7 @@ pub fn entries(set: &InterceptSet) -> Result<Vec<(IpNet, InterceptValue)>, TrieE
             range_count: ranges.len() as u32,
             ranges: [PortRange::default(); MAX_PORT_RANGES],
         };
-        for (slot, range) in value.ranges.iter_mut().zip(ranges) {
+        for (slot, range) in value.ranges.iter_mut().zip(&ranges) {
             *slot = PortRange {
                 first: range.first,
                 last: range.last,
