@@ -24,8 +24,8 @@ pub struct GrantRecord {
     pub source_addr: [u8; 16],
     /// `GRANT_*`.
     pub kind: u32,
-    /// Live sessions under this grant, as last written by the agent.
-    pub live_sessions: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
     /// Token subject, NUL-padded UTF-8.
     pub subject: [u8; SUBJECT_LEN],
     /// Name of the policy rule that matched, NUL-padded UTF-8.

@@ -6,6 +6,7 @@
 //! share with user space live in `proxy-common`.
 
 pub mod agent;
+pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod bpf;
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod dest;
+pub mod gate;
 pub mod intercept;
 pub mod notify;
 pub mod registry;

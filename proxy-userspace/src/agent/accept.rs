@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::intercept::Interceptor;
-use crate::session::{self, Admitted, Services, Target};
+use crate::session::{self, Services, Target};
 
 /// How a listener's connections find their upstream.
 #[derive(Clone)]
@@ -67,7 +67,7 @@ pub async fn accept_loop(
                     let services = Arc::clone(&services);
                     match resolver.resolve(&client) {
                         Ok(target) => {
-                            tasks.spawn(session::serve(services, client, peer, target, Admitted::unauthenticated()));
+                            tasks.spawn(session::handle(services, client, peer, target));
                         }
                         Err((reason, detail)) => {
                             let unknown = Target { destination: client.local_addr().unwrap_or(peer), upstream: peer };

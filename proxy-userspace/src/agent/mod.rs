@@ -2,6 +2,8 @@
 //! reload on SIGHUP, and shut down cleanly on SIGTERM.
 
 mod accept;
+mod auth;
+mod endpoints;
 mod lock;
 mod startup;
 
@@ -31,10 +33,14 @@ const TEARDOWN_BOUND: Duration = Duration::from_secs(5);
 pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupError> {
     let mut started = startup::start(&config).await?;
     let audit = AuditLog::open(&AuditTarget::parse(&config.audit.path)).await?;
+    let (stop_background, background) = watch::channel(false);
+    let registry = crate::registry::Registry::new(config.agent.max_sessions as usize);
+    let gate = auth::start(&config, &registry, started.take_grant_mirror(), &background).await?;
     let services = Arc::new(Services {
         datapath: started.datapath.clone(),
         audit: audit.clone(),
-        registry: crate::registry::Registry::new(config.agent.max_sessions as usize),
+        registry: Arc::clone(&registry),
+        gate: gate.clone(),
         connect_timeout: config.agent.connect_timeout,
         upstream_mark: started
             .interceptor
@@ -78,6 +84,16 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
             tasks.clone(),
         ));
     }
+    let api_state = Arc::new(crate::api::ApiState {
+        gate,
+        registry: Arc::clone(&registry),
+        datapath: services.datapath.clone(),
+        ready: std::sync::atomic::AtomicBool::new(false),
+    });
+    endpoints::start(&config, &api_state, &accepting, &background).await?;
+    api_state
+        .ready
+        .store(true, std::sync::atomic::Ordering::Release);
     let datapath = services.datapath.kind().as_str();
     tracing::info!(datapath, "tcpgate agent ready");
     crate::notify::ready(&format!("serving on the {datapath} data path"));
@@ -85,10 +101,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
     wait_for_termination(&config_path, &services).await?;
     crate::notify::status("STOPPING=1\nSTATUS=draining sessions");
     let _ = stop_accepting.send(true);
+    api_state
+        .ready
+        .store(false, std::sync::atomic::Ordering::Release);
     drain(&services, config.agent.shutdown_grace).await;
     tasks.close();
     let _ = tokio::time::timeout(TEARDOWN_BOUND, tasks.wait()).await;
     audit.flush().await;
+    let _ = stop_background.send(true);
     drop(services);
     started.cleanup();
     tracing::info!("tcpgate agent stopped");

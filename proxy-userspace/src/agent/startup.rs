@@ -44,6 +44,10 @@ pub enum StartupError {
     },
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Auth(#[from] super::auth::AuthStartError),
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
 }
 
 /// What startup built; [`Started::cleanup`] undoes it.
@@ -195,6 +199,19 @@ fn spawn_ebpf_logger(bpf: &mut LoadedBpf) -> Option<tokio::task::JoinHandle<()>>
 }
 
 impl Started {
+    /// The pinned `grants` map, handed to the gate once.
+    pub fn take_grant_mirror(&mut self) -> Option<crate::gate::GrantMirror> {
+        let bpf = self.bpf.as_mut()?;
+        let map = bpf.take_map(proxy_common::map_names::GRANTS).ok()?;
+        match crate::bpf::typed(proxy_common::map_names::GRANTS, map) {
+            Ok(map) => Some(crate::gate::GrantMirror::new(map)),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "grants will not be pinned");
+                None
+            }
+        }
+    }
+
     /// The transparent listeners, handed to the accept loops once.
     pub fn take_intercept_listeners(&mut self) -> Vec<TcpListener> {
         std::mem::take(&mut self.intercept_listeners)

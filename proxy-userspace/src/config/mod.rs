@@ -64,6 +64,28 @@ pub struct Config {
     /// The validated form of `intercept` (filled by validation).
     #[serde(skip)]
     pub intercept_set: InterceptSet,
+    /// Token authentication. Absent: every connection is admitted (a
+    /// warning says so at startup).
+    #[serde(default)]
+    pub auth: Option<crate::auth::AuthConfig>,
+    /// Policy rules, evaluated in order; deny by default.
+    #[serde(default)]
+    pub policy: Vec<crate::auth::RuleConfig>,
+    /// The grant API runners call (`POST /v1/grants`).
+    #[serde(default)]
+    pub api: Option<ApiSection>,
+}
+
+/// `[api]`: the runner-facing grant API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    pub listen: SocketAddr,
+    /// PEM certificate chain; with `tls_key`, the API speaks HTTPS.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Which data path moves the bytes.
@@ -175,6 +197,7 @@ impl Config {
         if let Some(section) = &config.intercept {
             config.intercept_set = section.resolve(&mut errors);
         }
+        errors.extend(config.validate_auth());
         if errors.is_empty() {
             Ok(config)
         } else {

@@ -1,0 +1,239 @@
+//! Admission: who may open a session to a destination.
+//!
+//! With `[auth]` configured, a connection is admitted by a live grant bound
+//! to its source address, or by a token preamble in its first bytes, read
+//! with a deadline and a size bound and validated against policy. Until
+//! then the agent makes no upstream connection and sends nothing upstream.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use proxy_common::session::{AUTH_PREAMBLE, AUTH_SOURCE_GRANT};
+use tokio::net::TcpStream;
+
+use crate::auth::preamble::{self, MAGIC, PreambleError, Status, VERSION};
+use crate::auth::{Grant, GrantKind, GrantStore, Policy, TokenValidator, ValidatedToken};
+use crate::session::Admitted;
+
+/// Everything admission needs; shared by all accept loops.
+pub struct Gate {
+    pub validator: TokenValidator,
+    pub policy: Policy,
+    pub store: GrantStore,
+    pub preamble_timeout: Duration,
+    /// The pinned `grants` map, when eBPF is loaded.
+    pub mirror: Option<GrantMirror>,
+}
+
+/// A connection the gate refused.
+#[derive(Debug)]
+pub struct Refusal {
+    /// Stable reason for audit and metrics, e.g. `token_expired`.
+    pub reason: &'static str,
+    /// For people: what exactly was wrong.
+    pub detail: String,
+    /// Who the token named, when it was valid but not allowed.
+    pub subject: Option<String>,
+    pub claims: BTreeMap<String, serde_json::Value>,
+    /// Tell the client why (it spoke the preamble protocol).
+    pub answer: Option<(Status, String)>,
+}
+
+impl Refusal {
+    fn new(reason: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+            subject: None,
+            claims: BTreeMap::new(),
+            answer: None,
+        }
+    }
+
+    fn answered(mut self, status: Status, message: impl Into<String>) -> Self {
+        self.answer = Some((status, message.into()));
+        self
+    }
+}
+
+fn admitted(grant: &Grant, method: u16) -> Admitted {
+    Admitted {
+        grant_id: grant.id.0,
+        subject: grant.subject.clone(),
+        expires: Some(grant.expires_at),
+        auth_method: method,
+        claims: grant.audit_claims.clone(),
+        answer_preamble: method == AUTH_PREAMBLE,
+    }
+}
+
+/// Whether the client has already sent the start of a preamble (never waits).
+fn preamble_pending(client: &TcpStream) -> bool {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::AsRawFd;
+    let mut head = [0u8; 5];
+    match recv(
+        client.as_raw_fd(),
+        &mut head,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(n) => n == head.len() && head[..4] == MAGIC && head[4] == VERSION,
+        Err(_) => false,
+    }
+}
+
+impl Gate {
+    /// Decides whether `client` may reach `destination`.
+    pub async fn admit(
+        &self,
+        client: &mut TcpStream,
+        peer: SocketAddr,
+        destination: SocketAddr,
+    ) -> Result<Admitted, Refusal> {
+        let now = SystemTime::now();
+        // A source grant admits at once, without waiting for bytes: the
+        // server may be the one to speak first. A preamble already sent
+        // anyway (a `tcpgate connect` client holding a grant) is still
+        // consumed, so it never reaches the upstream.
+        if let Some(grant) = self.store.covering(peer.ip(), destination, now) {
+            if !preamble_pending(client) {
+                return Ok(admitted(&grant, AUTH_SOURCE_GRANT));
+            }
+        }
+        let request = preamble::read_preamble(client, self.preamble_timeout)
+            .await
+            .map_err(|e| {
+                let refusal = Refusal::new(e.reason(), e.to_string());
+                match e {
+                    // The client speaks the protocol: tell it what went wrong.
+                    PreambleError::UnsupportedVersion(_)
+                    | PreambleError::BadFlags(_)
+                    | PreambleError::Oversized { .. } => {
+                        refusal.answered(Status::Error, e.to_string())
+                    }
+                    _ => refusal,
+                }
+            })?;
+        let token = self.validator.validate(&request.token).await.map_err(|e| {
+            Refusal::new(e.reason(), e.to_string())
+                .answered(Status::Denied, format!("token rejected: {e}"))
+        })?;
+        let decision = self.policy.decide(&token, destination, now).map_err(|d| {
+            with_identity(Refusal::new(d.reason(), d.to_string()), &token, &self.store)
+                .answered(Status::Denied, format!("not allowed: {d}"))
+        })?;
+        if decision.expires_at <= now {
+            return Err(with_identity(
+                Refusal::new(
+                    "token_expired",
+                    "the token expires within the configured leeway",
+                ),
+                &token,
+                &self.store,
+            )
+            .answered(Status::Denied, "token rejected: token expired"));
+        }
+        let grant = self.record(
+            self.store
+                .create(GrantKind::Preamble, &token, &decision, now),
+        );
+        Ok(admitted(&grant, AUTH_PREAMBLE))
+    }
+
+    /// Mirrors a new grant into the pinned map and returns it.
+    pub fn record(&self, grant: Grant) -> Grant {
+        if let Some(mirror) = &self.mirror {
+            mirror.insert(&grant);
+        }
+        grant
+    }
+
+    /// Removes an ended grant from the pinned map.
+    pub fn forget(&self, id: crate::auth::GrantId) {
+        if let Some(mirror) = &self.mirror {
+            mirror.remove(id);
+        }
+    }
+}
+
+fn with_identity(mut refusal: Refusal, token: &ValidatedToken, store: &GrantStore) -> Refusal {
+    refusal.subject = Some(token.subject.clone());
+    refusal.claims = store.audit_claims(token);
+    refusal
+}
+
+/// Keeps the pinned `grants` map in step with the grant store, so operators
+/// see grants without asking the agent.
+pub struct GrantMirror {
+    map: std::sync::Mutex<
+        aya::maps::HashMap<aya::maps::MapData, u64, proxy_common::grant::GrantRecord>,
+    >,
+}
+
+impl GrantMirror {
+    #[must_use]
+    pub fn new(
+        map: aya::maps::HashMap<aya::maps::MapData, u64, proxy_common::grant::GrantRecord>,
+    ) -> Self {
+        Self {
+            map: std::sync::Mutex::new(map),
+        }
+    }
+
+    /// Adds or replaces a grant's record.
+    pub fn insert(&self, grant: &Grant) {
+        let record = grant_record(grant);
+        let mut map = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(e) = map.insert(grant.id.0, record, 0) {
+            tracing::warn!(grant = %grant.id, error = %e, "cannot pin grant record (grants map full?)");
+        }
+    }
+
+    pub fn remove(&self, id: crate::auth::GrantId) {
+        let mut map = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = map.remove(&id.0);
+    }
+}
+
+fn unix_ns(time: SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The plain-data record of a grant.
+#[must_use]
+pub fn grant_record(grant: &Grant) -> proxy_common::grant::GrantRecord {
+    use proxy_common::addr::{fill_str, v4_mapped};
+    use proxy_common::grant::{GRANT_PREAMBLE, GRANT_SOURCE, GrantRecord, RULE_NAME_LEN};
+    use proxy_common::session::SUBJECT_LEN;
+    let (kind, source_addr) = match grant.kind {
+        GrantKind::Preamble => (GRANT_PREAMBLE, [0u8; 16]),
+        GrantKind::Source { source } => (
+            GRANT_SOURCE,
+            match source.to_canonical() {
+                std::net::IpAddr::V4(v4) => v4_mapped(v4.octets()),
+                std::net::IpAddr::V6(v6) => v6.octets(),
+            },
+        ),
+    };
+    let mut record = GrantRecord {
+        grant_id: grant.id.0,
+        created_unix_ns: unix_ns(grant.created_at),
+        expires_unix_ns: unix_ns(grant.expires_at),
+        source_addr,
+        kind,
+        _pad: 0,
+        subject: [0; SUBJECT_LEN],
+        rule: [0; RULE_NAME_LEN],
+    };
+    fill_str(&mut record.subject, &grant.subject);
+    fill_str(&mut record.rule, &grant.rule);
+    record
+}
