@@ -31,23 +31,6 @@ fn tripwire(fx: &AuthFixture) -> Result<tcpgate_tests::AcceptLoop<SocketAddr>> {
     )?)
 }
 
-fn echo(fx: &AuthFixture) -> Result<tcpgate_tests::AcceptLoop<SocketAddr>> {
-    Ok(accept_loop(
-        &fx.topo.target,
-        AuthFixture::target(9000),
-        100,
-        |mut stream, peer| {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stream.read(&mut buf) {
-                if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            peer
-        },
-    )?)
-}
-
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
@@ -195,7 +178,7 @@ fn rsa_ec_and_ed25519_tokens_are_admitted() -> Result<()> {
         return Ok(());
     }
     let fx = AuthFixture::start()?;
-    let server = echo(&fx)?;
+    let server = common::auth::echo_service(&fx, b"")?;
     for key in [&fx.keys.rsa, &fx.keys.ec, &fx.keys.ed] {
         let token = key.sign(&claims_with(&[]));
         let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
@@ -279,7 +262,7 @@ fn jwks_rotation_during_operation() -> Result<()> {
         return Ok(());
     }
     let fx = AuthFixture::start()?;
-    let server = echo(&fx)?;
+    let server = common::auth::echo_service(&fx, b"")?;
     let old = fx.keys.rsa.sign(&claims_with(&[]));
     let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
     ensure!(

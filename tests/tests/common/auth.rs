@@ -177,3 +177,27 @@ pub fn read_answer(stream: &mut TcpStream) -> Result<(u8, String)> {
 pub fn authenticate(stream: &mut TcpStream, token: &str) -> Result<(u8, String)> {
     Ok(tcpgate_tests::preamble::authenticate(stream, token)?)
 }
+
+/// An echo service on the target's port 9000 that first sends `greeting`
+/// (empty: the client speaks first). Returns the peers it served.
+pub fn echo_service(
+    fx: &AuthFixture,
+    greeting: &'static [u8],
+) -> Result<tcpgate_tests::AcceptLoop<SocketAddr>> {
+    Ok(tcpgate_tests::accept_loop(
+        &fx.topo.target,
+        AuthFixture::target(9000),
+        100,
+        move |mut stream, peer| {
+            use std::io::{Read, Write};
+            let _ = stream.write_all(greeting);
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            peer
+        },
+    )?)
+}
