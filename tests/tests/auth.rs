@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use base64::Engine;
-use common::auth::{AuthFixture, authenticate, preamble, read_answer};
+use common::auth::{AuthFixture, authenticate, read_answer};
 use common::wait_events;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
+use tcpgate_tests::preamble::encode as preamble;
 use tcpgate_tests::tokens::{TestKey, claims_with, key_files, unix_now};
 use tcpgate_tests::{accept_loop, require_root};
 

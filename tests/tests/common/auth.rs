@@ -166,8 +166,6 @@ fn rand_suffix() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
-pub use tcpgate_tests::preamble::encode as preamble;
-
 /// Reads the agent's answer frame: (status, message).
 pub fn read_answer(stream: &mut TcpStream) -> Result<(u8, String)> {
     Ok(tcpgate_tests::preamble::read_answer(stream)?)
