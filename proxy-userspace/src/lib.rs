@@ -18,8 +18,10 @@ pub mod gate;
 pub mod intercept;
 pub mod metrics;
 pub mod notify;
+pub mod pinned;
 pub mod registry;
 pub mod session;
+pub mod sockdiag;
 pub mod sockopt;
 
 /// The eBPF object, compiled by build.rs for the bpf target, with BTF.
