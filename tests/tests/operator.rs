@@ -1,0 +1,424 @@
+//! The operator's view: `tcpgate sessions` from the pinned maps (as root
+//! and as an unprivileged member of the operator group), bpftool on the
+//! pinned session map, `/metrics` against the traffic the test sent, and
+//! `tcpgate revoke` when the agent's API does not answer.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{Shutdown, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use common::auth::{AuthFixture, authenticate};
+use common::operator::{
+    self as op, ADMIN, Continue, TempGroup, cli_in, open_session, run, sessions_json, sized_server,
+};
+use common::wait_events;
+use serde_json::{Value, json};
+use tcpgate_tests::metrics::{Exposition, parse, scrape};
+use tcpgate_tests::tokens::{claims_with, unix_now};
+use tcpgate_tests::{Agent, Signal, Topology, require_root};
+
+fn start(topo: &Topology, agent_extra: &str) -> Result<Agent> {
+    let builder = Agent::builder(&topo.bastion)?;
+    let config = op::config(&builder, agent_extra);
+    Ok(builder
+        .config(config)
+        .args(["--datapath", "ebpf"])
+        .spawn()?)
+}
+
+/// Client address -> (bytes_up, bytes_down) of every listed session.
+fn listed(doc: &Value) -> Result<BTreeMap<String, (u64, u64)>> {
+    let sessions = doc["sessions"].as_array().context("sessions array")?;
+    sessions
+        .iter()
+        .map(|s| {
+            Ok((
+                s["client"].as_str().context("client")?.to_owned(),
+                (
+                    s["bytes_up"].as_u64().context("bytes_up")?,
+                    s["bytes_down"].as_u64().context("bytes_down")?,
+                ),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn sessions_json_lists_exactly_the_live_sessions_with_their_bytes() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let topo = Topology::new()?;
+    let server = sized_server(&topo)?;
+    let agent = start(&topo, "")?;
+    let sizes = [(1_000u64, 50_000u64), (70_000, 300), (123_457, 2_000_000)];
+    let mut expected = BTreeMap::new();
+    let mut streams = Vec::new();
+    for (up, down) in sizes {
+        let stream = open_session(&topo, up, down)?;
+        expected.insert(stream.local_addr()?.to_string(), (up, down));
+        streams.push(stream);
+    }
+    let doc = sessions_json(agent.binary(), agent.pin_dir())?;
+    ensure!(
+        listed(&doc)? == expected,
+        "listed {doc:#}\nexpected {expected:?}"
+    );
+    for session in doc["sessions"].as_array().context("sessions")? {
+        ensure!(
+            session["destination"] == "192.0.2.10:9000"
+                && session["datapath"] == "ebpf"
+                && session["auth"] == "none"
+                && session["grant_id"].is_null(),
+            "{session}"
+        );
+    }
+    // The table names every client; the sample measures an idle rate.
+    let mut command = agent.cli_command();
+    command
+        .args(["sessions", "--sample", "200ms", "--pin-dir"])
+        .arg(agent.pin_dir());
+    let (status, table, stderr) = run(command)?;
+    ensure!(status == 0, "table: {stderr}");
+    for client in expected.keys() {
+        ensure!(
+            table.contains(client.as_str()),
+            "{client} missing:\n{table}"
+        );
+    }
+    ensure!(table.contains("3 live session(s)"), "{table}");
+    ensure!(
+        table.contains("0 bit/s"),
+        "idle sessions have no rate:\n{table}"
+    );
+    // Ended sessions leave the map.
+    let first = streams.remove(0);
+    expected.remove(&first.local_addr()?.to_string());
+    op::close(first);
+    wait_events(&agent, "session_close", 1)?;
+    let doc = sessions_json(agent.binary(), agent.pin_dir())?;
+    ensure!(listed(&doc)? == expected, "after one close: {doc:#}");
+    streams.into_iter().for_each(op::close);
+    wait_events(&agent, "session_close", 3)?;
+    ensure!(listed(&sessions_json(agent.binary(), agent.pin_dir())?)?.is_empty());
+    drop(agent);
+    server.stop()?;
+    Ok(())
+}
+
+#[test]
+fn bpftool_dumps_the_session_map_with_field_names() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let topo = Topology::new()?;
+    let server = sized_server(&topo)?;
+    let agent = start(&topo, "")?;
+    let stream = open_session(&topo, 4_321, 1_234)?;
+    let entries = common::pinned_entries(agent.pin_dir(), "sessions")?;
+    ensure!(entries.len() == 1, "{entries:?}");
+    // With BTF, `bpftool -j` adds the decoded record under "formatted".
+    let value = &entries[0]["formatted"]["value"];
+    ensure!(
+        value["client_port"] == stream.local_addr()?.port()
+            && value["dest_port"] == 9000
+            && value["up"]["kernel_bytes"] == 4_321
+            && value["down"]["kernel_bytes"] == 1_234
+            && value["datapath"] == 1,
+        "named fields: {:#}",
+        entries[0]
+    );
+    op::close(stream);
+    drop(agent);
+    server.stop()?;
+    Ok(())
+}
+
+/// Five denials: two with bad magic, one stalling into the preamble
+/// timeout, one token no rule matches, one expired token.
+fn send_denials(fx: &AuthFixture) -> Result<()> {
+    let target = AuthFixture::target(9000);
+    for bytes in [&b"GET / HTTP/1.1\r\n\r\n"[..], b"SSH-2.0-x\r\n", b"TCP"] {
+        let mut stream = fx.dial_from_runner(target)?;
+        stream.write_all(bytes)?;
+        if !op::ended(&mut stream) {
+            bail!("denied connection not closed");
+        }
+    }
+    let now = unix_now();
+    for token in [
+        fx.keys
+            .rsa
+            .sign(&claims_with(&[("project_path", json!("group/other"))])),
+        fx.keys.rsa.sign(&claims_with(&[
+            ("exp", json!(now - 120)),
+            ("iat", json!(now - 400)),
+            ("nbf", json!(now - 400)),
+        ])),
+    ] {
+        let mut stream = fx.dial_from_runner(target)?;
+        let (status, message) = authenticate(&mut stream, &token)?;
+        ensure!(status == 1, "denied: {message}");
+    }
+    Ok(())
+}
+
+fn admitted(fx: &AuthFixture, token: &str, up: u64, down: u64) -> Result<std::net::TcpStream> {
+    let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
+    let (status, message) = authenticate(&mut stream, token)?;
+    ensure!(status == 0, "admitted: {message}");
+    op::exchange(&mut stream, up, down)?;
+    Ok(stream)
+}
+
+fn metrics(fx: &AuthFixture) -> Result<Exposition> {
+    let text = scrape(&fx.topo.bastion, ADMIN.parse::<SocketAddr>()?)?;
+    Ok(parse(&text)?)
+}
+
+#[test]
+fn metrics_count_the_traffic_the_test_sent() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let fx = AuthFixture::start()?;
+    let server = sized_server(&fx.topo)?;
+    send_denials(&fx)?;
+    let token = fx.token();
+    let sizes = [(10_000u64, 250_000u64), (333_333, 17), (16, 1)];
+    let mut streams = Vec::new();
+    for (up, down) in sizes {
+        streams.push(admitted(&fx, &token, up, down)?);
+    }
+    let live = streams.pop().context("third session")?;
+    streams.into_iter().for_each(op::close);
+    wait_events(&fx.agent, "session_close", 2)?;
+    wait_events(&fx.agent, "connection_denied", 5)?;
+    let m = metrics(&fx)?;
+    let (up, down) = sizes
+        .iter()
+        .fold((0, 0), |(u, d), (up, down)| (u + up, d + down));
+    let kernel = |direction| {
+        m.value(
+            "tcpgate_bytes_total",
+            &[("direction", direction), ("path", "kernel")],
+        )
+    };
+    ensure!(
+        kernel("up") == Some(up as f64) && kernel("down") == Some(down as f64),
+        "kernel bytes up {:?} (sent {up}), down {:?} (sent {down})",
+        kernel("up"),
+        kernel("down")
+    );
+    ensure!(m.value("tcpgate_sessions_live", &[]) == Some(1.0), "live");
+    ensure!(
+        m.value("tcpgate_grants_live", &[]) == Some(1.0),
+        "the live session's grant"
+    );
+    ensure!(m.value("tcpgate_connections_accepted_total", &[]) == Some(3.0));
+    for (reason, n) in [
+        ("bad_magic", 2.0),
+        ("timeout", 1.0),
+        ("no_rule_matched", 1.0),
+        ("token_expired", 1.0),
+    ] {
+        let got = m.count("tcpgate_connections_denied_total", &[("reason", reason)]);
+        ensure!(got == n, "denied {reason}: {got}, expected {n}");
+    }
+    let denied_total: f64 = m
+        .samples
+        .iter()
+        .filter(|s| s.name == "tcpgate_connections_denied_total")
+        .map(|s| s.value)
+        .sum();
+    ensure!(denied_total == 5.0, "no other denial: {denied_total}");
+    let count = |name: &str, result| m.count(name, &[("result", result)]);
+    ensure!(count("tcpgate_auth_duration_seconds_count", "admitted") == 3.0);
+    ensure!(count("tcpgate_auth_duration_seconds_count", "denied") == 5.0);
+    ensure!(count("tcpgate_upstream_connect_duration_seconds_count", "ok") == 3.0);
+    ensure!(
+        m.count(
+            "tcpgate_sessions_closed_total",
+            &[("reason", "client_closed")]
+        ) == 2.0
+    );
+    ensure!(m.value("tcpgate_datapath", &[("datapath", "ebpf")]) == Some(1.0));
+    ensure!(m.value("tcpgate_datapath", &[("datapath", "userspace")]) == Some(0.0));
+    ensure!(m.value("tcpgate_ebpf_redirect_failures_total", &[]) == Some(0.0));
+    // Eight connections were intercepted (a retransmitted SYN counts again).
+    let steered = m.count("tcpgate_ebpf_lookups_steered_total", &[]);
+    ensure!(steered >= 8.0, "intercepted SYNs: {steered}");
+
+    // A grant that expires under a live session: its teardown is measured.
+    op::close(live);
+    let short = fx
+        .keys
+        .rsa
+        .sign(&claims_with(&[("exp", json!(unix_now() + 3))]));
+    let mut expiring = admitted(&fx, &short, 100, 200)?;
+    ensure!(op::ended(&mut expiring), "expiry ends the session");
+    let closed = wait_events(&fx.agent, "session_close", 4)?;
+    ensure!(closed[3]["reason"] == "grant_expired", "{}", closed[3]);
+    let m = metrics(&fx)?;
+    ensure!(m.value("tcpgate_expiry_teardown_seconds_count", &[]) == Some(1.0));
+    ensure!(m.value("tcpgate_sessions_live", &[]) == Some(0.0));
+    ensure!(
+        kernel_total(&m, "up") == (up + 100) as f64,
+        "closed sessions keep their bytes"
+    );
+    ensure!(kernel_total(&m, "down") == (down + 200) as f64);
+    drop(expiring);
+    server.stop()?;
+    Ok(())
+}
+
+fn kernel_total(m: &Exposition, direction: &str) -> f64 {
+    m.count(
+        "tcpgate_bytes_total",
+        &[("direction", direction), ("path", "kernel")],
+    )
+}
+
+#[test]
+fn operator_group_member_reads_sessions_without_root() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let group = TempGroup::new()?;
+    let topo = Topology::new()?;
+    let server = sized_server(&topo)?;
+    let agent = start(&topo, &format!("operator_group = {:?}", group.name))?;
+    let stream = open_session(&topo, 2_000, 3_000)?;
+    let pin = agent.pin_dir().to_str().context("utf-8")?.to_owned();
+    let bin = agent.binary().to_str().context("utf-8")?.to_owned();
+    let gid = group.gid.to_string();
+    // uid/gid 65534 (nobody), with and without the operator group.
+    let as_nobody = |groups: &[&str]| {
+        let mut command = std::process::Command::new("setpriv");
+        command
+            .args(["--reuid", "65534", "--regid", "65534"])
+            .args(groups)
+            .args([
+                bin.as_str(),
+                "sessions",
+                "--json",
+                "--sample",
+                "0",
+                "--pin-dir",
+                &pin,
+            ]);
+        run(command)
+    };
+    let (status, stdout, stderr) = as_nobody(&["--groups", &gid])?;
+    ensure!(status == 0, "member of {}: {stderr}", group.name);
+    let doc: Value = serde_json::from_str(&stdout)?;
+    let mut expected = BTreeMap::new();
+    expected.insert(stream.local_addr()?.to_string(), (2_000, 3_000));
+    ensure!(listed(&doc)? == expected, "{doc:#}");
+    let (status, _, stderr) = as_nobody(&["--clear-groups"])?;
+    ensure!(
+        status == 1 && stderr.contains(&format!("join the operator group {}", group.name)),
+        "a non-member is told what is missing ({status}): {stderr}"
+    );
+    // Root wrote the maps 0640: the group reads, only root writes.
+    let meta = std::fs::metadata(agent.pin_dir().join("sessions"))?;
+    use std::os::unix::fs::MetadataExt;
+    ensure!(
+        meta.mode() & 0o777 == 0o640 && meta.gid() == group.gid,
+        "{meta:?}"
+    );
+    op::close(stream);
+    drop(agent);
+    server.stop()?;
+    Ok(())
+}
+
+#[test]
+fn revoke_without_the_api_destroys_the_sessions_of_a_stopped_agent() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut fx = AuthFixture::start()?;
+    let server = sized_server(&fx.topo)?;
+    let grant = fx.grant_from_runner(&fx.token(), &[])?;
+    let plain = |up, down| -> Result<std::net::TcpStream> {
+        let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
+        op::exchange(&mut stream, up, down)?;
+        Ok(stream)
+    };
+    let mut sessions = vec![plain(1_000, 2_000)?, plain(3_000, 4_000)?];
+    let pin = fx.agent.pin_dir().to_str().context("utf-8")?.to_owned();
+    let admin = format!("http://{ADMIN}");
+    let common_args = ["--admin", &admin, "--api-timeout", "1s", "--pin-dir", &pin];
+    let bin = fx.agent.binary().to_owned();
+
+    fx.agent.signal(Signal::SIGSTOP)?;
+    let _resume = Continue(fx.agent.pid());
+    let mut args = vec!["grants", "--json"];
+    args.extend(common_args);
+    let (status, stdout, stderr) = run(cli_in(&fx.topo.bastion, &bin, &args)?)?;
+    let listing: Value = serde_json::from_str(&stdout).with_context(|| stderr.clone())?;
+    ensure!(
+        status == 0 && listing["source"] == "pinned_map",
+        "{listing:#} {stderr}"
+    );
+    ensure!(
+        listing["grants"][0]["grant_id"] == grant.as_str() && listing["grants"][0]["sessions"] == 2,
+        "{listing:#}"
+    );
+    let mut args = vec!["revoke"];
+    args.extend(common_args);
+    args.push(&grant);
+    let (status, stdout, stderr) = run(cli_in(&fx.topo.bastion, &bin, &args)?)?;
+    ensure!(
+        status == 0
+            && stderr.contains("did not answer")
+            && stdout.contains("through the pinned map, 2 session(s) ended")
+            && stdout.contains("4 of 4 socket(s) destroyed"),
+        "revoke fallback ({status}):\n{stdout}\n{stderr}"
+    );
+    for stream in &mut sessions {
+        ensure!(
+            op::ended(stream),
+            "the session ends while the agent is stopped"
+        );
+    }
+    let ends = server.stop()?;
+    ensure!(
+        ends.len() == 2,
+        "the upstream connections ended too: {ends:?}"
+    );
+
+    fx.agent.signal(Signal::SIGCONT)?;
+    let closed = wait_events(&fx.agent, "session_close", 2)?;
+    for event in &closed {
+        ensure!(
+            event["reason"] == "revoked" && event["grant_id"] == grant.as_str(),
+            "{event}"
+        );
+    }
+    // Once running, the agent revokes the grant itself: its source is no
+    // longer admitted.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let args = ["grants", "--json", "--admin", &admin];
+        let (_, stdout, _) = run(cli_in(&fx.topo.bastion, &bin, &args)?)?;
+        let listing: Value = serde_json::from_str(&stdout).unwrap_or_default();
+        if listing["source"] == "api" && listing["grants"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "grant still listed: {listing:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut again = fx.dial_from_runner(AuthFixture::target(9000))?;
+    again.write_all(b"no preamble")?;
+    again.shutdown(Shutdown::Write)?;
+    ensure!(op::ended(&mut again), "the revoked source is refused");
+    let denied = wait_events(&fx.agent, "connection_denied", 1)?;
+    ensure!(denied[0]["reason"] == "auth_failed", "{}", denied[0]);
+    Ok(())
+}
