@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::{Shutdown, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -95,6 +95,7 @@ fn sessions_json_lists_exactly_the_live_sessions_with_their_bytes() -> Result<()
         table.contains("0 bit/s"),
         "idle sessions have no rate:\n{table}"
     );
+    watch_refreshes(&agent, expected.len())?;
     // Ended sessions leave the map.
     let first = streams.remove(0);
     expected.remove(&first.local_addr()?.to_string());
@@ -105,8 +106,54 @@ fn sessions_json_lists_exactly_the_live_sessions_with_their_bytes() -> Result<()
     streams.into_iter().for_each(op::close);
     wait_events(&agent, "session_close", 3)?;
     ensure!(listed(&sessions_json(agent.binary(), agent.pin_dir())?)?.is_empty());
+    let mut command = agent.cli_command();
+    command.args(["sessions", "--pin-dir", "/sys/fs/bpf/tg-test-no-such-agent"]);
+    let (status, _, stderr) = run(command)?;
+    ensure!(
+        status == 1 && stderr.contains("does not exist: is the tcpgate agent running"),
+        "a missing pin directory is explained: {stderr}"
+    );
     drop(agent);
     server.stop()?;
+    Ok(())
+}
+
+/// `--watch --json` prints one document per refresh, with rates from the
+/// second one on.
+fn watch_refreshes(agent: &Agent, sessions: usize) -> Result<()> {
+    use std::io::BufRead;
+    let mut command = agent.cli_command();
+    command
+        .args(["sessions", "--json", "--watch", "100ms", "--pin-dir"])
+        .arg(agent.pin_dir())
+        .stdout(std::process::Stdio::piped());
+    let mut spawned = command.spawn()?;
+    let stdout = spawned.stdout.take().context("piped stdout")?;
+    let child = tcpgate_tests::ChildGuard::new(spawned, "sessions --watch");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut docs = Vec::new();
+    while docs.len() < 2 {
+        let line = rx.recv_timeout(Duration::from_secs(30))??;
+        docs.push(serde_json::from_str::<Value>(&line).with_context(|| line.clone())?);
+    }
+    drop(child);
+    for (i, doc) in docs.iter().enumerate() {
+        let listed = doc["sessions"].as_array().context("sessions")?;
+        ensure!(listed.len() == sessions, "refresh {i}: {doc}");
+        ensure!(
+            listed
+                .iter()
+                .all(|s| s["rate_up_bytes_per_second"].is_null() == (i == 0)),
+            "rates from the second refresh on: {doc}"
+        );
+    }
     Ok(())
 }
 
@@ -416,7 +463,6 @@ fn revoke_without_the_api_destroys_the_sessions_of_a_stopped_agent() -> Result<(
     }
     let mut again = fx.dial_from_runner(AuthFixture::target(9000))?;
     again.write_all(b"no preamble")?;
-    again.shutdown(Shutdown::Write)?;
     ensure!(op::ended(&mut again), "the revoked source is refused");
     let denied = wait_events(&fx.agent, "connection_denied", 1)?;
     ensure!(denied[0]["reason"] == "auth_failed", "{}", denied[0]);
