@@ -218,10 +218,10 @@ pub fn remove_pin_files(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
 /// Removes the pinned maps and the pin directory itself.
 pub fn remove_pins(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
     let removed = remove_pin_files(pin_dir)?;
-    if let Err(e) = std::fs::remove_dir(pin_dir) {
-        if e.kind() != io::ErrorKind::NotFound {
-            tracing::warn!(dir = %pin_dir.display(), error = %e, "pin directory not removed");
-        }
+    if let Err(e) = std::fs::remove_dir(pin_dir)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %pin_dir.display(), error = %e, "pin directory not removed");
     }
     Ok(removed)
 }

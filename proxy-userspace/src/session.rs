@@ -360,11 +360,11 @@ fn revoked_outside(services: &Services, meta: &SessionMeta, outcome: &mut Splice
 
 /// A preamble grant admits exactly one session; it ends with it.
 fn release_grant(services: &Services, admitted: &Admitted) {
-    if admitted.auth_method == AUTH_PREAMBLE {
-        if let Some(gate) = &services.gate {
-            gate.store.release(GrantId(admitted.grant_id));
-            gate.forget(GrantId(admitted.grant_id));
-        }
+    if admitted.auth_method == AUTH_PREAMBLE
+        && let Some(gate) = &services.gate
+    {
+        gate.store.release(GrantId(admitted.grant_id));
+        gate.forget(GrantId(admitted.grant_id));
     }
 }
 

@@ -172,13 +172,12 @@ fn family_of<'a>(name: &'a str, types: &BTreeMap<String, String>) -> Option<&'a 
         return Some(name);
     }
     for suffix in ["_bucket", "_sum", "_count"] {
-        if let Some(base) = name.strip_suffix(suffix) {
-            if types
+        if let Some(base) = name.strip_suffix(suffix)
+            && types
                 .get(base)
                 .is_some_and(|t| t == "histogram" || t == "summary")
-            {
-                return Some(base);
-            }
+        {
+            return Some(base);
         }
     }
     None
@@ -254,6 +253,9 @@ pub fn parse(text: &str) -> Result<Exposition, MetricsError> {
     Ok(out)
 }
 
+/// A series' labels other than `le`, sorted.
+type LabelPairs = Vec<(String, String)>;
+
 /// Buckets are cumulative, end with `+Inf`, and `+Inf` equals `_count`.
 fn check_histograms(exposition: &Exposition) -> Result<(), MetricsError> {
     for (family, kind) in &exposition.types {
@@ -261,7 +263,7 @@ fn check_histograms(exposition: &Exposition) -> Result<(), MetricsError> {
             continue;
         }
         let bucket_name = format!("{family}_bucket");
-        let mut series: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+        let mut series: BTreeMap<LabelPairs, Vec<(f64, f64)>> = BTreeMap::new();
         for s in exposition.samples.iter().filter(|s| s.name == bucket_name) {
             let le = s
                 .labels

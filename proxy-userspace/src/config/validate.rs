@@ -129,10 +129,10 @@ impl Config {
                 "must be non-zero: it tells the agent's own upstream packets apart",
             ));
         }
-        if let Some(group) = &agent.operator_group {
-            if let Err(message) = resolve_group(group) {
-                errors.push(FieldError::new("agent.operator_group", message));
-            }
+        if let Some(group) = &agent.operator_group
+            && let Err(message) = resolve_group(group)
+        {
+            errors.push(FieldError::new("agent.operator_group", message));
         }
         if self.audit.path.is_empty() {
             errors.push(FieldError::new(
@@ -162,13 +162,13 @@ impl Config {
                 errors.push(FieldError::new(format!("{path}.name"), "must not be empty"));
             }
         }
-        if let Some(admin) = &self.admin {
-            if listens.contains(&admin.listen) {
-                errors.push(FieldError::new(
-                    "admin.listen",
-                    "collides with a forward listener",
-                ));
-            }
+        if let Some(admin) = &self.admin
+            && listens.contains(&admin.listen)
+        {
+            errors.push(FieldError::new(
+                "admin.listen",
+                "collides with a forward listener",
+            ));
         }
         let intercepts = self.intercept.as_ref().map_or(0, |i| i.prefixes.len());
         if self.forwards.is_empty() && intercepts == 0 {
