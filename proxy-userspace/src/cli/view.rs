@@ -103,13 +103,16 @@ pub fn clear_screen() {
     }
 }
 
+/// Columns, a line under the header, no other borders: easy to read and
+/// to `grep`.
+const STYLE: comfy_table::TableStyle = comfy_table::TableStyle::new()
+    .header_separator(comfy_table::LineStyle::none().fill('─').junction('─'));
+
 /// A table in the style every operator command uses.
 #[must_use]
 pub fn table(header: &[&str]) -> comfy_table::Table {
     let mut table = comfy_table::Table::new();
-    table
-        .load_style(comfy_table::presets::UTF8_HORIZONTAL_ONLY)
-        .set_header(header.iter().copied());
+    table.load_style(STYLE).set_header(header.iter().copied());
     table
 }
 
