@@ -15,6 +15,11 @@ pub const GRANT_SOURCE: u32 = 2;
 /// agent revokes such a grant as soon as it runs again.
 pub const GRANT_FLAG_REVOKED: u32 = 1;
 
+/// Key of a marker record in the `GRANTS` map (grant ids are never 0): an
+/// operator flagged grants revoked and the agent has not looked yet. The
+/// agent checks this one key instead of scanning the map.
+pub const REVOCATIONS_PENDING_KEY: u64 = 0;
+
 /// Value of the pinned `GRANTS` map, keyed by grant id. Written by user space.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

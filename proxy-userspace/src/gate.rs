@@ -182,11 +182,17 @@ impl Gate {
         flagged || self.lock_revoked().contains(&id.0)
     }
 
-    /// Applies every revocation flagged in the pinned map; returns how many.
+    /// Applies every revocation flagged in the pinned map, if an operator
+    /// left the marker saying there are some; returns how many.
     pub fn apply_outside_revocations(&self) -> usize {
         let Some(mirror) = &self.mirror else {
             return 0;
         };
+        // The marker goes first: a flag set after this scan comes with a
+        // new marker, seen at the next check.
+        if !mirror.take_pending_marker() {
+            return 0;
+        }
         mirror
             .flagged_revoked()
             .into_iter()
@@ -258,13 +264,24 @@ impl GrantMirror {
             .is_ok_and(|r| r.flags & proxy_common::grant::GRANT_FLAG_REVOKED != 0)
     }
 
+    /// Whether an operator left the revocations-pending marker; removes it.
+    #[must_use]
+    pub fn take_pending_marker(&self) -> bool {
+        self.lock()
+            .remove(&proxy_common::grant::REVOCATIONS_PENDING_KEY)
+            .is_ok()
+    }
+
     /// Ids of every record an operator flagged revoked.
     #[must_use]
     pub fn flagged_revoked(&self) -> Vec<u64> {
         self.lock()
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, r)| r.flags & proxy_common::grant::GRANT_FLAG_REVOKED != 0)
+            .filter(|(id, r)| {
+                *id != proxy_common::grant::REVOCATIONS_PENDING_KEY
+                    && r.flags & proxy_common::grant::GRANT_FLAG_REVOKED != 0
+            })
             .map(|(id, _)| id)
             .collect()
     }

@@ -122,8 +122,7 @@ impl Metrics {
     /// programs' counter map when eBPF is loaded.
     #[must_use]
     pub fn new(datapath: DatapathKind, stats: Option<StatsMap>) -> Self {
-        let mut registry = Registry::with_prefix("tcpgate");
-        let metrics = Self {
+        let mut metrics = Self {
             accepted: Counter::default(),
             denied: Family::default(),
             closed: Family::default(),
@@ -140,16 +139,14 @@ impl Metrics {
             ebpf_lookups_no_listener: Counter::default(),
             stats: stats.map(Mutex::new),
             scrape: Mutex::new(()),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("tcpgate"),
         };
-        metrics.register(&mut registry, datapath);
-        Self {
-            registry,
-            ..metrics
-        }
+        metrics.register(datapath);
+        metrics
     }
 
-    fn register(&self, registry: &mut Registry, datapath: DatapathKind) {
+    fn register(&mut self, datapath: DatapathKind) {
+        let registry = &mut self.registry;
         registry.register(
             "sessions_live",
             "Sessions admitted and not yet ended",

@@ -172,11 +172,12 @@ impl PinnedMaps {
             .collect())
     }
 
-    /// Every grant record.
+    /// Every grant record (not the revocations-pending marker).
     pub fn grants(&self) -> Result<Vec<GrantRecord>, PinnedError> {
         Ok(self
             .entries::<GrantRecord>("grants")?
             .into_iter()
+            .filter(|(id, _)| *id != proxy_common::grant::REVOCATIONS_PENDING_KEY)
             .map(|(_, record)| record)
             .collect())
     }
@@ -200,6 +201,16 @@ impl PinnedMaps {
         Ok(crate::metrics::sum_cpus(slots.iter()))
     }
 
+    /// Leaves the marker that tells the agent to look for revocation flags
+    /// (root only).
+    pub fn mark_revocations_pending(&self) -> Result<(), PinnedError> {
+        let (path, mut map) = self.hash_map::<GrantRecord>("grants", Mode::ReadWrite)?;
+        let mut marker = grant_marker();
+        marker.flags = proxy_common::grant::GRANT_FLAG_REVOKED;
+        map.insert(proxy_common::grant::REVOCATIONS_PENDING_KEY, marker, 0)
+            .map_err(|source| PinnedError::Read { path, source })
+    }
+
     /// Sets `flags` on a grant's record (root only: opens the map for
     /// writing). Returns false when the grant has no record.
     pub fn flag_grant(&self, grant_id: u64, flags: u32) -> Result<bool, PinnedError> {
@@ -220,6 +231,20 @@ impl PinnedMaps {
             }
             Err(source) => Err(PinnedError::Read { path, source }),
         }
+    }
+}
+
+/// The marker record: every field zero but the flags.
+fn grant_marker() -> GrantRecord {
+    GrantRecord {
+        grant_id: proxy_common::grant::REVOCATIONS_PENDING_KEY,
+        created_unix_ns: 0,
+        expires_unix_ns: 0,
+        source_addr: [0; 16],
+        kind: 0,
+        flags: 0,
+        subject: [0; proxy_common::session::SUBJECT_LEN],
+        rule: [0; proxy_common::grant::RULE_NAME_LEN],
     }
 }
 

@@ -1,9 +1,10 @@
 //! `tcpgate revoke` when the agent's API does not answer (a hung or
 //! stopped agent): work from the pinned maps instead.
 //!
-//! 1. Flag each matching grant revoked in the pinned `grants` map. The
-//!    agent checks these flags and revokes the grant in its store as soon
-//!    as it runs again, so the grant admits nothing new.
+//! 1. Flag each matching grant revoked in the pinned `grants` map, and
+//!    leave the marker record that makes the agent look. The agent revokes
+//!    flagged grants in its store as soon as it runs again, so they admit
+//!    nothing new.
 //! 2. Find the grant's sessions in the `sessions` map and their sockets'
 //!    cookies in the `sockets` map.
 //! 3. Find those cookies among this namespace's TCP sockets (sock_diag) and
@@ -72,6 +73,8 @@ fn revoke(dir: &Path, target: &Target) -> Result<i32, String> {
             )
         })?;
     }
+    maps.mark_revocations_pending()
+        .map_err(|e| format!("cannot tell the agent to look: {}", crate::error_chain(&e)))?;
     let ids: HashSet<u64> = wanted.iter().map(|(id, _)| *id).collect();
     let sessions: Vec<_> = maps
         .sessions()
