@@ -28,6 +28,8 @@ pub struct Services {
     pub audit: AuditLog,
     pub registry: Arc<Registry>,
     pub connect_timeout: Duration,
+    /// `agent.stall_timeout`, applied to both sockets of every session.
+    pub stall_timeout: Duration,
     /// `SO_MARK` for upstream sockets, when interception needs it.
     pub upstream_mark: Option<u32>,
     /// Present when interception is installed.
@@ -281,6 +283,11 @@ pub async fn serve(
             return;
         }
     };
+    for socket in [client.as_fd(), upstream.as_fd()] {
+        if let Err(e) = sockopt::set_stall_timeout(socket, services.stall_timeout) {
+            tracing::warn!(client = %peer, error = %e, "cannot bound stalls on this session");
+        }
+    }
     if admitted.answer_preamble {
         // Written before the splice, so it precedes any upstream byte.
         let frame = encode_response(Status::Ok, "connected");

@@ -46,6 +46,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
         registry: Arc::clone(&registry),
         gate: gate.clone(),
         connect_timeout: config.agent.connect_timeout,
+        stall_timeout: config.agent.stall_timeout,
         upstream_mark: started
             .interceptor
             .as_ref()

@@ -12,7 +12,7 @@ use crate::audit::AuditError;
 use crate::bpf::{LoadedBpf, MapSizes};
 use crate::config::{Config, DatapathChoice};
 use crate::datapath::Datapath;
-use crate::datapath::ebpf::{EbpfDatapath, EbpfSetupError};
+use crate::datapath::ebpf::{EbpfDatapath, EbpfSetupError, Timeouts};
 use crate::datapath::userspace::UserspaceDatapath;
 use crate::intercept::{InterceptError, Interceptor};
 
@@ -102,21 +102,29 @@ pub async fn start(config: &Config) -> Result<Started, StartupError> {
     }
     let datapath = match (&mut bpf, choice) {
         (_, DatapathChoice::Userspace) => {
-            Datapath::Userspace(Arc::new(UserspaceDatapath::default()))
+            Datapath::Userspace(Arc::new(UserspaceDatapath::new(config.agent.stall_timeout)))
         }
-        (Some(loaded), _) => match EbpfDatapath::attach(loaded, config.agent.drain_timeout) {
+        (Some(loaded), _) => match EbpfDatapath::attach(
+            loaded,
+            Timeouts {
+                drain: config.agent.drain_timeout,
+                stall: config.agent.stall_timeout,
+            },
+        ) {
             Ok(dp) => Datapath::Ebpf(Arc::new(dp)),
             Err(e) if choice == DatapathChoice::Ebpf => return Err(StartupError::Ebpf(e)),
-            Err(e) => fallback(&e),
+            Err(e) => fallback(&e, config),
         },
         (None, _) => match load_error.take() {
             Some(e) if choice == DatapathChoice::Ebpf => return Err(StartupError::Ebpf(e)),
             Some(e) => {
-                let datapath = fallback(&e);
+                let datapath = fallback(&e, config);
                 load_error = Some(e);
                 datapath
             }
-            None => Datapath::Userspace(Arc::new(UserspaceDatapath::default())),
+            None => {
+                Datapath::Userspace(Arc::new(UserspaceDatapath::new(config.agent.stall_timeout)))
+            }
         },
     };
     let (interceptor, intercept_listeners) = match (&config.intercept, &mut bpf, load_error) {
@@ -148,12 +156,12 @@ pub async fn start(config: &Config) -> Result<Started, StartupError> {
     })
 }
 
-fn fallback(reason: &(dyn std::error::Error + 'static)) -> Datapath {
+fn fallback(reason: &(dyn std::error::Error + 'static), config: &Config) -> Datapath {
     tracing::warn!(
         reason = %crate::error_chain(reason),
         "eBPF data path unavailable; falling back to the user-space copy (slower, but byte-exact)"
     );
-    Datapath::Userspace(Arc::new(UserspaceDatapath::default()))
+    Datapath::Userspace(Arc::new(UserspaceDatapath::new(config.agent.stall_timeout)))
 }
 
 type LoadedObject = (LoadedBpf, Option<tokio::task::JoinHandle<()>>);

@@ -121,6 +121,11 @@ pub struct AgentSection {
     /// On SIGTERM, how long live sessions may continue before being ended.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// A session whose sent data stays unacknowledged this long (a stalled
+    /// or vanished peer: `TCP_USER_TIMEOUT`), or whose idle peer stops
+    /// answering keepalive probes, is aborted.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
     /// `SO_MARK` on the agent's upstream sockets.
     pub upstream_mark: u32,
     /// Group (name or numeric gid) whose members may read the pinned maps
@@ -141,6 +146,7 @@ impl Default for AgentSection {
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(120),
             upstream_mark: 0x7467,
             operator_group: None,
             keep_pins: false,

@@ -115,6 +115,7 @@ impl Config {
         for (name, value) in [
             ("agent.connect_timeout", agent.connect_timeout),
             ("agent.drain_timeout", agent.drain_timeout),
+            ("agent.stall_timeout", agent.stall_timeout),
         ] {
             if value.is_zero() {
                 errors.push(FieldError::new(name, "must be greater than zero"));
