@@ -19,7 +19,8 @@ use crate::session::Admitted;
 /// Everything admission needs; shared by all accept loops.
 pub struct Gate {
     pub validator: TokenValidator,
-    pub policy: Policy,
+    /// Replaced whole on SIGHUP; in-flight decisions keep the one they read.
+    policy: std::sync::RwLock<std::sync::Arc<Policy>>,
     pub store: GrantStore,
     pub preamble_timeout: Duration,
     /// The pinned `grants` map, when eBPF is loaded.
@@ -88,6 +89,44 @@ fn preamble_pending(client: &TcpStream) -> bool {
 }
 
 impl Gate {
+    #[must_use]
+    pub fn new(
+        validator: TokenValidator,
+        policy: Policy,
+        store: GrantStore,
+        preamble_timeout: Duration,
+        mirror: Option<GrantMirror>,
+    ) -> Self {
+        Self {
+            validator,
+            policy: std::sync::RwLock::new(std::sync::Arc::new(policy)),
+            store,
+            preamble_timeout,
+            mirror,
+            outside_revocations: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The policy in force.
+    #[must_use]
+    pub fn policy(&self) -> std::sync::Arc<Policy> {
+        std::sync::Arc::clone(
+            &self
+                .policy
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Switches to a new policy (SIGHUP). Grants already given keep their
+    /// terms; revoke them to apply a tighter policy at once.
+    pub fn set_policy(&self, policy: Policy) {
+        *self
+            .policy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = std::sync::Arc::new(policy);
+    }
+
     /// Decides whether `client` may reach `destination`.
     pub async fn admit(
         &self,
@@ -129,10 +168,13 @@ impl Gate {
             Refusal::new(e.reason(), e.to_string())
                 .answered(Status::Denied, format!("token rejected: {e}"))
         })?;
-        let decision = self.policy.decide(&token, destination, now).map_err(|d| {
-            with_identity(Refusal::new(d.reason(), d.to_string()), &token, &self.store)
-                .answered(Status::Denied, format!("not allowed: {d}"))
-        })?;
+        let decision = self
+            .policy()
+            .decide(&token, destination, now)
+            .map_err(|d| {
+                with_identity(Refusal::new(d.reason(), d.to_string()), &token, &self.store)
+                    .answered(Status::Denied, format!("not allowed: {d}"))
+            })?;
         if decision.expires_at <= now {
             return Err(with_identity(
                 Refusal::new(

@@ -38,14 +38,13 @@ pub async fn start(
         .map_err(AuthStartError::Keys)?;
     let policy = Policy::from_config(&config.policy, auth).map_err(AuthStartError::Policy)?;
     let store = GrantStore::new(auth.audit_claims.clone());
-    let gate = Arc::new(Gate {
-        validator: validator.clone(),
+    let gate = Arc::new(Gate::new(
+        validator.clone(),
         policy,
-        store: store.clone(),
-        preamble_timeout: auth.preamble_timeout(),
+        store.clone(),
+        auth.preamble_timeout(),
         mirror,
-        outside_revocations: std::sync::Mutex::default(),
-    });
+    ));
     tokio::spawn(validator.run_refresh(stopped(stop.clone())));
     tokio::spawn(store.clone().run_expiry(stopped(stop.clone())));
     tokio::spawn(end_sessions_with_their_grant(

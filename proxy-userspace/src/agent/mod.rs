@@ -181,7 +181,7 @@ fn reload(config_path: &Path, services: &Services) {
         (Some(interceptor), true) => {
             interceptor
                 .set_interfaces(config.intercept.as_ref().and_then(|i| i.interfaces.clone()));
-            match interceptor.apply(config.intercept_set, &services.registry.snapshot()) {
+            match interceptor.apply(config.intercept_set.clone(), &services.registry.snapshot()) {
                 Ok(report) => tracing::info!(
                     prefixes = report.prefixes,
                     rules_added = report.rules_added,
@@ -203,5 +203,30 @@ fn reload(config_path: &Path, services: &Services) {
             tracing::info!("reload: nothing to apply live (forwards change on restart)")
         }
     }
+    reload_policy(&config, services);
     crate::notify::status("READY=1\nSTATUS=serving");
+}
+
+/// Applies the reloaded `[[policy]]` rules. Issuers and keys are fixed at
+/// startup; live grants keep their terms until they expire or are revoked.
+fn reload_policy(config: &Config, services: &Services) {
+    let (Some(gate), Some(auth)) = (&services.gate, &config.auth) else {
+        if services.gate.is_some() != config.auth.is_some() {
+            tracing::warn!("turning authentication on or off needs a restart; policy unchanged");
+        }
+        return;
+    };
+    match crate::auth::Policy::from_config(&config.policy, auth) {
+        Ok(policy) => {
+            gate.set_policy(policy);
+            tracing::info!(
+                rules = config.policy.len(),
+                "reloaded the policy (live grants keep their terms)"
+            );
+        }
+        Err(errors) => tracing::error!(
+            errors = errors.len(),
+            "reloaded policy is invalid; keeping the running one"
+        ),
+    }
 }
