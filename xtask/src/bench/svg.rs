@@ -35,6 +35,16 @@ fn label(subject: &str) -> &str {
     }
 }
 
+/// An absolute goal drawn as a dashed line: (value, label).
+fn goal_line(metric: Metric) -> Option<(f64, &'static str)> {
+    match metric {
+        Metric::ConnectionsPerSecond => Some((20_000.0, "goal ≥ 20,000")),
+        Metric::RssIdleSessions => Some((64.0, "goal ≤ 64")),
+        Metric::TeardownP99 => Some((50.0, "goal ≤ 50")),
+        _ => None,
+    }
+}
+
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -69,7 +79,7 @@ pub fn chart(results: &Results, machine: &Machine, settings: &Settings) -> Strin
     let _ = writeln!(
         svg,
         "<text x=\"10\" y=\"22\" font-size=\"15\" font-weight=\"bold\">tcpgate benchmark: \
-         median of {} runs, whiskers min–max</text>",
+         bars are medians ({} runs per data-path figure), whiskers min–max</text>",
         settings.runs
     );
     let _ = writeln!(
@@ -112,10 +122,11 @@ fn panel(svg: &mut String, results: &Results, metric: Metric, x0: f64, y0: f64) 
         .into_iter()
         .filter_map(|s| results.summary(metric, s).map(|sum| (s, sum)))
         .collect();
+    let goal = goal_line(metric);
     let top = summaries
         .iter()
         .map(|(_, s)| s.max.max(s.median))
-        .fold(0.0_f64, f64::max);
+        .fold(goal.map_or(0.0, |(v, _)| v), f64::max);
     let scale_max = if top > 0.0 { top * 1.18 } else { 1.0 };
     let (plot_top, plot_bottom) = (y0 + 40.0, y0 + PANEL_H - 36.0);
     let plot_h = plot_bottom - plot_top;
@@ -127,6 +138,19 @@ fn panel(svg: &mut String, results: &Results, metric: Metric, x0: f64, y0: f64) 
         x0 + PANEL_W - 30.0
     );
     let y_of = |v: f64| plot_bottom - (v / scale_max).clamp(0.0, 1.0) * plot_h;
+    if let Some((value, text)) = goal {
+        let y = y_of(value);
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{x0}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#2a2\" \
+             stroke-dasharray=\"5 3\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" \
+             fill=\"#2a2\">{}</text>",
+            x0 + PANEL_W - 30.0,
+            x0 + PANEL_W - 30.0,
+            y - 3.0,
+            escape(text)
+        );
+    }
     for (j, (subject, s)) in summaries.iter().enumerate() {
         let cx = x0 + slot * (j as f64 + 0.5);
         let y = y_of(s.median);
