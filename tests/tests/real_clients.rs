@@ -22,14 +22,24 @@ fn postgres_bin(name: &str) -> Result<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
         .collect();
     dirs.sort();
-    dirs.into_iter().rev().map(|d| d.join(name)).find(|p| p.exists()).with_context(|| format!("no {name}"))
+    dirs.into_iter()
+        .rev()
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+        .with_context(|| format!("no {name}"))
 }
 
 /// Waits until something accepts TCP connections on `addr` inside `ns`.
 fn wait_listening(ns: &Netns, addr: SocketAddr, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while ns.run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))).is_err() {
-        ensure!(Instant::now() < deadline, "{what} did not start listening on {addr}");
+    while ns
+        .run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
+        .is_err()
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "{what} did not start listening on {addr}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
@@ -41,7 +51,10 @@ fn start_postgres(ns: &Netns, dir: &Path) -> Result<ChildGuard> {
     let data = dir.join("data");
     std::fs::create_dir_all(&data)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
-    let status = std::process::Command::new("chown").args(["-R", "postgres:postgres"]).arg(&data).status()?;
+    let status = std::process::Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(&data)
+        .status()?;
     ensure!(status.success(), "chown data dir");
     let initdb = std::process::Command::new("runuser")
         .args(["-u", "postgres", "--"])
@@ -50,9 +63,15 @@ fn start_postgres(ns: &Netns, dir: &Path) -> Result<ChildGuard> {
         .arg(&data)
         .args(["-U", "postgres", "-A", "trust", "--no-sync"])
         .output()?;
-    ensure!(initdb.status.success(), "initdb: {}", String::from_utf8_lossy(&initdb.stderr));
+    ensure!(
+        initdb.status.success(),
+        "initdb: {}",
+        String::from_utf8_lossy(&initdb.stderr)
+    );
     // The server sees the bastion's address: the agent connects upstream.
-    let mut hba = std::fs::OpenOptions::new().append(true).open(data.join("pg_hba.conf"))?;
+    let mut hba = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("pg_hba.conf"))?;
     std::io::Write::write_all(&mut hba, b"host all all 192.0.2.0/24 trust\n")?;
     let mut server = ns.command("runuser");
     server
@@ -60,7 +79,14 @@ fn start_postgres(ns: &Netns, dir: &Path) -> Result<ChildGuard> {
         .arg(postgres_bin("postgres")?)
         .arg("-D")
         .arg(&data)
-        .args(["-c", "listen_addresses=192.0.2.10", "-c", "port=5432", "-c", "fsync=off"])
+        .args([
+            "-c",
+            "listen_addresses=192.0.2.10",
+            "-c",
+            "port=5432",
+            "-c",
+            "fsync=off",
+        ])
         .arg("-c")
         .arg(format!("unix_socket_directories={}", data.display()));
     let child = ChildGuard::spawn_logged(&mut server, dir, "postgres")?;
@@ -81,15 +107,43 @@ fn psql_through_a_source_grant() -> Result<()> {
         .topo
         .runner
         .command("psql")
-        .args(["-h", "192.0.2.10", "-p", "5432", "-U", "postgres", "-d", "postgres", "-Atc", "select 6 * 7"])
+        .args([
+            "-h",
+            "192.0.2.10",
+            "-p",
+            "5432",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-Atc",
+            "select 6 * 7",
+        ])
         .env("PGCONNECT_TIMEOUT", "10")
         .output()?;
-    ensure!(output.status.success(), "psql: {}", String::from_utf8_lossy(&output.stderr));
-    ensure!(String::from_utf8_lossy(&output.stdout).trim() == "42", "psql answered {:?}", String::from_utf8_lossy(&output.stdout));
+    ensure!(
+        output.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(
+        String::from_utf8_lossy(&output.stdout).trim() == "42",
+        "psql answered {:?}",
+        String::from_utf8_lossy(&output.stdout)
+    );
     let closed = &wait_events(&fx.agent, "session_close", 1)?[0];
-    ensure!(closed["grant_id"] == grant.as_str() && closed["destination"] == "192.0.2.10:5432", "{closed}");
-    ensure!(closed["kernel_bytes_up"].as_u64() > Some(0) && closed["userspace_bytes_up"] == 0, "{closed}");
-    ensure!(closed["kernel_bytes_down"].as_u64() > Some(0) && closed["userspace_bytes_down"] == 0, "{closed}");
+    ensure!(
+        closed["grant_id"] == grant.as_str() && closed["destination"] == "192.0.2.10:5432",
+        "{closed}"
+    );
+    ensure!(
+        closed["kernel_bytes_up"].as_u64() > Some(0) && closed["userspace_bytes_up"] == 0,
+        "{closed}"
+    );
+    ensure!(
+        closed["kernel_bytes_down"].as_u64() > Some(0) && closed["userspace_bytes_down"] == 0,
+        "{closed}"
+    );
     Ok(())
 }
 
@@ -98,7 +152,11 @@ fn ssh_keygen(path: &Path) -> Result<()> {
         .args(["-q", "-t", "ed25519", "-N", "", "-f"])
         .arg(path)
         .output()?;
-    ensure!(out.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "ssh-keygen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
@@ -135,20 +193,47 @@ fn ssh_with_tcpgate_connect_as_proxy_command() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let _sshd = start_sshd(&fx.topo.target, dir.path())?;
     let token = fx.token_file(&fx.token())?;
-    let proxy = format!("ProxyCommand={} connect --token-file {} %h:%p", fx.agent.binary().display(), token.display());
+    let proxy = format!(
+        "ProxyCommand={} connect --token-file {} %h:%p",
+        fx.agent.binary().display(),
+        token.display()
+    );
     let output = fx
         .topo
         .runner
         .command("ssh")
-        .args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
         .args(["-o", "ConnectTimeout=20", "-o", &proxy, "-i"])
         .arg(dir.path().join("client_key"))
         .args(["root@192.0.2.10", "echo hello-from-the-target"])
         .output()?;
-    ensure!(output.status.success(), "ssh: {}", String::from_utf8_lossy(&output.stderr));
-    ensure!(String::from_utf8_lossy(&output.stdout).trim() == "hello-from-the-target", "{:?}", String::from_utf8_lossy(&output.stdout));
+    ensure!(
+        output.status.success(),
+        "ssh: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(
+        String::from_utf8_lossy(&output.stdout).trim() == "hello-from-the-target",
+        "{:?}",
+        String::from_utf8_lossy(&output.stdout)
+    );
     let closed = &wait_events(&fx.agent, "session_close", 1)?[0];
-    ensure!(closed["destination"] == "192.0.2.10:22" && closed["subject"].is_string(), "{closed}");
-    ensure!(closed["kernel_bytes_down"].as_u64() > Some(1000), "ssh traffic through the kernel: {closed}");
+    ensure!(
+        closed["destination"] == "192.0.2.10:22" && closed["subject"].is_string(),
+        "{closed}"
+    );
+    ensure!(
+        closed["kernel_bytes_down"].as_u64() > Some(1000),
+        "ssh traffic through the kernel: {closed}"
+    );
     Ok(())
 }
