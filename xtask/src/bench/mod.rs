@@ -111,13 +111,15 @@ pub fn run(host: &Host, args: &BenchArgs) -> Result<()> {
     let started = Instant::now();
     let mut machine = machine::Machine::describe();
     println!(
-        "bench: {} mode, {} runs; {} × {}, Linux {}, load average {}",
+        "bench: {} mode, {} runs; {} × {}, Linux {}, load average {}; pid {pid} \
+         (namespaces tg[rbt]{pid}-*)",
         settings.mode,
         settings.runs,
         machine.nproc,
         machine.cpu_model,
         machine.kernel,
-        machine.load_before
+        machine.load_before,
+        pid = std::process::id(),
     );
     let outcome = measure_all(&settings, &agent_binary, &mut results, started);
     machine.finish();

@@ -108,14 +108,18 @@ fn panel(svg: &mut String, results: &Results, metric: Metric, x0: f64, y0: f64) 
     } else {
         "lower is better"
     };
+    let goal_note = goal_line(metric)
+        .map(|(_, text)| format!(", dashed: {text}"))
+        .unwrap_or_default();
     let _ = writeln!(
         svg,
         "<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">{}</text>\
-         <text x=\"{x0}\" y=\"{}\" fill=\"#666\">{}, {better}</text>",
+         <text x=\"{x0}\" y=\"{}\" fill=\"#666\">{}, {better}{}</text>",
         y0 + 12.0,
         escape(metric.title()),
         y0 + 26.0,
         escape(metric.unit()),
+        escape(&goal_note),
     );
     let summaries: Vec<_> = results
         .subjects(metric)
@@ -138,17 +142,13 @@ fn panel(svg: &mut String, results: &Results, metric: Metric, x0: f64, y0: f64) 
         x0 + PANEL_W - 30.0
     );
     let y_of = |v: f64| plot_bottom - (v / scale_max).clamp(0.0, 1.0) * plot_h;
-    if let Some((value, text)) = goal {
+    if let Some((value, _)) = goal {
         let y = y_of(value);
         let _ = writeln!(
             svg,
             "<line x1=\"{x0}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#2a2\" \
-             stroke-dasharray=\"5 3\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" \
-             fill=\"#2a2\">{}</text>",
+             stroke-dasharray=\"5 3\"/>",
             x0 + PANEL_W - 30.0,
-            x0 + PANEL_W - 30.0,
-            y - 3.0,
-            escape(text)
         );
     }
     for (j, (subject, s)) in summaries.iter().enumerate() {
