@@ -139,9 +139,13 @@ async fn handle(mut stream: TcpStream, behaviour: Behaviour, shared: Arc<Shared>
         }
         Behaviour::Hold => {
             let mut byte = [0u8; 1];
-            if stream.read_exact(&mut byte).await.is_ok() && stream.write_all(&byte).await.is_ok() {
+            if stream.read_exact(&mut byte).await.is_ok() {
+                // Counted before the echo, so a client that got its echo
+                // is always counted.
                 shared.held.fetch_add(1, Ordering::SeqCst);
-                let _ = stream.read(&mut byte).await;
+                if stream.write_all(&byte).await.is_ok() {
+                    let _ = stream.read(&mut byte).await;
+                }
                 shared.held.fetch_sub(1, Ordering::SeqCst);
             }
         }
