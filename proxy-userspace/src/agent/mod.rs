@@ -36,6 +36,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
     let (stop_background, background) = watch::channel(false);
     let registry = crate::registry::Registry::new(config.agent.max_sessions as usize);
     let gate = auth::start(&config, &registry, started.take_grant_mirror(), &background).await?;
+    let metrics = Arc::new(crate::metrics::Metrics::new(
+        started.datapath.kind(),
+        started.take_stats(),
+    ));
     let services = Arc::new(Services {
         datapath: started.datapath.clone(),
         audit: audit.clone(),
@@ -47,6 +51,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
             .as_ref()
             .map(|_| config.agent.upstream_mark),
         interceptor: started.interceptor.clone(),
+        metrics: Arc::clone(&metrics),
     });
 
     let mut listeners: Vec<(TcpListener, Resolver)> = Vec::new();
@@ -89,6 +94,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
         registry: Arc::clone(&registry),
         datapath: services.datapath.clone(),
         ready: std::sync::atomic::AtomicBool::new(false),
+        metrics,
     });
     endpoints::start(&config, &api_state, &accepting, &background).await?;
     api_state

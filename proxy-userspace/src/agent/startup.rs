@@ -58,6 +58,8 @@ pub struct Started {
     /// Keeps programs attached and maps alive.
     bpf: Option<LoadedBpf>,
     _pin_lock: Option<PinDirLock>,
+    /// `agent.keep_pins`: leave the pinned maps for inspection on exit.
+    keep_pins: bool,
     _lock: NamespaceLock,
     _logger: Option<tokio::task::JoinHandle<()>>,
 }
@@ -88,7 +90,7 @@ pub async fn start(config: &Config) -> Result<Started, StartupError> {
                 source,
             })?;
         if !removed.is_empty() {
-            tracing::warn!(pins = ?removed, "removed pins left behind by a previous agent that did not shut down cleanly");
+            tracing::warn!(pins = ?removed, "removed pins left behind by a previous agent (it did not shut down cleanly, or kept them with agent.keep_pins)");
         }
         match load_object(config) {
             Ok((loaded, log_task)) => {
@@ -140,6 +142,7 @@ pub async fn start(config: &Config) -> Result<Started, StartupError> {
         intercept_listeners,
         bpf,
         _pin_lock: pin_lock,
+        keep_pins: config.agent.keep_pins,
         _lock: lock,
         _logger: logger,
     })
@@ -162,6 +165,18 @@ fn load_object(config: &Config) -> Result<LoadedObject, EbpfSetupError> {
     let mut bpf = LoadedBpf::load(sizes, &config.agent.pin_dir)?;
     let logger = spawn_ebpf_logger(&mut bpf);
     bpf.pin_maps()?;
+    if let Some(group) = &config.agent.operator_group {
+        // Validated with the config; a group deleted since is a load error.
+        let gid = crate::config::resolve_group(group).map_err(|message| {
+            crate::bpf::BpfError::OperatorAccess {
+                path: config.agent.pin_dir.clone(),
+                gid: u32::MAX,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, message),
+            }
+        })?;
+        crate::bpf::grant_operator_access(&config.agent.pin_dir, gid)?;
+        tracing::info!(dir = %config.agent.pin_dir.display(), group, "pinned maps readable by the operator group");
+    }
     Ok((bpf, logger))
 }
 
@@ -212,6 +227,19 @@ impl Started {
         }
     }
 
+    /// The per-CPU `stats` map, for the metrics endpoint.
+    pub fn take_stats(&mut self) -> Option<crate::metrics::StatsMap> {
+        let bpf = self.bpf.as_mut()?;
+        let map = bpf.take_map(proxy_common::map_names::STATS).ok()?;
+        match crate::bpf::typed(proxy_common::map_names::STATS, map) {
+            Ok(map) => Some(map),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "eBPF counters will not be in /metrics");
+                None
+            }
+        }
+    }
+
     /// The transparent listeners, handed to the accept loops once.
     pub fn take_intercept_listeners(&mut self) -> Vec<TcpListener> {
         std::mem::take(&mut self.intercept_listeners)
@@ -224,6 +252,10 @@ impl Started {
         }
         let pin_dir = self.bpf.as_ref().map(|b| b.pin_dir.clone());
         drop(self.bpf);
+        if let (Some(dir), true) = (&pin_dir, self.keep_pins) {
+            tracing::info!(dir = %dir.display(), "keeping the pinned maps for inspection (agent.keep_pins); the next start removes them");
+            return;
+        }
         if let Some(dir) = pin_dir {
             match crate::bpf::remove_pins(&dir) {
                 Ok(removed) => tracing::debug!(pins = removed.len(), "pins removed"),
