@@ -90,11 +90,14 @@ pub enum ConnectError {
     Timeout { addr: SocketAddr, timeout: Duration },
 }
 
-/// Opens the upstream connection, marked so interception leaves it alone.
+/// Opens the upstream connection, marked so interception leaves it alone,
+/// with the stall bounds set before the handshake (the client's socket
+/// inherits them from its listener).
 pub async fn connect_upstream(
     addr: SocketAddr,
     mark: Option<u32>,
     timeout: Duration,
+    stall_timeout: Duration,
 ) -> Result<TcpStream, ConnectError> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
@@ -105,6 +108,7 @@ pub async fn connect_upstream(
     if let Some(mark) = mark {
         sockopt::set_mark(socket.as_fd(), mark).map_err(ConnectError::Mark)?;
     }
+    sockopt::set_stall_timeout(socket.as_fd(), stall_timeout).map_err(ConnectError::Socket)?;
     match tokio::time::timeout(timeout, socket.connect(addr)).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(source)) => Err(ConnectError::Connect { addr, source }),
@@ -250,6 +254,7 @@ pub async fn serve(
         target.upstream,
         services.upstream_mark,
         services.connect_timeout,
+        services.stall_timeout,
     )
     .await;
     services
@@ -286,11 +291,6 @@ pub async fn serve(
             return;
         }
     };
-    for socket in [client.as_fd(), upstream.as_fd()] {
-        if let Err(e) = sockopt::set_stall_timeout(socket, services.stall_timeout) {
-            tracing::warn!(client = %peer, error = %e, "cannot bound stalls on this session");
-        }
-    }
     if admitted.answer_preamble {
         // Written before the splice, so it precedes any upstream byte.
         let frame = encode_response(Status::Ok, "connected");

@@ -196,6 +196,41 @@ mod tests {
     use std::os::fd::AsFd;
 
     #[test]
+    fn accepted_sockets_inherit_stall_bounds_from_the_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        set_stall_timeout(listener.as_fd(), std::time::Duration::from_secs(9)).expect("set");
+        let _client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        let mut user_timeout: libc::c_uint = 0;
+        getsockopt_raw(
+            server.as_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            &mut user_timeout,
+        )
+        .expect("get");
+        assert_eq!(user_timeout, 9000);
+        let mut keepalive: libc::c_int = 0;
+        getsockopt_raw(
+            server.as_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_KEEPALIVE,
+            &mut keepalive,
+        )
+        .expect("get");
+        assert_eq!(keepalive, 1);
+        let mut idle: libc::c_int = 0;
+        getsockopt_raw(
+            server.as_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPIDLE,
+            &mut idle,
+        )
+        .expect("get");
+        assert_eq!(idle, 9);
+    }
+
+    #[test]
     fn cookies_differ_and_bytes_sent_counts_writes() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let mut client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");

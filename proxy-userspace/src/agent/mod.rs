@@ -7,6 +7,7 @@ mod endpoints;
 mod lock;
 mod startup;
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,6 +78,15 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
         }
         for entry in &interceptor.current().entries {
             tracing::info!(destination = %entry.destination, "intercepting");
+        }
+    }
+    for (listener, _) in &listeners {
+        // Accepted sockets inherit the stall bounds (TCP_USER_TIMEOUT,
+        // keepalive): set once here instead of on every client socket.
+        if let Err(e) =
+            crate::sockopt::set_stall_timeout(listener.as_fd(), config.agent.stall_timeout)
+        {
+            tracing::warn!(error = %e, "cannot bound stalls on a listener's sessions");
         }
     }
     let (stop_accepting, accepting) = watch::channel(false);

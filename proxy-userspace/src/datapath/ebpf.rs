@@ -170,8 +170,9 @@ impl EbpfDatapath {
         Ok(cookies)
     }
 
-    /// Removes a session's entries: sockets first, so no verdict runs for
-    /// them afterwards, then returns the final counters.
+    /// Removes a session whose sockets stay open (setup failed half-way):
+    /// sockets first, so no verdict runs for them afterwards, then returns
+    /// the final counters.
     pub(super) fn remove(
         &self,
         session_id: u64,
@@ -181,6 +182,25 @@ impl EbpfDatapath {
         // A socket that closed has already left the SOCKHASH; not an error.
         let _ = maps.sockhash.remove(&cookies.client);
         let _ = maps.sockhash.remove(&cookies.upstream);
+        let counters = maps
+            .sessions
+            .get(&session_id, 0)
+            .map(|r| (r.up, r.down))
+            .unwrap_or_default();
+        let _ = maps.sockets.remove(&cookies.client);
+        let _ = maps.sockets.remove(&cookies.upstream);
+        let _ = maps.sessions.remove(&session_id);
+        counters
+    }
+
+    /// Removes the records of a session whose sockets are closed (closing
+    /// already took them out of the SOCKHASH); returns the final counters.
+    pub(super) fn forget(
+        &self,
+        session_id: u64,
+        cookies: Cookies,
+    ) -> (DirectionCounters, DirectionCounters) {
+        let mut maps = self.maps();
         let counters = maps
             .sessions
             .get(&session_id, 0)

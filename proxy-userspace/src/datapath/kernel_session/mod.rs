@@ -301,9 +301,13 @@ impl Session<'_> {
                 (reason, Some(detail))
             }
         };
-        let (up, down) = self.dp.remove(self.id, cookies);
+        // Close first: the peers learn of the end at once (that is what
+        // expiry teardown latency is), and closing takes each socket out of
+        // the SOCKHASH, so no verdict runs for it after the counters below
+        // are read.
         drop(self.client);
         drop(self.upstream);
+        let (up, down) = self.dp.forget(self.id, cookies);
         SpliceOutcome {
             reason,
             detail,
