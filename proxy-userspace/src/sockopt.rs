@@ -171,6 +171,13 @@ pub fn set_stall_timeout(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io
     setsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, &3 as &libc::c_int)
 }
 
+/// Forces the send buffer size (`SO_SNDBUFFORCE`, needs CAP_NET_ADMIN),
+/// bypassing `net.core.wmem_max`.
+pub fn force_sndbuf(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    setsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &bytes)
+}
+
 /// Makes the next `close()` send a RST instead of a FIN, so the peer learns
 /// at once that the stream did not end cleanly.
 pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {

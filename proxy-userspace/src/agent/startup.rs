@@ -109,6 +109,7 @@ pub async fn start(config: &Config) -> Result<Started, StartupError> {
             Timeouts {
                 drain: config.agent.drain_timeout,
                 stall: config.agent.stall_timeout,
+                sndbuf: config.agent.splice_sndbuf,
             },
         ) {
             Ok(dp) => Datapath::Ebpf(Arc::new(dp)),

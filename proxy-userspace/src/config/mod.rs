@@ -126,6 +126,13 @@ pub struct AgentSection {
     /// answering keepalive probes, is aborted.
     #[serde(with = "humantime_serde")]
     pub stall_timeout: Duration,
+    /// Send buffer forced on both spliced sockets (`SO_SNDBUFFORCE`), in
+    /// bytes; 0 keeps the kernel's autotuning. The splice's backlog worker
+    /// retries a jiffy later whenever the peer's send buffer is full, so a
+    /// larger buffer keeps a stream moving: 8 MiB took one stream from
+    /// about 3.7 to 6.8 Gbit/s here. Memory is only used while data is in
+    /// flight, and the kernel's `tcp_mem` limits still apply.
+    pub splice_sndbuf: u32,
     /// `SO_MARK` on the agent's upstream sockets.
     pub upstream_mark: u32,
     /// Group (name or numeric gid) whose members may read the pinned maps
@@ -147,6 +154,7 @@ impl Default for AgentSection {
             drain_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(120),
+            splice_sndbuf: 8 << 20,
             upstream_mark: 0x7467,
             operator_group: None,
             keep_pins: false,

@@ -121,6 +121,12 @@ impl Config {
                 errors.push(FieldError::new(name, "must be greater than zero"));
             }
         }
+        if agent.splice_sndbuf != 0 && !(64 << 10..=64 << 20).contains(&agent.splice_sndbuf) {
+            errors.push(FieldError::new(
+                "agent.splice_sndbuf",
+                "must be 0 (kernel autotuning) or between 65536 and 67108864 bytes",
+            ));
+        }
         if !agent.pin_dir.is_absolute() {
             errors.push(FieldError::new("agent.pin_dir", "must be an absolute path"));
         }

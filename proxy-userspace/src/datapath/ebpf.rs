@@ -67,6 +67,8 @@ pub struct Timeouts {
     pub drain: Duration,
     /// At any time, for a socket with unacknowledged data.
     pub stall: Duration,
+    /// `agent.splice_sndbuf`: 0 leaves autotuning alone.
+    pub sndbuf: u32,
 }
 
 pub struct EbpfDatapath {

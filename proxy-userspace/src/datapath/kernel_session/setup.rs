@@ -40,6 +40,13 @@ pub(in crate::datapath) async fn run(
         ))
         .await;
     }
+    if dp.timeouts.sndbuf > 0 {
+        for socket in [client.as_fd(), upstream.as_fd()] {
+            if let Err(e) = sockopt::force_sndbuf(socket, dp.timeouts.sndbuf) {
+                tracing::debug!(error = %e, "cannot force the send buffer");
+            }
+        }
+    }
     let hold = |fd: BorrowedFd<'_>, bytes| sockopt::set_rcvlowat(fd, bytes);
     let prepared = hold(client.as_fd(), i32::MAX)
         .and_then(|()| hold(upstream.as_fd(), i32::MAX))
