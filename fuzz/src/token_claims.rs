@@ -221,29 +221,25 @@ fn check_glob(pattern: &str, value: &str) -> String {
 }
 
 /// `*` matches any run of characters (including `/` and none), `?` exactly
-/// one character; everything else matches itself.
+/// one character; everything else matches itself. A dynamic program over
+/// (pattern suffix, text suffix), unlike the matcher under test.
 pub fn wildcard(pattern: &str, text: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let t: Vec<char> = text.chars().collect();
-    let (mut pi, mut ti) = (0, 0);
-    // Where the last `*` was, and how much of the text it has taken so far.
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ti));
-            pi += 1;
-        } else if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if let Some((sp, st)) = star {
-            star = Some((sp, st + 1));
-            pi = sp + 1;
-            ti = st + 1;
-        } else {
-            return false;
+    // row[j]: does p[i..] match t[j..]? Starts at i = p.len().
+    let mut row: Vec<bool> = (0..=t.len()).map(|j| j == t.len()).collect();
+    for &c in p.iter().rev() {
+        let mut next = vec![false; t.len() + 1];
+        for j in (0..=t.len()).rev() {
+            next[j] = match c {
+                '*' => row[j] || (j < t.len() && next[j + 1]),
+                '?' => j < t.len() && row[j + 1],
+                lit => j < t.len() && t[j] == lit && row[j + 1],
+            };
         }
+        row = next;
     }
-    p[pi..].iter().all(|&c| c == '*')
+    row[0]
 }
 
 /// base64url without padding, as JWTs use it.

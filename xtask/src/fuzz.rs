@@ -295,12 +295,14 @@ fn run_logged(command: &mut Command, log: &Path) -> Result<(bool, Stats)> {
 }
 
 /// `#123 NEW cov: ...` and `#123 REDUCE ...`: one per interesting input,
-/// thousands per run; the log keeps them.
+/// thousands per run; and the entries of libFuzzer's recommended
+/// dictionary (`"ab" # Uses: 3`). The log keeps them.
 fn is_per_input_line(line: &str) -> bool {
-    line.starts_with('#')
+    (line.starts_with('#')
         && [" NEW ", " REDUCE ", "\tNEW ", "\tREDUCE "]
             .iter()
-            .any(|w| line.contains(w))
+            .any(|w| line.contains(w)))
+        || (line.starts_with('"') && line.contains("\" # Uses: "))
 }
 
 fn count_files(dir: &Path) -> usize {
@@ -410,6 +412,8 @@ mod tests {
         ));
         assert!(!is_per_input_line("#131072\tpulse  cov: 501 ft: 1210"));
         assert!(!is_per_input_line("#2\tINITED cov: 412 ft: 515"));
+        assert!(is_per_input_line(r#""\001\000" # Uses: 21"#));
+        assert!(!is_per_input_line("###### Recommended dictionary. ######"));
     }
 
     #[test]
