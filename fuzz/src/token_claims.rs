@@ -176,9 +176,11 @@ pub fn reference_applies(rule: &Rule, token: &ValidatedToken) -> bool {
 fn reference_matches(m: &Matcher, claim: Option<&Value>) -> bool {
     let Some(value) = claim else { return false };
     match m {
-        Matcher::Bool(want) => {
-            *value == Value::Bool(*want) || *value == Value::from(want.to_string())
-        }
+        Matcher::Bool(want) => match value {
+            Value::Bool(b) => b == want,
+            Value::String(s) => *s == want.to_string(),
+            _ => false,
+        },
         Matcher::Integer(want) => match value {
             Value::Number(n) => n.as_i64() == Some(*want),
             // "its decimal string": exactly what GitLab sends for an id.
