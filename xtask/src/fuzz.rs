@@ -18,6 +18,15 @@ use crate::host::Host;
 /// The fuzz targets, in the order they run.
 pub const TARGETS: [&str; 4] = ["preamble", "token_claims", "config", "grant_api_body"];
 
+/// Longest input libFuzzer may build, where its 4096-byte default would
+/// stop short of a limit under test: a preamble or token may be 16 KiB.
+fn max_len(target: &str) -> Option<usize> {
+    match target {
+        "preamble" | "token_claims" => Some(16 * 1024 + 64),
+        _ => None,
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct FuzzArgs {
     /// How long to fuzz each target, in seconds (libFuzzer -max_total_time).
@@ -227,6 +236,9 @@ fn fuzz_one(
         .arg("-print_final_stats=1")
         // Any input this slow is a finding; libFuzzer's default is 20 minutes.
         .arg("-timeout=10");
+    if let Some(len) = max_len(target) {
+        run.arg(format!("-max_len={len}"));
+    }
     let dict = fuzz_dir.join("dict").join(format!("{target}.dict"));
     if dict.is_file() {
         run.arg(format!("-dict={}", dict.display()));
