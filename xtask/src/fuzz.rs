@@ -39,7 +39,7 @@ pub struct FuzzArgs {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub jobs: u16,
     /// Afterwards, add the new inputs that reach new code edges to
-    /// fuzz/corpus/<target> (libFuzzer -merge=1 -use_counters=0; the seeds
+    /// fuzz/corpus/<target> (libFuzzer -set_cover_merge=1 -use_counters=0; the seeds
     /// stay). The full set stays in fuzz/target/corpus-work/<target>.
     #[arg(long)]
     pub merge: bool,
@@ -252,9 +252,9 @@ fn fuzz_one(
     let corpus_after_merge = if args.merge && !crashed {
         let mut merge = cargo_fuzz(host);
         merge.args(["run", target]).arg(&corpus).arg(&work);
-        // Edges only (no hit counts): a few inputs per new branch keep the
-        // committed corpus small; the scratch corpus keeps the rest.
-        merge.args(["--", "-merge=1", "-use_counters=0"]);
+        // Greedy set cover over edges (no hit counts) keeps the committed
+        // corpus small; the scratch corpus keeps the rest.
+        merge.args(["--", "-set_cover_merge=1", "-use_counters=0"]);
         if let Some(len) = max_len(target) {
             merge.arg(format!("-max_len={len}"));
         }
