@@ -106,7 +106,9 @@ impl Matcher {
             },
             Matcher::Integer(want) => match value {
                 Value::Number(n) => n.as_i64() == Some(*want),
-                Value::String(s) => s.parse::<i64>().ok() == Some(*want),
+                // Exactly the decimal form: `"01042"` or `"+1042"` is not
+                // project 1042's id as GitLab writes it.
+                Value::String(s) => *s == want.to_string(),
                 _ => false,
             },
             Matcher::Text(m) => scalar_text(value).is_some_and(|s| m.matches(&s)),
@@ -198,6 +200,9 @@ mod tests {
         assert!(i.matches(Some(&json!(42))));
         assert!(i.matches(Some(&json!("42"))));
         assert!(!i.matches(Some(&json!("420"))));
+        assert!(!i.matches(Some(&json!("042"))));
+        assert!(!i.matches(Some(&json!("+42"))));
+        assert!(m(MatcherSpec::Integer(-7)).matches(Some(&json!("-7"))));
         assert!(Matcher::compile(&MatcherSpec::Unsupported(json!(1.5))).is_err());
     }
 }
