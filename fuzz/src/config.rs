@@ -1,12 +1,14 @@
 //! `config`: arbitrary text through `Config::from_toml`, the whole agent
 //! configuration as the agent reads it.
 //!
-//! An accepted config must re-validate with no errors (validation is not
-//! order- or state-dependent), and a rejected one must say why: a parse
-//! message, or field errors that each name a field and a problem.
+//! An accepted config must re-validate with no errors (agent sections,
+//! `[auth]` with `[[policy]]`, interception), and a rejected one must say
+//! why: a parse message, or field errors that each name a field and a
+//! problem.
 
 use std::path::Path;
 
+use tcpgate::auth::Policy;
 use tcpgate::config::{Config, ConfigError};
 
 pub fn check(data: &[u8]) -> String {
@@ -17,6 +19,20 @@ pub fn check(data: &[u8]) -> String {
     match Config::from_toml(text, path) {
         Ok(config) => {
             assert_eq!(config.validate(), vec![], "an accepted config re-validates");
+            if let Some(auth) = &config.auth {
+                assert_eq!(
+                    tcpgate::auth::validate_all(auth, &config.policy),
+                    vec![],
+                    "accepted [auth] and [[policy]] re-validate"
+                );
+                let policy = Policy::from_config(&config.policy, auth)
+                    .expect("an accepted policy compiles again");
+                assert_eq!(
+                    policy.check_within(&config.reachable_destinations()),
+                    vec![],
+                    "accepted rules stay inside the reachable destinations"
+                );
+            }
             if let Some(section) = &config.intercept {
                 let mut errors = Vec::new();
                 let again = section.resolve(&mut errors);

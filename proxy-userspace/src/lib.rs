@@ -6,6 +6,7 @@
 //! share with user space live in `proxy-common`.
 
 pub mod agent;
+pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod bpf;
@@ -13,10 +14,14 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod dest;
+pub mod gate;
 pub mod intercept;
+pub mod metrics;
 pub mod notify;
+pub mod pinned;
 pub mod registry;
 pub mod session;
+pub mod sockdiag;
 pub mod sockopt;
 
 /// The eBPF object, compiled by build.rs for the bpf target, with BTF.

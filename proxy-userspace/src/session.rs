@@ -1,18 +1,26 @@
 //! One client connection, from accept to the audit line that closes it:
 //! admit, connect upstream, splice, report.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use proxy_common::session::AUTH_NONE;
+use proxy_common::session::{AUTH_NONE, AUTH_PREAMBLE, DirectionCounters};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::audit::{AuditEvent, AuditLog, EventKind};
-use crate::datapath::{Datapath, SessionMeta, SpliceOutcome};
+use crate::auth::GrantId;
+use crate::auth::preamble::{Status, encode_response};
+use crate::datapath::{Datapath, EndReason, SessionMeta, SpliceOutcome};
+use crate::gate::{Gate, Refusal};
 use crate::registry::Registry;
 use crate::sockopt;
+
+/// How long a refused client gets to read the agent's answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What every session needs from the agent.
 pub struct Services {
@@ -20,10 +28,16 @@ pub struct Services {
     pub audit: AuditLog,
     pub registry: Arc<Registry>,
     pub connect_timeout: Duration,
+    /// `agent.stall_timeout`, applied to both sockets of every session.
+    pub stall_timeout: Duration,
     /// `SO_MARK` for upstream sockets, when interception needs it.
     pub upstream_mark: Option<u32>,
     /// Present when interception is installed.
     pub interceptor: Option<Arc<crate::intercept::Interceptor>>,
+    /// Present when `[auth]` is configured; absent, every connection is
+    /// admitted unauthenticated.
+    pub gate: Option<Arc<Gate>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Where an accepted connection goes.
@@ -43,11 +57,13 @@ pub struct Admitted {
     pub expires: Option<SystemTime>,
     /// `proxy_common::session::AUTH_*`.
     pub auth_method: u16,
-    pub claims: std::collections::BTreeMap<String, serde_json::Value>,
+    pub claims: BTreeMap<String, serde_json::Value>,
+    /// The client sent a preamble and waits for the agent's answer.
+    pub answer_preamble: bool,
 }
 
 impl Admitted {
-    /// A connection that needs no authentication (a static forward).
+    /// A connection that needs no authentication (no `[auth]`).
     #[must_use]
     pub fn unauthenticated() -> Self {
         Self {
@@ -104,7 +120,7 @@ fn base_event(
     let mut event = AuditEvent::new(kind, client.to_string(), target.destination.to_string());
     event.upstream = Some(target.upstream.to_string());
     if admitted.grant_id != 0 {
-        event.grant_id = Some(format!("{:016x}", admitted.grant_id));
+        event.grant_id = Some(GrantId(admitted.grant_id).to_string());
     }
     if !admitted.subject.is_empty() {
         event.subject = Some(admitted.subject.clone());
@@ -113,7 +129,74 @@ fn base_event(
     event
 }
 
-/// Refuses a connection: RST to the client and one audit line.
+/// Admits (or refuses) one accepted connection, then serves it.
+pub async fn handle(
+    services: Arc<Services>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    target: Target,
+) {
+    let admitted = match &services.gate {
+        None => Admitted::unauthenticated(),
+        Some(gate) => {
+            let clock = Instant::now();
+            let decision = gate.admit(&mut client, peer, target.destination).await;
+            services
+                .metrics
+                .authenticated(decision.is_ok(), clock.elapsed());
+            match decision {
+                Ok(admitted) => admitted,
+                Err(refusal) => {
+                    refuse(&services, client, peer, &target, refusal).await;
+                    return;
+                }
+            }
+        }
+    };
+    serve(services, client, peer, target, admitted).await;
+}
+
+/// Refuses an authenticated-path connection: tell the client why when it
+/// speaks the preamble protocol, close, and write one audit line.
+async fn refuse(
+    services: &Services,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    target: &Target,
+    refusal: Refusal,
+) {
+    let mut event = base_event(
+        EventKind::ConnectionDenied,
+        peer,
+        target,
+        &Admitted::default(),
+    );
+    event.upstream = None;
+    event.subject = refusal.subject;
+    event.claims = refusal.claims;
+    event.reason = Some("auth_failed".to_owned());
+    event.detail = Some(format!("{}: {}", refusal.reason, refusal.detail));
+    tracing::info!(client = %peer, destination = %target.destination, reason = refusal.reason, detail = %refusal.detail, "connection denied");
+    services.metrics.denied(refusal.reason);
+    services.audit.record(event);
+    match refusal.answer {
+        Some((status, message)) => answer_and_close(&mut client, status, message.as_str()).await,
+        None => {
+            let _ = sockopt::set_linger_zero(client.as_fd());
+        }
+    }
+}
+
+async fn answer_and_close(client: &mut TcpStream, status: Status, message: &str) {
+    let frame = encode_response(status, message);
+    let _ = tokio::time::timeout(ANSWER_TIMEOUT, async {
+        client.write_all(&frame).await?;
+        client.shutdown().await
+    })
+    .await;
+}
+
+/// Refuses a connection before admission: RST to the client and one audit line.
 pub fn deny(
     services: &Services,
     client: &TcpStream,
@@ -123,6 +206,7 @@ pub fn deny(
     detail: String,
 ) {
     tracing::info!(client = %peer, destination = %target.destination, reason, %detail, "connection denied");
+    services.metrics.denied(reason);
     let _ = sockopt::set_linger_zero(client.as_fd());
     let mut event = base_event(
         EventKind::ConnectionDenied,
@@ -138,7 +222,7 @@ pub fn deny(
 /// Serves one admitted connection to its end.
 pub async fn serve(
     services: Arc<Services>,
-    client: TcpStream,
+    mut client: TcpStream,
     peer: SocketAddr,
     target: Target,
     admitted: Admitted,
@@ -153,31 +237,64 @@ pub async fn serve(
             "session_limit",
             format!("{limit} sessions already live"),
         );
+        release_grant(&services, &admitted);
         return;
     };
+    services.metrics.accepted();
     let started = SystemTime::now();
     let clock = Instant::now();
-    let upstream = match connect_upstream(
+    let connected = connect_upstream(
         target.upstream,
         services.upstream_mark,
         services.connect_timeout,
     )
-    .await
-    {
+    .await;
+    services
+        .metrics
+        .upstream_connected(connected.is_ok(), clock.elapsed());
+    let upstream = match connected {
         Ok(stream) => stream,
         Err(e) => {
             let detail = crate::error_chain(&e);
             tracing::warn!(client = %peer, upstream = %target.upstream, error = %detail, "upstream unreachable");
-            let _ = sockopt::set_linger_zero(client.as_fd());
+            if admitted.answer_preamble {
+                answer_and_close(
+                    &mut client,
+                    Status::Error,
+                    &format!("upstream unreachable: {detail}"),
+                )
+                .await;
+            } else {
+                let _ = sockopt::set_linger_zero(client.as_fd());
+            }
             let mut event = base_event(EventKind::SessionClose, peer, &target, &admitted);
             event.session_id = Some(format!("{:016x}", admission.id()));
             event.reason = Some("upstream_unreachable".into());
             event.detail = Some(detail);
             event.duration_ms = Some(duration_ms(clock.elapsed()));
+            services.metrics.session_closed(
+                EndReason::UpstreamUnreachable.as_str(),
+                &DirectionCounters::default(),
+                &DirectionCounters::default(),
+                None,
+            );
             services.audit.record(event);
+            release_grant(&services, &admitted);
             return;
         }
     };
+    for socket in [client.as_fd(), upstream.as_fd()] {
+        if let Err(e) = sockopt::set_stall_timeout(socket, services.stall_timeout) {
+            tracing::warn!(client = %peer, error = %e, "cannot bound stalls on this session");
+        }
+    }
+    if admitted.answer_preamble {
+        // Written before the splice, so it precedes any upstream byte.
+        let frame = encode_response(Status::Ok, "connected");
+        if let Err(e) = client.write_all(&frame).await {
+            tracing::debug!(client = %peer, error = %e, "client left before the answer");
+        }
+    }
     let meta = SessionMeta {
         id: admission.id(),
         grant_id: admitted.grant_id,
@@ -194,13 +311,28 @@ pub async fn serve(
     open.session_id = Some(format!("{:016x}", meta.id));
     open.datapath = Some(services.datapath.kind().as_str());
     services.audit.record(open);
-    tracing::debug!(session = meta.id, client = %peer, upstream = %target.upstream, "session spliced");
+    tracing::debug!(session = %format_args!("{:016x}", meta.id), client = %peer, upstream = %target.upstream, "session spliced");
 
-    let outcome = services
+    let mut outcome = services
         .datapath
         .splice(&meta, client, upstream, stop)
         .await;
+    if let Some(interceptor) = &services.interceptor {
+        interceptor.session_ended(meta.id);
+    }
+    revoked_outside(&services, &meta, &mut outcome);
+    // Before the slot is released, so a scrape never misses these bytes
+    // for long (see `Metrics::render`).
+    services.metrics.session_closed(
+        outcome.reason.as_str(),
+        &outcome.up,
+        &outcome.down,
+        (outcome.reason == EndReason::GrantExpired)
+            .then_some(meta.expires)
+            .flatten(),
+    );
     drop(admission);
+    release_grant(&services, &admitted);
     services.audit.record(close_event(
         &meta,
         &target,
@@ -208,11 +340,39 @@ pub async fn serve(
         &outcome,
         clock.elapsed(),
     ));
-    tracing::debug!(
-        session = meta.id,
-        reason = outcome.reason.as_str(),
-        "session ended"
+    tracing::debug!(session = %format_args!("{:016x}", meta.id), reason = outcome.reason.as_str(), "session ended");
+}
+
+/// `tcpgate revoke` without the API destroys a grant's sockets from
+/// outside: the session sees its peer abort, but it was revoked.
+fn revoked_outside(services: &Services, meta: &SessionMeta, outcome: &mut SpliceOutcome) {
+    let peer_ended = matches!(
+        outcome.reason,
+        EndReason::ClientClosed | EndReason::UpstreamClosed
     );
+    if peer_ended
+        && meta.grant_id != 0
+        && services
+            .gate
+            .as_ref()
+            .is_some_and(|gate| gate.revoked_outside(meta.grant_id))
+    {
+        let was = outcome.detail.take().unwrap_or_default();
+        outcome.reason = EndReason::Revoked;
+        outcome.detail = Some(format!(
+            "revoked through the pinned map while the agent was not answering; sockets destroyed by tcpgate revoke ({was})"
+        ));
+    }
+}
+
+/// A preamble grant admits exactly one session; it ends with it.
+fn release_grant(services: &Services, admitted: &Admitted) {
+    if admitted.auth_method == AUTH_PREAMBLE
+        && let Some(gate) = &services.gate
+    {
+        gate.store.release(GrantId(admitted.grant_id));
+        gate.forget(GrantId(admitted.grant_id));
+    }
 }
 
 fn close_event(

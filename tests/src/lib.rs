@@ -24,12 +24,16 @@ pub mod agent;
 pub mod audit;
 pub mod bpffs;
 pub mod cmd;
+pub mod jwks_server;
+pub mod metrics;
 pub mod netns;
 pub mod notify;
 pub mod payload;
+pub mod preamble;
 pub mod privileged;
 pub mod process;
 pub mod servers;
+pub mod tokens;
 pub mod topology;
 
 use std::sync::atomic::{AtomicU64, Ordering};

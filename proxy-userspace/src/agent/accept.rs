@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::intercept::Interceptor;
-use crate::session::{self, Admitted, Services, Target};
+use crate::session::{self, Services, Target};
 
 /// How a listener's connections find their upstream.
 #[derive(Clone)]
@@ -31,10 +31,8 @@ impl Resolver {
                         format!("cannot read the original destination: {e}"),
                     )
                 })?;
-                let destination = SocketAddr::new(
-                    crate::dest::canonical_ip(destination.ip()),
-                    destination.port(),
-                );
+                let destination =
+                    SocketAddr::new(destination.ip().to_canonical(), destination.port());
                 let entry = interceptor.lookup(destination).ok_or_else(|| {
                     (
                         "not_intercepted",
@@ -65,11 +63,11 @@ pub async fn accept_loop(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((client, peer)) => {
-                    let peer = SocketAddr::new(crate::dest::canonical_ip(peer.ip()), peer.port());
+                    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                     let services = Arc::clone(&services);
                     match resolver.resolve(&client) {
                         Ok(target) => {
-                            tasks.spawn(session::serve(services, client, peer, target, Admitted::unauthenticated()));
+                            tasks.spawn(session::handle(services, client, peer, target));
                         }
                         Err((reason, detail)) => {
                             let unknown = Target { destination: client.local_addr().unwrap_or(peer), upstream: peer };

@@ -2,6 +2,8 @@
 //! reload on SIGHUP, and shut down cleanly on SIGTERM.
 
 mod accept;
+mod auth;
+mod endpoints;
 mod lock;
 mod startup;
 
@@ -31,16 +33,26 @@ const TEARDOWN_BOUND: Duration = Duration::from_secs(5);
 pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupError> {
     let mut started = startup::start(&config).await?;
     let audit = AuditLog::open(&AuditTarget::parse(&config.audit.path)).await?;
+    let (stop_background, background) = watch::channel(false);
+    let registry = crate::registry::Registry::new(config.agent.max_sessions as usize);
+    let gate = auth::start(&config, &registry, started.take_grant_mirror(), &background).await?;
+    let metrics = Arc::new(crate::metrics::Metrics::new(
+        started.datapath.kind(),
+        started.take_stats(),
+    ));
     let services = Arc::new(Services {
         datapath: started.datapath.clone(),
         audit: audit.clone(),
-        registry: crate::registry::Registry::new(config.agent.max_sessions as usize),
+        registry: Arc::clone(&registry),
+        gate: gate.clone(),
         connect_timeout: config.agent.connect_timeout,
+        stall_timeout: config.agent.stall_timeout,
         upstream_mark: started
             .interceptor
             .as_ref()
             .map(|_| config.agent.upstream_mark),
         interceptor: started.interceptor.clone(),
+        metrics: Arc::clone(&metrics),
     });
 
     let mut listeners: Vec<(TcpListener, Resolver)> = Vec::new();
@@ -78,6 +90,17 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
             tasks.clone(),
         ));
     }
+    let api_state = Arc::new(crate::api::ApiState {
+        gate,
+        registry: Arc::clone(&registry),
+        datapath: services.datapath.clone(),
+        ready: std::sync::atomic::AtomicBool::new(false),
+        metrics,
+    });
+    endpoints::start(&config, &api_state, &accepting, &background).await?;
+    api_state
+        .ready
+        .store(true, std::sync::atomic::Ordering::Release);
     let datapath = services.datapath.kind().as_str();
     tracing::info!(datapath, "tcpgate agent ready");
     crate::notify::ready(&format!("serving on the {datapath} data path"));
@@ -85,10 +108,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
     wait_for_termination(&config_path, &services).await?;
     crate::notify::status("STOPPING=1\nSTATUS=draining sessions");
     let _ = stop_accepting.send(true);
+    api_state
+        .ready
+        .store(false, std::sync::atomic::Ordering::Release);
     drain(&services, config.agent.shutdown_grace).await;
     tasks.close();
     let _ = tokio::time::timeout(TEARDOWN_BOUND, tasks.wait()).await;
     audit.flush().await;
+    let _ = stop_background.send(true);
     drop(services);
     started.cleanup();
     tracing::info!("tcpgate agent stopped");
@@ -154,7 +181,7 @@ fn reload(config_path: &Path, services: &Services) {
         (Some(interceptor), true) => {
             interceptor
                 .set_interfaces(config.intercept.as_ref().and_then(|i| i.interfaces.clone()));
-            match interceptor.apply(config.intercept_set, &services.registry.snapshot()) {
+            match interceptor.apply(config.intercept_set.clone(), &services.registry.snapshot()) {
                 Ok(report) => tracing::info!(
                     prefixes = report.prefixes,
                     rules_added = report.rules_added,
@@ -176,5 +203,30 @@ fn reload(config_path: &Path, services: &Services) {
             tracing::info!("reload: nothing to apply live (forwards change on restart)")
         }
     }
+    reload_policy(&config, services);
     crate::notify::status("READY=1\nSTATUS=serving");
+}
+
+/// Applies the reloaded `[[policy]]` rules. Issuers and keys are fixed at
+/// startup; live grants keep their terms until they expire or are revoked.
+fn reload_policy(config: &Config, services: &Services) {
+    let (Some(gate), Some(auth)) = (&services.gate, &config.auth) else {
+        if services.gate.is_some() != config.auth.is_some() {
+            tracing::warn!("turning authentication on or off needs a restart; policy unchanged");
+        }
+        return;
+    };
+    match crate::auth::Policy::from_config(&config.policy, auth) {
+        Ok(policy) => {
+            gate.set_policy(policy);
+            tracing::info!(
+                rules = config.policy.len(),
+                "reloaded the policy (live grants keep their terms)"
+            );
+        }
+        Err(errors) => tracing::error!(
+            errors = errors.len(),
+            "reloaded policy is invalid; keeping the running one"
+        ),
+    }
 }

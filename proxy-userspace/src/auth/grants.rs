@@ -169,6 +169,25 @@ impl GrantStore {
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The token's claims that audit lines carry (never the token itself).
+    pub fn audit_claims(&self, token: &ValidatedToken) -> BTreeMap<String, Value> {
+        self.inner
+            .audit_claims
+            .iter()
+            .filter_map(|c| token.claims.get(c).map(|v| (c.clone(), v.clone())))
+            .collect()
+    }
+
+    /// Drops a grant whose purpose ended (the one session a preamble
+    /// admitted), without a revocation event.
+    pub fn release(&self, id: GrantId) -> Option<Grant> {
+        let removed = self.state().grants.remove(&id).map(|e| e.grant);
+        if removed.is_some() {
+            self.inner.changed.notify_one();
+        }
+        removed
+    }
+
     /// Records a grant for `decision` and returns it.
     pub fn create(
         &self,
@@ -183,12 +202,7 @@ impl GrantStore {
             },
             other => other,
         };
-        let audit_claims = self
-            .inner
-            .audit_claims
-            .iter()
-            .filter_map(|c| token.claims.get(c).map(|v| (c.clone(), v.clone())))
-            .collect();
+        let audit_claims = self.audit_claims(token);
         let remaining = decision
             .expires_at
             .duration_since(now)

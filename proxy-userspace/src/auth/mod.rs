@@ -33,7 +33,8 @@
 pub mod api_types;
 pub mod client;
 pub mod config;
-pub mod destination;
+/// Destinations are shared with interception; see [`crate::dest`].
+pub use crate::dest as destination;
 pub mod grants;
 pub mod jwks;
 pub mod matcher;

@@ -1,7 +1,14 @@
 //! The `tcpgate` command line: one module per verb, doc comments as help.
 
 mod check_config;
+mod connect;
+mod grant;
+mod grants;
+mod revoke;
+mod revoke_pinned;
 mod run;
+mod sessions;
+mod view;
 
 use std::path::PathBuf;
 
@@ -41,6 +48,90 @@ pub enum Command {
     /// Exits 0 when the file is valid, 64 with one line per bad field
     /// otherwise.
     CheckConfig(check_config::CheckConfigArgs),
+    /// Connect to a service through the bastion with a token preamble.
+    ///
+    /// Relays stdin/stdout (use it as an ssh `ProxyCommand`), or with
+    /// `--listen` forwards a local port. Exits 77 when the agent denies the
+    /// token, with its reason on stderr.
+    Connect(connect::ConnectArgs),
+    /// Ask the agent for a grant bound to this host's address.
+    ///
+    /// Afterwards, unmodified clients (psql, ssh, curl) reach the allowed
+    /// destinations without a preamble until the grant expires.
+    Grant(grant::GrantArgs),
+    /// Revoke a grant, or every grant of a subject, ending their sessions.
+    ///
+    /// Uses the agent's operator API; when it does not answer, flags the
+    /// grants revoked in the pinned map and destroys their sessions'
+    /// sockets directly (root, in the agent's network namespace).
+    Revoke(revoke::RevokeArgs),
+    /// List live sessions from the pinned maps (no call to the agent).
+    ///
+    /// Works for members of `[agent] operator_group` without root.
+    Sessions(sessions::SessionsArgs),
+    /// List live grants, from the agent's API or else the pinned map.
+    Grants(grants::GrantsArgs),
+}
+
+/// Where the agent's operator endpoints are.
+#[derive(Debug, clap::Args)]
+pub struct AdminArg {
+    /// Operator endpoint of the agent. Default: `[admin] listen` from the
+    /// configuration file, else http://127.0.0.1:9470.
+    #[arg(long, value_name = "URL", env = "TCPGATE_ADMIN")]
+    pub admin: Option<String>,
+    /// Configuration file to read `[admin] listen` from.
+    #[arg(long, short, default_value = crate::config::DEFAULT_CONFIG_PATH, env = "TCPGATE_CONFIG")]
+    pub config: PathBuf,
+}
+
+/// Default operator endpoint when nothing says otherwise.
+pub const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:9470";
+
+impl AdminArg {
+    /// The base URL of the operator endpoints.
+    pub fn url(&self) -> Result<String, String> {
+        if let Some(url) = &self.admin {
+            return Ok(url.trim_end_matches('/').to_owned());
+        }
+        if !self.config.exists() {
+            return Ok(DEFAULT_ADMIN_URL.to_owned());
+        }
+        let config = crate::config::Config::load(&self.config).map_err(|e| e.to_string())?;
+        Ok(config.admin.map_or_else(
+            || DEFAULT_ADMIN_URL.to_owned(),
+            |a| format!("http://{}", a.listen),
+        ))
+    }
+}
+
+/// Runs a client command on a small runtime.
+pub fn block_on<F: std::future::Future<Output = i32>>(future: F) -> i32 {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(future),
+        Err(e) => {
+            eprintln!("tcpgate: cannot start the async runtime: {e}");
+            1
+        }
+    }
+}
+
+/// Runs a future on a small runtime; `None` (after saying why) if the
+/// runtime cannot start.
+pub fn block_on_value<T, F: std::future::Future<Output = T>>(future: F) -> Option<T> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => Some(runtime.block_on(future)),
+        Err(e) => {
+            eprintln!("tcpgate: cannot start the async runtime: {e}");
+            None
+        }
+    }
 }
 
 /// Where the configuration comes from.
@@ -57,6 +148,11 @@ pub fn dispatch(cli: Cli) -> i32 {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::CheckConfig(args) => check_config::run(&args),
+        Command::Connect(args) => connect::run(&args),
+        Command::Grant(args) => grant::run(&args),
+        Command::Revoke(args) => revoke::run(&args),
+        Command::Sessions(args) => sessions::run(&args),
+        Command::Grants(args) => grants::run(&args),
     }
 }
 

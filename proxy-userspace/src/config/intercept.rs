@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::Deserialize;
 
 use super::FieldError;
-use crate::dest::{Destination, DestinationSpec, canonical_ip};
+use crate::dest::{Destination, DestinationParseError, DestinationSpec, normalize_ports};
 
 /// Default port of the transparent listeners on 127.0.0.1 and [::1].
 pub const DEFAULT_LISTEN_PORT: u16 = 15001;
@@ -100,7 +100,7 @@ impl InterceptSet {
     /// The most specific entry covering `addr`, as the kernel's trie picks it.
     #[must_use]
     pub fn lookup(&self, addr: SocketAddr) -> Option<&InterceptEntry> {
-        let addr = SocketAddr::new(canonical_ip(addr.ip()), addr.port());
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         self.entries
             .iter()
             .filter(|e| e.destination.contains(addr))
@@ -158,21 +158,23 @@ impl InterceptSection {
                 prefix: entry.prefix.clone(),
                 ports: entry.ports.clone(),
             };
-            let destination = match spec.parse() {
+            let mut destination = match Destination::parse(&spec) {
                 Ok(d) => d,
-                Err(e) => {
-                    let field = if matches!(e, crate::dest::DestinationError::Prefix(_)) {
-                        "prefix"
-                    } else {
-                        "ports"
-                    };
-                    errors.push(FieldError::new(format!("{path}.{field}"), e.to_string()));
+                Err(parse_errors) => {
+                    for e in parse_errors {
+                        let field = match e {
+                            DestinationParseError::BadPrefix(_)
+                            | DestinationParseError::HostBitsSet { .. } => "prefix",
+                            _ => "ports",
+                        };
+                        errors.push(FieldError::new(format!("{path}.{field}"), e.to_string()));
+                    }
                     continue;
                 }
             };
+            destination.ports = normalize_ports(destination.ports);
             if destination
                 .ports
-                .ranges()
                 .iter()
                 .any(|r| r.last == u16::MAX && r.first != 1)
             {
@@ -233,4 +235,32 @@ impl InterceptSection {
         }
         set
     }
+}
+
+/// Test support: a section with the default settings and these prefixes.
+#[cfg(test)]
+pub(crate) fn test_section(entries: &[(&str, &[&str])]) -> InterceptSection {
+    InterceptSection {
+        listen_port: DEFAULT_LISTEN_PORT,
+        route_table: DEFAULT_ROUTE_TABLE,
+        rule_priority: DEFAULT_RULE_PRIORITY,
+        interfaces: None,
+        prefixes: entries
+            .iter()
+            .map(|(p, ports)| InterceptPrefix {
+                prefix: (*p).to_owned(),
+                ports: ports.iter().map(|s| (*s).to_owned()).collect(),
+                upstream: None,
+            })
+            .collect(),
+    }
+}
+
+/// Test support: the resolved set for these prefixes; panics on errors.
+#[cfg(test)]
+pub(crate) fn test_set(entries: &[(&str, &[&str])]) -> InterceptSet {
+    let mut errors = Vec::new();
+    let set = test_section(entries).resolve(&mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    set
 }

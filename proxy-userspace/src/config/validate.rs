@@ -4,7 +4,10 @@
 use std::collections::HashSet;
 use std::fmt;
 
+use ipnet::IpNet;
+
 use super::Config;
+use crate::dest::{Destination, PortRange};
 
 /// One invalid field: where it is, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +41,66 @@ pub(super) fn render(errors: &[FieldError]) -> String {
 }
 
 impl Config {
+    /// Destinations the agent can be asked for: the intercepted set and the
+    /// static forwards' listen addresses.
+    #[must_use]
+    pub fn reachable_destinations(&self) -> Vec<Destination> {
+        let mut all = self.intercept_set.destinations();
+        for forward in &self.forwards {
+            let port = forward.listen.port();
+            all.push(Destination {
+                prefix: IpNet::from(forward.listen.ip().to_canonical()),
+                ports: vec![PortRange {
+                    first: port,
+                    last: port,
+                }],
+            });
+        }
+        all
+    }
+
+    /// `[auth]`, `[[policy]]` and `[api]`, checked together.
+    pub(super) fn validate_auth(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let Some(auth) = &self.auth else {
+            if !self.policy.is_empty() {
+                errors.push(FieldError::new(
+                    "policy",
+                    "policy rules need an [auth] section with at least one issuer",
+                ));
+            }
+            if self.api.is_some() {
+                errors.push(FieldError::new(
+                    "api",
+                    "the grant API needs an [auth] section",
+                ));
+            }
+            return errors;
+        };
+        errors.extend(crate::auth::validate_all(auth, &self.policy));
+        if errors.is_empty() {
+            match crate::auth::Policy::from_config(&self.policy, auth) {
+                Ok(policy) => errors.extend(policy.check_within(&self.reachable_destinations())),
+                Err(policy_errors) => errors.extend(policy_errors),
+            }
+        }
+        if let Some(api) = &self.api {
+            if api.tls_cert.is_some() != api.tls_key.is_some() {
+                errors.push(FieldError::new(
+                    "api.tls_key",
+                    "tls_cert and tls_key go together",
+                ));
+            }
+            if self.forwards.iter().any(|f| f.listen == api.listen) {
+                errors.push(FieldError::new(
+                    "api.listen",
+                    "collides with a forward listener",
+                ));
+            }
+        }
+        errors
+    }
+
     /// Every semantic problem in the file.
     #[must_use]
     pub fn validate(&self) -> Vec<FieldError> {
@@ -52,6 +115,7 @@ impl Config {
         for (name, value) in [
             ("agent.connect_timeout", agent.connect_timeout),
             ("agent.drain_timeout", agent.drain_timeout),
+            ("agent.stall_timeout", agent.stall_timeout),
         ] {
             if value.is_zero() {
                 errors.push(FieldError::new(name, "must be greater than zero"));
@@ -65,6 +129,11 @@ impl Config {
                 "agent.upstream_mark",
                 "must be non-zero: it tells the agent's own upstream packets apart",
             ));
+        }
+        if let Some(group) = &agent.operator_group
+            && let Err(message) = resolve_group(group)
+        {
+            errors.push(FieldError::new("agent.operator_group", message));
         }
         if self.audit.path.is_empty() {
             errors.push(FieldError::new(
@@ -94,13 +163,13 @@ impl Config {
                 errors.push(FieldError::new(format!("{path}.name"), "must not be empty"));
             }
         }
-        if let Some(admin) = &self.admin {
-            if listens.contains(&admin.listen) {
-                errors.push(FieldError::new(
-                    "admin.listen",
-                    "collides with a forward listener",
-                ));
-            }
+        if let Some(admin) = &self.admin
+            && listens.contains(&admin.listen)
+        {
+            errors.push(FieldError::new(
+                "admin.listen",
+                "collides with a forward listener",
+            ));
         }
         let intercepts = self.intercept.as_ref().map_or(0, |i| i.prefixes.len());
         if self.forwards.is_empty() && intercepts == 0 {
@@ -110,5 +179,23 @@ impl Config {
             ));
         }
         errors
+    }
+}
+
+/// The gid of `agent.operator_group`: a group name known to this host, or a
+/// numeric gid.
+pub fn resolve_group(group: &str) -> Result<nix::unistd::Gid, String> {
+    if group.is_empty() {
+        return Err("must be a group name or a numeric gid".to_owned());
+    }
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(nix::unistd::Gid::from_raw(gid));
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(found)) => Ok(found.gid),
+        Ok(None) => Err(format!(
+            "no group {group:?} on this host (create it with `groupadd --system {group}`)"
+        )),
+        Err(e) => Err(format!("cannot look up group {group:?}: {e}")),
     }
 }

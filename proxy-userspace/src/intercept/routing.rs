@@ -142,7 +142,7 @@ pub fn prefix_rules(set: &InterceptSet, params: RoutingParams, interfaces: &[Str
                     .map(|src| ["from".to_owned(), (*src).to_owned()]),
             );
         for origin in origins {
-            for range in entry.destination.ports.ranges() {
+            for range in &entry.destination.ports {
                 let mut selector = origin.to_vec();
                 selector.extend([
                     "to".to_owned(),
@@ -205,9 +205,9 @@ pub fn mark_rules(params: RoutingParams) -> Vec<Rule> {
 /// its prefix.
 #[must_use]
 pub fn session_rule(client: SocketAddr, destination: SocketAddr, params: RoutingParams) -> Rule {
-    let host = |addr: SocketAddr| IpNet::from(crate::dest::canonical_ip(addr.ip())).to_string();
+    let host = |addr: SocketAddr| IpNet::from(addr.ip().to_canonical()).to_string();
     Rule {
-        v6: crate::dest::canonical_ip(destination.ip()).is_ipv6(),
+        v6: destination.ip().to_canonical().is_ipv6(),
         priority: params.priority + 1,
         selector: vec![
             "from".to_owned(),

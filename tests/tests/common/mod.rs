@@ -1,6 +1,9 @@
 //! Fixtures shared by the integration test binaries.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod auth;
+pub mod operator;
+
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
@@ -393,4 +396,30 @@ pub fn sk_lookup_links(ns: &tcpgate_tests::Netns) -> Result<usize> {
         .iter()
         .filter(|l| l["type"] == "netns" && l["netns_ino"] == inode)
         .count())
+}
+
+/// Connects from `ns` to `target` with the given source address (a second
+/// runner sharing the namespace).
+pub fn dial_from(
+    ns: &tcpgate_tests::Netns,
+    source: std::net::IpAddr,
+    target: SocketAddr,
+) -> Result<TcpStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket,
+    };
+    let stream = ns.run(move || -> Result<TcpStream> {
+        let family = if target.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let sock = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+        bind(fd, &SockaddrStorage::from(SocketAddr::new(source, 0)))?;
+        connect(fd, &SockaddrStorage::from(target))?;
+        Ok(TcpStream::from(sock))
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    Ok(stream)
 }

@@ -1,0 +1,222 @@
+//! Operator endpoints, served on the admin listener (loopback by default).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use serde::Serialize;
+
+use super::ApiState;
+use super::runner::error;
+use crate::auth::api_types::ApiError;
+use crate::auth::{Grant, GrantId};
+use crate::datapath::EndReason;
+
+pub fn admin_router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/grants", get(list_grants).delete(revoke_subject))
+        .route("/v1/grants/{id}", delete(revoke_grant))
+        .route("/v1/sessions", get(list_sessions))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
+    if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    let sessions = state.registry.snapshot();
+    let snapshot = crate::metrics::Snapshot {
+        live_sessions: state.registry.len(),
+        live_grants: state.gate.as_ref().map_or(0, |g| g.store.len()),
+        live_counters: sessions
+            .iter()
+            .filter_map(|m| state.datapath.live_counters(m.id))
+            .collect(),
+    };
+    let body = state.metrics.render(&snapshot);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// A grant as operators see it.
+#[derive(Debug, Serialize)]
+pub struct GrantView {
+    pub grant_id: String,
+    pub kind: &'static str,
+    pub subject: String,
+    pub rule: String,
+    #[serde(with = "humantime_serde")]
+    pub expires_at: std::time::SystemTime,
+    pub sessions: usize,
+    /// Where a source grant applies from.
+    pub source: Option<std::net::IpAddr>,
+    pub destinations: Vec<crate::dest::Destination>,
+}
+
+fn view(grant: &Grant, sessions: usize) -> GrantView {
+    GrantView {
+        grant_id: grant.id.to_string(),
+        kind: if grant.source().is_some() {
+            "source"
+        } else {
+            "preamble"
+        },
+        subject: grant.subject.clone(),
+        rule: grant.rule.clone(),
+        expires_at: grant.expires_at,
+        sessions,
+        source: grant.source(),
+        destinations: grant.destinations.clone(),
+    }
+}
+
+fn sessions_per_grant(state: &ApiState) -> HashMap<u64, usize> {
+    let mut counts = HashMap::new();
+    for meta in state.registry.snapshot() {
+        *counts.entry(meta.grant_id).or_default() += 1;
+    }
+    counts
+}
+
+async fn list_grants(State(state): State<Arc<ApiState>>) -> Response {
+    let Some(gate) = &state.gate else {
+        return Json(Vec::<GrantView>::new()).into_response();
+    };
+    let counts = sessions_per_grant(&state);
+    let mut grants: Vec<GrantView> = gate
+        .store
+        .list()
+        .iter()
+        .map(|g| view(g, counts.get(&g.id.0).copied().unwrap_or(0)))
+        .collect();
+    grants.sort_by_key(|g| g.expires_at);
+    Json(grants).into_response()
+}
+
+/// `DELETE /v1/grants/{id}`: revoke one grant and end its sessions now.
+async fn revoke_grant(State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+    let Some(gate) = &state.gate else {
+        return error(&ApiError::new(
+            404,
+            "auth_disabled",
+            "this agent does not authenticate connections",
+        ));
+    };
+    let Ok(id) = id.parse::<GrantId>() else {
+        return error(&ApiError::bad_request(format!("{id:?} is not a grant id")));
+    };
+    match gate.store.revoke(id) {
+        Some(grant) => {
+            let ended = state
+                .registry
+                .stop_where(EndReason::Revoked, |m| m.grant_id == id.0);
+            tracing::info!(grant = %id, subject = %grant.subject, sessions = ended, "grant revoked by operator");
+            Json(view(&grant, ended)).into_response()
+        }
+        None => error(&ApiError::new(
+            404,
+            "no_such_grant",
+            format!("no live grant {id}"),
+        )),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct SubjectQuery {
+    subject: Option<String>,
+}
+
+/// `DELETE /v1/grants?subject=...`: revoke every grant of a token subject.
+async fn revoke_subject(
+    State(state): State<Arc<ApiState>>,
+    Query(query): Query<SubjectQuery>,
+) -> Response {
+    let Some(gate) = &state.gate else {
+        return error(&ApiError::new(
+            404,
+            "auth_disabled",
+            "this agent does not authenticate connections",
+        ));
+    };
+    let Some(subject) = query.subject.filter(|s| !s.is_empty()) else {
+        return error(&ApiError::bad_request(
+            "give ?subject=<token subject>, or DELETE /v1/grants/<id>",
+        ));
+    };
+    let revoked = gate.store.revoke_subject(&subject);
+    let views: Vec<GrantView> = revoked
+        .iter()
+        .map(|g| {
+            view(
+                g,
+                state
+                    .registry
+                    .stop_where(EndReason::Revoked, |m| m.grant_id == g.id.0),
+            )
+        })
+        .collect();
+    tracing::info!(%subject, grants = views.len(), "subject revoked by operator");
+    Json(views).into_response()
+}
+
+/// A live session as operators see it.
+#[derive(Debug, Serialize)]
+pub struct SessionView {
+    pub session_id: String,
+    pub grant_id: Option<String>,
+    pub subject: String,
+    pub client: String,
+    pub destination: String,
+    pub upstream: String,
+    #[serde(with = "humantime_serde")]
+    pub started_at: std::time::SystemTime,
+    #[serde(with = "humantime_serde")]
+    pub expires_at: Option<std::time::SystemTime>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+async fn list_sessions(State(state): State<Arc<ApiState>>) -> Response {
+    let mut sessions: Vec<SessionView> = state
+        .registry
+        .snapshot()
+        .into_iter()
+        .map(|m| {
+            let (up, down) = state.datapath.live_counters(m.id).unwrap_or_default();
+            SessionView {
+                session_id: format!("{:016x}", m.id),
+                grant_id: (m.grant_id != 0).then(|| GrantId(m.grant_id).to_string()),
+                subject: m.subject,
+                client: m.client.to_string(),
+                destination: m.destination.to_string(),
+                upstream: m.upstream.to_string(),
+                started_at: m.started,
+                expires_at: m.expires,
+                bytes_up: up.total_bytes(),
+                bytes_down: down.total_bytes(),
+            }
+        })
+        .collect();
+    sessions.sort_by_key(|s| s.started_at);
+    Json(sessions).into_response()
+}

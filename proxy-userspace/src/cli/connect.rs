@@ -1,0 +1,154 @@
+//! `tcpgate connect`: the client side of the token preamble.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::auth::client::{ClientError, connect_with_preamble, read_token_file};
+
+/// Exit status when the agent denies the token (`EX_NOPERM`).
+const EXIT_DENIED: i32 = 77;
+
+#[derive(Debug, clap::Args)]
+pub struct ConnectArgs {
+    /// File holding the job's JWT (e.g. a GitLab CI `id_tokens` variable
+    /// written to disk). Read once per connection.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: PathBuf,
+    /// Forward a local port instead of relaying stdin/stdout: every
+    /// connection to this address is sent to TARGET with its own preamble.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<SocketAddr>,
+    /// How long to wait for the connection and the agent's answer.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// The service to reach, as the runner would dial it (`HOST:PORT`),
+    /// e.g. `192.0.2.10:5432`. As an ssh ProxyCommand: `%h:%p`.
+    #[arg(value_name = "TARGET")]
+    pub target: String,
+}
+
+pub fn run(args: &ConnectArgs) -> i32 {
+    super::block_on(async {
+        let target = match resolve(&args.target).await {
+            Ok(addr) => addr,
+            Err(message) => {
+                eprintln!("tcpgate connect: {message}");
+                return 2;
+            }
+        };
+        match args.listen {
+            Some(listen) => forward(listen, target, args).await,
+            None => relay_stdio(target, args).await,
+        }
+    })
+}
+
+async fn resolve(target: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = target.parse() {
+        return Ok(addr);
+    }
+    let mut addrs = tokio::net::lookup_host(target)
+        .await
+        .map_err(|e| format!("cannot resolve {target:?} (expected HOST:PORT): {e}"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("{target:?} resolves to no address"))
+}
+
+fn report(e: &ClientError) -> i32 {
+    eprintln!("tcpgate connect: {}", crate::error_chain(e));
+    match e {
+        ClientError::Denied { .. } => EXIT_DENIED,
+        _ => 1,
+    }
+}
+
+async fn open(target: SocketAddr, args: &ConnectArgs) -> Result<TcpStream, ClientError> {
+    let token = read_token_file(&args.token_file)?;
+    connect_with_preamble(target, &token, args.timeout).await
+}
+
+/// Relays stdin to the service and the service to stdout (ssh ProxyCommand).
+async fn relay_stdio(target: SocketAddr, args: &ConnectArgs) -> i32 {
+    let stream = match open(target, args).await {
+        Ok(stream) => stream,
+        Err(e) => return report(&e),
+    };
+    let (mut from_service, mut to_service) = stream.into_split();
+    // Upload on its own task: the session ends when the service closes,
+    // whether or not stdin is done, and the download is never cut short.
+    let upload = tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let copied = tokio::io::copy(&mut stdin, &mut to_service).await;
+        // Half-close: the service sees EOF and may still answer.
+        let _ = to_service.shutdown().await;
+        copied
+    });
+    let mut stdout = tokio::io::stdout();
+    let downloaded = tokio::io::copy(&mut from_service, &mut stdout).await;
+    let _ = stdout.flush().await;
+    // Still uploading when the service closed: nothing more can be delivered.
+    if upload.is_finished() {
+        if let Ok(Err(e)) = upload.await {
+            eprintln!("tcpgate connect: sending stdin failed: {e}");
+        }
+    }
+    match downloaded {
+        Ok(_) => 0,
+        Err(e) => {
+            eprintln!("tcpgate connect: connection to {target} failed: {e}");
+            1
+        }
+    }
+}
+
+/// A local port forward for tools that need one.
+async fn forward(listen: SocketAddr, target: SocketAddr, args: &ConnectArgs) -> i32 {
+    // Fail early on a bad token file, before anyone connects.
+    if let Err(e) = read_token_file(&args.token_file) {
+        return report(&e);
+    }
+    let listener = match TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("tcpgate connect: cannot listen on {listen}: {e}");
+            return 1;
+        }
+    };
+    eprintln!("tcpgate connect: forwarding {listen} to {target}");
+    loop {
+        let (mut local, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    eprintln!("tcpgate connect: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = tokio::signal::ctrl_c() => return 0,
+        };
+        let token_file = args.token_file.clone();
+        let timeout = args.timeout;
+        tokio::spawn(async move {
+            let token = match read_token_file(&token_file) {
+                Ok(token) => token,
+                Err(e) => {
+                    eprintln!("tcpgate connect: {peer}: {}", crate::error_chain(&e));
+                    return;
+                }
+            };
+            match connect_with_preamble(target, &token, timeout).await {
+                Ok(mut remote) => {
+                    let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
+                }
+                // Dropping `local` closes it, so the local client sees the end.
+                Err(e) => eprintln!("tcpgate connect: {peer}: {}", crate::error_chain(&e)),
+            }
+        });
+    }
+}

@@ -1,0 +1,105 @@
+//! `tcpgate grant`: ask the agent for a grant bound to this host's address.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::auth::client::{ClientError, read_token_file, request_grant};
+use crate::dest::{Destination, DestinationSpec};
+
+#[derive(Debug, clap::Args)]
+pub struct GrantArgs {
+    /// File holding the job's JWT.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: PathBuf,
+    /// The agent's grant API, e.g. `https://bastion.example:8443`.
+    #[arg(long, value_name = "URL", env = "TCPGATE_API")]
+    pub api: String,
+    /// Narrow the grant to these destinations (repeatable):
+    /// `PREFIX=PORTS`, e.g. `192.0.2.10=5432` or `2001:db8::/64=22,8000-8099`.
+    /// Default: everything the matching policy rule allows.
+    #[arg(long = "allow", value_name = "PREFIX=PORTS", value_parser = parse_allow)]
+    pub allow: Vec<Destination>,
+    /// Shorten the grant (it never outlives the token or the rule's maximum).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub lifetime: Option<Duration>,
+    /// Extra CA certificate (PEM) for an API with a private certificate.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Print the grant as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_allow(text: &str) -> Result<Destination, String> {
+    let (prefix, ports) = text
+        .rsplit_once('=')
+        .ok_or_else(|| format!("{text:?}: expected PREFIX=PORTS, e.g. 192.0.2.10=5432"))?;
+    let spec = DestinationSpec {
+        prefix: prefix.to_owned(),
+        ports: ports.split(',').map(str::to_owned).collect(),
+    };
+    Destination::parse(&spec).map_err(|errors| {
+        errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
+}
+
+pub fn run(args: &GrantArgs) -> i32 {
+    super::block_on(async {
+        let token = match read_token_file(&args.token_file) {
+            Ok(token) => token,
+            Err(e) => return fail(&e),
+        };
+        let allow = (!args.allow.is_empty()).then_some(args.allow.as_slice());
+        match request_grant(
+            &args.api,
+            &token,
+            allow,
+            args.lifetime,
+            args.ca_file.as_deref(),
+        )
+        .await
+        {
+            Ok(grant) if args.json => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&grant).unwrap_or_default()
+                );
+                0
+            }
+            Ok(grant) => {
+                let left = grant
+                    .expires_at
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default();
+                println!(
+                    "grant {} for {} from {} (rule {})",
+                    grant.grant_id, grant.subject, grant.source, grant.rule
+                );
+                println!(
+                    "  expires {} (in {})",
+                    humantime::format_rfc3339_seconds(grant.expires_at),
+                    humantime::format_duration(Duration::from_secs(left.as_secs()))
+                );
+                for dest in &grant.destinations {
+                    println!("  allows {dest}");
+                }
+                0
+            }
+            Err(e) => fail(&e),
+        }
+    })
+}
+
+fn fail(e: &ClientError) -> i32 {
+    eprintln!("tcpgate grant: {}", crate::error_chain(e));
+    match e {
+        ClientError::Api {
+            status: 401 | 403, ..
+        } => 77,
+        _ => 1,
+    }
+}

@@ -1,0 +1,201 @@
+//! An authenticating agent: real keys, a JWKS served over HTTPS inside the
+//! bastion namespace, GitLab-shaped tokens, a policy, and helpers to speak
+//! the preamble protocol (implemented here from the documented wire format,
+//! independently of the agent's code).
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use jsonwebtoken::Algorithm;
+use serde_json::Value;
+use tcpgate_tests::jwks_server::JwksServer;
+use tcpgate_tests::tokens::{AUDIENCE, ISSUER, TestKey, gitlab_claims, jwks};
+use tcpgate_tests::topology::{BASTION_RUNNER_V4, TARGET_V4};
+use tcpgate_tests::{Agent, Topology};
+
+/// Port of the runner-facing grant API on the bastion.
+pub const API_PORT: u16 = 8080;
+/// Operator endpoints inside the bastion namespace.
+pub const ADMIN: &str = "127.0.0.1:9470";
+/// Intercepted ports on 192.0.2.0/24.
+pub const PORTS: [u16; 3] = [22, 5432, 9000];
+
+/// The signing keys of the test issuer: RSA, EC and Ed25519.
+pub struct Keys {
+    pub rsa: TestKey,
+    pub ec: TestKey,
+    pub ed: TestKey,
+}
+
+impl Keys {
+    pub fn new() -> Self {
+        Self {
+            rsa: TestKey::new("rsa-1", Algorithm::RS256),
+            ec: TestKey::new("ec-1", Algorithm::ES256),
+            ed: TestKey::new("ed-1", Algorithm::EdDSA),
+        }
+    }
+
+    pub fn jwks(&self) -> String {
+        jwks(&[&self.rsa, &self.ec, &self.ed])
+    }
+}
+
+pub struct AuthFixture {
+    pub agent: Agent,
+    pub jwks: JwksServer,
+    pub keys: Keys,
+    pub topo: Topology,
+}
+
+/// The policy: protected release refs of group/app may reach the
+/// intercepted ports for at most 15 minutes.
+pub fn policy(max_lifetime: &str) -> String {
+    let ports: Vec<String> = PORTS.iter().map(|p| format!("\"{p}\"")).collect();
+    format!(
+        "\n[[policy]]\nname = \"deploy\"\nissuer = {ISSUER:?}\nmax_lifetime = {max_lifetime:?}\n\
+         match = {{ project_path = \"group/app\", ref_protected = true, ref = \"release/*\" }}\n\
+         allow = [ {{ prefix = \"192.0.2.0/24\", ports = [{}] }} ]\n",
+        ports.join(", ")
+    )
+}
+
+impl AuthFixture {
+    pub fn start() -> Result<Self> {
+        Self::start_with(&policy("15m"), &[])
+    }
+
+    /// `policy_toml` replaces the default policy; `args` go to `tcpgate run`.
+    pub fn start_with(policy_toml: &str, args: &[&str]) -> Result<Self> {
+        let topo = Topology::new()?;
+        let keys = Keys::new();
+        let jwks = JwksServer::start(&topo.bastion, "127.0.0.1:0".parse()?, keys.jwks())?;
+        let builder = Agent::builder(&topo.bastion)?;
+        let ports: Vec<String> = PORTS.iter().map(|p| format!("\"{p}\"")).collect();
+        let config = format!(
+            "[agent]\npin_dir = {pin:?}\n\n[audit]\npath = {audit:?}\n\n\
+             [intercept]\n[[intercept.prefix]]\nprefix = \"192.0.2.0/24\"\nports = [{ports}]\n\n\
+             [auth]\npreamble_timeout = \"2s\"\naudit_claims = [\"project_path\", \"ref\", \"job_id\"]\n\
+             [[auth.issuer]]\nissuer = {ISSUER:?}\naudience = {AUDIENCE:?}\njwks_url = {url:?}\n\
+             ca_file = {ca:?}\nmin_refresh_interval = \"1s\"\n\n\
+             [api]\nlisten = \"{api}\"\n\n[admin]\nlisten = \"{ADMIN}\"\n{policy_toml}",
+            pin = builder.pin_dir().display().to_string(),
+            audit = builder.audit_path().display().to_string(),
+            ports = ports.join(", "),
+            url = jwks.url(),
+            ca = jwks.ca_file().display().to_string(),
+            api = SocketAddr::from((BASTION_RUNNER_V4, API_PORT)),
+        );
+        let agent = builder.config(config).args(args).spawn()?;
+        Ok(Self {
+            agent,
+            jwks,
+            keys,
+            topo,
+        })
+    }
+
+    /// A fresh GitLab-shaped token from the RSA key.
+    pub fn token(&self) -> String {
+        self.keys.rsa.sign(&gitlab_claims())
+    }
+
+    pub fn target(port: u16) -> SocketAddr {
+        SocketAddr::from((TARGET_V4, port))
+    }
+
+    /// Dials `addr` from the runner namespace (plain blocking connect).
+    pub fn dial_from_runner(&self, addr: SocketAddr) -> Result<TcpStream> {
+        let stream = self.topo.runner.run(move || TcpStream::connect(addr))?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        Ok(stream)
+    }
+
+    /// Writes a token file readable by the CLI.
+    pub fn token_file(&self, token: &str) -> Result<std::path::PathBuf> {
+        let path = self
+            .agent
+            .dir()
+            .join(format!("token-{}.jwt", rand_suffix()));
+        std::fs::write(&path, token)?;
+        Ok(path)
+    }
+
+    /// Runs the `tcpgate` CLI inside `ns` and returns (status, stdout, stderr).
+    pub fn cli(&self, ns: &tcpgate_tests::Netns, args: &[&str]) -> Result<(i32, String, String)> {
+        let output = ns
+            .command(self.agent.binary())
+            .args(args)
+            .output()
+            .context("run tcpgate CLI")?;
+        Ok((
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    }
+
+    /// `tcpgate grant` from the runner; returns the grant id.
+    pub fn grant_from_runner(&self, token: &str, extra: &[&str]) -> Result<String> {
+        let file = self.token_file(token)?;
+        let api = format!("http://{}", SocketAddr::from((BASTION_RUNNER_V4, API_PORT)));
+        let mut args = vec![
+            "grant",
+            "--token-file",
+            file.to_str().context("utf-8 path")?,
+            "--api",
+            &api,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let (status, stdout, stderr) = self.cli(&self.topo.runner, &args)?;
+        ensure!(status == 0, "tcpgate grant failed ({status}): {stderr}");
+        let grant: Value =
+            serde_json::from_str(&stdout).with_context(|| format!("grant JSON: {stdout}"))?;
+        grant["grant_id"]
+            .as_str()
+            .map(str::to_owned)
+            .context("grant_id")
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Reads the agent's answer frame: (status, message).
+pub fn read_answer(stream: &mut TcpStream) -> Result<(u8, String)> {
+    Ok(tcpgate_tests::preamble::read_answer(stream)?)
+}
+
+/// Sends a preamble and returns the answer.
+pub fn authenticate(stream: &mut TcpStream, token: &str) -> Result<(u8, String)> {
+    Ok(tcpgate_tests::preamble::authenticate(stream, token)?)
+}
+
+/// An echo service on the target's port 9000 that first sends `greeting`
+/// (empty: the client speaks first). Returns the peers it served.
+pub fn echo_service(
+    fx: &AuthFixture,
+    greeting: &'static [u8],
+) -> Result<tcpgate_tests::AcceptLoop<SocketAddr>> {
+    Ok(tcpgate_tests::accept_loop(
+        &fx.topo.target,
+        AuthFixture::target(9000),
+        100,
+        move |mut stream, peer| {
+            use std::io::{Read, Write};
+            let _ = stream.write_all(greeting);
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            peer
+        },
+    )?)
+}
