@@ -4,6 +4,7 @@ mod bench;
 mod build;
 mod cmd;
 mod demo;
+mod fuzz;
 mod host;
 mod setup;
 mod test;
@@ -61,6 +62,14 @@ enum Verb {
     /// spreads and ratios against direct and HAProxy, and writes
     /// target/bench/results.json, results.md and chart.svg.
     Bench(bench::BenchArgs),
+    /// Fuzz the parsers (preamble, tokens and policy, config, grant API) with cargo-fuzz.
+    ///
+    /// Needs the nightly toolchain (never downloaded here); installs
+    /// cargo-fuzz and nightly's rust-src when missing. Runs each target, or
+    /// the one named, for --time seconds from fuzz/corpus/<target> with
+    /// fuzz/dict/<target>.dict, then prints coverage and speed per target.
+    /// Fails on a crash, naming the input and how to reproduce it.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +80,7 @@ fn main() -> ExitCode {
         Verb::Test(args) => test::run(&host, args),
         Verb::Demo(args) => demo::run(&host, args),
         Verb::Bench(args) => bench::run(&host, args),
+        Verb::Fuzz(args) => fuzz::run(&host, args),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -130,6 +140,31 @@ mod tests {
         assert!(args.chaos);
         assert_eq!(args.filter.as_deref(), Some("splice"));
         assert_eq!(args.harness_args, ["--nocapture"]);
+    }
+
+    #[test]
+    fn fuzz_verb_takes_time_target_and_jobs() {
+        let cli = Cli::try_parse_from([
+            "xtask", "fuzz", "--time", "600", "--target", "config", "--jobs", "2",
+        ])
+        .expect("parses");
+        let Verb::Fuzz(args) = cli.verb else {
+            panic!("parsed as {:?}", cli.verb);
+        };
+        assert_eq!(
+            (args.time, args.target.as_deref(), args.jobs),
+            (600, Some("config"), 2)
+        );
+        let defaults = Cli::try_parse_from(["xtask", "fuzz"]).expect("parses");
+        let Verb::Fuzz(args) = defaults.verb else {
+            panic!("parsed as {:?}", defaults.verb);
+        };
+        assert_eq!(
+            (args.time, args.target, args.jobs, args.merge),
+            (60, None, 1, false)
+        );
+        assert!(Cli::try_parse_from(["xtask", "fuzz", "--target", "nope"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "fuzz", "--jobs", "0"]).is_err());
     }
 
     #[test]

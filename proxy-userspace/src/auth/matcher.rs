@@ -5,7 +5,6 @@
 //! `"true"`/`"false"` and an integer matcher its decimal string. A claim that
 //! is missing from the token never matches.
 
-use globset::{Glob, GlobBuilder, GlobMatcher};
 use serde_json::Value;
 
 use super::config::MatcherSpec;
@@ -24,44 +23,54 @@ pub enum Matcher {
 #[derive(Debug, Clone)]
 pub enum TextMatcher {
     Exact(String),
-    Glob {
-        pattern: String,
-        matcher: GlobMatcher,
-    },
+    Glob { pattern: String },
 }
 
 impl TextMatcher {
+    /// Every string is a valid pattern; the `Result` is kept for callers.
     pub fn new(pattern: &str) -> Result<TextMatcher, String> {
         if !pattern.contains(['*', '?']) {
             return Ok(TextMatcher::Exact(pattern.to_owned()));
         }
-        // Escape everything globset would otherwise treat as syntax, so only
-        // `*` and `?` are wildcards: `[`, `{` in a ref name stay literal.
-        let mut escaped = String::with_capacity(pattern.len() + 4);
-        for c in pattern.chars() {
-            if matches!(c, '[' | ']' | '{' | '}' | '\\' | '!') {
-                escaped.push('\\');
-            }
-            escaped.push(c);
-        }
-        let glob: Glob = GlobBuilder::new(&escaped)
-            .literal_separator(false)
-            .backslash_escape(true)
-            .empty_alternates(false)
-            .build()
-            .map_err(|e| format!("bad pattern `{pattern}`: {e}"))?;
         Ok(TextMatcher::Glob {
             pattern: pattern.to_owned(),
-            matcher: glob.compile_matcher(),
         })
     }
 
     pub fn matches(&self, value: &str) -> bool {
         match self {
             TextMatcher::Exact(s) => s == value,
-            TextMatcher::Glob { matcher, .. } => matcher.is_match(value),
+            TextMatcher::Glob { pattern } => wildcard_match(pattern, value),
         }
     }
+}
+
+/// Matches by characters, not bytes. Not globset: its `?` takes one byte
+/// (so `v?.0` missed `vé.0`) and `**/` is a recursive wildcard (so
+/// `a/**/b` matched `a/b`), both unlike what a policy author reads here.
+/// On a mismatch it backtracks to the last `*` only: O(pattern × value).
+fn wildcard_match(pattern: &str, value: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let v: Vec<char> = value.chars().collect();
+    let (mut pi, mut vi) = (0, 0);
+    // The last `*` seen, and where in `value` its match currently ends.
+    let mut star: Option<(usize, usize)> = None;
+    while vi < v.len() {
+        if p.get(pi) == Some(&'*') {
+            star = Some((pi, vi));
+            pi += 1;
+        } else if p.get(pi).is_some_and(|&c| c == '?' || c == v[vi]) {
+            pi += 1;
+            vi += 1;
+        } else if let Some((sp, sv)) = star {
+            star = Some((sp, sv + 1));
+            pi = sp + 1;
+            vi = sv + 1;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
 }
 
 impl Matcher {
@@ -97,7 +106,9 @@ impl Matcher {
             },
             Matcher::Integer(want) => match value {
                 Value::Number(n) => n.as_i64() == Some(*want),
-                Value::String(s) => s.parse::<i64>().ok() == Some(*want),
+                // Exactly the decimal form: `"01042"` or `"+1042"` is not
+                // project 1042's id as GitLab writes it.
+                Value::String(s) => *s == want.to_string(),
                 _ => false,
             },
             Matcher::Text(m) => scalar_text(value).is_some_and(|s| m.matches(&s)),
@@ -151,6 +162,18 @@ mod tests {
     }
 
     #[test]
+    fn glob_wildcards_take_characters_and_double_star_is_two_stars() {
+        let q = m(MatcherSpec::Text("v?.0".into()));
+        assert!(q.matches(Some(&json!("vé.0"))));
+        let dd = m(MatcherSpec::Text("a/**/b".into()));
+        assert!(!dd.matches(Some(&json!("a/b"))));
+        assert!(dd.matches(Some(&json!("a/x/y/b"))));
+        let lead = m(MatcherSpec::Text("**/main".into()));
+        assert!(!lead.matches(Some(&json!("main"))));
+        assert!(m(MatcherSpec::Text("a**b".into())).matches(Some(&json!("a-b"))));
+    }
+
+    #[test]
     fn list_matches_any_alternative() {
         let l = m(MatcherSpec::List(vec!["branch".into(), "tag".into()]));
         assert!(l.matches(Some(&json!("tag"))));
@@ -177,6 +200,9 @@ mod tests {
         assert!(i.matches(Some(&json!(42))));
         assert!(i.matches(Some(&json!("42"))));
         assert!(!i.matches(Some(&json!("420"))));
+        assert!(!i.matches(Some(&json!("042"))));
+        assert!(!i.matches(Some(&json!("+42"))));
+        assert!(m(MatcherSpec::Integer(-7)).matches(Some(&json!("-7"))));
         assert!(Matcher::compile(&MatcherSpec::Unsupported(json!(1.5))).is_err());
     }
 }
