@@ -4,6 +4,7 @@ mod build;
 mod cmd;
 mod demo;
 mod host;
+mod install;
 mod setup;
 mod test;
 
@@ -51,6 +52,16 @@ enum Verb {
     /// the kernel through the SOCKHASH, and torn down, then removes
     /// everything it created. Not implemented yet: today it only builds.
     Demo(demo::DemoArgs),
+    /// Install tcpgate as a systemd service (as root), or stage it with --destdir.
+    ///
+    /// Builds in release mode, then installs the binary, the systemd units,
+    /// shell completions, man pages, an example /etc/tcpgate/tcpgate.toml
+    /// (never overwriting one), the tcpgate user, the tcpgate-operators
+    /// group and /var/log/tcpgate. Says what it did or found in place; a
+    /// second run changes nothing.
+    Install(install::InstallArgs),
+    /// Remove what install added; the config and audit log stay unless --purge.
+    Uninstall(install::UninstallArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +71,8 @@ fn main() -> ExitCode {
         Verb::Build(args) => build::run(&host, args),
         Verb::Test(args) => test::run(&host, args),
         Verb::Demo(args) => demo::run(&host, args),
+        Verb::Install(args) => install::install(&host, args),
+        Verb::Uninstall(args) => install::uninstall(&host, args),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,8 +1,10 @@
 //! The `tcpgate` command line: one module per verb, doc comments as help.
 
 mod check_config;
+mod completions;
 mod connect;
 mod grant;
+mod manpage;
 mod revoke;
 mod run;
 
@@ -57,6 +59,12 @@ pub enum Command {
     Grant(grant::GrantArgs),
     /// Revoke a grant, or every grant of a subject, ending their sessions.
     Revoke(revoke::RevokeArgs),
+    /// Print a shell completion script (for packagers).
+    #[command(hide = true)]
+    Completions(completions::CompletionsArgs),
+    /// Print or write man pages (for packagers).
+    #[command(hide = true)]
+    Manpage(manpage::ManpageArgs),
 }
 
 /// Where the agent's operator endpoints are.
@@ -122,6 +130,8 @@ pub fn dispatch(cli: Cli) -> i32 {
         Command::Connect(args) => connect::run(&args),
         Command::Grant(args) => grant::run(&args),
         Command::Revoke(args) => revoke::run(&args),
+        Command::Completions(args) => completions::run(&args),
+        Command::Manpage(args) => manpage::run(&args),
     }
 }
 
