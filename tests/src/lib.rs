@@ -28,6 +28,7 @@ pub mod jwks_server;
 pub mod netns;
 pub mod notify;
 pub mod payload;
+pub mod preamble;
 pub mod privileged;
 pub mod process;
 pub mod servers;

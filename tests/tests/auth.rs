@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use base64::Engine;
-use common::auth::{AuthFixture, authenticate, preamble, read_answer};
+use common::auth::{AuthFixture, authenticate, read_answer};
 use common::wait_events;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
+use tcpgate_tests::preamble::encode as preamble;
 use tcpgate_tests::tokens::{TestKey, claims_with, key_files, unix_now};
 use tcpgate_tests::{accept_loop, require_root};
 
@@ -26,23 +27,6 @@ fn tripwire(fx: &AuthFixture) -> Result<tcpgate_tests::AcceptLoop<SocketAddr>> {
         |mut stream, peer| {
             let mut buf = [0u8; 1024];
             while stream.read(&mut buf).is_ok_and(|n| n > 0) {}
-            peer
-        },
-    )?)
-}
-
-fn echo(fx: &AuthFixture) -> Result<tcpgate_tests::AcceptLoop<SocketAddr>> {
-    Ok(accept_loop(
-        &fx.topo.target,
-        AuthFixture::target(9000),
-        100,
-        |mut stream, peer| {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stream.read(&mut buf) {
-                if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
             peer
         },
     )?)
@@ -195,7 +179,7 @@ fn rsa_ec_and_ed25519_tokens_are_admitted() -> Result<()> {
         return Ok(());
     }
     let fx = AuthFixture::start()?;
-    let server = echo(&fx)?;
+    let server = common::auth::echo_service(&fx, b"")?;
     for key in [&fx.keys.rsa, &fx.keys.ec, &fx.keys.ed] {
         let token = key.sign(&claims_with(&[]));
         let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
@@ -279,7 +263,7 @@ fn jwks_rotation_during_operation() -> Result<()> {
         return Ok(());
     }
     let fx = AuthFixture::start()?;
-    let server = echo(&fx)?;
+    let server = common::auth::echo_service(&fx, b"")?;
     let old = fx.keys.rsa.sign(&claims_with(&[]));
     let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
     ensure!(

@@ -15,25 +15,6 @@ use serde_json::json;
 use tcpgate_tests::tokens::{claims_with, unix_now};
 use tcpgate_tests::{ChildGuard, Payload, accept_loop, require_root, write_payload};
 
-/// A server that greets first, then echoes.
-fn greeting_echo(fx: &AuthFixture) -> Result<tcpgate_tests::AcceptLoop<SocketAddr>> {
-    Ok(accept_loop(
-        &fx.topo.target,
-        AuthFixture::target(9000),
-        100,
-        |mut stream, peer| {
-            let _ = stream.write_all(b"HELLO\n");
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stream.read(&mut buf) {
-                if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            peer
-        },
-    )?)
-}
-
 /// A server that streams until the connection breaks.
 fn streamer(fx: &AuthFixture) -> Result<tcpgate_tests::AcceptLoop<u64>> {
     Ok(accept_loop(
@@ -71,7 +52,7 @@ fn source_grant_admits_plain_clients_without_waiting() -> Result<()> {
         return Ok(());
     }
     let fx = AuthFixture::start()?;
-    let server = greeting_echo(&fx)?;
+    let server = common::auth::echo_service(&fx, b"HELLO\n")?;
     let grant = fx.grant_from_runner(
         &fx.token(),
         &["--allow", "192.0.2.10=9000", "--lifetime", "10m"],
@@ -117,7 +98,7 @@ fn two_runners_one_grant() -> Result<()> {
     fx.topo
         .runner
         .ip(["addr", "add", "198.51.100.3/24", "dev", "eth0"])?;
-    let server = greeting_echo(&fx)?;
+    let server = common::auth::echo_service(&fx, b"HELLO\n")?;
     fx.grant_from_runner(&fx.token(), &[])?;
     let target = AuthFixture::target(9000);
     let mut granted = fx.dial_from_runner(target)?;
@@ -249,7 +230,7 @@ fn connect_helper_relays_and_forwards() -> Result<()> {
         return Ok(());
     }
     let fx = AuthFixture::start()?;
-    let server = greeting_echo(&fx)?;
+    let server = common::auth::echo_service(&fx, b"HELLO\n")?;
     let token_file = fx.token_file(&fx.token())?;
     let token_path = token_file.to_str().context("utf-8")?;
 

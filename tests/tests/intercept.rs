@@ -396,3 +396,30 @@ fn second_agent_in_the_namespace_fails_clearly() -> Result<()> {
     }
     Ok(())
 }
+
+/// A prefix mapped to another upstream: runners dial a virtual service
+/// address that exists nowhere, and reach the real server.
+#[test]
+fn virtual_service_address_maps_to_its_upstream() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let topo = Topology::new()?;
+    let builder = Agent::builder(&topo.bastion)?;
+    let mapping = format!("upstream = \"{TARGET_V4}\"\n");
+    let mut config = intercept_config(&builder, &[("203.0.113.0/24", &["80"])], "");
+    config.push_str(&mapping);
+    let agent = builder.config(config).spawn()?;
+    let server = HttpServer::start(&topo.target, IpAddr::V4(TARGET_V4), HTTP, body())?;
+    ensure!(
+        curl(&topo.runner, "http://203.0.113.50/file.bin")? == server.body,
+        "virtual address served by the real upstream"
+    );
+    let event = &wait_events(&agent, "session_close", 1)?[0];
+    ensure!(event["destination"] == "203.0.113.50:80", "{event}");
+    ensure!(
+        event["upstream"] == format!("{TARGET_V4}:{HTTP}"),
+        "{event}"
+    );
+    Ok(())
+}

@@ -50,7 +50,7 @@ enum Verb {
     /// connects from the runner to a real service on the target with a
     /// token. It shows the connection intercepted, authenticated, spliced in
     /// the kernel through the SOCKHASH, and torn down, then removes
-    /// everything it created. Not implemented yet: today it only builds.
+    /// everything it created.
     Demo(demo::DemoArgs),
     /// Install tcpgate as a systemd service (as root), or stage it with --destdir.
     ///

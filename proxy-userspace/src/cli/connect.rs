@@ -79,32 +79,25 @@ async fn relay_stdio(target: SocketAddr, args: &ConnectArgs) -> i32 {
         Err(e) => return report(&e),
     };
     let (mut from_service, mut to_service) = stream.into_split();
-    let upload = async {
+    // Upload on its own task: the session ends when the service closes,
+    // whether or not stdin is done, and the download is never cut short.
+    let upload = tokio::spawn(async move {
         let mut stdin = tokio::io::stdin();
         let copied = tokio::io::copy(&mut stdin, &mut to_service).await;
         // Half-close: the service sees EOF and may still answer.
         let _ = to_service.shutdown().await;
         copied
-    };
-    let download = async {
-        let mut stdout = tokio::io::stdout();
-        let copied = tokio::io::copy(&mut from_service, &mut stdout).await;
-        let _ = stdout.flush().await;
-        copied
-    };
-    tokio::pin!(upload);
-    // The session ends when the service closes; stdin may stay open.
-    let result = tokio::select! {
-        down = download => down,
-        up = &mut upload => match up {
-            Ok(_) => {
-                let mut stdout = tokio::io::stdout();
-                tokio::io::copy(&mut from_service, &mut stdout).await
-            }
-            Err(e) => Err(e),
-        },
-    };
-    match result {
+    });
+    let mut stdout = tokio::io::stdout();
+    let downloaded = tokio::io::copy(&mut from_service, &mut stdout).await;
+    let _ = stdout.flush().await;
+    // Still uploading when the service closed: nothing more can be delivered.
+    if upload.is_finished() {
+        if let Ok(Err(e)) = upload.await {
+            eprintln!("tcpgate connect: sending stdin failed: {e}");
+        }
+    }
+    match downloaded {
         Ok(_) => 0,
         Err(e) => {
             eprintln!("tcpgate connect: connection to {target} failed: {e}");

@@ -236,3 +236,31 @@ impl InterceptSection {
         set
     }
 }
+
+/// Test support: a section with the default settings and these prefixes.
+#[cfg(test)]
+pub(crate) fn test_section(entries: &[(&str, &[&str])]) -> InterceptSection {
+    InterceptSection {
+        listen_port: DEFAULT_LISTEN_PORT,
+        route_table: DEFAULT_ROUTE_TABLE,
+        rule_priority: DEFAULT_RULE_PRIORITY,
+        interfaces: None,
+        prefixes: entries
+            .iter()
+            .map(|(p, ports)| InterceptPrefix {
+                prefix: (*p).to_owned(),
+                ports: ports.iter().map(|s| (*s).to_owned()).collect(),
+                upstream: None,
+            })
+            .collect(),
+    }
+}
+
+/// Test support: the resolved set for these prefixes; panics on errors.
+#[cfg(test)]
+pub(crate) fn test_set(entries: &[(&str, &[&str])]) -> InterceptSet {
+    let mut errors = Vec::new();
+    let set = test_section(entries).resolve(&mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    set
+}

@@ -16,6 +16,8 @@ pub use intercept::{
     DEFAULT_LISTEN_PORT, InterceptEntry, InterceptPrefix, InterceptSection, InterceptSet,
     UpstreamMap,
 };
+#[cfg(test)]
+pub(crate) use intercept::{test_section, test_set};
 pub use validate::FieldError;
 
 /// Exit status for configuration and usage errors (`EX_USAGE`).

@@ -69,32 +69,11 @@ pub fn entries(set: &InterceptSet) -> Result<Vec<(IpNet, InterceptValue)>, TrieE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{InterceptPrefix, InterceptSection};
-
-    fn set(entries: &[(&str, &[&str])]) -> InterceptSet {
-        let section = InterceptSection {
-            listen_port: 15001,
-            route_table: 4765,
-            rule_priority: 4760,
-            interfaces: None,
-            prefixes: entries
-                .iter()
-                .map(|(p, ports)| InterceptPrefix {
-                    prefix: (*p).to_owned(),
-                    ports: ports.iter().map(|s| (*s).to_owned()).collect(),
-                    upstream: None,
-                })
-                .collect(),
-        };
-        let mut errors = Vec::new();
-        let set = section.resolve(&mut errors);
-        assert!(errors.is_empty(), "{errors:?}");
-        set
-    }
+    use crate::config::{test_section, test_set};
 
     #[test]
     fn nested_prefixes_inherit_covering_ports() {
-        let set = set(&[
+        let set = test_set(&[
             ("192.0.2.0/24", &["5432"]),
             ("192.0.2.7", &["22"]),
             ("2001:db8::/64", &["1-65535"]),
@@ -124,7 +103,7 @@ mod tests {
 
     #[test]
     fn userspace_lookup_agrees_with_longest_match() {
-        let set = set(&[("192.0.2.0/24", &["5432"]), ("192.0.2.7", &["22"])]);
+        let set = test_set(&[("192.0.2.0/24", &["5432"]), ("192.0.2.7", &["22"])]);
         let hit = set
             .lookup("192.0.2.7:5432".parse().expect("addr"))
             .expect("covered by /24");
@@ -141,17 +120,8 @@ mod tests {
     #[test]
     fn too_many_ranges_is_a_config_error() {
         let ports: Vec<String> = (0..40).map(|i| (1000 + i * 10).to_string()).collect();
-        let section = InterceptSection {
-            listen_port: 15001,
-            route_table: 4765,
-            rule_priority: 4760,
-            interfaces: None,
-            prefixes: vec![InterceptPrefix {
-                prefix: "192.0.2.0/24".into(),
-                ports,
-                upstream: None,
-            }],
-        };
+        let ports: Vec<&str> = ports.iter().map(String::as_str).collect();
+        let section = test_section(&[("192.0.2.0/24", &ports)]);
         let mut errors = Vec::new();
         section.resolve(&mut errors);
         assert_eq!(errors.len(), 1);

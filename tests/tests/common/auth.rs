@@ -3,7 +3,6 @@
 //! the preamble protocol (implemented here from the documented wire format,
 //! independently of the agent's code).
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -167,31 +166,36 @@ fn rand_suffix() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
-/// The request preamble, per the README: "TCPG", version 1, flags 0,
-/// u16 big-endian token length, token.
-pub fn preamble(token: &str) -> Vec<u8> {
-    let mut out = b"TCPG\x01\x00".to_vec();
-    out.extend_from_slice(&u16::try_from(token.len()).unwrap_or(u16::MAX).to_be_bytes());
-    out.extend_from_slice(token.as_bytes());
-    out
-}
-
 /// Reads the agent's answer frame: (status, message).
 pub fn read_answer(stream: &mut TcpStream) -> Result<(u8, String)> {
-    let mut header = [0u8; 8];
-    stream.read_exact(&mut header).context("answer header")?;
-    ensure!(
-        &header[..5] == b"TCPG\x01",
-        "not an answer frame: {header:?}"
-    );
-    let len = usize::from(u16::from_be_bytes([header[6], header[7]]));
-    let mut message = vec![0u8; len];
-    stream.read_exact(&mut message)?;
-    Ok((header[5], String::from_utf8(message)?))
+    Ok(tcpgate_tests::preamble::read_answer(stream)?)
 }
 
 /// Sends a preamble and returns the answer.
 pub fn authenticate(stream: &mut TcpStream, token: &str) -> Result<(u8, String)> {
-    stream.write_all(&preamble(token))?;
-    read_answer(stream)
+    Ok(tcpgate_tests::preamble::authenticate(stream, token)?)
+}
+
+/// An echo service on the target's port 9000 that first sends `greeting`
+/// (empty: the client speaks first). Returns the peers it served.
+pub fn echo_service(
+    fx: &AuthFixture,
+    greeting: &'static [u8],
+) -> Result<tcpgate_tests::AcceptLoop<SocketAddr>> {
+    Ok(tcpgate_tests::accept_loop(
+        &fx.topo.target,
+        AuthFixture::target(9000),
+        100,
+        move |mut stream, peer| {
+            use std::io::{Read, Write};
+            let _ = stream.write_all(greeting);
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            peer
+        },
+    )?)
 }

@@ -1,7 +1,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::*;
-use crate::config::{InterceptPrefix, InterceptSection};
+use crate::config::test_set;
 
 /// Records every `ip` invocation and answers `show` with canned JSON.
 #[derive(Clone, Default)]
@@ -31,30 +31,9 @@ const PARAMS: RoutingParams = RoutingParams {
     mark: 0x7467,
 };
 
-fn set(entries: &[(&str, &[&str])]) -> InterceptSet {
-    let section = InterceptSection {
-        listen_port: 15001,
-        route_table: 4765,
-        rule_priority: 4760,
-        interfaces: None,
-        prefixes: entries
-            .iter()
-            .map(|(p, ports)| InterceptPrefix {
-                prefix: (*p).to_owned(),
-                ports: ports.iter().map(|s| (*s).to_owned()).collect(),
-                upstream: None,
-            })
-            .collect(),
-    };
-    let mut errors = Vec::new();
-    let set = section.resolve(&mut errors);
-    assert!(errors.is_empty(), "{errors:?}");
-    set
-}
-
 #[test]
 fn prefix_rules_cover_each_origin_range_and_family() {
-    let set = set(&[
+    let set = test_set(&[
         ("192.0.2.0/24", &["5432", "8000-8099"]),
         ("2001:db8::/64", &["1-65535"]),
     ]);

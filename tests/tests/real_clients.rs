@@ -1,0 +1,239 @@
+//! Real clients and servers from Debian's packages through the bastion:
+//! `psql` against PostgreSQL with a source-bound grant (no preamble, the
+//! client is unmodified), and OpenSSH with `tcpgate connect` as its
+//! `ProxyCommand` (a preamble per connection).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use common::auth::AuthFixture;
+use common::wait_events;
+use tcpgate_tests::{ChildGuard, Netns, require_root};
+
+/// Debian's PostgreSQL server binaries (`/usr/lib/postgresql/<major>/bin`).
+fn postgres_bin(name: &str) -> Result<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("PostgreSQL is not installed (apt install postgresql)")?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .collect();
+    dirs.sort();
+    dirs.into_iter()
+        .rev()
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+        .with_context(|| format!("no {name}"))
+}
+
+/// Waits until something accepts TCP connections on `addr` inside `ns`.
+fn wait_listening(ns: &Netns, addr: SocketAddr, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ns
+        .run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
+        .is_err()
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "{what} did not start listening on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// A throwaway PostgreSQL cluster in the target namespace, run as the
+/// `postgres` system user (the server refuses to run as root).
+fn start_postgres(ns: &Netns, dir: &Path) -> Result<ChildGuard> {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    let status = std::process::Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(&data)
+        .status()?;
+    ensure!(status.success(), "chown data dir");
+    let initdb = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(postgres_bin("initdb")?)
+        .args(["-D"])
+        .arg(&data)
+        .args(["-U", "postgres", "-A", "trust", "--no-sync"])
+        .output()?;
+    ensure!(
+        initdb.status.success(),
+        "initdb: {}",
+        String::from_utf8_lossy(&initdb.stderr)
+    );
+    // The server sees the bastion's address: the agent connects upstream.
+    let mut hba = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("pg_hba.conf"))?;
+    std::io::Write::write_all(&mut hba, b"host all all 192.0.2.0/24 trust\n")?;
+    let mut server = ns.command("runuser");
+    server
+        .args(["-u", "postgres", "--"])
+        .arg(postgres_bin("postgres")?)
+        .arg("-D")
+        .arg(&data)
+        .args([
+            "-c",
+            "listen_addresses=192.0.2.10",
+            "-c",
+            "port=5432",
+            "-c",
+            "fsync=off",
+        ])
+        .arg("-c")
+        .arg(format!("unix_socket_directories={}", data.display()));
+    let child = ChildGuard::spawn_logged(&mut server, dir, "postgres")?;
+    wait_listening(ns, AuthFixture::target(5432), "PostgreSQL")?;
+    Ok(child)
+}
+
+#[test]
+fn psql_through_a_source_grant() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let fx = AuthFixture::start()?;
+    let dir = tempfile::tempdir()?;
+    let _postgres = start_postgres(&fx.topo.target, dir.path())?;
+    let grant = fx.grant_from_runner(&fx.token(), &["--allow", "192.0.2.10=5432"])?;
+    let output = fx
+        .topo
+        .runner
+        .command("psql")
+        .args([
+            "-h",
+            "192.0.2.10",
+            "-p",
+            "5432",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-Atc",
+            "select 6 * 7",
+        ])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(
+        String::from_utf8_lossy(&output.stdout).trim() == "42",
+        "psql answered {:?}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let closed = &wait_events(&fx.agent, "session_close", 1)?[0];
+    ensure!(
+        closed["grant_id"] == grant.as_str() && closed["destination"] == "192.0.2.10:5432",
+        "{closed}"
+    );
+    ensure!(
+        closed["kernel_bytes_up"].as_u64() > Some(0) && closed["userspace_bytes_up"] == 0,
+        "{closed}"
+    );
+    ensure!(
+        closed["kernel_bytes_down"].as_u64() > Some(0) && closed["userspace_bytes_down"] == 0,
+        "{closed}"
+    );
+    Ok(())
+}
+
+fn ssh_keygen(path: &Path) -> Result<()> {
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "ssh-keygen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Debian's sshd in the target namespace, with throwaway keys.
+fn start_sshd(ns: &Netns, dir: &Path) -> Result<ChildGuard> {
+    ssh_keygen(&dir.join("host_key"))?;
+    ssh_keygen(&dir.join("client_key"))?;
+    std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys"))?;
+    // Privilege separation directory the packaged sshd expects.
+    std::fs::create_dir_all("/run/sshd")?;
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "ListenAddress 192.0.2.10\nPort 22\nHostKey {dir}/host_key\nAuthorizedKeysFile {dir}/authorized_keys\n\
+             PidFile {dir}/sshd.pid\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\n",
+            dir = dir.display()
+        ),
+    )?;
+    let mut sshd = ns.command("/usr/sbin/sshd");
+    sshd.args(["-D", "-e", "-f"]).arg(&config);
+    let child = ChildGuard::spawn_logged(&mut sshd, dir, "sshd")?;
+    wait_listening(ns, AuthFixture::target(22), "sshd")?;
+    Ok(child)
+}
+
+#[test]
+fn ssh_with_tcpgate_connect_as_proxy_command() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let fx = AuthFixture::start()?;
+    let dir = tempfile::tempdir()?;
+    let _sshd = start_sshd(&fx.topo.target, dir.path())?;
+    let token = fx.token_file(&fx.token())?;
+    let proxy = format!(
+        "ProxyCommand={} connect --token-file {} %h:%p",
+        fx.agent.binary().display(),
+        token.display()
+    );
+    let output = fx
+        .topo
+        .runner
+        .command("ssh")
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args(["-o", "ConnectTimeout=20", "-o", &proxy, "-i"])
+        .arg(dir.path().join("client_key"))
+        .args(["root@192.0.2.10", "echo hello-from-the-target"])
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "ssh: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(
+        String::from_utf8_lossy(&output.stdout).trim() == "hello-from-the-target",
+        "{:?}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let closed = &wait_events(&fx.agent, "session_close", 1)?[0];
+    ensure!(
+        closed["destination"] == "192.0.2.10:22" && closed["subject"].is_string(),
+        "{closed}"
+    );
+    ensure!(
+        closed["kernel_bytes_down"].as_u64() > Some(1000),
+        "ssh traffic through the kernel: {closed}"
+    );
+    Ok(())
+}
