@@ -15,7 +15,6 @@ pub const CONFIG: &str = "/etc/tcpgate/tcpgate.toml";
 pub const LOG_DIR: &str = "/var/log/tcpgate";
 pub const PIN_DIR: &str = "/sys/fs/bpf/tcpgate";
 pub const UNIT: &str = "tcpgate.service";
-pub const MOUNT_UNIT: &str = "sys-fs-bpf.mount";
 
 /// What kind of installation this is.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! `cargo xtask install` and `cargo xtask uninstall`: tcpgate on a bastion,
 //! run by systemd as an unprivileged user with three capabilities.
 //!
-//! The files come from `packaging/` (unit, bpffs mount, example config,
+//! The files come from `packaging/` (unit, example config,
 //! sysusers.d and tmpfiles.d snippets) and from the binary itself
 //! (`tcpgate completions`, `tcpgate manpage`), so what is installed always
 //! matches the binary. Every step says what it did or skipped; a second run
@@ -23,7 +23,7 @@ use crate::cmd;
 use crate::host::Host;
 use crate::setup;
 use files::{Outcome, report};
-use layout::{CONFIG, Layout, MOUNT_UNIT, Target, UNIT};
+use layout::{CONFIG, Layout, Target, UNIT};
 
 pub use uninstall::{UninstallArgs, run as uninstall};
 
@@ -88,13 +88,6 @@ pub fn install(host: &Host, args: &InstallArgs) -> Result<()> {
     put(&layout, &layout.binary(), &binary_bytes, BINARY_MODE)?;
     let unit = render_unit(&template("tcpgate.service.in")?, &layout)?;
     put(&layout, &layout.unit_dir().join(UNIT), &unit, FILE_MODE)?;
-    let mount = template(MOUNT_UNIT)?;
-    put(
-        &layout,
-        &layout.unit_dir().join(MOUNT_UNIT),
-        &mount,
-        FILE_MODE,
-    )?;
     put(
         &layout,
         &layout.sysusers(),
