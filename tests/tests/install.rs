@@ -1,76 +1,29 @@
-//! `cargo xtask install`: the staged tree, the systemd unit, and the agent
-//! running from the staged binary, also as an unprivileged user holding only
-//! the capabilities the unit grants.
+//! `cargo xtask install` and `uninstall`: the staged tree, the systemd unit
+//! as files (`systemd-analyze verify`), idempotency, and an install into a
+//! system image. `install_service.rs` runs what gets installed.
 //!
-//! Every test stages into its own temporary --destdir (or --root) and
-//! creates users and groups with unique names, so they run in parallel and
-//! never touch the host's /usr/local, /etc or tcpgate accounts.
+//! Every test stages into its own temporary --destdir (or --root), so they
+//! run in parallel and never touch the host's /usr/local, /etc or accounts.
 
 mod common;
+#[allow(dead_code, reason = "shared with install_service.rs")]
 mod install_support;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
-use common::auth::{AuthFixture, Launch, authenticate, echo_service, policy};
-use common::wait_events;
-use install_support::unprivileged::{Wrapper, capability_set, ids};
-use install_support::{PREFIX, Staged, TestUser, install, xtask};
+use install_support::tree::{
+    changes, check_completions_and_man_pages, files_under, mode, staged_files,
+};
+use install_support::{PREFIX, Staged, Unit, install, xtask};
 use tcpgate_tests::require_root;
 
 /// The capabilities the unit must grant, no more (see the unit's comments
 /// for why each is needed; the tests below show it).
 const UNIT_CAPABILITIES: [&str; 3] = ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"];
-
-fn mode(path: &Path) -> Result<u32> {
-    Ok(std::fs::metadata(path)
-        .with_context(|| format!("{} is missing", path.display()))?
-        .permissions()
-        .mode()
-        & 0o7777)
-}
-
-/// Every regular file under `dir`, relative to it, as `/path`.
-fn files_under(dir: &Path) -> Result<BTreeSet<String>> {
-    let mut found = BTreeSet::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(current) = stack.pop() {
-        for entry in std::fs::read_dir(&current)? {
-            let path = entry?.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let relative = path.strip_prefix(dir)?.display().to_string();
-                found.insert(format!("/{relative}"));
-            }
-        }
-    }
-    Ok(found)
-}
-
-fn staged_files() -> Vec<(String, u32)> {
-    let mut files: Vec<(String, u32)> = [
-        ("/bin/tcpgate", 0o755),
-        ("/lib/systemd/system/tcpgate.service", 0o644),
-        ("/lib/sysusers.d/tcpgate.conf", 0o644),
-        ("/lib/tmpfiles.d/tcpgate.conf", 0o644),
-        ("/share/bash-completion/completions/tcpgate", 0o644),
-        ("/share/zsh/site-functions/_tcpgate", 0o644),
-        ("/share/fish/vendor_completions.d/tcpgate.fish", 0o644),
-        ("/share/man/man1/tcpgate.1", 0o644),
-        ("/share/man/man1/tcpgate-run.1", 0o644),
-        ("/share/man/man1/tcpgate-check-config.1", 0o644),
-    ]
-    .iter()
-    .map(|(path, mode)| (format!("{PREFIX}{path}"), *mode))
-    .collect();
-    files.push(("/etc/tcpgate/tcpgate.toml".to_owned(), 0o644));
-    files
-}
 
 /// The tree holds exactly the expected files with their modes, the unit says
 /// what it must, and the staged example config passes check-config.
@@ -147,7 +100,7 @@ fn staged_tree_holds_the_files_modes_and_unit_settings() -> Result<()> {
     for (key, value) in [
         ("NoNewPrivileges", "yes"),
         ("ProtectSystem", "strict"),
-        ("ReadWritePaths", "/sys/fs/bpf/tcpgate"),
+        ("ReadWritePaths", "-/sys/fs/bpf/tcpgate"),
         ("LogsDirectory", "tcpgate"),
         ("LogsDirectoryMode", "0750"),
         ("PrivateTmp", "yes"),
@@ -161,6 +114,11 @@ fn staged_tree_holds_the_files_modes_and_unit_settings() -> Result<()> {
         ("MemoryDenyWriteExecute", "yes"),
         ("SystemCallArchitectures", "native"),
         ("UMask", "0027"),
+        ("KillMode", "mixed"),
+        ("ProtectProc", "invisible"),
+        ("ProcSubset", "pid"),
+        ("SystemCallFilter", "@system-service bpf"),
+        ("SystemCallErrorNumber", "EPERM"),
     ] {
         ensure!(
             service(key)? == value,
@@ -196,6 +154,24 @@ fn staged_tree_holds_the_files_modes_and_unit_settings() -> Result<()> {
         }
     }
     ensure!(unit.one("Install", "WantedBy")? == "multi-user.target");
+    ensure!(unit.one("Unit", "Requires")? == "tcpgate-bpffs.service");
+
+    // bpffs is mounted by a plain service (systemd refuses a .mount unit
+    // for it), only where it is missing.
+    let bpffs = Unit::parse(&std::fs::read_to_string(staged.path(&format!(
+        "{PREFIX}/lib/systemd/system/tcpgate-bpffs.service"
+    )))?)?;
+    ensure!(bpffs.one("Unit", "ConditionPathIsMountPoint")? == "!/sys/fs/bpf");
+    ensure!(
+        bpffs
+            .one("Unit", "Before")?
+            .split_whitespace()
+            .any(|u| u == "tcpgate.service")
+    );
+    ensure!(
+        bpffs.one("Service", "ExecStart")?
+            == "/bin/mount -t bpf -o nosuid,nodev,noexec,mode=0700 bpf /sys/fs/bpf"
+    );
 
     // The config and the unit agree on where things are.
     let config_path = staged.path("/etc/tcpgate/tcpgate.toml");
@@ -221,55 +197,6 @@ fn staged_tree_holds_the_files_modes_and_unit_settings() -> Result<()> {
         String::from_utf8_lossy(&check.stderr)
     );
     check_completions_and_man_pages(&staged)
-}
-
-fn check_completions_and_man_pages(staged: &Staged) -> Result<()> {
-    let bash = staged.path(&format!(
-        "{PREFIX}/share/bash-completion/completions/tcpgate"
-    ));
-    let registered = Command::new("bash")
-        .arg("-c")
-        .arg(format!("source {} && complete -p tcpgate", bash.display()))
-        .output()?;
-    ensure!(
-        String::from_utf8_lossy(&registered.stdout).contains("-F _tcpgate tcpgate"),
-        "bash completion registers for tcpgate: {}",
-        String::from_utf8_lossy(&registered.stderr)
-    );
-    let zsh = std::fs::read_to_string(
-        staged.path(&format!("{PREFIX}/share/zsh/site-functions/_tcpgate")),
-    )?;
-    ensure!(zsh.starts_with("#compdef tcpgate"), "zsh completion header");
-    let fish = std::fs::read_to_string(staged.path(&format!(
-        "{PREFIX}/share/fish/vendor_completions.d/tcpgate.fish"
-    )))?;
-    ensure!(fish.contains("complete -c tcpgate"), "fish completion");
-    for page in ["tcpgate.1", "tcpgate-run.1"] {
-        let path = staged.path(&format!("{PREFIX}/share/man/man1/{page}"));
-        let rendered = Command::new("man")
-            .args(["--warnings", "-l"])
-            .arg(&path)
-            .env("MANWIDTH", "80")
-            .env("MANPAGER", "cat")
-            .output()?;
-        let warnings = String::from_utf8_lossy(&rendered.stderr);
-        ensure!(
-            rendered.status.success() && warnings.trim().is_empty(),
-            "man {page}: {warnings}"
-        );
-        ensure!(String::from_utf8_lossy(&rendered.stdout).contains("SYNOPSIS"));
-    }
-    Ok(())
-}
-
-/// Lines of an install's output that changed something.
-fn changes(output: &str) -> Vec<&str> {
-    output
-        .lines()
-        .filter(|l| {
-            l.ends_with("... installed") || l.ends_with("... updated") || l.ends_with("... removed")
-        })
-        .collect()
 }
 
 /// A second install changes nothing, an edited config survives, a page of a
@@ -445,7 +372,8 @@ fn systemd_analyze_verify_accepts_the_unit() -> Result<()> {
     let local = staged.path(PREFIX);
     let script = format!(
         "mount --bind {local} {PREFIX} && \
-         exec systemd-analyze verify {PREFIX}/lib/systemd/system/tcpgate.service",
+         exec systemd-analyze verify {PREFIX}/lib/systemd/system/tcpgate.service \
+         {PREFIX}/lib/systemd/system/tcpgate-bpffs.service",
         local = local.display()
     );
     let output = Command::new("unshare")
@@ -476,198 +404,5 @@ fn systemd_analyze_verify_accepts_the_unit() -> Result<()> {
         said.contains("Failed to parse service type"),
         "broken unit: {said}"
     );
-    Ok(())
-}
-
-/// Sends `payload` through an admitted stream and checks the echo.
-fn echo_through(stream: &mut std::net::TcpStream, payload: &[u8]) -> Result<()> {
-    stream.write_all(payload)?;
-    let mut back = vec![0u8; payload.len()];
-    stream.read_exact(&mut back)?;
-    ensure!(back == payload, "echo through the agent");
-    Ok(())
-}
-
-/// The session went through the kernel splice: every byte counted by the
-/// verdict program, none copied by the agent.
-fn ensure_spliced(event: &serde_json::Value, len: u64) -> Result<()> {
-    ensure!(event["datapath"] == "ebpf", "data path: {event}");
-    ensure!(
-        event["kernel_bytes_up"] == len && event["kernel_bytes_down"] == len,
-        "kernel byte counters: {event}"
-    );
-    ensure!(
-        event["userspace_bytes_up"] == 0 && event["userspace_bytes_down"] == 0,
-        "no user-space copy: {event}"
-    );
-    Ok(())
-}
-
-/// The staged binary is a working tcpgate: runner → bastion → target with a
-/// token preamble, then with a grant asked for by the staged CLI and a plain
-/// client; both sessions spliced in the kernel.
-#[test]
-fn staged_binary_serves_authenticated_sessions_end_to_end() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    let staged = Staged::new()?;
-    let launch = Launch {
-        binary: Some(staged.binary()),
-        prepare: None,
-    };
-    let fx = AuthFixture::start_launched(&policy("15m"), &[], launch)?;
-    ensure!(
-        fx.agent.binary() == staged.binary(),
-        "the agent is the staged binary"
-    );
-    let server = echo_service(&fx, b"")?;
-
-    let payload = b"through the staged binary, token in band";
-    let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
-    let (status, message) = authenticate(&mut stream, &fx.token())?;
-    ensure!(status == 0, "preamble denied: {message}");
-    echo_through(&mut stream, payload)?;
-    drop(stream);
-
-    let grant = fx.grant_from_runner(&fx.token(), &[])?;
-    let mut plain = fx.dial_from_runner(AuthFixture::target(9000))?;
-    echo_through(&mut plain, payload)?;
-    drop(plain);
-
-    let closed = wait_events(&fx.agent, "session_close", 2)?;
-    for event in &closed {
-        ensure_spliced(event, payload.len() as u64)?;
-    }
-    ensure!(
-        closed.iter().any(|e| e["grant_id"] == grant.as_str()),
-        "one session ran under the CLI's grant {grant}: {closed:?}"
-    );
-    server.stop()?;
-    Ok(())
-}
-
-/// An echo server on the target's port 22: interception of a low port must
-/// not need CAP_NET_BIND_SERVICE (sk_lookup steers it to the agent's 15001).
-fn ssh_port_echo(fx: &AuthFixture) -> Result<tcpgate_tests::AcceptLoop<()>> {
-    Ok(tcpgate_tests::accept_loop(
-        &fx.topo.target,
-        AuthFixture::target(22),
-        10,
-        |mut stream, _| {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stream.read(&mut buf) {
-                if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        },
-    )?)
-}
-
-/// The proof that the unit's capability list is enough: the staged agent,
-/// started like the unit starts it (an unprivileged user, the operators'
-/// group, only the unit's capabilities in every set, no-new-privileges),
-/// loads eBPF, installs interception through `ip`, admits a token and
-/// splices the session in the kernel; on SIGTERM it removes its routes.
-#[test]
-fn unit_capabilities_let_a_non_root_agent_intercept_and_splice() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    let staged = Staged::new()?;
-    let caps = staged.unit()?.capabilities()?;
-    let user = TestUser::create()?;
-    let wrapper = Wrapper::new(&staged.binary(), &user, &caps)?;
-    let mut fx = AuthFixture::start_launched(&policy("15m"), &[], wrapper.launch(&user))?;
-
-    let pid = fx.agent.pid();
-    ensure!(
-        ids(pid, "Uid")? == vec![user.uid; 4],
-        "the agent runs as {}",
-        user.name
-    );
-    ensure!(
-        ids(pid, "Groups")?.contains(&user.extra_gid),
-        "in the operators' group"
-    );
-    for field in ["CapEff", "CapPrm", "CapAmb", "CapBnd"] {
-        let held = capability_set(pid, field)?;
-        ensure!(
-            held == caps,
-            "{field} is {held:?}, the unit grants {caps:?}"
-        );
-    }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    ensure!(status.contains("NoNewPrivs:\t1"), "no-new-privileges");
-    ensure!(
-        !common::routing_leftovers(&fx.topo.bastion)?.is_empty(),
-        "the agent's `ip` child installed the interception rules"
-    );
-
-    let server = ssh_port_echo(&fx)?;
-    let payload = b"spliced for an unprivileged agent";
-    let mut stream = fx.dial_from_runner(AuthFixture::target(22))?;
-    let (status, message) = authenticate(&mut stream, &fx.token())?;
-    ensure!(
-        status == 0,
-        "preamble denied: {message}\n{}",
-        fx.agent.logs_tail(20)
-    );
-    echo_through(&mut stream, payload)?;
-    drop(stream);
-    let closed = wait_events(&fx.agent, "session_close", 1)?;
-    ensure_spliced(&closed[0], payload.len() as u64)?;
-    ensure!(closed[0]["destination"] == "192.0.2.10:22", "{}", closed[0]);
-    server.stop()?;
-
-    let exit = fx.agent.stop()?;
-    ensure!(
-        exit.success(),
-        "clean stop: {exit}\n{}",
-        fx.agent.logs_tail(20)
-    );
-    let left = common::routing_leftovers(&fx.topo.bastion)?;
-    ensure!(left.is_empty(), "routes and rules left behind: {left:?}");
-    Ok(())
-}
-
-/// Each capability of the unit is needed: without any one of them the agent
-/// does not start, and says why. Without CAP_PERFMON, the most surprising
-/// one, the verifier itself explains.
-#[test]
-fn dropping_any_unit_capability_stops_startup_with_a_clear_error() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    let staged = Staged::new()?;
-    let caps = staged.unit()?.capabilities()?;
-    let user = TestUser::create()?;
-    for dropped in &caps {
-        let fewer: BTreeSet<String> = caps.iter().filter(|c| *c != dropped).cloned().collect();
-        let wrapper = Wrapper::new(&staged.binary(), &user, &fewer)?;
-        let started = AuthFixture::start_launched(&policy("15m"), &[], wrapper.launch(&user));
-        let Err(err) = started else {
-            anyhow::bail!("the agent started without {dropped}");
-        };
-        let Some(tcpgate_tests::AgentError::ExitedEarly { stderr_tail, .. }) =
-            err.downcast_ref::<tcpgate_tests::AgentError>()
-        else {
-            anyhow::bail!("without {dropped}: expected an early exit, got {err:#}");
-        };
-        let expected: &[&str] = match dropped.as_str() {
-            // The verifier refuses map-value pointer arithmetic to programs
-            // loaded without CAP_PERFMON (which program comes first varies).
-            "CAP_PERFMON" => &["prohibited for !root", "Permission denied"],
-            "CAP_BPF" | "CAP_NET_ADMIN" => &["failed to create map", "Operation not permitted"],
-            other => anyhow::bail!("no expectation for {other}"),
-        };
-        for text in expected {
-            ensure!(
-                stderr_tail.contains(text),
-                "without {dropped}, the error should say {text:?}:\n{stderr_tail}"
-            );
-        }
-    }
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Support for the install tests: staging with `cargo xtask install`, a
 //! reader for systemd unit files, and a temporary system user.
 
+pub mod systemd;
+pub mod tree;
 pub mod unprivileged;
 
 use std::collections::BTreeSet;

@@ -15,6 +15,8 @@ pub const CONFIG: &str = "/etc/tcpgate/tcpgate.toml";
 pub const LOG_DIR: &str = "/var/log/tcpgate";
 pub const PIN_DIR: &str = "/sys/fs/bpf/tcpgate";
 pub const UNIT: &str = "tcpgate.service";
+/// Mounts bpffs where PID 1 did not (a .mount unit is refused for it).
+pub const BPFFS_UNIT: &str = "tcpgate-bpffs.service";
 
 /// What kind of installation this is.
 #[derive(Debug, Clone, PartialEq, Eq)]

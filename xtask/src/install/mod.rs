@@ -1,7 +1,7 @@
 //! `cargo xtask install` and `cargo xtask uninstall`: tcpgate on a bastion,
 //! run by systemd as an unprivileged user with three capabilities.
 //!
-//! The files come from `packaging/` (unit, example config,
+//! The files come from `packaging/` (units, example config,
 //! sysusers.d and tmpfiles.d snippets) and from the binary itself
 //! (`tcpgate completions`, `tcpgate manpage`), so what is installed always
 //! matches the binary. Every step says what it did or skipped; a second run
@@ -23,7 +23,7 @@ use crate::cmd;
 use crate::host::Host;
 use crate::setup;
 use files::{Outcome, report};
-use layout::{CONFIG, Layout, Target, UNIT};
+use layout::{BPFFS_UNIT, CONFIG, Layout, Target, UNIT};
 
 pub use uninstall::{UninstallArgs, run as uninstall};
 
@@ -88,6 +88,13 @@ pub fn install(host: &Host, args: &InstallArgs) -> Result<()> {
     put(&layout, &layout.binary(), &binary_bytes, BINARY_MODE)?;
     let unit = render_unit(&template("tcpgate.service.in")?, &layout)?;
     put(&layout, &layout.unit_dir().join(UNIT), &unit, FILE_MODE)?;
+    let bpffs = template(BPFFS_UNIT)?;
+    put(
+        &layout,
+        &layout.unit_dir().join(BPFFS_UNIT),
+        &bpffs,
+        FILE_MODE,
+    )?;
     put(
         &layout,
         &layout.sysusers(),
@@ -163,11 +170,28 @@ fn render_unit(template: &[u8], layout: &Layout) -> Result<Vec<u8>> {
     let rendered = text.replace("@BINDIR@", &bindir.display().to_string());
     if let Some(line) = rendered
         .lines()
-        .find(|l| !l.starts_with('#') && l.contains('@'))
+        .find(|l| !l.starts_with('#') && has_placeholder(l))
     {
         bail!("the unit template has an unknown placeholder: {line}");
     }
     Ok(rendered.into_bytes())
+}
+
+/// `@NAME@` (capitals and underscores), unlike the `@` of syscall groups
+/// such as `@system-service`.
+fn has_placeholder(line: &str) -> bool {
+    let mut rest = line;
+    while let Some(at) = rest.find('@') {
+        let after = &rest[at + 1..];
+        let name = after
+            .find(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+            .unwrap_or(after.len());
+        if name > 0 && after[name..].starts_with('@') {
+            return true;
+        }
+        rest = after;
+    }
+    false
 }
 
 /// Runs the binary being installed and returns its stdout.
@@ -275,6 +299,17 @@ mod tests {
             "{unit}"
         );
         assert!(!unit.contains("@BINDIR@"));
+    }
+
+    #[test]
+    fn placeholders_are_told_apart_from_syscall_groups() {
+        assert!(has_placeholder("ExecStart=@SBINDIR@/tcpgate"));
+        assert!(has_placeholder("A=x@y @X@"));
+        assert!(!has_placeholder("SystemCallFilter=@system-service bpf"));
+        assert!(!has_placeholder(
+            "SystemCallFilter=@system-service @network-io"
+        ));
+        assert!(!has_placeholder("User=tcpgate"));
     }
 
     #[test]

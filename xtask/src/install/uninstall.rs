@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 
 use super::files::{self, report};
-use super::layout::{CONFIG_DIR, LOG_DIR, Layout, PIN_DIR, Target, UNIT};
+use super::layout::{BPFFS_UNIT, CONFIG_DIR, LOG_DIR, Layout, PIN_DIR, Target, UNIT};
 use super::{TargetArgs, system};
 use crate::host::Host;
 
@@ -29,6 +29,7 @@ pub fn run(host: &Host, args: &UninstallArgs) -> Result<()> {
     let mut paths = vec![
         layout.binary(),
         layout.unit_dir().join(UNIT),
+        layout.unit_dir().join(BPFFS_UNIT),
         layout.sysusers(),
         layout.tmpfiles(),
         layout.bash_completion(),
