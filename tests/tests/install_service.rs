@@ -17,7 +17,7 @@ use anyhow::{Context, Result, ensure};
 use common::auth::{AuthFixture, Launch, authenticate, echo_service, policy};
 use common::wait_events;
 use install_support::systemd::Container;
-use install_support::unprivileged::{Wrapper, capability_set, ids};
+use install_support::unprivileged::{Privileges, Wrapper, capability_set, ids};
 use install_support::{Staged, TestUser};
 use tcpgate_tests::require_root;
 
@@ -124,7 +124,7 @@ fn unit_capabilities_let_a_non_root_agent_intercept_and_splice() -> Result<()> {
     let staged = Staged::new()?;
     let caps = staged.unit()?.capabilities()?;
     let user = TestUser::create()?;
-    let wrapper = Wrapper::new(&staged.binary(), &user, &caps)?;
+    let wrapper = Wrapper::new(&staged.binary(), &user, &Privileges::unit(&caps))?;
     let mut fx = AuthFixture::start_launched(&policy("15m"), &[], wrapper.launch(&user))?;
 
     let pid = fx.agent.pid();
@@ -191,7 +191,7 @@ fn dropping_any_unit_capability_stops_startup_with_a_clear_error() -> Result<()>
     let user = TestUser::create()?;
     for dropped in &caps {
         let fewer: BTreeSet<String> = caps.iter().filter(|c| *c != dropped).cloned().collect();
-        let wrapper = Wrapper::new(&staged.binary(), &user, &fewer)?;
+        let wrapper = Wrapper::new(&staged.binary(), &user, &Privileges::unit(&fewer))?;
         let started = AuthFixture::start_launched(&policy("15m"), &[], wrapper.launch(&user));
         let Err(err) = started else {
             anyhow::bail!("the agent started without {dropped}");
@@ -215,6 +215,53 @@ fn dropping_any_unit_capability_stops_startup_with_a_clear_error() -> Result<()>
             );
         }
     }
+    Ok(())
+}
+
+/// Why the unit grants ambient capabilities rather than putting them on the
+/// binary: with the same three as file capabilities (which also means
+/// giving up no-new-privileges), the agent loads eBPF, but the `ip` it runs
+/// for policy routing gets none, and interception cannot be set up.
+#[test]
+fn file_capabilities_do_not_reach_the_agents_ip_commands() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let staged = Staged::new()?;
+    let caps = staged.unit()?.capabilities()?;
+    let user = TestUser::create()?;
+    let dir = tempfile::Builder::new().prefix("tg-filecaps-").tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let binary = dir.path().join("tcpgate");
+    std::fs::copy(staged.binary(), &binary)?;
+    let names: Vec<String> = caps.iter().map(|c| c.to_ascii_lowercase()).collect();
+    let setcap = std::process::Command::new("setcap")
+        .arg(format!("{}+ep", names.join(",")))
+        .arg(&binary)
+        .status()
+        .context("run setcap (libcap2-bin)")?;
+    ensure!(setcap.success(), "setcap failed");
+    let privileges = Privileges {
+        ambient: BTreeSet::new(),
+        bounding: caps,
+        no_new_privs: false,
+    };
+    let wrapper = Wrapper::new(&binary, &user, &privileges)?;
+    let started = AuthFixture::start_launched(&policy("15m"), &[], wrapper.launch(&user));
+    let Err(err) = started else {
+        anyhow::bail!("the agent started with file capabilities only");
+    };
+    let Some(tcpgate_tests::AgentError::ExitedEarly { stderr_tail, .. }) =
+        err.downcast_ref::<tcpgate_tests::AgentError>()
+    else {
+        anyhow::bail!("expected an early exit, got {err:#}");
+    };
+    ensure!(
+        stderr_tail.contains("cannot install interception")
+            && stderr_tail.contains("RTNETLINK answers: Operation not permitted"),
+        "eBPF loaded, then `ip` lacked CAP_NET_ADMIN:\n{stderr_tail}"
+    );
     Ok(())
 }
 
@@ -375,6 +422,18 @@ fn systemd_runs_the_installed_unit() -> Result<()> {
             .journal("tcpgate.service")
             .contains("reloaded the intercepted set")
     );
+    // A bad file on reload changes nothing; the agent keeps serving.
+    let config = container.path("/etc/tcpgate/tcpgate.toml");
+    let good = std::fs::read_to_string(&config)?;
+    std::fs::write(&config, format!("{good}\n[agent.typo]\n"))?;
+    container.run(&["systemctl", "reload", "tcpgate.service"])?;
+    ensure!(container.property("tcpgate.service", "ActiveState")? == "active");
+    ensure!(
+        container
+            .journal("tcpgate.service")
+            .contains("reload rejected")
+    );
+
     container.run(&["systemctl", "stop", "tcpgate.service"])?;
     let left = common::routing_leftovers(&topo.bastion)?;
     ensure!(
@@ -384,6 +443,16 @@ fn systemd_runs_the_installed_unit() -> Result<()> {
     );
     let pins: Vec<_> = std::fs::read_dir(container.path("/sys/fs/bpf/tcpgate"))?.collect();
     ensure!(pins.is_empty(), "pins left after stop: {pins:?}");
+
+    // Started with the bad file, the agent exits 64 and is not restarted.
+    let start = container.exec(&["systemctl", "start", "tcpgate.service"])?;
+    ensure!(!start.status.success(), "a bad config must not start");
+    ensure!(container.property("tcpgate.service", "ExecMainStatus")? == "64");
+    ensure!(
+        container.property("tcpgate.service", "SubState")? == "failed",
+        "no restart after a config error: {}",
+        container.property("tcpgate.service", "SubState")?
+    );
 
     let removed = container.run(&["/var/tmp/xtask", "uninstall", "--purge"])?;
     ensure!(

@@ -28,19 +28,45 @@ fn setpriv_set(caps: &BTreeSet<String>) -> String {
         .join(",")
 }
 
-/// A wrapper script that execs `binary` as `user` with only `caps`. It is
-/// the agent's process (exec all the way), so the fixture's pid is the
-/// agent's.
+/// What the agent's process may hold.
+pub struct Privileges {
+    /// Ambient and inheritable (and so permitted and effective) capabilities.
+    pub ambient: BTreeSet<String>,
+    pub bounding: BTreeSet<String>,
+    pub no_new_privs: bool,
+}
+
+impl Privileges {
+    /// What tcpgate.service gives: `caps` as ambient and bounding set
+    /// (AmbientCapabilities=, CapabilityBoundingSet=), NoNewPrivileges=yes.
+    pub fn unit(caps: &BTreeSet<String>) -> Self {
+        Self {
+            ambient: caps.clone(),
+            bounding: caps.clone(),
+            no_new_privs: true,
+        }
+    }
+}
+
+/// A wrapper script that execs `binary` as `user` with exactly the given
+/// privileges. It is the agent's process (exec all the way), so the
+/// fixture's pid is the agent's.
 pub struct Wrapper {
     _dir: TempDir,
     pub path: PathBuf,
 }
 
 impl Wrapper {
-    pub fn new(binary: &Path, user: &TestUser, caps: &BTreeSet<String>) -> Result<Self> {
+    pub fn new(binary: &Path, user: &TestUser, privileges: &Privileges) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("tg-setpriv-").tempdir()?;
         let path = dir.path().join("tcpgate-as-service");
-        let set = setpriv_set(caps);
+        let ambient = setpriv_set(&privileges.ambient);
+        let bounding = setpriv_set(&privileges.bounding);
+        let no_new_privs = if privileges.no_new_privs {
+            "--no-new-privs "
+        } else {
+            ""
+        };
         let mut file = std::fs::File::create(&path)?;
         writeln!(
             file,
@@ -50,8 +76,8 @@ impl Wrapper {
              chmod 0711 \"$(dirname \"$NOTIFY_SOCKET\")\"\n\
              chown {uid} \"$NOTIFY_SOCKET\"\n\
              umask 0027\n\
-             exec setpriv --reuid={uid} --regid={gid} --groups={extra} --no-new-privs \\\n\
-             \x20 --inh-caps={set} --ambient-caps={set} --bounding-set={set} \\\n\
+             exec setpriv --reuid={uid} --regid={gid} --groups={extra} {no_new_privs}\\\n\
+             \x20 --inh-caps={ambient} --ambient-caps={ambient} --bounding-set={bounding} \\\n\
              \x20 -- {binary} \"$@\"",
             uid = user.uid,
             gid = user.gid,
