@@ -82,10 +82,14 @@ pub fn install(host: &Host, args: &InstallArgs) -> Result<()> {
         let path = packaging.join(name);
         std::fs::read(&path).with_context(|| format!("cannot read template {}", path.display()))
     };
+    // Before anything is written: a broken example would be installed once
+    // and then kept forever.
+    let example = template("tcpgate.toml")?;
+    check_example_config(&binary, &example)?;
 
     let binary_bytes =
         std::fs::read(&binary).with_context(|| format!("cannot read {}", binary.display()))?;
-    put(&layout, &layout.binary(), &binary_bytes, BINARY_MODE)?;
+    let replaced = put(&layout, &layout.binary(), &binary_bytes, BINARY_MODE)?;
     let unit = render_unit(&template("tcpgate.service.in")?, &layout)?;
     put(&layout, &layout.unit_dir().join(UNIT), &unit, FILE_MODE)?;
     let bpffs = template(BPFFS_UNIT)?;
@@ -120,8 +124,6 @@ pub fn install(host: &Host, args: &InstallArgs) -> Result<()> {
     }
     install_man_pages(&layout, &installed)?;
 
-    let example = template("tcpgate.toml")?;
-    check_example_config(&installed, &example)?;
     let config = layout.on_disk(Path::new(CONFIG));
     let outcome = files::put_if_missing(&config, &example, FILE_MODE)?;
     report("install", Path::new(CONFIG), outcome);
@@ -135,6 +137,12 @@ pub fn install(host: &Host, args: &InstallArgs) -> Result<()> {
             system::ensure_accounts(&layout)?;
             system::ensure_directories(&layout)?;
             system::daemon_reload(&layout)?;
+            if replaced == Outcome::Updated && system::service_active(&layout) {
+                println!(
+                    "install: {UNIT} still runs the previous binary; \
+                     `systemctl restart {UNIT}` switches to the new one"
+                );
+            }
             println!(
                 "install: done. Edit {CONFIG}, check it with `tcpgate check-config`, then \
                  `systemctl enable --now {UNIT}` (docs/install.md)."

@@ -109,6 +109,16 @@ pub fn daemon_reload(layout: &Layout) -> Result<()> {
     Ok(())
 }
 
+/// The service is running on this system.
+pub fn service_active(layout: &Layout) -> bool {
+    layout.target == Target::System
+        && systemd_running()
+        && Command::new("systemctl")
+            .args(["--quiet", "is-active", UNIT])
+            .status()
+            .is_ok_and(|status| status.success())
+}
+
 /// Stops and disables the service before its files go away.
 pub fn stop_service(layout: &Layout) -> Result<()> {
     if layout.target != Target::System || !systemd_running() {
