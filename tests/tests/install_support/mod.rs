@@ -180,8 +180,15 @@ pub struct TestUser {
     pub extra_gid: u32,
 }
 
+/// useradd and userdel lock /etc/passwd and give up after a while: one at
+/// a time within this process.
+static ACCOUNTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 impl TestUser {
     pub fn create() -> Result<Self> {
+        let _serial = ACCOUNTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let name = tcpgate_tests::unique_name("tgu");
         let extra_group = tcpgate_tests::unique_name("tgo");
         run(Command::new("groupadd").args(["--system", &extra_group]))?;
@@ -217,6 +224,9 @@ impl TestUser {
 
 impl Drop for TestUser {
     fn drop(&mut self) {
+        let _serial = ACCOUNTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // userdel also removes the user's own group (USERGROUPS_ENAB).
         let _ = run(Command::new("userdel").arg(&self.name));
         let _ = run(Command::new("groupdel").arg(&self.extra_group));
