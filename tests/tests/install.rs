@@ -18,7 +18,7 @@ use anyhow::{Context, Result, ensure};
 use install_support::tree::{
     changes, check_completions_and_man_pages, files_under, mode, staged_files,
 };
-use install_support::{PREFIX, Staged, Unit, install, xtask};
+use install_support::{HostOperatorsGroup, PREFIX, Staged, Unit, install, xtask};
 use tcpgate_tests::require_root;
 
 /// The capabilities the unit must grant, no more (see the unit's comments
@@ -186,11 +186,16 @@ fn staged_tree_holds_the_files_modes_and_unit_settings() -> Result<()> {
             "example config lacks `{line}`"
         );
     }
+    // check-config resolves the operators' group, which install creates:
+    // have it on the host for the check (install_service.rs checks a real
+    // install's config as installed).
+    let group = HostOperatorsGroup::ensure()?;
     let check = Command::new(staged.binary())
         .arg("check-config")
         .arg("--config")
         .arg(&config_path)
         .output()?;
+    drop(group);
     ensure!(
         check.status.success(),
         "the example config fails check-config: {}",
@@ -237,7 +242,7 @@ fn install_twice_is_harmless_and_uninstall_keeps_the_config_unless_purged() -> R
         "the edited config is untouched"
     );
     ensure!(
-        third.contains("the existing /etc/tcpgate/tcpgate.toml passes"),
+        third.contains("install: /etc/tcpgate/tcpgate.toml passes `tcpgate check-config`"),
         "an existing config is checked:\n{third}"
     );
     ensure!(
@@ -291,6 +296,7 @@ fn install_into_an_image_creates_the_accounts_and_the_log_directory() -> Result<
             })
             .collect()
     };
+    let _serial = install_support::real_names_lock();
     let host_before = host_accounts()?;
     let image = tempfile::Builder::new().prefix("tg-image-").tempdir()?;
     let binary = tcpgate_tests::agent::agent_binary()?;

@@ -336,6 +336,9 @@ fn systemd_runs_the_installed_unit() -> Result<()> {
             && installed.contains("$ systemctl daemon-reload"),
         "a real install:\n{installed}"
     );
+    // The example, as installed, on the system whose accounts install made.
+    let checked = container.run(&["/usr/local/bin/tcpgate", "check-config"])?;
+    ensure!(checked.contains("valid"), "check-config: {checked}");
 
     std::fs::copy(jwks.ca_file(), container.path("/etc/tcpgate/jwks-ca.pem"))?;
     std::fs::write(
@@ -404,6 +407,7 @@ fn systemd_runs_the_installed_unit() -> Result<()> {
         container.journal("tcpgate.service")
     );
     echo_through(&mut stream, payload)?;
+    operator_sees_the_session(&container)?;
     drop(stream);
     let audit = container.path("/var/log/tcpgate/audit.jsonl");
     let closed = tcpgate_tests::wait_for_audit(
@@ -494,6 +498,42 @@ fn check_files_the_agent_made(container: &Container, uid: u32, operators: u32) -
         log.uid() == uid && log.mode() & 0o007 == 0,
         "audit log owned by tcpgate, nothing for others: {:o}",
         log.mode() & 0o7777
+    );
+    Ok(())
+}
+
+/// A member of tcpgate-operators, without root or capabilities, lists the
+/// live session from the pinned maps: the install's groups, the unit's pin
+/// directory and its `o+x` on /sys/fs/bpf (mounted 0700 here, as systemd
+/// mounts it) are what make that work.
+fn operator_sees_the_session(container: &Container) -> Result<()> {
+    container.run(&[
+        "useradd",
+        "--system",
+        "--groups",
+        "tcpgate-operators",
+        "tgop",
+    ])?;
+    let listed = container.run(&[
+        "setpriv",
+        "--reuid=tgop",
+        "--regid=tgop",
+        "--init-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--",
+        "/usr/local/bin/tcpgate",
+        "sessions",
+        "--json",
+        "--sample",
+        "0s",
+    ])?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&listed).with_context(|| format!("sessions JSON: {listed}"))?;
+    let sessions = doc["sessions"].as_array().context("sessions array")?;
+    ensure!(
+        sessions.len() == 1 && sessions[0]["destination"] == "192.0.2.10:22",
+        "the operator sees the one live session: {listed}"
     );
     Ok(())
 }

@@ -184,6 +184,56 @@ pub struct TestUser {
 /// a time within this process.
 static ACCOUNTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Held by tests that use or watch the host's accounts named like a real
+/// install's (`tcpgate-operators`): they share those names, so they run one
+/// at a time.
+static REAL_NAMES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Serializes the tests that share the real accounts' names.
+pub fn real_names_lock() -> std::sync::MutexGuard<'static, ()> {
+    REAL_NAMES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The host group `tcpgate-operators`, as an install would have it, for a
+/// check that resolves it; created if missing and then removed on drop.
+/// Holds [`real_names_lock`] while it lives.
+pub struct HostOperatorsGroup {
+    created: bool,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl HostOperatorsGroup {
+    pub const NAME: &'static str = "tcpgate-operators";
+
+    pub fn ensure() -> Result<Self> {
+        let serial = real_names_lock();
+        let created = getent_gid(Self::NAME).is_err();
+        if created {
+            let _accounts = ACCOUNTS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            run(Command::new("groupadd").args(["--system", Self::NAME]))?;
+        }
+        Ok(Self {
+            created,
+            _serial: serial,
+        })
+    }
+}
+
+impl Drop for HostOperatorsGroup {
+    fn drop(&mut self) {
+        if self.created {
+            let _accounts = ACCOUNTS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let _ = run(Command::new("groupdel").arg(Self::NAME));
+        }
+    }
+}
+
 impl TestUser {
     pub fn create() -> Result<Self> {
         let _serial = ACCOUNTS

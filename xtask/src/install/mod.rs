@@ -7,6 +7,7 @@
 //! matches the binary. Every step says what it did or skipped; a second run
 //! changes nothing.
 
+mod config_check;
 mod files;
 mod layout;
 mod system;
@@ -85,7 +86,7 @@ pub fn install(host: &Host, args: &InstallArgs) -> Result<()> {
     // Before anything is written: a broken example would be installed once
     // and then kept forever.
     let example = template("tcpgate.toml")?;
-    check_example_config(&binary, &example)?;
+    config_check::check_example(&binary, &example)?;
 
     let binary_bytes =
         std::fs::read(&binary).with_context(|| format!("cannot read {}", binary.display()))?;
@@ -127,15 +128,15 @@ pub fn install(host: &Host, args: &InstallArgs) -> Result<()> {
     let config = layout.on_disk(Path::new(CONFIG));
     let outcome = files::put_if_missing(&config, &example, FILE_MODE)?;
     report("install", Path::new(CONFIG), outcome);
-    if outcome == Outcome::Kept {
-        check_existing_config(&installed, &config)?;
-    }
 
+    if !matches!(layout.target, Target::Stage(_)) {
+        system::ensure_accounts(&layout)?;
+        system::ensure_directories(&layout)?;
+    }
+    config_check::check_installed(&installed, &layout, outcome)?;
     match layout.target {
         Target::Stage(_) => println!("{}", system::postinst_steps(&layout)),
         Target::System | Target::Image(_) => {
-            system::ensure_accounts(&layout)?;
-            system::ensure_directories(&layout)?;
             system::daemon_reload(&layout)?;
             if replaced == Outcome::Updated && system::service_active(&layout) {
                 println!(
@@ -242,47 +243,6 @@ fn install_man_pages(layout: &Layout, binary: &Path) -> Result<()> {
             let outcome = files::remove(&layout.on_disk(&stale))?;
             report("install", &stale, outcome);
         }
-    }
-    Ok(())
-}
-
-/// Runs `tcpgate check-config`; returns its success and stderr.
-fn check_config(binary: &Path, config: &Path) -> Result<(bool, String)> {
-    let output = Command::new(binary)
-        .arg("check-config")
-        .arg("--config")
-        .arg(config)
-        .output()
-        .with_context(|| format!("cannot run {}", binary.display()))?;
-    let stderr = String::from_utf8_lossy(&output.stderr)
-        .trim_end()
-        .to_owned();
-    Ok((output.status.success(), stderr))
-}
-
-/// The example must pass `tcpgate check-config` before it is installed.
-fn check_example_config(binary: &Path, example: &[u8]) -> Result<()> {
-    let mut file = tempfile::NamedTempFile::new().context("cannot create a temporary file")?;
-    std::io::Write::write_all(&mut file, example).context("cannot write a temporary file")?;
-    let (valid, stderr) = check_config(binary, file.path())?;
-    if !valid {
-        bail!("packaging/tcpgate.toml does not pass `tcpgate check-config`:\n{stderr}");
-    }
-    println!("install: the example config passes `tcpgate check-config`");
-    Ok(())
-}
-
-/// An administrator's config is checked too, because a new binary may
-/// reject what an old one accepted; it is reported, never changed.
-fn check_existing_config(binary: &Path, config: &Path) -> Result<()> {
-    let (valid, stderr) = check_config(binary, config)?;
-    if valid {
-        println!("install: the existing {CONFIG} passes `tcpgate check-config`");
-    } else {
-        println!(
-            "install: WARNING: the existing {CONFIG} does not pass `tcpgate check-config` \
-             with the new binary; the agent will not start until it is fixed:\n{stderr}"
-        );
     }
     Ok(())
 }
