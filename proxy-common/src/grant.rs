@@ -10,6 +10,16 @@ pub const GRANT_PREAMBLE: u32 = 1;
 /// `GrantRecord::kind`: created through the grant API, bound to a source.
 pub const GRANT_SOURCE: u32 = 2;
 
+/// `GrantRecord::flags`: an operator revoked the grant through the pinned
+/// map (`tcpgate revoke` while the agent's API was not answering). The
+/// agent revokes such a grant as soon as it runs again.
+pub const GRANT_FLAG_REVOKED: u32 = 1;
+
+/// Key of a marker record in the `GRANTS` map (grant ids are never 0): an
+/// operator flagged grants revoked and the agent has not looked yet. The
+/// agent checks this one key instead of scanning the map.
+pub const REVOCATIONS_PENDING_KEY: u64 = 0;
+
 /// Value of the pinned `GRANTS` map, keyed by grant id. Written by user space.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,8 +34,8 @@ pub struct GrantRecord {
     pub source_addr: [u8; 16],
     /// `GRANT_*`.
     pub kind: u32,
-    /// Explicit padding; always zero.
-    pub _pad: u32,
+    /// `GRANT_FLAG_*`; zero when the agent writes the record.
+    pub flags: u32,
     /// Token subject, NUL-padded UTF-8.
     pub subject: [u8; SUBJECT_LEN],
     /// Name of the policy rule that matched, NUL-padded UTF-8.

@@ -43,6 +43,10 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, Skip> {
     let mut peer = entry.peer_cookie;
     let ret = SOCKHASH.redirect_skb(ctx, &mut peer, 0);
     let redirected = ret == i64::from(SK_PASS);
+    // Only the first failure of a direction is logged: a peer that left the
+    // map fails every later skb too, and logging must stay off the
+    // per-packet path. The counters carry the full count.
+    let mut first_failure = false;
     if let Some(record) = SESSIONS.get_ptr_mut(&entry.session_id) {
         // SAFETY: each direction's counters are written only from this
         // socket's receive path, which the kernel runs one skb at a time.
@@ -56,6 +60,7 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, Skip> {
             counters.kernel_bytes += u64::from(len);
             counters.kernel_packets += 1;
         } else {
+            first_failure = counters.redirect_failures == 0;
             counters.redirect_failures += 1;
         }
     }
@@ -63,10 +68,14 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, Skip> {
         bump(|s| &mut s.redirected_skbs);
     } else {
         bump(|s| &mut s.redirect_failures);
-        warn!(
-            ctx,
-            "tcpgate: redirect failed for session {}", entry.session_id
-        );
+        if first_failure {
+            warn!(
+                ctx,
+                "tcpgate: redirect failed for session {} (direction {}); later failures are only counted",
+                entry.session_id,
+                entry.direction
+            );
+        }
     }
     Ok(SK_PASS)
 }

@@ -47,6 +47,13 @@ pub enum BpfError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("cannot give group {gid} read access to {path} (agent.operator_group)")]
+    OperatorAccess {
+        path: PathBuf,
+        gid: u32,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot pin map {name} at {path}")]
     Pin {
         name: &'static str,
@@ -131,6 +138,55 @@ impl LoadedBpf {
     }
 }
 
+/// Mode of the pin directory when an operator group may read it.
+pub const OPERATOR_DIR_MODE: u32 = 0o750;
+/// Mode of each pinned map when an operator group may read it. Read
+/// permission is what `BPF_OBJ_GET` with `BPF_F_RDONLY` checks; the write
+/// bit stays with root, so operators cannot change a map.
+pub const OPERATOR_MAP_MODE: u32 = 0o640;
+
+/// Makes the pin directory `root:<gid>` mode 0750 and every pinned map
+/// `root:<gid>` mode 0640, so members of the group can open the maps
+/// read-only (`tcpgate sessions`, `tcpgate grants`, `bpftool`).
+pub fn grant_operator_access(pin_dir: &Path, gid: nix::unistd::Gid) -> Result<(), BpfError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let set = |path: &Path, mode: u32| {
+        nix::unistd::chown(path, None, Some(gid))
+            .map_err(io::Error::from)
+            .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)))
+            .map_err(|source| BpfError::OperatorAccess {
+                path: path.to_owned(),
+                gid: gid.as_raw(),
+                source,
+            })
+    };
+    set(pin_dir, OPERATOR_DIR_MODE)?;
+    for (_, file) in PINNED {
+        set(&pin_dir.join(file), OPERATOR_MAP_MODE)?;
+    }
+    if let Some((dir, mode)) = closed_ancestor(pin_dir, gid) {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = %format_args!("{mode:04o}"),
+            "operators in the group cannot enter this directory above the pin directory; \
+             allow traversal (chmod o+x, or chgrp to the operator group and chmod g+x)"
+        );
+    }
+    Ok(())
+}
+
+/// The first ancestor of `dir` that neither others nor group `gid` may
+/// traverse (e.g. /sys/fs/bpf mounted with mode 0700).
+fn closed_ancestor(dir: &Path, gid: nix::unistd::Gid) -> Option<(PathBuf, u32)> {
+    use std::os::unix::fs::MetadataExt as _;
+    dir.ancestors().skip(1).find_map(|ancestor| {
+        let meta = std::fs::metadata(ancestor).ok()?;
+        let mode = meta.mode() & 0o7777;
+        let open = mode & 0o001 != 0 || (meta.gid() == gid.as_raw() && mode & 0o010 != 0);
+        (!open).then(|| (ancestor.to_owned(), mode))
+    })
+}
+
 /// Converts a taken map into its typed handle, naming it on failure.
 pub fn typed<T>(name: &'static str, map: Map) -> Result<T, BpfError>
 where
@@ -162,10 +218,10 @@ pub fn remove_pin_files(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
 /// Removes the pinned maps and the pin directory itself.
 pub fn remove_pins(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
     let removed = remove_pin_files(pin_dir)?;
-    if let Err(e) = std::fs::remove_dir(pin_dir) {
-        if e.kind() != io::ErrorKind::NotFound {
-            tracing::warn!(dir = %pin_dir.display(), error = %e, "pin directory not removed");
-        }
+    if let Err(e) = std::fs::remove_dir(pin_dir)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %pin_dir.display(), error = %e, "pin directory not removed");
     }
     Ok(removed)
 }

@@ -19,11 +19,16 @@ use crate::session::Admitted;
 /// Everything admission needs; shared by all accept loops.
 pub struct Gate {
     pub validator: TokenValidator,
-    pub policy: Policy,
+    /// Replaced whole on SIGHUP; in-flight decisions keep the one they read.
+    policy: std::sync::RwLock<std::sync::Arc<Policy>>,
     pub store: GrantStore,
     pub preamble_timeout: Duration,
     /// The pinned `grants` map, when eBPF is loaded.
     pub mirror: Option<GrantMirror>,
+    /// Grants an operator revoked through the pinned map while the API was
+    /// not answering; their sessions' sockets were destroyed from outside,
+    /// so those sessions end as `revoked`, not as a peer closing.
+    pub outside_revocations: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 /// A connection the gate refused.
@@ -84,6 +89,44 @@ fn preamble_pending(client: &TcpStream) -> bool {
 }
 
 impl Gate {
+    #[must_use]
+    pub fn new(
+        validator: TokenValidator,
+        policy: Policy,
+        store: GrantStore,
+        preamble_timeout: Duration,
+        mirror: Option<GrantMirror>,
+    ) -> Self {
+        Self {
+            validator,
+            policy: std::sync::RwLock::new(std::sync::Arc::new(policy)),
+            store,
+            preamble_timeout,
+            mirror,
+            outside_revocations: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The policy in force.
+    #[must_use]
+    pub fn policy(&self) -> std::sync::Arc<Policy> {
+        std::sync::Arc::clone(
+            &self
+                .policy
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Switches to a new policy (SIGHUP). Grants already given keep their
+    /// terms; revoke them to apply a tighter policy at once.
+    pub fn set_policy(&self, policy: Policy) {
+        *self
+            .policy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = std::sync::Arc::new(policy);
+    }
+
     /// Decides whether `client` may reach `destination`.
     pub async fn admit(
         &self,
@@ -97,6 +140,12 @@ impl Gate {
         // anyway (a `tcpgate connect` client holding a grant) is still
         // consumed, so it never reaches the upstream.
         if let Some(grant) = self.store.covering(peer.ip(), destination, now) {
+            if self.apply_outside_revocation(grant.id) {
+                return Err(Refusal::new(
+                    "grant_revoked",
+                    format!("grant {} was revoked through the pinned map", grant.id),
+                ));
+            }
             if !preamble_pending(client) {
                 return Ok(admitted(&grant, AUTH_SOURCE_GRANT));
             }
@@ -119,10 +168,13 @@ impl Gate {
             Refusal::new(e.reason(), e.to_string())
                 .answered(Status::Denied, format!("token rejected: {e}"))
         })?;
-        let decision = self.policy.decide(&token, destination, now).map_err(|d| {
-            with_identity(Refusal::new(d.reason(), d.to_string()), &token, &self.store)
-                .answered(Status::Denied, format!("not allowed: {d}"))
-        })?;
+        let decision = self
+            .policy()
+            .decide(&token, destination, now)
+            .map_err(|d| {
+                with_identity(Refusal::new(d.reason(), d.to_string()), &token, &self.store)
+                    .answered(Status::Denied, format!("not allowed: {d}"))
+            })?;
         if decision.expires_at <= now {
             return Err(with_identity(
                 Refusal::new(
@@ -155,6 +207,57 @@ impl Gate {
             mirror.remove(id);
         }
     }
+
+    /// If an operator flagged `id` revoked in the pinned map, revokes it in
+    /// the store (ending its sessions) and returns true.
+    pub fn apply_outside_revocation(&self, id: crate::auth::GrantId) -> bool {
+        let flagged = self
+            .mirror
+            .as_ref()
+            .is_some_and(|mirror| mirror.is_flagged_revoked(id));
+        if flagged {
+            self.lock_revoked().insert(id.0);
+            if let Some(grant) = self.store.revoke(id) {
+                tracing::warn!(grant = %id, subject = %grant.subject, "grant revoked through the pinned map (tcpgate revoke while the API was not answering)");
+            }
+        }
+        flagged || self.lock_revoked().contains(&id.0)
+    }
+
+    /// Applies every revocation flagged in the pinned map, if an operator
+    /// left the marker saying there are some; returns how many.
+    pub fn apply_outside_revocations(&self) -> usize {
+        let Some(mirror) = &self.mirror else {
+            return 0;
+        };
+        // The marker goes first: a flag set after this scan comes with a
+        // new marker, seen at the next check.
+        if !mirror.take_pending_marker() {
+            return 0;
+        }
+        mirror
+            .flagged_revoked()
+            .into_iter()
+            .filter(|&id| self.apply_outside_revocation(crate::auth::GrantId(id)))
+            .count()
+    }
+
+    /// Whether `id` was revoked through the pinned map (flag seen now or
+    /// earlier).
+    #[must_use]
+    pub fn revoked_outside(&self, id: u64) -> bool {
+        self.lock_revoked().contains(&id)
+            || self
+                .mirror
+                .as_ref()
+                .is_some_and(|mirror| mirror.is_flagged_revoked(crate::auth::GrantId(id)))
+    }
+
+    fn lock_revoked(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
+        self.outside_revocations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 fn with_identity(mut refusal: Refusal, token: &ValidatedToken, store: &GrantStore) -> Refusal {
@@ -184,21 +287,56 @@ impl GrantMirror {
     /// Adds or replaces a grant's record.
     pub fn insert(&self, grant: &Grant) {
         let record = grant_record(grant);
-        let mut map = self
-            .map
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Err(e) = map.insert(grant.id.0, record, 0) {
+        if let Err(e) = self.lock().insert(grant.id.0, record, 0) {
             tracing::warn!(grant = %grant.id, error = %e, "cannot pin grant record (grants map full?)");
         }
     }
 
     pub fn remove(&self, id: crate::auth::GrantId) {
-        let mut map = self
-            .map
+        let _ = self.lock().remove(&id.0);
+    }
+
+    /// Whether an operator set [`GRANT_FLAG_REVOKED`] on this grant's record.
+    ///
+    /// [`GRANT_FLAG_REVOKED`]: proxy_common::grant::GRANT_FLAG_REVOKED
+    #[must_use]
+    pub fn is_flagged_revoked(&self, id: crate::auth::GrantId) -> bool {
+        self.lock()
+            .get(&id.0, 0)
+            .is_ok_and(|r| r.flags & proxy_common::grant::GRANT_FLAG_REVOKED != 0)
+    }
+
+    /// Whether an operator left the revocations-pending marker; removes it.
+    #[must_use]
+    pub fn take_pending_marker(&self) -> bool {
+        self.lock()
+            .remove(&proxy_common::grant::REVOCATIONS_PENDING_KEY)
+            .is_ok()
+    }
+
+    /// Ids of every record an operator flagged revoked.
+    #[must_use]
+    pub fn flagged_revoked(&self) -> Vec<u64> {
+        self.lock()
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(id, r)| {
+                *id != proxy_common::grant::REVOCATIONS_PENDING_KEY
+                    && r.flags & proxy_common::grant::GRANT_FLAG_REVOKED != 0
+            })
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        aya::maps::HashMap<aya::maps::MapData, u64, proxy_common::grant::GrantRecord>,
+    > {
+        self.map
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let _ = map.remove(&id.0);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -229,7 +367,7 @@ pub fn grant_record(grant: &Grant) -> proxy_common::grant::GrantRecord {
         expires_unix_ns: unix_ns(grant.expires_at),
         source_addr,
         kind,
-        _pad: 0,
+        flags: 0,
         subject: [0; SUBJECT_LEN],
         rule: [0; RULE_NAME_LEN],
     };

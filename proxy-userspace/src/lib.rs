@@ -16,9 +16,12 @@ pub mod datapath;
 pub mod dest;
 pub mod gate;
 pub mod intercept;
+pub mod metrics;
 pub mod notify;
+pub mod pinned;
 pub mod registry;
 pub mod session;
+pub mod sockdiag;
 pub mod sockopt;
 
 /// The eBPF object, compiled by build.rs for the bpf target, with BTF.

@@ -7,14 +7,14 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use proxy_common::session::{AUTH_NONE, AUTH_PREAMBLE};
+use proxy_common::session::{AUTH_NONE, AUTH_PREAMBLE, DirectionCounters};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::auth::GrantId;
 use crate::auth::preamble::{Status, encode_response};
-use crate::datapath::{Datapath, SessionMeta, SpliceOutcome};
+use crate::datapath::{Datapath, EndReason, SessionMeta, SpliceOutcome};
 use crate::gate::{Gate, Refusal};
 use crate::registry::Registry;
 use crate::sockopt;
@@ -28,6 +28,8 @@ pub struct Services {
     pub audit: AuditLog,
     pub registry: Arc<Registry>,
     pub connect_timeout: Duration,
+    /// `agent.stall_timeout`, applied to both sockets of every session.
+    pub stall_timeout: Duration,
     /// `SO_MARK` for upstream sockets, when interception needs it.
     pub upstream_mark: Option<u32>,
     /// Present when interception is installed.
@@ -35,6 +37,7 @@ pub struct Services {
     /// Present when `[auth]` is configured; absent, every connection is
     /// admitted unauthenticated.
     pub gate: Option<Arc<Gate>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Where an accepted connection goes.
@@ -135,13 +138,20 @@ pub async fn handle(
 ) {
     let admitted = match &services.gate {
         None => Admitted::unauthenticated(),
-        Some(gate) => match gate.admit(&mut client, peer, target.destination).await {
-            Ok(admitted) => admitted,
-            Err(refusal) => {
-                refuse(&services, client, peer, &target, refusal).await;
-                return;
+        Some(gate) => {
+            let clock = Instant::now();
+            let decision = gate.admit(&mut client, peer, target.destination).await;
+            services
+                .metrics
+                .authenticated(decision.is_ok(), clock.elapsed());
+            match decision {
+                Ok(admitted) => admitted,
+                Err(refusal) => {
+                    refuse(&services, client, peer, &target, refusal).await;
+                    return;
+                }
             }
-        },
+        }
     };
     serve(services, client, peer, target, admitted).await;
 }
@@ -167,6 +177,7 @@ async fn refuse(
     event.reason = Some("auth_failed".to_owned());
     event.detail = Some(format!("{}: {}", refusal.reason, refusal.detail));
     tracing::info!(client = %peer, destination = %target.destination, reason = refusal.reason, detail = %refusal.detail, "connection denied");
+    services.metrics.denied(refusal.reason);
     services.audit.record(event);
     match refusal.answer {
         Some((status, message)) => answer_and_close(&mut client, status, message.as_str()).await,
@@ -195,6 +206,7 @@ pub fn deny(
     detail: String,
 ) {
     tracing::info!(client = %peer, destination = %target.destination, reason, %detail, "connection denied");
+    services.metrics.denied(reason);
     let _ = sockopt::set_linger_zero(client.as_fd());
     let mut event = base_event(
         EventKind::ConnectionDenied,
@@ -228,15 +240,19 @@ pub async fn serve(
         release_grant(&services, &admitted);
         return;
     };
+    services.metrics.accepted();
     let started = SystemTime::now();
     let clock = Instant::now();
-    let upstream = match connect_upstream(
+    let connected = connect_upstream(
         target.upstream,
         services.upstream_mark,
         services.connect_timeout,
     )
-    .await
-    {
+    .await;
+    services
+        .metrics
+        .upstream_connected(connected.is_ok(), clock.elapsed());
+    let upstream = match connected {
         Ok(stream) => stream,
         Err(e) => {
             let detail = crate::error_chain(&e);
@@ -256,11 +272,22 @@ pub async fn serve(
             event.reason = Some("upstream_unreachable".into());
             event.detail = Some(detail);
             event.duration_ms = Some(duration_ms(clock.elapsed()));
+            services.metrics.session_closed(
+                EndReason::UpstreamUnreachable.as_str(),
+                &DirectionCounters::default(),
+                &DirectionCounters::default(),
+                None,
+            );
             services.audit.record(event);
             release_grant(&services, &admitted);
             return;
         }
     };
+    for socket in [client.as_fd(), upstream.as_fd()] {
+        if let Err(e) = sockopt::set_stall_timeout(socket, services.stall_timeout) {
+            tracing::warn!(client = %peer, error = %e, "cannot bound stalls on this session");
+        }
+    }
     if admitted.answer_preamble {
         // Written before the splice, so it precedes any upstream byte.
         let frame = encode_response(Status::Ok, "connected");
@@ -286,13 +313,24 @@ pub async fn serve(
     services.audit.record(open);
     tracing::debug!(session = %format_args!("{:016x}", meta.id), client = %peer, upstream = %target.upstream, "session spliced");
 
-    let outcome = services
+    let mut outcome = services
         .datapath
         .splice(&meta, client, upstream, stop)
         .await;
     if let Some(interceptor) = &services.interceptor {
         interceptor.session_ended(meta.id);
     }
+    revoked_outside(&services, &meta, &mut outcome);
+    // Before the slot is released, so a scrape never misses these bytes
+    // for long (see `Metrics::render`).
+    services.metrics.session_closed(
+        outcome.reason.as_str(),
+        &outcome.up,
+        &outcome.down,
+        (outcome.reason == EndReason::GrantExpired)
+            .then_some(meta.expires)
+            .flatten(),
+    );
     drop(admission);
     release_grant(&services, &admitted);
     services.audit.record(close_event(
@@ -305,13 +343,35 @@ pub async fn serve(
     tracing::debug!(session = %format_args!("{:016x}", meta.id), reason = outcome.reason.as_str(), "session ended");
 }
 
+/// `tcpgate revoke` without the API destroys a grant's sockets from
+/// outside: the session sees its peer abort, but it was revoked.
+fn revoked_outside(services: &Services, meta: &SessionMeta, outcome: &mut SpliceOutcome) {
+    let peer_ended = matches!(
+        outcome.reason,
+        EndReason::ClientClosed | EndReason::UpstreamClosed
+    );
+    if peer_ended
+        && meta.grant_id != 0
+        && services
+            .gate
+            .as_ref()
+            .is_some_and(|gate| gate.revoked_outside(meta.grant_id))
+    {
+        let was = outcome.detail.take().unwrap_or_default();
+        outcome.reason = EndReason::Revoked;
+        outcome.detail = Some(format!(
+            "revoked through the pinned map while the agent was not answering; sockets destroyed by tcpgate revoke ({was})"
+        ));
+    }
+}
+
 /// A preamble grant admits exactly one session; it ends with it.
 fn release_grant(services: &Services, admitted: &Admitted) {
-    if admitted.auth_method == AUTH_PREAMBLE {
-        if let Some(gate) = &services.gate {
-            gate.store.release(GrantId(admitted.grant_id));
-            gate.forget(GrantId(admitted.grant_id));
-        }
+    if admitted.auth_method == AUTH_PREAMBLE
+        && let Some(gate) = &services.gate
+    {
+        gate.store.release(GrantId(admitted.grant_id));
+        gate.forget(GrantId(admitted.grant_id));
     }
 }
 

@@ -55,10 +55,25 @@ pub fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(value)
 }
 
-/// Bytes this socket has handed to TCP so far: acknowledged plus still queued
-/// (`tcpi_bytes_acked + SIOCOUTQ`). Compared against a baseline taken before
-/// splicing, it tells how much a redirect has really reached the socket.
-pub fn bytes_sent(fd: BorrowedFd<'_>) -> io::Result<u64> {
+/// What a socket has sent: acknowledged by the peer, and still queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendState {
+    /// `tcpi_bytes_acked`.
+    pub acked: u64,
+    /// `SIOCOUTQ`: written but not yet acknowledged.
+    pub queued: u64,
+}
+
+impl SendState {
+    /// Bytes handed to TCP so far. Compared against a baseline taken before
+    /// splicing, it tells how much a redirect has really reached the socket.
+    #[must_use]
+    pub const fn handed_to_tcp(self) -> u64 {
+        self.acked + self.queued
+    }
+}
+
+pub fn send_state(fd: BorrowedFd<'_>) -> io::Result<SendState> {
     // SAFETY: tcp_info is plain old data; all-zero is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     getsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)?;
@@ -68,7 +83,15 @@ pub fn bytes_sent(fd: BorrowedFd<'_>) -> io::Result<u64> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(info.tcpi_bytes_acked + u64::try_from(queued).unwrap_or(0))
+    Ok(SendState {
+        acked: info.tcpi_bytes_acked,
+        queued: u64::try_from(queued).unwrap_or(0),
+    })
+}
+
+/// `tcpi_bytes_acked + SIOCOUTQ`: see [`SendState::handed_to_tcp`].
+pub fn bytes_sent(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    send_state(fd).map(SendState::handed_to_tcp)
 }
 
 /// Bytes waiting in the socket's receive queue (`SIOCINQ`).
@@ -131,6 +154,21 @@ pub fn set_transparent(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<()> {
     } else {
         setsockopt_raw(fd, libc::SOL_IP, libc::IP_TRANSPARENT, &on)
     }
+}
+
+/// Bounds how long a stalled or vanished peer can hold the session:
+/// `TCP_USER_TIMEOUT` aborts the connection when sent data stays
+/// unacknowledged (zero-window probes included) for `timeout`, and
+/// keepalive probes catch a peer that vanished while the session was idle.
+pub fn set_stall_timeout(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<()> {
+    let millis = libc::c_uint::try_from(timeout.as_millis()).unwrap_or(libc::c_uint::MAX);
+    setsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, &millis)?;
+    let idle = libc::c_int::try_from(timeout.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
+    let interval = (idle / 3).max(1);
+    setsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, &1 as &libc::c_int)?;
+    setsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, &idle)?;
+    setsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, &interval)?;
+    setsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, &3 as &libc::c_int)
 }
 
 /// Makes the next `close()` send a RST instead of a FIN, so the peer learns

@@ -25,6 +25,7 @@ pub mod audit;
 pub mod bpffs;
 pub mod cmd;
 pub mod jwks_server;
+pub mod metrics;
 pub mod netns;
 pub mod notify;
 pub mod payload;

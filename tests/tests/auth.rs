@@ -318,3 +318,48 @@ fn read_answer_helper_rejects_non_frames() -> Result<()> {
         .map_err(|_| anyhow::anyhow!("writer panicked"))??;
     Ok(())
 }
+
+/// SIGHUP applies a changed policy to new connections.
+#[test]
+fn sighup_reloads_the_policy() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut fx = AuthFixture::start()?;
+    let server = common::auth::echo_service(&fx, b"")?;
+    let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
+    ensure!(
+        authenticate(&mut stream, &fx.token())?.0 == 0,
+        "allowed before the reload"
+    );
+    drop(stream);
+    let path = fx.agent.config_path().to_owned();
+    let text = std::fs::read_to_string(&path)?;
+    let narrowed = text.replace(
+        "ports = [\"22\", \"5432\", \"9000\"] } ]",
+        "ports = [\"5432\"] } ]",
+    );
+    ensure!(
+        narrowed != text,
+        "the policy's allow list was found in the config"
+    );
+    std::fs::write(&path, narrowed)?;
+    fx.agent.signal(tcpgate_tests::Signal::SIGHUP)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !fx.agent.logs().contains("reloaded the policy") {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no reload: {}",
+            fx.agent.logs_tail(10)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
+    let (status, message) = authenticate(&mut stream, &fx.token())?;
+    ensure!(
+        status == 1,
+        "port 9000 is no longer allowed: {status} {message}"
+    );
+    server.stop()?;
+    Ok(())
+}

@@ -148,14 +148,14 @@ fn immediate_half_close_is_byte_exact(path: DataPath) -> Result<()> {
 
 fn one_gib_upstream(path: DataPath) -> Result<()> {
     let fx = ForwardFixture::start(path)?;
-    exchange(&fx, 100, GIB, 0)?;
+    exchange(&fx, 100, GIB, 0).with_context(|| fx.dump())?;
     fx.assert_bytes(&fx.wait_closed(1)?[0], GIB, 1)?;
     fx.assert_maps_empty()
 }
 
 fn one_gib_downstream(path: DataPath) -> Result<()> {
     let fx = ForwardFixture::start(path)?;
-    exchange(&fx, 200, 0, GIB)?;
+    exchange(&fx, 200, 0, GIB).with_context(|| fx.dump())?;
     fx.assert_bytes(&fx.wait_closed(1)?[0], 0, GIB + 1)?;
     fx.assert_maps_empty()
 }
@@ -164,7 +164,7 @@ fn one_gib_downstream(path: DataPath) -> Result<()> {
 /// after every byte before it, and the reply must still flow afterwards.
 fn client_half_close_then_long_reply(path: DataPath) -> Result<()> {
     let fx = ForwardFixture::start(path)?;
-    exchange(&fx, 300, MIB, 64 * MIB)?;
+    exchange(&fx, 300, MIB, 64 * MIB).with_context(|| fx.dump())?;
     fx.assert_bytes(&fx.wait_closed(1)?[0], MIB, 64 * MIB + 1)?;
     fx.assert_maps_empty()
 }

@@ -38,13 +38,13 @@ pub async fn start(
         .map_err(AuthStartError::Keys)?;
     let policy = Policy::from_config(&config.policy, auth).map_err(AuthStartError::Policy)?;
     let store = GrantStore::new(auth.audit_claims.clone());
-    let gate = Arc::new(Gate {
-        validator: validator.clone(),
+    let gate = Arc::new(Gate::new(
+        validator.clone(),
         policy,
-        store: store.clone(),
-        preamble_timeout: auth.preamble_timeout(),
+        store.clone(),
+        auth.preamble_timeout(),
         mirror,
-    });
+    ));
     tokio::spawn(validator.run_refresh(stopped(stop.clone())));
     tokio::spawn(store.clone().run_expiry(stopped(stop.clone())));
     tokio::spawn(end_sessions_with_their_grant(
@@ -53,12 +53,34 @@ pub async fn start(
         Arc::clone(registry),
         stop.clone(),
     ));
+    if gate.mirror.is_some() {
+        tokio::spawn(apply_outside_revocations(Arc::clone(&gate), stop.clone()));
+    }
     tracing::info!(
         issuers = auth.issuers.len(),
         rules = config.policy.len(),
         "token authentication on"
     );
     Ok(Some(gate))
+}
+
+/// How often the pinned `grants` map is checked for revocations an
+/// operator made there while the API was not answering.
+const OUTSIDE_REVOCATION_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// `tcpgate revoke` falls back to flagging the grant in the pinned map when
+/// the API does not answer; this applies the flag once the agent runs.
+async fn apply_outside_revocations(gate: Arc<Gate>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(OUTSIDE_REVOCATION_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                gate.apply_outside_revocations();
+            }
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 async fn stopped(mut stop: watch::Receiver<bool>) {

@@ -41,7 +41,7 @@ pub async fn start(
             tracing::warn!(listen = %admin.listen, "operator endpoints (revocation!) listen on a non-loopback address");
         }
         let listener = api::bind(admin.listen).await?;
-        tracing::info!(listen = %admin.listen, "operator endpoints (/healthz, /readyz, /v1/grants, /v1/sessions)");
+        tracing::info!(listen = %admin.listen, "operator endpoints (/healthz, /readyz, /metrics, /v1/grants, /v1/sessions)");
         tokio::spawn(api::serve(
             listener,
             api::admin_router(Arc::clone(state)),

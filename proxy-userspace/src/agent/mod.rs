@@ -36,17 +36,23 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
     let (stop_background, background) = watch::channel(false);
     let registry = crate::registry::Registry::new(config.agent.max_sessions as usize);
     let gate = auth::start(&config, &registry, started.take_grant_mirror(), &background).await?;
+    let metrics = Arc::new(crate::metrics::Metrics::new(
+        started.datapath.kind(),
+        started.take_stats(),
+    ));
     let services = Arc::new(Services {
         datapath: started.datapath.clone(),
         audit: audit.clone(),
         registry: Arc::clone(&registry),
         gate: gate.clone(),
         connect_timeout: config.agent.connect_timeout,
+        stall_timeout: config.agent.stall_timeout,
         upstream_mark: started
             .interceptor
             .as_ref()
             .map(|_| config.agent.upstream_mark),
         interceptor: started.interceptor.clone(),
+        metrics: Arc::clone(&metrics),
     });
 
     let mut listeners: Vec<(TcpListener, Resolver)> = Vec::new();
@@ -89,6 +95,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
         registry: Arc::clone(&registry),
         datapath: services.datapath.clone(),
         ready: std::sync::atomic::AtomicBool::new(false),
+        metrics,
     });
     endpoints::start(&config, &api_state, &accepting, &background).await?;
     api_state
@@ -174,7 +181,7 @@ fn reload(config_path: &Path, services: &Services) {
         (Some(interceptor), true) => {
             interceptor
                 .set_interfaces(config.intercept.as_ref().and_then(|i| i.interfaces.clone()));
-            match interceptor.apply(config.intercept_set, &services.registry.snapshot()) {
+            match interceptor.apply(config.intercept_set.clone(), &services.registry.snapshot()) {
                 Ok(report) => tracing::info!(
                     prefixes = report.prefixes,
                     rules_added = report.rules_added,
@@ -196,5 +203,30 @@ fn reload(config_path: &Path, services: &Services) {
             tracing::info!("reload: nothing to apply live (forwards change on restart)")
         }
     }
+    reload_policy(&config, services);
     crate::notify::status("READY=1\nSTATUS=serving");
+}
+
+/// Applies the reloaded `[[policy]]` rules. Issuers and keys are fixed at
+/// startup; live grants keep their terms until they expire or are revoked.
+fn reload_policy(config: &Config, services: &Services) {
+    let (Some(gate), Some(auth)) = (&services.gate, &config.auth) else {
+        if services.gate.is_some() != config.auth.is_some() {
+            tracing::warn!("turning authentication on or off needs a restart; policy unchanged");
+        }
+        return;
+    };
+    match crate::auth::Policy::from_config(&config.policy, auth) {
+        Ok(policy) => {
+            gate.set_policy(policy);
+            tracing::info!(
+                rules = config.policy.len(),
+                "reloaded the policy (live grants keep their terms)"
+            );
+        }
+        Err(errors) => tracing::error!(
+            errors = errors.len(),
+            "reloaded policy is invalid; keeping the running one"
+        ),
+    }
 }

@@ -12,7 +12,7 @@ use crate::audit::AuditError;
 use crate::bpf::{LoadedBpf, MapSizes};
 use crate::config::{Config, DatapathChoice};
 use crate::datapath::Datapath;
-use crate::datapath::ebpf::{EbpfDatapath, EbpfSetupError};
+use crate::datapath::ebpf::{EbpfDatapath, EbpfSetupError, Timeouts};
 use crate::datapath::userspace::UserspaceDatapath;
 use crate::intercept::{InterceptError, Interceptor};
 
@@ -58,6 +58,8 @@ pub struct Started {
     /// Keeps programs attached and maps alive.
     bpf: Option<LoadedBpf>,
     _pin_lock: Option<PinDirLock>,
+    /// `agent.keep_pins`: leave the pinned maps for inspection on exit.
+    keep_pins: bool,
     _lock: NamespaceLock,
     _logger: Option<tokio::task::JoinHandle<()>>,
 }
@@ -88,7 +90,7 @@ pub async fn start(config: &Config) -> Result<Started, StartupError> {
                 source,
             })?;
         if !removed.is_empty() {
-            tracing::warn!(pins = ?removed, "removed pins left behind by a previous agent that did not shut down cleanly");
+            tracing::warn!(pins = ?removed, "removed pins left behind by a previous agent (it did not shut down cleanly, or kept them with agent.keep_pins)");
         }
         match load_object(config) {
             Ok((loaded, log_task)) => {
@@ -100,21 +102,29 @@ pub async fn start(config: &Config) -> Result<Started, StartupError> {
     }
     let datapath = match (&mut bpf, choice) {
         (_, DatapathChoice::Userspace) => {
-            Datapath::Userspace(Arc::new(UserspaceDatapath::default()))
+            Datapath::Userspace(Arc::new(UserspaceDatapath::new(config.agent.stall_timeout)))
         }
-        (Some(loaded), _) => match EbpfDatapath::attach(loaded, config.agent.drain_timeout) {
+        (Some(loaded), _) => match EbpfDatapath::attach(
+            loaded,
+            Timeouts {
+                drain: config.agent.drain_timeout,
+                stall: config.agent.stall_timeout,
+            },
+        ) {
             Ok(dp) => Datapath::Ebpf(Arc::new(dp)),
             Err(e) if choice == DatapathChoice::Ebpf => return Err(StartupError::Ebpf(e)),
-            Err(e) => fallback(&e),
+            Err(e) => fallback(&e, config),
         },
         (None, _) => match load_error.take() {
             Some(e) if choice == DatapathChoice::Ebpf => return Err(StartupError::Ebpf(e)),
             Some(e) => {
-                let datapath = fallback(&e);
+                let datapath = fallback(&e, config);
                 load_error = Some(e);
                 datapath
             }
-            None => Datapath::Userspace(Arc::new(UserspaceDatapath::default())),
+            None => {
+                Datapath::Userspace(Arc::new(UserspaceDatapath::new(config.agent.stall_timeout)))
+            }
         },
     };
     let (interceptor, intercept_listeners) = match (&config.intercept, &mut bpf, load_error) {
@@ -140,17 +150,18 @@ pub async fn start(config: &Config) -> Result<Started, StartupError> {
         intercept_listeners,
         bpf,
         _pin_lock: pin_lock,
+        keep_pins: config.agent.keep_pins,
         _lock: lock,
         _logger: logger,
     })
 }
 
-fn fallback(reason: &(dyn std::error::Error + 'static)) -> Datapath {
+fn fallback(reason: &(dyn std::error::Error + 'static), config: &Config) -> Datapath {
     tracing::warn!(
         reason = %crate::error_chain(reason),
         "eBPF data path unavailable; falling back to the user-space copy (slower, but byte-exact)"
     );
-    Datapath::Userspace(Arc::new(UserspaceDatapath::default()))
+    Datapath::Userspace(Arc::new(UserspaceDatapath::new(config.agent.stall_timeout)))
 }
 
 type LoadedObject = (LoadedBpf, Option<tokio::task::JoinHandle<()>>);
@@ -162,6 +173,18 @@ fn load_object(config: &Config) -> Result<LoadedObject, EbpfSetupError> {
     let mut bpf = LoadedBpf::load(sizes, &config.agent.pin_dir)?;
     let logger = spawn_ebpf_logger(&mut bpf);
     bpf.pin_maps()?;
+    if let Some(group) = &config.agent.operator_group {
+        // Validated with the config; a group deleted since is a load error.
+        let gid = crate::config::resolve_group(group).map_err(|message| {
+            crate::bpf::BpfError::OperatorAccess {
+                path: config.agent.pin_dir.clone(),
+                gid: u32::MAX,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, message),
+            }
+        })?;
+        crate::bpf::grant_operator_access(&config.agent.pin_dir, gid)?;
+        tracing::info!(dir = %config.agent.pin_dir.display(), group, "pinned maps readable by the operator group");
+    }
     Ok((bpf, logger))
 }
 
@@ -212,6 +235,19 @@ impl Started {
         }
     }
 
+    /// The per-CPU `stats` map, for the metrics endpoint.
+    pub fn take_stats(&mut self) -> Option<crate::metrics::StatsMap> {
+        let bpf = self.bpf.as_mut()?;
+        let map = bpf.take_map(proxy_common::map_names::STATS).ok()?;
+        match crate::bpf::typed(proxy_common::map_names::STATS, map) {
+            Ok(map) => Some(map),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "eBPF counters will not be in /metrics");
+                None
+            }
+        }
+    }
+
     /// The transparent listeners, handed to the accept loops once.
     pub fn take_intercept_listeners(&mut self) -> Vec<TcpListener> {
         std::mem::take(&mut self.intercept_listeners)
@@ -224,6 +260,10 @@ impl Started {
         }
         let pin_dir = self.bpf.as_ref().map(|b| b.pin_dir.clone());
         drop(self.bpf);
+        if let (Some(dir), true) = (&pin_dir, self.keep_pins) {
+            tracing::info!(dir = %dir.display(), "keeping the pinned maps for inspection (agent.keep_pins); the next start removes them");
+            return;
+        }
         if let Some(dir) = pin_dir {
             match crate::bpf::remove_pins(&dir) {
                 Ok(removed) => tracing::debug!(pins = removed.len(), "pins removed"),

@@ -21,6 +21,7 @@ pub fn admin_router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/grants", get(list_grants).delete(revoke_subject))
         .route("/v1/grants/{id}", delete(revoke_grant))
         .route("/v1/sessions", get(list_sessions))
@@ -33,6 +34,28 @@ async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
     }
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    let sessions = state.registry.snapshot();
+    let snapshot = crate::metrics::Snapshot {
+        live_sessions: state.registry.len(),
+        live_grants: state.gate.as_ref().map_or(0, |g| g.store.len()),
+        live_counters: sessions
+            .iter()
+            .filter_map(|m| state.datapath.live_counters(m.id))
+            .collect(),
+    };
+    let body = state.metrics.render(&snapshot);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// A grant as operators see it.

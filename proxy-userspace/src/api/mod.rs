@@ -2,7 +2,8 @@
 //! - the runner-facing grant API (`[api] listen`): `POST /v1/grants`, and
 //!   `DELETE /v1/grants/{id}` for the grant's own subject;
 //! - the operator endpoints (`[admin] listen`, meant for loopback):
-//!   `/healthz`, `/readyz`, grants listing and revocation, live sessions.
+//!   `/healthz`, `/readyz`, `/metrics`, grants listing and revocation,
+//!   live sessions.
 
 mod admin;
 mod runner;
@@ -33,6 +34,7 @@ pub struct ApiState {
     pub datapath: crate::datapath::Datapath,
     /// Set once the data path and interception are live.
     pub ready: AtomicBool,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The peer of the HTTP connection, for source-bound grants.

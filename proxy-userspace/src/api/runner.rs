@@ -67,7 +67,7 @@ async fn create_grant(
         let token = gate.validator.validate(token).await.map_err(|e| ApiError::from_token_error(&e))?;
         let now = SystemTime::now();
         let decision = gate
-            .policy
+            .policy()
             .decide_grant(&token, request.destinations, request.lifetime, now)
             .map_err(|d| ApiError::from_denial(&d))?;
         if decision.expires_at <= now {

@@ -4,9 +4,13 @@ mod check_config;
 mod completions;
 mod connect;
 mod grant;
+mod grants;
 mod manpage;
 mod revoke;
+mod revoke_pinned;
 mod run;
+mod sessions;
+mod view;
 
 use std::path::PathBuf;
 
@@ -58,7 +62,17 @@ pub enum Command {
     /// destinations without a preamble until the grant expires.
     Grant(grant::GrantArgs),
     /// Revoke a grant, or every grant of a subject, ending their sessions.
+    ///
+    /// Uses the agent's operator API; when it does not answer, flags the
+    /// grants revoked in the pinned map and destroys their sessions'
+    /// sockets directly (root, in the agent's network namespace).
     Revoke(revoke::RevokeArgs),
+    /// List live sessions from the pinned maps (no call to the agent).
+    ///
+    /// Works for members of `[agent] operator_group` without root.
+    Sessions(sessions::SessionsArgs),
+    /// List live grants, from the agent's API or else the pinned map.
+    Grants(grants::GrantsArgs),
     /// Print a shell completion script (for packagers).
     #[command(hide = true)]
     Completions(completions::CompletionsArgs),
@@ -113,6 +127,21 @@ pub fn block_on<F: std::future::Future<Output = i32>>(future: F) -> i32 {
     }
 }
 
+/// Runs a future on a small runtime; `None` (after saying why) if the
+/// runtime cannot start.
+pub fn block_on_value<T, F: std::future::Future<Output = T>>(future: F) -> Option<T> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => Some(runtime.block_on(future)),
+        Err(e) => {
+            eprintln!("tcpgate: cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
 /// Where the configuration comes from.
 #[derive(Debug, clap::Args)]
 pub struct ConfigArg {
@@ -130,6 +159,8 @@ pub fn dispatch(cli: Cli) -> i32 {
         Command::Connect(args) => connect::run(&args),
         Command::Grant(args) => grant::run(&args),
         Command::Revoke(args) => revoke::run(&args),
+        Command::Sessions(args) => sessions::run(&args),
+        Command::Grants(args) => grants::run(&args),
         Command::Completions(args) => completions::run(&args),
         Command::Manpage(args) => manpage::run(&args),
     }

@@ -1,4 +1,10 @@
 //! `tcpgate revoke`: end a grant (or all of a subject's) and its sessions.
+//!
+//! Through the agent's operator API when it answers; otherwise through the
+//! pinned maps (see [`super::revoke_pinned`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["grant_id", "subject"])))]
@@ -10,7 +16,25 @@ pub struct RevokeArgs {
     /// Revoke every grant of this token subject instead.
     #[arg(long)]
     pub subject: Option<String>,
+    /// The agent's pin directory, used when the API does not answer.
+    /// Default: `[agent] pin_dir` from the configuration file, else
+    /// /sys/fs/bpf/tcpgate.
+    #[arg(long, value_name = "DIR")]
+    pub pin_dir: Option<PathBuf>,
+    /// How long to wait for the API before falling back to the pinned maps.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub api_timeout: Duration,
 }
+
+/// What to revoke.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Grant(crate::auth::GrantId),
+    Subject(String),
+}
+
+/// The API did not answer at all (as opposed to answering with an error).
+struct Unanswered(String);
 
 pub fn run(args: &RevokeArgs) -> i32 {
     let base = match args.admin.url() {
@@ -20,52 +44,79 @@ pub fn run(args: &RevokeArgs) -> i32 {
             return crate::config::EXIT_CONFIG;
         }
     };
-    let url = match (&args.grant_id, &args.subject) {
-        (Some(id), _) => format!("{base}/v1/grants/{id}"),
-        (None, Some(subject)) => format!("{base}/v1/grants?subject={}", urlencode(subject)),
-        (None, None) => {
+    let target = match (&args.grant_id, &args.subject) {
+        (Some(id), _) => match id.parse::<crate::auth::GrantId>() {
+            Ok(id) => Target::Grant(id),
+            Err(e) => {
+                eprintln!("tcpgate revoke: {e}");
+                return crate::config::EXIT_CONFIG;
+            }
+        },
+        (None, Some(subject)) if !subject.is_empty() => Target::Subject(subject.clone()),
+        _ => {
             eprintln!("tcpgate revoke: give a grant id or --subject");
             return crate::config::EXIT_CONFIG;
         }
     };
-    super::block_on(async {
-        let response = match reqwest::Client::new().delete(&url).send().await {
-            Ok(response) => response,
-            Err(e) => {
-                eprintln!("tcpgate revoke: cannot reach the agent at {base}: {e}");
-                return 1;
-            }
-        };
-        let status = response.status();
-        let body = response.text().await.unwrap_or_default();
-        if status.is_success() {
-            let value: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            let grants = if value.is_array() {
-                value.as_array().cloned().unwrap_or_default()
-            } else {
-                vec![value]
-            };
-            if grants.is_empty() {
-                println!("no live grant matched");
-            }
-            for grant in grants {
-                println!(
-                    "revoked grant {} ({}), {} session(s) ended",
-                    grant["grant_id"].as_str().unwrap_or("?"),
-                    grant["subject"].as_str().unwrap_or("?"),
-                    grant["sessions"]
-                );
-            }
-            0
-        } else {
-            let message = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["message"].as_str().map(str::to_owned))
-                .unwrap_or(body);
-            eprintln!("tcpgate revoke: {status}: {message}");
-            1
+    let answered = super::block_on_value(via_api(&base, &target, args.api_timeout));
+    match answered {
+        Some(Ok(status)) => status,
+        Some(Err(Unanswered(why))) => {
+            eprintln!(
+                "tcpgate revoke: the agent's API at {base} did not answer ({why}); revoking through the pinned maps"
+            );
+            let dir = super::view::pin_dir(args.pin_dir.as_deref(), &args.admin.config, "revoke");
+            super::revoke_pinned::run(&dir, &target)
         }
-    })
+        None => 1,
+    }
+}
+
+async fn via_api(base: &str, target: &Target, timeout: Duration) -> Result<i32, Unanswered> {
+    let url = match target {
+        Target::Grant(id) => format!("{base}/v1/grants/{id}"),
+        Target::Subject(subject) => format!("{base}/v1/grants?subject={}", urlencode(subject)),
+    };
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .build()
+        .map_err(|e| Unanswered(e.to_string()))?;
+    let response = client
+        .delete(&url)
+        .send()
+        .await
+        .map_err(|e| Unanswered(crate::error_chain(&e)))?;
+    let status = response.status();
+    let body = response
+        .text()
+        .await
+        .map_err(|e| Unanswered(crate::error_chain(&e)))?;
+    if !status.is_success() {
+        let message = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["message"].as_str().map(str::to_owned))
+            .unwrap_or(body);
+        eprintln!("tcpgate revoke: {status}: {message}");
+        return Ok(1);
+    }
+    let value: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let grants = if value.is_array() {
+        value.as_array().cloned().unwrap_or_default()
+    } else {
+        vec![value]
+    };
+    if grants.is_empty() {
+        println!("no live grant matched");
+    }
+    for grant in grants {
+        println!(
+            "revoked grant {} ({}), {} session(s) ended",
+            grant["grant_id"].as_str().unwrap_or("?"),
+            grant["subject"].as_str().unwrap_or("?"),
+            grant["sessions"]
+        );
+    }
+    Ok(0)
 }
 
 fn urlencode(text: &str) -> String {

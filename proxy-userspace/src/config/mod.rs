@@ -18,7 +18,7 @@ pub use intercept::{
 };
 #[cfg(test)]
 pub(crate) use intercept::{test_section, test_set};
-pub use validate::FieldError;
+pub use validate::{FieldError, resolve_group};
 
 /// Exit status for configuration and usage errors (`EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;
@@ -121,8 +121,20 @@ pub struct AgentSection {
     /// On SIGTERM, how long live sessions may continue before being ended.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// A session whose sent data stays unacknowledged this long (a stalled
+    /// or vanished peer: `TCP_USER_TIMEOUT`), or whose idle peer stops
+    /// answering keepalive probes, is aborted.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
     /// `SO_MARK` on the agent's upstream sockets.
     pub upstream_mark: u32,
+    /// Group (name or numeric gid) whose members may read the pinned maps
+    /// (`tcpgate sessions`, `tcpgate grants`) without root: the pin
+    /// directory becomes `root:<group>` mode 0750, the pinned maps 0640.
+    pub operator_group: Option<String>,
+    /// Leave the pinned maps in place on a clean shutdown, for post-mortem
+    /// inspection; the next start reports and removes them.
+    pub keep_pins: bool,
 }
 
 impl Default for AgentSection {
@@ -134,7 +146,10 @@ impl Default for AgentSection {
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(120),
             upstream_mark: 0x7467,
+            operator_group: None,
+            keep_pins: false,
         }
     }
 }

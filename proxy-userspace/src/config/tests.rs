@@ -75,3 +75,26 @@ fn overrides_apply_after_validation() {
     assert_eq!(config.agent.datapath, DatapathChoice::Userspace);
     assert_eq!(config.agent.pin_dir, PathBuf::from("/sys/fs/bpf/other"));
 }
+
+#[test]
+fn operator_group_must_exist_or_be_a_gid() {
+    let base = "[[forward]]\nlisten = \"127.0.0.1:1\"\nupstream = \"192.0.2.1:2\"\n";
+    let config = parse(&format!(
+        "[agent]\noperator_group = \"root\"\nkeep_pins = true\n{base}"
+    ))
+    .expect("root exists everywhere");
+    assert_eq!(config.agent.operator_group.as_deref(), Some("root"));
+    assert!(config.agent.keep_pins);
+    parse(&format!("[agent]\noperator_group = \"4242\"\n{base}")).expect("numeric gid");
+    let err = parse(&format!(
+        "[agent]\noperator_group = \"no-such-group-tcpgate\"\n{base}"
+    ))
+    .expect_err("unknown group");
+    let text = err.to_string();
+    assert!(
+        text.contains("agent.operator_group") && text.contains("groupadd"),
+        "{text}"
+    );
+    let err = parse(&format!("[agent]\noperator_group = \"\"\n{base}")).expect_err("empty");
+    assert!(err.to_string().contains("agent.operator_group"), "{err}");
+}

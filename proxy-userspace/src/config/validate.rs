@@ -115,6 +115,7 @@ impl Config {
         for (name, value) in [
             ("agent.connect_timeout", agent.connect_timeout),
             ("agent.drain_timeout", agent.drain_timeout),
+            ("agent.stall_timeout", agent.stall_timeout),
         ] {
             if value.is_zero() {
                 errors.push(FieldError::new(name, "must be greater than zero"));
@@ -128,6 +129,11 @@ impl Config {
                 "agent.upstream_mark",
                 "must be non-zero: it tells the agent's own upstream packets apart",
             ));
+        }
+        if let Some(group) = &agent.operator_group
+            && let Err(message) = resolve_group(group)
+        {
+            errors.push(FieldError::new("agent.operator_group", message));
         }
         if self.audit.path.is_empty() {
             errors.push(FieldError::new(
@@ -157,13 +163,13 @@ impl Config {
                 errors.push(FieldError::new(format!("{path}.name"), "must not be empty"));
             }
         }
-        if let Some(admin) = &self.admin {
-            if listens.contains(&admin.listen) {
-                errors.push(FieldError::new(
-                    "admin.listen",
-                    "collides with a forward listener",
-                ));
-            }
+        if let Some(admin) = &self.admin
+            && listens.contains(&admin.listen)
+        {
+            errors.push(FieldError::new(
+                "admin.listen",
+                "collides with a forward listener",
+            ));
         }
         let intercepts = self.intercept.as_ref().map_or(0, |i| i.prefixes.len());
         if self.forwards.is_empty() && intercepts == 0 {
@@ -173,5 +179,23 @@ impl Config {
             ));
         }
         errors
+    }
+}
+
+/// The gid of `agent.operator_group`: a group name known to this host, or a
+/// numeric gid.
+pub fn resolve_group(group: &str) -> Result<nix::unistd::Gid, String> {
+    if group.is_empty() {
+        return Err("must be a group name or a numeric gid".to_owned());
+    }
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(nix::unistd::Gid::from_raw(gid));
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(found)) => Ok(found.gid),
+        Ok(None) => Err(format!(
+            "no group {group:?} on this host (create it with `groupadd --system {group}`)"
+        )),
+        Err(e) => Err(format!("cannot look up group {group:?}: {e}")),
     }
 }

@@ -60,18 +60,27 @@ pub(super) struct Cookies {
     pub upstream: u64,
 }
 
+/// How long a session may go without progress.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// After one side's EOF, for the other direction to drain.
+    pub drain: Duration,
+    /// At any time, for a socket with unacknowledged data.
+    pub stall: Duration,
+}
+
 pub struct EbpfDatapath {
     maps: Mutex<Maps>,
     /// For sessions the kernel cannot splice (a peer closed before setup).
     pub(super) fallback: super::userspace::UserspaceDatapath,
     pub(super) watcher: Watcher,
-    pub(super) stall_limit: Duration,
+    pub(super) timeouts: Timeouts,
 }
 
 impl EbpfDatapath {
     /// Takes the session maps out of `bpf` and attaches the verdict program.
     /// `bpf` must outlive the data path (it owns the program link).
-    pub fn attach(bpf: &mut LoadedBpf, stall_limit: Duration) -> Result<Self, EbpfSetupError> {
+    pub fn attach(bpf: &mut LoadedBpf, timeouts: Timeouts) -> Result<Self, EbpfSetupError> {
         let sockhash: SockHash<MapData, u64> =
             typed(map_names::SOCKHASH, bpf.take_map(map_names::SOCKHASH)?)?;
         let sockets = typed(map_names::SOCKETS, bpf.take_map(map_names::SOCKETS)?)?;
@@ -98,9 +107,9 @@ impl EbpfDatapath {
                 sockets,
                 sessions,
             }),
-            fallback: super::userspace::UserspaceDatapath::default(),
             watcher: Watcher::new().map_err(EbpfSetupError::Watcher)?,
-            stall_limit,
+            fallback: super::userspace::UserspaceDatapath::new(timeouts.stall),
+            timeouts,
         })
     }
 

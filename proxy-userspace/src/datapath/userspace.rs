@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use proxy_common::session::DirectionCounters;
 use tokio::io::AsyncWriteExt;
@@ -28,9 +29,10 @@ struct LiveCounters {
 }
 
 /// Sessions copied by the agent.
-#[derive(Default)]
 pub struct UserspaceDatapath {
     live: Mutex<HashMap<u64, Arc<LiveCounters>>>,
+    /// A write that makes no progress this long means the reader stalled.
+    stall_timeout: Duration,
 }
 
 fn counters(bytes: u64) -> DirectionCounters {
@@ -52,6 +54,7 @@ async fn copy_direction(
     to: &mut WriteHalf<'_>,
     count: &AtomicU64,
     names: (&'static str, &'static str),
+    stall_timeout: Duration,
 ) -> HalfEnd {
     loop {
         if let Err(e) = from.readable().await {
@@ -67,8 +70,21 @@ async fn copy_direction(
                     };
                 }
                 Ok(n) => {
-                    if let Err(e) = to.write_all(&buf[..n]).await {
-                        return HalfEnd::Error(names.1, e);
+                    // A slow reader drains one buffer well within the limit;
+                    // a stalled one (a zero window that never opens) does not.
+                    match tokio::time::timeout(stall_timeout, to.write_all(&buf[..n])).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return HalfEnd::Error(names.1, e),
+                        Err(_) => {
+                            let stalled = std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!(
+                                    "stopped reading: no progress for {}s",
+                                    stall_timeout.as_secs()
+                                ),
+                            );
+                            return HalfEnd::Error(names.1, stalled);
+                        }
                     }
                     count.fetch_add(n as u64, Ordering::Relaxed);
                 }
@@ -80,6 +96,14 @@ async fn copy_direction(
 }
 
 impl UserspaceDatapath {
+    #[must_use]
+    pub fn new(stall_timeout: Duration) -> Self {
+        Self {
+            live: Mutex::default(),
+            stall_timeout,
+        }
+    }
+
     #[must_use]
     pub fn live_counters(&self, session_id: u64) -> Option<(DirectionCounters, DirectionCounters)> {
         let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
@@ -116,12 +140,14 @@ impl UserspaceDatapath {
                 &mut upstream_write,
                 &live.up,
                 ("client", "upstream"),
+                self.stall_timeout,
             );
             let down = copy_direction(
                 &mut upstream_read,
                 &mut client_write,
                 &live.down,
                 ("upstream", "client"),
+                self.stall_timeout,
             );
             tokio::pin!(up, down);
             let (mut up_done, mut down_done) = (false, false);

@@ -17,11 +17,14 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Instant;
 
 use nix::sys::epoll::EpollFlags;
-use proxy_common::session::DirectionCounters;
-use tokio::net::TcpStream;
+
+mod setup;
+
+pub(in crate::datapath) use setup::run;
 
 use super::barrier::{BarrierState, DrainBarrier, poll_interval};
-use super::ebpf::{Cookies, EbpfDatapath, SpliceSetupError};
+use super::ebpf::{Cookies, EbpfDatapath};
+use super::stall::StallWatch;
 use super::watcher::Side;
 use super::{DatapathKind, EndReason, SessionMeta, SpliceOutcome, StopSignal};
 use crate::sockopt;
@@ -75,105 +78,8 @@ struct Session<'a> {
     dirs: [Direction; 2],
     first_close: Option<EndReason>,
     attempt: u32,
-}
-
-pub(super) async fn run(
-    dp: &EbpfDatapath,
-    meta: &SessionMeta,
-    client: TcpStream,
-    upstream: TcpStream,
-    stop: StopSignal,
-) -> SpliceOutcome {
-    let (client, upstream) = match (client.into_std(), upstream.into_std()) {
-        (Ok(c), Ok(u)) => (c, u),
-        (Err(e), _) | (_, Err(e)) => {
-            return failed(format!("cannot detach sockets from the runtime: {e}"));
-        }
-    };
-    // SOCKHASH takes only ESTABLISHED sockets: a peer that already sent its
-    // FIN (a client that writes and half-closes at once) leaves its socket in
-    // CLOSE_WAIT, and the session is copied in user space instead.
-    if !established(&client) || !established(&upstream) {
-        return copy_instead(
-            dp,
-            meta,
-            client,
-            upstream,
-            stop,
-            "a peer half-closed before the splice",
-        )
-        .await;
-    }
-    let hold = |fd: BorrowedFd<'_>, bytes| sockopt::set_rcvlowat(fd, bytes);
-    let prepared = hold(client.as_fd(), i32::MAX)
-        .and_then(|()| hold(upstream.as_fd(), i32::MAX))
-        .and_then(|()| {
-            Ok([
-                sockopt::bytes_sent(client.as_fd())?,
-                sockopt::bytes_sent(upstream.as_fd())?,
-            ])
-        });
-    let baselines = match prepared {
-        Ok(b) => b,
-        Err(e) => {
-            return abort_unspliced(&client, &upstream, format!("cannot prepare sockets: {e}"));
-        }
-    };
-    // Only for the audit line: how much the kick below has to push through.
-    let queued = (
-        sockopt::queued_bytes(client.as_fd()).unwrap_or(0),
-        sockopt::queued_bytes(upstream.as_fd()).unwrap_or(0),
-    );
-    let cookies = match dp.insert(meta, client.as_fd(), upstream.as_fd()) {
-        Ok(c) => c,
-        Err(SpliceSetupError::NotEstablished) => {
-            return copy_instead(
-                dp,
-                meta,
-                client,
-                upstream,
-                stop,
-                "a peer half-closed during the splice setup",
-            )
-            .await;
-        }
-        Err(e) => return abort_unspliced(&client, &upstream, format!("{e}: {}", error_chain(&e))),
-    };
-    // Held sockets run no verdict, except when a FIN lands between the two
-    // insertions: then bytes may have been passed to their own socket
-    // instead of the peer. Never continue silently after that.
-    let (up, down) = dp.live_counters(meta.id).unwrap_or_default();
-    if up.redirect_failures + down.redirect_failures > 0 {
-        let (up, down) = dp.remove(meta.id, cookies);
-        let mut outcome = abort_unspliced(
-            &client,
-            &upstream,
-            "a FIN raced the splice setup and bytes could not be redirected; the session was reset"
-                .into(),
-        );
-        (outcome.up, outcome.down) = (up, down);
-        return outcome;
-    }
-    let kicked = hold(client.as_fd(), 1).and_then(|()| hold(upstream.as_fd(), 1));
-    let mut session = Session {
-        dp,
-        id: meta.id,
-        client,
-        upstream,
-        baselines,
-        queued,
-        dirs: [Direction::new(), Direction::new()],
-        first_close: None,
-        attempt: 0,
-    };
-    let ending = match kicked {
-        Ok(()) => session.watch(meta, stop).await,
-        Err(e) => Ending::Abort(
-            EndReason::InternalError,
-            format!("cannot release held bytes: {e}"),
-        ),
-    };
-    session.finish(cookies, ending)
+    /// Client socket, upstream socket.
+    stalls: [StallWatch; 2],
 }
 
 impl Session<'_> {
@@ -198,6 +104,9 @@ impl Session<'_> {
                 .unwrap_or_default();
             tokio::time::Instant::now() + left
         });
+        let mut stall_tick =
+            tokio::time::interval(super::stall::check_interval(self.dp.timeouts.stall));
+        stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let ending = loop {
             if let Some(reason) = *stop.borrow_and_update() {
                 break Ending::Abort(reason, format!("stopped: {}", reason.as_str()));
@@ -223,6 +132,11 @@ impl Session<'_> {
                 () = tokio::time::sleep(poll_interval(self.attempt)), if draining => {
                     self.attempt += 1;
                 }
+                _ = stall_tick.tick() => {
+                    if let Some(ending) = self.check_stalls() {
+                        break ending;
+                    }
+                }
             }
             if let Some(ending) = self.advance_barriers() {
                 break ending;
@@ -235,6 +149,36 @@ impl Session<'_> {
             .watcher
             .unwatch(self.id, self.client.as_fd(), self.upstream.as_fd());
         ending
+    }
+
+    /// Ends the session when one socket has had unacknowledged data and no
+    /// progress for the stall timeout (a peer that stopped reading).
+    fn check_stalls(&mut self) -> Option<Ending> {
+        let now = Instant::now();
+        let limit = self.dp.timeouts.stall;
+        for (index, side) in [(0, Side::Client), (1, Side::Upstream)] {
+            let state = match sockopt::send_state(self.socket(side)) {
+                Ok(state) => state,
+                Err(e) => {
+                    return Some(Ending::Abort(
+                        EndReason::InternalError,
+                        format!("TCP_INFO: {e}"),
+                    ));
+                }
+            };
+            if let Some(stalled) = self.stalls[index].observe(state, now, limit) {
+                return Some(Ending::Abort(
+                    closed_reason(side),
+                    format!(
+                        "{} stopped reading: {} bytes unacknowledged for {}s",
+                        side_name(side),
+                        state.queued,
+                        stalled.as_secs()
+                    ),
+                ));
+            }
+        }
+        None
     }
 
     fn socket(&self, side: Side) -> BorrowedFd<'_> {
@@ -269,7 +213,7 @@ impl Session<'_> {
                 dir.eof = true;
                 dir.barrier = Some(DrainBarrier::new(
                     peer_baseline,
-                    self.dp.stall_limit,
+                    self.dp.timeouts.drain,
                     Instant::now(),
                 ));
                 self.first_close.get_or_insert(closed_reason(side));
@@ -338,7 +282,7 @@ impl Session<'_> {
                         format!(
                             "{} stopped accepting data: {behind} bytes undelivered after {:?} without progress",
                             side_name(peer),
-                            self.dp.stall_limit
+                            self.dp.timeouts.drain
                         ),
                     ));
                 }
@@ -376,68 +320,4 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-fn failed(detail: String) -> SpliceOutcome {
-    SpliceOutcome {
-        reason: EndReason::InternalError,
-        detail: Some(detail),
-        up: DirectionCounters::default(),
-        down: DirectionCounters::default(),
-        queued_at_splice: None,
-        datapath: DatapathKind::Ebpf,
-    }
-}
-
-/// `TCP_ESTABLISHED` from the kernel's `enum tcp_state`.
-const TCP_ESTABLISHED: u8 = 1;
-
-fn established(socket: &std::net::TcpStream) -> bool {
-    sockopt::tcp_state(socket.as_fd()).is_ok_and(|state| state == TCP_ESTABLISHED)
-}
-
-/// Runs a session that cannot be spliced on the user-space copy.
-async fn copy_instead(
-    dp: &EbpfDatapath,
-    meta: &SessionMeta,
-    client: std::net::TcpStream,
-    upstream: std::net::TcpStream,
-    stop: StopSignal,
-    why: &str,
-) -> SpliceOutcome {
-    let _ = sockopt::set_rcvlowat(client.as_fd(), 1);
-    let _ = sockopt::set_rcvlowat(upstream.as_fd(), 1);
-    tracing::info!(session = %format_args!("{:016x}", meta.id), why, "copying this session in user space");
-    let (client, upstream) = match (TcpStream::from_std(client), TcpStream::from_std(upstream)) {
-        (Ok(c), Ok(u)) => (c, u),
-        (Err(e), _) | (_, Err(e)) => {
-            return failed(format!("cannot hand sockets back to the runtime: {e}"));
-        }
-    };
-    let mut outcome = dp.fallback.splice(meta, client, upstream, stop).await;
-    outcome
-        .detail
-        .get_or_insert_with(|| format!("copied in user space: {why}"));
-    outcome
-}
-
-fn abort_unspliced(
-    client: &std::net::TcpStream,
-    upstream: &std::net::TcpStream,
-    detail: String,
-) -> SpliceOutcome {
-    let _ = sockopt::set_linger_zero(client.as_fd());
-    let _ = sockopt::set_linger_zero(upstream.as_fd());
-    tracing::error!(%detail, "session setup on the eBPF path failed");
-    failed(detail)
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut source = error.source();
-    while let Some(e) = source {
-        parts.push(e.to_string());
-        source = e.source();
-    }
-    parts.join(": ")
 }

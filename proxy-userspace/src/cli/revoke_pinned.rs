@@ -1,0 +1,139 @@
+//! `tcpgate revoke` when the agent's API does not answer (a hung or
+//! stopped agent): work from the pinned maps instead.
+//!
+//! 1. Flag each matching grant revoked in the pinned `grants` map, and
+//!    leave the marker record that makes the agent look. The agent revokes
+//!    flagged grants in its store as soon as it runs again, so they admit
+//!    nothing new.
+//! 2. Find the grant's sessions in the `sessions` map and their sockets'
+//!    cookies in the `sockets` map.
+//! 3. Find those cookies among this namespace's TCP sockets (sock_diag) and
+//!    destroy each socket (`SOCK_DESTROY`): both peers get a RST at once.
+//!
+//! The flag is set before the sockets are destroyed, so the agent, when it
+//! sees the aborted sockets, records the sessions as `revoked`. Needs root
+//! (write access to the map, `CAP_NET_ADMIN` for the sockets) and must run
+//! in the agent's network namespace.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use proxy_common::addr::fill_str;
+use proxy_common::grant::GRANT_FLAG_REVOKED;
+use proxy_common::session::SUBJECT_LEN;
+
+use super::revoke::Target;
+use crate::pinned::PinnedMaps;
+use crate::sockdiag;
+
+pub fn run(dir: &Path, target: &Target) -> i32 {
+    match revoke(dir, target) {
+        Ok(status) => status,
+        Err(message) => {
+            eprintln!("tcpgate revoke: {message}");
+            1
+        }
+    }
+}
+
+fn revoke(dir: &Path, target: &Target) -> Result<i32, String> {
+    let maps = PinnedMaps::open(dir).map_err(|e| crate::error_chain(&e))?;
+    let grants = maps.grants().map_err(|e| crate::error_chain(&e))?;
+    let wanted: Vec<(u64, String)> = match target {
+        Target::Grant(id) => grants
+            .iter()
+            .filter(|g| g.grant_id == id.0)
+            .map(|g| {
+                (
+                    g.grant_id,
+                    proxy_common::addr::read_str(&g.subject).to_owned(),
+                )
+            })
+            .collect(),
+        Target::Subject(subject) => {
+            // Records keep the first SUBJECT_LEN bytes of a subject.
+            let mut stored = [0u8; SUBJECT_LEN];
+            fill_str(&mut stored, subject);
+            grants
+                .iter()
+                .filter(|g| g.subject == stored)
+                .map(|g| (g.grant_id, subject.clone()))
+                .collect()
+        }
+    };
+    if wanted.is_empty() {
+        println!("no live grant matched in the pinned map {}", dir.display());
+        return Ok(1);
+    }
+    for (id, _) in &wanted {
+        maps.flag_grant(*id, GRANT_FLAG_REVOKED).map_err(|e| {
+            format!(
+                "cannot flag grant {id:016x} revoked: {}",
+                crate::error_chain(&e)
+            )
+        })?;
+    }
+    maps.mark_revocations_pending()
+        .map_err(|e| format!("cannot tell the agent to look: {}", crate::error_chain(&e)))?;
+    let ids: HashSet<u64> = wanted.iter().map(|(id, _)| *id).collect();
+    let sessions: Vec<_> = maps
+        .sessions()
+        .map_err(|e| crate::error_chain(&e))?
+        .into_iter()
+        .filter(|s| ids.contains(&s.grant_id))
+        .collect();
+    let session_ids: HashSet<u64> = sessions.iter().map(|s| s.session_id).collect();
+    let cookies: HashSet<u64> = maps
+        .sockets()
+        .map_err(|e| crate::error_chain(&e))?
+        .into_iter()
+        .filter(|(_, entry)| session_ids.contains(&entry.session_id))
+        .map(|(cookie, _)| cookie)
+        .collect();
+    let found: Vec<sockdiag::DiagSocket> = if cookies.is_empty() {
+        Vec::new()
+    } else {
+        sockdiag::tcp_sockets()
+            .map_err(|e| crate::error_chain(&e))?
+            .into_iter()
+            .filter(|s| cookies.contains(&s.cookie()))
+            .collect()
+    };
+    let mut destroyed = 0;
+    let mut failed = 0;
+    for socket in &found {
+        match sockdiag::destroy(socket) {
+            Ok(()) => {
+                destroyed += 1;
+                println!("  destroyed socket {}", socket.describe());
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!(
+                    "  cannot destroy socket {}: {}",
+                    socket.describe(),
+                    crate::error_chain(&e)
+                );
+            }
+        }
+    }
+    for (id, subject) in &wanted {
+        let count = sessions.iter().filter(|s| s.grant_id == *id).count();
+        println!(
+            "revoked grant {id:016x} ({subject}) through the pinned map, {count} session(s) ended"
+        );
+    }
+    println!(
+        "{destroyed} of {} socket(s) destroyed with SOCK_DESTROY; the agent applies the revocation \
+         (no new connections, audit lines with reason revoked) as soon as it runs again",
+        cookies.len()
+    );
+    let missing = cookies.len() - found.len();
+    if missing > 0 {
+        eprintln!(
+            "tcpgate revoke: {missing} socket(s) of these sessions are not in this network namespace: \
+             run tcpgate revoke in the agent's (nsenter --net=/proc/<agent pid>/ns/net)"
+        );
+    }
+    Ok(i32::from(failed > 0 || missing > 0))
+}

@@ -1,0 +1,368 @@
+//! Prometheus metrics, served on `[admin] listen` at `/metrics` in the
+//! Prometheus text format (0.0.4).
+//!
+//! Events on the connection path (accept, deny, authenticate, connect,
+//! close) are atomic counter and histogram updates: nothing here runs per
+//! packet, which stays in the kernel. Values that live elsewhere (the live
+//! session and grant counts, the kernel's byte counters, the eBPF programs'
+//! per-CPU stats) are read when Prometheus scrapes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use proxy_common::session::DirectionCounters;
+use proxy_common::stats::GlobalStats;
+
+use crate::datapath::DatapathKind;
+
+/// The eBPF programs' per-CPU counters.
+pub type StatsMap = aya::maps::PerCpuArray<aya::maps::MapData, GlobalStats>;
+
+/// `Content-Type` of the `/metrics` answer.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    direction: &'static str,
+    path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DatapathLabels {
+    datapath: &'static str,
+}
+
+type Histograms = Family<ResultLabels, Histogram, fn() -> Histogram>;
+
+/// Authentication can wait for a slow preamble (seconds); a source grant
+/// admits in microseconds.
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ])
+}
+
+/// The expiry target is 100 ms; the buckets resolve around it.
+fn teardown_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5,
+    ])
+}
+
+/// What a scrape reads from the rest of the agent.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub live_sessions: usize,
+    pub live_grants: usize,
+    /// Current counters of every live session (up, down).
+    pub live_counters: Vec<(DirectionCounters, DirectionCounters)>,
+}
+
+/// Index into [`Metrics::closed_bytes`].
+const KERNEL_UP: usize = 0;
+const KERNEL_DOWN: usize = 1;
+const USER_UP: usize = 2;
+const USER_DOWN: usize = 3;
+const BYTE_SERIES: [(usize, &str, &str); 4] = [
+    (KERNEL_UP, "up", "kernel"),
+    (KERNEL_DOWN, "down", "kernel"),
+    (USER_UP, "up", "userspace"),
+    (USER_DOWN, "down", "userspace"),
+];
+
+/// The agent's metrics; shared by the sessions and the admin endpoint.
+pub struct Metrics {
+    registry: Registry,
+    accepted: Counter,
+    denied: Family<ReasonLabels, Counter>,
+    closed: Family<ReasonLabels, Counter>,
+    auth_seconds: Histograms,
+    connect_seconds: Histograms,
+    expiry_teardown_seconds: Histogram,
+    sessions_live: Gauge,
+    grants_live: Gauge,
+    bytes: Family<BytesLabels, Counter>,
+    /// Final counters of ended sessions, added when each ends.
+    closed_bytes: [AtomicU64; 4],
+    ebpf_redirect_failures: Counter,
+    ebpf_redirected_skbs: Counter,
+    ebpf_lookups_steered: Counter,
+    ebpf_lookups_no_listener: Counter,
+    stats: Option<Mutex<StatsMap>>,
+    /// Scrapes turn totals into counter increments; one at a time.
+    scrape: Mutex<()>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Metrics for an agent running `datapath`; `stats` is the eBPF
+    /// programs' counter map when eBPF is loaded.
+    #[must_use]
+    pub fn new(datapath: DatapathKind, stats: Option<StatsMap>) -> Self {
+        let mut metrics = Self {
+            accepted: Counter::default(),
+            denied: Family::default(),
+            closed: Family::default(),
+            auth_seconds: Family::new_with_constructor(latency_histogram),
+            connect_seconds: Family::new_with_constructor(latency_histogram),
+            expiry_teardown_seconds: teardown_histogram(),
+            sessions_live: Gauge::default(),
+            grants_live: Gauge::default(),
+            bytes: Family::default(),
+            closed_bytes: Default::default(),
+            ebpf_redirect_failures: Counter::default(),
+            ebpf_redirected_skbs: Counter::default(),
+            ebpf_lookups_steered: Counter::default(),
+            ebpf_lookups_no_listener: Counter::default(),
+            stats: stats.map(Mutex::new),
+            scrape: Mutex::new(()),
+            registry: Registry::with_prefix("tcpgate"),
+        };
+        metrics.register(datapath);
+        metrics
+    }
+
+    fn register(&mut self, datapath: DatapathKind) {
+        let registry = &mut self.registry;
+        registry.register(
+            "sessions_live",
+            "Sessions admitted and not yet ended",
+            self.sessions_live.clone(),
+        );
+        registry.register(
+            "grants_live",
+            "Grants in the grant store",
+            self.grants_live.clone(),
+        );
+        registry.register(
+            "connections_accepted",
+            "Connections admitted (authenticated, under the session limit)",
+            self.accepted.clone(),
+        );
+        registry.register(
+            "connections_denied",
+            "Connections refused, by reason (no_rule_matched, token_expired, bad_magic, timeout, session_limit, not_intercepted, ...)",
+            self.denied.clone(),
+        );
+        registry.register(
+            "sessions_closed",
+            "Sessions ended, by reason (client_closed, grant_expired, revoked, agent_shutdown, ...)",
+            self.closed.clone(),
+        );
+        registry.register(
+            "bytes",
+            "Payload bytes moved, by direction (up: client to upstream) and path (kernel: the eBPF verdict's counters; userspace: the copy fallback)",
+            self.bytes.clone(),
+        );
+        registry.register(
+            "auth_duration_seconds",
+            "Time from accept to the admission decision, by result (admitted, denied)",
+            self.auth_seconds.clone(),
+        );
+        registry.register(
+            "upstream_connect_duration_seconds",
+            "Time to connect upstream, by result (ok, error)",
+            self.connect_seconds.clone(),
+        );
+        registry.register(
+            "expiry_teardown_seconds",
+            "From a grant's expiry to the teardown of each of its sessions",
+            self.expiry_teardown_seconds.clone(),
+        );
+        registry.register(
+            "ebpf_redirect_failures",
+            "Skbs the verdict program could not redirect (peer socket missing), all CPUs",
+            self.ebpf_redirect_failures.clone(),
+        );
+        registry.register(
+            "ebpf_redirected_skbs",
+            "Skbs the verdict program redirected to the peer socket, all CPUs",
+            self.ebpf_redirected_skbs.clone(),
+        );
+        registry.register(
+            "ebpf_lookups_steered",
+            "Intercepted SYNs the sk_lookup program steered to the agent",
+            self.ebpf_lookups_steered.clone(),
+        );
+        registry.register(
+            "ebpf_lookups_no_listener",
+            "Intercepted SYNs that found no agent listener",
+            self.ebpf_lookups_no_listener.clone(),
+        );
+        let paths: Family<DatapathLabels, Gauge> = Family::default();
+        for kind in [DatapathKind::Ebpf, DatapathKind::Userspace] {
+            paths
+                .get_or_create(&DatapathLabels {
+                    datapath: kind.as_str(),
+                })
+                .set(i64::from(kind == datapath));
+        }
+        registry.register(
+            "datapath",
+            "The data path in use (1) and the other (0)",
+            paths,
+        );
+        for (_, direction, path) in BYTE_SERIES {
+            // Present at zero from the start, so rates work from the first scrape.
+            let _ = self.bytes.get_or_create(&BytesLabels { direction, path });
+        }
+    }
+
+    /// A connection was admitted.
+    pub fn accepted(&self) {
+        self.accepted.inc();
+    }
+
+    /// A connection was refused for `reason` (a stable reason string).
+    pub fn denied(&self, reason: &str) {
+        self.denied
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// How long admission took.
+    pub fn authenticated(&self, admitted: bool, took: Duration) {
+        let result = if admitted { "admitted" } else { "denied" };
+        self.auth_seconds
+            .get_or_create(&ResultLabels { result })
+            .observe(took.as_secs_f64());
+    }
+
+    /// How long the upstream connect took.
+    pub fn upstream_connected(&self, ok: bool, took: Duration) {
+        let result = if ok { "ok" } else { "error" };
+        self.connect_seconds
+            .get_or_create(&ResultLabels { result })
+            .observe(took.as_secs_f64());
+    }
+
+    /// A session ended: its reason, its final counters, and for an expiry
+    /// the grant's end, to measure how late the teardown finished.
+    pub fn session_closed(
+        &self,
+        reason: &str,
+        up: &DirectionCounters,
+        down: &DirectionCounters,
+        expired_at: Option<SystemTime>,
+    ) {
+        for (index, value) in [
+            (KERNEL_UP, up.kernel_bytes),
+            (KERNEL_DOWN, down.kernel_bytes),
+            (USER_UP, up.userspace_bytes),
+            (USER_DOWN, down.userspace_bytes),
+        ] {
+            self.closed_bytes[index].fetch_add(value, Ordering::Relaxed);
+        }
+        self.closed
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+        if let Some(expired_at) = expired_at {
+            let late = SystemTime::now()
+                .duration_since(expired_at)
+                .unwrap_or_default();
+            self.expiry_teardown_seconds.observe(late.as_secs_f64());
+        }
+    }
+
+    /// Reads the scrape-time values and renders every metric.
+    pub fn render(&self, snapshot: &Snapshot) -> String {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
+        self.sessions_live
+            .set(i64::try_from(snapshot.live_sessions).unwrap_or(i64::MAX));
+        self.grants_live
+            .set(i64::try_from(snapshot.live_grants).unwrap_or(i64::MAX));
+        let mut totals: [u64; 4] =
+            std::array::from_fn(|i| self.closed_bytes[i].load(Ordering::Relaxed));
+        for (up, down) in &snapshot.live_counters {
+            totals[KERNEL_UP] += up.kernel_bytes;
+            totals[KERNEL_DOWN] += down.kernel_bytes;
+            totals[USER_UP] += up.userspace_bytes;
+            totals[USER_DOWN] += down.userspace_bytes;
+        }
+        for (index, direction, path) in BYTE_SERIES {
+            advance(
+                &self.bytes.get_or_create(&BytesLabels { direction, path }),
+                totals[index],
+            );
+        }
+        if let Some(stats) = self.read_stats() {
+            advance(&self.ebpf_redirect_failures, stats.redirect_failures);
+            advance(&self.ebpf_redirected_skbs, stats.redirected_skbs);
+            advance(&self.ebpf_lookups_steered, stats.lookups_steered);
+            advance(&self.ebpf_lookups_no_listener, stats.lookups_no_listener);
+        }
+        let mut text = String::new();
+        if let Err(e) =
+            prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)
+        {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        text
+    }
+
+    /// The eBPF counters, summed over the CPUs.
+    fn read_stats(&self) -> Option<GlobalStats> {
+        let stats = self.stats.as_ref()?;
+        let map = stats.lock().unwrap_or_else(PoisonError::into_inner);
+        match map.get(&0, 0) {
+            Ok(per_cpu) => Some(sum_cpus(per_cpu.iter())),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the eBPF stats map");
+                None
+            }
+        }
+    }
+}
+
+/// Sums the per-CPU slots of the stats map.
+pub fn sum_cpus<'a>(slots: impl Iterator<Item = &'a GlobalStats>) -> GlobalStats {
+    slots.fold(GlobalStats::default(), |mut sum, s| {
+        sum.redirected_skbs += s.redirected_skbs;
+        sum.redirect_failures += s.redirect_failures;
+        sum.unknown_socket_skbs += s.unknown_socket_skbs;
+        sum.fin_passed += s.fin_passed;
+        sum.lookups_steered += s.lookups_steered;
+        sum.lookups_no_listener += s.lookups_no_listener;
+        sum
+    })
+}
+
+/// Raises a counter to `total`. A total can dip for a moment (a session's
+/// map entry is gone before its final counters are added to the closed
+/// sums); the counter then waits instead of going backwards.
+fn advance(counter: &Counter, total: u64) {
+    let current = counter.get();
+    if total > current {
+        counter.inc_by(total - current);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,136 @@
+//! `cargo xtask bench` arguments and what they turn into.
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+use super::connrate::Load;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Fewer and shorter runs: finishes in under 3 minutes.
+    #[arg(long)]
+    pub quick: bool,
+    /// Repetitions of every measure (default: 3 with --quick, else 5 for the
+    /// data path and connection rate, 3 for RSS and teardown).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=50))]
+    pub runs: Option<u16>,
+    /// Run only these measures (repeat or comma-separate).
+    #[arg(long, value_name = "NAME", value_enum, value_delimiter = ',')]
+    pub only: Vec<Measure>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Measure {
+    /// iperf3 bulk throughput, 1 and 8 streams, with CPU per GiB.
+    Throughput,
+    /// 64-byte request/response latency.
+    Latency,
+    /// New authenticated connections per second.
+    Connrate,
+    /// Agent RSS with 10,000 idle sessions.
+    Rss,
+    /// Teardown latency when a grant expires.
+    Teardown,
+}
+
+/// Every knob of one bench run, recorded in results.json.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub mode: &'static str,
+    pub only: Vec<Measure>,
+    /// Repetitions of the data-path and connection-rate measures.
+    pub runs: usize,
+    pub iperf_seconds: u32,
+    pub round_trips: usize,
+    #[serde(skip)]
+    pub conn_load: Load,
+    pub conn_concurrency: usize,
+    pub conn_seconds: f64,
+    pub rss_runs: usize,
+    /// The session count the RSS figure is reported for.
+    pub idle_sessions: u32,
+    /// How many idle sessions are opened: `idle_sessions` unless the
+    /// open-files limit is lower (see `fit_sessions_to_fd_limit`).
+    pub idle_sessions_measured: u32,
+    pub teardown_runs: usize,
+    pub teardown_sessions: u32,
+    /// Lifetime of the grant whose expiry ends the sessions.
+    pub grant_lifetime_s: u32,
+}
+
+impl Settings {
+    pub fn from_args(args: &BenchArgs) -> Result<Settings> {
+        let quick = args.quick;
+        let runs = args.runs.map(usize::from);
+        let conn_load = Load {
+            concurrency: 64,
+            warmup: Duration::from_millis(if quick { 300 } else { 500 }),
+            duration: Duration::from_millis(if quick { 1500 } else { 3000 }),
+        };
+        let mut only = args.only.clone();
+        only.sort();
+        only.dedup();
+        let settings = Settings {
+            mode: if quick { "quick" } else { "full" },
+            only,
+            runs: runs.unwrap_or(if quick { 3 } else { 5 }),
+            iperf_seconds: if quick { 1 } else { 4 },
+            round_trips: if quick { 2_000 } else { 10_000 },
+            conn_load,
+            conn_concurrency: conn_load.concurrency,
+            conn_seconds: conn_load.duration.as_secs_f64(),
+            rss_runs: runs.unwrap_or(if quick { 1 } else { 3 }),
+            idle_sessions: 10_000,
+            idle_sessions_measured: 10_000,
+            teardown_runs: runs.unwrap_or(if quick { 1 } else { 3 }),
+            teardown_sessions: 1_000,
+            grant_lifetime_s: 4,
+        };
+        if settings.runs == 0 {
+            bail!("--runs must be at least 1");
+        }
+        Ok(settings)
+    }
+
+    pub fn wants(&self, measure: Measure) -> bool {
+        self.only.is_empty() || self.only.contains(&measure)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(quick: bool, runs: Option<u16>, only: Vec<Measure>) -> BenchArgs {
+        BenchArgs { quick, runs, only }
+    }
+
+    #[test]
+    fn quick_is_shorter_and_runs_override() {
+        let quick = Settings::from_args(&args(true, None, vec![])).expect("valid");
+        let full = Settings::from_args(&args(false, None, vec![])).expect("valid");
+        assert!(quick.runs < full.runs && quick.iperf_seconds < full.iperf_seconds);
+        assert_eq!(full.idle_sessions, 10_000);
+        assert_eq!(full.teardown_sessions, 1_000);
+        let two = Settings::from_args(&args(false, Some(2), vec![])).expect("valid");
+        assert_eq!((two.runs, two.rss_runs, two.teardown_runs), (2, 2, 2));
+    }
+
+    #[test]
+    fn only_selects_measures() {
+        let s = Settings::from_args(&args(
+            true,
+            None,
+            vec![Measure::Rss, Measure::Latency, Measure::Rss],
+        ))
+        .expect("valid");
+        assert_eq!(s.only, [Measure::Latency, Measure::Rss]);
+        assert!(s.wants(Measure::Rss) && !s.wants(Measure::Throughput));
+        let all = Settings::from_args(&args(true, None, vec![])).expect("valid");
+        assert!(all.wants(Measure::Teardown));
+    }
+}
