@@ -1,12 +1,16 @@
 //! `cargo xtask install` and `uninstall`: the staged tree, the systemd unit
 //! as files (`systemd-analyze verify`), idempotency, and an install into a
-//! system image. `install_service.rs` runs what gets installed.
+//! system image. `install_service.rs` and `install_systemd.rs` run what gets
+//! installed.
 //!
 //! Every test stages into its own temporary --destdir (or --root), so they
 //! run in parallel and never touch the host's /usr/local, /etc or accounts.
 
 mod common;
-#[allow(dead_code, reason = "shared with install_service.rs")]
+#[allow(
+    dead_code,
+    reason = "shared with install_service.rs and install_systemd.rs"
+)]
 mod install_support;
 
 use std::collections::BTreeSet;

@@ -1,6 +1,7 @@
 //! Support for the install tests: staging with `cargo xtask install`, a
 //! reader for systemd unit files, and a temporary system user.
 
+pub mod session;
 pub mod systemd;
 pub mod tree;
 pub mod unprivileged;
