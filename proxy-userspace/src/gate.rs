@@ -68,7 +68,7 @@ fn admitted(grant: &Grant, method: u16) -> Admitted {
         subject: grant.subject.clone(),
         expires: Some(grant.expires_at),
         auth_method: method,
-        claims: grant.audit_claims.clone(),
+        claims: std::sync::Arc::clone(&grant.audit_claims),
         answer_preamble: method == AUTH_PREAMBLE,
     }
 }

@@ -57,7 +57,8 @@ pub struct Admitted {
     pub expires: Option<SystemTime>,
     /// `proxy_common::session::AUTH_*`.
     pub auth_method: u16,
-    pub claims: BTreeMap<String, serde_json::Value>,
+    /// Shared with the grant: sessions under one grant do not copy it.
+    pub claims: std::sync::Arc<BTreeMap<String, serde_json::Value>>,
     /// The client sent a preamble and waits for the agent's answer.
     pub answer_preamble: bool,
 }
@@ -125,7 +126,7 @@ fn base_event(
     if !admitted.subject.is_empty() {
         event.subject = Some(admitted.subject.clone());
     }
-    event.claims.clone_from(&admitted.claims);
+    event.claims = admitted.claims.as_ref().clone();
     event
 }
 
@@ -140,7 +141,9 @@ pub async fn handle(
         None => Admitted::unauthenticated(),
         Some(gate) => {
             let clock = Instant::now();
-            let decision = gate.admit(&mut client, peer, target.destination).await;
+            // Boxed: its state is dropped once decided instead of sizing every
+            // live session's future.
+            let decision = Box::pin(gate.admit(&mut client, peer, target.destination)).await;
             services
                 .metrics
                 .authenticated(decision.is_ok(), clock.elapsed());
@@ -307,10 +310,7 @@ pub async fn serve(
         subject: admitted.subject.clone(),
     };
     let stop = admission.register(meta.clone());
-    let mut open = base_event(EventKind::SessionOpen, peer, &target, &admitted);
-    open.session_id = Some(format!("{:016x}", meta.id));
-    open.datapath = Some(services.datapath.kind().as_str());
-    services.audit.record(open);
+    record_open(&services, &meta, &target, &admitted);
     tracing::debug!(session = %format_args!("{:016x}", meta.id), client = %peer, upstream = %target.upstream, "session spliced");
 
     let mut outcome = services
@@ -363,6 +363,15 @@ fn revoked_outside(services: &Services, meta: &SessionMeta, outcome: &mut Splice
             "revoked through the pinned map while the agent was not answering; sockets destroyed by tcpgate revoke ({was})"
         ));
     }
+}
+
+/// The `session_open` line. Built outside `serve` so the event's storage
+/// is not kept in every live session's future.
+fn record_open(services: &Services, meta: &SessionMeta, target: &Target, admitted: &Admitted) {
+    let mut open = base_event(EventKind::SessionOpen, meta.client, target, admitted);
+    open.session_id = Some(format!("{:016x}", meta.id));
+    open.datapath = Some(services.datapath.kind().as_str());
+    services.audit.record(open);
 }
 
 /// A preamble grant admits exactly one session; it ends with it.

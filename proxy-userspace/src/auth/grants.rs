@@ -89,8 +89,9 @@ pub struct Grant {
     #[serde(with = "humantime_serde")]
     pub expires_at: SystemTime,
     pub destinations: Vec<Destination>,
-    /// The configured `audit_claims` present in the token.
-    pub audit_claims: BTreeMap<String, Value>,
+    /// The configured `audit_claims` present in the token; shared with the
+    /// sessions under the grant.
+    pub audit_claims: std::sync::Arc<BTreeMap<String, Value>>,
 }
 
 impl Grant {
@@ -202,7 +203,7 @@ impl GrantStore {
             },
             other => other,
         };
-        let audit_claims = self.audit_claims(token);
+        let audit_claims = std::sync::Arc::new(self.audit_claims(token));
         let remaining = decision
             .expires_at
             .duration_since(now)

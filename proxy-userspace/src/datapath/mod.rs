@@ -133,7 +133,8 @@ impl Datapath {
     ) -> SpliceOutcome {
         match self {
             Self::Ebpf(dp) => dp.splice(meta, client, upstream, stop).await,
-            Self::Userspace(dp) => dp.splice(meta, client, upstream, stop).await,
+            // Boxed so the eBPF sessions' futures are not sized by this one.
+            Self::Userspace(dp) => Box::pin(dp.splice(meta, client, upstream, stop)).await,
         }
     }
 

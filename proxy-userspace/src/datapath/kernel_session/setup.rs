@@ -30,14 +30,14 @@ pub(in crate::datapath) async fn run(
     // FIN (a client that writes and half-closes at once) leaves its socket in
     // CLOSE_WAIT, and the session is copied in user space instead.
     if !established(&client) || !established(&upstream) {
-        return copy_instead(
+        return Box::pin(copy_instead(
             dp,
             meta,
             client,
             upstream,
             stop,
             "a peer half-closed before the splice",
-        )
+        ))
         .await;
     }
     let hold = |fd: BorrowedFd<'_>, bytes| sockopt::set_rcvlowat(fd, bytes);
@@ -63,14 +63,14 @@ pub(in crate::datapath) async fn run(
     let cookies = match dp.insert(meta, client.as_fd(), upstream.as_fd()) {
         Ok(c) => c,
         Err(SpliceSetupError::NotEstablished) => {
-            return copy_instead(
+            return Box::pin(copy_instead(
                 dp,
                 meta,
                 client,
                 upstream,
                 stop,
                 "a peer half-closed during the splice setup",
-            )
+            ))
             .await;
         }
         Err(e) => return abort_unspliced(&client, &upstream, format!("{e}: {}", error_chain(&e))),
