@@ -166,23 +166,13 @@ fn systemd_runs_the_installed_unit() -> Result<()> {
     check_files_the_agent_made(&container, uid, operators)?;
 
     container.run(&["systemctl", "reload", "tcpgate.service"])?;
-    ensure!(container.property("tcpgate.service", "ActiveState")? == "active");
-    ensure!(
-        container
-            .journal("tcpgate.service")
-            .contains("reloaded the intercepted set")
-    );
+    reloaded(&container, "reloaded the intercepted set")?;
     // A bad file on reload changes nothing; the agent keeps serving.
     let config = container.path("/etc/tcpgate/tcpgate.toml");
     let good = std::fs::read_to_string(&config)?;
     std::fs::write(&config, format!("{good}\n[agent.typo]\n"))?;
     container.run(&["systemctl", "reload", "tcpgate.service"])?;
-    ensure!(container.property("tcpgate.service", "ActiveState")? == "active");
-    ensure!(
-        container
-            .journal("tcpgate.service")
-            .contains("reload rejected")
-    );
+    reloaded(&container, "reload rejected")?;
 
     container.run(&["systemctl", "stop", "tcpgate.service"])?;
     let left = common::routing_leftovers(&topo.bastion)?;
@@ -219,6 +209,15 @@ fn systemd_runs_the_installed_unit() -> Result<()> {
             == Some(2)
     );
     Ok(())
+}
+
+/// The reload finished (the unit is `active` again, not `reloading`) and
+/// the agent logged `message`.
+fn reloaded(container: &Container, message: &str) -> Result<()> {
+    container.wait_until(&format!("{message:?} after reload"), |c| {
+        Ok(c.property("tcpgate.service", "ActiveState")? == "active"
+            && c.journal("tcpgate.service").contains(message))
+    })
 }
 
 /// Owners and modes of what the running service created: the pin directory

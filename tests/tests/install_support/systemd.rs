@@ -210,6 +210,18 @@ impl Container {
         Ok(value.trim().to_owned())
     }
 
+    /// Waits (bounded) until `done` holds, e.g. after `systemctl reload`,
+    /// which returns once ExecReload= has sent SIGHUP: the unit shows
+    /// `reloading` until the agent reports READY=1 again.
+    pub fn wait_until(&self, what: &str, done: impl Fn(&Self) -> Result<bool>) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done(self)? {
+            ensure!(Instant::now() < deadline, "waited 30 s for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
     /// The unit's journal, for failure messages.
     pub fn journal(&self, unit: &str) -> String {
         self.exec(&["journalctl", "--no-pager", "-n", "60", "-u", unit])
