@@ -6,6 +6,7 @@ mod cmd;
 mod demo;
 mod fuzz;
 mod host;
+mod install;
 mod setup;
 mod test;
 
@@ -53,6 +54,16 @@ enum Verb {
     /// the kernel through the SOCKHASH, and torn down, then removes
     /// everything it created.
     Demo(demo::DemoArgs),
+    /// Install tcpgate as a systemd service (as root), or stage it with --destdir.
+    ///
+    /// Builds in release mode, then installs the binary, the systemd units,
+    /// shell completions, man pages, an example /etc/tcpgate/tcpgate.toml
+    /// (never overwriting one), the tcpgate user, the tcpgate-operators
+    /// group and /var/log/tcpgate. Says what it did or found in place; a
+    /// second run changes nothing.
+    Install(install::InstallArgs),
+    /// Remove what install added; the config and audit log stay unless --purge.
+    Uninstall(install::UninstallArgs),
     /// Benchmark tcpgate against direct forwarding, HAProxy and socat (as root).
     ///
     /// Builds the agent in release mode, sets up runner, bastion and target
@@ -79,6 +90,8 @@ fn main() -> ExitCode {
         Verb::Build(args) => build::run(&host, args),
         Verb::Test(args) => test::run(&host, args),
         Verb::Demo(args) => demo::run(&host, args),
+        Verb::Install(args) => install::install(&host, args),
+        Verb::Uninstall(args) => install::uninstall(&host, args),
         Verb::Bench(args) => bench::run(&host, args),
         Verb::Fuzz(args) => fuzz::run(&host, args),
     });

@@ -61,6 +61,11 @@ pub fn run(host: &Host, args: &TestArgs) -> Result<()> {
             "--no-fail-fast",
         ])
         .env("TCPGATE_BIN", &tcpgate)
+        // The install tests run `xtask install`: this very binary.
+        .env(
+            "TCPGATE_XTASK_BIN",
+            std::env::current_exe().context("cannot find xtask's own executable")?,
+        )
         .env("TCPGATE_PRIVILEGED_TESTS", "required");
     if args.chaos {
         cargo_test.env("TCPGATE_CHAOS", "1");

@@ -1,9 +1,11 @@
 //! The `tcpgate` command line: one module per verb, doc comments as help.
 
 mod check_config;
+mod completions;
 mod connect;
 mod grant;
 mod grants;
+mod manpage;
 mod revoke;
 mod revoke_pinned;
 mod run;
@@ -71,6 +73,12 @@ pub enum Command {
     Sessions(sessions::SessionsArgs),
     /// List live grants, from the agent's API or else the pinned map.
     Grants(grants::GrantsArgs),
+    /// Print a shell completion script (for packagers).
+    #[command(hide = true)]
+    Completions(completions::CompletionsArgs),
+    /// Print or write man pages (for packagers).
+    #[command(hide = true)]
+    Manpage(manpage::ManpageArgs),
 }
 
 /// Where the agent's operator endpoints are.
@@ -153,6 +161,8 @@ pub fn dispatch(cli: Cli) -> i32 {
         Command::Revoke(args) => revoke::run(&args),
         Command::Sessions(args) => sessions::run(&args),
         Command::Grants(args) => grants::run(&args),
+        Command::Completions(args) => completions::run(&args),
+        Command::Manpage(args) => manpage::run(&args),
     }
 }
 

@@ -42,6 +42,20 @@ impl Keys {
     }
 }
 
+/// How [`AuthFixture::start_launched`] starts its agent.
+#[derive(Default)]
+pub struct Launch {
+    /// Run this program instead of `$TCPGATE_BIN` (a staged binary, or a
+    /// wrapper that drops privileges first).
+    pub binary: Option<std::path::PathBuf>,
+    /// Called with the ready builder just before the agent starts.
+    pub prepare: Option<Prepare>,
+}
+
+/// A step run on the agent's builder before it starts (e.g. handing its
+/// directory to the agent's user).
+pub type Prepare = Box<dyn FnOnce(&tcpgate_tests::AgentBuilder<'_>) -> Result<()>>;
+
 pub struct AuthFixture {
     pub agent: Agent,
     pub jwks: JwksServer,
@@ -68,10 +82,23 @@ impl AuthFixture {
 
     /// `policy_toml` replaces the default policy; `args` go to `tcpgate run`.
     pub fn start_with(policy_toml: &str, args: &[&str]) -> Result<Self> {
+        Self::start_launched(policy_toml, args, Launch::default())
+    }
+
+    /// Like [`AuthFixture::start_with`], with the agent started as `launch`
+    /// says (another binary, files prepared for another user).
+    pub fn start_launched(policy_toml: &str, args: &[&str], launch: Launch) -> Result<Self> {
         let topo = Topology::new()?;
         let keys = Keys::new();
         let jwks = JwksServer::start(&topo.bastion, "127.0.0.1:0".parse()?, keys.jwks())?;
-        let builder = Agent::builder(&topo.bastion)?;
+        let mut builder = Agent::builder(&topo.bastion)?;
+        if let Some(binary) = launch.binary {
+            builder = builder.binary(binary);
+        }
+        // A copy in the agent's own directory, which `launch.prepare` may
+        // hand to the agent's user; the original is shared by the process.
+        let ca = builder.dir().join("jwks-ca.pem");
+        std::fs::copy(jwks.ca_file(), &ca).context("copy the JWKS CA certificate")?;
         let ports: Vec<String> = PORTS.iter().map(|p| format!("\"{p}\"")).collect();
         let config = format!(
             "[agent]\npin_dir = {pin:?}\n\n[audit]\npath = {audit:?}\n\n\
@@ -84,10 +111,14 @@ impl AuthFixture {
             audit = builder.audit_path().display().to_string(),
             ports = ports.join(", "),
             url = jwks.url(),
-            ca = jwks.ca_file().display().to_string(),
+            ca = ca.display().to_string(),
             api = SocketAddr::from((BASTION_RUNNER_V4, API_PORT)),
         );
-        let agent = builder.config(config).args(args).spawn()?;
+        let builder = builder.config(config).args(args);
+        if let Some(prepare) = launch.prepare {
+            prepare(&builder)?;
+        }
+        let agent = builder.spawn()?;
         Ok(Self {
             agent,
             jwks,
