@@ -28,7 +28,7 @@ pub enum BpfError {
         source: io::Error,
     },
     #[error(
-        "cannot load the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN, and a kernel with sockmap support)"
+        "cannot load the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON, and a kernel with sockmap support)"
     )]
     Load(#[source] aya::EbpfError),
     #[error("the eBPF object has no map {0}")]
