@@ -91,6 +91,7 @@ fn forced_ebpf_fails_clearly_without_privileges() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let builder = Agent::builder(&topo.bastion)?.binary(unprivileged_wrapper(dir.path())?);
     let text = config(&builder, "ebpf");
+    let pin_dir = builder.pin_dir().to_owned();
     match builder.config(text).spawn() {
         Ok(_) => anyhow::bail!("the agent started without bpf() privileges"),
         Err(tcpgate_tests::AgentError::ExitedEarly {

@@ -65,6 +65,19 @@ pub struct Started {
 }
 
 pub async fn start(config: &Config) -> Result<Started, StartupError> {
+    let result = start_locked(config).await;
+    if let Err(e) = &result {
+        // Past the locks the pin directory is ours: a failed start (say, a
+        // verifier rejection) leaves no pinned maps behind. Someone else's
+        // pins (a lock error) are never touched.
+        if !matches!(e, StartupError::Lock(_)) {
+            let _ = crate::bpf::remove_pins(&config.agent.pin_dir);
+        }
+    }
+    result
+}
+
+async fn start_locked(config: &Config) -> Result<Started, StartupError> {
     let choice = config.agent.datapath;
     let pin_dir = &config.agent.pin_dir;
     let intercepting = config.intercept.is_some();
