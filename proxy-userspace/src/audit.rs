@@ -135,7 +135,8 @@ pub enum AuditError {
 }
 
 enum Message {
-    Event(AuditEvent),
+    /// Boxed: events are large and the flush variant is tiny.
+    Event(Box<AuditEvent>),
     /// Acknowledged once every event queued before it is written.
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -184,7 +185,7 @@ impl AuditLog {
     /// Queues an event without waiting; if the writer is far behind, the
     /// event is dropped and counted rather than stalling the caller.
     pub fn record(&self, event: AuditEvent) {
-        if self.tx.try_send(Message::Event(event)).is_err() {
+        if self.tx.try_send(Message::Event(Box::new(event))).is_err() {
             let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if dropped.is_power_of_two() {
                 tracing::error!(dropped, "audit log writer is behind; events dropped");

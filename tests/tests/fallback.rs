@@ -108,6 +108,10 @@ fn forced_ebpf_fails_clearly_without_privileges() -> Result<()> {
                 stderr_tail.contains("Operation not permitted"),
                 "says why: {stderr_tail}"
             );
+            ensure!(
+                !pin_dir.exists(),
+                "a failed start leaves no pin directory behind"
+            );
         }
         Err(other) => anyhow::bail!("unexpected failure: {other}"),
     }

@@ -92,10 +92,10 @@ async fn relay_stdio(target: SocketAddr, args: &ConnectArgs) -> i32 {
     let downloaded = tokio::io::copy(&mut from_service, &mut stdout).await;
     let _ = stdout.flush().await;
     // Still uploading when the service closed: nothing more can be delivered.
-    if upload.is_finished() {
-        if let Ok(Err(e)) = upload.await {
-            eprintln!("tcpgate connect: sending stdin failed: {e}");
-        }
+    if upload.is_finished()
+        && let Ok(Err(e)) = upload.await
+    {
+        eprintln!("tcpgate connect: sending stdin failed: {e}");
     }
     match downloaded {
         Ok(_) => 0,

@@ -252,10 +252,10 @@ impl Interceptor {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&session_id);
-        if let Some(rule) = rule {
-            if let Err(e) = self.routing.delete(&rule) {
-                tracing::warn!(error = %crate::error_chain(&e), "cannot remove a session's routing rule");
-            }
+        if let Some(rule) = rule
+            && let Err(e) = self.routing.delete(&rule)
+        {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot remove a session's routing rule");
         }
     }
 
