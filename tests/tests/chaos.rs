@@ -16,6 +16,7 @@ mod chaos {
     pub mod backpressure;
     pub mod bad_tokens;
     pub mod client;
+    pub mod duplex;
     pub mod faults;
     pub mod fixture;
     pub mod flood;
@@ -101,4 +102,9 @@ fn half_close_with_data_queued_toward_the_closer_loses_nothing() -> Result<()> {
 #[test]
 fn immediate_half_closes_racing_the_splice_fall_back_to_the_copy() -> Result<()> {
     run_case("half-close", chaos::half_close::run_immediate)
+}
+
+#[test]
+fn full_speed_bidirectional_streams_stay_byte_exact() -> Result<()> {
+    run_case("duplex", chaos::duplex::run)
 }

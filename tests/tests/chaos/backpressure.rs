@@ -48,10 +48,13 @@ fn run(case: &mut Case, datapath: &'static str) -> Result<()> {
     let stream = fx.dial()?;
     let source = stream.local_addr()?.to_string();
     let seed = case.rng.random();
-    let client =
-        EchoClient::start_with(stream, Spec::of(Kind::SlowThenReset, seed, READ, 0, RATE))?;
+    let client = EchoClient::start_with(
+        stream,
+        Spec::of(Kind::SlowThenReset, seed, READ, 0, RATE),
+        None,
+    )?;
     let report = fx.upstream.ledger.wait_for(seed, Duration::from_secs(30))?;
-    let (sent, _, _) = client.join()?;
+    let sent = client.join()?.sent;
     ensure!(
         report.received.error.is_none() && report.received.bytes == READ,
         "the slow upstream read {} bytes: {:?}",

@@ -19,6 +19,8 @@ use super::mode::{Case, ms};
 use super::streams::Streams;
 use crate::common::auth::authenticate;
 
+/// Bytes per second of each legitimate stream.
+const STREAM_RATE: u64 = 32 * 1024 * 1024;
 /// `min_refresh_interval` in the fixture's config.
 const MIN_REFRESH: Duration = Duration::from_secs(1);
 
@@ -72,7 +74,7 @@ pub fn run(case: &mut Case) -> Result<()> {
     let workers = 8;
     let fx = Fixture::start(Options::ebpf().with_auth())?;
     let auth = fx.auth.as_ref().context("auth")?;
-    let streams = Streams::start(&fx, 2, case.rng.random())?;
+    let streams = Streams::start(&fx, 2, case.rng.random(), Some(STREAM_RATE))?;
     let plan: Vec<(Token, String)> = (0..burst)
         .map(|_| {
             let kind = match case.rng.random_range(0..20) {

@@ -129,46 +129,64 @@ pub fn echo_roundtrip(stream: &mut TcpStream, seed: u64, len: u64) -> Result<()>
 }
 
 /// An open-ended echo stream: the writer sends until told to stop, the
-/// reader hashes what comes back.
+/// reader hashes what comes back and checks it against what was sent.
 pub struct EchoClient {
     pub seed: u64,
     stop: Arc<AtomicBool>,
     pub received_bytes: Arc<AtomicU64>,
     writer: std::thread::JoinHandle<Leg>,
-    reader: std::thread::JoinHandle<(Leg, Instant)>,
+    reader: std::thread::JoinHandle<(Leg, Option<String>, Instant)>,
     /// When the reader saw the stream end (EOF or error).
     ended: Arc<OnceLock<Instant>>,
 }
 
+/// How an echo stream went, from the client's side.
+#[derive(Debug)]
+pub struct Echoed {
+    pub sent: Leg,
+    pub received: Leg,
+    /// Where what came back first differs from what was sent, if it does.
+    pub difference: Option<String>,
+    /// When the reader saw the end.
+    pub ended: Instant,
+}
+
 impl EchoClient {
+    /// An echo stream at full speed.
     pub fn start(stream: TcpStream, seed: u64) -> Result<Self> {
-        Self::start_with(stream, Spec::of(Kind::Echo, seed, 0, 0, 0))
+        Self::start_with(stream, Spec::of(Kind::Echo, seed, 0, 0, 0), None)
+    }
+
+    /// An echo stream that sends at most `rate` bytes per second.
+    pub fn start_paced(stream: TcpStream, seed: u64, rate: u64) -> Result<Self> {
+        Self::start_with(stream, Spec::of(Kind::Echo, seed, 0, 0, 0), Some(rate))
     }
 
     /// Streams the up payload of `spec` until stopped, whatever the
     /// upstream does with it (echo, reset, stall).
-    pub fn start_with(mut stream: TcpStream, spec: Spec) -> Result<Self> {
+    pub fn start_with(mut stream: TcpStream, spec: Spec, pace: Option<u64>) -> Result<Self> {
         let seed = spec.seed;
         stream.write_all(&spec.encode())?;
         let stop = Arc::new(AtomicBool::new(false));
         let received_bytes = Arc::new(AtomicU64::new(0));
         let mut write_half = stream.try_clone()?;
+        let payload = Payload::new(seed, u64::MAX);
         let writer = {
             let stop = Arc::clone(&stop);
             std::thread::spawn(move || {
-                let payload = Payload::new(seed, u64::MAX);
-                let sent = send_leg(&mut write_half, payload, Some(&stop), None);
+                let sent = send_leg(&mut write_half, payload, Some(&stop), pace);
                 let _ = write_half.shutdown(Shutdown::Write);
                 sent
             })
         };
         let ended = Arc::new(OnceLock::new());
+        let expected = (spec.kind == Kind::Echo).then_some(payload);
         let reader = {
             let (progress, ended) = (Arc::clone(&received_bytes), Arc::clone(&ended));
             std::thread::spawn(move || {
-                let leg = read_counting(&mut stream, &progress);
+                let (leg, difference) = read_counting(&mut stream, &progress, expected);
                 let at = *ended.get_or_init(Instant::now);
-                (leg, at)
+                (leg, difference, at)
             })
         };
         Ok(Self {
@@ -186,18 +204,23 @@ impl EchoClient {
         self.stop.store(true, Ordering::Relaxed);
     }
 
-    /// Waits for both threads: (sent, received, when the reader ended).
-    pub fn join(self) -> Result<(Leg, Leg, Instant)> {
+    /// Stops the writer and waits for both threads.
+    pub fn join(self) -> Result<Echoed> {
         self.stop();
         let sent = self
             .writer
             .join()
             .map_err(|_| anyhow::anyhow!("echo writer panicked"))?;
-        let (received, ended) = self
+        let (received, difference, ended) = self
             .reader
             .join()
             .map_err(|_| anyhow::anyhow!("echo reader panicked"))?;
-        Ok((sent, received, ended))
+        Ok(Echoed {
+            sent,
+            received,
+            difference,
+            ended,
+        })
     }
 
     /// When the reader saw the stream end, if it has.

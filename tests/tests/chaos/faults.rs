@@ -141,7 +141,7 @@ fn open(fx: &Fixture, name: &'static str, addr: SocketAddr, spec: Spec) -> Resul
     let local = stream.local_addr()?;
     Ok(Faulty {
         name,
-        client: EchoClient::start_with(stream, spec)?,
+        client: EchoClient::start_with(stream, spec, None)?,
         local,
     })
 }
@@ -155,7 +155,7 @@ fn run(case: &mut Case, datapath: &'static str) -> Result<()> {
     .agent("drain_timeout = \"3s\"");
     let fx = Fixture::start(options)?;
     let mut islands = [Island::new(&fx.topo, 0)?, Island::new(&fx.topo, 1)?];
-    let streams = Streams::start(&fx, 2, case.rng.random())?;
+    let streams = Streams::start(&fx, 2, case.rng.random(), Some(32 * MIB))?;
     let echo = |rng: &mut rand::rngs::StdRng| Spec::of(Kind::Echo, rng.random(), 0, 0, 0);
     let (reset_seed, stall_seed) = (case.rng.random(), case.rng.random());
     let faulty = [

@@ -21,7 +21,7 @@ pub fn run(case: &mut Case) -> Result<()> {
     let limit = case.scale.pick(8, 16);
     let refused = 4 * limit;
     let fx = Fixture::start(Options::ebpf().agent(&format!("max_sessions = {limit}")))?;
-    let streams = Streams::start(&fx, limit, case.rng.random())?;
+    let streams = Streams::start(&fx, limit, case.rng.random(), Some(8 * 1024 * 1024))?;
     wait_gauge(&fx, limit)?;
     streams.wait_progress(1024 * 1024, Duration::from_secs(20))?;
     if fx.is_ebpf() {

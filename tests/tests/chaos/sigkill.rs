@@ -34,7 +34,7 @@ pub fn run(case: &mut Case) -> Result<()> {
         sk_lookup_links(&fx.topo.bastion)? == 1,
         "one sk_lookup link"
     );
-    let streams = Streams::start(&fx, sessions, case.rng.random())?;
+    let streams = Streams::start(&fx, sessions, case.rng.random(), Some(8 * 1024 * 1024))?;
     fx.wait_audit("session_open", sessions, Duration::from_secs(30))?;
     streams.wait_progress(256 * 1024, Duration::from_secs(30))?;
 
@@ -47,7 +47,12 @@ pub fn run(case: &mut Case) -> Result<()> {
     let mut moved = 0;
     for client in streams.into_clients() {
         let seed = client.seed;
-        let (sent, received, ended) = client.join()?;
+        let super::client::Echoed {
+            sent,
+            received,
+            ended,
+            ..
+        } = client.join()?;
         ensure!(
             !received.error.as_deref().unwrap_or("").starts_with(HANG),
             "stream {seed:#x} hangs: no close within {CLIENT_IO_TIMEOUT:?} of the kill"
@@ -128,7 +133,7 @@ pub fn run(case: &mut Case) -> Result<()> {
     );
     fx.wait_idle()
         .context("no stale session after the restart")?;
-    let more = Streams::start(&fx, 4, case.rng.random())?;
+    let more = Streams::start(&fx, 4, case.rng.random(), Some(8 * 1024 * 1024))?;
     more.wait_progress(1024 * 1024, Duration::from_secs(20))?;
     more.finish(&fx)?;
     fx.wait_idle()?;

@@ -14,12 +14,18 @@ pub struct Streams {
 }
 
 impl Streams {
-    /// Opens `n` echo streams through the agent, seeds from `seed_base`.
-    pub fn start(fx: &Fixture, n: usize, seed_base: u64) -> Result<Self> {
+    /// Opens `n` echo streams through the agent, seeds from `seed_base`,
+    /// each sending at most `rate` bytes per second: legitimate traffic
+    /// to watch, not load that would drown what the case measures.
+    pub fn start(fx: &Fixture, n: usize, seed_base: u64, rate: Option<u64>) -> Result<Self> {
         let mut clients = Vec::with_capacity(n);
         for i in 0..n {
             let stream = fx.dial()?;
-            clients.push(EchoClient::start(stream, seed_base + i as u64)?);
+            let seed = seed_base.wrapping_add(i as u64);
+            clients.push(match rate {
+                Some(rate) => EchoClient::start_paced(stream, seed, rate)?,
+                None => EchoClient::start(stream, seed)?,
+            });
         }
         Ok(Self { clients })
     }
@@ -67,7 +73,8 @@ impl Streams {
         let mut total = 0;
         for client in self.clients {
             let seed = client.seed;
-            let (sent, received, _) = client.join()?;
+            let echoed = client.join()?;
+            let (sent, received) = (&echoed.sent, &echoed.received);
             ensure!(
                 sent.error.is_none() && received.error.is_none(),
                 "legitimate stream {seed:#x} failed: sent {sent:?}, received {received:?}\n{}",
@@ -75,14 +82,18 @@ impl Streams {
             );
             ensure!(
                 received.bytes == sent.bytes && received.digest == sent.digest,
-                "legitimate stream {seed:#x}: sent {} bytes, {} came back, SHA-256 {}",
+                "legitimate stream {seed:#x}: sent {} bytes, {} came back, SHA-256 {}; {}",
                 sent.bytes,
                 received.bytes,
                 if received.digest == sent.digest {
                     "equal"
                 } else {
                     "differs"
-                }
+                },
+                echoed
+                    .difference
+                    .as_deref()
+                    .unwrap_or("no byte differs from what was sent")
             );
             let report = fx.upstream.ledger.wait_for(seed, Duration::from_secs(20))?;
             ensure!(

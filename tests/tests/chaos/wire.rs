@@ -210,12 +210,17 @@ pub fn send_leg(
     stream: &mut TcpStream,
     payload: Payload,
     stop: Option<&AtomicBool>,
-    progress: Option<&AtomicU64>,
+    pace: Option<u64>,
 ) -> Leg {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut offset = 0u64;
+    let started = Instant::now();
     loop {
+        if let Some(rate) = pace {
+            let due = started + Duration::from_secs_f64(offset as f64 / rate.max(1) as f64);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
         let n = match stop {
             Some(stop) if stop.load(Ordering::Relaxed) => break,
             Some(_) => CHUNK,
@@ -228,9 +233,6 @@ pub fn send_leg(
         }
         hasher.update(&buf[..n]);
         offset += n as u64;
-        if let Some(progress) = progress {
-            progress.store(offset, Ordering::Relaxed);
-        }
     }
     leg(offset, hasher, None)
 }
@@ -280,14 +282,27 @@ pub fn wait_until_dead(stream: &TcpStream, timeout: Duration) {
     }
 }
 
-pub fn read_counting(stream: &mut TcpStream, progress: &AtomicU64) -> Leg {
+/// Reads to EOF, hashing and counting; when the stream must be a prefix
+/// of `expected`, also finds where it first differs (to say what went
+/// wrong, not only that it did).
+pub fn read_counting(
+    stream: &mut TcpStream,
+    progress: &AtomicU64,
+    expected: Option<Payload>,
+) -> (Leg, Option<String>) {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
+    let mut want = vec![0u8; CHUNK];
     let mut bytes = 0u64;
+    let mut difference = None;
+    let ended = |bytes, hasher, error, difference| (leg(bytes, hasher, error), difference);
     loop {
         match stream.read(&mut buf) {
-            Ok(0) => return leg(bytes, hasher, None),
+            Ok(0) => return ended(bytes, hasher, None, difference),
             Ok(n) => {
+                if let (None, Some(payload)) = (&difference, expected) {
+                    difference = differs(payload, bytes, &buf[..n], &mut want[..n]);
+                }
                 hasher.update(&buf[..n]);
                 bytes += n as u64;
                 progress.store(bytes, Ordering::Relaxed);
@@ -295,9 +310,29 @@ pub fn read_counting(stream: &mut TcpStream, progress: &AtomicU64) -> Leg {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             // SO_RCVTIMEO expired: neither a byte nor a close came.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return leg(bytes, hasher, Some(format!("{HANG}: {e}")));
+                return ended(bytes, hasher, Some(format!("{HANG}: {e}")), difference);
             }
-            Err(e) => return leg(bytes, hasher, Some(e.to_string())),
+            Err(e) => return ended(bytes, hasher, Some(e.to_string()), difference),
         }
     }
+}
+
+/// Where `got` (read at `offset`) first differs from `payload`, and whether
+/// the bytes there repeat earlier ones (a duplicated block).
+fn differs(payload: Payload, offset: u64, got: &[u8], want: &mut [u8]) -> Option<String> {
+    payload.fill(offset, want);
+    let at = got.iter().zip(want.iter()).position(|(g, w)| g != w)?;
+    let pos = offset + at as u64;
+    let probe = &got[at..got.len().min(at + 64)];
+    let mut earlier = vec![0u8; probe.len()];
+    let repeat = (1..=pos.min(1024 * 1024)).find(|back| {
+        payload.fill(pos - back, &mut earlier);
+        earlier == probe
+    });
+    Some(match repeat {
+        Some(back) => {
+            format!("first difference at byte {pos}: the {back} bytes before it arrive again")
+        }
+        None => format!("first difference at byte {pos}: bytes never sent there"),
+    })
 }
