@@ -5,7 +5,7 @@
 //! 1. A half-close that lands while data still waits to be sent to the
 //!    same socket.
 //!
-//! The upstream sends 8 MiB while the client reads nothing, so most of it
+//! The upstream sends 64 MiB while the client reads nothing, so most of it
 //! is redirected but still queued for the agent's client socket; then the
 //! client half-closes, and only then reads. Every byte must arrive, then
 //! EOF. The kernel queues a passed skb behind the redirected ones when that
@@ -31,7 +31,7 @@ use super::fixture::{Fixture, Options};
 use super::mode::{Case, mib};
 use super::wire::{Kind, Order, Spec, drain_leg};
 
-const DOWN: u64 = 8 * 1024 * 1024;
+const DOWN: u64 = 64 * 1024 * 1024;
 
 pub fn run_queued(case: &mut Case) -> Result<()> {
     let fx = Fixture::start(Options::ebpf())?;
