@@ -29,8 +29,9 @@ const RATE: u32 = 500;
 
 pub fn run(case: &mut Case) -> Result<()> {
     let target = case.scale.pick(1_500, 10_000);
-    let bytes = case.scale.pick(32 * MIB, 64 * MIB);
-    let max_pairs = case.scale.pick(20, 60);
+    let bytes = case.scale.pick(32 * MIB, 128 * MIB);
+    // A bound on the loop, far above what the junk target needs.
+    let max_pairs = case.scale.pick(60, 150);
     let fx = Fixture::start(Options::ebpf().with_auth())?;
     let flood = Flood::new(
         &fx.topo.runner,
