@@ -10,7 +10,8 @@ pub struct GlobalStats {
     pub redirect_failures: u64,
     /// Skbs on a socket the verdict program has no entry for.
     pub unknown_socket_skbs: u64,
-    /// Empty skbs (FIN) passed to their own socket so user space sees EOF.
+    /// Empty skbs (a FIN) the verdict dropped: they carry no byte, and the
+    /// agent sees the EOF from the FIN itself (EPOLLRDHUP).
     pub fin_passed: u64,
     /// SYNs the lookup program steered to the agent's listener.
     pub lookups_steered: u64,

@@ -1,7 +1,9 @@
 //! `sk_skb/stream_verdict`: moves every payload skb to the peer socket's
 //! egress, and counts what it moved in the session record.
 use aya_ebpf::{
-    bindings::sk_action::SK_PASS, helpers::bpf_get_socket_cookie, macros::stream_verdict,
+    bindings::sk_action::{SK_DROP, SK_PASS},
+    helpers::bpf_get_socket_cookie,
+    macros::stream_verdict,
     programs::SkBuffContext,
 };
 use aya_log_ebpf::warn;
@@ -11,9 +13,9 @@ use crate::maps::{SESSIONS, SOCKETS, SOCKHASH, bump};
 
 #[stream_verdict]
 pub fn tcpgate_verdict(ctx: SkBuffContext) -> u32 {
-    // Every outcome is SK_PASS or a redirect: an skb this program cannot
-    // place stays on its own socket, where the agent sees it, rather than
-    // being dropped.
+    // Every skb with payload is redirected or passed: one this program
+    // cannot place stays on its own socket, where the agent sees it, rather
+    // than being dropped. Only the empty FIN skb is dropped.
     try_verdict(&ctx).unwrap_or(SK_PASS)
 }
 
@@ -24,10 +26,16 @@ enum Skip {
 fn try_verdict(ctx: &SkBuffContext) -> Result<u32, Skip> {
     let len = ctx.len();
     if len == 0 {
-        // A FIN. Redirecting it makes the peer's send fail with EPIPE; passed
-        // to its own socket it becomes the EOF the agent waits for.
+        // A FIN, which carries no byte: drop the empty skb. The agent sees
+        // the EOF anyway (the FIN sets RCV_SHUTDOWN: EPOLLRDHUP).
+        // Redirecting it makes the peer's backlog send return 0, which the
+        // kernel reports as EPIPE on the peer. Passing it is no better: when
+        // bytes redirected to this socket still wait in its psock queue,
+        // the passed skb is queued behind them, and the backlog worker takes
+        // its zero-length delivery for a broken pipe too (EPIPE on this
+        // socket, transmission stopped, the queued bytes lost).
         bump(|s| &mut s.fin_passed);
-        return Ok(SK_PASS);
+        return Ok(SK_DROP);
     }
     // SAFETY: the helper only reads the skb's socket, which the kernel holds.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };

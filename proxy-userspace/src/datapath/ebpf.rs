@@ -166,7 +166,14 @@ impl EbpfDatapath {
         })();
         if let Err(e) = result {
             drop(maps);
-            self.remove(meta.id, cookies);
+            let (up, down) = self.remove(meta.id, cookies);
+            // A peer's FIN can land after the caller checked both sockets:
+            // the kernel then refuses the socket (EOPNOTSUPP). The session
+            // can still be copied in user space, unless a verdict already
+            // ran for the half-inserted pair (its bytes went nowhere safe).
+            if left_established(&e) && up.redirect_failures + down.redirect_failures == 0 {
+                return Err(SpliceSetupError::NotEstablished);
+            }
             return Err(e);
         }
         Ok(cookies)
@@ -234,6 +241,17 @@ impl EbpfDatapath {
     ) -> SpliceOutcome {
         super::kernel_session::run(self, meta, client, upstream, stop).await
     }
+}
+
+/// The SOCKHASH refused a socket because it is no longer ESTABLISHED.
+fn left_established(error: &SpliceSetupError) -> bool {
+    matches!(
+        error,
+        SpliceSetupError::Map {
+            map: map_names::SOCKHASH,
+            source: aya::maps::MapError::SyscallError(e),
+        } if e.io_error.raw_os_error() == Some(libc::EOPNOTSUPP)
+    )
 }
 
 fn addr16(addr: std::net::IpAddr) -> [u8; 16] {
