@@ -6,6 +6,19 @@ pub const DIRECTION_UP: u32 = 0;
 /// `SocketEntry::direction` of the upstream socket: its bytes go to the client.
 pub const DIRECTION_DOWN: u32 = 1;
 
+/// `SocketEntry::mode`: the verdict redirects this socket's bytes to the peer.
+pub const MODE_REDIRECT: u32 = 0;
+/// `SocketEntry::mode`: the verdict passes this socket's bytes to its own
+/// receive queue, charged to its receive buffer (so TCP's window closes),
+/// for the agent to copy: backpressure when the peer cannot keep up.
+pub const MODE_PASS: u32 = 1;
+
+/// `SocketEntry::mode`: like [`MODE_PASS`], until the direction's
+/// `passed_bytes` equals `SocketEntry::resume_at` (the agent has copied
+/// every passed byte); the verdict then switches the entry back to
+/// [`MODE_REDIRECT`] itself, at an skb boundary, so no byte overtakes another.
+pub const MODE_RESUME: u32 = 2;
+
 /// `SessionRecord::datapath`: bytes are spliced by the verdict program.
 pub const DATAPATH_EBPF: u32 = 1;
 /// `SessionRecord::datapath`: bytes are copied by the agent.
@@ -31,8 +44,11 @@ pub struct SocketEntry {
     pub session_id: u64,
     /// [`DIRECTION_UP`] or [`DIRECTION_DOWN`].
     pub direction: u32,
-    /// Explicit padding; always zero.
-    pub _pad: u32,
+    /// [`MODE_REDIRECT`], [`MODE_PASS`] or [`MODE_RESUME`].
+    pub mode: u32,
+    /// With [`MODE_RESUME`]: the direction's `passed_bytes` at which the
+    /// verdict resumes redirecting.
+    pub resume_at: u64,
 }
 
 /// Traffic counters of one direction.
@@ -47,6 +63,9 @@ pub struct DirectionCounters {
     pub redirect_failures: u64,
     /// Payload bytes the agent wrote itself (the user-space data path).
     pub userspace_bytes: u64,
+    /// Payload bytes the verdict passed to their own socket (backpressure)
+    /// for the agent to copy.
+    pub passed_bytes: u64,
 }
 
 impl DirectionCounters {
@@ -124,20 +143,22 @@ impl SessionRecord {
                 kernel_packets: 0,
                 redirect_failures: 0,
                 userspace_bytes: 0,
+                passed_bytes: 0,
             },
             down: DirectionCounters {
                 kernel_bytes: 0,
                 kernel_packets: 0,
                 redirect_failures: 0,
                 userspace_bytes: 0,
+                passed_bytes: 0,
             },
         }
     }
 }
 
-const _: () = assert!(size_of::<SocketEntry>() == 24);
-const _: () = assert!(size_of::<DirectionCounters>() == 32);
-const _: () = assert!(size_of::<SessionRecord>() == 224);
+const _: () = assert!(size_of::<SocketEntry>() == 32);
+const _: () = assert!(size_of::<DirectionCounters>() == 40);
+const _: () = assert!(size_of::<SessionRecord>() == 240);
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C), integers and arrays only, no implicit padding (checked above).

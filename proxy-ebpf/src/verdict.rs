@@ -7,7 +7,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use aya_log_ebpf::warn;
-use proxy_common::session::{DIRECTION_UP, SocketEntry};
+use proxy_common::session::{DIRECTION_UP, MODE_REDIRECT, MODE_RESUME, SocketEntry};
 
 use crate::maps::{SESSIONS, SOCKETS, SOCKHASH, bump};
 
@@ -39,15 +39,29 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, Skip> {
     }
     // SAFETY: the helper only reads the skb's socket, which the kernel holds.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    // SAFETY: entries are written once by user space before the socket joins
-    // the SOCKHASH and removed only after it has left; the copy is read-only.
-    let entry: SocketEntry = match unsafe { SOCKETS.get(&cookie) } {
-        Some(entry) => *entry,
-        None => {
-            bump(|s| &mut s.unknown_socket_skbs);
-            return Err(Skip::UnknownSocket);
-        }
+    let Some(entry_ptr) = SOCKETS.get_ptr_mut(&cookie) else {
+        bump(|s| &mut s.unknown_socket_skbs);
+        return Err(Skip::UnknownSocket);
     };
+    // SAFETY: the pointer comes from a successful lookup; the entry lives
+    // until user space removes it after the socket left the SOCKHASH.
+    let entry: SocketEntry = unsafe { *entry_ptr };
+    if entry.mode != MODE_REDIRECT && !resume(entry_ptr, &entry) {
+        // Backpressure: the peer fell too far behind. The bytes stay on this
+        // socket, charged to its receive buffer, and the agent copies them.
+        if let Some(record) = SESSIONS.get_ptr_mut(&entry.session_id) {
+            // SAFETY: written only from this socket's receive path, one skb
+            // at a time (see the counters below).
+            let record = unsafe { &mut *record };
+            let counters = if entry.direction == DIRECTION_UP {
+                &mut record.up
+            } else {
+                &mut record.down
+            };
+            counters.passed_bytes += u64::from(len);
+        }
+        return Ok(SK_PASS);
+    }
     let mut peer = entry.peer_cookie;
     let ret = SOCKHASH.redirect_skb(ctx, &mut peer, 0);
     let redirected = ret == i64::from(SK_PASS);
@@ -86,4 +100,34 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, Skip> {
         }
     }
     Ok(SK_PASS)
+}
+
+/// With `MODE_RESUME`, switches the entry back to redirecting once the agent
+/// has copied every passed byte (`passed_bytes == resume_at`). Deciding here,
+/// between two skbs of this socket, is what keeps the byte order.
+#[inline(always)]
+fn resume(entry_ptr: *mut SocketEntry, entry: &SocketEntry) -> bool {
+    if entry.mode != MODE_RESUME {
+        return false;
+    }
+    let Some(record) = SESSIONS.get_ptr(&entry.session_id) else {
+        return false;
+    };
+    // SAFETY: a read of this direction's counter, which only this socket's
+    // receive path writes.
+    let passed = unsafe {
+        if entry.direction == DIRECTION_UP {
+            (*record).up.passed_bytes
+        } else {
+            (*record).down.passed_bytes
+        }
+    };
+    if passed != entry.resume_at {
+        return false;
+    }
+    // SAFETY: the pointer comes from a successful lookup; the agent only
+    // rewrites this entry while the direction is passed, and reads the mode
+    // back to learn that the kernel took over.
+    unsafe { (*entry_ptr).mode = MODE_REDIRECT };
+    true
 }

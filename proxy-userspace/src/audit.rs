@@ -60,6 +60,12 @@ pub struct AuditEvent {
     pub userspace_bytes_up: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub userspace_bytes_down: Option<u64>,
+    /// Of the user-space bytes on the kernel path, how many the verdict
+    /// handed over because the peer could not keep up (backpressure).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backpressure_bytes_up: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backpressure_bytes_down: Option<u64>,
     /// Client bytes already queued when the sockets joined the splice.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub early_bytes_up: Option<u64>,
@@ -96,6 +102,8 @@ impl AuditEvent {
             kernel_bytes_down: None,
             userspace_bytes_up: None,
             userspace_bytes_down: None,
+            backpressure_bytes_up: None,
+            backpressure_bytes_down: None,
             early_bytes_up: None,
             early_bytes_down: None,
             duration_ms: None,

@@ -400,6 +400,10 @@ fn close_event(
     event.kernel_bytes_down = Some(outcome.down.kernel_bytes);
     event.userspace_bytes_up = Some(outcome.up.userspace_bytes);
     event.userspace_bytes_down = Some(outcome.down.userspace_bytes);
+    if outcome.datapath == crate::datapath::DatapathKind::Ebpf {
+        event.backpressure_bytes_up = Some(outcome.up.passed_bytes);
+        event.backpressure_bytes_down = Some(outcome.down.passed_bytes);
+    }
     if let Some((up, down)) = outcome.queued_at_splice {
         event.early_bytes_up = Some(up);
         event.early_bytes_down = Some(down);

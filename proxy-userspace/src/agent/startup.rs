@@ -123,6 +123,7 @@ async fn start_locked(config: &Config) -> Result<Started, StartupError> {
                 drain: config.agent.drain_timeout,
                 stall: config.agent.stall_timeout,
                 sndbuf: config.agent.splice_sndbuf,
+                queue_limit: config.agent.splice_queue_limit,
             },
         ) {
             Ok(dp) => Datapath::Ebpf(Arc::new(dp)),

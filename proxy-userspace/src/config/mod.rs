@@ -133,6 +133,11 @@ pub struct AgentSection {
     /// about 3.7 to 6.8 Gbit/s here. Memory is only used while data is in
     /// flight, and the kernel's `tcp_mem` limits still apply.
     pub splice_sndbuf: u32,
+    /// Bytes one direction may queue in the kernel for a peer that reads
+    /// slower than the other side sends. The splice itself has no
+    /// backpressure; past this limit the direction's bytes wait in the
+    /// sender's socket (its TCP window closes) and the agent copies them.
+    pub splice_queue_limit: u64,
     /// `SO_MARK` on the agent's upstream sockets.
     pub upstream_mark: u32,
     /// Group (name or numeric gid) whose members may read the pinned maps
@@ -155,6 +160,7 @@ impl Default for AgentSection {
             shutdown_grace: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(120),
             splice_sndbuf: 8 << 20,
+            splice_queue_limit: 16 << 20,
             upstream_mark: 0x7467,
             operator_group: None,
             keep_pins: false,

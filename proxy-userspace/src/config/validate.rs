@@ -127,6 +127,12 @@ impl Config {
                 "must be 0 (kernel autotuning) or between 65536 and 67108864 bytes",
             ));
         }
+        if !(64 << 10..=1 << 30).contains(&agent.splice_queue_limit) {
+            errors.push(FieldError::new(
+                "agent.splice_queue_limit",
+                "must be between 65536 and 1073741824 bytes",
+            ));
+        }
         if !agent.pin_dir.is_absolute() {
             errors.push(FieldError::new("agent.pin_dir", "must be an absolute path"));
         }

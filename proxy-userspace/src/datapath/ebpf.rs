@@ -13,7 +13,8 @@ use proxy_common::addr::{fill_str, v4_mapped};
 use proxy_common::map_names;
 use proxy_common::program_names;
 use proxy_common::session::{
-    DATAPATH_EBPF, DIRECTION_DOWN, DIRECTION_UP, DirectionCounters, SessionRecord, SocketEntry,
+    DATAPATH_EBPF, DIRECTION_DOWN, DIRECTION_UP, DirectionCounters, MODE_PASS, MODE_REDIRECT,
+    MODE_RESUME, SessionRecord, SocketEntry,
 };
 
 use super::watcher::Watcher;
@@ -69,6 +70,9 @@ pub struct Timeouts {
     pub stall: Duration,
     /// `agent.splice_sndbuf`: 0 leaves autotuning alone.
     pub sndbuf: u32,
+    /// `agent.splice_queue_limit`: bytes a direction may queue in the
+    /// kernel for a peer that cannot keep up before it gets backpressure.
+    pub queue_limit: u64,
 }
 
 pub struct EbpfDatapath {
@@ -142,13 +146,15 @@ impl EbpfDatapath {
             peer_cookie: cookies.upstream,
             session_id: meta.id,
             direction: DIRECTION_UP,
-            _pad: 0,
+            mode: MODE_REDIRECT,
+            resume_at: 0,
         };
         let down = SocketEntry {
             peer_cookie: cookies.client,
             session_id: meta.id,
             direction: DIRECTION_DOWN,
-            _pad: 0,
+            mode: MODE_REDIRECT,
+            resume_at: 0,
         };
         let result = (|| {
             maps.sockets
@@ -200,6 +206,72 @@ impl EbpfDatapath {
         let _ = maps.sockets.remove(&cookies.upstream);
         let _ = maps.sessions.remove(&session_id);
         counters
+    }
+
+    /// Switches one direction to pass mode (see [`MODE_PASS`]): the source
+    /// socket's later bytes stay on it, charged to its receive buffer.
+    pub(super) fn pass_direction(
+        &self,
+        session_id: u64,
+        cookies: Cookies,
+        direction: u32,
+    ) -> Result<(), SpliceSetupError> {
+        self.set_mode(session_id, cookies, direction, MODE_PASS, 0)
+    }
+
+    /// Asks the verdict to resume redirecting once the direction's passed
+    /// bytes reach `resume_at` (all copied by the agent); see `MODE_RESUME`.
+    pub(super) fn resume_direction(
+        &self,
+        session_id: u64,
+        cookies: Cookies,
+        direction: u32,
+        resume_at: u64,
+    ) -> Result<(), SpliceSetupError> {
+        self.set_mode(session_id, cookies, direction, MODE_RESUME, resume_at)
+    }
+
+    /// Whether the verdict redirects the direction again (it switched back
+    /// from `MODE_RESUME`).
+    pub(super) fn redirecting(&self, cookies: Cookies, direction: u32) -> bool {
+        let source = if direction == DIRECTION_UP {
+            cookies.client
+        } else {
+            cookies.upstream
+        };
+        self.maps()
+            .sockets
+            .get(&source, 0)
+            .is_ok_and(|e| e.mode == MODE_REDIRECT)
+    }
+
+    fn set_mode(
+        &self,
+        session_id: u64,
+        cookies: Cookies,
+        direction: u32,
+        mode: u32,
+        resume_at: u64,
+    ) -> Result<(), SpliceSetupError> {
+        let (source, peer) = if direction == DIRECTION_UP {
+            (cookies.client, cookies.upstream)
+        } else {
+            (cookies.upstream, cookies.client)
+        };
+        let entry = SocketEntry {
+            peer_cookie: peer,
+            session_id,
+            direction,
+            mode,
+            resume_at,
+        };
+        self.maps()
+            .sockets
+            .insert(source, entry, 0)
+            .map_err(|source| SpliceSetupError::Map {
+                map: map_names::SOCKETS,
+                source,
+            })
     }
 
     /// Removes the records of a session whose sockets are closed (closing

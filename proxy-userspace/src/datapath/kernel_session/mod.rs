@@ -18,6 +18,8 @@ use std::time::Instant;
 
 use nix::sys::epoll::EpollFlags;
 
+mod lane;
+mod pressure;
 mod setup;
 
 pub(in crate::datapath) use setup::run;
@@ -28,9 +30,11 @@ use super::stall::StallWatch;
 use super::watcher::Side;
 use super::{DatapathKind, EndReason, SessionMeta, SpliceOutcome, StopSignal};
 use crate::sockopt;
+use lane::{Lane, LaneStep, QueueWatch};
 
 /// Per-direction progress after the source side reached EOF.
 struct Direction {
+    mode: Mode,
     /// The source side sent its FIN.
     eof: bool,
     barrier: Option<DrainBarrier>,
@@ -41,6 +45,7 @@ struct Direction {
 impl Direction {
     const fn new() -> Self {
         Self {
+            mode: Mode::Kernel,
             eof: false,
             barrier: None,
             shut: false,
@@ -67,6 +72,36 @@ enum Ending {
     Abort(EndReason, String),
 }
 
+/// What woke the session up.
+enum Wake {
+    Stop(bool),
+    Expired,
+    Event(Option<super::watcher::SocketEvent>),
+    Drain,
+    StallCheck,
+    QueueCheck,
+    Lane(usize, LaneStep),
+}
+
+async fn lane_step(lane: &mut Option<Lane>) -> LaneStep {
+    match lane {
+        Some(lane) => lane.step().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How a direction's bytes move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Redirected by the verdict program.
+    Kernel,
+    /// Passed to the source socket (backpressure); waiting for the peer to
+    /// take every byte redirected before, so order is kept.
+    Draining,
+    /// Copied by a [`Lane`].
+    Copying,
+}
+
 struct Session<'a> {
     dp: &'a EbpfDatapath,
     id: u64,
@@ -78,6 +113,15 @@ struct Session<'a> {
     dirs: [Direction; 2],
     first_close: Option<EndReason>,
     attempt: u32,
+    cookies: Cookies,
+    /// Directions copied by the agent after falling behind.
+    lanes: [Option<Lane>; 2],
+    /// Bytes copied by lanes that already finished.
+    copied: [u64; 2],
+    /// Runtime registrations of the client and upstream sockets, for lanes.
+    registered: [Option<std::sync::Arc<tokio::io::unix::AsyncFd<lane::FdRef>>>; 2],
+    queue: QueueWatch,
+    queue_at: tokio::time::Instant,
     /// Client socket, upstream socket.
     stalls: [StallWatch; 2],
 }
@@ -112,31 +156,45 @@ impl Session<'_> {
                 break Ending::Abort(reason, format!("stopped: {}", reason.as_str()));
             }
             let draining = self.dirs.iter().any(|d| d.barrier.is_some());
-            tokio::select! {
-                changed = stop.changed() => {
-                    if changed.is_err() {
-                        break Ending::Abort(EndReason::AgentShutdown, "session registry closed".into());
-                    }
-                }
-                () = sleep_until(deadline) => {
-                    break Ending::Abort(EndReason::GrantExpired, "grant expired".into());
-                }
-                event = events.recv() => {
-                    let Some(event) = event else {
-                        break Ending::Abort(EndReason::InternalError, "session watcher stopped".into());
-                    };
-                    if let Some(ending) = self.on_event(event.side, event.flags) {
-                        break ending;
-                    }
-                }
-                () = tokio::time::sleep(poll_interval(self.attempt)), if draining => {
-                    self.attempt += 1;
-                }
-                _ = stall_tick.tick() => {
-                    if let Some(ending) = self.check_stalls() {
-                        break ending;
-                    }
-                }
+            let queue_at = self.queue_at;
+            let [lane_up, lane_down] = &mut self.lanes;
+            // Every branch only says what happened; the session acts on it
+            // below, once the branches' futures (and their borrows) are gone.
+            let wake = tokio::select! {
+                changed = stop.changed() => Wake::Stop(changed.is_err()),
+                () = sleep_until(deadline) => Wake::Expired,
+                event = events.recv() => Wake::Event(event),
+                () = tokio::time::sleep(poll_interval(self.attempt)), if draining => Wake::Drain,
+                _ = stall_tick.tick() => Wake::StallCheck,
+                () = tokio::time::sleep_until(queue_at) => Wake::QueueCheck,
+                step = lane_step(lane_up) => Wake::Lane(0, step),
+                step = lane_step(lane_down) => Wake::Lane(1, step),
+            };
+            let drain_poll = matches!(wake, Wake::Drain);
+            let ending = match wake {
+                Wake::Stop(true) => Some(Ending::Abort(
+                    EndReason::AgentShutdown,
+                    "session registry closed".into(),
+                )),
+                Wake::Stop(false) | Wake::Drain => None,
+                Wake::Expired => Some(Ending::Abort(
+                    EndReason::GrantExpired,
+                    "grant expired".into(),
+                )),
+                Wake::Event(None) => Some(Ending::Abort(
+                    EndReason::InternalError,
+                    "session watcher stopped".into(),
+                )),
+                Wake::Event(Some(event)) => self.on_event(event.side, event.flags),
+                Wake::StallCheck => self.check_stalls(),
+                Wake::QueueCheck => self.check_queues(),
+                Wake::Lane(index, step) => self.on_lane(index, step),
+            };
+            if let Some(ending) = ending {
+                break ending;
+            }
+            if drain_poll {
+                self.attempt += 1;
             }
             if let Some(ending) = self.advance_barriers() {
                 break ending;
@@ -209,7 +267,8 @@ impl Session<'_> {
             let index = usize::from(side == Side::Upstream);
             let peer_baseline = self.baselines[1 - index];
             let dir = &mut self.dirs[index];
-            if !dir.eof {
+            // A direction the agent copies sees its EOF as a 0-byte read.
+            if !dir.eof && dir.mode == Mode::Kernel {
                 dir.eof = true;
                 dir.barrier = Some(DrainBarrier::new(
                     peer_baseline,
@@ -242,13 +301,15 @@ impl Session<'_> {
                     format!("TCP_INFO: {e}"),
                 ));
             }
+            // Redirected by the verdict, plus copied by the agent while the
+            // direction had backpressure.
             let redirected = self.dp.live_counters(self.id).map_or(0, |(up, down)| {
                 if index == 0 {
                     up.kernel_bytes
                 } else {
                     down.kernel_bytes
                 }
-            });
+            }) + self.copied_total(index);
             let sent = match sockopt::bytes_sent(self.socket(peer)) {
                 Ok(sent) => sent,
                 Err(e) => {
@@ -291,7 +352,10 @@ impl Session<'_> {
         None
     }
 
-    fn finish(self, cookies: Cookies, ending: Ending) -> SpliceOutcome {
+    fn finish(mut self, ending: Ending) -> SpliceOutcome {
+        // Deregister the copied directions before their sockets close.
+        let copied = [0, 1].map(|i| self.copied[i] + self.lanes[i].take().map_or(0, |l| l.copied));
+        self.registered = [None, None];
         let (reason, detail) = match ending {
             Ending::Graceful(reason) => (reason, None),
             Ending::Abort(reason, detail) => {
@@ -307,7 +371,9 @@ impl Session<'_> {
         // are read.
         drop(self.client);
         drop(self.upstream);
-        let (up, down) = self.dp.forget(self.id, cookies);
+        let (mut up, mut down) = self.dp.forget(self.id, self.cookies);
+        up.userspace_bytes += copied[0];
+        down.userspace_bytes += copied[1];
         SpliceOutcome {
             reason,
             detail,

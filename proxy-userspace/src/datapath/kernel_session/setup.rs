@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 use super::super::ebpf::{EbpfDatapath, SpliceSetupError};
 use super::super::stall::StallWatch;
 use super::super::{DatapathKind, EndReason, SessionMeta, SpliceOutcome, StopSignal};
+use super::lane::QueueWatch;
 use super::{Direction, Ending, Session};
 use crate::sockopt;
 
@@ -109,6 +110,13 @@ pub(in crate::datapath) async fn run(
         first_close: None,
         attempt: 0,
         stalls: [StallWatch::new(Instant::now()); 2],
+        cookies,
+        lanes: [None, None],
+        copied: [0, 0],
+        registered: [None, None],
+        queue: QueueWatch::new(Instant::now()),
+        // Look early: a fast sender can queue gigabytes within a second.
+        queue_at: tokio::time::Instant::now() + std::time::Duration::from_millis(5),
     };
     let ending = match kicked {
         Ok(()) => session.watch(meta, stop).await,
@@ -117,7 +125,7 @@ pub(in crate::datapath) async fn run(
             format!("cannot release held bytes: {e}"),
         ),
     };
-    session.finish(cookies, ending)
+    session.finish(ending)
 }
 
 fn failed(detail: String) -> SpliceOutcome {

@@ -1,0 +1,192 @@
+//! The session's side of backpressure (see [`super::lane`]): watching each
+//! direction's backlog, switching a direction that fell behind to pass
+//! mode, and copying it once the peer holds every redirected byte.
+
+use std::net::Shutdown;
+use std::time::Instant;
+
+use proxy_common::session::{DIRECTION_DOWN, DIRECTION_UP};
+
+use super::lane::{Lane, LaneStep};
+use super::{Ending, Mode, Session, closed_reason, side_name};
+use crate::datapath::EndReason;
+use crate::datapath::watcher::Side;
+use crate::sockopt;
+
+/// (index, source, peer) of the two directions.
+const DIRECTIONS: [(usize, Side, Side); 2] = [
+    (0, Side::Client, Side::Upstream),
+    (1, Side::Upstream, Side::Client),
+];
+
+impl Session<'_> {
+    /// Bytes the agent has written toward the peer of direction `index`.
+    pub(super) fn copied_total(&self, index: usize) -> u64 {
+        self.copied[index] + self.lanes[index].as_ref().map_or(0, |lane| lane.copied)
+    }
+
+    /// Bytes moved toward `peer` (redirected or copied) that its TCP has not
+    /// taken yet.
+    fn backlog(&self, index: usize, kernel_bytes: u64, peer: Side) -> std::io::Result<u64> {
+        let handed = sockopt::bytes_sent(self.socket(peer))?;
+        let moved = kernel_bytes + self.copied_total(index);
+        Ok(moved.saturating_sub(handed.saturating_sub(self.baselines[1 - index])))
+    }
+
+    pub(super) fn check_queues(&mut self) -> Option<Ending> {
+        let now = Instant::now();
+        let limit = self.dp.timeouts.queue_limit;
+        let (up, down) = self.dp.live_counters(self.id).unwrap_or_default();
+        let kernel = [up.kernel_bytes, down.kernel_bytes];
+        let mut headroom = [limit; 2];
+        for (index, source, peer) in DIRECTIONS {
+            let mode = self.dirs[index].mode;
+            if mode == Mode::Copying {
+                if self
+                    .dp
+                    .redirecting(self.cookies, [DIRECTION_UP, DIRECTION_DOWN][index])
+                {
+                    // The verdict took the direction back: every passed byte
+                    // was copied, and the kernel redirects again.
+                    if let Some(lane) = self.lanes[index].take() {
+                        self.copied[index] += lane.copied;
+                    }
+                    self.dirs[index].mode = Mode::Kernel;
+                }
+                continue;
+            }
+            if mode == Mode::Kernel
+                && (self.dirs[index].eof || !self.queue.moved(index, kernel[index]))
+            {
+                continue;
+            }
+            if mode == Mode::Draining {
+                // Taking the source's lock lets a verdict still running for
+                // it finish (and count) before the counters are compared.
+                let _ = sockopt::tcp_state(self.socket(source));
+            }
+            let backlog = match self.backlog(index, kernel[index], peer) {
+                Ok(backlog) => backlog,
+                Err(e) => {
+                    return Some(Ending::Abort(
+                        EndReason::InternalError,
+                        format!("peer state: {e}"),
+                    ));
+                }
+            };
+            headroom[index] = limit.saturating_sub(backlog);
+            match mode {
+                Mode::Kernel if backlog > limit => {
+                    if let Err(e) = self.dp.pass_direction(
+                        self.id,
+                        self.cookies,
+                        [DIRECTION_UP, DIRECTION_DOWN][index],
+                    ) {
+                        return Some(Ending::Abort(
+                            EndReason::InternalError,
+                            crate::error_chain(&e),
+                        ));
+                    }
+                    tracing::info!(
+                        session = %format_args!("{:016x}", self.id),
+                        behind = backlog,
+                        "{} cannot keep up; its bytes now wait in the {} socket (backpressure), copied by the agent",
+                        side_name(peer),
+                        side_name(source)
+                    );
+                    self.dirs[index].mode = Mode::Draining;
+                    headroom[index] = 0;
+                }
+                Mode::Draining if backlog == 0 => {
+                    let (source_fd, peer_fd) =
+                        match (self.registration(source), self.registration(peer)) {
+                            (Ok(s), Ok(p)) => (s, p),
+                            (Err(e), _) | (_, Err(e)) => {
+                                return Some(Ending::Abort(
+                                    EndReason::InternalError,
+                                    format!("cannot copy: {e}"),
+                                ));
+                            }
+                        };
+                    self.lanes[index] = Some(Lane::new(source_fd, peer_fd));
+                    self.dirs[index].mode = Mode::Copying;
+                }
+                _ => {}
+            }
+        }
+        let mut next = self.queue.record(kernel, headroom, now);
+        if self.dirs.iter().any(|d| d.mode != Mode::Kernel) {
+            // The peer is working through its backlog, or the verdict may
+            // hand a copied direction back: look again soon.
+            next = next.min(std::time::Duration::from_millis(20));
+        }
+        self.queue_at = tokio::time::Instant::now() + next;
+        None
+    }
+
+    /// The runtime registration of one socket, made on first use.
+    fn registration(
+        &mut self,
+        side: Side,
+    ) -> std::io::Result<std::sync::Arc<tokio::io::unix::AsyncFd<super::lane::FdRef>>> {
+        let index = usize::from(side == Side::Upstream);
+        if let Some(registered) = &self.registered[index] {
+            return Ok(std::sync::Arc::clone(registered));
+        }
+        let registered = super::lane::register(self.socket(side))?;
+        self.registered[index] = Some(std::sync::Arc::clone(&registered));
+        Ok(registered)
+    }
+
+    pub(super) fn on_lane(&mut self, index: usize, step: LaneStep) -> Option<Ending> {
+        let (_, source, peer) = DIRECTIONS[index];
+        match step {
+            LaneStep::Moved => {
+                // Caught up: let the verdict take over as soon as nothing
+                // passed is left to copy.
+                let resume_at = self.lanes[index]
+                    .as_ref()
+                    .filter(|l| l.caught_up())
+                    .map(|_| self.copied_total(index));
+                if let Some(resume_at) = resume_at {
+                    let direction = [DIRECTION_UP, DIRECTION_DOWN][index];
+                    if let Err(e) =
+                        self.dp
+                            .resume_direction(self.id, self.cookies, direction, resume_at)
+                    {
+                        return Some(Ending::Abort(
+                            EndReason::InternalError,
+                            crate::error_chain(&e),
+                        ));
+                    }
+                }
+                None
+            }
+            LaneStep::Eof => {
+                // Done: deregister its sockets, keep its count.
+                if let Some(lane) = self.lanes[index].take() {
+                    self.copied[index] += lane.copied;
+                }
+                let shut = match peer {
+                    Side::Client => self.client.shutdown(Shutdown::Write),
+                    Side::Upstream => self.upstream.shutdown(Shutdown::Write),
+                };
+                if let Err(e) = shut {
+                    tracing::debug!(session = self.id, error = %e, "shutdown of peer failed");
+                }
+                self.dirs[index].eof = true;
+                self.dirs[index].shut = true;
+                self.first_close.get_or_insert(closed_reason(source));
+                None
+            }
+            LaneStep::Failed(source_failed, e) => {
+                let failed = if source_failed { source } else { peer };
+                let reason = *self.first_close.get_or_insert(closed_reason(failed));
+                Some(Ending::Abort(
+                    reason,
+                    format!("{} socket error: {e}", side_name(failed)),
+                ))
+            }
+        }
+    }
+}
