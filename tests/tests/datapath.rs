@@ -149,14 +149,14 @@ fn immediate_half_close_is_byte_exact(path: DataPath) -> Result<()> {
 fn one_gib_upstream(path: DataPath) -> Result<()> {
     let fx = ForwardFixture::start(path)?;
     exchange(&fx, 100, GIB, 0).with_context(|| fx.dump())?;
-    fx.assert_bytes(&fx.wait_closed(1)?[0], GIB, 1)?;
+    fx.assert_bulk_bytes(&fx.wait_closed(1)?[0], GIB, 1)?;
     fx.assert_maps_empty()
 }
 
 fn one_gib_downstream(path: DataPath) -> Result<()> {
     let fx = ForwardFixture::start(path)?;
     exchange(&fx, 200, 0, GIB).with_context(|| fx.dump())?;
-    fx.assert_bytes(&fx.wait_closed(1)?[0], 0, GIB + 1)?;
+    fx.assert_bulk_bytes(&fx.wait_closed(1)?[0], 0, GIB + 1)?;
     fx.assert_maps_empty()
 }
 
@@ -165,7 +165,7 @@ fn one_gib_downstream(path: DataPath) -> Result<()> {
 fn client_half_close_then_long_reply(path: DataPath) -> Result<()> {
     let fx = ForwardFixture::start(path)?;
     exchange(&fx, 300, MIB, 64 * MIB).with_context(|| fx.dump())?;
-    fx.assert_bytes(&fx.wait_closed(1)?[0], MIB, 64 * MIB + 1)?;
+    fx.assert_bulk_bytes(&fx.wait_closed(1)?[0], MIB, 64 * MIB + 1)?;
     fx.assert_maps_empty()
 }
 
@@ -198,7 +198,7 @@ fn server_half_close_then_long_reply(path: DataPath) -> Result<()> {
     let mut rest = Vec::new();
     client.read_to_end(&mut rest)?;
     ensure!(rest.is_empty(), "nothing may follow the server's FIN");
-    fx.assert_bytes(&fx.wait_closed(1)?[0], 64 * MIB, MIB)?;
+    fx.assert_bulk_bytes(&fx.wait_closed(1)?[0], 64 * MIB, MIB)?;
     fx.assert_maps_empty()
 }
 
@@ -393,7 +393,7 @@ fn slow_reader_gets_backpressure(path: DataPath) -> Result<()> {
         "agent memory grew by {} KiB while the reader lagged 64 MiB behind",
         peak.saturating_sub(baseline) / 1024
     );
-    fx.assert_bytes(&fx.wait_closed(1)?[0], upload.len, 0)?;
+    fx.assert_bulk_bytes(&fx.wait_closed(1)?[0], upload.len, 0)?;
     fx.assert_maps_empty()
 }
 

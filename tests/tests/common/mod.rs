@@ -74,10 +74,16 @@ impl ForwardFixture {
 
     /// `extra` is appended to the generated config (more sections).
     pub fn start_with(path: DataPath, extra: &str) -> Result<Self> {
+        Self::start_tuned(path, "", extra)
+    }
+
+    /// `agent` holds more `[agent]` settings, one per line; `extra` is
+    /// appended to the generated config (more sections).
+    pub fn start_tuned(path: DataPath, agent: &str, extra: &str) -> Result<Self> {
         let topo = Topology::new()?;
         let builder = Agent::builder(&topo.bastion)?;
         let config = format!(
-            "[agent]\npin_dir = {pin:?}\ndrain_timeout = \"20s\"\n\n[audit]\npath = {audit:?}\n\n\
+            "[agent]\npin_dir = {pin:?}\ndrain_timeout = \"20s\"\n{agent}\n\n[audit]\npath = {audit:?}\n\n\
              [[forward]]\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\n{extra}",
             pin = builder.pin_dir().display().to_string(),
             audit = builder.audit_path().display().to_string(),
@@ -131,6 +137,11 @@ impl ForwardFixture {
         assert_bytes(self.path, event, up, down)
     }
 
+    /// For bulk transfers whose receiver may lag (see [`assert_bytes_with`]).
+    pub fn assert_bulk_bytes(&self, event: &Value, up: u64, down: u64) -> Result<()> {
+        assert_bytes_with(self.path, event, up, down, true)
+    }
+
     /// Asserts the pinned session and socket maps hold no entry.
     pub fn assert_maps_empty(&self) -> Result<()> {
         if self.path == DataPath::Ebpf {
@@ -173,27 +184,67 @@ fn field(event: &Value, name: &str) -> Result<u64> {
 /// (its map counters) and none through user space; on the user-space path
 /// the reverse.
 pub fn assert_bytes(path: DataPath, event: &Value, up: u64, down: u64) -> Result<()> {
+    assert_bytes_with(path, event, up, down, false)
+}
+
+/// [`assert_bytes`] for transfers whose receiver may be slower than the
+/// sender: on the kernel path the agent then copies part of the stream
+/// under backpressure, and every byte it copied must be one the verdict
+/// program handed over (`userspace == backpressure`, from the map).
+pub fn assert_bytes_with(
+    path: DataPath,
+    event: &Value,
+    up: u64,
+    down: u64,
+    backpressure: bool,
+) -> Result<()> {
     ensure!(field(event, "bytes_up")? == up, "bytes_up: {event}");
     ensure!(field(event, "bytes_down")? == down, "bytes_down: {event}");
-    let (kernel, user) = match path {
-        DataPath::Ebpf => ((up, down), (0, 0)),
-        DataPath::Userspace => ((0, 0), (up, down)),
-    };
-    ensure!(
-        (
-            field(event, "kernel_bytes_up")?,
-            field(event, "kernel_bytes_down")?
-        ) == kernel,
-        "kernel byte counters (from the eBPF session map) wrong for {path:?}: {event}"
-    );
-    ensure!(
-        (
-            field(event, "userspace_bytes_up")?,
-            field(event, "userspace_bytes_down")?
-        ) == user,
-        "user-space copy counters wrong for {path:?}: {event}"
-    );
     ensure!(event["datapath"] == path.flag(), "datapath: {event}");
+    let kernel = (
+        field(event, "kernel_bytes_up")?,
+        field(event, "kernel_bytes_down")?,
+    );
+    let user = (
+        field(event, "userspace_bytes_up")?,
+        field(event, "userspace_bytes_down")?,
+    );
+    match path {
+        DataPath::Userspace => {
+            ensure!(
+                kernel == (0, 0) && user == (up, down),
+                "user-space path moved bytes in the kernel: {event}"
+            );
+        }
+        DataPath::Ebpf => {
+            let handed = (
+                field(event, "backpressure_bytes_up")?,
+                field(event, "backpressure_bytes_down")?,
+            );
+            ensure!(
+                user == handed,
+                "the agent copied bytes the verdict program did not hand over under backpressure: {event}"
+            );
+            if !backpressure {
+                ensure!(
+                    user == (0, 0),
+                    "user space copied payload on the kernel path: {event}"
+                );
+            }
+            ensure!(
+                (kernel.0 + user.0, kernel.1 + user.1) == (up, down),
+                "kernel byte counters (from the eBPF session map) do not add up: {event}"
+            );
+            ensure!(
+                up == 0 || kernel.0 > 0,
+                "nothing went up through the kernel: {event}"
+            );
+            ensure!(
+                down == 0 || kernel.1 > 0,
+                "nothing went down through the kernel: {event}"
+            );
+        }
+    }
     Ok(())
 }
 

@@ -1,0 +1,206 @@
+//! Backpressure on the kernel path. The splice itself has none: a redirected
+//! skb is queued for the peer however far behind it is. The agent watches
+//! each direction's backlog; past `agent.splice_queue_limit` the verdict
+//! program leaves the direction's bytes on the sending socket (its TCP window
+//! closes), the agent copies them, and once every passed byte is copied the
+//! verdict program takes the direction back.
+//!
+//! Each test stalls one reader, then lets it read at full speed, and checks:
+//! the digests; that the sender was held back while the reader stalled; that
+//! the agent copied exactly the bytes the verdict program handed over (both
+//! counted in the eBPF session map); and that the kernel carried the rest,
+//! which it only can if the direction was handed back.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use common::{DataPath, ForwardFixture};
+use serde_json::Value;
+use tcpgate_tests::{Payload, read_to_end_hashed, serve_once, write_payload};
+
+const MIB: u64 = 1024 * 1024;
+const QUEUE_LIMIT: u64 = 4 * MIB;
+/// The agent's default `splice_sndbuf`, forced on both spliced sockets.
+const SPLICE_SNDBUF: u64 = 8 * MIB;
+const TOTAL: u64 = 384 * MIB;
+/// How long the reader stalls; the sender has all of it to run ahead.
+const STALL: Duration = Duration::from_millis(1500);
+
+#[test]
+fn stalled_upstream_reader_holds_the_client_back() -> Result<()> {
+    if !tcpgate_tests::require_root() {
+        return Ok(());
+    }
+    let fx = start()?;
+    let payload = Payload::new(900, TOTAL);
+    let written = Arc::new(AtomicU64::new(0));
+    let server = serve_once(
+        &fx.topo.target,
+        fx.upstream_addr(),
+        move |mut stream, _| -> Result<_> {
+            stream.write_all(b"!")?;
+            std::thread::sleep(STALL);
+            Ok(read_to_end_hashed(&mut stream)?)
+        },
+    )?;
+    let mut client = fx.dial()?;
+    let mut greeting = [0u8; 1];
+    client.read_exact(&mut greeting)?;
+    let progress = Arc::clone(&written);
+    let sampler = std::thread::spawn(move || {
+        std::thread::sleep(STALL - Duration::from_millis(100));
+        progress.load(Ordering::Relaxed)
+    });
+    write_payload(
+        &mut Counting {
+            inner: &mut client,
+            written: &written,
+        },
+        &payload,
+    )?;
+    client.shutdown(Shutdown::Write)?;
+    let (len, digest) = server.join()??;
+    ensure!(
+        len == TOTAL && digest == payload.digest(),
+        "upstream got {len} bytes, digest mismatch"
+    );
+    let during_stall = sampler
+        .join()
+        .map_err(|_| anyhow::anyhow!("sampler panicked"))?;
+    let event = &fx.wait_closed(1)?[0];
+    fx.assert_bulk_bytes(event, TOTAL, 1)?;
+    check(event, "up", during_stall)
+}
+
+#[test]
+fn stalled_client_reader_holds_the_upstream_back() -> Result<()> {
+    if !tcpgate_tests::require_root() {
+        return Ok(());
+    }
+    let fx = start()?;
+    let payload = Payload::new(901, TOTAL);
+    let written = Arc::new(AtomicU64::new(0));
+    let progress = Arc::clone(&written);
+    let server = serve_once(
+        &fx.topo.target,
+        fx.upstream_addr(),
+        move |mut stream, _| -> Result<_> {
+            write_payload(
+                &mut Counting {
+                    inner: &mut stream,
+                    written: &progress,
+                },
+                &payload,
+            )?;
+            stream.shutdown(Shutdown::Write)?;
+            // Wait for the client's close, so the session ends from its side.
+            let mut rest = Vec::new();
+            stream.read_to_end(&mut rest)?;
+            Ok(())
+        },
+    )?;
+    let mut client = fx.dial()?;
+    std::thread::sleep(STALL);
+    let during_stall = written.load(Ordering::Relaxed);
+    let (len, digest) = read_to_end_hashed(&mut client)?;
+    drop(client);
+    server.join()??;
+    ensure!(
+        len == TOTAL && digest == payload.digest(),
+        "client got {len} bytes, digest mismatch"
+    );
+    let event = &fx.wait_closed(1)?[0];
+    fx.assert_bulk_bytes(event, 0, TOTAL)?;
+    check(event, "down", during_stall)
+}
+
+/// Largest TCP buffers (`tcp_rmem`, `tcp_wmem`) in the test's namespaces:
+/// the host's may be autotuned up to tens of MiB, which would let a sender
+/// run ahead that far with or without backpressure.
+const TCP_BUFFER_MAX: u64 = 4 * MIB;
+
+fn start() -> Result<ForwardFixture> {
+    let fx = ForwardFixture::start_tuned(
+        DataPath::Ebpf,
+        &format!("splice_queue_limit = {QUEUE_LIMIT}"),
+        "",
+    )?;
+    for ns in [&fx.topo.runner, &fx.topo.bastion, &fx.topo.target] {
+        ns.try_run(|| -> Result<()> {
+            for name in ["tcp_rmem", "tcp_wmem"] {
+                // Per namespace, and read when a socket sizes its buffers:
+                // the sockets of the test are all made after this.
+                let path = format!("/proc/sys/net/ipv4/{name}");
+                std::fs::write(&path, format!("4096 131072 {TCP_BUFFER_MAX}"))
+                    .with_context(|| format!("write {path}"))?;
+            }
+            Ok(())
+        })??;
+    }
+    Ok(fx)
+}
+
+/// Checks one direction's counters after a stalled reader.
+fn check(event: &Value, direction: &str, during_stall: u64) -> Result<()> {
+    let field = |name: &str| -> Result<u64> {
+        event[format!("{name}_{direction}")]
+            .as_u64()
+            .with_context(|| format!("{name}_{direction} in {event}"))
+    };
+    let (kernel, copied, handed) = (
+        field("kernel_bytes")?,
+        field("userspace_bytes")?,
+        field("backpressure_bytes")?,
+    );
+    eprintln!(
+        "{direction}: sender {} MiB ahead during the stall; kernel {} MiB, copied under backpressure {} MiB",
+        during_stall / MIB,
+        kernel / MIB,
+        copied / MIB
+    );
+    // What can be in flight without backpressure holding the sender: the
+    // queue limit, both spliced sockets' send buffers, the sender's send
+    // buffer and the two receive buffers, plus what arrives between two
+    // checks of the backlog.
+    let bound = QUEUE_LIMIT + 2 * SPLICE_SNDBUF + 3 * TCP_BUFFER_MAX + 16 * MIB;
+    ensure!(
+        during_stall < bound,
+        "the sender ran {} MiB ahead of a stalled reader (bound {} MiB): no backpressure",
+        during_stall / MIB,
+        bound / MIB
+    );
+    ensure!(
+        handed > 0 && copied == handed,
+        "backpressure never engaged: {event}"
+    );
+    ensure!(
+        kernel > copied,
+        "the agent copied {copied} bytes and the kernel carried only {kernel}: the direction was not handed back \
+         to the kernel once the reader caught up"
+    );
+    Ok(())
+}
+
+/// A writer that publishes how many bytes it has written.
+struct Counting<'a, W> {
+    inner: &'a mut W,
+    written: &'a AtomicU64,
+}
+
+impl<W: Write> Write for Counting<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
