@@ -25,6 +25,8 @@ pub mod map_names {
     pub const SOCKHASH: &str = "SOCKHASH";
     /// Socket cookie -> [`crate::session::SocketEntry`].
     pub const SOCKETS: &str = "SOCKETS";
+    /// Array of [`crate::session::DirectionMode`], two per session slot.
+    pub const DIRECTION_MODES: &str = "DIRECTION_MODES";
     /// Session id -> [`crate::session::SessionRecord`].
     pub const SESSIONS: &str = "SESSIONS";
     /// Single-slot per-CPU [`crate::stats::GlobalStats`].

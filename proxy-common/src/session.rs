@@ -6,16 +6,16 @@ pub const DIRECTION_UP: u32 = 0;
 /// `SocketEntry::direction` of the upstream socket: its bytes go to the client.
 pub const DIRECTION_DOWN: u32 = 1;
 
-/// `SocketEntry::mode`: the verdict redirects this socket's bytes to the peer.
+/// `DirectionMode::mode`: the verdict redirects the socket's bytes to the peer.
 pub const MODE_REDIRECT: u32 = 0;
-/// `SocketEntry::mode`: the verdict passes this socket's bytes to its own
+/// `DirectionMode::mode`: the verdict passes the socket's bytes to its own
 /// receive queue, charged to its receive buffer (so TCP's window closes),
 /// for the agent to copy: backpressure when the peer cannot keep up.
 pub const MODE_PASS: u32 = 1;
 
-/// `SocketEntry::mode`: like [`MODE_PASS`], until the direction's
-/// `passed_bytes` equals `SocketEntry::resume_at` (the agent has copied
-/// every passed byte); the verdict then switches the entry back to
+/// `DirectionMode::mode`: like [`MODE_PASS`], until the direction's
+/// `passed_bytes` equals `DirectionMode::resume_at` (the agent has copied
+/// every passed byte); the verdict then switches the mode back to
 /// [`MODE_REDIRECT`] itself, at an skb boundary, so no byte overtakes another.
 pub const MODE_RESUME: u32 = 2;
 
@@ -35,6 +35,13 @@ pub const AUTH_SOURCE_GRANT: u16 = 2;
 pub const SUBJECT_LEN: usize = 64;
 
 /// Value of the `SOCKETS` map, keyed by the socket's cookie (`SO_COOKIE`).
+///
+/// Written once, when the socket joins the splice, and never rewritten:
+/// updating an existing key of a preallocated hash map hands the old
+/// element's memory to the next update at once, while a verdict on another
+/// CPU may still be reading it (a torn entry once sent a client's skb back
+/// to the client). What changes while a session runs lives in the
+/// `DIRECTION_MODES` array, which is updated in place.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketEntry {
@@ -44,8 +51,20 @@ pub struct SocketEntry {
     pub session_id: u64,
     /// [`DIRECTION_UP`] or [`DIRECTION_DOWN`].
     pub direction: u32,
+    /// Index of this direction's [`DirectionMode`] in `DIRECTION_MODES`.
+    pub mode_index: u32,
+}
+
+/// Value of the `DIRECTION_MODES` array: how the verdict treats one
+/// direction of a session. User space writes it whole; the verdict only
+/// switches `mode` from [`MODE_RESUME`] to [`MODE_REDIRECT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectionMode {
     /// [`MODE_REDIRECT`], [`MODE_PASS`] or [`MODE_RESUME`].
     pub mode: u32,
+    /// Explicit padding; zero.
+    pub _pad: u32,
     /// With [`MODE_RESUME`]: the direction's `passed_bytes` at which the
     /// verdict resumes redirecting.
     pub resume_at: u64,
@@ -156,13 +175,17 @@ impl SessionRecord {
     }
 }
 
-const _: () = assert!(size_of::<SocketEntry>() == 32);
+const _: () = assert!(size_of::<SocketEntry>() == 24);
+const _: () = assert!(size_of::<DirectionMode>() == 16);
 const _: () = assert!(size_of::<DirectionCounters>() == 40);
 const _: () = assert!(size_of::<SessionRecord>() == 240);
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C), integers and arrays only, no implicit padding (checked above).
 unsafe impl aya::Pod for SocketEntry {}
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integers and arrays only, no implicit padding (checked above).
+unsafe impl aya::Pod for DirectionMode {}
 #[cfg(feature = "user")]
 // SAFETY: repr(C), integers and arrays only, no implicit padding (checked above).
 unsafe impl aya::Pod for SessionRecord {}

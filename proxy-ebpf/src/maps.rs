@@ -1,13 +1,13 @@
 //! Maps shared by the programs. Sizes are defaults: the agent resizes them
 //! at load time from its configuration.
 use aya_ebpf::{
-    btf_maps::{HashMap, LpmTrie, PerCpuArray, SockHash, SockMap},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, SockHash, SockMap},
     macros::btf_map,
 };
 use proxy_common::{
     grant::GrantRecord,
     intercept::InterceptValue,
-    session::{SessionRecord, SocketEntry},
+    session::{DirectionMode, SessionRecord, SocketEntry},
     stats::GlobalStats,
 };
 
@@ -18,6 +18,12 @@ pub static SOCKHASH: SockHash<u64, 32768> = SockHash::new();
 /// Socket cookie -> its peer and session.
 #[btf_map]
 pub static SOCKETS: HashMap<u64, SocketEntry, 32768> = HashMap::new();
+
+/// How the verdict treats each direction (`SocketEntry::mode_index`):
+/// an array, so user space updates an element in place and a verdict
+/// reading it never sees another entry's bytes.
+#[btf_map]
+pub static DIRECTION_MODES: Array<DirectionMode, 32768> = Array::new();
 
 /// Session id -> session record with per-direction counters.
 #[btf_map]

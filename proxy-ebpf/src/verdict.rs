@@ -7,9 +7,9 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use aya_log_ebpf::warn;
-use proxy_common::session::{DIRECTION_UP, MODE_REDIRECT, MODE_RESUME, SocketEntry};
+use proxy_common::session::{DIRECTION_UP, DirectionMode, MODE_REDIRECT, MODE_RESUME, SocketEntry};
 
-use crate::maps::{SESSIONS, SOCKETS, SOCKHASH, bump};
+use crate::maps::{DIRECTION_MODES, SESSIONS, SOCKETS, SOCKHASH, bump};
 
 #[stream_verdict]
 pub fn tcpgate_verdict(ctx: SkBuffContext) -> u32 {
@@ -39,14 +39,22 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, Skip> {
     }
     // SAFETY: the helper only reads the skb's socket, which the kernel holds.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    let Some(entry_ptr) = SOCKETS.get_ptr_mut(&cookie) else {
+    let Some(entry) = SOCKETS.get_ptr(&cookie) else {
         bump(|s| &mut s.unknown_socket_skbs);
         return Err(Skip::UnknownSocket);
     };
-    // SAFETY: the pointer comes from a successful lookup; the entry lives
-    // until user space removes it after the socket left the SOCKHASH.
-    let entry: SocketEntry = unsafe { *entry_ptr };
-    if entry.mode != MODE_REDIRECT && !resume(entry_ptr, &entry) {
+    // SAFETY: the pointer comes from a successful lookup; user space never
+    // rewrites an entry (see `SocketEntry`), and removes it only after the
+    // socket left the SOCKHASH.
+    let entry: SocketEntry = unsafe { *entry };
+    let mode = DIRECTION_MODES.get_ptr_mut(entry.mode_index);
+    if let Some(mode) = mode
+        // SAFETY: an array element: its memory belongs to this index for
+        // the map's lifetime. A racing user-space write can only be the
+        // start of backpressure (`MODE_PASS`).
+        && unsafe { (*mode).mode } != MODE_REDIRECT
+        && !resume(mode, &entry)
+    {
         // Backpressure: the peer fell too far behind. The bytes stay on this
         // socket, charged to its receive buffer, and the agent copies them.
         if let Some(record) = SESSIONS.get_ptr_mut(&entry.session_id) {
@@ -102,12 +110,16 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, Skip> {
     Ok(SK_PASS)
 }
 
-/// With `MODE_RESUME`, switches the entry back to redirecting once the agent
-/// has copied every passed byte (`passed_bytes == resume_at`). Deciding here,
-/// between two skbs of this socket, is what keeps the byte order.
+/// With `MODE_RESUME`, switches the direction back to redirecting once the
+/// agent has copied every passed byte (`passed_bytes == resume_at`).
+/// Deciding here, between two skbs of this socket, is what keeps the byte
+/// order.
 #[inline(always)]
-fn resume(entry_ptr: *mut SocketEntry, entry: &SocketEntry) -> bool {
-    if entry.mode != MODE_RESUME {
+fn resume(mode: *mut DirectionMode, entry: &SocketEntry) -> bool {
+    // SAFETY: an array element (see the caller); the agent writes it whole,
+    // and not while an offer to resume is pending.
+    let current = unsafe { *mode };
+    if current.mode != MODE_RESUME {
         return false;
     }
     let Some(record) = SESSIONS.get_ptr(&entry.session_id) else {
@@ -122,12 +134,11 @@ fn resume(entry_ptr: *mut SocketEntry, entry: &SocketEntry) -> bool {
             (*record).down.passed_bytes
         }
     };
-    if passed != entry.resume_at {
+    if passed != current.resume_at {
         return false;
     }
-    // SAFETY: the pointer comes from a successful lookup; the agent only
-    // rewrites this entry while the direction is passed, and reads the mode
-    // back to learn that the kernel took over.
-    unsafe { (*entry_ptr).mode = MODE_REDIRECT };
+    // SAFETY: as above; the agent reads the mode back to learn that the
+    // kernel took over.
+    unsafe { (*mode).mode = MODE_REDIRECT };
     true
 }

@@ -108,6 +108,7 @@ impl LoadedBpf {
             .map_max_entries(map_names::GRANTS, sessions)
             .map_max_entries(map_names::SOCKETS, sockets)
             .map_max_entries(map_names::SOCKHASH, sockets)
+            .map_max_entries(map_names::DIRECTION_MODES, sockets)
             .load(crate::EBPF_OBJECT)
             .map_err(BpfError::Load)?;
         Ok(Self {

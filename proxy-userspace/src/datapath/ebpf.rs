@@ -7,16 +7,17 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use aya::maps::{HashMap, MapData, SockHash};
+use aya::maps::{Array, HashMap, MapData, SockHash};
 use aya::programs::SkSkb;
 use proxy_common::addr::{fill_str, v4_mapped};
 use proxy_common::map_names;
 use proxy_common::program_names;
 use proxy_common::session::{
-    DATAPATH_EBPF, DIRECTION_DOWN, DIRECTION_UP, DirectionCounters, MODE_PASS, MODE_REDIRECT,
-    MODE_RESUME, SessionRecord, SocketEntry,
+    DATAPATH_EBPF, DIRECTION_DOWN, DIRECTION_UP, DirectionCounters, DirectionMode, MODE_PASS,
+    MODE_REDIRECT, MODE_RESUME, SessionRecord, SocketEntry,
 };
 
+use super::mode_slots::{ModeSlots, mode_index};
 use super::watcher::Watcher;
 use super::{SessionMeta, SpliceOutcome, StopSignal};
 use crate::bpf::{BpfError, LoadedBpf, typed};
@@ -39,6 +40,8 @@ pub enum SpliceSetupError {
     NotEstablished,
     #[error("cannot read socket state")]
     Socket(#[source] std::io::Error),
+    #[error("no free slot in the DIRECTION_MODES map (more sessions than max_sessions)")]
+    NoModeSlot,
     #[error("cannot update map {map}")]
     Map {
         map: &'static str,
@@ -52,6 +55,8 @@ struct Maps {
     sockhash: SockHash<MapData, u64>,
     sockets: HashMap<MapData, u64, SocketEntry>,
     sessions: HashMap<MapData, u64, SessionRecord>,
+    modes: Array<MapData, DirectionMode>,
+    slots: ModeSlots,
 }
 
 /// Cookies of a session's two sockets, as inserted.
@@ -59,6 +64,8 @@ struct Maps {
 pub(super) struct Cookies {
     pub client: u64,
     pub upstream: u64,
+    /// The session's slot in `DIRECTION_MODES` (see [`ModeSlots`]).
+    pub mode_slot: u32,
 }
 
 /// How long a session may go without progress.
@@ -91,6 +98,11 @@ impl EbpfDatapath {
             typed(map_names::SOCKHASH, bpf.take_map(map_names::SOCKHASH)?)?;
         let sockets = typed(map_names::SOCKETS, bpf.take_map(map_names::SOCKETS)?)?;
         let sessions = typed(map_names::SESSIONS, bpf.take_map(map_names::SESSIONS)?)?;
+        let modes: Array<MapData, DirectionMode> = typed(
+            map_names::DIRECTION_MODES,
+            bpf.take_map(map_names::DIRECTION_MODES)?,
+        )?;
+        let slots = ModeSlots::new(modes.len());
         let program: &mut SkSkb = bpf
             .ebpf
             .program_mut(program_names::VERDICT)
@@ -112,6 +124,8 @@ impl EbpfDatapath {
                 sockhash,
                 sockets,
                 sessions,
+                modes,
+                slots,
             }),
             watcher: Watcher::new().map_err(EbpfSetupError::Watcher)?,
             fallback: super::userspace::UserspaceDatapath::new(timeouts.stall),
@@ -132,29 +146,42 @@ impl EbpfDatapath {
         client: BorrowedFd<'_>,
         upstream: BorrowedFd<'_>,
     ) -> Result<Cookies, SpliceSetupError> {
-        let cookies = Cookies {
-            client: crate::sockopt::cookie(client).map_err(SpliceSetupError::Socket)?,
-            upstream: crate::sockopt::cookie(upstream).map_err(SpliceSetupError::Socket)?,
-        };
+        let client_cookie = crate::sockopt::cookie(client).map_err(SpliceSetupError::Socket)?;
+        let upstream_cookie = crate::sockopt::cookie(upstream).map_err(SpliceSetupError::Socket)?;
         let record = session_record(meta);
         let mut maps = self.maps();
         let map_err = |map| move |source| SpliceSetupError::Map { map, source };
-        maps.sessions
-            .insert(meta.id, record, 0)
-            .map_err(map_err(map_names::SESSIONS))?;
+        let mode_slot = maps.slots.take().ok_or(SpliceSetupError::NoModeSlot)?;
+        let cookies = Cookies {
+            client: client_cookie,
+            upstream: upstream_cookie,
+            mode_slot,
+        };
+        let redirect = DirectionMode::default();
+        for direction in [DIRECTION_UP, DIRECTION_DOWN] {
+            if let Err(e) = maps
+                .modes
+                .set(mode_index(mode_slot, direction), redirect, 0)
+            {
+                maps.slots.give_back(mode_slot);
+                return Err(map_err(map_names::DIRECTION_MODES)(e));
+            }
+        }
+        if let Err(e) = maps.sessions.insert(meta.id, record, 0) {
+            maps.slots.give_back(mode_slot);
+            return Err(map_err(map_names::SESSIONS)(e));
+        }
         let up = SocketEntry {
             peer_cookie: cookies.upstream,
             session_id: meta.id,
             direction: DIRECTION_UP,
-            mode: MODE_REDIRECT,
-            resume_at: 0,
+            mode_index: mode_index(mode_slot, DIRECTION_UP),
         };
         let down = SocketEntry {
             peer_cookie: cookies.client,
             session_id: meta.id,
             direction: DIRECTION_DOWN,
-            mode: MODE_REDIRECT,
-            resume_at: 0,
+            mode_index: mode_index(mode_slot, DIRECTION_DOWN),
         };
         let result = (|| {
             maps.sockets
@@ -205,6 +232,7 @@ impl EbpfDatapath {
         let _ = maps.sockets.remove(&cookies.client);
         let _ = maps.sockets.remove(&cookies.upstream);
         let _ = maps.sessions.remove(&session_id);
+        maps.slots.give_back(cookies.mode_slot);
         counters
     }
 
@@ -212,64 +240,51 @@ impl EbpfDatapath {
     /// socket's later bytes stay on it, charged to its receive buffer.
     pub(super) fn pass_direction(
         &self,
-        session_id: u64,
         cookies: Cookies,
         direction: u32,
     ) -> Result<(), SpliceSetupError> {
-        self.set_mode(session_id, cookies, direction, MODE_PASS, 0)
+        self.set_mode(cookies, direction, MODE_PASS, 0)
     }
 
     /// Asks the verdict to resume redirecting once the direction's passed
     /// bytes reach `resume_at` (all copied by the agent); see `MODE_RESUME`.
     pub(super) fn resume_direction(
         &self,
-        session_id: u64,
         cookies: Cookies,
         direction: u32,
         resume_at: u64,
     ) -> Result<(), SpliceSetupError> {
-        self.set_mode(session_id, cookies, direction, MODE_RESUME, resume_at)
+        self.set_mode(cookies, direction, MODE_RESUME, resume_at)
     }
 
     /// Whether the verdict redirects the direction again (it switched back
     /// from `MODE_RESUME`).
     pub(super) fn redirecting(&self, cookies: Cookies, direction: u32) -> bool {
-        let source = if direction == DIRECTION_UP {
-            cookies.client
-        } else {
-            cookies.upstream
-        };
         self.maps()
-            .sockets
-            .get(&source, 0)
-            .is_ok_and(|e| e.mode == MODE_REDIRECT)
+            .modes
+            .get(&mode_index(cookies.mode_slot, direction), 0)
+            .is_ok_and(|m| m.mode == MODE_REDIRECT)
     }
 
     fn set_mode(
         &self,
-        session_id: u64,
         cookies: Cookies,
         direction: u32,
         mode: u32,
         resume_at: u64,
     ) -> Result<(), SpliceSetupError> {
-        let (source, peer) = if direction == DIRECTION_UP {
-            (cookies.client, cookies.upstream)
-        } else {
-            (cookies.upstream, cookies.client)
-        };
-        let entry = SocketEntry {
-            peer_cookie: peer,
-            session_id,
-            direction,
+        let value = DirectionMode {
             mode,
+            _pad: 0,
             resume_at,
         };
+        // An array element is overwritten in place: a verdict running now
+        // reads this direction's mode, old or new, never another's.
         self.maps()
-            .sockets
-            .insert(source, entry, 0)
+            .modes
+            .set(mode_index(cookies.mode_slot, direction), value, 0)
             .map_err(|source| SpliceSetupError::Map {
-                map: map_names::SOCKETS,
+                map: map_names::DIRECTION_MODES,
                 source,
             })
     }
@@ -290,6 +305,7 @@ impl EbpfDatapath {
         let _ = maps.sockets.remove(&cookies.client);
         let _ = maps.sockets.remove(&cookies.upstream);
         let _ = maps.sessions.remove(&session_id);
+        maps.slots.give_back(cookies.mode_slot);
         counters
     }
 

@@ -9,6 +9,7 @@
 pub mod barrier;
 pub mod ebpf;
 mod kernel_session;
+mod mode_slots;
 mod stall;
 pub mod userspace;
 mod watcher;

@@ -60,12 +60,17 @@ impl Session<'_> {
             {
                 continue;
             }
+            let mut kernel_bytes = kernel[index];
             if mode == Mode::Draining {
                 // Taking the source's lock lets a verdict still running for
-                // it finish (and count) before the counters are compared.
+                // it finish (and count); the counters must be read after
+                // that, or a last redirected skb could be overtaken.
                 let _ = sockopt::tcp_state(self.socket(source));
+                if let Some((up, down)) = self.dp.live_counters(self.id) {
+                    kernel_bytes = [up.kernel_bytes, down.kernel_bytes][index];
+                }
             }
-            let backlog = match self.backlog(index, kernel[index], peer) {
+            let backlog = match self.backlog(index, kernel_bytes, peer) {
                 Ok(backlog) => backlog,
                 Err(e) => {
                     return Some(Ending::Abort(
@@ -77,11 +82,10 @@ impl Session<'_> {
             headroom[index] = limit.saturating_sub(backlog);
             match mode {
                 Mode::Kernel if backlog > limit => {
-                    if let Err(e) = self.dp.pass_direction(
-                        self.id,
-                        self.cookies,
-                        [DIRECTION_UP, DIRECTION_DOWN][index],
-                    ) {
+                    if let Err(e) = self
+                        .dp
+                        .pass_direction(self.cookies, [DIRECTION_UP, DIRECTION_DOWN][index])
+                    {
                         return Some(Ending::Abort(
                             EndReason::InternalError,
                             crate::error_chain(&e),
@@ -150,10 +154,7 @@ impl Session<'_> {
                     .map(|_| self.copied_total(index));
                 if let Some(resume_at) = resume_at {
                     let direction = [DIRECTION_UP, DIRECTION_DOWN][index];
-                    if let Err(e) =
-                        self.dp
-                            .resume_direction(self.id, self.cookies, direction, resume_at)
-                    {
+                    if let Err(e) = self.dp.resume_direction(self.cookies, direction, resume_at) {
                         return Some(Ending::Abort(
                             EndReason::InternalError,
                             crate::error_chain(&e),
