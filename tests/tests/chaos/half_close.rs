@@ -34,7 +34,10 @@ use super::wire::{Kind, Order, Spec, drain_leg};
 const DOWN: u64 = 64 * 1024 * 1024;
 
 pub fn run_queued(case: &mut Case) -> Result<()> {
-    let fx = Fixture::start(Options::ebpf())?;
+    // The whole stream must sit in the kernel's queue for the client socket,
+    // so backpressure (which would stop redirecting past 16 MiB) is set
+    // above it.
+    let fx = Fixture::start(Options::ebpf().agent("splice_queue_limit = 268435456"))?;
     for round in 0..case.scale.pick(3, 10) {
         let spec = Spec::of(
             Kind::Transfer {
