@@ -93,6 +93,15 @@ impl DirectionCounters {
     pub const fn total_bytes(&self) -> u64 {
         self.kernel_bytes + self.userspace_bytes
     }
+
+    /// What a live record in the `SESSIONS` map says has left the source
+    /// socket: redirected by the kernel, or passed to the agent to copy
+    /// under backpressure. (User space never rewrites a live record, so its
+    /// `userspace_bytes` are only known when the session ends.)
+    #[must_use]
+    pub const fn live_bytes(&self) -> u64 {
+        self.kernel_bytes + self.passed_bytes
+    }
 }
 
 /// Value of the pinned `SESSIONS` map, keyed by session id.

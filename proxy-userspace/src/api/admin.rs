@@ -212,8 +212,8 @@ async fn list_sessions(State(state): State<Arc<ApiState>>) -> Response {
                 upstream: m.upstream.to_string(),
                 started_at: m.started,
                 expires_at: m.expires,
-                bytes_up: up.total_bytes(),
-                bytes_down: down.total_bytes(),
+                bytes_up: up.live_bytes(),
+                bytes_down: down.live_bytes(),
             }
         })
         .collect();

@@ -121,8 +121,8 @@ fn row(record: &SessionRecord, now: SystemTime, rates: Option<(f64, f64)>) -> Se
             .as_secs_f64(),
         time_left_seconds: expires
             .map(|at| at.duration_since(now).unwrap_or_default().as_secs_f64()),
-        bytes_up: record.up.total_bytes(),
-        bytes_down: record.down.total_bytes(),
+        bytes_up: record.up.live_bytes(),
+        bytes_down: record.down.live_bytes(),
         packets_up: record.up.kernel_packets,
         packets_down: record.down.kernel_packets,
         redirect_failures_up: record.up.redirect_failures,
@@ -148,8 +148,8 @@ fn rows(now: &Reading, before: Option<&Reading>) -> Vec<SessionRow> {
                     #[allow(clippy::cast_precision_loss, reason = "a rate")]
                     let per_second = |new: u64, old: u64| new.saturating_sub(old) as f64 / secs;
                     Some((
-                        per_second(record.up.total_bytes(), old.up.total_bytes()),
-                        per_second(record.down.total_bytes(), old.down.total_bytes()),
+                        per_second(record.up.live_bytes(), old.up.live_bytes()),
+                        per_second(record.down.live_bytes(), old.down.live_bytes()),
                     ))
                 }
                 _ => None,
