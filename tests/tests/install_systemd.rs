@@ -58,15 +58,16 @@ fn systemd_runs_the_installed_unit() -> Result<()> {
     let jwks = JwksServer::start(&topo.bastion, "127.0.0.1:0".parse()?, keys.jwks())?;
     let container = Container::boot(&topo.bastion.path())?;
 
-    // The container sees the host's root file system (not its other mounts,
-    // such as /tmp): copy the binaries under test in, next to the checkout.
+    // The container sees the host's root file system, but its own tmpfs on
+    // /tmp (and not the host's other mounts): a checkout it cannot see (a
+    // clone under /tmp, say) gets its packaging/ copied in, where `xtask
+    // install` looks for it.
     let workspace = tcpgate_tests::agent::workspace_root();
-    ensure!(
-        container
-            .path(&workspace.join("packaging").display().to_string())
-            .is_dir(),
-        "the checkout must be on the root file system to be seen by the container"
-    );
+    let packaging = workspace.join("packaging");
+    let inside = container.path(&packaging.display().to_string());
+    if !inside.is_dir() {
+        copy_tree(&packaging, &inside)?;
+    }
     std::fs::copy(
         tcpgate_tests::agent::agent_binary()?,
         container.path("/var/tmp/tcpgate"),
@@ -280,5 +281,21 @@ fn operator_sees_the_session(container: &Container) -> Result<()> {
         sessions.len() == 1 && sessions[0]["destination"] == "192.0.2.10:22",
         "the operator sees the one live session: {listed}"
     );
+    Ok(())
+}
+
+/// Copies a directory tree (files and directories only).
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("create {}", to.display()))?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)
+                .with_context(|| format!("copy {}", entry.path().display()))?;
+        }
+    }
     Ok(())
 }
