@@ -27,6 +27,9 @@ pub mod map_names {
     pub const SOCKETS: &str = "SOCKETS";
     /// Array of [`crate::session::DirectionMode`], two per session slot.
     pub const DIRECTION_MODES: &str = "DIRECTION_MODES";
+    /// Array of `u64`, indexed like `DIRECTION_MODES`: the TCP sequence
+    /// number of each direction's next byte (bit 32 set once known).
+    pub const STREAM_SEQ: &str = "STREAM_SEQ";
     /// Session id -> [`crate::session::SessionRecord`].
     pub const SESSIONS: &str = "SESSIONS";
     /// Single-slot per-CPU [`crate::stats::GlobalStats`].

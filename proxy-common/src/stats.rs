@@ -17,9 +17,18 @@ pub struct GlobalStats {
     pub lookups_steered: u64,
     /// Intercepted SYNs that found no listener (the agent is not serving).
     pub lookups_no_listener: u64,
+    /// Skbs that began before the direction's next byte: a retransmission
+    /// queued whole by TCP, partly old data (see `proxy-ebpf` `overlap.rs`).
+    pub overlap_skbs: u64,
+    /// The old bytes trimmed from (or dropped with) those skbs: they would
+    /// have reached the peer twice.
+    pub overlap_bytes: u64,
+    /// Overlapping skbs that could not be trimmed (too large an overlap, or
+    /// no memory to pull the head): their old bytes went through again.
+    pub overlap_untrimmed: u64,
 }
 
-const _: () = assert!(size_of::<GlobalStats>() == 48);
+const _: () = assert!(size_of::<GlobalStats>() == 72);
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C), u64 fields only, no padding (checked above).

@@ -8,6 +8,8 @@ mod lookup;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod overlap;
+#[cfg(target_arch = "bpf")]
 mod verdict;
 
 #[cfg(target_arch = "bpf")]

@@ -25,6 +25,12 @@ pub static SOCKETS: HashMap<u64, SocketEntry, 32768> = HashMap::new();
 #[btf_map]
 pub static DIRECTION_MODES: Array<DirectionMode, 32768> = Array::new();
 
+/// The TCP sequence number of each direction's next byte, indexed like
+/// `DIRECTION_MODES`; bit 32 is set once the first skb was seen. Written by
+/// the verdict only (user space zeroes it when a slot is handed out).
+#[btf_map]
+pub static STREAM_SEQ: Array<u64, 32768> = Array::new();
+
 /// Session id -> session record with per-direction counters.
 #[btf_map]
 pub static SESSIONS: HashMap<u64, SessionRecord, 16384> = HashMap::new();
@@ -46,13 +52,19 @@ pub static INTERCEPT: LpmTrie<[u8; 16], InterceptValue, 4096> = LpmTrie::new();
 #[btf_map]
 pub static LISTENERS: SockMap<2> = SockMap::new();
 
-/// Adds to one field of this CPU's stats slot.
+/// Adds one to a field of this CPU's stats slot.
 #[inline(always)]
 pub fn bump(field: impl FnOnce(&mut GlobalStats) -> &mut u64) {
+    add(field, 1);
+}
+
+/// Adds `amount` to a field of this CPU's stats slot.
+#[inline(always)]
+pub fn add(field: impl FnOnce(&mut GlobalStats) -> &mut u64, amount: u64) {
     if let Some(stats) = STATS.get_ptr_mut(0) {
         // SAFETY: the pointer comes from a successful per-CPU array lookup and
         // is only used on this CPU while the program runs.
         let stats = unsafe { &mut *stats };
-        *field(stats) += 1;
+        *field(stats) += amount;
     }
 }

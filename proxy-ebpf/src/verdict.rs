@@ -10,6 +10,7 @@ use aya_log_ebpf::warn;
 use proxy_common::session::{DIRECTION_UP, DirectionMode, MODE_REDIRECT, MODE_RESUME, SocketEntry};
 
 use crate::maps::{DIRECTION_MODES, SESSIONS, SOCKETS, SOCKHASH, bump};
+use crate::overlap::{Overlap, trim};
 
 #[stream_verdict]
 pub fn tcpgate_verdict(ctx: SkBuffContext) -> u32 {
@@ -24,8 +25,7 @@ enum Skip {
 }
 
 fn try_verdict(ctx: &SkBuffContext) -> Result<u32, Skip> {
-    let len = ctx.len();
-    if len == 0 {
+    if ctx.len() == 0 {
         // A FIN, which carries no byte: drop the empty skb. The agent sees
         // the EOF anyway (the FIN sets RCV_SHUTDOWN: EPOLLRDHUP).
         // Redirecting it makes the peer's backlog send return 0, which the
@@ -47,6 +47,11 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, Skip> {
     // rewrites an entry (see `SocketEntry`), and removes it only after the
     // socket left the SOCKHASH.
     let entry: SocketEntry = unsafe { *entry };
+    // Before anything counts or moves it: drop what TCP delivers twice.
+    if let Overlap::AllOld = trim(ctx, entry.mode_index) {
+        return Ok(SK_DROP);
+    }
+    let len = ctx.len();
     let mode = DIRECTION_MODES.get_ptr_mut(entry.mode_index);
     if let Some(mode) = mode
         // SAFETY: an array element: its memory belongs to this index for

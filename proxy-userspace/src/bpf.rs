@@ -67,6 +67,10 @@ pub enum BpfError {
 #[derive(Debug, Clone, Copy)]
 pub struct MapSizes {
     pub max_sessions: u32,
+    /// `offsetof(struct sk_buff, cb)` in the running kernel, or 0 when
+    /// unknown (the verdict then cannot see TCP sequence numbers; see
+    /// [`crate::kernel_btf`]).
+    pub skb_cb_offset: u32,
 }
 
 /// The loaded object. Dropping it detaches every program it attached.
@@ -109,6 +113,8 @@ impl LoadedBpf {
             .map_max_entries(map_names::SOCKETS, sockets)
             .map_max_entries(map_names::SOCKHASH, sockets)
             .map_max_entries(map_names::DIRECTION_MODES, sockets)
+            .map_max_entries(map_names::STREAM_SEQ, sockets)
+            .override_global("SKB_CB_OFFSET", &sizes.skb_cb_offset, true)
             .load(crate::EBPF_OBJECT)
             .map_err(BpfError::Load)?;
         Ok(Self {

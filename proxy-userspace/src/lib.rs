@@ -16,6 +16,7 @@ pub mod datapath;
 pub mod dest;
 pub mod gate;
 pub mod intercept;
+pub mod kernel_btf;
 pub mod metrics;
 pub mod notify;
 pub mod pinned;

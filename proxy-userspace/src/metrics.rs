@@ -106,6 +106,8 @@ pub struct Metrics {
     ebpf_redirected_skbs: Counter,
     ebpf_lookups_steered: Counter,
     ebpf_lookups_no_listener: Counter,
+    ebpf_retransmit_overlap_bytes: Counter,
+    ebpf_retransmit_overlap_untrimmed: Counter,
     stats: Option<Mutex<StatsMap>>,
     /// Scrapes turn totals into counter increments; one at a time.
     scrape: Mutex<()>,
@@ -137,6 +139,8 @@ impl Metrics {
             ebpf_redirected_skbs: Counter::default(),
             ebpf_lookups_steered: Counter::default(),
             ebpf_lookups_no_listener: Counter::default(),
+            ebpf_retransmit_overlap_bytes: Counter::default(),
+            ebpf_retransmit_overlap_untrimmed: Counter::default(),
             stats: stats.map(Mutex::new),
             scrape: Mutex::new(()),
             registry: Registry::with_prefix("tcpgate"),
@@ -211,6 +215,16 @@ impl Metrics {
             "ebpf_lookups_no_listener",
             "Intercepted SYNs that found no agent listener",
             self.ebpf_lookups_no_listener.clone(),
+        );
+        registry.register(
+            "ebpf_retransmit_overlap_bytes",
+            "Retransmitted bytes TCP handed to the verdict a second time, trimmed before they could reach the peer twice",
+            self.ebpf_retransmit_overlap_bytes.clone(),
+        );
+        registry.register(
+            "ebpf_retransmit_overlap_untrimmed",
+            "Retransmissions whose old bytes the verdict could not trim (they reached the peer twice); should stay 0",
+            self.ebpf_retransmit_overlap_untrimmed.clone(),
         );
         let paths: Family<DatapathLabels, Gauge> = Family::default();
         for kind in [DatapathKind::Ebpf, DatapathKind::Userspace] {
@@ -317,6 +331,11 @@ impl Metrics {
             advance(&self.ebpf_redirected_skbs, stats.redirected_skbs);
             advance(&self.ebpf_lookups_steered, stats.lookups_steered);
             advance(&self.ebpf_lookups_no_listener, stats.lookups_no_listener);
+            advance(&self.ebpf_retransmit_overlap_bytes, stats.overlap_bytes);
+            advance(
+                &self.ebpf_retransmit_overlap_untrimmed,
+                stats.overlap_untrimmed,
+            );
         }
         let mut text = String::new();
         if let Err(e) =
@@ -350,6 +369,9 @@ pub fn sum_cpus<'a>(slots: impl Iterator<Item = &'a GlobalStats>) -> GlobalStats
         sum.fin_passed += s.fin_passed;
         sum.lookups_steered += s.lookups_steered;
         sum.lookups_no_listener += s.lookups_no_listener;
+        sum.overlap_skbs += s.overlap_skbs;
+        sum.overlap_bytes += s.overlap_bytes;
+        sum.overlap_untrimmed += s.overlap_untrimmed;
         sum
     })
 }

@@ -184,6 +184,7 @@ type LoadedObject = (LoadedBpf, Option<tokio::task::JoinHandle<()>>);
 fn load_object(config: &Config) -> Result<LoadedObject, EbpfSetupError> {
     let sizes = MapSizes {
         max_sessions: config.agent.max_sessions,
+        skb_cb_offset: crate::kernel_btf::skb_cb_offset(),
     };
     let mut bpf = LoadedBpf::load(sizes, &config.agent.pin_dir)?;
     let logger = spawn_ebpf_logger(&mut bpf);

@@ -56,6 +56,7 @@ struct Maps {
     sockets: HashMap<MapData, u64, SocketEntry>,
     sessions: HashMap<MapData, u64, SessionRecord>,
     modes: Array<MapData, DirectionMode>,
+    seqs: Array<MapData, u64>,
     slots: ModeSlots,
 }
 
@@ -102,6 +103,8 @@ impl EbpfDatapath {
             map_names::DIRECTION_MODES,
             bpf.take_map(map_names::DIRECTION_MODES)?,
         )?;
+        let seqs: Array<MapData, u64> =
+            typed(map_names::STREAM_SEQ, bpf.take_map(map_names::STREAM_SEQ)?)?;
         let slots = ModeSlots::new(modes.len());
         let program: &mut SkSkb = bpf
             .ebpf
@@ -125,6 +128,7 @@ impl EbpfDatapath {
                 sockets,
                 sessions,
                 modes,
+                seqs,
                 slots,
             }),
             watcher: Watcher::new().map_err(EbpfSetupError::Watcher)?,
@@ -159,12 +163,20 @@ impl EbpfDatapath {
         };
         let redirect = DirectionMode::default();
         for direction in [DIRECTION_UP, DIRECTION_DOWN] {
-            if let Err(e) = maps
+            let index = mode_index(mode_slot, direction);
+            let reset = maps
                 .modes
-                .set(mode_index(mode_slot, direction), redirect, 0)
-            {
+                .set(index, redirect, 0)
+                .map_err(map_err(map_names::DIRECTION_MODES))
+                .and_then(|()| {
+                    // No sequence number known yet: the first skb sets it.
+                    maps.seqs
+                        .set(index, 0, 0)
+                        .map_err(map_err(map_names::STREAM_SEQ))
+                });
+            if let Err(e) = reset {
                 maps.slots.give_back(mode_slot);
-                return Err(map_err(map_names::DIRECTION_MODES)(e));
+                return Err(e);
             }
         }
         if let Err(e) = maps.sessions.insert(meta.id, record, 0) {
