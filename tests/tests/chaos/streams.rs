@@ -80,9 +80,22 @@ impl Streams {
                 "legitimate stream {seed:#x} failed: sent {sent:?}, received {received:?}\n{}",
                 fx.agent.logs_tail(20)
             );
+            // The upstream's end first: it tells which direction went wrong.
+            let report = fx.upstream.ledger.wait_for(seed, Duration::from_secs(20))?;
+            let upstream_got = if report.received.digest == sent.digest {
+                format!(
+                    "the upstream received {} bytes, byte-exact",
+                    report.received.bytes
+                )
+            } else {
+                format!(
+                    "the upstream received {} bytes, SHA-256 differs (the client-to-upstream direction is wrong)",
+                    report.received.bytes
+                )
+            };
             ensure!(
                 received.bytes == sent.bytes && received.digest == sent.digest,
-                "legitimate stream {seed:#x}: sent {} bytes, {} came back, SHA-256 {}; {}",
+                "legitimate stream {seed:#x}: sent {} bytes, {} came back, SHA-256 {}; {}; {upstream_got}",
                 sent.bytes,
                 received.bytes,
                 if received.digest == sent.digest {
@@ -95,7 +108,6 @@ impl Streams {
                     .as_deref()
                     .unwrap_or("no byte differs from what was sent")
             );
-            let report = fx.upstream.ledger.wait_for(seed, Duration::from_secs(20))?;
             ensure!(
                 report.received.error.is_none()
                     && report.received.bytes == sent.bytes
