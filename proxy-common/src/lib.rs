@@ -30,6 +30,8 @@ pub mod map_names {
     /// Array of `u64`, indexed like `DIRECTION_MODES`: the TCP sequence
     /// number of each direction's next byte (bit 32 set once known).
     pub const STREAM_SEQ: &str = "STREAM_SEQ";
+    /// Ring buffer of [`crate::session::WakeEvent`]s for the agent.
+    pub const WAKEUPS: &str = "WAKEUPS";
     /// Session id -> [`crate::session::SessionRecord`].
     pub const SESSIONS: &str = "SESSIONS";
     /// Single-slot per-CPU [`crate::stats::GlobalStats`].

@@ -68,6 +68,24 @@ pub struct DirectionMode {
     /// With [`MODE_RESUME`]: the direction's `passed_bytes` at which the
     /// verdict resumes redirecting.
     pub resume_at: u64,
+    /// With [`MODE_REDIRECT`]: once the direction's `kernel_bytes` reach
+    /// this, the verdict posts a [`WakeEvent`] (once: it sets this to
+    /// `u64::MAX`), so the agent looks at a direction that starts moving
+    /// fast without polling idle sessions.
+    pub wake_at: u64,
+}
+
+/// Record of the `WAKEUPS` ring buffer: a direction moved enough bytes
+/// that the agent should look at its backlog now.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WakeEvent {
+    /// Key of the session's record in the `SESSIONS` map.
+    pub session_id: u64,
+    /// [`DIRECTION_UP`] or [`DIRECTION_DOWN`].
+    pub direction: u32,
+    /// Explicit padding; zero.
+    pub _pad: u32,
 }
 
 /// Traffic counters of one direction.
@@ -185,7 +203,8 @@ impl SessionRecord {
 }
 
 const _: () = assert!(size_of::<SocketEntry>() == 24);
-const _: () = assert!(size_of::<DirectionMode>() == 16);
+const _: () = assert!(size_of::<DirectionMode>() == 24);
+const _: () = assert!(size_of::<WakeEvent>() == 16);
 const _: () = assert!(size_of::<DirectionCounters>() == 40);
 const _: () = assert!(size_of::<SessionRecord>() == 240);
 
@@ -195,6 +214,9 @@ unsafe impl aya::Pod for SocketEntry {}
 #[cfg(feature = "user")]
 // SAFETY: repr(C), integers and arrays only, no implicit padding (checked above).
 unsafe impl aya::Pod for DirectionMode {}
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integers only, no implicit padding (checked above).
+unsafe impl aya::Pod for WakeEvent {}
 #[cfg(feature = "user")]
 // SAFETY: repr(C), integers and arrays only, no implicit padding (checked above).
 unsafe impl aya::Pod for SessionRecord {}

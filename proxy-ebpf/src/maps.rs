@@ -1,13 +1,13 @@
 //! Maps shared by the programs. Sizes are defaults: the agent resizes them
 //! at load time from its configuration.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, SockHash, SockMap},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, SockHash, SockMap},
     macros::btf_map,
 };
 use proxy_common::{
     grant::GrantRecord,
     intercept::InterceptValue,
-    session::{DirectionMode, SessionRecord, SocketEntry},
+    session::{DirectionMode, SessionRecord, SocketEntry, WakeEvent},
     stats::GlobalStats,
 };
 
@@ -30,6 +30,11 @@ pub static DIRECTION_MODES: Array<DirectionMode, 32768> = Array::new();
 /// the verdict only (user space zeroes it when a slot is handed out).
 #[btf_map]
 pub static STREAM_SEQ: Array<u64, 32768> = Array::new();
+
+/// Wake-ups for the agent (see `DirectionMode::wake_at`). 64 KiB: 4,096
+/// events; one per direction is outstanding at most.
+#[btf_map]
+pub static WAKEUPS: RingBuf<WakeEvent, 65536> = RingBuf::new();
 
 /// Session id -> session record with per-direction counters.
 #[btf_map]

@@ -7,9 +7,11 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use aya_log_ebpf::warn;
-use proxy_common::session::{DIRECTION_UP, DirectionMode, MODE_REDIRECT, MODE_RESUME, SocketEntry};
+use proxy_common::session::{
+    DIRECTION_UP, DirectionMode, MODE_REDIRECT, MODE_RESUME, SocketEntry, WakeEvent,
+};
 
-use crate::maps::{DIRECTION_MODES, SESSIONS, SOCKETS, SOCKHASH, bump};
+use crate::maps::{DIRECTION_MODES, SESSIONS, SOCKETS, SOCKHASH, WAKEUPS, bump};
 use crate::overlap::{Overlap, trim};
 
 #[stream_verdict]
@@ -82,6 +84,7 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, Skip> {
     // map fails every later skb too, and logging must stay off the
     // per-packet path. The counters carry the full count.
     let mut first_failure = false;
+    let mut kernel_bytes = 0;
     if let Some(record) = SESSIONS.get_ptr_mut(&entry.session_id) {
         // SAFETY: each direction's counters are written only from this
         // socket's receive path, which the kernel runs one skb at a time.
@@ -94,6 +97,7 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, Skip> {
         if redirected {
             counters.kernel_bytes += u64::from(len);
             counters.kernel_packets += 1;
+            kernel_bytes = counters.kernel_bytes;
         } else {
             first_failure = counters.redirect_failures == 0;
             counters.redirect_failures += 1;
@@ -101,6 +105,9 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, Skip> {
     }
     if redirected {
         bump(|s| &mut s.redirected_skbs);
+        if let Some(mode) = mode {
+            wake_agent(mode, &entry, kernel_bytes);
+        }
     } else {
         bump(|s| &mut s.redirect_failures);
         if first_failure {
@@ -146,4 +153,28 @@ fn resume(mode: *mut DirectionMode, entry: &SocketEntry) -> bool {
     // kernel took over.
     unsafe { (*mode).mode = MODE_REDIRECT };
     true
+}
+
+/// Posts one wake-up when the direction's redirected bytes reach the
+/// threshold the agent armed, so the agent looks at a direction that
+/// started moving fast (and may need backpressure) without polling.
+#[inline(always)]
+fn wake_agent(mode: *mut DirectionMode, entry: &SocketEntry, kernel_bytes: u64) {
+    // SAFETY: an array element (see `try_verdict`); only this socket's
+    // receive path writes `wake_at` besides the agent, which rearms it
+    // after handling the wake-up.
+    unsafe {
+        if kernel_bytes < (*mode).wake_at {
+            return;
+        }
+        (*mode).wake_at = u64::MAX;
+    }
+    let event = WakeEvent {
+        session_id: entry.session_id,
+        direction: entry.direction,
+        _pad: 0,
+    };
+    // A full ring (the agent is far behind) loses the wake-up; the agent's
+    // own timer still looks within a second.
+    let _ = WAKEUPS.output(&event, 0);
 }

@@ -106,6 +106,8 @@ impl EbpfDatapath {
         let seqs: Array<MapData, u64> =
             typed(map_names::STREAM_SEQ, bpf.take_map(map_names::STREAM_SEQ)?)?;
         let slots = ModeSlots::new(modes.len());
+        let wakeups: aya::maps::RingBuf<MapData> =
+            typed(map_names::WAKEUPS, bpf.take_map(map_names::WAKEUPS)?)?;
         let program: &mut SkSkb = bpf
             .ebpf
             .program_mut(program_names::VERDICT)
@@ -131,7 +133,7 @@ impl EbpfDatapath {
                 seqs,
                 slots,
             }),
-            watcher: Watcher::new().map_err(EbpfSetupError::Watcher)?,
+            watcher: Watcher::new(Some(wakeups)).map_err(EbpfSetupError::Watcher)?,
             fallback: super::userspace::UserspaceDatapath::new(timeouts.stall),
             timeouts,
         })
@@ -161,7 +163,11 @@ impl EbpfDatapath {
             upstream: upstream_cookie,
             mode_slot,
         };
-        let redirect = DirectionMode::default();
+        // The first look comes when a direction has moved half the limit.
+        let redirect = DirectionMode {
+            wake_at: self.timeouts.queue_limit / 2,
+            ..DirectionMode::default()
+        };
         for direction in [DIRECTION_UP, DIRECTION_DOWN] {
             let index = mode_index(mode_slot, direction);
             let reset = maps
@@ -269,6 +275,28 @@ impl EbpfDatapath {
         self.set_mode(cookies, direction, MODE_RESUME, resume_at)
     }
 
+    /// Asks the verdict, for a redirected direction, to wake the agent once
+    /// its redirected bytes reach `at` (see `DirectionMode::wake_at`).
+    pub(super) fn arm_wake(
+        &self,
+        cookies: Cookies,
+        direction: u32,
+        at: u64,
+    ) -> Result<(), SpliceSetupError> {
+        let value = DirectionMode {
+            mode: MODE_REDIRECT,
+            wake_at: at,
+            ..DirectionMode::default()
+        };
+        self.maps()
+            .modes
+            .set(mode_index(cookies.mode_slot, direction), value, 0)
+            .map_err(|source| SpliceSetupError::Map {
+                map: map_names::DIRECTION_MODES,
+                source,
+            })
+    }
+
     /// Whether the verdict redirects the direction again (it switched back
     /// from `MODE_RESUME`).
     pub(super) fn redirecting(&self, cookies: Cookies, direction: u32) -> bool {
@@ -289,6 +317,8 @@ impl EbpfDatapath {
             mode,
             _pad: 0,
             resume_at,
+            // Not redirecting: the agent looks every few milliseconds anyway.
+            wake_at: u64::MAX,
         };
         // An array element is overwritten in place: a verdict running now
         // reads this direction's mode, old or new, never another's.

@@ -6,13 +6,21 @@
 //! wake the agent per batch; with only `EPOLLRDHUP` (plus the implicit
 //! `EPOLLERR`/`EPOLLHUP`) epoll filters those wakeups out, and an idle or
 //! busy session costs the agent nothing until it ends.
+//!
+//! The verdict program's `WAKEUPS` ring buffer is in the same epoll set:
+//! its records ask a session to look at a direction's backlog now (see
+//! `DirectionMode::wake_at`), and reach the session as an `EPOLLIN` event
+//! on that direction's source socket, which a spliced socket never reports
+//! itself.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use aya::maps::{MapData, RingBuf};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use proxy_common::session::{DIRECTION_UP, WakeEvent};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
@@ -46,13 +54,18 @@ pub struct Watcher {
     subscribers: Arc<Subscribers>,
 }
 
+/// The epoll token of the ring buffer (session tokens are `id << 1 | side`,
+/// and session ids never reach the top bit).
+const WAKEUPS_TOKEN: u64 = u64::MAX;
+
 fn token(session_id: u64, side: Side) -> u64 {
     (session_id << 1) | u64::from(side == Side::Upstream)
 }
 
 impl Watcher {
-    /// Creates the epoll instance and its dispatcher task.
-    pub fn new() -> io::Result<Self> {
+    /// Creates the epoll instance and its dispatcher task; `wakeups` is the
+    /// verdict program's ring buffer of [`WakeEvent`]s.
+    pub fn new(wakeups: Option<RingBuf<MapData>>) -> io::Result<Self> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
         // SAFETY: the epoll fd is owned by `EpollFd` and lives exactly as long
         // as the AsyncFd wrapping it.
@@ -60,9 +73,19 @@ impl Watcher {
             AsyncFd::register_with_interest(EpollFd(epoll), tokio::io::Interest::READABLE)
         }
         .map_err(|e| e.into_parts().1)?;
+        if let Some(ring) = &wakeups {
+            epoll.get_ref().0.add(
+                ring.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, WAKEUPS_TOKEN),
+            )?;
+        }
         let epoll = Arc::new(epoll);
         let subscribers: Arc<Subscribers> = Arc::default();
-        tokio::spawn(dispatch(Arc::clone(&epoll), Arc::clone(&subscribers)));
+        tokio::spawn(dispatch(
+            Arc::clone(&epoll),
+            Arc::clone(&subscribers),
+            wakeups,
+        ));
         Ok(Self { epoll, subscribers })
     }
 
@@ -112,7 +135,11 @@ impl Watcher {
     }
 }
 
-async fn dispatch(epoll: Arc<AsyncFd<EpollFd>>, subscribers: Arc<Subscribers>) {
+async fn dispatch(
+    epoll: Arc<AsyncFd<EpollFd>>,
+    subscribers: Arc<Subscribers>,
+    mut wakeups: Option<RingBuf<MapData>>,
+) {
     let mut events = vec![EpollEvent::empty(); 256];
     loop {
         let mut guard = match epoll.readable().await {
@@ -136,6 +163,12 @@ async fn dispatch(epoll: Arc<AsyncFd<EpollFd>>, subscribers: Arc<Subscribers>) {
         let subscribers = subscribers.lock().unwrap_or_else(PoisonError::into_inner);
         for event in &events[..ready] {
             let data = event.data();
+            if data == WAKEUPS_TOKEN {
+                if let Some(ring) = &mut wakeups {
+                    wake_sessions(ring, &subscribers);
+                }
+                continue;
+            }
             let side = if data & 1 == 1 {
                 Side::Upstream
             } else {
@@ -147,6 +180,32 @@ async fn dispatch(epoll: Arc<AsyncFd<EpollFd>>, subscribers: Arc<Subscribers>) {
                     flags: event.events(),
                 });
             }
+        }
+    }
+}
+
+/// Hands every queued wake-up to its session.
+fn wake_sessions(
+    ring: &mut RingBuf<MapData>,
+    subscribers: &HashMap<u64, mpsc::UnboundedSender<SocketEvent>>,
+) {
+    while let Some(item) = ring.next() {
+        let Some(bytes) = item.get(..size_of::<WakeEvent>()) else {
+            continue;
+        };
+        // SAFETY: WakeEvent is plain data of exactly these bytes (the
+        // verdict program wrote one); read_unaligned copes with alignment.
+        let event: WakeEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        if let Some(tx) = subscribers.get(&event.session_id) {
+            let side = if event.direction == DIRECTION_UP {
+                Side::Client
+            } else {
+                Side::Upstream
+            };
+            let _ = tx.send(SocketEvent {
+                side,
+                flags: EpollFlags::EPOLLIN,
+            });
         }
     }
 }

@@ -159,6 +159,8 @@ pub(super) struct QueueWatch {
     /// Kernel bytes of each direction at the last look.
     last: [u64; 2],
     at: Instant,
+    /// The wake-up threshold last armed per direction (`u64::MAX`: none).
+    pub armed: [u64; 2],
 }
 
 impl QueueWatch {
@@ -166,6 +168,7 @@ impl QueueWatch {
         Self {
             last: [0; 2],
             at: now,
+            armed: [u64::MAX; 2],
         }
     }
 

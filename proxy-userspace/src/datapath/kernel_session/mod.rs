@@ -247,6 +247,11 @@ impl Session<'_> {
     }
 
     fn on_event(&mut self, side: Side, flags: EpollFlags) -> Option<Ending> {
+        if flags == EpollFlags::EPOLLIN {
+            // The verdict's wake-up (see the watcher): a direction is moving
+            // fast; look at its backlog now.
+            return self.check_queues();
+        }
         match sockopt::take_error(self.socket(side)) {
             Ok(Some(err)) => {
                 let reason = *self.first_close.get_or_insert(closed_reason(side));

@@ -99,6 +99,7 @@ impl Session<'_> {
                         side_name(source)
                     );
                     self.dirs[index].mode = Mode::Draining;
+                    self.queue.armed[index] = u64::MAX;
                     headroom[index] = 0;
                 }
                 Mode::Draining if backlog == 0 => {
@@ -118,6 +119,9 @@ impl Session<'_> {
                 _ => {}
             }
         }
+        if let Some(ending) = self.arm_wakeups(kernel, headroom) {
+            return Some(ending);
+        }
         let mut next = self.queue.record(kernel, headroom, now);
         if self.dirs.iter().any(|d| d.mode != Mode::Kernel) {
             // The peer is working through its backlog, or the verdict may
@@ -125,6 +129,31 @@ impl Session<'_> {
             next = next.min(std::time::Duration::from_millis(20));
         }
         self.queue_at = tokio::time::Instant::now() + next;
+        None
+    }
+
+    /// Asks the verdict to wake the agent when a redirected direction has
+    /// used half its headroom, so a burst after an idle spell meets the
+    /// limit as soon as a busy stream does (the timer alone waits up to a
+    /// second for an idle session).
+    fn arm_wakeups(&mut self, kernel: [u64; 2], headroom: [u64; 2]) -> Option<Ending> {
+        for (index, _, _) in DIRECTIONS {
+            if self.dirs[index].mode != Mode::Kernel || self.dirs[index].eof {
+                continue;
+            }
+            let at = kernel[index] + (headroom[index] / 2).max(64 * 1024);
+            if self.queue.armed[index] == at {
+                continue;
+            }
+            let direction = [DIRECTION_UP, DIRECTION_DOWN][index];
+            if let Err(e) = self.dp.arm_wake(self.cookies, direction, at) {
+                return Some(Ending::Abort(
+                    EndReason::InternalError,
+                    crate::error_chain(&e),
+                ));
+            }
+            self.queue.armed[index] = at;
+        }
         None
     }
 
