@@ -26,27 +26,18 @@ const ROOM_STEP: u32 = 0xfff;
 const TRIM_STEPS: u32 = 128;
 const MAX_TRIM: u32 = ROOM_STEP * TRIM_STEPS;
 
-/// What to do with the skb.
-pub enum Overlap {
-    /// Nothing old in it (or nothing known): carry on.
-    Clean,
-    /// Its old head was removed; the rest is new.
-    Trimmed,
-    /// It holds nothing new: drop it.
-    AllOld,
-}
-
 /// Checks the skb against the direction's next sequence number and trims
-/// its old head. `index`: the direction's `SocketEntry::mode_index`.
+/// its old head; true when it holds nothing new and must be dropped.
+/// `index`: the direction's `SocketEntry::mode_index`.
 #[inline(always)]
-pub fn trim(ctx: &SkBuffContext, index: u32) -> Overlap {
+pub fn only_old_bytes(ctx: &SkBuffContext, index: u32) -> bool {
     // SAFETY: a read of a constant the loader may have patched.
     let offset = unsafe { core::ptr::read_volatile(&SKB_CB_OFFSET) };
     if offset == 0 {
-        return Overlap::Clean;
+        return false;
     }
     let Some(state) = STREAM_SEQ.get_ptr_mut(index) else {
-        return Overlap::Clean;
+        return false;
     };
     // SAFETY: the context is the kernel's sk_buff; `offset` is where its
     // `cb` starts, and TCP's control block begins with the start sequence
@@ -55,34 +46,36 @@ pub fn trim(ctx: &SkBuffContext, index: u32) -> Overlap {
         bpf_probe_read_kernel(ctx.skb.skb.cast::<u8>().add(offset as usize).cast::<u32>())
     };
     let Ok(seq) = seq else {
-        return Overlap::Clean;
+        return false;
     };
     let len = ctx.len();
     // SAFETY: an array element for this direction, written only from its
     // source socket's receive path, one skb at a time.
     let known = unsafe { *state };
-    // SAFETY: as above.
-    unsafe { *state = (1 << 32) | u64::from(seq.wrapping_add(len)) };
-    if known >> 32 == 0 {
-        return Overlap::Clean;
-    }
     let next = known as u32;
     let behind = next.wrapping_sub(seq) as i32;
-    if behind <= 0 {
-        return Overlap::Clean;
-    }
-    let behind = behind as u32;
-    bump(|s| &mut s.overlap_skbs);
-    if behind >= len {
-        // Nothing new in it. SAFETY: as above; the next byte stays put.
-        unsafe { *state = known };
+    if known >> 32 != 0 && behind > 0 && behind as u32 >= len {
+        // Nothing new in it; the next byte stays where it was.
+        bump(|s| &mut s.overlap_skbs);
+        add(|s| &mut s.overlap_bytes, u64::from(len));
         warn!(
             ctx,
             "tcpgate: skb seq {} len {} holds only bytes before {}: dropped", seq, len, next
         );
-        add(|s| &mut s.overlap_bytes, u64::from(len));
-        return Overlap::AllOld;
+        return true;
     }
+    // SAFETY: as above.
+    unsafe { *state = (1 << 32) | u64::from(seq.wrapping_add(len)) };
+    if known >> 32 != 0 && behind > 0 {
+        trim_head(ctx, seq, len, behind as u32);
+    }
+    false
+}
+
+/// Removes the first `behind` bytes (all old) of an skb.
+#[inline(always)]
+fn trim_head(ctx: &SkBuffContext, seq: u32, len: u32, behind: u32) {
+    bump(|s| &mut s.overlap_skbs);
     if behind > MAX_TRIM {
         // More than this program trims. Left as it is, and counted.
         bump(|s| &mut s.overlap_untrimmed);
@@ -93,7 +86,7 @@ pub fn trim(ctx: &SkBuffContext, index: u32) -> Overlap {
             len,
             behind
         );
-        return Overlap::Clean;
+        return;
     }
     let mut left = behind;
     for _ in 0..TRIM_STEPS {
@@ -112,5 +105,4 @@ pub fn trim(ctx: &SkBuffContext, index: u32) -> Overlap {
         bump(|s| &mut s.overlap_untrimmed);
     }
     add(|s| &mut s.overlap_bytes, u64::from(behind - left));
-    Overlap::Trimmed
 }

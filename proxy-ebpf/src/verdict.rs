@@ -8,11 +8,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use proxy_common::session::{
-    DIRECTION_UP, DirectionMode, MODE_REDIRECT, MODE_RESUME, SocketEntry, WakeEvent,
+    DIRECTION_UP, DirectionCounters, DirectionMode, MODE_REDIRECT, MODE_RESUME, SessionRecord,
+    SocketEntry, WakeEvent,
 };
 
 use crate::maps::{DIRECTION_MODES, SESSIONS, SOCKETS, SOCKHASH, WAKEUPS, bump};
-use crate::overlap::{Overlap, trim};
+use crate::overlap::only_old_bytes;
 
 #[stream_verdict]
 pub fn tcpgate_verdict(ctx: SkBuffContext) -> u32 {
@@ -50,7 +51,7 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, Skip> {
     // socket left the SOCKHASH.
     let entry: SocketEntry = unsafe { *entry };
     // Before anything counts or moves it: drop what TCP delivers twice.
-    if let Overlap::AllOld = trim(ctx, entry.mode_index) {
+    if only_old_bytes(ctx, entry.mode_index) {
         return Ok(SK_DROP);
     }
     let len = ctx.len();
@@ -67,13 +68,8 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, Skip> {
         if let Some(record) = SESSIONS.get_ptr_mut(&entry.session_id) {
             // SAFETY: written only from this socket's receive path, one skb
             // at a time (see the counters below).
-            let record = unsafe { &mut *record };
-            let counters = if entry.direction == DIRECTION_UP {
-                &mut record.up
-            } else {
-                &mut record.down
-            };
-            counters.passed_bytes += u64::from(len);
+            direction_counters(unsafe { &mut *record }, entry.direction).passed_bytes +=
+                u64::from(len);
         }
         return Ok(SK_PASS);
     }
@@ -88,12 +84,7 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, Skip> {
     if let Some(record) = SESSIONS.get_ptr_mut(&entry.session_id) {
         // SAFETY: each direction's counters are written only from this
         // socket's receive path, which the kernel runs one skb at a time.
-        let record = unsafe { &mut *record };
-        let counters = if entry.direction == DIRECTION_UP {
-            &mut record.up
-        } else {
-            &mut record.down
-        };
+        let counters = direction_counters(unsafe { &mut *record }, entry.direction);
         if redirected {
             counters.kernel_bytes += u64::from(len);
             counters.kernel_packets += 1;
@@ -134,18 +125,12 @@ fn resume(mode: *mut DirectionMode, entry: &SocketEntry) -> bool {
     if current.mode != MODE_RESUME {
         return false;
     }
-    let Some(record) = SESSIONS.get_ptr(&entry.session_id) else {
+    let Some(record) = SESSIONS.get_ptr_mut(&entry.session_id) else {
         return false;
     };
     // SAFETY: a read of this direction's counter, which only this socket's
     // receive path writes.
-    let passed = unsafe {
-        if entry.direction == DIRECTION_UP {
-            (*record).up.passed_bytes
-        } else {
-            (*record).down.passed_bytes
-        }
-    };
+    let passed = direction_counters(unsafe { &mut *record }, entry.direction).passed_bytes;
     if passed != current.resume_at {
         return false;
     }
@@ -153,6 +138,16 @@ fn resume(mode: *mut DirectionMode, entry: &SocketEntry) -> bool {
     // kernel took over.
     unsafe { (*mode).mode = MODE_REDIRECT };
     true
+}
+
+/// The counters of one direction of a session record.
+#[inline(always)]
+fn direction_counters(record: &mut SessionRecord, direction: u32) -> &mut DirectionCounters {
+    if direction == DIRECTION_UP {
+        &mut record.up
+    } else {
+        &mut record.down
+    }
 }
 
 /// Posts one wake-up when the direction's redirected bytes reach the

@@ -238,20 +238,13 @@ impl EbpfDatapath {
         session_id: u64,
         cookies: Cookies,
     ) -> (DirectionCounters, DirectionCounters) {
-        let mut maps = self.maps();
-        // A socket that closed has already left the SOCKHASH; not an error.
-        let _ = maps.sockhash.remove(&cookies.client);
-        let _ = maps.sockhash.remove(&cookies.upstream);
-        let counters = maps
-            .sessions
-            .get(&session_id, 0)
-            .map(|r| (r.up, r.down))
-            .unwrap_or_default();
-        let _ = maps.sockets.remove(&cookies.client);
-        let _ = maps.sockets.remove(&cookies.upstream);
-        let _ = maps.sessions.remove(&session_id);
-        maps.slots.give_back(cookies.mode_slot);
-        counters
+        {
+            let mut maps = self.maps();
+            // A socket that closed has already left the SOCKHASH; not an error.
+            let _ = maps.sockhash.remove(&cookies.client);
+            let _ = maps.sockhash.remove(&cookies.upstream);
+        }
+        self.forget(session_id, cookies)
     }
 
     /// Switches one direction to pass mode (see [`MODE_PASS`]): the source
@@ -261,7 +254,7 @@ impl EbpfDatapath {
         cookies: Cookies,
         direction: u32,
     ) -> Result<(), SpliceSetupError> {
-        self.set_mode(cookies, direction, MODE_PASS, 0)
+        self.set_mode(cookies, direction, not_redirecting(MODE_PASS, 0))
     }
 
     /// Asks the verdict to resume redirecting once the direction's passed
@@ -272,7 +265,7 @@ impl EbpfDatapath {
         direction: u32,
         resume_at: u64,
     ) -> Result<(), SpliceSetupError> {
-        self.set_mode(cookies, direction, MODE_RESUME, resume_at)
+        self.set_mode(cookies, direction, not_redirecting(MODE_RESUME, resume_at))
     }
 
     /// Asks the verdict, for a redirected direction, to wake the agent once
@@ -288,13 +281,7 @@ impl EbpfDatapath {
             wake_at: at,
             ..DirectionMode::default()
         };
-        self.maps()
-            .modes
-            .set(mode_index(cookies.mode_slot, direction), value, 0)
-            .map_err(|source| SpliceSetupError::Map {
-                map: map_names::DIRECTION_MODES,
-                source,
-            })
+        self.set_mode(cookies, direction, value)
     }
 
     /// Whether the verdict redirects the direction again (it switched back
@@ -310,16 +297,8 @@ impl EbpfDatapath {
         &self,
         cookies: Cookies,
         direction: u32,
-        mode: u32,
-        resume_at: u64,
+        value: DirectionMode,
     ) -> Result<(), SpliceSetupError> {
-        let value = DirectionMode {
-            mode,
-            _pad: 0,
-            resume_at,
-            // Not redirecting: the agent looks every few milliseconds anyway.
-            wake_at: u64::MAX,
-        };
         // An array element is overwritten in place: a verdict running now
         // reads this direction's mode, old or new, never another's.
         self.maps()
@@ -370,6 +349,17 @@ impl EbpfDatapath {
         stop: StopSignal,
     ) -> SpliceOutcome {
         super::kernel_session::run(self, meta, client, upstream, stop).await
+    }
+}
+
+/// A direction's mode while the agent copies it: no wake-ups (the agent
+/// looks every few milliseconds anyway).
+fn not_redirecting(mode: u32, resume_at: u64) -> DirectionMode {
+    DirectionMode {
+        mode,
+        resume_at,
+        wake_at: u64::MAX,
+        ..DirectionMode::default()
     }
 }
 
