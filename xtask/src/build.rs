@@ -39,11 +39,17 @@ pub fn run(host: &Host, args: &BuildArgs) -> Result<()> {
 /// returns its absolute path. Run `setup::ensure` first: the build needs
 /// bpf-linker and rust-src.
 pub fn tcpgate_binary(host: &Host, profile: Profile) -> Result<PathBuf> {
-    let mut build = host.cargo();
-    build.args(["build", "--package", "proxy-userspace", "--bins"]);
+    let mut args = vec!["build", "--package", "proxy-userspace", "--bins"];
     if profile == Profile::Release {
-        build.arg("--release");
+        args.push("--release");
     }
+    build_executable(host, &args, "tcpgate")
+}
+
+/// Runs `cargo ARGS` and returns where cargo put binary target `bin`.
+pub fn build_executable(host: &Host, args: &[&str], bin: &str) -> Result<PathBuf> {
+    let mut build = host.cargo();
+    build.args(args);
     // Ask cargo where it put the binary rather than guessing the target
     // directory (CARGO_TARGET_DIR, build.target-dir...). Diagnostics still
     // reach the terminal, rendered, on stderr.
@@ -57,8 +63,8 @@ pub fn tcpgate_binary(host: &Host, profile: Profile) -> Result<PathBuf> {
         .output()
         .with_context(|| format!("could not start `{shown}`"))?;
     cmd::check(&shown, output.status)?;
-    executable_from_messages(&String::from_utf8_lossy(&output.stdout), "tcpgate")
-        .with_context(|| format!("`{shown}` succeeded but reported no `tcpgate` executable"))
+    executable_from_messages(&String::from_utf8_lossy(&output.stdout), bin)
+        .with_context(|| format!("`{shown}` succeeded but reported no `{bin}` executable"))
 }
 
 /// Picks the executable of binary target `bin` out of cargo's JSON messages.
