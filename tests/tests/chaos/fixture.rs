@@ -163,25 +163,7 @@ impl Fixture {
     /// Audit events of `kind`, once at least `n` are there (bounded wait).
     /// Polls slowly: the audit of a junk flood is thousands of lines.
     pub fn wait_audit(&self, kind: &str, n: usize, timeout: Duration) -> Result<Vec<Value>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let events: Vec<Value> = self
-                .agent
-                .audit_events()?
-                .into_iter()
-                .filter(|e| e["event"] == kind)
-                .collect();
-            if events.len() >= n {
-                return Ok(events);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "only {} of {n} {kind} audit events after {timeout:?}; agent log:\n{}",
-                events.len(),
-                self.agent.logs_tail(20)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::common::wait_events_within(&self.agent, kind, n, timeout)
     }
 
     /// Waits (bounded) until the agent holds no session: the operator

@@ -153,7 +153,17 @@ impl ForwardFixture {
 
 /// Waits (bounded) until the audit log holds at least `n` events of `kind`.
 pub fn wait_events(agent: &Agent, kind: &str, n: usize) -> Result<Vec<Value>> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    wait_events_within(agent, kind, n, Duration::from_secs(60))
+}
+
+/// [`wait_events`] with its own bound.
+pub fn wait_events_within(
+    agent: &Agent,
+    kind: &str,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<Value>> {
+    let deadline = std::time::Instant::now() + timeout;
     loop {
         let events: Vec<Value> = agent
             .audit_events()?
@@ -165,7 +175,7 @@ pub fn wait_events(agent: &Agent, kind: &str, n: usize) -> Result<Vec<Value>> {
         }
         if std::time::Instant::now() > deadline {
             bail!(
-                "only {} of {n} {kind} events after 60 s; agent log:\n{}",
+                "only {} of {n} {kind} events after {timeout:?}; agent log:\n{}",
                 events.len(),
                 agent.logs_tail(30)
             );
