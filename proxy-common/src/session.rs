@@ -103,6 +103,9 @@ pub struct DirectionCounters {
     /// Payload bytes the verdict passed to their own socket (backpressure)
     /// for the agent to copy.
     pub passed_bytes: u64,
+    /// Times the verdict took the direction back from the agent after
+    /// backpressure (`MODE_RESUME` to `MODE_REDIRECT`).
+    pub handbacks: u64,
 }
 
 impl DirectionCounters {
@@ -190,6 +193,7 @@ impl SessionRecord {
                 redirect_failures: 0,
                 userspace_bytes: 0,
                 passed_bytes: 0,
+                handbacks: 0,
             },
             down: DirectionCounters {
                 kernel_bytes: 0,
@@ -197,6 +201,7 @@ impl SessionRecord {
                 redirect_failures: 0,
                 userspace_bytes: 0,
                 passed_bytes: 0,
+                handbacks: 0,
             },
         }
     }
@@ -205,8 +210,8 @@ impl SessionRecord {
 const _: () = assert!(size_of::<SocketEntry>() == 24);
 const _: () = assert!(size_of::<DirectionMode>() == 24);
 const _: () = assert!(size_of::<WakeEvent>() == 16);
-const _: () = assert!(size_of::<DirectionCounters>() == 40);
-const _: () = assert!(size_of::<SessionRecord>() == 240);
+const _: () = assert!(size_of::<DirectionCounters>() == 48);
+const _: () = assert!(size_of::<SessionRecord>() == 256);
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C), integers and arrays only, no implicit padding (checked above).

@@ -128,12 +128,13 @@ fn resume(mode: *mut DirectionMode, entry: &SocketEntry) -> bool {
     let Some(record) = SESSIONS.get_ptr_mut(&entry.session_id) else {
         return false;
     };
-    // SAFETY: a read of this direction's counter, which only this socket's
-    // receive path writes.
-    let passed = direction_counters(unsafe { &mut *record }, entry.direction).passed_bytes;
-    if passed != current.resume_at {
+    // SAFETY: this direction's counters, which only this socket's receive
+    // path writes.
+    let counters = direction_counters(unsafe { &mut *record }, entry.direction);
+    if counters.passed_bytes != current.resume_at {
         return false;
     }
+    counters.handbacks += 1;
     // SAFETY: as above; the agent reads the mode back to learn that the
     // kernel took over.
     unsafe { (*mode).mode = MODE_REDIRECT };

@@ -66,6 +66,11 @@ pub struct AuditEvent {
     pub backpressure_bytes_up: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backpressure_bytes_down: Option<u64>,
+    /// Times the kernel took the direction back after backpressure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backpressure_handbacks_up: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backpressure_handbacks_down: Option<u64>,
     /// Client bytes already queued when the sockets joined the splice.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub early_bytes_up: Option<u64>,
@@ -104,6 +109,8 @@ impl AuditEvent {
             userspace_bytes_down: None,
             backpressure_bytes_up: None,
             backpressure_bytes_down: None,
+            backpressure_handbacks_up: None,
+            backpressure_handbacks_down: None,
             early_bytes_up: None,
             early_bytes_down: None,
             duration_ms: None,

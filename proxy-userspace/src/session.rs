@@ -403,6 +403,8 @@ fn close_event(
     if outcome.datapath == crate::datapath::DatapathKind::Ebpf {
         event.backpressure_bytes_up = Some(outcome.up.passed_bytes);
         event.backpressure_bytes_down = Some(outcome.down.passed_bytes);
+        event.backpressure_handbacks_up = Some(outcome.up.handbacks);
+        event.backpressure_handbacks_down = Some(outcome.down.handbacks);
     }
     if let Some((up, down)) = outcome.queued_at_splice {
         event.early_bytes_up = Some(up);
