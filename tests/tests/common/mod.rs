@@ -127,7 +127,7 @@ impl ForwardFixture {
         });
         format!(
             "agent log tail:\n{}\naudit tail:\n{}",
-            self.agent.logs_tail(20),
+            self.agent.logs_tail(60),
             audit.unwrap_or_default()
         )
     }

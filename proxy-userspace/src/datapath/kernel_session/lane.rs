@@ -47,6 +47,8 @@ impl AsRawFd for FdRef {
 
 /// Bytes moved per step.
 const LANE_BUFFER: usize = 64 * 1024;
+/// How long a lane waits before reading again after an early EOF.
+const EOF_RECHECK: Duration = Duration::from_millis(1);
 
 /// What one step of a lane did.
 pub(super) enum LaneStep {
@@ -66,6 +68,9 @@ pub(super) struct Lane {
     end: usize,
     /// The last read took less than the buffer: the queue was empty then.
     emptied: bool,
+    /// Wait a moment before the next read: it returned EOF while bytes
+    /// were still on their way (see `Session::on_lane_eof`).
+    pause: bool,
     pub copied: u64,
 }
 
@@ -79,6 +84,7 @@ impl Lane {
             start: 0,
             end: 0,
             emptied: false,
+            pause: false,
             copied: 0,
         }
     }
@@ -91,8 +97,17 @@ impl Lane {
         self.emptied && self.start == self.end
     }
 
+    /// Makes the next step wait briefly before it reads.
+    pub fn read_again_later(&mut self) {
+        self.pause = true;
+    }
+
     /// Moves one buffer's worth. Cancel-safe: progress lives in `self`.
     pub async fn step(&mut self) -> LaneStep {
+        if self.pause {
+            tokio::time::sleep(EOF_RECHECK).await;
+            self.pause = false;
+        }
         loop {
             if self.start < self.end {
                 let mut guard = match self.dest.writable().await {

@@ -12,12 +12,12 @@
 //!    bytes queued before insertion go through the verdict now instead of
 //!    waiting for the next segment. User space never reads them.
 
-use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Instant;
 
 use nix::sys::epoll::EpollFlags;
 
+mod drain;
 mod lane;
 mod pressure;
 mod setup;
@@ -40,6 +40,9 @@ struct Direction {
     barrier: Option<DrainBarrier>,
     /// The peer's write side has been shut down.
     shut: bool,
+    /// Since when a lane has read EOF while bytes the verdict passed were
+    /// still on their way to the socket's queue.
+    eof_short_since: Option<Instant>,
 }
 
 impl Direction {
@@ -49,6 +52,7 @@ impl Direction {
             eof: false,
             barrier: None,
             shut: false,
+            eof_short_since: None,
         }
     }
 }
@@ -270,88 +274,11 @@ impl Session<'_> {
         }
         if flags.intersects(EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP) {
             let index = usize::from(side == Side::Upstream);
-            let peer_baseline = self.baselines[1 - index];
-            let dir = &mut self.dirs[index];
-            // A direction the agent copies sees its EOF as a 0-byte read.
-            if !dir.eof && dir.mode == Mode::Kernel {
-                dir.eof = true;
-                dir.barrier = Some(DrainBarrier::new(
-                    peer_baseline,
-                    self.dp.timeouts.drain,
-                    Instant::now(),
-                ));
-                self.first_close.get_or_insert(closed_reason(side));
-                self.attempt = 0;
-            }
-        }
-        None
-    }
-
-    /// Shuts down each peer whose source reached EOF once it holds every
-    /// redirected byte.
-    fn advance_barriers(&mut self) -> Option<Ending> {
-        for (index, source, peer) in [
-            (0, Side::Client, Side::Upstream),
-            (1, Side::Upstream, Side::Client),
-        ] {
-            if self.dirs[index].barrier.is_none() {
-                continue;
-            }
-            // Reading TCP_INFO takes the source socket's lock, so a FIN skb
-            // the kernel is still processing (its data not yet through the
-            // verdict) finishes before the counters below are read.
-            if let Err(e) = sockopt::tcp_state(self.socket(source)) {
-                return Some(Ending::Abort(
-                    EndReason::InternalError,
-                    format!("TCP_INFO: {e}"),
-                ));
-            }
-            // Redirected by the verdict, plus copied by the agent while the
-            // direction had backpressure.
-            let redirected = self.dp.live_counters(self.id).map_or(0, |(up, down)| {
-                if index == 0 {
-                    up.kernel_bytes
-                } else {
-                    down.kernel_bytes
-                }
-            }) + self.copied_total(index);
-            let sent = match sockopt::bytes_sent(self.socket(peer)) {
-                Ok(sent) => sent,
-                Err(e) => {
-                    return Some(Ending::Abort(
-                        EndReason::InternalError,
-                        format!("peer state: {e}"),
-                    ));
-                }
-            };
-            let Some(barrier) = self.dirs[index].barrier.as_mut() else {
-                continue;
-            };
-            match barrier.check(sent, redirected, Instant::now()) {
-                BarrierState::Waiting => {}
-                BarrierState::Done => {
-                    self.dirs[index].barrier = None;
-                    let shut = match peer {
-                        Side::Client => self.client.shutdown(Shutdown::Write),
-                        Side::Upstream => self.upstream.shutdown(Shutdown::Write),
-                    };
-                    // ENOTCONN: the peer is already gone; its own event ends the session.
-                    if let Err(e) = shut {
-                        tracing::debug!(session = self.id, error = %e, "shutdown of peer failed");
-                    }
-                    self.dirs[index].shut = true;
-                }
-                BarrierState::Stalled { behind } => {
-                    let reason = self.first_close.unwrap_or(closed_reason(source));
-                    return Some(Ending::Abort(
-                        reason,
-                        format!(
-                            "{} stopped accepting data: {behind} bytes undelivered after {:?} without progress",
-                            side_name(peer),
-                            self.dp.timeouts.drain
-                        ),
-                    ));
-                }
+            // A direction the agent copies sees its EOF as a 0-byte read;
+            // one handed back to the kernel meanwhile checks for it then
+            // (this edge-triggered event does not come again).
+            if !self.dirs[index].eof && self.dirs[index].mode == Mode::Kernel {
+                self.begin_drain(index, side);
             }
         }
         None

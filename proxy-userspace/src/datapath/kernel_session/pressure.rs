@@ -2,7 +2,6 @@
 //! direction's backlog, switching a direction that fell behind to pass
 //! mode, and copying it once the peer holds every redirected byte.
 
-use std::net::Shutdown;
 use std::time::Instant;
 
 use proxy_common::session::{DIRECTION_DOWN, DIRECTION_UP};
@@ -52,6 +51,21 @@ impl Session<'_> {
                         self.copied[index] += lane.copied;
                     }
                     self.dirs[index].mode = Mode::Kernel;
+                    // A FIN that came while the lane still copied raised its
+                    // (edge-triggered) event then, when it was the lane's to
+                    // read; the lane is gone now, so look for it here.
+                    match sockopt::tcp_state(self.socket(source)) {
+                        Ok(state) if !self.dirs[index].eof && fin_received(state) => {
+                            self.begin_drain(index, source);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            return Some(Ending::Abort(
+                                EndReason::InternalError,
+                                format!("TCP_INFO: {e}"),
+                            ));
+                        }
+                    }
                 }
                 continue;
             }
@@ -192,23 +206,7 @@ impl Session<'_> {
                 }
                 None
             }
-            LaneStep::Eof => {
-                // Done: deregister its sockets, keep its count.
-                if let Some(lane) = self.lanes[index].take() {
-                    self.copied[index] += lane.copied;
-                }
-                let shut = match peer {
-                    Side::Client => self.client.shutdown(Shutdown::Write),
-                    Side::Upstream => self.upstream.shutdown(Shutdown::Write),
-                };
-                if let Err(e) = shut {
-                    tracing::debug!(session = self.id, error = %e, "shutdown of peer failed");
-                }
-                self.dirs[index].eof = true;
-                self.dirs[index].shut = true;
-                self.first_close.get_or_insert(closed_reason(source));
-                None
-            }
+            LaneStep::Eof => self.on_lane_eof(index, source),
             LaneStep::Failed(source_failed, e) => {
                 let failed = if source_failed { source } else { peer };
                 let reason = *self.first_close.get_or_insert(closed_reason(failed));
@@ -219,4 +217,63 @@ impl Session<'_> {
             }
         }
     }
+
+    /// The lane read the source's EOF. Two things may still be in flight:
+    /// bytes the verdict passed that have not reached the socket's queue yet
+    /// (the psock's backlog queues them behind bytes redirected to this
+    /// socket), and, if the verdict took the direction back at its last skb,
+    /// bytes redirected toward the peer. So the lane reads on until it has
+    /// every passed byte, and the peer is shut down only through the drain
+    /// barrier, which counts both paths.
+    fn on_lane_eof(&mut self, index: usize, source: Side) -> Option<Ending> {
+        // Taking the source's lock lets a verdict still running for it
+        // finish (and count) before the counters are read.
+        if let Err(e) = sockopt::tcp_state(self.socket(source)) {
+            return Some(Ending::Abort(
+                EndReason::InternalError,
+                format!("TCP_INFO: {e}"),
+            ));
+        }
+        let passed = self
+            .dp
+            .live_counters(self.id)
+            .map_or(0, |(up, down)| [up.passed_bytes, down.passed_bytes][index]);
+        let missing = passed.saturating_sub(self.copied_total(index));
+        if missing > 0 {
+            let now = Instant::now();
+            let since = *self.dirs[index].eof_short_since.get_or_insert(now);
+            if now.duration_since(since) > self.dp.timeouts.drain {
+                return Some(Ending::Abort(
+                    closed_reason(source),
+                    format!(
+                        "{missing} bytes held back from the {} never became readable within {:?}",
+                        side_name(source),
+                        self.dp.timeouts.drain
+                    ),
+                ));
+            }
+            if let Some(lane) = self.lanes[index].as_mut() {
+                lane.read_again_later();
+            }
+            return None;
+        }
+        if let Some(lane) = self.lanes[index].take() {
+            self.copied[index] += lane.copied;
+        }
+        self.begin_drain(index, source);
+        None
+    }
+}
+
+/// Whether a socket in TCP state `state` has received its peer's FIN.
+const fn fin_received(state: u8) -> bool {
+    const TCP_TIME_WAIT: u8 = 6;
+    const TCP_CLOSE: u8 = 7;
+    const TCP_CLOSE_WAIT: u8 = 8;
+    const TCP_LAST_ACK: u8 = 9;
+    const TCP_CLOSING: u8 = 11;
+    matches!(
+        state,
+        TCP_TIME_WAIT | TCP_CLOSE | TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING
+    )
 }

@@ -1,0 +1,97 @@
+//! Ending one direction: after its source's EOF, the peer is shut down
+//! only once it holds every byte moved toward it (the drain barrier; see
+//! [`crate::datapath::barrier`]).
+
+use std::net::Shutdown;
+use std::time::Instant;
+
+use super::{BarrierState, DrainBarrier, Ending, Session, closed_reason, side_name};
+use crate::datapath::EndReason;
+use crate::datapath::watcher::Side;
+use crate::sockopt;
+
+impl Session<'_> {
+    /// The source of direction `index` reached EOF: shut the peer down once
+    /// it holds every byte moved toward it (see [`Self::advance_barriers`]).
+    pub(super) fn begin_drain(&mut self, index: usize, source: Side) {
+        let dir = &mut self.dirs[index];
+        dir.eof = true;
+        dir.barrier = Some(DrainBarrier::new(
+            self.baselines[1 - index],
+            self.dp.timeouts.drain,
+            Instant::now(),
+        ));
+        self.first_close.get_or_insert(closed_reason(source));
+        self.attempt = 0;
+    }
+
+    /// Shuts down each peer whose source reached EOF once it holds every
+    /// redirected byte.
+    pub(super) fn advance_barriers(&mut self) -> Option<Ending> {
+        for (index, source, peer) in [
+            (0, Side::Client, Side::Upstream),
+            (1, Side::Upstream, Side::Client),
+        ] {
+            if self.dirs[index].barrier.is_none() {
+                continue;
+            }
+            // Reading TCP_INFO takes the source socket's lock, so a FIN skb
+            // the kernel is still processing (its data not yet through the
+            // verdict) finishes before the counters below are read.
+            if let Err(e) = sockopt::tcp_state(self.socket(source)) {
+                return Some(Ending::Abort(
+                    EndReason::InternalError,
+                    format!("TCP_INFO: {e}"),
+                ));
+            }
+            // Redirected by the verdict, plus copied by the agent while the
+            // direction had backpressure.
+            let redirected = self.dp.live_counters(self.id).map_or(0, |(up, down)| {
+                if index == 0 {
+                    up.kernel_bytes
+                } else {
+                    down.kernel_bytes
+                }
+            }) + self.copied_total(index);
+            let sent = match sockopt::bytes_sent(self.socket(peer)) {
+                Ok(sent) => sent,
+                Err(e) => {
+                    return Some(Ending::Abort(
+                        EndReason::InternalError,
+                        format!("peer state: {e}"),
+                    ));
+                }
+            };
+            let Some(barrier) = self.dirs[index].barrier.as_mut() else {
+                continue;
+            };
+            match barrier.check(sent, redirected, Instant::now()) {
+                BarrierState::Waiting => {}
+                BarrierState::Done => {
+                    self.dirs[index].barrier = None;
+                    let shut = match peer {
+                        Side::Client => self.client.shutdown(Shutdown::Write),
+                        Side::Upstream => self.upstream.shutdown(Shutdown::Write),
+                    };
+                    // ENOTCONN: the peer is already gone; its own event ends the session.
+                    if let Err(e) = shut {
+                        tracing::debug!(session = self.id, error = %e, "shutdown of peer failed");
+                    }
+                    self.dirs[index].shut = true;
+                }
+                BarrierState::Stalled { behind } => {
+                    let reason = self.first_close.unwrap_or(closed_reason(source));
+                    return Some(Ending::Abort(
+                        reason,
+                        format!(
+                            "{} stopped accepting data: {behind} bytes undelivered after {:?} without progress",
+                            side_name(peer),
+                            self.dp.timeouts.drain
+                        ),
+                    ));
+                }
+            }
+        }
+        None
+    }
+}
