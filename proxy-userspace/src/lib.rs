@@ -15,6 +15,7 @@ pub mod config;
 pub mod datapath;
 pub mod dest;
 pub mod gate;
+pub mod heap;
 pub mod intercept;
 pub mod kernel_btf;
 pub mod metrics;

@@ -111,6 +111,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
     api_state
         .ready
         .store(true, std::sync::atomic::Ordering::Release);
+    // Loading the eBPF object parsed the kernel's BTF: megabytes freed.
+    crate::heap::release_free_pages();
     let datapath = services.datapath.kind().as_str();
     tracing::info!(datapath, "tcpgate agent ready");
     crate::notify::ready(&format!("serving on the {datapath} data path"));
