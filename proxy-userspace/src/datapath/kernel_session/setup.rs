@@ -119,7 +119,7 @@ pub(in crate::datapath) async fn run(
         queue_at: tokio::time::Instant::now() + std::time::Duration::from_millis(5),
     };
     let ending = match kicked {
-        Ok(()) => session.watch(meta, stop).await,
+        Ok(()) => Box::pin(session.watch(meta, stop)).await,
         Err(e) => Ending::Abort(
             EndReason::InternalError,
             format!("cannot release held bytes: {e}"),
