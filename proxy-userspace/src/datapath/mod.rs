@@ -9,8 +9,10 @@
 pub mod barrier;
 pub mod ebpf;
 mod kernel_session;
+mod mailbox;
 mod mode_slots;
 mod stall;
+mod stop;
 pub mod userspace;
 mod watcher;
 
@@ -21,7 +23,6 @@ use std::time::SystemTime;
 use proxy_common::session::DirectionCounters;
 use serde::Serialize;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
 /// Which path moves a session's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -104,8 +105,7 @@ pub struct SpliceOutcome {
     pub datapath: DatapathKind,
 }
 
-/// Ends a session from outside (expiry, revocation, shutdown).
-pub type StopSignal = watch::Receiver<Option<EndReason>>;
+pub use stop::{StopHandle, StopSignal, stop_pair};
 
 /// The data path chosen at startup.
 #[derive(Clone)]

@@ -120,7 +120,7 @@ impl UserspaceDatapath {
         meta: &SessionMeta,
         mut client: TcpStream,
         mut upstream: TcpStream,
-        mut stop: StopSignal,
+        stop: StopSignal,
     ) -> SpliceOutcome {
         let live = Arc::new(LiveCounters::default());
         self.live
@@ -153,7 +153,7 @@ impl UserspaceDatapath {
             let (mut up_done, mut down_done) = (false, false);
             let mut first_close = None;
             loop {
-                if let Some(reason) = *stop.borrow_and_update() {
+                if let Some(reason) = stop.reason() {
                     break Err((reason, format!("stopped: {}", reason.as_str())));
                 }
                 tokio::select! {
@@ -171,10 +171,8 @@ impl UserspaceDatapath {
                             break Err((side_reason(side), format!("{side} socket error: {e}")));
                         }
                     }
-                    changed = stop.changed() => {
-                        if changed.is_err() {
-                            break Err((EndReason::AgentShutdown, "session registry closed".into()));
-                        }
+                    reason = stop.stopped() => {
+                        break Err((reason, format!("stopped: {}", reason.as_str())));
                     }
                     () = sleep_until(deadline) => {
                         break Err((EndReason::GrantExpired, "grant expired".into()));

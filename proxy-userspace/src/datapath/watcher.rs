@@ -22,7 +22,8 @@ use aya::maps::{MapData, RingBuf};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use proxy_common::session::{DIRECTION_UP, WakeEvent};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::mpsc;
+
+pub use super::mailbox::{Mailbox, SocketEvents};
 
 /// Which socket of a session an event is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,12 +33,6 @@ pub enum Side {
 }
 
 /// A hang-up or error on one socket.
-#[derive(Debug, Clone, Copy)]
-pub struct SocketEvent {
-    pub side: Side,
-    pub flags: EpollFlags,
-}
-
 struct EpollFd(Epoll);
 
 impl AsRawFd for EpollFd {
@@ -46,7 +41,7 @@ impl AsRawFd for EpollFd {
     }
 }
 
-type Subscribers = Mutex<HashMap<u64, mpsc::UnboundedSender<SocketEvent>>>;
+type Subscribers = Mutex<HashMap<u64, Arc<Mailbox>>>;
 
 /// Shared by every eBPF session.
 pub struct Watcher {
@@ -96,12 +91,12 @@ impl Watcher {
         session_id: u64,
         client: BorrowedFd<'_>,
         upstream: BorrowedFd<'_>,
-    ) -> io::Result<mpsc::UnboundedReceiver<SocketEvent>> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    ) -> io::Result<Arc<Mailbox>> {
+        let mailbox = Arc::new(Mailbox::default());
         self.subscribers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(session_id, tx);
+            .insert(session_id, Arc::clone(&mailbox));
         let interest = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
         let epoll = &self.epoll.get_ref().0;
         let added = epoll
@@ -119,7 +114,7 @@ impl Watcher {
             self.unwatch(session_id, client, upstream);
             return Err(e.into());
         }
-        Ok(rx)
+        Ok(mailbox)
     }
 
     /// Stops watching; call before the sockets are closed.
@@ -146,6 +141,7 @@ async fn dispatch(
             Ok(guard) => guard,
             Err(e) => {
                 tracing::error!(error = %e, "session watcher failed; sessions will not see hang-ups");
+                close_all(&subscribers);
                 return;
             }
         };
@@ -154,6 +150,7 @@ async fn dispatch(
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
                 tracing::error!(error = %e, "epoll_wait failed");
+                close_all(&subscribers);
                 return;
             }
         };
@@ -174,21 +171,15 @@ async fn dispatch(
             } else {
                 Side::Client
             };
-            if let Some(tx) = subscribers.get(&(data >> 1)) {
-                let _ = tx.send(SocketEvent {
-                    side,
-                    flags: event.events(),
-                });
+            if let Some(mailbox) = subscribers.get(&(data >> 1)) {
+                mailbox.post(side, event.events());
             }
         }
     }
 }
 
 /// Hands every queued wake-up to its session.
-fn wake_sessions(
-    ring: &mut RingBuf<MapData>,
-    subscribers: &HashMap<u64, mpsc::UnboundedSender<SocketEvent>>,
-) {
+fn wake_sessions(ring: &mut RingBuf<MapData>, subscribers: &HashMap<u64, Arc<Mailbox>>) {
     while let Some(item) = ring.next() {
         let Some(bytes) = item.get(..size_of::<WakeEvent>()) else {
             continue;
@@ -196,17 +187,25 @@ fn wake_sessions(
         // SAFETY: WakeEvent is plain data of exactly these bytes (the
         // verdict program wrote one); read_unaligned copes with alignment.
         let event: WakeEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        if let Some(tx) = subscribers.get(&event.session_id) {
+        if let Some(mailbox) = subscribers.get(&event.session_id) {
             let side = if event.direction == DIRECTION_UP {
                 Side::Client
             } else {
                 Side::Upstream
             };
-            let _ = tx.send(SocketEvent {
-                side,
-                flags: EpollFlags::EPOLLIN,
-            });
+            mailbox.post(side, EpollFlags::EPOLLIN);
         }
+    }
+}
+
+/// Tells every session the watcher is gone (they end with an error).
+fn close_all(subscribers: &Subscribers) {
+    for mailbox in subscribers
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .values()
+    {
+        mailbox.close();
     }
 }
 

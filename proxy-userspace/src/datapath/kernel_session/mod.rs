@@ -78,9 +78,9 @@ enum Ending {
 
 /// What woke the session up.
 enum Wake {
-    Stop(bool),
+    Stop(EndReason),
     Expired,
-    Event(Option<super::watcher::SocketEvent>),
+    Event(Option<super::watcher::SocketEvents>),
     Drain,
     StallCheck,
     QueueCheck,
@@ -131,8 +131,8 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    async fn watch(&mut self, meta: &SessionMeta, mut stop: StopSignal) -> Ending {
-        let mut events =
+    async fn watch(&mut self, meta: &SessionMeta, stop: StopSignal) -> Ending {
+        let events =
             match self
                 .dp
                 .watcher
@@ -156,7 +156,7 @@ impl Session<'_> {
             tokio::time::interval(super::stall::check_interval(self.dp.timeouts.stall));
         stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let ending = loop {
-            if let Some(reason) = *stop.borrow_and_update() {
+            if let Some(reason) = stop.reason() {
                 break Ending::Abort(reason, format!("stopped: {}", reason.as_str()));
             }
             let draining = self.dirs.iter().any(|d| d.barrier.is_some());
@@ -165,7 +165,7 @@ impl Session<'_> {
             // Every branch only says what happened; the session acts on it
             // below, once the branches' futures (and their borrows) are gone.
             let wake = tokio::select! {
-                changed = stop.changed() => Wake::Stop(changed.is_err()),
+                reason = stop.stopped() => Wake::Stop(reason),
                 () = sleep_until(deadline) => Wake::Expired,
                 event = events.recv() => Wake::Event(event),
                 () = tokio::time::sleep(poll_interval(self.attempt)), if draining => Wake::Drain,
@@ -176,11 +176,11 @@ impl Session<'_> {
             };
             let drain_poll = matches!(wake, Wake::Drain);
             let ending = match wake {
-                Wake::Stop(true) => Some(Ending::Abort(
-                    EndReason::AgentShutdown,
-                    "session registry closed".into(),
+                Wake::Stop(reason) => Some(Ending::Abort(
+                    reason,
+                    format!("stopped: {}", reason.as_str()),
                 )),
-                Wake::Stop(false) | Wake::Drain => None,
+                Wake::Drain => None,
                 Wake::Expired => Some(Ending::Abort(
                     EndReason::GrantExpired,
                     "grant expired".into(),
@@ -189,7 +189,9 @@ impl Session<'_> {
                     EndReason::InternalError,
                     "session watcher stopped".into(),
                 )),
-                Wake::Event(Some(event)) => self.on_event(event.side, event.flags),
+                Wake::Event(Some(events)) => events
+                    .raised()
+                    .find_map(|(side, flags)| self.on_event(side, flags)),
                 Wake::StallCheck => self.check_stalls(),
                 Wake::QueueCheck => self.check_queues(),
                 Wake::Lane(index, step) => self.on_lane(index, step),
@@ -251,10 +253,15 @@ impl Session<'_> {
     }
 
     fn on_event(&mut self, side: Side, flags: EpollFlags) -> Option<Ending> {
-        if flags == EpollFlags::EPOLLIN {
+        if flags.contains(EpollFlags::EPOLLIN) {
             // The verdict's wake-up (see the watcher): a direction is moving
             // fast; look at its backlog now.
-            return self.check_queues();
+            if let Some(ending) = self.check_queues() {
+                return Some(ending);
+            }
+            if flags == EpollFlags::EPOLLIN {
+                return None;
+            }
         }
         match sockopt::take_error(self.socket(side)) {
             Ok(Some(err)) => {
