@@ -32,7 +32,6 @@ pub enum Side {
     Upstream,
 }
 
-/// A hang-up or error on one socket.
 struct EpollFd(Epoll);
 
 impl AsRawFd for EpollFd {

@@ -6,7 +6,6 @@ use std::net::Shutdown;
 use std::time::Instant;
 
 use super::{BarrierState, DrainBarrier, Ending, Session, closed_reason, side_name};
-use crate::datapath::EndReason;
 use crate::datapath::watcher::Side;
 use crate::sockopt;
 
@@ -39,27 +38,15 @@ impl Session<'_> {
             // the kernel is still processing (its data not yet through the
             // verdict) finishes before the counters below are read.
             if let Err(e) = sockopt::tcp_state(self.socket(source)) {
-                return Some(Ending::Abort(
-                    EndReason::InternalError,
-                    format!("TCP_INFO: {e}"),
-                ));
+                return Some(Ending::internal(format!("TCP_INFO: {e}")));
             }
             // Redirected by the verdict, plus copied by the agent while the
             // direction had backpressure.
-            let redirected = self.dp.live_counters(self.id).map_or(0, |(up, down)| {
-                if index == 0 {
-                    up.kernel_bytes
-                } else {
-                    down.kernel_bytes
-                }
-            }) + self.copied_total(index);
+            let redirected = self.live(index).kernel_bytes + self.copied_total(index);
             let sent = match sockopt::bytes_sent(self.socket(peer)) {
                 Ok(sent) => sent,
                 Err(e) => {
-                    return Some(Ending::Abort(
-                        EndReason::InternalError,
-                        format!("peer state: {e}"),
-                    ));
+                    return Some(Ending::internal(format!("peer state: {e}")));
                 }
             };
             let Some(barrier) = self.dirs[index].barrier.as_mut() else {

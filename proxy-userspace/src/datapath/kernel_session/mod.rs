@@ -76,6 +76,13 @@ enum Ending {
     Abort(EndReason, String),
 }
 
+impl Ending {
+    /// An abort caused by the agent's own failure (a syscall or map error).
+    fn internal(detail: String) -> Self {
+        Self::Abort(EndReason::InternalError, detail)
+    }
+}
+
 /// What woke the session up.
 enum Wake {
     Stop(EndReason),
@@ -140,10 +147,7 @@ impl Session<'_> {
             {
                 Ok(rx) => rx,
                 Err(e) => {
-                    return Ending::Abort(
-                        EndReason::InternalError,
-                        format!("cannot watch sockets: {e}"),
-                    );
+                    return Ending::internal(format!("cannot watch sockets: {e}"));
                 }
             };
         let deadline = meta.expires.map(|at| {
@@ -185,10 +189,7 @@ impl Session<'_> {
                     EndReason::GrantExpired,
                     "grant expired".into(),
                 )),
-                Wake::Event(None) => Some(Ending::Abort(
-                    EndReason::InternalError,
-                    "session watcher stopped".into(),
-                )),
+                Wake::Event(None) => Some(Ending::internal("session watcher stopped".into())),
                 Wake::Event(Some(events)) => events
                     .raised()
                     .find_map(|(side, flags)| self.on_event(side, flags)),
@@ -224,10 +225,7 @@ impl Session<'_> {
             let state = match sockopt::send_state(self.socket(side)) {
                 Ok(state) => state,
                 Err(e) => {
-                    return Some(Ending::Abort(
-                        EndReason::InternalError,
-                        format!("TCP_INFO: {e}"),
-                    ));
+                    return Some(Ending::internal(format!("TCP_INFO: {e}")));
                 }
             };
             if let Some(stalled) = self.stalls[index].observe(state, now, limit) {
@@ -243,6 +241,15 @@ impl Session<'_> {
             }
         }
         None
+    }
+
+    /// The live counters of direction `index` (0: up, 1: down) from the
+    /// session map; zero once the record is gone.
+    fn live(&self, index: usize) -> proxy_common::session::DirectionCounters {
+        self.dp
+            .live_counters(self.id)
+            .map(|(up, down)| [up, down][index])
+            .unwrap_or_default()
     }
 
     fn socket(&self, side: Side) -> BorrowedFd<'_> {
@@ -272,10 +279,7 @@ impl Session<'_> {
                 ));
             }
             Err(e) => {
-                return Some(Ending::Abort(
-                    EndReason::InternalError,
-                    format!("SO_ERROR: {e}"),
-                ));
+                return Some(Ending::internal(format!("SO_ERROR: {e}")));
             }
             Ok(None) => {}
         }

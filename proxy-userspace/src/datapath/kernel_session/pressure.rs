@@ -8,7 +8,6 @@ use proxy_common::session::{DIRECTION_DOWN, DIRECTION_UP};
 
 use super::lane::{Lane, LaneStep};
 use super::{Ending, Mode, Session, closed_reason, side_name};
-use crate::datapath::EndReason;
 use crate::datapath::watcher::Side;
 use crate::sockopt;
 
@@ -60,10 +59,7 @@ impl Session<'_> {
                         }
                         Ok(_) => {}
                         Err(e) => {
-                            return Some(Ending::Abort(
-                                EndReason::InternalError,
-                                format!("TCP_INFO: {e}"),
-                            ));
+                            return Some(Ending::internal(format!("TCP_INFO: {e}")));
                         }
                     }
                 }
@@ -87,10 +83,7 @@ impl Session<'_> {
             let backlog = match self.backlog(index, kernel_bytes, peer) {
                 Ok(backlog) => backlog,
                 Err(e) => {
-                    return Some(Ending::Abort(
-                        EndReason::InternalError,
-                        format!("peer state: {e}"),
-                    ));
+                    return Some(Ending::internal(format!("peer state: {e}")));
                 }
             };
             headroom[index] = limit.saturating_sub(backlog);
@@ -100,10 +93,7 @@ impl Session<'_> {
                         .dp
                         .pass_direction(self.cookies, [DIRECTION_UP, DIRECTION_DOWN][index])
                     {
-                        return Some(Ending::Abort(
-                            EndReason::InternalError,
-                            crate::error_chain(&e),
-                        ));
+                        return Some(Ending::internal(crate::error_chain(&e)));
                     }
                     tracing::info!(
                         session = %format_args!("{:016x}", self.id),
@@ -121,10 +111,7 @@ impl Session<'_> {
                         match (self.registration(source), self.registration(peer)) {
                             (Ok(s), Ok(p)) => (s, p),
                             (Err(e), _) | (_, Err(e)) => {
-                                return Some(Ending::Abort(
-                                    EndReason::InternalError,
-                                    format!("cannot copy: {e}"),
-                                ));
+                                return Some(Ending::internal(format!("cannot copy: {e}")));
                             }
                         };
                     self.lanes[index] = Some(Lane::new(source_fd, peer_fd));
@@ -161,10 +148,7 @@ impl Session<'_> {
             }
             let direction = [DIRECTION_UP, DIRECTION_DOWN][index];
             if let Err(e) = self.dp.arm_wake(self.cookies, direction, at) {
-                return Some(Ending::Abort(
-                    EndReason::InternalError,
-                    crate::error_chain(&e),
-                ));
+                return Some(Ending::internal(crate::error_chain(&e)));
             }
             self.queue.armed[index] = at;
         }
@@ -198,10 +182,7 @@ impl Session<'_> {
                 if let Some(resume_at) = resume_at {
                     let direction = [DIRECTION_UP, DIRECTION_DOWN][index];
                     if let Err(e) = self.dp.resume_direction(self.cookies, direction, resume_at) {
-                        return Some(Ending::Abort(
-                            EndReason::InternalError,
-                            crate::error_chain(&e),
-                        ));
+                        return Some(Ending::internal(crate::error_chain(&e)));
                     }
                 }
                 None
@@ -229,15 +210,9 @@ impl Session<'_> {
         // Taking the source's lock lets a verdict still running for it
         // finish (and count) before the counters are read.
         if let Err(e) = sockopt::tcp_state(self.socket(source)) {
-            return Some(Ending::Abort(
-                EndReason::InternalError,
-                format!("TCP_INFO: {e}"),
-            ));
+            return Some(Ending::internal(format!("TCP_INFO: {e}")));
         }
-        let passed = self
-            .dp
-            .live_counters(self.id)
-            .map_or(0, |(up, down)| [up.passed_bytes, down.passed_bytes][index]);
+        let passed = self.live(index).passed_bytes;
         let missing = passed.saturating_sub(self.copied_total(index));
         if missing > 0 {
             let now = Instant::now();

@@ -120,10 +120,7 @@ pub(in crate::datapath) async fn run(
     };
     let ending = match kicked {
         Ok(()) => Box::pin(session.watch(meta, stop)).await,
-        Err(e) => Ending::Abort(
-            EndReason::InternalError,
-            format!("cannot release held bytes: {e}"),
-        ),
+        Err(e) => Ending::internal(format!("cannot release held bytes: {e}")),
     };
     session.finish(ending)
 }
