@@ -166,7 +166,7 @@ fn check_expiry(expires_at: SystemTime, token: &ValidatedToken, rule: &Rule, now
 
 /// The rule semantics as documented, written independently of the matcher.
 pub fn reference_applies(rule: &Rule, token: &ValidatedToken) -> bool {
-    rule.issuer.as_ref().is_none_or(|i| *i == token.issuer)
+    rule.issuer == token.issuer
         && rule
             .claims
             .iter()

@@ -34,7 +34,7 @@ fn unprivileged_wrapper(dir: &std::path::Path) -> Result<std::path::PathBuf> {
 
 fn config(builder: &tcpgate_tests::AgentBuilder<'_>, datapath: &str) -> String {
     format!(
-        "[agent]\ndatapath = \"{datapath}\"\npin_dir = {:?}\n[audit]\npath = {:?}\n\
+        "auth = \"none\"\n[agent]\ndatapath = \"{datapath}\"\npin_dir = {:?}\n[audit]\npath = {:?}\n\
          [[forward]]\nlisten = \"{BASTION_RUNNER_V4}:{LISTEN_PORT}\"\nupstream = \"{TARGET_V4}:{UPSTREAM_PORT}\"\n",
         builder.pin_dir().display().to_string(),
         builder.audit_path().display().to_string()

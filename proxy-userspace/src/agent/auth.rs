@@ -29,7 +29,7 @@ pub async fn start(
 ) -> Result<Option<Arc<Gate>>, AuthStartError> {
     let Some(auth) = &config.auth else {
         tracing::warn!(
-            "no [auth] section: every connection is admitted without a token (development only)"
+            "auth = \"none\": every connection is admitted without a token (development only)"
         );
         return Ok(None);
     };

@@ -17,6 +17,10 @@ pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 pub const DEFAULT_PREAMBLE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(600);
 pub const DEFAULT_MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+/// Shortest HS256 secret accepted: RFC 7518 §3.2 asks for a key at least as
+/// long as the hash output (256 bits), or it can be brute-forced offline
+/// from any one token.
+pub const MIN_HS256_SECRET_LEN: usize = 32;
 
 pub use crate::config::FieldError;
 
@@ -79,6 +83,43 @@ impl Serialize for DurationSpec {
 impl<'de> Deserialize<'de> for DurationSpec {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         String::deserialize(d).map(|raw| DurationSpec::new(&raw))
+    }
+}
+
+/// The top-level `auth` key: an `[auth]` table, or `auth = "none"`, which
+/// says on purpose that every connection is admitted without a token.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AuthSetting {
+    None,
+    Tokens(AuthConfig),
+}
+
+impl<'de> Deserialize<'de> for AuthSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = AuthSetting;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an [auth] table, or the string \"none\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<AuthSetting, E> {
+                if v == "none" {
+                    Ok(AuthSetting::None)
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                }
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<AuthSetting, A::Error> {
+                // Through the table's own derive, so its errors keep naming
+                // the misspelt or mistyped field.
+                AuthConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(AuthSetting::Tokens)
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -158,7 +199,8 @@ pub enum MatcherSpec {
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     pub name: String,
-    /// Restricts the rule to tokens of this issuer.
+    /// The issuer whose tokens this rule admits. Required (validation says
+    /// so by field path): a rule without one would match every issuer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issuer: Option<String>,
     pub max_lifetime: DurationSpec,
@@ -246,6 +288,21 @@ impl IssuerConfig {
                 format!("{path}.jwks_url"),
                 "set exactly one of jwks_url and jwks_file",
             )),
+            // A shared secret beside published keys lets anyone who learns
+            // the (weaker, development) secret mint tokens for a real issuer.
+            (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => errors.push(FieldError::new(
+                format!("{path}.hs256_secret_file"),
+                "must not be set together with jwks_url or jwks_file: use a separate \
+                 development issuer for HS256",
+            )),
+            (None, None, Some(secret)) => {
+                if let Err(e) = read_hs256_secret(secret) {
+                    errors.push(FieldError::new(
+                        format!("{path}.hs256_secret_file"),
+                        crate::error_chain(&e),
+                    ));
+                }
+            }
             _ => {}
         }
         if let Some(url) = &self.jwks_url {
@@ -271,6 +328,40 @@ impl IssuerConfig {
         self.min_refresh_interval
             .check(format!("{path}.min_refresh_interval"), false, errors);
     }
+}
+
+/// Why an HS256 secret file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("cannot read {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} holds {len} byte(s) after trimming whitespace; HS256 needs at least \
+         {MIN_HS256_SECRET_LEN} (e.g. `openssl rand -base64 48 > {path}`)"
+    )]
+    TooShort { path: String, len: usize },
+}
+
+/// Reads an HS256 secret: the file's bytes without surrounding whitespace,
+/// at least [`MIN_HS256_SECRET_LEN`] of them.
+pub fn read_hs256_secret(path: &std::path::Path) -> Result<Vec<u8>, SecretError> {
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| SecretError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    let trimmed = bytes.trim_ascii();
+    if trimmed.len() < MIN_HS256_SECRET_LEN {
+        return Err(SecretError::TooShort {
+            path: shown,
+            len: trimmed.len(),
+        });
+    }
+    Ok(trimmed.to_vec())
 }
 
 /// Validates `[auth]` and `[[policy]]` together (rules name issuers), and

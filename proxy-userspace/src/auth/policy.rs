@@ -1,6 +1,6 @@
 //! Access policy: ordered rules, deny by default.
 //!
-//! A rule applies to a token when its `issuer` (if set) equals the token's
+//! A rule applies to a token when its `issuer` (required) equals the token's
 //! issuer and every claim matcher in its `match` table matches. Rules are
 //! tried in order and the first rule that applies *and* allows the requested
 //! destination(s) wins. When some rule applied to the token but none allowed
@@ -20,7 +20,7 @@ use super::token::ValidatedToken;
 #[derive(Debug, Clone)]
 pub struct Rule {
     pub name: String,
-    pub issuer: Option<String>,
+    pub issuer: String,
     pub max_lifetime: Duration,
     pub claims: BTreeMap<String, Matcher>,
     pub allow: Vec<Destination>,
@@ -67,7 +67,7 @@ impl Denial {
 impl Rule {
     /// Whether the rule's issuer and claim matchers accept the token.
     pub fn applies_to(&self, token: &ValidatedToken) -> bool {
-        self.issuer.as_ref().is_none_or(|i| *i == token.issuer)
+        self.issuer == token.issuer
             && self
                 .claims
                 .iter()
@@ -219,13 +219,18 @@ fn compile_rule(
     errors: &mut Vec<FieldError>,
 ) -> Option<Rule> {
     let before = errors.len();
-    if let Some(issuer) = &rc.issuer
-        && !auth.issuers.iter().any(|i| i.issuer == *issuer)
-    {
-        errors.push(FieldError::new(
+    match &rc.issuer {
+        None => errors.push(FieldError::new(
             format!("{path}.issuer"),
-            format!("issuer `{issuer}` is not configured"),
-        ));
+            "required: name the [[auth.issuer]] whose tokens this rule admits",
+        )),
+        Some(issuer) if !auth.issuers.iter().any(|i| i.issuer == *issuer) => {
+            errors.push(FieldError::new(
+                format!("{path}.issuer"),
+                format!("issuer `{issuer}` is not configured"),
+            ));
+        }
+        Some(_) => {}
     }
     let max_lifetime = match rc.max_lifetime.get() {
         None => {
@@ -295,7 +300,7 @@ fn compile_rule(
     }
     (errors.len() == before).then(|| Rule {
         name: rc.name.trim().to_owned(),
-        issuer: rc.issuer.clone(),
+        issuer: rc.issuer.clone().unwrap_or_default(),
         max_lifetime: max_lifetime.unwrap_or_default(),
         claims,
         allow,

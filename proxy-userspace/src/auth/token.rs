@@ -85,15 +85,12 @@ pub enum LoadError {
         #[source]
         source: JwksError,
     },
-    #[error("auth.issuer[{index}].hs256_secret_file: cannot read {path}")]
+    #[error("auth.issuer[{index}].hs256_secret_file")]
     Secret {
         index: usize,
-        path: String,
         #[source]
-        source: std::io::Error,
+        source: super::config::SecretError,
     },
-    #[error("auth.issuer[{index}].hs256_secret_file: {path} is empty")]
-    EmptySecret { index: usize, path: String },
 }
 
 struct IssuerState {
@@ -301,17 +298,7 @@ async fn load_issuer(index: usize, ic: &IssuerConfig) -> Result<IssuerState, Loa
 }
 
 fn read_secret(index: usize, path: &Path) -> Result<Vec<u8>, LoadError> {
-    let shown = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Secret {
-        index,
-        path: shown.clone(),
-        source,
-    })?;
-    let trimmed = bytes.trim_ascii();
-    if trimmed.is_empty() {
-        return Err(LoadError::EmptySecret { index, path: shown });
-    }
-    Ok(trimmed.to_vec())
+    super::config::read_hs256_secret(path).map_err(|source| LoadError::Secret { index, source })
 }
 
 /// Decodes header and payload without checking anything, to choose the

@@ -66,9 +66,13 @@ pub struct Config {
     /// The validated form of `intercept` (filled by validation).
     #[serde(skip)]
     pub intercept_set: InterceptSet,
-    /// Token authentication. Absent: every connection is admitted (a
-    /// warning says so at startup).
-    #[serde(default)]
+    /// `[auth]`, or `auth = "none"`, as written; absent is a config error,
+    /// so that admitting everyone is never an accident.
+    #[serde(default, rename = "auth")]
+    auth_setting: Option<crate::auth::config::AuthSetting>,
+    /// Token authentication, from `[auth]` (filled by validation); `None`
+    /// only when the file says `auth = "none"`.
+    #[serde(skip)]
     pub auth: Option<crate::auth::AuthConfig>,
     /// Policy rules, evaluated in order; deny by default.
     #[serde(default)]
@@ -225,6 +229,7 @@ impl Config {
             message: e.to_string().trim_end().to_owned(),
         })?;
         let mut errors = config.validate();
+        config.auth = config.resolve_auth(&mut errors);
         if let Some(section) = &config.intercept {
             config.intercept_set = section.resolve(&mut errors);
         }

@@ -4,16 +4,26 @@ fn parse(text: &str) -> Result<Config, ConfigError> {
     Config::from_toml(text, Path::new("test.toml"))
 }
 
+/// The paths of the field errors `text` is rejected with.
+fn error_paths(text: &str) -> Vec<String> {
+    match parse(text) {
+        Err(ConfigError::Invalid { errors, .. }) => errors.into_iter().map(|e| e.path).collect(),
+        other => panic!("expected field errors, got {other:?}"),
+    }
+}
+
 #[test]
 fn minimal_forward_config_takes_defaults() {
     let config = parse(
         r#"
+        auth = "none"
         [[forward]]
         listen = "127.0.0.1:7000"
         upstream = "192.0.2.10:5432"
         "#,
     )
     .expect("valid");
+    assert!(config.auth.is_none());
     assert_eq!(config.agent.datapath, DatapathChoice::Auto);
     assert_eq!(config.agent.connect_timeout, Duration::from_secs(5));
     assert_eq!(config.forwards[0].display_name(), "127.0.0.1:7000");
@@ -24,6 +34,7 @@ fn minimal_forward_config_takes_defaults() {
 fn every_invalid_field_is_reported_with_its_path() {
     let err = parse(
         r#"
+        auth = "none"
         [agent]
         max_sessions = 0
         connect_timeout = "0s"
@@ -66,12 +77,14 @@ fn unknown_fields_and_bad_types_name_the_field() {
 
 #[test]
 fn overrides_apply_after_validation() {
-    let config = parse("[[forward]]\nlisten = \"127.0.0.1:1\"\nupstream = \"192.0.2.1:2\"\n")
-        .expect("valid")
-        .with_overrides(&Overrides {
-            datapath: Some(DatapathChoice::Userspace),
-            pin_dir: Some(PathBuf::from("/sys/fs/bpf/other")),
-        });
+    let config = parse(
+        "auth = \"none\"\n[[forward]]\nlisten = \"127.0.0.1:1\"\nupstream = \"192.0.2.1:2\"\n",
+    )
+    .expect("valid")
+    .with_overrides(&Overrides {
+        datapath: Some(DatapathChoice::Userspace),
+        pin_dir: Some(PathBuf::from("/sys/fs/bpf/other")),
+    });
     assert_eq!(config.agent.datapath, DatapathChoice::Userspace);
     assert_eq!(config.agent.pin_dir, PathBuf::from("/sys/fs/bpf/other"));
 }
@@ -80,14 +93,17 @@ fn overrides_apply_after_validation() {
 fn operator_group_must_exist_or_be_a_gid() {
     let base = "[[forward]]\nlisten = \"127.0.0.1:1\"\nupstream = \"192.0.2.1:2\"\n";
     let config = parse(&format!(
-        "[agent]\noperator_group = \"root\"\nkeep_pins = true\n{base}"
+        "auth = \"none\"\n[agent]\noperator_group = \"root\"\nkeep_pins = true\n{base}"
     ))
     .expect("root exists everywhere");
     assert_eq!(config.agent.operator_group.as_deref(), Some("root"));
     assert!(config.agent.keep_pins);
-    parse(&format!("[agent]\noperator_group = \"4242\"\n{base}")).expect("numeric gid");
+    parse(&format!(
+        "auth = \"none\"\n[agent]\noperator_group = \"4242\"\n{base}"
+    ))
+    .expect("numeric gid");
     let err = parse(&format!(
-        "[agent]\noperator_group = \"no-such-group-tcpgate\"\n{base}"
+        "auth = \"none\"\n[agent]\noperator_group = \"no-such-group-tcpgate\"\n{base}"
     ))
     .expect_err("unknown group");
     let text = err.to_string();
@@ -95,6 +111,71 @@ fn operator_group_must_exist_or_be_a_gid() {
         text.contains("agent.operator_group") && text.contains("groupadd"),
         "{text}"
     );
-    let err = parse(&format!("[agent]\noperator_group = \"\"\n{base}")).expect_err("empty");
+    let err = parse(&format!(
+        "auth = \"none\"\n[agent]\noperator_group = \"\"\n{base}"
+    ))
+    .expect_err("empty");
     assert!(err.to_string().contains("agent.operator_group"), "{err}");
+}
+
+const FORWARD: &str = "[[forward]]\nlisten = \"127.0.0.1:7000\"\nupstream = \"192.0.2.10:5432\"\n";
+
+#[test]
+fn no_auth_is_an_error_unless_said_explicitly() {
+    assert_eq!(error_paths(FORWARD), ["auth"]);
+    let text = parse(FORWARD).expect_err("no auth").to_string();
+    assert!(
+        text.contains(r#"auth = "none""#),
+        "says how to opt out: {text}"
+    );
+    parse(&format!("auth = \"none\"\n{FORWARD}")).expect("explicit none");
+    let err = parse(&format!("auth = \"off\"\n{FORWARD}")).expect_err("only none");
+    assert!(err.to_string().contains("auth"), "{err}");
+    // The table keeps its own field-level errors.
+    let err = parse(&format!("{FORWARD}[auth]\nleway = \"1s\"\n")).expect_err("typo");
+    assert!(err.to_string().contains("leway"), "{err}");
+}
+
+/// `[auth]` with one issuer, given its key source line, plus `policy`.
+fn with_issuer(keys: &str, policy: &str) -> String {
+    format!(
+        "{FORWARD}[auth]\n[[auth.issuer]]\nissuer = \"https://ci.example\"\n\
+         audience = \"tcpgate\"\n{keys}\n{policy}"
+    )
+}
+
+#[test]
+fn every_policy_rule_names_its_issuer() {
+    let keys = "jwks_file = \"/etc/tcpgate/jwks.json\"";
+    let rule = "[[policy]]\nname = \"db\"\nmax_lifetime = \"5m\"\n\
+                allow = [{ prefix = \"127.0.0.1\", ports = [\"7000\"] }]\n";
+    let paths = error_paths(&with_issuer(keys, rule));
+    assert_eq!(paths, ["policy[0] (db).issuer"]);
+    let named = rule.replace(
+        "[[policy]]\n",
+        "[[policy]]\nissuer = \"https://ci.example\"\n",
+    );
+    let config = parse(&with_issuer(keys, &named)).expect("rule with issuer");
+    assert!(config.auth.is_some());
+}
+
+#[test]
+fn hs256_secrets_are_long_and_never_beside_a_jwks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("secret");
+    let keys = format!("hs256_secret_file = {secret:?}");
+    // 31 bytes (the newline is trimmed) is one too few; 32 is enough.
+    std::fs::write(&secret, format!("{}\n", "s".repeat(31))).expect("write");
+    let field = "auth.issuer[0].hs256_secret_file";
+    assert_eq!(error_paths(&with_issuer(&keys, "")), [field]);
+    let text = parse(&with_issuer(&keys, ""))
+        .expect_err("short")
+        .to_string();
+    assert!(text.contains("31 byte(s)") && text.contains("32"), "{text}");
+    std::fs::write(&secret, "s".repeat(32)).expect("write");
+    parse(&with_issuer(&keys, "")).expect("32 bytes");
+    let beside = format!("{keys}\njwks_file = \"/etc/tcpgate/jwks.json\"");
+    assert_eq!(error_paths(&with_issuer(&beside, "")), [field]);
+    let missing = format!("hs256_secret_file = {:?}", dir.path().join("absent"));
+    assert_eq!(error_paths(&with_issuer(&missing, "")), [field]);
 }

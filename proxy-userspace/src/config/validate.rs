@@ -7,6 +7,8 @@ use std::fmt;
 use ipnet::IpNet;
 
 use super::Config;
+use crate::auth::AuthConfig;
+use crate::auth::config::AuthSetting;
 use crate::dest::{Destination, PortRange};
 
 /// One invalid field: where it is, and what is wrong with it.
@@ -57,6 +59,24 @@ impl Config {
             });
         }
         all
+    }
+
+    /// The `[auth]` table, `None` for `auth = "none"`; a file that says
+    /// neither is an error.
+    pub(super) fn resolve_auth(&self, errors: &mut Vec<FieldError>) -> Option<AuthConfig> {
+        match &self.auth_setting {
+            Some(AuthSetting::Tokens(auth)) => Some(auth.clone()),
+            Some(AuthSetting::None) => None,
+            None => {
+                errors.push(FieldError::new(
+                    "auth",
+                    "missing: configure [auth] with at least one [[auth.issuer]], or write \
+                     `auth = \"none\"` at the top of the file to admit every connection \
+                     without a token (development only)",
+                ));
+                None
+            }
+        }
     }
 
     /// `[auth]`, `[[policy]]` and `[api]`, checked together.

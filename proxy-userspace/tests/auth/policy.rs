@@ -110,6 +110,7 @@ fn a_missing_claim_never_matches() {
     let p = policy(
         r#"[[policy]]
         name = "any-env"
+        issuer = "https://gitlab.example.com"
         max_lifetime = "5m"
         match = { environment = "*" }
         allow = [ { prefix = "192.0.2.0/24", ports = ["1-65535"] } ]"#,
@@ -158,11 +159,13 @@ fn first_matching_rule_wins_and_issuer_restricts() {
         allow = [ { prefix = "192.0.2.0/24", ports = ["5432"] } ]
         [[policy]]
         name = "short"
+        issuer = "https://gitlab.example.com"
         max_lifetime = "1m"
         match = { project_path = "group/*" }
         allow = [ { prefix = "192.0.2.0/24", ports = ["5432"] } ]
         [[policy]]
         name = "long"
+        issuer = "https://gitlab.example.com"
         max_lifetime = "10m"
         match = { project_path = "group/app" }
         allow = [ { prefix = "192.0.2.0/24", ports = ["5432"] }, { prefix = "198.51.100.7", ports = ["22"] } ]"#,

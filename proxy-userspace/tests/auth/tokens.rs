@@ -301,7 +301,7 @@ async fn issuer_is_chosen_by_the_iss_claim() {
 async fn hs256_works_only_with_a_configured_secret() {
     let dir = tempfile::tempdir().expect("tempdir");
     let secret = dir.path().join("secret");
-    std::fs::write(&secret, "dev-only-shared-secret\n").expect("write secret");
+    std::fs::write(&secret, "dev-only-shared-secret-of-32-bytes\n").expect("write secret");
     let v = validator(&format!(
         "[[issuer]]\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\nhs256_secret_file = {secret:?}\n"
     ))
@@ -315,7 +315,10 @@ async fn hs256_works_only_with_a_configured_secret() {
         .expect("sign")
     };
     let ok = v
-        .validate(&sign(Algorithm::HS256, b"dev-only-shared-secret"))
+        .validate(&sign(
+            Algorithm::HS256,
+            b"dev-only-shared-secret-of-32-bytes",
+        ))
         .await
         .expect("dev token");
     assert_eq!(ok.claims["project_path"], json!("group/app"));
@@ -324,9 +327,12 @@ async fn hs256_works_only_with_a_configured_secret() {
         TokenError::BadSignature
     );
     assert_eq!(
-        reject(&v, &sign(Algorithm::HS384, b"dev-only-shared-secret"))
-            .await
-            .reason(),
+        reject(
+            &v,
+            &sign(Algorithm::HS384, b"dev-only-shared-secret-of-32-bytes")
+        )
+        .await
+        .reason(),
         "alg_not_allowed"
     );
     let rsa = TestKey::new("rsa-rs256", Algorithm::RS256);

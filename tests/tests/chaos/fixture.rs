@@ -211,8 +211,14 @@ fn config(
     options: &Options,
     auth: Option<&Auth>,
 ) -> Result<String> {
+    // A root key, so it goes before the first table.
+    let no_auth = if auth.is_none() {
+        "auth = \"none\"\n"
+    } else {
+        ""
+    };
     let mut config = format!(
-        "[agent]\npin_dir = {pin:?}\nshutdown_grace = \"1s\"\n{extra}\n\
+        "{no_auth}[agent]\npin_dir = {pin:?}\nshutdown_grace = \"1s\"\n{extra}\n\
          [audit]\npath = {audit:?}\n\n[admin]\nlisten = \"{ADMIN}\"\n\n\
          [intercept]\ninterfaces = [\"{BASTION_RUNNER_IF}\"]\n\
          [[intercept.prefix]]\nprefix = \"192.0.2.0/24\"\nports = [\"{SERVICE_PORT}\"]\n\

@@ -83,7 +83,7 @@ impl ForwardFixture {
         let topo = Topology::new()?;
         let builder = Agent::builder(&topo.bastion)?;
         let config = format!(
-            "[agent]\npin_dir = {pin:?}\ndrain_timeout = \"20s\"\n{agent}\n\n[audit]\npath = {audit:?}\n\n\
+            "auth = \"none\"\n[agent]\npin_dir = {pin:?}\ndrain_timeout = \"20s\"\n{agent}\n\n[audit]\npath = {audit:?}\n\n\
              [[forward]]\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\n{extra}",
             pin = builder.pin_dir().display().to_string(),
             audit = builder.audit_path().display().to_string(),
@@ -395,7 +395,7 @@ pub fn intercept_config(
     extra: &str,
 ) -> String {
     let mut config = format!(
-        "[agent]\npin_dir = {:?}\n\n[audit]\npath = {:?}\n\n[intercept]\n",
+        "auth = \"none\"\n[agent]\npin_dir = {:?}\n\n[audit]\npath = {:?}\n\n[intercept]\n",
         builder.pin_dir().display().to_string(),
         builder.audit_path().display().to_string(),
     );

@@ -27,7 +27,7 @@ pub fn service() -> SocketAddr {
 /// An intercepting agent's config; `agent_extra` goes into `[agent]`.
 pub fn config(builder: &AgentBuilder<'_>, agent_extra: &str) -> String {
     format!(
-        "[agent]\npin_dir = {pin:?}\nshutdown_grace = \"1s\"\n{agent_extra}\n\n\
+        "auth = \"none\"\n[agent]\npin_dir = {pin:?}\nshutdown_grace = \"1s\"\n{agent_extra}\n\n\
          [audit]\npath = {audit:?}\n\n[admin]\nlisten = \"{ADMIN}\"\n\n\
          [intercept]\n[[intercept.prefix]]\nprefix = \"192.0.2.0/24\"\nports = [\"{SERVICE_PORT}\"]\n",
         pin = builder.pin_dir().display().to_string(),

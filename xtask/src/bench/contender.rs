@@ -142,8 +142,15 @@ pub fn agent_config_extra(auth: Option<&str>) -> String {
 /// Starts the release agent on the bastion with `--datapath <datapath>`.
 pub fn start_agent(env: &Env<'_>, datapath: &str, extra: &str) -> Result<Agent> {
     let builder = Agent::builder(&env.topo.bastion)?;
+    // Without the `[auth]` sections, say so: `auth = "none"` is a root key,
+    // so it goes before the first table.
+    let no_auth = if extra.contains("\n[auth]") {
+        ""
+    } else {
+        "auth = \"none\"\n"
+    };
     let config = format!(
-        "[agent]\npin_dir = {pin:?}\n\n[audit]\npath = {audit:?}\n{extra}",
+        "{no_auth}[agent]\npin_dir = {pin:?}\n\n[audit]\npath = {audit:?}\n{extra}",
         pin = builder.pin_dir().display().to_string(),
         audit = builder.audit_path().display().to_string(),
     );
