@@ -1,9 +1,16 @@
 //! Real clients and servers from Debian's packages through the bastion:
 //! `psql` against PostgreSQL with a source-bound grant (no preamble, the
 //! client is unmodified), and OpenSSH with `tcpgate connect` as its
-//! `ProxyCommand` (a preamble per connection).
+//! `ProxyCommand` (a preamble per connection), also under rsync and git, and
+//! how `tcpgate connect` ends when its session does.
 
 mod common;
+
+mod real_clients {
+    pub mod connect_end;
+    pub mod ssh;
+    pub mod ssh_tools;
+}
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -30,7 +37,7 @@ fn postgres_bin(name: &str) -> Result<PathBuf> {
 }
 
 /// Waits until something accepts TCP connections on `addr` inside `ns`.
-fn wait_listening(ns: &Netns, addr: SocketAddr, what: &str) -> Result<()> {
+pub fn wait_listening(ns: &Netns, addr: SocketAddr, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while ns
         .run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
@@ -147,43 +154,6 @@ fn psql_through_a_source_grant() -> Result<()> {
     Ok(())
 }
 
-fn ssh_keygen(path: &Path) -> Result<()> {
-    let out = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(path)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "ssh-keygen: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// Debian's sshd in the target namespace, with throwaway keys.
-fn start_sshd(ns: &Netns, dir: &Path) -> Result<ChildGuard> {
-    ssh_keygen(&dir.join("host_key"))?;
-    ssh_keygen(&dir.join("client_key"))?;
-    std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys"))?;
-    // Privilege separation directory the packaged sshd expects.
-    std::fs::create_dir_all("/run/sshd")?;
-    let config = dir.join("sshd_config");
-    std::fs::write(
-        &config,
-        format!(
-            "ListenAddress 192.0.2.10\nPort 22\nHostKey {dir}/host_key\nAuthorizedKeysFile {dir}/authorized_keys\n\
-             PidFile {dir}/sshd.pid\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n\
-             PasswordAuthentication no\nKbdInteractiveAuthentication no\n",
-            dir = dir.display()
-        ),
-    )?;
-    let mut sshd = ns.command("/usr/sbin/sshd");
-    sshd.args(["-D", "-e", "-f"]).arg(&config);
-    let child = ChildGuard::spawn_logged(&mut sshd, dir, "sshd")?;
-    wait_listening(ns, AuthFixture::target(22), "sshd")?;
-    Ok(child)
-}
-
 #[test]
 fn ssh_with_tcpgate_connect_as_proxy_command() -> Result<()> {
     if !require_root() {
@@ -191,7 +161,7 @@ fn ssh_with_tcpgate_connect_as_proxy_command() -> Result<()> {
     }
     let fx = AuthFixture::start()?;
     let dir = tempfile::tempdir()?;
-    let _sshd = start_sshd(&fx.topo.target, dir.path())?;
+    let _sshd = real_clients::ssh::start_sshd(&fx.topo.target, dir.path())?;
     let token = fx.token_file(&fx.token())?;
     let proxy = format!(
         "ProxyCommand={} connect --token-file {} %h:%p",

@@ -4,10 +4,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::auth::client::{ClientError, connect_with_preamble, read_token_file};
+
+mod stdio;
 
 /// Exit status when the agent denies the token (`EX_NOPERM`).
 const EXIT_DENIED: i32 = 77;
@@ -25,6 +26,11 @@ pub struct ConnectArgs {
     /// How long to wait for the connection and the agent's answer.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Without `--listen`: after the service closes its side, how long stdin
+    /// is still relayed (a service may half-close and keep reading) before
+    /// exiting with status 1. Stdout is closed at once either way.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub linger: Duration,
     /// The service to reach, as the runner would dial it (`HOST:PORT`),
     /// e.g. `192.0.2.10:5432`. As an ssh ProxyCommand: `%h:%p`.
     #[arg(value_name = "TARGET")]
@@ -32,7 +38,17 @@ pub struct ConnectArgs {
 }
 
 pub fn run(args: &ConnectArgs) -> i32 {
-    super::block_on(async {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("tcpgate: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    let status = runtime.block_on(async {
         let target = match resolve(&args.target).await {
             Ok(addr) => addr,
             Err(message) => {
@@ -44,7 +60,13 @@ pub fn run(args: &ConnectArgs) -> i32 {
             Some(listen) => forward(listen, target, args).await,
             None => relay_stdio(target, args).await,
         }
-    })
+    });
+    // Not a plain drop: that waits for every blocking task, and tokio's
+    // stdin is a read(2) on a blocking thread that returns only when the
+    // next input or EOF arrives. A ProxyCommand whose session ended must
+    // exit now, not when ssh next writes.
+    runtime.shutdown_background();
+    status
 }
 
 async fn resolve(target: &str) -> Result<SocketAddr, String> {
@@ -78,29 +100,10 @@ async fn relay_stdio(target: SocketAddr, args: &ConnectArgs) -> i32 {
         Ok(stream) => stream,
         Err(e) => return report(&e),
     };
-    let (mut from_service, mut to_service) = stream.into_split();
-    // Upload on its own task: the session ends when the service closes,
-    // whether or not stdin is done, and the download is never cut short.
-    let upload = tokio::spawn(async move {
-        let mut stdin = tokio::io::stdin();
-        let copied = tokio::io::copy(&mut stdin, &mut to_service).await;
-        // Half-close: the service sees EOF and may still answer.
-        let _ = to_service.shutdown().await;
-        copied
-    });
-    let mut stdout = tokio::io::stdout();
-    let downloaded = tokio::io::copy(&mut from_service, &mut stdout).await;
-    let _ = stdout.flush().await;
-    // Still uploading when the service closed: nothing more can be delivered.
-    if upload.is_finished()
-        && let Ok(Err(e)) = upload.await
-    {
-        eprintln!("tcpgate connect: sending stdin failed: {e}");
-    }
-    match downloaded {
-        Ok(_) => 0,
+    match stdio::relay(stream, target, args.linger).await {
+        Ok(()) => 0,
         Err(e) => {
-            eprintln!("tcpgate connect: connection to {target} failed: {e}");
+            eprintln!("tcpgate connect: {}", crate::error_chain(&e));
             1
         }
     }

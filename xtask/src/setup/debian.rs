@@ -28,6 +28,8 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("postgresql", "a real upstream service"),
     ("openssh-server", "a real upstream service"),
     ("openssh-client", "a real client for the ssh upstream"),
+    ("rsync", "rsync over ssh through `tcpgate connect`"),
+    ("git", "git over ssh through `tcpgate connect`"),
     ("curl", "HTTP clients in tests"),
     ("openssl", "test keys and certificates"),
     ("procps", "ps, pgrep and sysctl"),
