@@ -1,19 +1,29 @@
 //! The audit log: one JSON line per session opened, session closed and
-//! connection denied. Writing happens on its own task behind a bounded
-//! queue, so a slow or failing disk never blocks a session.
+//! connection denied. Writing happens on its own task, so a slow or failing
+//! disk never blocks a session.
+//!
+//! Session lines are never dropped: they have their own queue, unbounded
+//! but fed only by admitted sessions (at most two lines each, and sessions
+//! are bounded by `max_sessions`). Denial lines, which any peer can cause,
+//! go through a bounded queue; when it is full they are dropped and
+//! counted in `tcpgate_audit_dropped`. Strings a peer chooses (subject,
+//! claims, details quoting a token's `kid`) are cut to a few hundred bytes.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-/// Events queued before new ones are dropped (and counted).
+/// Denial lines queued before new ones are dropped (and counted).
 const QUEUE_DEPTH: usize = 8192;
+/// Longest subject or claim value kept, in bytes.
+pub const MAX_FIELD: usize = 256;
+/// Longest detail kept, in bytes.
+pub const MAX_DETAIL: usize = 512;
 
 /// What happened.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -159,8 +169,11 @@ enum Message {
 /// Cheap to clone; every clone feeds the same writer task.
 #[derive(Clone)]
 pub struct AuditLog {
+    /// Denials (and flushes): bounded.
     tx: mpsc::Sender<Message>,
-    dropped: Arc<AtomicU64>,
+    /// Session lines: never dropped.
+    sessions: mpsc::UnboundedSender<Box<AuditEvent>>,
+    dropped: Counter,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -171,9 +184,50 @@ impl std::fmt::Debug for AuditLog {
     }
 }
 
+/// Cuts `text` to at most `max` bytes at a character boundary, saying so.
+#[must_use]
+pub fn truncate(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let total = text.len();
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(&format!("...[{total} bytes]"));
+    text
+}
+
+fn truncate_value(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::String(s) => *s = truncate(std::mem::take(s), MAX_FIELD),
+        serde_json::Value::Array(_) | serde_json::Value::Object(_) => {
+            let text = value.to_string();
+            if text.len() > MAX_FIELD {
+                *value = serde_json::Value::String(truncate(text, MAX_FIELD));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Bounds the fields a peer chooses.
+fn bound(event: &mut AuditEvent) {
+    if let Some(subject) = event.subject.take() {
+        event.subject = Some(truncate(subject, MAX_FIELD));
+    }
+    if let Some(detail) = event.detail.take() {
+        event.detail = Some(truncate(detail, MAX_DETAIL));
+    }
+    event.claims.values_mut().for_each(truncate_value);
+}
+
 impl AuditLog {
-    /// Opens the target and spawns the writer task on the current runtime.
-    pub async fn open(target: &AuditTarget) -> Result<Self, AuditError> {
+    /// Opens the target and spawns the writer task on the current runtime;
+    /// dropped denial lines are added to `dropped`.
+    pub async fn open(target: &AuditTarget, dropped: Counter) -> Result<Self, AuditError> {
         let sink: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match target {
             AuditTarget::Stdout => Box::new(tokio::io::stdout()),
             AuditTarget::File(path) => {
@@ -189,29 +243,41 @@ impl AuditLog {
                 Box::new(file)
             }
         };
-        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(write_loop(rx, sink));
-        Ok(Self {
-            tx,
-            dropped: Arc::new(AtomicU64::new(0)),
-        })
+        Ok(Self::with_sink(sink, dropped))
     }
 
-    /// Queues an event without waiting; if the writer is far behind, the
-    /// event is dropped and counted rather than stalling the caller.
-    pub fn record(&self, event: AuditEvent) {
+    fn with_sink(sink: Box<dyn tokio::io::AsyncWrite + Send + Unpin>, dropped: Counter) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let (sessions, session_rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(rx, session_rx, sink));
+        Self {
+            tx,
+            sessions,
+            dropped,
+        }
+    }
+
+    /// Queues an event without waiting. A session line always gets in; a
+    /// denial line is dropped and counted if the writer is far behind.
+    pub fn record(&self, mut event: AuditEvent) {
+        bound(&mut event);
+        if event.event != EventKind::ConnectionDenied {
+            // Fails only once the writer is gone (shutdown).
+            let _ = self.sessions.send(Box::new(event));
+            return;
+        }
         if self.tx.try_send(Message::Event(Box::new(event))).is_err() {
-            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            let dropped = self.dropped.inc() + 1;
             if dropped.is_power_of_two() {
-                tracing::error!(dropped, "audit log writer is behind; events dropped");
+                tracing::error!(dropped, "audit log writer is behind; denial lines dropped");
             }
         }
     }
 
-    /// Events dropped because the writer could not keep up.
+    /// Denial lines dropped because the writer could not keep up.
     #[must_use]
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.dropped.get()
     }
 
     /// Waits until every event queued so far has been written.
@@ -225,35 +291,54 @@ impl AuditLog {
 
 async fn write_loop(
     mut rx: mpsc::Receiver<Message>,
+    mut sessions: mpsc::UnboundedReceiver<Box<AuditEvent>>,
     mut sink: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
 ) {
     let mut failures: u64 = 0;
-    while let Some(message) = rx.recv().await {
-        let event = match message {
-            Message::Event(event) => event,
-            Message::Flush(done) => {
-                let _ = done.send(());
-                continue;
-            }
+    loop {
+        let event = tokio::select! {
+            // Session lines first: a flood of denials does not delay them.
+            biased;
+            Some(event) = sessions.recv() => event,
+            message = rx.recv() => match message {
+                Some(Message::Event(event)) => event,
+                Some(Message::Flush(done)) => {
+                    // Session lines queued before the flush are written first.
+                    while let Ok(event) = sessions.try_recv() {
+                        write_line(&mut sink, &event, &mut failures).await;
+                    }
+                    let _ = done.send(());
+                    continue;
+                }
+                None => return,
+            },
         };
-        let mut line = match serde_json::to_vec(&event) {
-            Ok(line) => line,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot serialise audit event");
-                continue;
-            }
-        };
-        line.push(b'\n');
-        let result = async {
-            sink.write_all(&line).await?;
-            sink.flush().await
+        write_line(&mut sink, &event, &mut failures).await;
+    }
+}
+
+async fn write_line(
+    sink: &mut Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    event: &AuditEvent,
+    failures: &mut u64,
+) {
+    let mut line = match serde_json::to_vec(event) {
+        Ok(line) => line,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serialise audit event");
+            return;
         }
-        .await;
-        if let Err(e) = result {
-            failures += 1;
-            if failures.is_power_of_two() {
-                tracing::error!(error = %e, failures, "cannot write audit log");
-            }
+    };
+    line.push(b'\n');
+    let result = async {
+        sink.write_all(&line).await?;
+        sink.flush().await
+    }
+    .await;
+    if let Err(e) = result {
+        *failures += 1;
+        if failures.is_power_of_two() {
+            tracing::error!(error = %e, failures = *failures, "cannot write audit log");
         }
     }
 }
@@ -266,7 +351,7 @@ mod tests {
     async fn events_are_json_lines_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&AuditTarget::File(path.clone()))
+        let log = AuditLog::open(&AuditTarget::File(path.clone()), Counter::default())
             .await
             .expect("open");
         for i in 0..3 {
@@ -296,9 +381,94 @@ mod tests {
 
     #[tokio::test]
     async fn unopenable_file_is_a_clear_error() {
-        let err = AuditLog::open(&AuditTarget::File("/nonexistent-dir/audit.jsonl".into()))
-            .await
-            .expect_err("must fail");
+        let err = AuditLog::open(
+            &AuditTarget::File("/nonexistent-dir/audit.jsonl".into()),
+            Counter::default(),
+        )
+        .await
+        .expect_err("must fail");
         assert!(err.to_string().contains("/nonexistent-dir/audit.jsonl"));
+    }
+
+    fn event(kind: EventKind) -> AuditEvent {
+        AuditEvent::new(kind, "198.51.100.2:40000".into(), "192.0.2.10:5432".into())
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_denials_never_drops_a_session_line() {
+        // A writer that cannot write until the test reads: the denial
+        // queue fills, and session lines still all get through.
+        let (sink, mut reader) = tokio::io::duplex(4096);
+        let dropped = Counter::default();
+        let log = AuditLog::with_sink(Box::new(sink), dropped.clone());
+        for i in 0..QUEUE_DEPTH + 500 {
+            log.record(event(EventKind::ConnectionDenied));
+            if i % 100 == 0 {
+                log.record(event(EventKind::SessionOpen));
+                log.record(event(EventKind::SessionClose));
+            }
+        }
+        assert!(dropped.get() >= 400, "denials dropped: {}", dropped.get());
+        let reading = tokio::spawn(async move {
+            let mut text = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut text)
+                .await
+                .expect("read");
+            text
+        });
+        log.flush().await;
+        drop(log);
+        let text = reading.await.expect("reader");
+        let text = String::from_utf8(text).expect("utf-8");
+        let count = |kind: &str| text.lines().filter(|l| l.contains(kind)).count();
+        let sessions = (QUEUE_DEPTH + 500).div_ceil(100);
+        assert_eq!(count("\"session_open\""), sessions);
+        assert_eq!(count("\"session_close\""), sessions);
+        assert_eq!(
+            count("\"connection_denied\"") as u64 + dropped.get(),
+            (QUEUE_DEPTH + 500) as u64
+        );
+    }
+
+    #[tokio::test]
+    async fn fields_a_peer_chooses_are_cut() {
+        let (sink, mut reader) = tokio::io::duplex(1 << 20);
+        let log = AuditLog::with_sink(Box::new(sink), Counter::default());
+        let kid = "k".repeat(16 * 1024);
+        let mut denied = event(EventKind::ConnectionDenied);
+        denied.detail = Some(format!("unknown_kid: no key with kid {kid:?}"));
+        denied.subject = Some("s".repeat(5000));
+        denied
+            .claims
+            .insert("ref".into(), serde_json::json!("r".repeat(5000)));
+        denied
+            .claims
+            .insert("groups".into(), serde_json::json!(vec!["g"; 3000]));
+        denied.claims.insert("job_id".into(), serde_json::json!(42));
+        log.record(denied);
+        log.flush().await;
+        drop(log);
+        let mut text = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut reader, &mut text)
+            .await
+            .expect("read");
+        assert!(text.len() < 2 * 1024, "line of {} bytes", text.len());
+        let line: serde_json::Value = serde_json::from_str(text.trim()).expect("json");
+        let detail = line["detail"].as_str().expect("detail");
+        assert!(
+            detail.starts_with("unknown_kid: no key with kid"),
+            "{detail}"
+        );
+        assert!(detail.ends_with("bytes]"), "says it was cut: {detail}");
+        assert!(line["subject"].as_str().expect("subject").len() <= MAX_FIELD + 20);
+        assert!(
+            line["claims"]["groups"]
+                .as_str()
+                .is_some_and(|g| g.len() <= MAX_FIELD + 20)
+        );
+        assert_eq!(
+            line["claims"]["job_id"], 42,
+            "small values stay as they are"
+        );
     }
 }

@@ -67,6 +67,10 @@ pub enum BpfError {
 #[derive(Debug, Clone, Copy)]
 pub struct MapSizes {
     pub max_sessions: u32,
+    /// Entries of the pinned `grants` map: one per preamble session, plus
+    /// every source grant the caps allow (a grant that does not fit is
+    /// refused, never hidden from operators).
+    pub grants: u32,
     /// `offsetof(struct sk_buff, cb)` in the running kernel, or 0 when
     /// unknown (the verdict then cannot see TCP sequence numbers; see
     /// [`crate::kernel_btf`]).
@@ -109,7 +113,7 @@ impl LoadedBpf {
         let sockets = sessions.saturating_mul(2);
         let ebpf = EbpfLoader::new()
             .map_max_entries(map_names::SESSIONS, sessions)
-            .map_max_entries(map_names::GRANTS, sessions)
+            .map_max_entries(map_names::GRANTS, sizes.grants.max(1))
             .map_max_entries(map_names::SOCKETS, sockets)
             .map_max_entries(map_names::SOCKHASH, sockets)
             .map_max_entries(map_names::DIRECTION_MODES, sockets)

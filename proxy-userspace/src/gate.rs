@@ -5,6 +5,10 @@
 //! with a deadline and a size bound and validated against policy. Until
 //! then the agent makes no upstream connection and sends nothing upstream.
 
+mod mirror;
+pub mod opening;
+pub mod pending;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
@@ -12,9 +16,12 @@ use std::time::{Duration, SystemTime};
 use proxy_common::session::{AUTH_PREAMBLE, AUTH_SOURCE_GRANT};
 use tokio::net::TcpStream;
 
-use crate::auth::preamble::{self, MAGIC, PreambleError, Status, VERSION};
+use crate::auth::limits::AuthLimits;
+use crate::auth::preamble::{self, PreambleError, Status};
 use crate::auth::{Grant, GrantKind, GrantStore, Policy, TokenValidator, ValidatedToken};
 use crate::session::Admitted;
+pub use mirror::{GrantMirror, MirrorFull, grant_record};
+use opening::FirstBytes;
 
 /// Everything admission needs; shared by all accept loops.
 pub struct Gate {
@@ -23,6 +30,9 @@ pub struct Gate {
     policy: std::sync::RwLock<std::sync::Arc<Policy>>,
     pub store: GrantStore,
     pub preamble_timeout: Duration,
+    pub limits: AuthLimits,
+    /// Connections waiting for their admission decision.
+    pub pending: std::sync::Arc<pending::Pending>,
     /// The pinned `grants` map, when eBPF is loaded.
     pub mirror: Option<GrantMirror>,
     /// Grants an operator revoked through the pinned map while the API was
@@ -36,12 +46,13 @@ pub struct Gate {
 pub struct Refusal {
     /// Stable reason for audit and metrics, e.g. `token_expired`.
     pub reason: &'static str,
-    /// For people: what exactly was wrong.
+    /// For people: what exactly was wrong. Goes to the audit line only.
     pub detail: String,
     /// Who the token named, when it was valid but not allowed.
     pub subject: Option<String>,
     pub claims: BTreeMap<String, serde_json::Value>,
-    /// Tell the client why (it spoke the preamble protocol).
+    /// Tell the client (it spoke the preamble protocol). Generic on
+    /// purpose: rule names, audience and upstream stay in the audit line.
     pub answer: Option<(Status, String)>,
 }
 
@@ -60,6 +71,24 @@ impl Refusal {
         self.answer = Some((status, message.into()));
         self
     }
+
+    /// A pending connection shed by a newer one over `bound`.
+    #[must_use]
+    pub fn shed(bound: pending::Bound) -> Self {
+        Self::new(
+            "pending_shed",
+            format!(
+                "shed as the oldest pending connection ([auth.limits] {} reached)",
+                bound.as_str()
+            ),
+        )
+    }
+
+    /// Answers `denied` with the stable reason code only.
+    fn denied(self) -> Self {
+        let message = format!("access denied ({})", self.reason);
+        self.answered(Status::Denied, message)
+    }
 }
 
 fn admitted(grant: &Grant, method: u16) -> Admitted {
@@ -70,21 +99,19 @@ fn admitted(grant: &Grant, method: u16) -> Admitted {
         auth_method: method,
         claims: std::sync::Arc::clone(&grant.audit_claims),
         answer_preamble: method == AUTH_PREAMBLE,
+        opening_unseen: false,
     }
 }
 
-/// Whether the client has already sent the start of a preamble (never waits).
-fn preamble_pending(client: &TcpStream) -> bool {
-    use nix::sys::socket::{MsgFlags, recv};
-    use std::os::fd::AsRawFd;
-    let mut head = [0u8; 5];
-    match recv(
-        client.as_raw_fd(),
-        &mut head,
-        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-    ) {
-        Ok(n) => n == head.len() && head[..4] == MAGIC && head[4] == VERSION,
-        Err(_) => false,
+fn preamble_refusal(e: &PreambleError) -> Refusal {
+    let refusal = Refusal::new(e.reason(), e.to_string());
+    match e {
+        // The client speaks the protocol: tell it what was wrong with the
+        // bytes it sent itself.
+        PreambleError::UnsupportedVersion(_)
+        | PreambleError::BadFlags(_)
+        | PreambleError::Oversized { .. } => refusal.answered(Status::Error, e.to_string()),
+        _ => refusal,
     }
 }
 
@@ -95,6 +122,7 @@ impl Gate {
         policy: Policy,
         store: GrantStore,
         preamble_timeout: Duration,
+        limits: AuthLimits,
         mirror: Option<GrantMirror>,
     ) -> Self {
         Self {
@@ -102,6 +130,8 @@ impl Gate {
             policy: std::sync::RwLock::new(std::sync::Arc::new(policy)),
             store,
             preamble_timeout,
+            pending: pending::Pending::new(limits.pending_connections, limits.pending_per_source),
+            limits,
             mirror,
             outside_revocations: std::sync::Mutex::default(),
         }
@@ -135,10 +165,11 @@ impl Gate {
         destination: SocketAddr,
     ) -> Result<Admitted, Refusal> {
         let now = SystemTime::now();
-        // A source grant admits at once, without waiting for bytes: the
-        // server may be the one to speak first. A preamble already sent
-        // anyway (a `tcpgate connect` client holding a grant) is still
-        // consumed, so it never reaches the upstream.
+        // A source grant admits without a preamble, but a client holding
+        // one may still send a preamble (`tcpgate connect`): wait a short
+        // while for the first bytes, so a preamble is read here and never
+        // reaches the upstream. Silence admits (the server may speak
+        // first); the session looks again once the upstream is connected.
         if let Some(grant) = self.store.covering(peer.ip(), destination, now) {
             if self.apply_outside_revocation(grant.id) {
                 return Err(Refusal::new(
@@ -146,59 +177,120 @@ impl Gate {
                     format!("grant {} was revoked through the pinned map", grant.id),
                 ));
             }
-            if !preamble_pending(client) {
-                return Ok(admitted(&grant, AUTH_SOURCE_GRANT));
+            let wait = self.limits.grant_first_bytes_wait();
+            match opening::first_bytes(client, wait, self.preamble_timeout).await {
+                FirstBytes::Protocol => return Ok(admitted(&grant, AUTH_SOURCE_GRANT)),
+                FirstBytes::Silent => {
+                    let mut admitted = admitted(&grant, AUTH_SOURCE_GRANT);
+                    admitted.opening_unseen = true;
+                    return Ok(admitted);
+                }
+                FirstBytes::Preamble => {}
+                FirstBytes::Stuck => {
+                    return Err(Refusal::new(
+                        "preamble_incomplete",
+                        "the first bytes began like a preamble and stopped",
+                    ));
+                }
             }
         }
-        let request = preamble::read_preamble(client, self.preamble_timeout)
+        self.admit_preamble(client, destination).await
+    }
+
+    /// For a session admitted by its grant before the client said
+    /// anything: once the upstream is connected, waits for the first side
+    /// to speak; a late preamble is read and judged here instead of being
+    /// spliced upstream.
+    pub async fn settle_opening(
+        &self,
+        client: &mut TcpStream,
+        upstream: &TcpStream,
+        destination: SocketAddr,
+        admitted: Admitted,
+    ) -> Result<Admitted, Refusal> {
+        if !admitted.opening_unseen {
+            return Ok(admitted);
+        }
+        match opening::first_speaker(client, upstream, self.preamble_timeout).await {
+            FirstBytes::Silent | FirstBytes::Protocol => Ok(admitted),
+            FirstBytes::Preamble => self.admit_preamble(client, destination).await,
+            FirstBytes::Stuck => Err(Refusal::new(
+                "preamble_incomplete",
+                "the first bytes began like a preamble and stopped",
+            )),
+        }
+    }
+
+    /// Reads, validates and judges a token preamble.
+    async fn admit_preamble(
+        &self,
+        client: &mut TcpStream,
+        destination: SocketAddr,
+    ) -> Result<Admitted, Refusal> {
+        let max_token = self.limits.max_token_len();
+        let request = preamble::read_preamble(client, self.preamble_timeout, max_token)
             .await
-            .map_err(|e| {
-                let refusal = Refusal::new(e.reason(), e.to_string());
-                match e {
-                    // The client speaks the protocol: tell it what went wrong.
-                    PreambleError::UnsupportedVersion(_)
-                    | PreambleError::BadFlags(_)
-                    | PreambleError::Oversized { .. } => {
-                        refusal.answered(Status::Error, e.to_string())
-                    }
-                    _ => refusal,
-                }
-            })?;
-        let token = self.validator.validate(&request.token).await.map_err(|e| {
-            Refusal::new(e.reason(), e.to_string())
-                .answered(Status::Denied, format!("token rejected: {e}"))
-        })?;
+            .map_err(|e| preamble_refusal(&e))?;
+        let token = self
+            .validator
+            .validate(&request.token)
+            .await
+            .map_err(|e| Refusal::new(e.reason(), e.to_string()).denied())?;
+        let now = SystemTime::now();
+        if self.store.refuses(&token, now) {
+            return Err(self.identified(
+                "revoked",
+                "the token's subject or jti was revoked",
+                &token,
+            ));
+        }
         let decision = self
             .policy()
             .decide(&token, destination, now)
-            .map_err(|d| {
-                with_identity(Refusal::new(d.reason(), d.to_string()), &token, &self.store)
-                    .answered(Status::Denied, format!("not allowed: {d}"))
-            })?;
+            .map_err(|d| self.identified(d.reason(), d.to_string(), &token))?;
         if decision.expires_at <= now {
-            return Err(with_identity(
-                Refusal::new(
-                    "token_expired",
-                    "the token expires within the configured leeway",
-                ),
+            return Err(self.identified(
+                "token_expired",
+                "the token expires within the configured leeway",
                 &token,
-                &self.store,
-            )
-            .answered(Status::Denied, "token rejected: token expired"));
+            ));
         }
-        let grant = self.record(
-            self.store
-                .create(GrantKind::Preamble, &token, &decision, now),
-        );
+        let grant = self
+            .store
+            .create(GrantKind::Preamble, &token, &decision, now)
+            .map_err(|e| self.identified(e.reason(), e.to_string(), &token))?;
+        let grant = self.record(grant).map_err(|e| {
+            Refusal::new("grant_table_full", crate::error_chain(&e))
+                .answered(Status::Error, "the agent is at capacity; retry later")
+        })?;
         Ok(admitted(&grant, AUTH_PREAMBLE))
     }
 
-    /// Mirrors a new grant into the pinned map and returns it.
-    pub fn record(&self, grant: Grant) -> Grant {
-        if let Some(mirror) = &self.mirror {
-            mirror.insert(&grant);
+    /// A denial of a valid token, with who it named for the audit line.
+    fn identified(
+        &self,
+        reason: &'static str,
+        detail: impl Into<String>,
+        token: &ValidatedToken,
+    ) -> Refusal {
+        let mut refusal = Refusal::new(reason, detail);
+        refusal.subject = Some(token.subject.clone());
+        refusal.claims = self.store.audit_claims(token);
+        refusal.denied()
+    }
+
+    /// Mirrors a new grant into the pinned map and returns it. A grant
+    /// the map cannot hold is dropped again: operators reading the map must
+    /// see every grant, so none may live outside it.
+    pub fn record(&self, grant: Grant) -> Result<Grant, MirrorFull> {
+        if let Some(mirror) = &self.mirror
+            && let Err(e) = mirror.insert(&grant)
+        {
+            self.store.release(grant.id);
+            tracing::warn!(grant = %grant.id, error = %e, "grant refused: the pinned grants map is full");
+            return Err(e);
         }
-        grant
+        Ok(grant)
     }
 
     /// Removes an ended grant from the pinned map.
@@ -258,120 +350,4 @@ impl Gate {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
-}
-
-fn with_identity(mut refusal: Refusal, token: &ValidatedToken, store: &GrantStore) -> Refusal {
-    refusal.subject = Some(token.subject.clone());
-    refusal.claims = store.audit_claims(token);
-    refusal
-}
-
-/// Keeps the pinned `grants` map in step with the grant store, so operators
-/// see grants without asking the agent.
-pub struct GrantMirror {
-    map: std::sync::Mutex<
-        aya::maps::HashMap<aya::maps::MapData, u64, proxy_common::grant::GrantRecord>,
-    >,
-}
-
-impl GrantMirror {
-    #[must_use]
-    pub fn new(
-        map: aya::maps::HashMap<aya::maps::MapData, u64, proxy_common::grant::GrantRecord>,
-    ) -> Self {
-        Self {
-            map: std::sync::Mutex::new(map),
-        }
-    }
-
-    /// Adds or replaces a grant's record.
-    pub fn insert(&self, grant: &Grant) {
-        let record = grant_record(grant);
-        if let Err(e) = self.lock().insert(grant.id.0, record, 0) {
-            tracing::warn!(grant = %grant.id, error = %e, "cannot pin grant record (grants map full?)");
-        }
-    }
-
-    pub fn remove(&self, id: crate::auth::GrantId) {
-        let _ = self.lock().remove(&id.0);
-    }
-
-    /// Whether an operator set [`GRANT_FLAG_REVOKED`] on this grant's record.
-    ///
-    /// [`GRANT_FLAG_REVOKED`]: proxy_common::grant::GRANT_FLAG_REVOKED
-    #[must_use]
-    pub fn is_flagged_revoked(&self, id: crate::auth::GrantId) -> bool {
-        self.lock()
-            .get(&id.0, 0)
-            .is_ok_and(|r| r.flags & proxy_common::grant::GRANT_FLAG_REVOKED != 0)
-    }
-
-    /// Whether an operator left the revocations-pending marker; removes it.
-    #[must_use]
-    pub fn take_pending_marker(&self) -> bool {
-        self.lock()
-            .remove(&proxy_common::grant::REVOCATIONS_PENDING_KEY)
-            .is_ok()
-    }
-
-    /// Ids of every record an operator flagged revoked.
-    #[must_use]
-    pub fn flagged_revoked(&self) -> Vec<u64> {
-        self.lock()
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(id, r)| {
-                *id != proxy_common::grant::REVOCATIONS_PENDING_KEY
-                    && r.flags & proxy_common::grant::GRANT_FLAG_REVOKED != 0
-            })
-            .map(|(id, _)| id)
-            .collect()
-    }
-
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        aya::maps::HashMap<aya::maps::MapData, u64, proxy_common::grant::GrantRecord>,
-    > {
-        self.map
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-fn unix_ns(time: SystemTime) -> u64 {
-    time.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
-/// The plain-data record of a grant.
-#[must_use]
-pub fn grant_record(grant: &Grant) -> proxy_common::grant::GrantRecord {
-    use proxy_common::addr::{fill_str, v4_mapped};
-    use proxy_common::grant::{GRANT_PREAMBLE, GRANT_SOURCE, GrantRecord, RULE_NAME_LEN};
-    use proxy_common::session::SUBJECT_LEN;
-    let (kind, source_addr) = match grant.kind {
-        GrantKind::Preamble => (GRANT_PREAMBLE, [0u8; 16]),
-        GrantKind::Source { source } => (
-            GRANT_SOURCE,
-            match source.to_canonical() {
-                std::net::IpAddr::V4(v4) => v4_mapped(v4.octets()),
-                std::net::IpAddr::V6(v6) => v6.octets(),
-            },
-        ),
-    };
-    let mut record = GrantRecord {
-        grant_id: grant.id.0,
-        created_unix_ns: unix_ns(grant.created_at),
-        expires_unix_ns: unix_ns(grant.expires_at),
-        source_addr,
-        kind,
-        flags: 0,
-        subject: [0; SUBJECT_LEN],
-        rule: [0; RULE_NAME_LEN],
-    };
-    fill_str(&mut record.subject, &grant.subject);
-    fill_str(&mut record.rule, &grant.rule);
-    record
 }

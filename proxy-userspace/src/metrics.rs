@@ -45,6 +45,11 @@ struct BytesLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DatapathLabels {
     datapath: &'static str,
 }
@@ -102,6 +107,8 @@ pub struct Metrics {
     bytes: Family<BytesLabels, Counter>,
     /// Final counters of ended sessions, added when each ends.
     closed_bytes: [AtomicU64; 4],
+    limit_hits: Family<LimitLabels, Counter>,
+    audit_dropped: Counter,
     ebpf_redirect_failures: Counter,
     ebpf_redirected_skbs: Counter,
     ebpf_lookups_steered: Counter,
@@ -135,6 +142,8 @@ impl Metrics {
             grants_live: Gauge::default(),
             bytes: Family::default(),
             closed_bytes: Default::default(),
+            limit_hits: Family::default(),
+            audit_dropped: Counter::default(),
             ebpf_redirect_failures: Counter::default(),
             ebpf_redirected_skbs: Counter::default(),
             ebpf_lookups_steered: Counter::default(),
@@ -197,6 +206,16 @@ impl Metrics {
             self.expiry_teardown_seconds.clone(),
         );
         registry.register(
+            "limit_hits",
+            "Times a bound was hit, by its [auth.limits] field (pending_connections, pending_per_source, grants_per_subject, grants_per_source, max_grants, grants_map)",
+            self.limit_hits.clone(),
+        );
+        registry.register(
+            "audit_dropped",
+            "Audit lines dropped because the writer was behind (connection_denied lines only; session lines are never dropped)",
+            self.audit_dropped.clone(),
+        );
+        registry.register(
             "ebpf_redirect_failures",
             "Skbs the verdict program could not redirect (peer socket missing), all CPUs",
             self.ebpf_redirect_failures.clone(),
@@ -257,6 +276,17 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// A bound was hit (`limit` names its config field).
+    pub fn limit_hit(&self, limit: &'static str) {
+        self.limit_hits.get_or_create(&LimitLabels { limit }).inc();
+    }
+
+    /// The counter the audit log adds its dropped lines to.
+    #[must_use]
+    pub fn audit_dropped(&self) -> Counter {
+        self.audit_dropped.clone()
     }
 
     /// How long admission took.

@@ -108,6 +108,11 @@ impl Registry {
         told
     }
 
+    /// Ends one session; returns whether it was live.
+    pub fn stop_one(&self, id: u64, reason: EndReason) -> bool {
+        self.lock().get(&id).is_some_and(|h| h.stop.stop(reason))
+    }
+
     /// Metadata of every spliced session.
     #[must_use]
     pub fn snapshot(&self) -> Vec<SessionMeta> {

@@ -61,6 +61,10 @@ pub struct Admitted {
     pub claims: std::sync::Arc<BTreeMap<String, serde_json::Value>>,
     /// The client sent a preamble and waits for the agent's answer.
     pub answer_preamble: bool,
+    /// Admitted by a source grant before the client sent anything: its
+    /// first bytes are judged once the upstream is connected (a late
+    /// preamble must never be spliced upstream).
+    pub opening_unseen: bool,
 }
 
 impl Admitted {
@@ -145,9 +149,17 @@ pub async fn handle(
         None => Admitted::unauthenticated(),
         Some(gate) => {
             let clock = Instant::now();
+            let (slot, hit) = gate.pending.enter(peer.ip());
+            for bound in hit {
+                services.metrics.limit_hit(bound.as_str());
+            }
             // Boxed: its state is dropped once decided instead of sizing every
             // live session's future.
-            let decision = Box::pin(gate.admit(&mut client, peer, target.destination)).await;
+            let decision = tokio::select! {
+                decision = Box::pin(gate.admit(&mut client, peer, target.destination)) => decision,
+                bound = slot.shed() => Err(Refusal::shed(bound)),
+            };
+            drop(slot);
             services
                 .metrics
                 .authenticated(decision.is_ok(), clock.elapsed());
@@ -182,8 +194,11 @@ async fn refuse(
     event.subject = refusal.subject;
     event.claims = refusal.claims;
     event.reason = Some("auth_failed".to_owned());
-    event.detail = Some(format!("{}: {}", refusal.reason, refusal.detail));
-    tracing::info!(client = %peer, destination = %target.destination, reason = refusal.reason, detail = %refusal.detail, "connection denied");
+    // The detail may quote what the peer sent (a `kid`): bounded here for
+    // the log line too, not only in the audit line.
+    let detail = crate::audit::truncate(refusal.detail, crate::audit::MAX_DETAIL);
+    tracing::info!(client = %peer, destination = %target.destination, reason = refusal.reason, detail = %detail, "connection denied");
+    event.detail = Some(format!("{}: {detail}", refusal.reason));
     services.metrics.denied(refusal.reason);
     services.audit.record(event);
     match refusal.answer {
@@ -266,12 +281,8 @@ pub async fn serve(
             let detail = crate::error_chain(&e);
             tracing::warn!(client = %peer, upstream = %target.upstream, error = %detail, "upstream unreachable");
             if admitted.answer_preamble {
-                answer_and_close(
-                    &mut client,
-                    Status::Error,
-                    &format!("upstream unreachable: {detail}"),
-                )
-                .await;
+                // The detail (address, errno) stays in the audit line.
+                answer_and_close(&mut client, Status::Error, "upstream unreachable").await;
             } else {
                 let _ = sockopt::set_linger_zero(client.as_fd());
             }
@@ -288,6 +299,14 @@ pub async fn serve(
             );
             services.audit.record(event);
             release_grant(&services, &admitted);
+            return;
+        }
+    };
+    let admitted = match settle_opening(&services, &mut client, &upstream, &target, admitted).await
+    {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            refuse(&services, client, peer, &target, refusal).await;
             return;
         }
     };
@@ -310,6 +329,7 @@ pub async fn serve(
         subject: admitted.subject.clone(),
     };
     let stop = admission.register(meta.clone());
+    recheck_grant(&services, &meta);
     record_open(&services, &meta, &target, &admitted);
     tracing::debug!(session = %format_args!("{:016x}", meta.id), client = %peer, upstream = %target.upstream, "session spliced");
 
@@ -341,6 +361,40 @@ pub async fn serve(
         clock.elapsed(),
     ));
     tracing::debug!(session = %format_args!("{:016x}", meta.id), reason = outcome.reason.as_str(), "session ended");
+}
+
+/// See [`Gate::settle_opening`].
+async fn settle_opening(
+    services: &Services,
+    client: &mut TcpStream,
+    upstream: &TcpStream,
+    target: &Target,
+    admitted: Admitted,
+) -> Result<Admitted, Refusal> {
+    match &services.gate {
+        Some(gate) if admitted.opening_unseen => {
+            Box::pin(gate.settle_opening(client, upstream, target.destination, admitted)).await
+        }
+        _ => Ok(admitted),
+    }
+}
+
+/// Closes the admission race: a revocation (or expiry) that removed the
+/// grant after admission read it but before the session was registered
+/// found no session to stop; the session stops itself instead.
+fn recheck_grant(services: &Services, meta: &SessionMeta) {
+    let Some(gate) = &services.gate else {
+        return;
+    };
+    if meta.grant_id == 0 || gate.store.contains(GrantId(meta.grant_id)) {
+        return;
+    }
+    let reason = if meta.expires.is_some_and(|at| at <= SystemTime::now()) {
+        EndReason::GrantExpired
+    } else {
+        EndReason::Revoked
+    };
+    services.registry.stop_one(meta.id, reason);
 }
 
 /// `tcpgate revoke` without the API destroys a grant's sockets from

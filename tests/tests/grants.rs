@@ -307,7 +307,8 @@ fn connect_helper_relays_and_forwards() -> Result<()> {
         output.status
     );
     ensure!(
-        String::from_utf8_lossy(&output.stderr).contains("no policy rule"),
+        String::from_utf8_lossy(&output.stderr).contains("access denied (no_rule_matched)")
+            && !String::from_utf8_lossy(&output.stderr).contains("deploy"),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );

@@ -37,12 +37,13 @@ pub async fn start(
         .await
         .map_err(AuthStartError::Keys)?;
     let policy = Policy::from_config(&config.policy, auth).map_err(AuthStartError::Policy)?;
-    let store = GrantStore::new(auth.audit_claims.clone());
+    let store = GrantStore::with_limits(auth.audit_claims.clone(), auth.limits.clone());
     let gate = Arc::new(Gate::new(
         validator.clone(),
         policy,
         store.clone(),
         auth.preamble_timeout(),
+        auth.limits.clone(),
         mirror,
     ));
     tokio::spawn(validator.run_refresh(stopped(stop.clone())));

@@ -33,14 +33,18 @@ const TEARDOWN_BOUND: Duration = Duration::from_secs(5);
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupError> {
     let mut started = startup::start(&config).await?;
-    let audit = AuditLog::open(&AuditTarget::parse(&config.audit.path)).await?;
-    let (stop_background, background) = watch::channel(false);
-    let registry = crate::registry::Registry::new(config.agent.max_sessions as usize);
-    let gate = auth::start(&config, &registry, started.take_grant_mirror(), &background).await?;
     let metrics = Arc::new(crate::metrics::Metrics::new(
         started.datapath.kind(),
         started.take_stats(),
     ));
+    let audit = AuditLog::open(
+        &AuditTarget::parse(&config.audit.path),
+        metrics.audit_dropped(),
+    )
+    .await?;
+    let (stop_background, background) = watch::channel(false);
+    let registry = crate::registry::Registry::new(config.agent.max_sessions as usize);
+    let gate = auth::start(&config, &registry, started.take_grant_mirror(), &background).await?;
     let services = Arc::new(Services {
         datapath: started.datapath.clone(),
         audit: audit.clone(),

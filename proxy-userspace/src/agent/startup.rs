@@ -182,8 +182,20 @@ fn fallback(reason: &(dyn std::error::Error + 'static), config: &Config) -> Data
 type LoadedObject = (LoadedBpf, Option<tokio::task::JoinHandle<()>>);
 
 fn load_object(config: &Config) -> Result<LoadedObject, EbpfSetupError> {
+    // Preamble grants live as long as their session (or a pending
+    // admission); source grants up to their cap; one marker record.
+    let grant_room = config.auth.as_ref().map_or(0, |a| {
+        a.limits
+            .max_grants
+            .saturating_add(a.limits.pending_connections)
+    });
     let sizes = MapSizes {
         max_sessions: config.agent.max_sessions,
+        grants: config
+            .agent
+            .max_sessions
+            .saturating_add(u32::try_from(grant_room).unwrap_or(u32::MAX))
+            .saturating_add(1),
         skb_cb_offset: crate::kernel_btf::skb_cb_offset(),
     };
     let mut bpf = LoadedBpf::load(sizes, &config.agent.pin_dir)?;

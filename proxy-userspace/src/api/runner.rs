@@ -66,6 +66,9 @@ async fn create_grant(
         let request = request.parse()?;
         let token = gate.validator.validate(token).await.map_err(|e| ApiError::from_token_error(&e))?;
         let now = SystemTime::now();
+        if gate.store.refuses(&token, now) {
+            return Err(ApiError::new(403, "revoked", "access denied (revoked)"));
+        }
         let decision = gate
             .policy()
             .decide_grant(&token, request.destinations, request.lifetime, now)
@@ -73,7 +76,14 @@ async fn create_grant(
         if decision.expires_at <= now {
             return Err(ApiError::new(401, "token_expired", "the token expires within the configured leeway"));
         }
-        let grant = gate.record(gate.store.create(GrantKind::Source { source: peer.ip() }, &token, &decision, now));
+        let grant = gate
+            .store
+            .create(GrantKind::Source { source: peer.ip() }, &token, &decision, now)
+            .map_err(|e| create_refused(&state, e))?;
+        let grant = gate.record(grant).map_err(|_| {
+            state.metrics.limit_hit("grants_map");
+            ApiError::new(503, "grant_limit", "the agent holds as many grants as it can; retry later")
+        })?;
         tracing::info!(grant = %grant.id, subject = %grant.subject, source = %peer.ip(), rule = %grant.rule, "grant created");
         GrantResponse::from_grant(&grant).ok_or_else(|| ApiError::new(500, "internal_error", "grant has no source"))
     }
@@ -87,7 +97,24 @@ async fn create_grant(
     }
 }
 
-/// `DELETE /v1/grants/{id}` by the grant's own subject (same bearer token
+/// A grant the store would not create: revoked, or a cap reached.
+fn create_refused(state: &ApiState, e: crate::auth::CreateError) -> ApiError {
+    match e {
+        crate::auth::CreateError::Revoked => {
+            ApiError::new(403, "revoked", "access denied (revoked)")
+        }
+        crate::auth::CreateError::Limit(limit) => {
+            state.metrics.limit_hit(limit.as_str());
+            ApiError::new(
+                429,
+                "grant_limit",
+                format!("too many live grants ({} reached)", limit.as_str()),
+            )
+        }
+    }
+}
+
+/// `DELETE /v1/grants/{id}` by the grant's own issuer and subject (same bearer token
 /// subject): a job ending early gives its access back.
 async fn delete_own_grant(
     State(state): State<Arc<ApiState>>,
@@ -111,9 +138,11 @@ async fn delete_own_grant(
         let id: GrantId = id
             .parse()
             .map_err(|_| ApiError::bad_request(format!("{id:?} is not a grant id")))?;
+        // GitLab shares `sub` per project and ref across issuers' tokens:
+        // only the same issuer and subject may give a grant back.
         match gate.store.get(id) {
-            Some(grant) if grant.subject == token.subject => {
-                gate.store.revoke(id);
+            Some(grant) if grant.issuer == token.issuer && grant.subject == token.subject => {
+                gate.store.give_back(id);
                 Ok(())
             }
             _ => Err(ApiError::new(

@@ -57,7 +57,7 @@ impl DurationSpec {
     }
 
     /// Checks the value parses and, with `allow_zero == false`, is positive.
-    fn check(&self, path: String, allow_zero: bool, errors: &mut Vec<FieldError>) {
+    pub(crate) fn check(&self, path: String, allow_zero: bool, errors: &mut Vec<FieldError>) {
         match self.parsed {
             None => errors.push(FieldError::new(
                 path,
@@ -138,6 +138,9 @@ pub struct AuthConfig {
     pub audit_claims: Vec<String>,
     #[serde(default, rename = "issuer")]
     pub issuers: Vec<IssuerConfig>,
+    /// `[auth.limits]`: bounds before and after authentication.
+    #[serde(default)]
+    pub limits: super::limits::AuthLimits,
 }
 
 fn default_leeway() -> DurationSpec {
@@ -237,6 +240,7 @@ impl AuthConfig {
         self.leeway.check("auth.leeway".into(), true, &mut errors);
         self.preamble_timeout
             .check("auth.preamble_timeout".into(), false, &mut errors);
+        self.limits.validate(&mut errors);
         for (i, claim) in self.audit_claims.iter().enumerate() {
             if claim.trim().is_empty() {
                 errors.push(FieldError::new(

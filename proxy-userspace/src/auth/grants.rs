@@ -13,57 +13,22 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 
 use super::destination::{Destination, set_contains};
+pub use super::grant_id::{BadGrantId, GrantId};
+pub use super::grant_table::{CreateError, GrantLimit};
+use super::grant_table::{Entry, State};
+use super::limits::AuthLimits;
 use super::policy::Decision;
+use super::revocations::{Identity, token_jti};
 use super::token::ValidatedToken;
-
-/// A grant id: random high 32 bits per store (so ids differ across agent
-/// restarts) and a counter below. Never zero. Shown as 16 hex digits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct GrantId(pub u64);
-
-impl fmt::Display for GrantId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("grant id {0:?} is not 1 to 16 hex digits")]
-pub struct BadGrantId(String);
-
-impl FromStr for GrantId {
-    type Err = BadGrantId;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match u64::from_str_radix(s, 16) {
-            Ok(v) if v != 0 && !s.starts_with('+') && s.len() <= 16 => Ok(GrantId(v)),
-            _ => Err(BadGrantId(s.to_owned())),
-        }
-    }
-}
-
-impl Serialize for GrantId {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for GrantId {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
 
 /// How a grant was obtained. Serialized flat: `"kind": "source", "source": ip`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -92,6 +57,12 @@ pub struct Grant {
     /// The configured `audit_claims` present in the token; shared with the
     /// sessions under the grant.
     pub audit_claims: std::sync::Arc<BTreeMap<String, Value>>,
+    /// The token's `jti`, denied on revocation so the token cannot ask again.
+    #[serde(skip)]
+    pub jti: Option<String>,
+    /// The token's own `exp` (the grant may end sooner).
+    #[serde(skip)]
+    pub token_expires_at: SystemTime,
 }
 
 impl Grant {
@@ -113,16 +84,6 @@ pub enum GrantEvent {
 
 const EVENT_CAPACITY: usize = 1024;
 
-struct Entry {
-    grant: Grant,
-    deadline: Instant,
-}
-
-struct State {
-    grants: HashMap<GrantId, Entry>,
-    counter: u32,
-}
-
 struct Inner {
     state: Mutex<State>,
     /// Wakes the expiry task when the set of deadlines changed.
@@ -130,6 +91,7 @@ struct Inner {
     events: broadcast::Sender<GrantEvent>,
     id_prefix: u64,
     audit_claims: Vec<String>,
+    caps: AuthLimits,
 }
 
 /// The grant table. Cheap to clone; all clones share it.
@@ -147,19 +109,23 @@ impl fmt::Debug for GrantStore {
 }
 
 impl GrantStore {
-    /// `audit_claims` names the token claims copied into each grant.
+    /// `audit_claims` names the token claims copied into each grant; the
+    /// grant caps are the defaults.
     pub fn new(audit_claims: Vec<String>) -> GrantStore {
+        Self::with_limits(audit_claims, AuthLimits::default())
+    }
+
+    /// Like [`GrantStore::new`], with the caps of `limits`.
+    pub fn with_limits(audit_claims: Vec<String>, limits: AuthLimits) -> GrantStore {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         GrantStore {
             inner: Arc::new(Inner {
-                state: Mutex::new(State {
-                    grants: HashMap::new(),
-                    counter: 0,
-                }),
+                state: Mutex::new(State::default()),
                 changed: Notify::new(),
                 events,
                 id_prefix: u64::from(rand::random::<u32>()) << 32,
                 audit_claims,
+                caps: limits,
             }),
         }
     }
@@ -179,24 +145,33 @@ impl GrantStore {
             .collect()
     }
 
+    /// Notes a validated token and says whether a revocation refuses it.
+    pub fn refuses(&self, token: &ValidatedToken, now: SystemTime) -> bool {
+        let mut state = self.state();
+        state.revocations.saw(token, now);
+        state.revocations.refuses(token, now)
+    }
+
     /// Drops a grant whose purpose ended (the one session a preamble
-    /// admitted), without a revocation event.
+    /// admitted, or a runner giving its grant back), without a deny entry.
     pub fn release(&self, id: GrantId) -> Option<Grant> {
-        let removed = self.state().grants.remove(&id).map(|e| e.grant);
+        let removed = self.state().take(id);
         if removed.is_some() {
             self.inner.changed.notify_one();
         }
         removed
     }
 
-    /// Records a grant for `decision` and returns it.
+    /// Records a grant for `decision` and returns it; refused when the
+    /// token was revoked or a cap on source grants is reached (checked
+    /// under the same lock as revocations, so none slips in between).
     pub fn create(
         &self,
         kind: GrantKind,
         token: &ValidatedToken,
         decision: &Decision,
         now: SystemTime,
-    ) -> Grant {
+    ) -> Result<Grant, CreateError> {
         let kind = match kind {
             GrantKind::Source { source } => GrantKind::Source {
                 source: source.to_canonical(),
@@ -209,6 +184,16 @@ impl GrantStore {
             .duration_since(now)
             .unwrap_or(Duration::ZERO);
         let mut state = self.state();
+        state.revocations.saw(token, now);
+        if state.revocations.refuses(token, now) {
+            return Err(CreateError::Revoked);
+        }
+        if let GrantKind::Source { source } = kind {
+            let who = (token.issuer.clone(), token.subject.clone());
+            state
+                .check_caps(&self.inner.caps, &who, source)
+                .map_err(CreateError::Limit)?;
+        }
         state.counter = state.counter.checked_add(1).unwrap_or(1);
         let id = GrantId(self.inner.id_prefix | u64::from(state.counter));
         let grant = Grant {
@@ -221,38 +206,41 @@ impl GrantStore {
             expires_at: decision.expires_at,
             destinations: decision.destinations.clone(),
             audit_claims,
+            jti: token_jti(token),
+            token_expires_at: token.expires_at,
         };
-        state.grants.insert(
-            id,
-            Entry {
-                grant: grant.clone(),
-                deadline: Instant::now() + remaining,
-            },
-        );
+        state.insert(Entry {
+            grant: grant.clone(),
+            deadline: Instant::now() + remaining,
+        });
         drop(state);
         self.inner.changed.notify_one();
-        grant
+        Ok(grant)
     }
 
     /// A live source-bound grant of `source` that includes `dest`; the one
     /// lasting longest when several do.
     pub fn covering(&self, source: IpAddr, dest: SocketAddr, now: SystemTime) -> Option<Grant> {
         let source = source.to_canonical();
-        self.state()
-            .grants
-            .values()
+        let state = self.state();
+        state
+            .by_source
+            .get(&source)?
+            .iter()
+            .filter_map(|id| state.grants.get(id))
             .map(|e| &e.grant)
-            .filter(|g| {
-                g.source() == Some(source)
-                    && g.expires_at > now
-                    && set_contains(&g.destinations, dest)
-            })
+            .filter(|g| g.expires_at > now && set_contains(&g.destinations, dest))
             .max_by_key(|g| g.expires_at)
             .cloned()
     }
 
     pub fn get(&self, id: GrantId) -> Option<Grant> {
         self.state().grants.get(&id).map(|e| e.grant.clone())
+    }
+
+    /// Whether `id` is live (cheaper than [`GrantStore::get`]).
+    pub fn contains(&self, id: GrantId) -> bool {
+        self.state().grants.contains_key(&id)
     }
 
     /// All grants, oldest first.
@@ -275,9 +263,22 @@ impl GrantStore {
         self.len() == 0
     }
 
-    /// Removes a grant and broadcasts [`GrantEvent::Revoked`].
+    /// Revokes a grant: removes it, denies its token (by `jti`, when it
+    /// has one) until the token's `exp`, and broadcasts
+    /// [`GrantEvent::Revoked`].
     pub fn revoke(&self, id: GrantId) -> Option<Grant> {
-        let removed = self.state().grants.remove(&id).map(|e| e.grant);
+        let removed = {
+            let mut state = self.state();
+            let removed = state.take(id);
+            if let Some(g) = &removed
+                && let Some(jti) = &g.jti
+            {
+                state
+                    .revocations
+                    .deny_token(&g.issuer, jti, g.token_expires_at);
+            }
+            removed
+        };
         if removed.is_some() {
             let _ = self.inner.events.send(GrantEvent::Revoked(id));
             self.inner.changed.notify_one();
@@ -285,8 +286,37 @@ impl GrantStore {
         removed
     }
 
-    /// Revokes every grant of `subject`.
+    /// Ends a grant its own holder gave back: its sessions end as
+    /// revoked, but the token is not denied.
+    pub fn give_back(&self, id: GrantId) -> Option<Grant> {
+        let removed = self.state().take(id);
+        if removed.is_some() {
+            let _ = self.inner.events.send(GrantEvent::Revoked(id));
+            self.inner.changed.notify_one();
+        }
+        removed
+    }
+
+    /// Revokes every grant of `subject`, under every issuer, and denies
+    /// those identities until the latest `exp` seen for each: the same
+    /// tokens are refused from now on.
     pub fn revoke_subject(&self, subject: &str) -> Vec<Grant> {
+        let now = SystemTime::now();
+        let mut state = self.state();
+        let mut holds: HashMap<Identity, SystemTime> = HashMap::new();
+        for who in state.revocations.seen_with_subject(subject) {
+            holds.entry(who).or_insert(now);
+        }
+        for e in state.grants.values().filter(|e| e.grant.subject == subject) {
+            let until = holds
+                .entry((e.grant.issuer.clone(), e.grant.subject.clone()))
+                .or_insert(now);
+            *until = (*until).max(e.grant.token_expires_at);
+        }
+        for (who, until) in holds {
+            state.revocations.deny_identity(who, until, now);
+        }
+        drop(state);
         self.remove_where(|e| e.grant.subject == subject, GrantEvent::Revoked)
     }
 
@@ -309,10 +339,7 @@ impl GrantStore {
                 .filter(|(_, e)| pred(e))
                 .map(|(id, _)| *id)
                 .collect();
-            ids.iter()
-                .filter_map(|id| state.grants.remove(id))
-                .map(|e| e.grant)
-                .collect()
+            ids.iter().filter_map(|id| state.take(*id)).collect()
         };
         removed.sort_by_key(|g| (g.expires_at, g.id));
         for g in &removed {
@@ -350,6 +377,7 @@ impl GrantStore {
             }
             let now = Instant::now();
             self.remove_where(|e| e.deadline <= now, GrantEvent::Expired);
+            self.state().revocations.sweep(SystemTime::now());
         }
     }
 }

@@ -35,15 +35,19 @@ pub mod client;
 pub mod config;
 /// Destinations are shared with interception; see [`crate::dest`].
 pub use crate::dest as destination;
+mod grant_id;
+mod grant_table;
 pub mod grants;
 pub mod jwks;
+pub mod limits;
 pub mod matcher;
 pub mod policy;
 pub mod preamble;
+pub mod revocations;
 pub mod token;
 
 pub use config::{AuthConfig, FieldError, IssuerConfig, RuleConfig, validate_all};
 pub use destination::{Destination, DestinationSpec, PortRange};
-pub use grants::{Grant, GrantEvent, GrantId, GrantKind, GrantStore};
+pub use grants::{CreateError, Grant, GrantEvent, GrantId, GrantKind, GrantLimit, GrantStore};
 pub use policy::{Decision, Denial, Policy};
 pub use token::{TokenError, TokenValidator, ValidatedToken};

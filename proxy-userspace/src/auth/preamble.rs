@@ -238,17 +238,45 @@ async fn fill<R: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// What the first bytes of a connection say about a preamble.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// They start with the magic: a preamble (perhaps a broken one).
+    Preamble,
+    /// They differ from the magic: the client's own protocol.
+    Other,
+    /// Too few bytes to tell, and all of them match the magic so far.
+    Undecided,
+}
+
+/// Classifies the first bytes of a connection by the magic alone, so that
+/// even a bare `T` is never taken for the client's protocol too early.
+#[must_use]
+pub fn opening(bytes: &[u8]) -> Opening {
+    let n = bytes.len().min(MAGIC.len());
+    if bytes[..n] != MAGIC[..n] {
+        Opening::Other
+    } else if n == MAGIC.len() {
+        Opening::Preamble
+    } else {
+        Opening::Undecided
+    }
+}
+
 /// Reads one request preamble, and nothing beyond it, within `deadline`
 /// for the whole preamble (a client trickling bytes cannot hold the slot).
-/// Do not hand this a buffered reader: its buffer would swallow client data.
+/// A declared token length over `max_token` is refused before any buffer
+/// is allocated. Do not hand this a buffered reader: its buffer would
+/// swallow client data.
 pub async fn read_preamble<R: AsyncRead + Unpin>(
     r: &mut R,
     deadline: Duration,
+    max_token: usize,
 ) -> Result<Preamble, PreambleError> {
     let read = async {
         let mut header = [0u8; HEADER_LEN];
         fill(r, &mut header, 0, HEADER_LEN).await?;
-        let len = check_header(&header, MAX_TOKEN_LEN, check_flags)?;
+        let len = check_header(&header, max_token.min(MAX_TOKEN_LEN), check_flags)?;
         let mut body = vec![0u8; len];
         fill(r, &mut body, HEADER_LEN, HEADER_LEN + len).await?;
         Ok(Preamble {

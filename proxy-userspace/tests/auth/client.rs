@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tcpgate::auth::client::{ClientError, connect_with_preamble, request_grant};
-use tcpgate::auth::preamble::{Status, encode_response, read_preamble};
+use tcpgate::auth::preamble::{MAX_TOKEN_LEN, Status, encode_response, read_preamble};
 use tcpgate::auth::{Destination, DestinationSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -25,7 +25,9 @@ async fn fake_agent(
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.expect("accept");
-        let p = read_preamble(&mut s, TIMEOUT).await.expect("preamble");
+        let p = read_preamble(&mut s, TIMEOUT, MAX_TOKEN_LEN)
+            .await
+            .expect("preamble");
         s.write_all(&encode_response(status, message))
             .await
             .expect("answer");

@@ -62,12 +62,14 @@ fn audit_store() -> GrantStore {
 fn covering_finds_live_source_grants_for_allowed_destinations() {
     let store = audit_store();
     let now = SystemTime::now();
-    let g = store.create(
-        source("198.51.100.20"),
-        &token("alice"),
-        &decision(now, 600),
-        now,
-    );
+    let g = store
+        .create(
+            source("198.51.100.20"),
+            &token("alice"),
+            &decision(now, 600),
+            now,
+        )
+        .expect("create");
     assert_eq!(
         g.source(),
         Some("198.51.100.20".parse::<IpAddr>().expect("ip"))
@@ -117,7 +119,9 @@ fn covering_finds_live_source_grants_for_allowed_destinations() {
             .is_none()
     );
     // Preamble grants belong to one connection and never cover a source.
-    let p = store.create(GrantKind::Preamble, &token("bob"), &decision(now, 600), now);
+    let p = store
+        .create(GrantKind::Preamble, &token("bob"), &decision(now, 600), now)
+        .expect("create");
     assert_eq!(p.source(), None);
     assert_eq!(store.list().len(), 2);
     let json = serde_json::to_value(&g).expect("json");
@@ -136,6 +140,7 @@ fn ids_are_unique_nonzero_and_round_trip() {
         .map(|_| {
             store
                 .create(GrantKind::Preamble, &token("a"), &decision(now, 60), now)
+                .expect("create")
                 .id
         })
         .collect();
@@ -154,19 +159,25 @@ async fn revocation_removes_and_notifies() {
     let store = audit_store();
     let mut events = store.subscribe();
     let now = SystemTime::now();
-    let a = store.create(
-        source("198.51.100.1"),
-        &token("alice"),
-        &decision(now, 600),
-        now,
-    );
-    let b = store.create(
-        source("198.51.100.2"),
-        &token("bob"),
-        &decision(now, 600),
-        now,
-    );
-    let c = store.create(GrantKind::Preamble, &token("bob"), &decision(now, 600), now);
+    let a = store
+        .create(
+            source("198.51.100.1"),
+            &token("alice"),
+            &decision(now, 600),
+            now,
+        )
+        .expect("create");
+    let b = store
+        .create(
+            source("198.51.100.2"),
+            &token("bob"),
+            &decision(now, 600),
+            now,
+        )
+        .expect("create");
+    let c = store
+        .create(GrantKind::Preamble, &token("bob"), &decision(now, 600), now)
+        .expect("create");
     assert_eq!(store.revoke(a.id).map(|g| g.id), Some(a.id));
     assert_eq!(store.revoke(a.id), None, "already gone");
     assert_eq!(events.try_recv(), Ok(GrantEvent::Revoked(a.id)));
@@ -201,8 +212,12 @@ fn remove_expired_uses_the_given_time() {
     let store = audit_store();
     let mut events = store.subscribe();
     let now = SystemTime::now();
-    let short = store.create(GrantKind::Preamble, &token("a"), &decision(now, 10), now);
-    let long = store.create(GrantKind::Preamble, &token("a"), &decision(now, 20), now);
+    let short = store
+        .create(GrantKind::Preamble, &token("a"), &decision(now, 10), now)
+        .expect("create");
+    let long = store
+        .create(GrantKind::Preamble, &token("a"), &decision(now, 20), now)
+        .expect("create");
     assert!(
         store
             .remove_expired(now + Duration::from_secs(9))
@@ -224,12 +239,14 @@ async fn expiry_fires_at_the_expiry_instant() {
     }));
     let start = Instant::now();
     let now = SystemTime::now();
-    let g = store.create(
-        source("198.51.100.5"),
-        &token("alice"),
-        &decision(now, 10),
-        now,
-    );
+    let g = store
+        .create(
+            source("198.51.100.5"),
+            &token("alice"),
+            &decision(now, 10),
+            now,
+        )
+        .expect("create");
     tokio::time::sleep(Duration::from_millis(9_999)).await;
     assert_eq!(
         events.try_recv(),
@@ -259,10 +276,14 @@ async fn an_earlier_grant_rearms_the_sleeping_expiry_task() {
     }));
     let start = Instant::now();
     let now = SystemTime::now();
-    let late = store.create(GrantKind::Preamble, &token("a"), &decision(now, 60), now);
+    let late = store
+        .create(GrantKind::Preamble, &token("a"), &decision(now, 60), now)
+        .expect("create");
     // Let the task go to sleep on the 60 s deadline first.
     tokio::time::sleep(Duration::from_millis(1)).await;
-    let early = store.create(GrantKind::Preamble, &token("a"), &decision(now, 5), now);
+    let early = store
+        .create(GrantKind::Preamble, &token("a"), &decision(now, 5), now)
+        .expect("create");
     assert_eq!(
         events.recv().await.expect("event"),
         GrantEvent::Expired(early.id)
@@ -274,12 +295,14 @@ async fn an_earlier_grant_rearms_the_sleeping_expiry_task() {
     );
     assert_eq!(start.elapsed(), Duration::from_secs(60));
     // Revoking does not produce a late expiry event.
-    let gone = store.create(
-        GrantKind::Preamble,
-        &token("a"),
-        &decision(SystemTime::now(), 3),
-        SystemTime::now(),
-    );
+    let gone = store
+        .create(
+            GrantKind::Preamble,
+            &token("a"),
+            &decision(SystemTime::now(), 3),
+            SystemTime::now(),
+        )
+        .expect("create");
     store.revoke(gone.id);
     assert_eq!(
         events.recv().await.expect("event"),
@@ -288,4 +311,113 @@ async fn an_earlier_grant_rearms_the_sleeping_expiry_task() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(events.try_recv(), Err(TryRecvError::Empty));
     task.abort();
+}
+
+fn capped(per_subject: usize, per_source: usize, total: usize) -> GrantStore {
+    let limits = tcpgate::auth::limits::AuthLimits {
+        grants_per_subject: per_subject,
+        grants_per_source: per_source,
+        max_grants: total,
+        ..Default::default()
+    };
+    GrantStore::with_limits(vec![], limits)
+}
+
+#[test]
+fn each_grant_cap_holds_and_frees_with_its_grants() {
+    use tcpgate::auth::{CreateError, GrantLimit};
+    let now = SystemTime::now();
+    let d = decision(now, 600);
+    // Per identity: a third grant for alice is refused, bob still gets one.
+    let store = capped(2, 100, 100);
+    let a1 = store.create(source("198.51.100.1"), &token("alice"), &d, now);
+    store
+        .create(source("198.51.100.2"), &token("alice"), &d, now)
+        .expect("second");
+    assert_eq!(
+        store.create(source("198.51.100.3"), &token("alice"), &d, now),
+        Err(CreateError::Limit(GrantLimit::PerSubject))
+    );
+    store
+        .create(source("198.51.100.3"), &token("bob"), &d, now)
+        .expect("another subject");
+    // Preamble grants (one per session) are not source grants.
+    store
+        .create(GrantKind::Preamble, &token("alice"), &d, now)
+        .expect("preamble");
+    store.give_back(a1.expect("first").id);
+    store
+        .create(source("198.51.100.3"), &token("alice"), &d, now)
+        .expect("room again after a grant ended");
+    // Per source.
+    let store = capped(100, 2, 100);
+    for who in ["a", "b"] {
+        store
+            .create(source("198.51.100.9"), &token(who), &d, now)
+            .expect("under the cap");
+    }
+    assert_eq!(
+        store.create(source("::ffff:198.51.100.9"), &token("c"), &d, now),
+        Err(CreateError::Limit(GrantLimit::PerSource))
+    );
+    // In total.
+    let store = capped(100, 100, 3);
+    for i in 1..=3 {
+        store
+            .create(source(&format!("198.51.100.{i}")), &token("a"), &d, now)
+            .expect("under the cap");
+    }
+    assert_eq!(
+        store.create(source("198.51.100.4"), &token("b"), &d, now),
+        Err(CreateError::Limit(GrantLimit::Total))
+    );
+    store.remove_expired(now + Duration::from_secs(600));
+    store
+        .create(source("198.51.100.4"), &token("b"), &d, now)
+        .expect("room after expiry");
+}
+
+#[test]
+fn revoking_a_subject_sticks_for_its_tokens_and_spares_others() {
+    let store = audit_store();
+    let now = SystemTime::now();
+    let d = decision(now, 600);
+    let alice = token("alice");
+    store
+        .create(source("198.51.100.1"), &alice, &d, now)
+        .expect("grant");
+    assert_eq!(store.revoke_subject("alice").len(), 1);
+    assert!(store.refuses(&alice, SystemTime::now()));
+    assert_eq!(
+        store.create(source("198.51.100.1"), &alice, &d, SystemTime::now()),
+        Err(tcpgate::auth::CreateError::Revoked)
+    );
+    assert!(!store.refuses(&token("bob"), SystemTime::now()));
+    assert!(
+        !store.refuses(&alice, alice.expires_at),
+        "the hold ends with the token's exp"
+    );
+}
+
+#[test]
+fn revoking_one_grant_denies_its_token_by_jti_only() {
+    let store = audit_store();
+    let now = SystemTime::now();
+    let d = decision(now, 600);
+    let mut first = token("carol");
+    first.claims.insert("jti".into(), json!("jti-1"));
+    let mut second = token("carol");
+    second.claims.insert("jti".into(), json!("jti-2"));
+    let g = store
+        .create(source("198.51.100.1"), &first, &d, now)
+        .expect("grant");
+    store.revoke(g.id);
+    assert!(store.refuses(&first, SystemTime::now()), "the same token");
+    assert!(!store.refuses(&second, SystemTime::now()), "another token");
+    // Giving a grant back is not a revocation.
+    let g = store
+        .create(source("198.51.100.1"), &second, &d, now)
+        .expect("grant");
+    store.give_back(g.id);
+    assert!(!store.refuses(&second, SystemTime::now()));
 }

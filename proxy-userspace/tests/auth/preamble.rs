@@ -104,7 +104,7 @@ async fn reader_leaves_the_bytes_after_the_preamble_in_the_socket() {
     });
     let (mut server, _) = listener.accept().await.expect("accept");
     client.await.expect("client");
-    let p = read_preamble(&mut server, DEADLINE)
+    let p = read_preamble(&mut server, DEADLINE, MAX_TOKEN_LEN)
         .await
         .expect("preamble");
     assert_eq!(p.token, TOKEN);
@@ -125,13 +125,13 @@ async fn reader_errors_are_specific() {
     ];
     for (bytes, want) in cases {
         let mut r: &[u8] = &bytes;
-        let e = read_preamble(&mut r, DEADLINE)
+        let e = read_preamble(&mut r, DEADLINE, MAX_TOKEN_LEN)
             .await
             .expect_err("must fail");
         assert_eq!(e.reason(), want, "{e}");
     }
     let truncated = raw(1, 0, 10, b"abc");
-    let e = read_preamble(&mut &truncated[..], DEADLINE)
+    let e = read_preamble(&mut &truncated[..], DEADLINE, MAX_TOKEN_LEN)
         .await
         .expect_err("must fail");
     assert!(
@@ -144,7 +144,7 @@ async fn reader_errors_are_specific() {
         ),
         "{e:?}"
     );
-    let e = read_preamble(&mut &b"TCP"[..], DEADLINE)
+    let e = read_preamble(&mut &b"TCP"[..], DEADLINE, MAX_TOKEN_LEN)
         .await
         .expect_err("must fail");
     assert!(
@@ -173,7 +173,7 @@ async fn a_slow_client_hits_the_deadline_for_the_whole_preamble() {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
-    let e = read_preamble(&mut server, DEADLINE)
+    let e = read_preamble(&mut server, DEADLINE, MAX_TOKEN_LEN)
         .await
         .expect_err("must time out");
     assert_eq!(e.reason(), "timeout");
@@ -220,4 +220,43 @@ async fn responses_round_trip_and_are_read_exactly() {
         parse_response(&oversized).err().map(|e| e.reason()),
         Some("oversized")
     );
+}
+
+#[tokio::test]
+async fn a_declared_length_over_the_configured_cap_is_refused_from_the_header() {
+    // The header declares 4000 token bytes; none of them are sent. The cap
+    // is checked on the declared length, so the refusal comes from the
+    // header alone, not after waiting for (or allocating) the body.
+    let header = raw(1, 0, 4000, b"");
+    let e = read_preamble(&mut &header[..], DEADLINE, 1000)
+        .await
+        .expect_err("over the cap");
+    assert!(
+        matches!(
+            e,
+            PreambleError::Oversized {
+                len: 4008,
+                max: 1008
+            }
+        ),
+        "{e:?}"
+    );
+    let ok = encode_preamble(TOKEN).expect("encode");
+    let p = read_preamble(&mut &ok[..], DEADLINE, TOKEN.len())
+        .await
+        .expect("exactly at the cap");
+    assert_eq!(p.token, TOKEN);
+}
+
+#[test]
+fn openings_are_judged_by_the_magic_alone() {
+    for partial in [&b""[..], b"T", b"TC", b"TCP"] {
+        assert_eq!(opening(partial), Opening::Undecided, "{partial:?}");
+    }
+    for preamble in [&b"TCPG"[..], b"TCPG\x01\x00", b"TCPG\x09"] {
+        assert_eq!(opening(preamble), Opening::Preamble, "{preamble:?}");
+    }
+    for other in [&b"SSH-2.0"[..], b"X", b"TX", b"TCPX", b"\x00\x00\x00\x08"] {
+        assert_eq!(opening(other), Opening::Other, "{other:?}");
+    }
 }
