@@ -54,7 +54,10 @@ pub enum Command {
     ///
     /// Relays stdin/stdout (use it as an ssh `ProxyCommand`), or with
     /// `--listen` forwards a local port. Exits 77 when the agent denies the
-    /// token, with its reason on stderr.
+    /// token, with its reason on stderr. In stdin/stdout mode it exits when
+    /// the connection ends: 1 at once on a reset; 0 after a half-close from
+    /// stdin and the service's EOF; 1 when the service closed and stdin was
+    /// still open `--linger` later.
     Connect(connect::ConnectArgs),
     /// Ask the agent for a grant bound to this host's address.
     ///
