@@ -28,13 +28,47 @@ fn token(fx: &AuthFixture, round: usize) -> (String, String) {
     (fx.keys.rsa.sign(&claims), subject)
 }
 
-/// Proves `stream` is spliced to the echo service.
-fn echo(stream: &mut TcpStream) -> Result<()> {
-    stream.write_all(b"x")?;
-    let mut back = [0u8; 1];
-    stream.read_exact(&mut back)?;
-    ensure!(&back == b"x", "echo");
-    Ok(())
+/// How a round's sessions are admitted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// By the runner's source grant: plain connections.
+    SourceGrant,
+    /// Each by its own token preamble (one grant per session).
+    Preamble,
+}
+
+/// Opens [`SESSIONS`] sessions to the echo service and proves each one is
+/// spliced (an echoed byte).
+fn open_sessions(fx: &AuthFixture, admission: Admission, token: &str) -> Result<Vec<TcpStream>> {
+    (0..SESSIONS)
+        .map(|_| {
+            let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
+            if admission == Admission::Preamble {
+                let (status, message) = authenticate(&mut stream, token)?;
+                ensure!(status == 0, "preamble refused: {message}");
+            }
+            stream.write_all(b"x")?;
+            let mut back = [0u8; 1];
+            stream.read_exact(&mut back)?;
+            ensure!(&back == b"x", "echo");
+            Ok(stream)
+        })
+        .collect()
+}
+
+/// `tcpgate revoke <what>` must report `expected` (sessions per grant
+/// line), and the sessions must be over, each audited as revoked.
+fn revoke_round(
+    fx: &AuthFixture,
+    round: usize,
+    mut streams: Vec<TcpStream>,
+    what: &[&str],
+    expected: &[usize],
+) -> Result<()> {
+    let counts = revoke(fx, what)?;
+    ensure!(counts == expected, "round {round}: {counts:?}");
+    assert_all_ended(&mut streams)?;
+    assert_audited(fx, round)
 }
 
 /// Every stream is ended by the agent (EOF or reset), none times out.
@@ -95,17 +129,8 @@ fn revoke_by_grant_id_counts_every_session() -> Result<()> {
     for round in 1..=ROUNDS {
         let (token, _) = token(&fx, round);
         let grant = fx.grant_from_runner(&token, &[])?;
-        let mut streams = (0..SESSIONS)
-            .map(|_| {
-                let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
-                echo(&mut stream)?;
-                Ok(stream)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let counts = revoke(&fx, &[&grant])?;
-        ensure!(counts == [SESSIONS], "round {round}: {counts:?}");
-        assert_all_ended(&mut streams)?;
-        assert_audited(&fx, round)?;
+        let streams = open_sessions(&fx, Admission::SourceGrant, &token)?;
+        revoke_round(&fx, round, streams, &[&grant], &[SESSIONS])?;
     }
     Ok(())
 }
@@ -121,30 +146,14 @@ fn revoke_by_subject_counts_every_session() -> Result<()> {
     // sessions, one grant each (no source grant is left to admit them).
     for round in 1..=ROUNDS {
         let (token, subject) = token(&fx, round);
-        let preamble = round == 2;
-        if !preamble {
+        let (admission, expected) = if round == 1 {
             fx.grant_from_runner(&token, &[])?;
-        }
-        let mut streams = (0..SESSIONS)
-            .map(|_| {
-                let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
-                if preamble {
-                    let (status, message) = authenticate(&mut stream, &token)?;
-                    ensure!(status == 0, "preamble refused: {message}");
-                }
-                echo(&mut stream)?;
-                Ok(stream)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let counts = revoke(&fx, &["--subject", &subject])?;
-        let expected = if preamble {
-            vec![1; SESSIONS]
+            (Admission::SourceGrant, vec![SESSIONS])
         } else {
-            vec![SESSIONS]
+            (Admission::Preamble, vec![1; SESSIONS])
         };
-        ensure!(counts == expected, "round {round}: {counts:?}");
-        assert_all_ended(&mut streams)?;
-        assert_audited(&fx, round)?;
+        let streams = open_sessions(&fx, admission, &token)?;
+        revoke_round(&fx, round, streams, &["--subject", &subject], &expected)?;
     }
     Ok(())
 }

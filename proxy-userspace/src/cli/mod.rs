@@ -122,7 +122,15 @@ pub fn block_on<F: std::future::Future<Output = i32>>(future: F) -> i32 {
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime.block_on(future),
+        Ok(runtime) => {
+            let status = runtime.block_on(future);
+            // Not a plain drop: that waits for every blocking task, and
+            // tokio's stdin (`tcpgate connect`) is a read(2) on a blocking
+            // thread that returns only with the next input or EOF. A command
+            // that is done must exit now, not when its stdin next moves.
+            runtime.shutdown_background();
+            status
+        }
         Err(e) => {
             eprintln!("tcpgate: cannot start the async runtime: {e}");
             1
