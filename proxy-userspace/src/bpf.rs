@@ -19,8 +19,8 @@ pub const PINNED: [(&str, &str); 5] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
-    #[error("bpffs is not mounted at {0} (mount it with `mount -t bpf bpf {0}`)")]
-    NoBpffs(PathBuf),
+    #[error(transparent)]
+    NotBpffs(#[from] NotBpffs),
     #[error("cannot create pin directory {path}")]
     PinDir {
         path: PathBuf,
@@ -83,32 +83,68 @@ pub struct LoadedBpf {
     pub pin_dir: PathBuf,
 }
 
-/// Whether `dir` or its nearest existing ancestor lives on a bpffs mount.
-fn on_bpffs(dir: &Path) -> bool {
-    let mut probe = dir;
-    loop {
-        if probe.exists() {
-            return nix::sys::statfs::statfs(probe)
-                .map(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
-                .unwrap_or(false);
-        }
-        match probe.parent() {
-            Some(parent) => probe = parent,
-            None => return false,
-        }
+/// The pin directory is not on a bpf filesystem, so nothing can be pinned
+/// there (and creating it fails with a bare ENOENT or EPERM).
+#[derive(Debug, thiserror::Error)]
+#[error("agent.pin_dir {dir} is not on a bpf filesystem: {existing} is on {fs}. {advice}")]
+pub struct NotBpffs {
+    pub dir: PathBuf,
+    /// The pin directory's nearest existing ancestor, or itself.
+    pub existing: PathBuf,
+    pub fs: String,
+    pub advice: &'static str,
+}
+
+/// Checks that `dir`, or its nearest existing ancestor, is on bpffs. When
+/// the filesystem cannot even be looked at, the caller's next step reports
+/// the real error.
+pub fn check_bpffs(dir: &Path) -> Result<(), NotBpffs> {
+    use nix::sys::statfs::{BPF_FS_MAGIC, SYSFS_MAGIC, TMPFS_MAGIC, statfs};
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let Ok(stat) = statfs(existing) else {
+        return Ok(());
+    };
+    let fs_type = stat.filesystem_type();
+    if fs_type == BPF_FS_MAGIC {
+        return Ok(());
     }
+    let (fs, advice) = if fs_type == SYSFS_MAGIC {
+        // /sys/fs/bpf is a plain sysfs directory until bpffs is mounted on
+        // it, and `ip netns exec` remounts /sys without it.
+        (
+            "sysfs".to_owned(),
+            "bpffs is not mounted there: mount it with `mount -t bpf bpf /sys/fs/bpf`. \
+             Under `ip netns exec`, which remounts /sys without bpffs, start the agent \
+             with `nsenter --net=/run/netns/NAME tcpgate run ...` instead: it keeps the \
+             host's mounts.",
+        )
+    } else {
+        let fs = if fs_type == TMPFS_MAGIC {
+            "tmpfs".to_owned()
+        } else {
+            format!("a filesystem of type {:#x}", fs_type.0)
+        };
+        (
+            fs,
+            "Set agent.pin_dir under a bpffs mount, e.g. /sys/fs/bpf/tcpgate (mount \
+             bpffs with `mount -t bpf bpf /sys/fs/bpf`).",
+        )
+    };
+    Err(NotBpffs {
+        dir: dir.to_owned(),
+        existing: existing.to_owned(),
+        fs,
+        advice,
+    })
 }
 
 impl LoadedBpf {
     /// Loads the embedded object with maps sized for `sizes`.
     pub fn load(sizes: MapSizes, pin_dir: &Path) -> Result<Self, BpfError> {
-        if !on_bpffs(pin_dir) {
-            let mount = pin_dir
-                .ancestors()
-                .find(|p| p.ends_with("bpf"))
-                .unwrap_or(pin_dir);
-            return Err(BpfError::NoBpffs(mount.to_owned()));
-        }
+        check_bpffs(pin_dir)?;
         let sessions = sizes.max_sessions;
         let sockets = sessions.saturating_mul(2);
         let ebpf = EbpfLoader::new()
@@ -235,4 +271,40 @@ pub fn remove_pins(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
         tracing::warn!(dir = %pin_dir.display(), error = %e, "pin directory not removed");
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pin_dir_on_sysfs_says_bpffs_is_not_mounted_and_how_to_fix_it() {
+        // What /sys/fs/bpf is under `ip netns exec`: a plain sysfs directory.
+        let dir = Path::new("/sys/kernel/tcpgate-no-such-dir/pins");
+        let err = check_bpffs(dir).expect_err("sysfs is not bpffs");
+        assert_eq!(err.existing, Path::new("/sys/kernel"));
+        assert_eq!(err.fs, "sysfs");
+        let text = err.to_string();
+        for needed in [
+            "agent.pin_dir /sys/kernel/tcpgate-no-such-dir/pins",
+            "bpffs is not mounted",
+            "mount -t bpf bpf /sys/fs/bpf",
+            "ip netns exec",
+            "nsenter --net=",
+        ] {
+            assert!(text.contains(needed), "{needed:?} missing from: {text}");
+        }
+    }
+
+    #[test]
+    fn a_pin_dir_on_another_filesystem_names_it() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let err = check_bpffs(&tmp.path().join("a/b")).expect_err("not bpffs");
+        assert_eq!(err.existing, tmp.path());
+        assert!(
+            err.to_string()
+                .contains("Set agent.pin_dir under a bpffs mount"),
+            "{err}"
+        );
+    }
 }

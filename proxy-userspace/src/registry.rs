@@ -24,8 +24,17 @@ pub struct Registry {
     admitted: AtomicUsize,
     max: usize,
     emptied: Notify,
+    /// Woken whenever a registered session is removed.
+    departed: Notify,
     next_id: AtomicU64,
     id_prefix: u64,
+}
+
+/// A session told to stop by [`Registry::stop_listed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Stopped {
+    pub session: u64,
+    pub grant: u64,
 }
 
 /// A slot under the session limit; released on drop.
@@ -46,6 +55,7 @@ impl Registry {
             admitted: AtomicUsize::new(0),
             max,
             emptied: Notify::new(),
+            departed: Notify::new(),
             next_id: AtomicU64::new(1),
             id_prefix,
         })
@@ -113,6 +123,45 @@ impl Registry {
         self.lock().get(&id).is_some_and(|h| h.stop.stop(reason))
     }
 
+    /// Ends every session matching `filter`; returns which, to wait for
+    /// with [`Registry::wait_ended`].
+    pub fn stop_listed(
+        &self,
+        reason: EndReason,
+        filter: impl Fn(&SessionMeta) -> bool,
+    ) -> Vec<Stopped> {
+        let sessions = self.lock();
+        sessions
+            .values()
+            .filter(|h| filter(&h.meta))
+            .map(|h| {
+                h.stop.stop(reason);
+                Stopped {
+                    session: h.meta.id,
+                    grant: h.meta.grant_id,
+                }
+            })
+            .collect()
+    }
+
+    /// Waits until none of `ids` is registered (each has been torn down),
+    /// for at most `timeout`; returns those still registered then.
+    pub async fn wait_ended(&self, ids: &[u64], timeout: std::time::Duration) -> Vec<u64> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut left = ids.to_vec();
+        loop {
+            // Created before the check: `notify_waiters` reaches it from now.
+            let departed = self.departed.notified();
+            {
+                let sessions = self.lock();
+                left.retain(|id| sessions.contains_key(id));
+            }
+            if left.is_empty() || tokio::time::timeout_at(deadline, departed).await.is_err() {
+                return left;
+            }
+        }
+    }
+
     /// Metadata of every spliced session.
     #[must_use]
     pub fn snapshot(&self) -> Vec<SessionMeta> {
@@ -152,6 +201,7 @@ impl Drop for Admission {
     fn drop(&mut self) {
         if self.registered {
             self.registry.lock().remove(&self.id);
+            self.registry.departed.notify_waiters();
         }
         if self.registry.admitted.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.registry.emptied.notify_waiters();
@@ -162,7 +212,7 @@ impl Drop for Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::SystemTime;
+    use std::time::{Duration, SystemTime};
 
     fn meta(id: u64, grant_id: u64) -> SessionMeta {
         let addr = "192.0.2.10:5432".parse().expect("addr");
@@ -208,6 +258,35 @@ mod tests {
         registry.stop_where(EndReason::AgentShutdown, |_| true);
         assert_eq!(stop_a.reason(), Some(EndReason::Revoked));
         assert_eq!(stop_b.reason(), Some(EndReason::AgentShutdown));
+    }
+
+    #[tokio::test]
+    async fn wait_ended_returns_once_the_stopped_sessions_are_gone() {
+        let registry = Registry::new(10);
+        let mut sessions: Vec<Admission> =
+            (0..3).map(|_| registry.admit().expect("slot")).collect();
+        for (grant, s) in sessions.iter_mut().enumerate() {
+            let _ = s.register(meta(s.id(), grant as u64 % 2));
+        }
+        let stopped = registry.stop_listed(EndReason::Revoked, |m| m.grant_id == 0);
+        assert!(stopped.iter().all(|s| s.grant == 0), "{stopped:?}");
+        let ids: Vec<u64> = stopped.iter().map(|s| s.session).collect();
+        assert_eq!(ids.len(), 2, "sessions 0 and 2 have grant 0");
+        let waiter = {
+            let registry = Arc::clone(&registry);
+            let ids = ids.clone();
+            tokio::spawn(async move { registry.wait_ended(&ids, Duration::from_secs(60)).await })
+        };
+        let ending = sessions.remove(2);
+        drop(ending);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "one stopped session is still there");
+        drop(sessions.remove(0));
+        assert_eq!(waiter.await.expect("join"), Vec::<u64>::new());
+        // The bound holds when a session never ends.
+        let ids = vec![registry.stop_listed(EndReason::Revoked, |_| true)[0].session];
+        let left = registry.wait_ended(&ids, Duration::from_millis(10)).await;
+        assert_eq!(left, ids);
     }
 
     #[tokio::test]

@@ -27,6 +27,8 @@ pub enum LockError {
         "pin directory {0} is in use by another tcpgate agent (another namespace?); give each agent its own agent.pin_dir"
     )]
     PinDirTaken(PathBuf),
+    #[error(transparent)]
+    NotBpffs(#[from] crate::bpf::NotBpffs),
     #[error("cannot create pin directory {path}")]
     PinDir {
         path: PathBuf,
@@ -78,6 +80,7 @@ impl NamespaceLock {
 }
 
 fn lock_dir(dir: &Path) -> Result<Flock<File>, LockError> {
+    crate::bpf::check_bpffs(dir)?;
     std::fs::create_dir_all(dir).map_err(|source| LockError::PinDir {
         path: dir.to_owned(),
         source,

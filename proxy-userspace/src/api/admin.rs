@@ -1,8 +1,9 @@
 //! Operator endpoints, served on the admin listener (loopback by default).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -15,7 +16,8 @@ use super::ApiState;
 use super::runner::error;
 use crate::auth::api_types::ApiError;
 use crate::auth::{Grant, GrantId};
-use crate::datapath::EndReason;
+use crate::datapath::{EndReason, SessionMeta};
+use crate::registry::Stopped;
 
 pub fn admin_router(state: Arc<ApiState>) -> Router {
     Router::new()
@@ -125,13 +127,15 @@ async fn revoke_grant(State(state): State<Arc<ApiState>>, Path(id): Path<String>
     let Ok(id) = id.parse::<GrantId>() else {
         return error(&ApiError::bad_request(format!("{id:?} is not a grant id")));
     };
-    match gate.store.revoke(id) {
-        Some(grant) => {
-            let ended = state
-                .registry
-                .stop_where(EndReason::Revoked, |m| m.grant_id == id.0);
-            tracing::info!(grant = %id, subject = %grant.subject, sessions = ended, "grant revoked by operator");
-            Json(view(&grant, ended)).into_response()
+    let known: Vec<GrantId> = gate.store.get(id).map(|g| g.id).into_iter().collect();
+    let views = revoke_counting(&state, &known, || {
+        gate.store.revoke(id).into_iter().collect()
+    })
+    .await;
+    match views.into_iter().next() {
+        Some(view) => {
+            tracing::info!(grant = %id, subject = %view.subject, sessions = view.sessions, "grant revoked by operator");
+            Json(view).into_response()
         }
         None => error(&ApiError::new(
             404,
@@ -163,20 +167,63 @@ async fn revoke_subject(
             "give ?subject=<token subject>, or DELETE /v1/grants/<id>",
         ));
     };
-    let revoked = gate.store.revoke_subject(&subject);
-    let views: Vec<GrantView> = revoked
-        .iter()
-        .map(|g| {
-            view(
-                g,
-                state
-                    .registry
-                    .stop_where(EndReason::Revoked, |m| m.grant_id == g.id.0),
-            )
-        })
+    let known: Vec<GrantId> = gate
+        .store
+        .list()
+        .into_iter()
+        .filter(|g| g.subject == subject)
+        .map(|g| g.id)
         .collect();
-    tracing::info!(%subject, grants = views.len(), "subject revoked by operator");
+    let views = revoke_counting(&state, &known, || gate.store.revoke_subject(&subject)).await;
+    tracing::info!(%subject, grants = views.len(), sessions = views.iter().map(|v| v.sessions).sum::<usize>(), "subject revoked by operator");
     Json(views).into_response()
+}
+
+/// How long a revocation waits for its sessions' teardown before answering.
+const REVOKE_TEARDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs `revoke` (which removes grants from the store) and ends their
+/// sessions; each view counts the sessions that were torn down.
+///
+/// The store's revocation event ends sessions too, on another task, and a
+/// session it tears down first is gone before this handler could count it.
+/// So the sessions of `known` (the grants about to go) are stopped and
+/// listed first; after `revoke`, sessions of the revoked grants that
+/// registered meanwhile are stopped too; the answer waits (bounded) until
+/// all of them have been torn down.
+async fn revoke_counting(
+    state: &ApiState,
+    known: &[GrantId],
+    revoke: impl FnOnce() -> Vec<Grant>,
+) -> Vec<GrantView> {
+    let registry = &state.registry;
+    let of = |grants: HashSet<u64>| move |m: &SessionMeta| grants.contains(&m.grant_id);
+    let mut stopped: HashSet<Stopped> = registry
+        .stop_listed(EndReason::Revoked, of(known.iter().map(|g| g.0).collect()))
+        .into_iter()
+        .collect();
+    let revoked = revoke();
+    stopped.extend(registry.stop_listed(
+        EndReason::Revoked,
+        of(revoked.iter().map(|g| g.id.0).collect()),
+    ));
+    let ids: Vec<u64> = stopped.iter().map(|s| s.session).collect();
+    let left: HashSet<u64> = registry
+        .wait_ended(&ids, REVOKE_TEARDOWN_WAIT)
+        .await
+        .into_iter()
+        .collect();
+    if !left.is_empty() {
+        tracing::warn!(sessions = left.len(), wait = ?REVOKE_TEARDOWN_WAIT, "revoked sessions still ending; not counted");
+    }
+    let mut ended: HashMap<u64, usize> = HashMap::new();
+    for s in stopped.iter().filter(|s| !left.contains(&s.session)) {
+        *ended.entry(s.grant).or_default() += 1;
+    }
+    revoked
+        .iter()
+        .map(|g| view(g, ended.get(&g.id.0).copied().unwrap_or(0)))
+        .collect()
 }
 
 /// A live session as operators see it.

@@ -38,17 +38,7 @@ pub struct ConnectArgs {
 }
 
 pub fn run(args: &ConnectArgs) -> i32 {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("tcpgate: cannot start the async runtime: {e}");
-            return 1;
-        }
-    };
-    let status = runtime.block_on(async {
+    super::block_on(async {
         let target = match resolve(&args.target).await {
             Ok(addr) => addr,
             Err(message) => {
@@ -60,13 +50,7 @@ pub fn run(args: &ConnectArgs) -> i32 {
             Some(listen) => forward(listen, target, args).await,
             None => relay_stdio(target, args).await,
         }
-    });
-    // Not a plain drop: that waits for every blocking task, and tokio's
-    // stdin is a read(2) on a blocking thread that returns only when the
-    // next input or EOF arrives. A ProxyCommand whose session ended must
-    // exit now, not when ssh next writes.
-    runtime.shutdown_background();
-    status
+    })
 }
 
 async fn resolve(target: &str) -> Result<SocketAddr, String> {

@@ -54,7 +54,10 @@ pub enum Command {
     ///
     /// Relays stdin/stdout (use it as an ssh `ProxyCommand`), or with
     /// `--listen` forwards a local port. Exits 77 when the agent denies the
-    /// token, with its reason on stderr.
+    /// token, with its reason on stderr. In stdin/stdout mode it exits when
+    /// the connection ends: 1 at once on a reset; 0 after a half-close from
+    /// stdin and the service's EOF; 1 when the service closed and stdin was
+    /// still open `--linger` later.
     Connect(connect::ConnectArgs),
     /// Ask the agent for a grant bound to this host's address.
     ///
@@ -119,7 +122,15 @@ pub fn block_on<F: std::future::Future<Output = i32>>(future: F) -> i32 {
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime.block_on(future),
+        Ok(runtime) => {
+            let status = runtime.block_on(future);
+            // Not a plain drop: that waits for every blocking task, and
+            // tokio's stdin (`tcpgate connect`) is a read(2) on a blocking
+            // thread that returns only with the next input or EOF. A command
+            // that is done must exit now, not when its stdin next moves.
+            runtime.shutdown_background();
+            status
+        }
         Err(e) => {
             eprintln!("tcpgate: cannot start the async runtime: {e}");
             1

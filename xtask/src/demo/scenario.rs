@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
 use jsonwebtoken::Algorithm;
@@ -70,24 +70,28 @@ fn runner_cli(topo: &Topology, tcpgate: &Path, args: &[&str]) -> Result<std::pro
         .context("run the tcpgate CLI")
 }
 
-fn last_event(agent: &Agent, kind: &str) -> Result<Value> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(event) = agent
-            .audit_events()?
-            .into_iter()
-            .rev()
-            .find(|e| e["event"] == kind)
-        {
-            return Ok(event);
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "no {kind} audit event; agent log:\n{}",
-            agent.logs_tail(20)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Waits (bounded) for the first audit event that `pred` accepts.
+fn audit_event(agent: &Agent, what: &str, pred: impl Fn(&Value) -> bool) -> Result<Value> {
+    agent
+        .wait_for_audit(pred, Duration::from_secs(20))
+        .with_context(|| format!("no {what} audit event; agent log:\n{}", agent.logs_tail(20)))
+}
+
+/// The `session_close` line of the runner's connection `client` →
+/// `destination`. The runner sees its connection end before the agent has
+/// written that line, and an earlier session's line may be the newest one
+/// then; so the session id comes from the `session_open` line with the
+/// connection's own addresses, and the wait is for that session's close.
+fn closed_session(agent: &Agent, client: SocketAddr, destination: SocketAddr) -> Result<Value> {
+    let (client, destination) = (client.to_string(), destination.to_string());
+    let open = audit_event(agent, "session_open", |e| {
+        e["event"] == "session_open" && e["source"] == *client && e["destination"] == *destination
+    })?;
+    let id = open["session_id"].clone();
+    ensure!(id.is_string(), "session_open without a session id: {open}");
+    audit_event(agent, "session_close", |e| {
+        e["event"] == "session_close" && e["session_id"] == id
+    })
 }
 
 pub fn run(tcpgate: &Path, args: &DemoArgs) -> Result<()> {
@@ -170,7 +174,9 @@ pub fn run(tcpgate: &Path, args: &DemoArgs) -> Result<()> {
     )?;
     println!("  $ tcpgate connect --token-file other-project.jwt {target}");
     println!("  {}", String::from_utf8_lossy(&denied.stderr).trim());
-    let event = last_event(&agent, "connection_denied")?;
+    let event = audit_event(&agent, "connection_denied", |e| {
+        e["event"] == "connection_denied"
+    })?;
     println!(
         "  audit: {} from {}: {}",
         event["event"],
@@ -210,6 +216,7 @@ pub fn run(tcpgate: &Path, args: &DemoArgs) -> Result<()> {
     let payload = Payload::new(7, args.bytes);
     let addr = SocketAddr::from((TARGET_V4, SERVICE_PORT));
     let mut client = topo.runner.run(move || TcpStream::connect(addr))?;
+    let client_addr = client.local_addr()?;
     let sender = {
         let mut client = client.try_clone()?;
         std::thread::spawn(move || -> std::io::Result<_> {
@@ -222,7 +229,7 @@ pub fn run(tcpgate: &Path, args: &DemoArgs) -> Result<()> {
     let sent_digest = sender
         .join()
         .map_err(|_| anyhow::anyhow!("sender thread panicked"))??;
-    let session = last_event(&agent, "session_close")?;
+    let session = closed_session(&agent, client_addr, addr)?;
     println!(
         "  runner → {target}: sent {}, got {} back (echo)",
         mib(args.bytes),
@@ -273,6 +280,7 @@ pub fn run(tcpgate: &Path, args: &DemoArgs) -> Result<()> {
     let addr = SocketAddr::from((TARGET_V4, DATABASE_PORT));
     let mut stream = topo.runner.run(move || TcpStream::connect(addr))?;
     stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let stream_addr = stream.local_addr()?;
     let writer = {
         let mut stream = stream.try_clone()?;
         std::thread::spawn(move || {
@@ -294,7 +302,7 @@ pub fn run(tcpgate: &Path, args: &DemoArgs) -> Result<()> {
     let _ = writer.join();
     let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(exp);
     let late = ended.duration_since(expiry).unwrap_or_default();
-    let session = last_event(&agent, "session_close")?;
+    let session = closed_session(&agent, stream_addr, addr)?;
     if args.verbose {
         println!("\nagent log:\n{}", agent.logs());
     }
