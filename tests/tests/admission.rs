@@ -387,3 +387,100 @@ fn preamble_length_cap_is_checked_before_reading() -> Result<()> {
     );
     Ok(())
 }
+
+/// `POST /v1/grants` from `source` on the runner; returns the HTTP status
+/// line and body.
+fn post_grant_from(fx: &AuthFixture, source: Ipv4Addr, token: &str) -> Result<String> {
+    let api = SocketAddr::from((
+        tcpgate_tests::topology::BASTION_RUNNER_V4,
+        common::auth::API_PORT,
+    ));
+    let mut stream = common::dial_from(&fx.topo.runner, IpAddr::V4(source), api)?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(
+        stream,
+        "POST /v1/grants HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+fn token_for(fx: &AuthFixture, job: &str) -> String {
+    fx.keys.rsa.sign(&claims_with(&[
+        (
+            "sub",
+            json!(format!("project_path:group/app:ref_type:branch:ref:{job}")),
+        ),
+        ("jti", json!(job)),
+    ]))
+}
+
+/// Each grant cap holds (per subject, per source, in total), is counted in
+/// /metrics, and a session live meanwhile keeps its bytes exact.
+#[test]
+fn grant_caps_hold_while_a_live_session_stays_exact() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let fx = AuthFixture::start_with(
+        &limits_policy("grants_per_subject = 2\ngrants_per_source = 3\nmax_grants = 4\n"),
+        &[],
+    )?;
+    let server = common::auth::echo_service(&fx, b"")?;
+    // A session that lives through all of it.
+    let mut live = fx.dial_from_runner(AuthFixture::target(9000))?;
+    let (status, message) = authenticate(&mut live, &fx.token())?;
+    ensure!(status == 0, "{message}");
+
+    let runner = Ipv4Addr::new(198, 51, 100, 2);
+    let second = Ipv4Addr::new(198, 51, 100, 3);
+    fx.topo
+        .runner
+        .ip(["addr", "add", "198.51.100.3/24", "dev", "eth0"])?;
+    let created = |answer: &str| answer.starts_with("HTTP/1.1 201");
+    let refused = |answer: &str, limit: &str| {
+        answer.starts_with("HTTP/1.1 429")
+            && answer.contains("grant_limit")
+            && answer.contains(limit)
+    };
+    let a = token_for(&fx, "a");
+    for _ in 0..2 {
+        let answer = post_grant_from(&fx, runner, &a)?;
+        ensure!(created(&answer), "{answer}");
+    }
+    let answer = post_grant_from(&fx, runner, &a)?;
+    ensure!(refused(&answer, "grants_per_subject"), "{answer}");
+    ensure!(created(&post_grant_from(
+        &fx,
+        runner,
+        &token_for(&fx, "b")
+    )?));
+    let answer = post_grant_from(&fx, runner, &token_for(&fx, "c"))?;
+    ensure!(refused(&answer, "grants_per_source"), "{answer}");
+    ensure!(created(&post_grant_from(
+        &fx,
+        second,
+        &token_for(&fx, "d")
+    )?));
+    let answer = post_grant_from(&fx, second, &token_for(&fx, "e"))?;
+    ensure!(refused(&answer, "max_grants"), "{answer}");
+    for limit in ["grants_per_subject", "grants_per_source", "max_grants"] {
+        ensure!(limit_hits(&fx, limit)? == 1.0, "{limit} counted once");
+    }
+
+    // The live session, then a new one: bytes exact.
+    let payload = Payload::new(11, 1 << 20);
+    let mut writer = live.try_clone()?;
+    let sender = std::thread::spawn(move || write_payload(&mut writer, &payload));
+    let got = read_exact_hashed(&mut live, 1 << 20)?;
+    let sent = sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    ensure!(got == sent, "the live session's bytes differ (SHA-256)");
+    legit_session(&fx)?;
+    drop(live);
+    server.stop()?;
+    Ok(())
+}
