@@ -89,7 +89,6 @@ struct Inner {
     /// Wakes the expiry task when the set of deadlines changed.
     changed: Notify,
     events: broadcast::Sender<GrantEvent>,
-    id_prefix: u64,
     audit_claims: Vec<String>,
     caps: AuthLimits,
 }
@@ -123,7 +122,6 @@ impl GrantStore {
                 state: Mutex::new(State::default()),
                 changed: Notify::new(),
                 events,
-                id_prefix: u64::from(rand::random::<u32>()) << 32,
                 audit_claims,
                 caps: limits,
             }),
@@ -194,8 +192,7 @@ impl GrantStore {
                 .check_caps(&self.inner.caps, &who, source)
                 .map_err(CreateError::Limit)?;
         }
-        state.counter = state.counter.checked_add(1).unwrap_or(1);
-        let id = GrantId(self.inner.id_prefix | u64::from(state.counter));
+        let id = state.fresh_id();
         let grant = Grant {
             id,
             kind,
