@@ -294,20 +294,25 @@ fn limit_hits(fx: &AuthFixture, limit: &str) -> Result<f64> {
     )
 }
 
-/// A legitimate preamble session moving 1 MiB each way, checked by SHA-256.
-fn legit_session(fx: &AuthFixture) -> Result<()> {
-    let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
-    let (status, message) = authenticate(&mut stream, &fx.token())?;
-    ensure!(status == 0, "legit client refused: {message}");
-    let payload = Payload::new(7, 1 << 20);
+/// Sends 1 MiB on an admitted session and checks the echo by SHA-256.
+fn exchange_exact(stream: &mut std::net::TcpStream, seed: u64) -> Result<()> {
+    let payload = Payload::new(seed, 1 << 20);
     let mut writer = stream.try_clone()?;
     let sender = std::thread::spawn(move || write_payload(&mut writer, &payload));
-    let got = read_exact_hashed(&mut stream, 1 << 20)?;
+    let got = read_exact_hashed(stream, 1 << 20)?;
     let sent = sender
         .join()
         .map_err(|_| anyhow::anyhow!("writer panicked"))??;
     ensure!(got == sent, "the echoed bytes differ (SHA-256)");
     Ok(())
+}
+
+/// A new legitimate preamble session, its bytes checked.
+fn legit_session(fx: &AuthFixture) -> Result<()> {
+    let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
+    let (status, message) = authenticate(&mut stream, &fx.token())?;
+    ensure!(status == 0, "legit client refused: {message}");
+    exchange_exact(&mut stream, 7)
 }
 
 /// Idle unauthenticated connections from one source, then from several:
@@ -471,16 +476,45 @@ fn grant_caps_hold_while_a_live_session_stays_exact() -> Result<()> {
     }
 
     // The live session, then a new one: bytes exact.
-    let payload = Payload::new(11, 1 << 20);
-    let mut writer = live.try_clone()?;
-    let sender = std::thread::spawn(move || write_payload(&mut writer, &payload));
-    let got = read_exact_hashed(&mut live, 1 << 20)?;
-    let sent = sender
-        .join()
-        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
-    ensure!(got == sent, "the live session's bytes differ (SHA-256)");
+    exchange_exact(&mut live, 11)?;
     legit_session(&fx)?;
     drop(live);
     server.stop()?;
+    Ok(())
+}
+
+/// A token with a 3 KB `kid` (within the default 8 KiB preamble cap once
+/// base64-encoded): the client is told the reason code only, and neither
+/// the audit line nor the agent's log copies the attacker's string whole.
+#[test]
+fn attacker_chosen_strings_are_cut_and_not_echoed() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let fx = AuthFixture::start()?;
+    let kid = "K".repeat(3000);
+    let token = tcpgate_tests::tokens::TestKey::rsa2(&kid).sign(&claims_with(&[]));
+    let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
+    let (status, message) = authenticate(&mut stream, &token)?;
+    ensure!(
+        status == 1 && message == "access denied (unknown_kid)",
+        "{status} {message:?}"
+    );
+    let denied = &wait_events(&fx.agent, "connection_denied", 1)?[0];
+    let detail = denied["detail"].as_str().context("detail")?;
+    ensure!(
+        detail.starts_with("unknown_kid") && detail.len() < 700 && detail.contains("bytes]"),
+        "detail of {} bytes: {detail}",
+        detail.len()
+    );
+    ensure!(
+        denied.to_string().len() < 2048,
+        "the audit line is {} bytes",
+        denied.to_string().len()
+    );
+    ensure!(
+        !fx.agent.logs().contains(&"K".repeat(1024)),
+        "the agent's log copies the kid whole"
+    );
     Ok(())
 }

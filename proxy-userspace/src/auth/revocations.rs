@@ -178,8 +178,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn an_older_token_outliving_the_hold_extends_it_a_newer_one_does_not() {
+    /// "job" seen with exp 2000, revoked at 1000.
+    fn job_denied_at_1000() -> Revocations {
         let mut r = Revocations::default();
         r.saw(&token("job", 2_000, &[]), at(1_000));
         r.deny_identity(
@@ -187,16 +187,16 @@ mod tests {
             at(0),
             at(1_000),
         );
+        r
+    }
+
+    #[test]
+    fn an_older_token_outliving_the_hold_extends_it_a_newer_one_does_not() {
+        let mut r = job_denied_at_1000();
         let newer = token("job", 5_000, &[("iat", json!(1_200))]);
         assert!(r.refuses(&newer, at(1_300)));
         assert!(!r.refuses(&newer, at(2_000)), "issued after: not extended");
-        let mut r = Revocations::default();
-        r.saw(&token("job", 2_000, &[]), at(1_000));
-        r.deny_identity(
-            ("https://gitlab.example".into(), "job".into()),
-            at(0),
-            at(1_000),
-        );
+        let mut r = job_denied_at_1000();
         let older = token("job", 3_000, &[("iat", json!(500))]);
         assert!(r.refuses(&older, at(1_300)));
         assert!(
