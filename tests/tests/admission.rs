@@ -220,7 +220,7 @@ fn revocation_storm_leaves_no_survivor() -> Result<()> {
                         continue;
                     };
                     match authenticate(&mut stream, &token) {
-                        Ok((0, _)) if round % 2 == 0 => {
+                        Ok((0, _)) if round.is_multiple_of(2) => {
                             let _ = stream.set_read_timeout(Some(HOLD));
                             let mut sink = Vec::new();
                             let _ = stream.read_to_end(&mut sink);
