@@ -516,5 +516,17 @@ fn attacker_chosen_strings_are_cut_and_not_echoed() -> Result<()> {
         !fx.agent.logs().contains(&"K".repeat(1024)),
         "the agent's log copies the kid whole"
     );
+    // The grant API answers the reason code, not the audience it expected.
+    let wrong = fx
+        .keys
+        .rsa
+        .sign(&claims_with(&[("aud", json!("someone-else"))]));
+    let answer = post_grant_from(&fx, Ipv4Addr::new(198, 51, 100, 2), &wrong)?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 401")
+            && answer.contains("access denied (wrong_audience)")
+            && !answer.contains(tcpgate_tests::tokens::AUDIENCE),
+        "{answer}"
+    );
     Ok(())
 }
