@@ -188,24 +188,26 @@ impl Drop for Workers {
 }
 
 /// A revocation storm against concurrent admissions of the same token.
-/// Workers admit sessions back to back; every other one is left at once
-/// (so admissions are in flight when the storm hits), the rest are held
-/// until the agent ends them. Afterwards every admission is refused, and
-/// before any client lets go, every session ever opened has closed and the
-/// pinned maps are empty: no survivor.
+/// Workers admit sessions back to back. Churners leave each session at
+/// once, so admissions are always in flight when the storm hits; holders
+/// keep every other session until the agent ends it. Afterwards every
+/// admission is refused, and before any client lets go, every session ever
+/// opened has closed and the pinned maps are empty: no survivor.
 #[test]
 fn revocation_storm_leaves_no_survivor() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
     const WORKERS: usize = 12;
+    const CHURNERS: usize = 6;
     let fx = Arc::new(AuthFixture::start()?);
     let server = logging_server(&fx, 100_000)?;
     let token = Arc::new(fx.token());
     let stop = Arc::new(AtomicBool::new(false));
     let refused = Arc::new(AtomicUsize::new(0));
-    let handles: Vec<_> = (0..WORKERS)
-        .map(|_| {
+    let handles: Vec<_> = (0..WORKERS + CHURNERS)
+        .map(|worker| {
+            let holder = worker < WORKERS;
             let (fx, token, stop, refused) = (
                 Arc::clone(&fx),
                 Arc::clone(&token),
@@ -220,7 +222,7 @@ fn revocation_storm_leaves_no_survivor() -> Result<()> {
                         continue;
                     };
                     match authenticate(&mut stream, &token) {
-                        Ok((0, _)) if round.is_multiple_of(2) => {
+                        Ok((0, _)) if holder && round.is_multiple_of(2) => {
                             let _ = stream.set_read_timeout(Some(HOLD));
                             let mut sink = Vec::new();
                             let _ = stream.read_to_end(&mut sink);
