@@ -27,7 +27,7 @@ pub use super::grant_table::{CreateError, GrantLimit};
 use super::grant_table::{Entry, State};
 use super::limits::AuthLimits;
 use super::policy::Decision;
-use super::revocations::{Identity, token_jti};
+use super::revocations::{ANY_ISSUER, Identity, token_jti};
 use super::token::ValidatedToken;
 
 /// How a grant was obtained. Serialized flat: `"kind": "source", "source": ip`.
@@ -309,6 +309,10 @@ impl GrantStore {
                 .entry((e.grant.issuer.clone(), e.grant.subject.clone()))
                 .or_insert(now);
             *until = (*until).max(e.grant.token_expires_at);
+        }
+        if holds.is_empty() {
+            // No token of this subject seen yet: deny it under any issuer.
+            holds.insert((ANY_ISSUER.to_owned(), subject.to_owned()), now);
         }
         for (who, until) in holds {
             state.revocations.deny_identity(who, until, now);

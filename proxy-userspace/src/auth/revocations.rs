@@ -21,6 +21,10 @@ const SWEEP_AT: usize = 4096;
 /// `(iss, sub)` of a token.
 pub type Identity = (String, String);
 
+/// The issuer of an identity denied under every issuer: a subject revoked
+/// before any of its tokens was seen.
+pub const ANY_ISSUER: &str = "";
+
 #[derive(Debug, Clone, Copy)]
 struct Hold {
     revoked_at: SystemTime,
@@ -73,16 +77,21 @@ impl Revocations {
         {
             return true;
         }
-        let Some(hold) = self.identities.get_mut(&identity(token)) else {
-            return false;
-        };
-        if hold.until <= now {
-            return false;
+        let issued = issued_at(token);
+        let exact = identity(token);
+        let any_issuer = (ANY_ISSUER.to_owned(), token.subject.clone());
+        let mut refused = false;
+        for who in [exact, any_issuer] {
+            if let Some(hold) = self.identities.get_mut(&who)
+                && hold.until > now
+            {
+                if issued.is_none_or(|iat| iat <= hold.revoked_at) {
+                    hold.until = hold.until.max(token.expires_at);
+                }
+                refused = true;
+            }
         }
-        if issued_at(token).is_none_or(|iat| iat <= hold.revoked_at) {
-            hold.until = hold.until.max(token.expires_at);
-        }
-        true
+        refused
     }
 
     /// Denies `(issuer, subject)` until the latest `exp` seen for it (and
@@ -216,6 +225,9 @@ mod tests {
         let ghost = token("ghost", 99_999, &[("iat", json!(1_500))]);
         assert!(r.refuses(&ghost, at(1_000 + UNSEEN_HOLD.as_secs() - 1)));
         assert!(!r.refuses(&ghost, at(1_000 + UNSEEN_HOLD.as_secs())));
+        let mut r = Revocations::default();
+        r.deny_identity((ANY_ISSUER.into(), "ghost".into()), at(0), at(1_000));
+        assert!(r.refuses(&ghost, at(1_500)), "any issuer");
         r.deny_token("https://gitlab.example", "abc", at(3_000));
         assert!(r.refuses(&token("x", 3_000, &[("jti", json!("abc"))]), at(2_000)));
         assert!(!r.refuses(&token("x", 3_000, &[("jti", json!("abd"))]), at(2_000)));
