@@ -182,7 +182,13 @@ fn revoke_by_id_and_by_subject() -> Result<()> {
     let server = streamer(&fx)?;
     let admin = format!("http://{ADMIN}");
     for (round, by_subject) in [(1, false), (2, true)] {
-        let grant = fx.grant_from_runner(&fx.token(), &[])?;
+        // Each round is a new CI job: a new token id. Revoking a grant
+        // denies its token's jti, so the first round's token is spent.
+        let token = fx
+            .keys
+            .rsa
+            .sign(&claims_with(&[("jti", json!(format!("job-{round}")))]));
+        let grant = fx.grant_from_runner(&token, &[])?;
         let mut stream = fx.dial_from_runner(AuthFixture::target(5432))?;
         let mut first = [0u8; 1024];
         stream.read_exact(&mut first)?;

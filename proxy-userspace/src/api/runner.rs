@@ -91,9 +91,23 @@ async fn create_grant(
     match result {
         Ok(response) => (StatusCode::CREATED, Json(response)).into_response(),
         Err(e) => {
-            tracing::info!(client = %peer, reason = %e.error, message = %e.message, "grant refused");
-            error(&e)
+            let detail = crate::audit::truncate(e.message.clone(), crate::audit::MAX_DETAIL);
+            tracing::info!(client = %peer, reason = %e.error, detail = %detail, "grant refused");
+            error(&generic(e))
         }
+    }
+}
+
+/// Token and policy refusals tell the client the reason code only: the
+/// message would name the expected audience or issuer, or a rule. Errors
+/// about the request itself (400) and limits (429) keep their message.
+fn generic(e: ApiError) -> ApiError {
+    match e.status {
+        401 | 403 => {
+            let message = format!("access denied ({})", e.error);
+            ApiError::new(e.status, &e.error, message)
+        }
+        _ => e,
     }
 }
 

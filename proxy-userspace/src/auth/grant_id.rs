@@ -5,8 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// A grant id: random high 32 bits per store (so ids differ across agent
-/// restarts) and a counter below. Never zero. Shown as 16 hex digits.
+/// A grant id: 64 random bits, never zero. Shown as 16 hex digits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct GrantId(pub u64);
 

@@ -65,7 +65,6 @@ pub(super) struct State {
     /// Source grants per token identity.
     per_identity: HashMap<Identity, usize>,
     pub(super) revocations: Revocations,
-    pub(super) counter: u32,
 }
 
 impl State {
@@ -87,6 +86,18 @@ impl State {
             Err(GrantLimit::Total)
         } else {
             Ok(())
+        }
+    }
+
+    /// A random id no live grant has: ids are not a counter, so one
+    /// grant's id says nothing about another's.
+    pub(super) fn fresh_id(&self) -> GrantId {
+        loop {
+            let id = GrantId(rand::random());
+            // 0 is the pinned map's marker key.
+            if id.0 != 0 && !self.grants.contains_key(&id) {
+                return id;
+            }
         }
     }
 

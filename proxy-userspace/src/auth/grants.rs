@@ -27,7 +27,7 @@ pub use super::grant_table::{CreateError, GrantLimit};
 use super::grant_table::{Entry, State};
 use super::limits::AuthLimits;
 use super::policy::Decision;
-use super::revocations::{Identity, token_jti};
+use super::revocations::{ANY_ISSUER, Identity, token_jti};
 use super::token::ValidatedToken;
 
 /// How a grant was obtained. Serialized flat: `"kind": "source", "source": ip`.
@@ -89,7 +89,6 @@ struct Inner {
     /// Wakes the expiry task when the set of deadlines changed.
     changed: Notify,
     events: broadcast::Sender<GrantEvent>,
-    id_prefix: u64,
     audit_claims: Vec<String>,
     caps: AuthLimits,
 }
@@ -123,7 +122,6 @@ impl GrantStore {
                 state: Mutex::new(State::default()),
                 changed: Notify::new(),
                 events,
-                id_prefix: u64::from(rand::random::<u32>()) << 32,
                 audit_claims,
                 caps: limits,
             }),
@@ -194,8 +192,7 @@ impl GrantStore {
                 .check_caps(&self.inner.caps, &who, source)
                 .map_err(CreateError::Limit)?;
         }
-        state.counter = state.counter.checked_add(1).unwrap_or(1);
-        let id = GrantId(self.inner.id_prefix | u64::from(state.counter));
+        let id = state.fresh_id();
         let grant = Grant {
             id,
             kind,
@@ -312,6 +309,10 @@ impl GrantStore {
                 .entry((e.grant.issuer.clone(), e.grant.subject.clone()))
                 .or_insert(now);
             *until = (*until).max(e.grant.token_expires_at);
+        }
+        if holds.is_empty() {
+            // No token of this subject seen yet: deny it under any issuer.
+            holds.insert((ANY_ISSUER.to_owned(), subject.to_owned()), now);
         }
         for (who, until) in holds {
             state.revocations.deny_identity(who, until, now);

@@ -14,8 +14,9 @@ pub const DEFAULT_GRANT_FIRST_BYTES_WAIT: Duration = Duration::from_millis(25);
 pub const DEFAULT_MAX_PREAMBLE_BYTES: usize = 8 * 1024;
 /// Smallest `max_preamble_bytes` accepted: below it no real JWT fits.
 pub const MIN_PREAMBLE_BYTES: usize = 256;
-pub const DEFAULT_PENDING_CONNECTIONS: usize = 1024;
-pub const DEFAULT_PENDING_PER_SOURCE: usize = 64;
+pub const DEFAULT_PENDING_CONNECTIONS: usize = 2048;
+/// Above the bench's 128 concurrent openings from one runner address.
+pub const DEFAULT_PENDING_PER_SOURCE: usize = 256;
 pub const DEFAULT_GRANTS_PER_SUBJECT: usize = 64;
 pub const DEFAULT_GRANTS_PER_SOURCE: usize = 64;
 pub const DEFAULT_MAX_GRANTS: usize = 4096;

@@ -6,7 +6,9 @@
 //! - [`token`] and [`jwks`]: JWT validation against per-issuer JWKS keys.
 //! - [`policy`] (with [`matcher`] and [`destination`]): deny-by-default rules.
 //! - [`preamble`]: the in-band token preamble a client sends first.
-//! - [`grants`]: live grants, their expiry and revocation events.
+//! - [`grants`]: live grants, their caps, expiry and revocation events;
+//!   [`revocations`]: the deny list that makes revocation stick.
+//! - [`limits`]: the `[auth.limits]` bounds.
 //! - [`api_types`] and [`client`]: the grant API wire types and client helpers.
 //!
 //! ## Wiring into the agent
@@ -20,11 +22,14 @@
 //!    `store.clone().run_expiry(shutdown)`; tear sessions down on the
 //!    [`GrantEvent`]s from `store.subscribe()` (on `Lagged`, re-check each
 //!    session's grant with `store.get`).
-//! 4. Per connection: first `store.covering(peer_ip, original_dst, now)`
-//!    (server-speaks-first protocols send nothing, so a source grant must be
-//!    honoured without waiting for bytes); otherwise
-//!    [`preamble::read_preamble`] with `auth.preamble_timeout()` on the raw
-//!    socket (never a buffered reader), `validator.validate`,
+//! 4. Per connection (see [`crate::gate`]): first
+//!    `store.covering(peer_ip, original_dst, now)`; with a source grant,
+//!    wait briefly for the first bytes (server-speaks-first protocols send
+//!    nothing) and read anything starting like the magic as a preamble, so
+//!    a token never reaches the upstream; otherwise
+//!    [`preamble::read_preamble`] with `auth.preamble_timeout()` and the
+//!    `[auth.limits]` length cap on the raw socket (never a buffered
+//!    reader), `validator.validate`, `store.refuses` (revocations),
 //!    `policy.decide`, `store.create(GrantKind::Preamble, ..)`, and answer
 //!    with [`preamble::encode_response`].
 //! 5. Audit and metrics use the stable `reason()` strings of [`TokenError`],

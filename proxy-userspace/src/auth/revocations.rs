@@ -21,6 +21,10 @@ const SWEEP_AT: usize = 4096;
 /// `(iss, sub)` of a token.
 pub type Identity = (String, String);
 
+/// The issuer of an identity denied under every issuer: a subject revoked
+/// before any of its tokens was seen.
+pub const ANY_ISSUER: &str = "";
+
 #[derive(Debug, Clone, Copy)]
 struct Hold {
     revoked_at: SystemTime,
@@ -73,16 +77,21 @@ impl Revocations {
         {
             return true;
         }
-        let Some(hold) = self.identities.get_mut(&identity(token)) else {
-            return false;
-        };
-        if hold.until <= now {
-            return false;
+        let issued = issued_at(token);
+        let exact = identity(token);
+        let any_issuer = (ANY_ISSUER.to_owned(), token.subject.clone());
+        let mut refused = false;
+        for who in [exact, any_issuer] {
+            if let Some(hold) = self.identities.get_mut(&who)
+                && hold.until > now
+            {
+                if issued.is_none_or(|iat| iat <= hold.revoked_at) {
+                    hold.until = hold.until.max(token.expires_at);
+                }
+                refused = true;
+            }
         }
-        if issued_at(token).is_none_or(|iat| iat <= hold.revoked_at) {
-            hold.until = hold.until.max(token.expires_at);
-        }
-        true
+        refused
     }
 
     /// Denies `(issuer, subject)` until the latest `exp` seen for it (and
@@ -178,8 +187,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn an_older_token_outliving_the_hold_extends_it_a_newer_one_does_not() {
+    /// "job" seen with exp 2000, revoked at 1000.
+    fn job_denied_at_1000() -> Revocations {
         let mut r = Revocations::default();
         r.saw(&token("job", 2_000, &[]), at(1_000));
         r.deny_identity(
@@ -187,16 +196,16 @@ mod tests {
             at(0),
             at(1_000),
         );
+        r
+    }
+
+    #[test]
+    fn an_older_token_outliving_the_hold_extends_it_a_newer_one_does_not() {
+        let mut r = job_denied_at_1000();
         let newer = token("job", 5_000, &[("iat", json!(1_200))]);
         assert!(r.refuses(&newer, at(1_300)));
         assert!(!r.refuses(&newer, at(2_000)), "issued after: not extended");
-        let mut r = Revocations::default();
-        r.saw(&token("job", 2_000, &[]), at(1_000));
-        r.deny_identity(
-            ("https://gitlab.example".into(), "job".into()),
-            at(0),
-            at(1_000),
-        );
+        let mut r = job_denied_at_1000();
         let older = token("job", 3_000, &[("iat", json!(500))]);
         assert!(r.refuses(&older, at(1_300)));
         assert!(
@@ -216,6 +225,9 @@ mod tests {
         let ghost = token("ghost", 99_999, &[("iat", json!(1_500))]);
         assert!(r.refuses(&ghost, at(1_000 + UNSEEN_HOLD.as_secs() - 1)));
         assert!(!r.refuses(&ghost, at(1_000 + UNSEEN_HOLD.as_secs())));
+        let mut r = Revocations::default();
+        r.deny_identity((ANY_ISSUER.into(), "ghost".into()), at(0), at(1_000));
+        assert!(r.refuses(&ghost, at(1_500)), "any issuer");
         r.deny_token("https://gitlab.example", "abc", at(3_000));
         assert!(r.refuses(&token("x", 3_000, &[("jti", json!("abc"))]), at(2_000)));
         assert!(!r.refuses(&token("x", 3_000, &[("jti", json!("abd"))]), at(2_000)));

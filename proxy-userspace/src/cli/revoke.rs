@@ -11,9 +11,11 @@ use std::time::Duration;
 pub struct RevokeArgs {
     #[command(flatten)]
     pub admin: super::AdminArg,
-    /// The grant to revoke (16 hex digits, as `tcpgate grants` shows).
+    /// The grant to revoke (16 hex digits, as `tcpgate grants` shows). Its
+    /// token (by `jti`) is refused from then on, until it expires.
     pub grant_id: Option<String>,
-    /// Revoke every grant of this token subject instead.
+    /// Revoke every grant of this token subject instead; the agent refuses
+    /// that subject's tokens until the latest `exp` it has seen for them.
     #[arg(long)]
     pub subject: Option<String>,
     /// The agent's pin directory, used when the API does not answer.

@@ -421,3 +421,11 @@ fn revoking_one_grant_denies_its_token_by_jti_only() {
     store.give_back(g.id);
     assert!(!store.refuses(&second, SystemTime::now()));
 }
+
+#[test]
+fn revoking_a_subject_never_seen_still_refuses_its_tokens() {
+    let store = audit_store();
+    assert!(store.revoke_subject("dave").is_empty());
+    assert!(store.refuses(&token("dave"), SystemTime::now()));
+    assert!(!store.refuses(&token("erin"), SystemTime::now()));
+}

@@ -1,0 +1,534 @@
+//! Admission from the attacker's side: a granted runner's token never
+//! reaches the target, revocation sticks and has no survivors, and idle
+//! unauthenticated connections cannot hold the agent.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use common::auth::{ADMIN, AuthFixture, authenticate, policy};
+use common::wait_events;
+use serde_json::json;
+use tcpgate_tests::tokens::claims_with;
+use tcpgate_tests::{Payload, accept_loop, read_exact_hashed, require_root, write_payload};
+
+const CONNECT_RUNS: usize = 200;
+
+/// A target service that speaks first (like ssh) and logs every byte it
+/// receives on each connection.
+fn logging_server(fx: &AuthFixture, conns: usize) -> Result<tcpgate_tests::AcceptLoop<Vec<u8>>> {
+    Ok(accept_loop(
+        &fx.topo.target,
+        AuthFixture::target(9000),
+        conns,
+        |mut stream, _| {
+            let _ = stream.write_all(b"HELLO\n");
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                seen.extend_from_slice(&buf[..n]);
+            }
+            seen
+        },
+    )?)
+}
+
+/// Issue 11, item 9: a runner holding a source grant that also uses
+/// `tcpgate connect` (the documented ssh ProxyCommand) must never have
+/// its preamble, and so its token, delivered to the target.
+#[test]
+fn a_granted_runner_using_connect_never_leaks_its_token() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let fx = AuthFixture::start()?;
+    let server = logging_server(&fx, CONNECT_RUNS)?;
+    let token = fx.token();
+    fx.grant_from_runner(&token, &["--allow", "192.0.2.10=9000", "--lifetime", "10m"])?;
+    let token_file = fx.token_file(&token)?;
+    let command = format!(
+        "printf 'ping' | {} connect --token-file {} 192.0.2.10:9000",
+        fx.agent.binary().display(),
+        token_file.to_str().context("utf-8")?
+    );
+    for run in 0..CONNECT_RUNS {
+        let output = fx
+            .topo
+            .runner
+            .command("sh")
+            .args(["-c", &command])
+            .output()?;
+        ensure!(
+            output.status.success() && output.stdout == b"HELLO\nping",
+            "run {run}: status {:?}, stdout {:?}, stderr {}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let received = server.stop()?;
+    ensure!(
+        received.len() == CONNECT_RUNS,
+        "{} connections",
+        received.len()
+    );
+    for (run, bytes) in received.iter().enumerate() {
+        // Exactly the client's payload: not one byte of "TCPG", the header
+        // or the token got through.
+        ensure!(
+            bytes == b"ping",
+            "run {run}: the target received {:?}",
+            String::from_utf8_lossy(bytes)
+        );
+    }
+    let opened = wait_events(&fx.agent, "session_open", CONNECT_RUNS)?;
+    ensure!(opened.len() == CONNECT_RUNS, "{} sessions", opened.len());
+    Ok(())
+}
+
+/// `revoke --subject` sticks: the same still-valid token is refused by
+/// the grant API and in a preamble, with reason `revoked`; other subjects
+/// are untouched.
+#[test]
+fn revoked_subject_cannot_ask_again() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let fx = AuthFixture::start()?;
+    let server = common::auth::echo_service(&fx, b"")?;
+    let token = fx.token();
+    fx.grant_from_runner(&token, &[])?;
+    let admin = format!("http://{ADMIN}");
+    let subject = "project_path:group/app:ref_type:branch:ref:release/1.4";
+    let (status, stdout, stderr) = fx.cli(
+        &fx.topo.bastion,
+        &["revoke", "--admin", &admin, "--subject", subject],
+    )?;
+    ensure!(status == 0, "revoke: {status} {stdout} {stderr}");
+
+    let file = fx.token_file(&token)?;
+    let api = format!(
+        "http://{}",
+        SocketAddr::from((
+            tcpgate_tests::topology::BASTION_RUNNER_V4,
+            common::auth::API_PORT
+        ))
+    );
+    let (status, _, stderr) = fx.cli(
+        &fx.topo.runner,
+        &[
+            "grant",
+            "--token-file",
+            file.to_str().context("utf-8")?,
+            "--api",
+            &api,
+        ],
+    )?;
+    ensure!(
+        status != 0 && stderr.contains("revoked"),
+        "grant API after revocation: {status} {stderr}"
+    );
+    let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
+    let (status, message) = authenticate(&mut stream, &token)?;
+    ensure!(
+        status == 1 && message == "access denied (revoked)",
+        "preamble after revocation: {status} {message:?}"
+    );
+    let denied = wait_events(&fx.agent, "connection_denied", 1)?;
+    ensure!(
+        denied[0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("revoked")),
+        "{}",
+        denied[0]
+    );
+
+    let other = fx.keys.rsa.sign(&claims_with(&[(
+        "sub",
+        json!("project_path:group/app:ref_type:branch:ref:release/2.0"),
+    )]));
+    let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
+    let (status, message) = authenticate(&mut stream, &other)?;
+    ensure!(status == 0, "another subject: {status} {message}");
+    stream.write_all(b"still works")?;
+    let mut back = [0u8; 11];
+    stream.read_exact(&mut back)?;
+    ensure!(&back == b"still works");
+    drop(stream);
+    server.stop()?;
+    Ok(())
+}
+
+/// How long a worker of the storm holds a session the agent does not end
+/// (longer than the test waits for sessions to end).
+const HOLD: Duration = Duration::from_secs(30);
+
+/// The storm's worker threads: stopped and joined on drop, also when the
+/// test fails, so they let go of the fixture before it is torn down.
+struct Workers {
+    stop: Arc<AtomicBool>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for handle in self.handles.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// A revocation storm against concurrent admissions of the same token.
+/// Workers admit sessions back to back. Churners leave each session at
+/// once, so admissions are always in flight when the storm hits; holders
+/// keep every other session until the agent ends it. Afterwards every
+/// admission is refused, and before any client lets go, every session ever
+/// opened has closed and the pinned maps are empty: no survivor.
+#[test]
+fn revocation_storm_leaves_no_survivor() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    const WORKERS: usize = 12;
+    const CHURNERS: usize = 6;
+    let fx = Arc::new(AuthFixture::start()?);
+    let server = logging_server(&fx, 100_000)?;
+    let token = Arc::new(fx.token());
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let handles: Vec<_> = (0..WORKERS + CHURNERS)
+        .map(|worker| {
+            let holder = worker < WORKERS;
+            let (fx, token, stop, refused) = (
+                Arc::clone(&fx),
+                Arc::clone(&token),
+                Arc::clone(&stop),
+                Arc::clone(&refused),
+            );
+            std::thread::spawn(move || {
+                let mut round = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    round += 1;
+                    let Ok(mut stream) = fx.dial_from_runner(AuthFixture::target(9000)) else {
+                        continue;
+                    };
+                    match authenticate(&mut stream, &token) {
+                        Ok((0, _)) if holder && round.is_multiple_of(2) => {
+                            let _ = stream.set_read_timeout(Some(HOLD));
+                            let mut sink = Vec::new();
+                            let _ = stream.read_to_end(&mut sink);
+                        }
+                        Ok((0, _)) => {}
+                        Ok(_) => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => {}
+                    }
+                }
+            })
+        })
+        .collect();
+    let workers = Workers {
+        stop: Arc::clone(&stop),
+        handles,
+    };
+    wait_events(&fx.agent, "session_open", WORKERS)?;
+    let admin = format!("http://{ADMIN}");
+    let subject = "project_path:group/app:ref_type:branch:ref:release/1.4";
+    for _ in 0..5 {
+        let (status, stdout, stderr) = fx.cli(
+            &fx.topo.bastion,
+            &["revoke", "--admin", &admin, "--subject", subject],
+        )?;
+        ensure!(status == 0, "revoke: {status} {stdout} {stderr}");
+    }
+    // The workers keep trying after the storm: all refused.
+    let before = refused.load(Ordering::Relaxed);
+    let more = common::eventually(Duration::from_secs(30), "refusals after the storm", || {
+        refused.load(Ordering::Relaxed) >= before + 50
+    });
+    more?;
+    // Held sessions end only if the agent ends them: check before letting go.
+    let opened = wait_events(&fx.agent, "session_open", 1)?;
+    let closed = common::wait_events_within(
+        &fx.agent,
+        "session_close",
+        opened.len(),
+        HOLD - Duration::from_secs(10),
+    )?;
+    let revoked = closed.iter().filter(|c| c["reason"] == "revoked").count();
+    ensure!(revoked > 0, "no session was revoked");
+    for close in &closed {
+        ensure!(
+            close["reason"] == "revoked" || close["reason"] == "client_closed",
+            "{close}"
+        );
+    }
+    drop(workers);
+    common::assert_maps_empty(fx.agent.pin_dir())?;
+    eprintln!(
+        "storm: {} sessions admitted, {revoked} revoked; {} admissions refused",
+        opened.len(),
+        refused.load(Ordering::Relaxed)
+    );
+    drop(server);
+    Ok(())
+}
+
+fn limits_policy(limits: &str) -> String {
+    format!("\n[auth.limits]\n{limits}\n{}", policy("15m"))
+}
+
+fn limit_hits(fx: &AuthFixture, limit: &str) -> Result<f64> {
+    let text = tcpgate_tests::metrics::scrape(&fx.topo.bastion, ADMIN.parse()?)?;
+    Ok(
+        tcpgate_tests::metrics::parse(&text)?
+            .count("tcpgate_limit_hits_total", &[("limit", limit)]),
+    )
+}
+
+/// Sends 1 MiB on an admitted session and checks the echo by SHA-256.
+fn exchange_exact(stream: &mut std::net::TcpStream, seed: u64) -> Result<()> {
+    let payload = Payload::new(seed, 1 << 20);
+    let mut writer = stream.try_clone()?;
+    let sender = std::thread::spawn(move || write_payload(&mut writer, &payload));
+    let got = read_exact_hashed(stream, 1 << 20)?;
+    let sent = sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    ensure!(got == sent, "the echoed bytes differ (SHA-256)");
+    Ok(())
+}
+
+/// A new legitimate preamble session, its bytes checked.
+fn legit_session(fx: &AuthFixture) -> Result<()> {
+    let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
+    let (status, message) = authenticate(&mut stream, &fx.token())?;
+    ensure!(status == 0, "legit client refused: {message}");
+    exchange_exact(&mut stream, 7)
+}
+
+/// Idle unauthenticated connections from one source, then from several:
+/// the pending bounds hold (oldest shed, counted), the agent stays
+/// responsive, and a legitimate session keeps its bytes exact.
+#[test]
+fn idle_floods_are_shed_and_a_legit_session_is_exact() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let fx = AuthFixture::start_with(
+        &limits_policy("pending_connections = 24\npending_per_source = 8\n"),
+        &[],
+    )?;
+    let server = common::auth::echo_service(&fx, b"")?;
+    let target = AuthFixture::target(9000);
+    // One source: 64 idle connections, 8 may wait.
+    let mut flood = Vec::new();
+    for _ in 0..64 {
+        flood.push(fx.dial_from_runner(target)?);
+    }
+    common::eventually(
+        Duration::from_secs(20),
+        "56 shed by pending_per_source",
+        || limit_hits(&fx, "pending_per_source").is_ok_and(|n| n >= 56.0),
+    )?;
+    legit_session(&fx)?;
+    drop(flood);
+    // Several sources, 10 each: over the total of 24.
+    let mut flood = Vec::new();
+    for i in 3..=7u8 {
+        fx.topo
+            .runner
+            .ip(["addr", "add", &format!("198.51.100.{i}/24"), "dev", "eth0"])?;
+        for _ in 0..10 {
+            let source = IpAddr::V4(Ipv4Addr::new(198, 51, 100, i));
+            flood.push(common::dial_from(&fx.topo.runner, source, target)?);
+        }
+    }
+    common::eventually(
+        Duration::from_secs(20),
+        // 5 sources of 10: each sheds 2 of its own (8 per source); past
+        // 24 pending in all, the first 8 of each of the last two sources
+        // shed the oldest of all.
+        "16 shed by pending_connections",
+        || limit_hits(&fx, "pending_connections").is_ok_and(|n| n >= 16.0),
+    )?;
+    legit_session(&fx)?;
+    drop(flood);
+    server.stop()?;
+    Ok(())
+}
+
+/// A declared preamble length over `max_preamble_bytes` is refused from
+/// the header, before any token byte arrives.
+#[test]
+fn preamble_length_cap_is_checked_before_reading() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let fx = AuthFixture::start_with(&limits_policy("max_preamble_bytes = 1024\n"), &[])?;
+    let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
+    // Declares 4000 token bytes and sends none: the answer comes at once.
+    stream.write_all(b"TCPG\x01\x00\x0f\xa0")?;
+    let (status, message) = tcpgate_tests::preamble::read_answer(&mut stream)?;
+    ensure!(
+        status == 2 && message.contains("exceeds the limit of 1024"),
+        "{status} {message}"
+    );
+    let denied = wait_events(&fx.agent, "connection_denied", 1)?;
+    ensure!(
+        denied[0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("oversized")),
+        "{}",
+        denied[0]
+    );
+    Ok(())
+}
+
+/// `POST /v1/grants` from `source` on the runner; returns the HTTP status
+/// line and body.
+fn post_grant_from(fx: &AuthFixture, source: Ipv4Addr, token: &str) -> Result<String> {
+    let api = SocketAddr::from((
+        tcpgate_tests::topology::BASTION_RUNNER_V4,
+        common::auth::API_PORT,
+    ));
+    let mut stream = common::dial_from(&fx.topo.runner, IpAddr::V4(source), api)?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(
+        stream,
+        "POST /v1/grants HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+fn token_for(fx: &AuthFixture, job: &str) -> String {
+    fx.keys.rsa.sign(&claims_with(&[
+        (
+            "sub",
+            json!(format!("project_path:group/app:ref_type:branch:ref:{job}")),
+        ),
+        ("jti", json!(job)),
+    ]))
+}
+
+/// Each grant cap holds (per subject, per source, in total), is counted in
+/// /metrics, and a session live meanwhile keeps its bytes exact.
+#[test]
+fn grant_caps_hold_while_a_live_session_stays_exact() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let fx = AuthFixture::start_with(
+        &limits_policy("grants_per_subject = 2\ngrants_per_source = 3\nmax_grants = 4\n"),
+        &[],
+    )?;
+    let server = common::auth::echo_service(&fx, b"")?;
+    // A session that lives through all of it.
+    let mut live = fx.dial_from_runner(AuthFixture::target(9000))?;
+    let (status, message) = authenticate(&mut live, &fx.token())?;
+    ensure!(status == 0, "{message}");
+
+    let runner = Ipv4Addr::new(198, 51, 100, 2);
+    let second = Ipv4Addr::new(198, 51, 100, 3);
+    fx.topo
+        .runner
+        .ip(["addr", "add", "198.51.100.3/24", "dev", "eth0"])?;
+    let created = |answer: &str| answer.starts_with("HTTP/1.1 201");
+    let refused = |answer: &str, limit: &str| {
+        answer.starts_with("HTTP/1.1 429")
+            && answer.contains("grant_limit")
+            && answer.contains(limit)
+    };
+    let a = token_for(&fx, "a");
+    for _ in 0..2 {
+        let answer = post_grant_from(&fx, runner, &a)?;
+        ensure!(created(&answer), "{answer}");
+    }
+    let answer = post_grant_from(&fx, runner, &a)?;
+    ensure!(refused(&answer, "grants_per_subject"), "{answer}");
+    ensure!(created(&post_grant_from(
+        &fx,
+        runner,
+        &token_for(&fx, "b")
+    )?));
+    let answer = post_grant_from(&fx, runner, &token_for(&fx, "c"))?;
+    ensure!(refused(&answer, "grants_per_source"), "{answer}");
+    ensure!(created(&post_grant_from(
+        &fx,
+        second,
+        &token_for(&fx, "d")
+    )?));
+    let answer = post_grant_from(&fx, second, &token_for(&fx, "e"))?;
+    ensure!(refused(&answer, "max_grants"), "{answer}");
+    for limit in ["grants_per_subject", "grants_per_source", "max_grants"] {
+        ensure!(limit_hits(&fx, limit)? == 1.0, "{limit} counted once");
+    }
+
+    // The live session, then a new one: bytes exact.
+    exchange_exact(&mut live, 11)?;
+    legit_session(&fx)?;
+    drop(live);
+    server.stop()?;
+    Ok(())
+}
+
+/// A token with a 3 KB `kid` (within the default 8 KiB preamble cap once
+/// base64-encoded): the client is told the reason code only, and neither
+/// the audit line nor the agent's log copies the attacker's string whole.
+#[test]
+fn attacker_chosen_strings_are_cut_and_not_echoed() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let fx = AuthFixture::start()?;
+    let kid = "K".repeat(3000);
+    let token = tcpgate_tests::tokens::TestKey::rsa2(&kid).sign(&claims_with(&[]));
+    let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
+    let (status, message) = authenticate(&mut stream, &token)?;
+    ensure!(
+        status == 1 && message == "access denied (unknown_kid)",
+        "{status} {message:?}"
+    );
+    let denied = &wait_events(&fx.agent, "connection_denied", 1)?[0];
+    let detail = denied["detail"].as_str().context("detail")?;
+    ensure!(
+        detail.starts_with("unknown_kid") && detail.len() < 700 && detail.contains("bytes]"),
+        "detail of {} bytes: {detail}",
+        detail.len()
+    );
+    ensure!(
+        denied.to_string().len() < 2048,
+        "the audit line is {} bytes",
+        denied.to_string().len()
+    );
+    ensure!(
+        !fx.agent.logs().contains(&"K".repeat(1024)),
+        "the agent's log copies the kid whole"
+    );
+    // The grant API answers the reason code, not the audience it expected.
+    let wrong = fx
+        .keys
+        .rsa
+        .sign(&claims_with(&[("aud", json!("someone-else"))]));
+    let answer = post_grant_from(&fx, Ipv4Addr::new(198, 51, 100, 2), &wrong)?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 401")
+            && answer.contains("access denied (wrong_audience)")
+            && !answer.contains(tcpgate_tests::tokens::AUDIENCE),
+        "{answer}"
+    );
+    Ok(())
+}
