@@ -100,6 +100,7 @@ fn admitted(grant: &Grant, method: u16) -> Admitted {
         claims: std::sync::Arc::clone(&grant.audit_claims),
         answer_preamble: method == AUTH_PREAMBLE,
         opening_unseen: false,
+        relayed_down: 0,
     }
 }
 
@@ -180,7 +181,8 @@ impl Gate {
             let wait = self.limits.grant_first_bytes_wait();
             match opening::first_bytes(client, wait, self.preamble_timeout).await {
                 FirstBytes::Protocol => return Ok(admitted(&grant, AUTH_SOURCE_GRANT)),
-                FirstBytes::Silent => {
+                // (`first_bytes` never sees the upstream; judged later like silence.)
+                FirstBytes::Silent | FirstBytes::UpstreamFirst => {
                     let mut admitted = admitted(&grant, AUTH_SOURCE_GRANT);
                     admitted.opening_unseen = true;
                     return Ok(admitted);
@@ -218,6 +220,39 @@ impl Gate {
                 "preamble_incomplete",
                 "the first bytes began like a preamble and stopped",
             )),
+            FirstBytes::UpstreamFirst => {
+                self.settle_after_greeting(client, upstream, admitted).await
+            }
+        }
+    }
+
+    /// The upstream spoke before a granted client did: its greeting is
+    /// relayed until the client's first bytes are seen. A preamble then is
+    /// refused (the client has already read upstream bytes, so it cannot be
+    /// answered), and its token never reaches the upstream.
+    async fn settle_after_greeting(
+        &self,
+        client: &mut TcpStream,
+        upstream: &TcpStream,
+        admitted: Admitted,
+    ) -> Result<Admitted, Refusal> {
+        let Some(greeting) = opening::relay_greeting(client, upstream, self.preamble_timeout).await
+        else {
+            return Err(Refusal::new(
+                "greeting_not_read",
+                "the client did not read the upstream's first bytes within auth.preamble_timeout",
+            ));
+        };
+        match greeting.client {
+            FirstBytes::Preamble | FirstBytes::Stuck => Err(Refusal::new(
+                "late_preamble",
+                "a granted client sent a token preamble after the upstream had spoken; \
+                 refused so that the token never reaches the upstream",
+            )),
+            _ => Ok(Admitted {
+                relayed_down: greeting.relayed,
+                ..admitted
+            }),
         }
     }
 

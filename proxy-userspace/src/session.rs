@@ -65,6 +65,9 @@ pub struct Admitted {
     /// first bytes are judged once the upstream is connected (a late
     /// preamble must never be spliced upstream).
     pub opening_unseen: bool,
+    /// Upstream bytes the agent relayed to the client before the splice
+    /// (a server-first greeting to a granted client not yet judged).
+    pub relayed_down: u64,
 }
 
 impl Admitted {
@@ -341,6 +344,7 @@ pub async fn serve(
         interceptor.session_ended(meta.id);
     }
     revoked_outside(&services, &meta, &mut outcome);
+    outcome.down.userspace_bytes += admitted.relayed_down;
     // Before the slot is released, so a scrape never misses these bytes
     // for long (see `Metrics::render`).
     services.metrics.session_closed(

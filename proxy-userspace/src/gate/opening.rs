@@ -24,6 +24,10 @@ pub enum FirstBytes {
     /// A prefix of the magic that never grew into a verdict: refuse, since
     /// it may be the start of a preamble.
     Stuck,
+    /// The upstream spoke while the client was still silent (a
+    /// server-first protocol). Its bytes are relayed by [`relay_greeting`]
+    /// until the client's own first bytes can be judged.
+    UpstreamFirst,
 }
 
 /// Peeks at what is queued, without consuming it. `None`: nothing queued.
@@ -133,8 +137,80 @@ pub async fn first_speaker(
         tokio::select! {
             ready = client.readable() => if ready.is_err() { return FirstBytes::Protocol },
             // Readiness can be a false positive: look before deciding.
-            _ = upstream.readable() => if upstream_spoke(upstream) { return FirstBytes::Protocol },
+            _ = upstream.readable() => if upstream_spoke(upstream) { return FirstBytes::UpstreamFirst },
             () = tokio::time::sleep_until(deadline) => return FirstBytes::Silent,
+        }
+    }
+}
+
+/// What [`relay_greeting`] saw, and how many upstream bytes it passed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Greeting {
+    /// `Protocol`, `Preamble`, `Stuck` or `Silent` (never `UpstreamFirst`).
+    pub client: FirstBytes,
+    /// Bytes read from the upstream and written to the client.
+    pub relayed: u64,
+}
+
+/// The upstream spoke first: copies what it says to the client, in user
+/// space, until the client's own first bytes can be judged, so the client's
+/// direction is never spliced before its first bytes are seen. A late
+/// preamble (a `tcpgate connect` client descheduled past the first-bytes
+/// wait) is therefore caught here, whatever the timing, instead of being
+/// spliced to the target. Bounded by `patience`: a client that stays silent
+/// that long is spliced as it is; an upstream that closes ends the wait.
+/// `None`: the client did not take the greeting within `patience`, so the
+/// stream can no longer be spliced whole.
+pub async fn relay_greeting(
+    client: &mut TcpStream,
+    upstream: &TcpStream,
+    patience: Duration,
+) -> Option<Greeting> {
+    use tokio::io::AsyncWriteExt as _;
+    let deadline = Instant::now() + patience;
+    let mut relayed = 0u64;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let seen = peek(client);
+        if let Some(client) = verdict(seen) {
+            return Some(Greeting { client, relayed });
+        }
+        if seen == Some(Opening::Undecided) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let client = first_bytes(client, Duration::ZERO, left).await;
+            return Some(Greeting { client, relayed });
+        }
+        tokio::select! {
+            ready = client.readable() => if ready.is_err() {
+                return Some(Greeting { client: FirstBytes::Protocol, relayed });
+            },
+            ready = upstream.readable() => {
+                if ready.is_err() {
+                    return Some(Greeting { client: FirstBytes::Protocol, relayed });
+                }
+                match upstream.try_read(&mut buf) {
+                    Ok(n) if n > 0 => {
+                        let write = tokio::time::timeout_at(deadline, client.write_all(&buf[..n]));
+                        if !matches!(write.await, Ok(Ok(()))) {
+                            // A client that does not read its greeting, or is gone.
+                            return None;
+                        }
+                        relayed += n as u64;
+                    }
+                    // A false readiness.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // The upstream closed (or failed): nothing more to relay;
+                    // the client's first bytes are still judged.
+                    _ => {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        let client = first_bytes(client, left, left).await;
+                        return Some(Greeting { client, relayed });
+                    }
+                }
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                return Some(Greeting { client: FirstBytes::Silent, relayed });
+            }
         }
     }
 }
@@ -212,13 +288,13 @@ mod tests {
 
     #[tokio::test]
     async fn after_admission_the_first_speaker_decides() {
-        // The upstream greets first: splice.
+        // The upstream greets first: its greeting is relayed next.
         let (_client, client_side) = pair().await;
         let (mut server, upstream_side) = pair().await;
         server.write_all(b"220 hello\r\n").await.expect("write");
         assert_eq!(
             first_speaker(&client_side, &upstream_side, PATIENCE).await,
-            FirstBytes::Protocol
+            FirstBytes::UpstreamFirst
         );
         // A preamble arrives late, before any server byte: caught.
         let (mut client, client_side) = pair().await;
@@ -236,5 +312,41 @@ mod tests {
             FirstBytes::Preamble
         );
         drop(late.await.expect("join"));
+    }
+
+    #[tokio::test]
+    async fn a_relayed_greeting_lets_the_client_speak_and_catches_a_late_preamble() {
+        use tokio::io::AsyncReadExt;
+        for (answer, expected) in [
+            (&b"EHLO runner\r\n"[..], FirstBytes::Protocol),
+            (&b"TCPG\x01\x00\x00\x05"[..], FirstBytes::Preamble),
+        ] {
+            let (mut client, mut client_side) = pair().await;
+            let (mut server, upstream_side) = pair().await;
+            server.write_all(b"220 hello\r\n").await.expect("write");
+            // The client answers only once it has read the greeting, as an
+            // SMTP client does (or a descheduled `tcpgate connect`).
+            let talker = tokio::spawn(async move {
+                let mut greeting = [0u8; 11];
+                client.read_exact(&mut greeting).await.expect("greeting");
+                assert_eq!(&greeting, b"220 hello\r\n");
+                client.write_all(answer).await.expect("answer");
+                client
+            });
+            let greeting = relay_greeting(&mut client_side, &upstream_side, PATIENCE)
+                .await
+                .expect("the greeting is read");
+            assert_eq!(
+                greeting,
+                Greeting {
+                    client: expected,
+                    relayed: 11
+                }
+            );
+            drop(talker.await.expect("join"));
+            // Nothing of the client's bytes reached the upstream.
+            let mut buf = [0u8; 1];
+            assert!(server.try_read(&mut buf).is_err());
+        }
     }
 }
