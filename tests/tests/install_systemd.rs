@@ -23,7 +23,7 @@ fn container_config(jwks_url: &str) -> String {
         "[agent]\ndatapath = \"ebpf\"\npin_dir = \"/sys/fs/bpf/tcpgate\"\n\
          operator_group = \"tcpgate-operators\"\n\n\
          [audit]\npath = \"/var/log/tcpgate/audit.jsonl\"\n\n\
-         [admin]\nlisten = \"127.0.0.1:9470\"\n\n[api]\nlisten = \"198.51.100.1:8080\"\n\n\
+         [admin]\n\n[api]\nlisten = \"198.51.100.1:8080\"\ninsecure_http = true\n\n\
          [intercept]\n[[intercept.prefix]]\nprefix = \"192.0.2.0/24\"\nports = [{ports}]\n\n\
          [auth]\naudit_claims = [\"project_path\"]\n[[auth.issuer]]\nissuer = {ISSUER:?}\n\
          audience = {AUDIENCE:?}\njwks_url = {jwks_url:?}\nca_file = \"/etc/tcpgate/jwks-ca.pem\"\n\

@@ -41,6 +41,7 @@ pub mod matcher;
 pub mod policy;
 pub mod preamble;
 pub mod token;
+pub mod trust;
 
 pub use config::{AuthConfig, FieldError, IssuerConfig, RuleConfig, validate_all};
 pub use destination::{Destination, DestinationSpec, PortRange};

@@ -484,3 +484,15 @@ pub fn dial_from(
     stream.set_read_timeout(Some(Duration::from_secs(20)))?;
     Ok(stream)
 }
+
+/// Waits (bounded) until `done()` holds; the error names `what`.
+pub fn eventually(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    while !done() {
+        if std::time::Instant::now() > deadline {
+            bail!("{what}: not within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
