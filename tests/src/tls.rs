@@ -136,3 +136,32 @@ pub fn self_signed(dir: &Path, stem: &str, names: &[&str]) -> ApiCert {
         key,
     }
 }
+
+/// A TLS client stream over `tcp`, trusting only `ca`, for `server` (an IP
+/// address or DNS name in the server's certificate).
+pub fn client(
+    tcp: std::net::TcpStream,
+    ca: &Path,
+    server: &str,
+) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    let invalid = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| invalid(&e))? {
+        roots
+            .add(cert.map_err(|e| invalid(&e))?)
+            .map_err(|e| invalid(&e))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| invalid(&e))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name =
+        rustls::pki_types::ServerName::try_from(server.to_owned()).map_err(|e| invalid(&e))?;
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+        .map_err(|e| invalid(&e))?;
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}

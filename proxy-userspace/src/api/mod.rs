@@ -114,9 +114,10 @@ pub fn bind_unix(
         Err(e) => return Err(socket_err(e)),
     }
     // connect(2) needs write permission on the socket file: until the
-    // chmod below, the umask's mode (never group/other-writable under the
-    // unit's UMask=0027) keeps everyone but the agent's user out.
+    // chmod below, the umask's mode (not group- or other-writable under
+    // the unit's UMask=0027, nor under 022) keeps everyone else out.
     let listener = UnixListener::bind(path).map_err(socket_err)?;
+    let file = serve::SocketFile(path.to_owned());
     if let Some((name, gid)) = group {
         nix::unistd::chown(path, None, Some(gid)).map_err(|source| ApiError::SocketGroup {
             path: path.to_owned(),
@@ -125,5 +126,5 @@ pub fn bind_unix(
         })?;
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(socket_err)?;
-    Ok(Listener::Unix(listener, path.to_owned()))
+    Ok(Listener::Unix(listener, file))
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
@@ -46,7 +47,18 @@ impl Server {
 pub enum Listener {
     Tcp(TcpListener),
     /// The socket file is removed when the server stops.
-    Unix(UnixListener, PathBuf),
+    Unix(UnixListener, SocketFile),
+}
+
+/// Removes the socket file when dropped: when the server stops, or when
+/// the runtime drops its task at exit.
+#[derive(Debug)]
+pub struct SocketFile(pub PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// What a server needs besides its listener and router.
@@ -67,8 +79,12 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let router = router.layer(axum::middleware::from_fn_with_state(
-        (Arc::clone(&options.metrics), options.server),
-        count_refusals,
+        Bounds {
+            metrics: Arc::clone(&options.metrics),
+            server: options.server,
+            max_body: options.limits.max_body,
+        },
+        bound_requests,
     ));
     let slots = Arc::new(Semaphore::new(options.limits.max_connections));
     loop {
@@ -101,9 +117,6 @@ pub async fn serve(
             let _slot = slot;
             connection(stream, app, &options).await;
         });
-    }
-    if let Listener::Unix(_, path) = &listener {
-        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -186,18 +199,37 @@ where
     }
 }
 
-/// Counts refusals made inside the router: a body over the limit (413,
-/// from axum's `DefaultBodyLimit`) and a missing or wrong admin token.
-async fn count_refusals(
-    axum::extract::State((metrics, server)): axum::extract::State<(Arc<Metrics>, Server)>,
+#[derive(Clone)]
+struct Bounds {
+    metrics: Arc<Metrics>,
+    server: Server,
+    max_body: usize,
+}
+
+/// Refuses a declared body over `max_body` before reading any of it, and
+/// counts the refusals made inside the router: a body over the limit
+/// without a declared length (413, from axum's `DefaultBodyLimit`) and a
+/// missing or wrong admin token (401).
+async fn bound_requests(
+    axum::extract::State(bounds): axum::extract::State<Bounds>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    let server = bounds.server.as_str();
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > bounds.max_body as u64) {
+        bounds.metrics.http_limit_hit(server, "max_body");
+        return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response();
+    }
     let response = next.run(request).await;
     match response.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => metrics.http_limit_hit(server.as_str(), "max_body"),
-        StatusCode::UNAUTHORIZED if server == Server::Admin => {
-            metrics.http_limit_hit(server.as_str(), "unauthorized");
+        StatusCode::PAYLOAD_TOO_LARGE => bounds.metrics.http_limit_hit(server, "max_body"),
+        StatusCode::UNAUTHORIZED if bounds.server == Server::Admin => {
+            bounds.metrics.http_limit_hit(server, "unauthorized");
         }
         _ => {}
     }

@@ -215,6 +215,9 @@ fn untrusted(url: &str, ca_file: Option<&Path>, error: &reqwest::Error) -> Optio
         (E::UnknownIssuer, Some(_)) => {
             "; --ca must hold the CA that signed the API's certificate (or that certificate itself)"
         }
+        (E::Other(_), _) => {
+            "; a self-signed certificate (CA:TRUE) is trusted only when --ca is that certificate itself"
+        }
         (E::NotValidForName | E::NotValidForNameContext { .. }, _) => {
             "; the certificate needs a subjectAltName with the address or name in --api"
         }

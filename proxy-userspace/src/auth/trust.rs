@@ -168,7 +168,14 @@ pub fn certificate_error<'a>(
         if let Some(Error::InvalidCertificate(cert)) = e.downcast_ref::<Error>() {
             return Some(cert);
         }
-        next = e.source();
+        // An io::Error's source() skips the error it wraps: look inside.
+        next = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
     }
     None
 }
