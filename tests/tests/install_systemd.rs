@@ -281,6 +281,29 @@ fn operator_sees_the_session(container: &Container) -> Result<()> {
         sessions.len() == 1 && sessions[0]["destination"] == "192.0.2.10:22",
         "the operator sees the one live session: {listed}"
     );
+    // The operator socket: the unit's RuntimeDirectory, the agent's mode
+    // and group; the member reaches the API through it.
+    let socket = container.run(&["stat", "-c", "%a %U %G", "/run/tcpgate/admin.sock"])?;
+    ensure!(
+        socket.trim() == "660 tcpgate tcpgate-operators",
+        "operator socket: {socket}"
+    );
+    let grants = container.run(&[
+        "setpriv",
+        "--reuid=tgop",
+        "--regid=tgop",
+        "--init-groups",
+        "--",
+        "/usr/local/bin/tcpgate",
+        "grants",
+        "--json",
+    ])?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&grants).with_context(|| format!("grants JSON: {grants}"))?;
+    ensure!(
+        doc["source"] == "api",
+        "a member lists grants over the socket: {doc}"
+    );
     Ok(())
 }
 
