@@ -169,3 +169,74 @@ fn dual_stack_runner_reaches_ipv4_and_ipv6_targets_after_one_grant() -> Result<(
     }
     Ok(())
 }
+
+/// The certificate the grant API serves to a new connection from the runner.
+fn served_certificate(fx: &AuthFixture) -> Result<Vec<u8>> {
+    let addr = SocketAddr::from((
+        tcpgate_tests::topology::BASTION_RUNNER_V4,
+        common::auth::API_PORT,
+    ));
+    let tcp = fx
+        .topo
+        .runner
+        .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut tls = tcpgate_tests::tls::client(tcp, &fx.api_ca, &addr.ip().to_string())?;
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock)?;
+    }
+    let leaf = tls
+        .conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .context("no certificate")?;
+    Ok(leaf.to_vec())
+}
+
+fn der(pem: &std::path::Path) -> Result<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    Ok(rustls::pki_types::CertificateDer::from_pem_file(pem)?.to_vec())
+}
+
+#[test]
+fn sighup_serves_a_renewed_api_certificate_and_keeps_it_over_a_broken_one() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut fx = AuthFixture::start()?;
+    let (cert, key) = (
+        fx.agent.dir().join("api.pem"),
+        fx.agent.dir().join("api.key"),
+    );
+    ensure!(
+        served_certificate(&fx)? == der(&cert)?,
+        "the configured certificate"
+    );
+    // Renewal: a new leaf to the same paths, then a reload.
+    let names = ["198.51.100.1", "2001:db8:100::1"];
+    let renewed = tcpgate_tests::tls::ca_signed(fx.agent.dir(), "renewed", &names);
+    std::fs::copy(&renewed.key, &key)?;
+    std::fs::copy(&renewed.cert, &cert)?;
+    let new = der(&cert)?;
+    fx.agent.signal(tcpgate_tests::Signal::SIGHUP)?;
+    common::eventually(
+        Duration::from_secs(20),
+        "the renewed certificate served",
+        || served_certificate(&fx).is_ok_and(|served| served == new),
+    )?;
+    // A broken file: refused with an error, the renewed pair stays.
+    std::fs::write(&cert, "not a certificate\n")?;
+    fx.agent.signal(tcpgate_tests::Signal::SIGHUP)?;
+    common::eventually(
+        Duration::from_secs(20),
+        "the bad certificate reported",
+        || {
+            fx.agent
+                .logs_tail(100)
+                .contains("cannot reload the grant API's certificate")
+        },
+    )?;
+    ensure!(served_certificate(&fx)? == new, "the running pair stays");
+    fx.grant_from_runner(&fx.token(), &[])?;
+    Ok(())
+}
