@@ -20,6 +20,7 @@ use tcpgate_tests::{Payload, read_exact_hashed, require_root, write_payload};
 
 const ADMIN_TCP: &str = "127.0.0.1:9470";
 const API_CAP: usize = 8;
+const ADMIN_CAP: usize = 4;
 
 fn api_addr() -> SocketAddr {
     SocketAddr::from((BASTION_RUNNER_V4, API_PORT))
@@ -110,7 +111,8 @@ fn http_bounds_hold_and_the_agent_stays_responsive() -> Result<()> {
     let launch = Launch {
         api_extra: format!("[api.limits]\n{limits}max_connections = {API_CAP}\n"),
         admin_extra: format!(
-            "listen = \"{ADMIN_TCP}\"\ntoken_file = {token_file:?}\n[admin.limits]\n{limits}"
+            "listen = \"{ADMIN_TCP}\"\ntoken_file = {token_file:?}\n[admin.limits]\n{limits}\
+             max_connections = {ADMIN_CAP}\n"
         ),
         ..Launch::default()
     };
@@ -162,9 +164,12 @@ fn http_bounds_hold_and_the_agent_stays_responsive() -> Result<()> {
 
     // A flood of silent connections, twice the cap: the extra ones are
     // closed at accept, the rest at the header timeout.
-    let flood: Vec<TcpStream> = (0..2 * API_CAP)
+    let mut flood: Vec<TcpStream> = (0..2 * API_CAP)
         .map(|_| connect(&fx.topo.runner, api_addr()))
         .collect::<Result<_>>()?;
+    for _ in 0..2 * ADMIN_CAP {
+        flood.push(connect(&fx.topo.bastion, ADMIN_TCP.parse()?)?);
+    }
     round_trip(&mut session, 4)?;
     let socket = fx.admin_socket();
     let hits = |limit: &str, server: &str| -> f64 {
@@ -178,10 +183,14 @@ fn http_bounds_hold_and_the_agent_stays_responsive() -> Result<()> {
                 )
             })
     };
+    // The operator socket has its own slots: scraping works meanwhile.
     eventually(
         Duration::from_secs(20),
-        "connections over the cap refused",
-        || hits("max_connections", "api") >= API_CAP as f64,
+        "connections over the caps refused",
+        || {
+            hits("max_connections", "api") >= API_CAP as f64
+                && hits("max_connections", "admin") >= ADMIN_CAP as f64
+        },
     )?;
     // Once the flood is shed, a runner gets its grant.
     eventually(Duration::from_secs(30), "a grant after the flood", || {
@@ -189,6 +198,15 @@ fn http_bounds_hold_and_the_agent_stays_responsive() -> Result<()> {
     })?;
     drop(flood);
     round_trip(&mut session, 5)?;
+    // The operator TCP port answers again once its flood is shed.
+    let healthz = || -> bool {
+        let Ok(mut admin) = connect(&fx.topo.bastion, ADMIN_TCP.parse().expect("addr")) else {
+            return false;
+        };
+        let _ = admin.write_all(b"GET /healthz HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n");
+        String::from_utf8_lossy(&read_to_close(&mut admin)).starts_with("HTTP/1.1 200")
+    };
+    eventually(Duration::from_secs(20), "/healthz after the flood", healthz)?;
 
     for (limit, server, at_least) in [
         ("header_timeout", "admin", 1.0),
