@@ -156,7 +156,7 @@ impl Metrics {
         metrics.register(datapath);
         metrics.registry.register(
             "http_limit_hits",
-            "HTTP connections cut by a bound, by server (api, admin) and limit (header_timeout, idle_timeout, max_body, max_connections, unauthorized)",
+            "HTTP connections cut by a bound, by server (api, admin) and limit (header_timeout, idle_timeout, max_body, max_header_bytes, max_connections, unauthorized)",
             metrics.http_limit_hits.clone(),
         );
         metrics

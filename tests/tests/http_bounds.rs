@@ -160,6 +160,19 @@ fn http_bounds_hold_and_the_agent_stays_responsive() -> Result<()> {
         answer.starts_with("HTTP/1.1 413"),
         "oversize body: {answer:?}"
     );
+    // A head larger than max_header_bytes (16 KiB by default).
+    let mut huge = tls(&fx)?;
+    let filler = "a".repeat(1000);
+    let mut head = String::from("POST /v1/grants HTTP/1.1\r\nHost: bastion\r\n");
+    for i in 0..40 {
+        head.push_str(&format!("X-Filler-{i}: {filler}\r\n"));
+    }
+    let _ = huge.write_all(head.as_bytes());
+    let answer = String::from_utf8_lossy(&read_to_close(&mut huge)).into_owned();
+    ensure!(
+        answer.starts_with("HTTP/1.1 431"),
+        "oversize head: {answer:?}"
+    );
     round_trip(&mut session, 3)?;
 
     // A flood of silent connections, twice the cap: the extra ones are
@@ -213,6 +226,7 @@ fn http_bounds_hold_and_the_agent_stays_responsive() -> Result<()> {
         ("header_timeout", "api", 2.0),
         ("idle_timeout", "api", 1.0),
         ("max_body", "api", 1.0),
+        ("max_header_bytes", "api", 1.0),
     ] {
         let counted = hits(limit, server);
         ensure!(

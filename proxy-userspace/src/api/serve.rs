@@ -173,6 +173,8 @@ where
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
+        // Validated to at least hyper's minimum (8192).
+        .max_buf_size(limits.max_header_bytes)
         .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     loop {
@@ -183,6 +185,8 @@ where
                 if let Err(e) = result {
                     if e.is_timeout() {
                         hit("header_timeout");
+                    } else if e.is_parse_too_large() {
+                        hit("max_header_bytes");
                     }
                     tracing::debug!(error = %e, "HTTP connection ended with an error");
                 }

@@ -82,6 +82,9 @@ pub struct HttpLimits {
     pub idle_timeout: Duration,
     /// Largest request body, in bytes; larger ones get 413 unread.
     pub max_body: usize,
+    /// Largest request head (request line and headers) one connection may
+    /// have buffered, in bytes (at least 8192); more gets 431 and a close.
+    pub max_header_bytes: usize,
     /// Connections open at once; more are closed at accept.
     pub max_connections: usize,
 }
@@ -92,6 +95,7 @@ impl Default for HttpLimits {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             max_body: 64 * 1024,
+            max_header_bytes: 16 * 1024,
             max_connections: 256,
         }
     }
@@ -114,6 +118,12 @@ impl HttpLimits {
             errors.push(FieldError::new(
                 format!("{path}.max_body"),
                 "must be between 1 and 16777216 bytes",
+            ));
+        }
+        if !(8192..=1 << 20).contains(&self.max_header_bytes) {
+            errors.push(FieldError::new(
+                format!("{path}.max_header_bytes"),
+                "must be between 8192 and 1048576 bytes",
             ));
         }
         if !(1..=65536).contains(&self.max_connections) {

@@ -174,7 +174,7 @@ fn admin_is_a_socket_by_default_and_tcp_needs_a_token() {
     let config: Config = toml::from_str(tcp).expect("parses");
     assert_eq!(config.admin.expect("admin").socket_path(), None);
     let errors = field_errors(&format!(
-        "{ONE_FORWARD}[admin]\nsocket = \"rel.sock\"\n[admin.limits]\nheader_timeout = \"0s\"\nmax_body = 0\nmax_connections = 0\n"
+        "{ONE_FORWARD}[admin]\nsocket = \"rel.sock\"\n[admin.limits]\nheader_timeout = \"0s\"\nmax_body = 0\nmax_header_bytes = 100\nmax_connections = 0\n"
     ));
     assert_eq!(
         errors,
@@ -182,6 +182,7 @@ fn admin_is_a_socket_by_default_and_tcp_needs_a_token() {
             "admin.socket",
             "admin.limits.header_timeout",
             "admin.limits.max_body",
+            "admin.limits.max_header_bytes",
             "admin.limits.max_connections"
         ]
     );
