@@ -50,6 +50,12 @@ struct LimitLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLimitLabels {
+    server: &'static str,
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DatapathLabels {
     datapath: &'static str,
 }
@@ -118,6 +124,7 @@ pub struct Metrics {
     stats: Option<Mutex<StatsMap>>,
     /// Scrapes turn totals into counter increments; one at a time.
     scrape: Mutex<()>,
+    http_limit_hits: Family<HttpLimitLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -153,8 +160,14 @@ impl Metrics {
             stats: stats.map(Mutex::new),
             scrape: Mutex::new(()),
             registry: Registry::with_prefix("tcpgate"),
+            http_limit_hits: Family::default(),
         };
         metrics.register(datapath);
+        metrics.registry.register(
+            "http_limit_hits",
+            "HTTP connections cut by a bound, by server (api, admin) and limit (header_timeout, idle_timeout, max_body, max_header_bytes, max_connections, unauthorized)",
+            metrics.http_limit_hits.clone(),
+        );
         metrics
     }
 
@@ -333,6 +346,14 @@ impl Metrics {
                 .unwrap_or_default();
             self.expiry_teardown_seconds.observe(late.as_secs_f64());
         }
+    }
+
+    /// An HTTP server (`api`, `admin`) refused or cut a connection at
+    /// `limit`.
+    pub fn http_limit_hit(&self, server: &'static str, limit: &'static str) {
+        self.http_limit_hits
+            .get_or_create(&HttpLimitLabels { server, limit })
+            .inc();
     }
 
     /// Reads the scrape-time values and renders every metric.

@@ -33,6 +33,7 @@ pub mod preamble;
 pub mod privileged;
 pub mod process;
 pub mod servers;
+pub mod tls;
 pub mod tokens;
 pub mod topology;
 

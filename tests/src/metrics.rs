@@ -19,6 +19,12 @@ pub enum MetricsError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot scrape /metrics on the socket {path}")]
+    ScrapeUnix {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("bad HTTP answer from /metrics: {0}")]
     Http(String),
     #[error("line {line}: {message}: {text:?}")]
@@ -84,6 +90,34 @@ pub fn scrape(ns: &Netns, addr: SocketAddr) -> Result<String, MetricsError> {
     let answer = ns
         .run(fetch)
         .map_err(|source| MetricsError::Scrape { addr, source })?;
+    metrics_body(answer)
+}
+
+/// `GET /metrics` on the agent's operator socket at `path`.
+pub fn scrape_unix(path: &std::path::Path) -> Result<String, MetricsError> {
+    let answer = get_unix(path, "/metrics").map_err(|source| MetricsError::ScrapeUnix {
+        path: path.to_owned(),
+        source,
+    })?;
+    metrics_body(answer.into_bytes())
+}
+
+/// A minimal HTTP/1.1 `GET url_path` on a Unix socket; the whole answer
+/// (head and body).
+pub fn get_unix(path: &std::path::Path, url_path: &str) -> std::io::Result<String> {
+    let mut stream = std::os::unix::net::UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {url_path} HTTP/1.1\r\nHost: tcpgate\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+/// The body of a well-formed `/metrics` answer.
+fn metrics_body(answer: Vec<u8>) -> Result<String, MetricsError> {
     let answer = String::from_utf8(answer).map_err(|e| MetricsError::Http(e.to_string()))?;
     let (head, body) = answer
         .split_once("\r\n\r\n")

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use common::auth::{ADMIN, AuthFixture, authenticate, policy};
+use common::auth::{AuthFixture, authenticate, policy};
 use common::wait_events;
 use serde_json::json;
 use tcpgate_tests::tokens::claims_with;
@@ -136,7 +136,7 @@ fn revoked_subject_cannot_ask_again() -> Result<()> {
     let server = common::auth::echo_service(&fx, b"")?;
     let token = fx.token();
     fx.grant_from_runner(&token, &[])?;
-    let admin = format!("http://{ADMIN}");
+    let admin = fx.admin_socket().display().to_string();
     let subject = "project_path:group/app:ref_type:branch:ref:release/1.4";
     let (status, stdout, stderr) = fx.cli(
         &fx.topo.bastion,
@@ -272,7 +272,7 @@ fn revocation_storm_leaves_no_survivor() -> Result<()> {
         handles,
     };
     wait_events(&fx.agent, "session_open", WORKERS)?;
-    let admin = format!("http://{ADMIN}");
+    let admin = fx.admin_socket().display().to_string();
     let subject = "project_path:group/app:ref_type:branch:ref:release/1.4";
     for _ in 0..5 {
         let (status, stdout, stderr) = fx.cli(
@@ -319,7 +319,7 @@ fn limits_policy(limits: &str) -> String {
 }
 
 fn limit_hits(fx: &AuthFixture, limit: &str) -> Result<f64> {
-    let text = tcpgate_tests::metrics::scrape(&fx.topo.bastion, ADMIN.parse()?)?;
+    let text = tcpgate_tests::metrics::scrape_unix(&fx.admin_socket())?;
     Ok(
         tcpgate_tests::metrics::parse(&text)?
             .count("tcpgate_limit_hits_total", &[("limit", limit)]),

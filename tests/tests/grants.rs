@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, ensure};
-use common::auth::{ADMIN, AuthFixture};
+use common::auth::AuthFixture;
 use common::wait_events;
 use serde_json::json;
 use tcpgate_tests::tokens::{claims_with, unix_now};
@@ -180,7 +180,7 @@ fn revoke_by_id_and_by_subject() -> Result<()> {
     }
     let fx = AuthFixture::start()?;
     let server = streamer(&fx)?;
-    let admin = format!("http://{ADMIN}");
+    let admin = fx.admin_socket().display().to_string();
     for (round, by_subject) in [(1, false), (2, true)] {
         // Each round is a new CI job: a new token id. Revoking a grant
         // denies its token's jti, so the first round's token is spent.

@@ -31,7 +31,7 @@ fn staged_binary_serves_authenticated_sessions_end_to_end() -> Result<()> {
     let staged = Staged::new()?;
     let launch = Launch {
         binary: Some(staged.binary()),
-        prepare: None,
+        ..Launch::default()
     };
     let fx = AuthFixture::start_launched(&policy("15m"), &[], launch)?;
     ensure!(

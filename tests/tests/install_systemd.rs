@@ -23,7 +23,7 @@ fn container_config(jwks_url: &str) -> String {
         "[agent]\ndatapath = \"ebpf\"\npin_dir = \"/sys/fs/bpf/tcpgate\"\n\
          operator_group = \"tcpgate-operators\"\n\n\
          [audit]\npath = \"/var/log/tcpgate/audit.jsonl\"\n\n\
-         [admin]\nlisten = \"127.0.0.1:9470\"\n\n[api]\nlisten = \"198.51.100.1:8080\"\n\n\
+         [admin]\n\n[api]\nlisten = \"198.51.100.1:8080\"\ninsecure_http = true\n\n\
          [intercept]\n[[intercept.prefix]]\nprefix = \"192.0.2.0/24\"\nports = [{ports}]\n\n\
          [auth]\naudit_claims = [\"project_path\"]\n[[auth.issuer]]\nissuer = {ISSUER:?}\n\
          audience = {AUDIENCE:?}\njwks_url = {jwks_url:?}\nca_file = \"/etc/tcpgate/jwks-ca.pem\"\n\
@@ -280,6 +280,29 @@ fn operator_sees_the_session(container: &Container) -> Result<()> {
     ensure!(
         sessions.len() == 1 && sessions[0]["destination"] == "192.0.2.10:22",
         "the operator sees the one live session: {listed}"
+    );
+    // The operator socket: the unit's RuntimeDirectory, the agent's mode
+    // and group; the member reaches the API through it.
+    let socket = container.run(&["stat", "-c", "%a %U %G", "/run/tcpgate/admin.sock"])?;
+    ensure!(
+        socket.trim() == "660 tcpgate tcpgate-operators",
+        "operator socket: {socket}"
+    );
+    let grants = container.run(&[
+        "setpriv",
+        "--reuid=tgop",
+        "--regid=tgop",
+        "--init-groups",
+        "--",
+        "/usr/local/bin/tcpgate",
+        "grants",
+        "--json",
+    ])?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&grants).with_context(|| format!("grants JSON: {grants}"))?;
+    ensure!(
+        doc["source"] == "api",
+        "a member lists grants over the socket: {doc}"
     );
     Ok(())
 }

@@ -6,14 +6,13 @@
 mod common;
 
 use std::io::Write;
-use std::net::SocketAddr;
 
 use anyhow::{Context, Result, bail, ensure};
 use common::auth::{AuthFixture, authenticate};
-use common::operator::{self as op, ADMIN, sized_server};
+use common::operator::{self as op, sized_server};
 use common::wait_events;
 use serde_json::json;
-use tcpgate_tests::metrics::{Exposition, parse, scrape};
+use tcpgate_tests::metrics::{Exposition, parse, scrape_unix};
 use tcpgate_tests::require_root;
 use tcpgate_tests::tokens::{claims_with, unix_now};
 
@@ -55,7 +54,7 @@ fn admitted(fx: &AuthFixture, token: &str, up: u64, down: u64) -> Result<std::ne
 }
 
 fn metrics(fx: &AuthFixture) -> Result<Exposition> {
-    let text = scrape(&fx.topo.bastion, ADMIN.parse::<SocketAddr>()?)?;
+    let text = scrape_unix(&fx.admin_socket())?;
     Ok(parse(&text)?)
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use common::auth::AuthFixture;
 use common::operator::{
-    self as op, ADMIN, Continue, TempGroup, cli_in, open_session, run, sessions_json, sized_server,
+    self as op, Continue, TempGroup, cli_in, open_session, run, sessions_json, sized_server,
 };
 use common::wait_events;
 use serde_json::Value;
@@ -251,7 +251,7 @@ fn revoke_without_the_api_destroys_the_sessions_of_a_stopped_agent() -> Result<(
     };
     let mut sessions = vec![plain(1_000, 2_000)?, plain(3_000, 4_000)?];
     let pin = fx.agent.pin_dir().to_str().context("utf-8")?.to_owned();
-    let admin = format!("http://{ADMIN}");
+    let admin = fx.admin_socket().display().to_string();
     let common_args = ["--admin", &admin, "--api-timeout", "1s", "--pin-dir", &pin];
     let bin = fx.agent.binary().to_owned();
 

@@ -8,7 +8,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 
 use anyhow::{Context, Result, bail, ensure};
-use common::auth::{ADMIN, AuthFixture, authenticate, echo_service};
+use common::auth::{AuthFixture, authenticate, echo_service};
 use common::wait_events;
 use serde_json::json;
 use tcpgate_tests::require_root;
@@ -88,7 +88,7 @@ fn assert_all_ended(streams: &mut [TcpStream]) -> Result<()> {
 /// `tcpgate revoke` on the bastion; returns the session count of each
 /// `revoked grant …, N session(s) ended` line.
 fn revoke(fx: &AuthFixture, what: &[&str]) -> Result<Vec<usize>> {
-    let admin = format!("http://{ADMIN}");
+    let admin = fx.admin_socket().display().to_string();
     let mut args = vec!["revoke", "--admin", &admin];
     args.extend_from_slice(what);
     let (status, stdout, stderr) = fx.cli(&fx.topo.bastion, &args)?;

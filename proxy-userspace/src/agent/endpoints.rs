@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::api::{self, ApiState};
+use crate::api::{self, ApiState, Listener, ServeOptions, Server, TlsFiles};
 use crate::config::Config;
 
 use super::StartupError;
@@ -13,41 +13,77 @@ use super::StartupError;
 /// Binds the configured listeners. The grant API stops with `stop_api`
 /// (no new grants once shutdown starts); the operator endpoints keep
 /// answering until `stop_admin`, so a draining agent can still be watched.
+/// Returns the API's certificate, which SIGHUP reloads.
 pub async fn start(
     config: &Config,
     state: &Arc<ApiState>,
     stop_api: &watch::Receiver<bool>,
     stop_admin: &watch::Receiver<bool>,
-) -> Result<(), StartupError> {
+) -> Result<Option<Arc<TlsFiles>>, StartupError> {
+    let mut tls_files = None;
     if let Some(section) = &config.api {
-        let tls = match (&section.tls_cert, &section.tls_key) {
-            (Some(cert), Some(key)) => Some(api::tls_acceptor(cert, key)?),
-            _ => {
-                tracing::warn!(listen = %section.listen, "grant API without TLS: bearer tokens cross the network in clear text");
-                None
-            }
+        if let (Some(cert), Some(key)) = (&section.tls_cert, &section.tls_key) {
+            tls_files = Some(Arc::new(TlsFiles::load(cert, key)?));
+        } else {
+            tracing::warn!(
+                "grant API over plain HTTP (insecure_http = true): bearer tokens cross the network in clear text; development only"
+            );
+        }
+        let options = ServeOptions {
+            server: Server::Api,
+            limits: section.limits.clone(),
+            tls: tls_files.clone(),
+            metrics: Arc::clone(&state.metrics),
         };
-        let listener = api::bind(section.listen).await?;
-        tracing::info!(listen = %section.listen, tls = tls.is_some(), "grant API");
-        tokio::spawn(api::serve(
-            listener,
-            api::runner_router(Arc::clone(state)),
-            tls,
-            stop_api.clone(),
-        ));
+        let router = api::runner_router(Arc::clone(state), section.limits.max_body);
+        for &addr in &section.listen {
+            let listener = Listener::Tcp(api::bind(addr).await?);
+            tracing::info!(listen = %addr, tls = tls_files.is_some(), "grant API");
+            tokio::spawn(api::serve(
+                listener,
+                router.clone(),
+                options.clone(),
+                stop_api.clone(),
+            ));
+        }
     }
     if let Some(admin) = &config.admin {
-        if !admin.listen.ip().is_loopback() {
-            tracing::warn!(listen = %admin.listen, "operator endpoints (revocation!) listen on a non-loopback address");
+        let options = ServeOptions {
+            server: Server::Admin,
+            limits: admin.limits.clone(),
+            tls: None,
+            metrics: Arc::clone(&state.metrics),
+        };
+        if let Some(path) = admin.socket_path() {
+            if let Some(parent) = path.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            let group = match &config.agent.operator_group {
+                Some(name) => crate::config::resolve_group(name)
+                    .ok()
+                    .map(|gid| (name.as_str(), gid)),
+                None => None,
+            };
+            let listener = api::bind_unix(&path, group)?;
+            tracing::info!(socket = %path.display(), group = group.map(|g| g.0), "operator endpoints (/healthz, /readyz, /metrics, /v1/grants, /v1/sessions)");
+            tokio::spawn(api::serve(
+                listener,
+                api::admin_router(Arc::clone(state), None),
+                options.clone(),
+                stop_admin.clone(),
+            ));
         }
-        let listener = api::bind(admin.listen).await?;
-        tracing::info!(listen = %admin.listen, "operator endpoints (/healthz, /readyz, /metrics, /v1/grants, /v1/sessions)");
-        tokio::spawn(api::serve(
-            listener,
-            api::admin_router(Arc::clone(state)),
-            None,
-            stop_admin.clone(),
-        ));
+        if let (Some(addr), Some(token_file)) = (admin.listen, &admin.token_file) {
+            let token = Arc::new(api::AdminToken::read(token_file)?);
+            let listener = Listener::Tcp(api::bind(addr).await?);
+            tracing::info!(listen = %addr, "operator endpoints on TCP (bearer token; /healthz and /readyz open)");
+            tokio::spawn(api::serve(
+                listener,
+                api::admin_router(Arc::clone(state), Some(token)),
+                options,
+                stop_admin.clone(),
+            ));
+        }
     }
-    Ok(())
+    Ok(tls_files)
 }

@@ -111,7 +111,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
         ready: std::sync::atomic::AtomicBool::new(false),
         metrics,
     });
-    endpoints::start(&config, &api_state, &accepting, &background).await?;
+    let api_tls = endpoints::start(&config, &api_state, &accepting, &background).await?;
     api_state
         .ready
         .store(true, std::sync::atomic::Ordering::Release);
@@ -121,7 +121,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
     tracing::info!(datapath, "tcpgate agent ready");
     crate::notify::ready(&format!("serving on the {datapath} data path"));
 
-    wait_for_termination(&config_path, &services).await?;
+    wait_for_termination(&config_path, &services, api_tls.as_deref()).await?;
     crate::notify::status("STOPPING=1\nSTATUS=draining sessions");
     let _ = stop_accepting.send(true);
     api_state
@@ -168,7 +168,11 @@ async fn drain(services: &Services, grace: Duration) {
     }
 }
 
-async fn wait_for_termination(config_path: &Path, services: &Services) -> Result<(), StartupError> {
+async fn wait_for_termination(
+    config_path: &Path,
+    services: &Services,
+    api_tls: Option<&crate::api::TlsFiles>,
+) -> Result<(), StartupError> {
     let mut term = signal(SignalKind::terminate()).map_err(StartupError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(StartupError::Signals)?;
     let mut hup = signal(SignalKind::hangup()).map_err(StartupError::Signals)?;
@@ -176,7 +180,10 @@ async fn wait_for_termination(config_path: &Path, services: &Services) -> Result
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
-            _ = hup.recv() => reload(config_path, services),
+            _ = hup.recv() => {
+                reload(config_path, services);
+                reload_certificate(api_tls);
+            }
         }
     }
 }
@@ -221,6 +228,18 @@ fn reload(config_path: &Path, services: &Services) {
     }
     reload_policy(&config, services);
     crate::notify::status("READY=1\nSTATUS=serving");
+}
+
+/// SIGHUP: a renewed API certificate (same paths) serves new connections.
+fn reload_certificate(api_tls: Option<&crate::api::TlsFiles>) {
+    if let Some(tls) = api_tls {
+        match tls.reload() {
+            Ok(()) => tracing::info!("reloaded the grant API's certificate"),
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(&e), "cannot reload the grant API's certificate; keeping the running one")
+            }
+        }
+    }
 }
 
 /// Applies the reloaded `[[policy]]` rules. Issuers and keys are fixed at

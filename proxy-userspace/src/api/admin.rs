@@ -1,33 +1,95 @@
-//! Operator endpoints, served on the admin listener (loopback by default).
+//! Operator endpoints, served on the operator socket (its file mode is the
+//! access control) and, when configured, on TCP behind a bearer token.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path as UrlPath, Query, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
 use serde::Serialize;
 
-use super::ApiState;
-use super::runner::error;
+use super::runner::{bearer, error};
+use super::{ApiError as ServeError, ApiState};
 use crate::auth::api_types::ApiError;
 use crate::auth::{Grant, GrantId};
 use crate::datapath::{EndReason, SessionMeta};
 use crate::registry::Stopped;
 
-pub fn admin_router(state: Arc<ApiState>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+/// The bearer token TCP operator clients must send.
+pub struct AdminToken(String);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+impl AdminToken {
+    /// Shortest token accepted: 32 bytes, as for HS256 secrets.
+    pub const MIN_LEN: usize = 32;
+
+    /// Reads the token (trimmed) from `path`.
+    pub fn read(path: &Path) -> Result<Self, ServeError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ServeError::TokenFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        let token = text.trim();
+        if token.len() < Self::MIN_LEN {
+            return Err(ServeError::ShortToken {
+                path: path.to_owned(),
+                min: Self::MIN_LEN,
+            });
+        }
+        Ok(Self(token.to_owned()))
+    }
+
+    /// Compares in time independent of where the first difference is.
+    fn matches(&self, given: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), given.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+/// The operator routes. With `token`, everything but the health probes
+/// needs `Authorization: Bearer <token>`: probes say nothing about grants
+/// or subjects, and load balancers and systemd checks call them bare.
+pub fn admin_router(state: Arc<ApiState>, token: Option<Arc<AdminToken>>) -> Router {
+    let mut protected = Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/grants", get(list_grants).delete(revoke_subject))
         .route("/v1/grants/{id}", delete(revoke_grant))
-        .route("/v1/sessions", get(list_sessions))
+        .route("/v1/sessions", get(list_sessions));
+    if let Some(token) = token {
+        protected = protected.layer(axum::middleware::from_fn_with_state(token, require_token));
+    }
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .merge(protected)
         .with_state(state)
+}
+
+async fn require_token(
+    State(token): State<Arc<AdminToken>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match bearer(request.headers()) {
+        Ok(given) if token.matches(given) => next.run(request).await,
+        _ => error(&ApiError::new(
+            401,
+            "unauthorized",
+            "the operator endpoints need Authorization: Bearer <[admin] token_file>",
+        )),
+    }
 }
 
 async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
@@ -116,7 +178,10 @@ async fn list_grants(State(state): State<Arc<ApiState>>) -> Response {
 }
 
 /// `DELETE /v1/grants/{id}`: revoke one grant and end its sessions now.
-async fn revoke_grant(State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+async fn revoke_grant(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
     let Some(gate) = &state.gate else {
         return error(&ApiError::new(
             404,

@@ -1,31 +1,30 @@
 //! The agent's HTTP endpoints:
-//! - the runner-facing grant API (`[api] listen`): `POST /v1/grants`, and
-//!   `DELETE /v1/grants/{id}` for the grant's own subject;
-//! - the operator endpoints (`[admin] listen`, meant for loopback):
-//!   `/healthz`, `/readyz`, `/metrics`, grants listing and revocation,
-//!   live sessions.
+//! - the runner-facing grant API (`[api] listen`, HTTPS): `POST /v1/grants`,
+//!   and `DELETE /v1/grants/{id}` for the grant's own subject;
+//! - the operator endpoints (`[admin]`, a Unix socket by default, or TCP
+//!   with a bearer token): `/healthz`, `/readyz`, `/metrics`, grants
+//!   listing and revocation, live sessions.
 
 mod admin;
 mod runner;
+mod serve;
+mod tls;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
 
-use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, UnixListener};
 
 use crate::gate::Gate;
 use crate::registry::Registry;
 
-pub use admin::{SessionView, admin_router};
+pub use admin::{AdminToken, SessionView, admin_router};
 pub use runner::runner_router;
+pub use serve::{Listener, ServeOptions, Server, serve};
+pub use tls::TlsFiles;
 
 /// Shared by every handler.
 pub struct ApiState {
@@ -41,9 +40,6 @@ pub struct ApiState {
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
 
-/// How long a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("cannot listen on {addr}")]
@@ -52,91 +48,83 @@ pub enum ApiError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot create the operator socket {path}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("cannot give the operator socket {path} to group {group}")]
+    SocketGroup {
+        path: PathBuf,
+        group: String,
+        #[source]
+        source: nix::Error,
+    },
     #[error("cannot read TLS certificate or key {path}")]
     Pem {
-        path: std::path::PathBuf,
+        path: PathBuf,
         #[source]
         source: tokio_rustls::rustls::pki_types::pem::Error,
     },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
     #[error("invalid TLS certificate/key pair")]
     Tls(#[source] tokio_rustls::rustls::Error),
+    #[error("cannot read the admin token file {path}")]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the admin token in {path} is shorter than {min} bytes")]
+    ShortToken { path: PathBuf, min: usize },
 }
 
-/// Loads a TLS server config from PEM files.
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, ApiError> {
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-        .map_err(|source| ApiError::Pem {
-            path: cert.to_owned(),
-            source,
-        })?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|source| ApiError::Pem {
-        path: key.to_owned(),
-        source,
-    })?;
-    let config = tokio_rustls::rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(ApiError::Tls)?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
-/// Binds `addr`; the accept loop runs until `stop` fires.
+/// Binds a TCP listener on `addr`.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ApiError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| ApiError::Listen { addr, source })
 }
 
-/// Serves `router` on `listener`, one task per connection (TLS when
-/// `tls` is set), until `stop` changes.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    tls: Option<TlsAcceptor>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "API accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let app = router.clone().layer(axum::Extension(ClientAddr(peer)));
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let result = match tls {
-                Some(acceptor) => {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => {
-                            builder
-                                .serve_connection(TokioIo::new(tls_stream), service)
-                                .await
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
-                    }
-                }
-                None => {
-                    builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(client = %peer, error = %e, "API connection ended with an error");
-            }
-        });
+/// Creates the operator socket at `path`: mode 0660, group `group` when
+/// given. A stale socket from a previous run is replaced; any other file
+/// is not.
+pub fn bind_unix(
+    path: &Path,
+    group: Option<(&str, nix::unistd::Gid)>,
+) -> Result<Listener, ApiError> {
+    let socket_err = |source| ApiError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+            std::fs::remove_file(path).map_err(socket_err)?;
+        }
+        Ok(_) => {
+            return Err(ApiError::NotASocket {
+                path: path.to_owned(),
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(socket_err(e)),
     }
+    // connect(2) needs write permission on the socket file: until the
+    // chmod below, the umask's mode (not group- or other-writable under
+    // the unit's UMask=0027, nor under 022) keeps everyone else out.
+    let listener = UnixListener::bind(path).map_err(socket_err)?;
+    let file = serve::SocketFile(path.to_owned());
+    if let Some((name, gid)) = group {
+        nix::unistd::chown(path, None, Some(gid)).map_err(|source| ApiError::SocketGroup {
+            path: path.to_owned(),
+            group: name.to_owned(),
+            source,
+        })?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(socket_err)?;
+    Ok(Listener::Unix(listener, file))
 }

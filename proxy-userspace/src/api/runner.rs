@@ -13,14 +13,12 @@ use super::{ApiState, ClientAddr};
 use crate::auth::api_types::{ApiError, GrantRequest, GrantResponse};
 use crate::auth::{GrantId, GrantKind};
 
-/// Requests larger than this are refused before parsing.
-const MAX_BODY: usize = 64 * 1024;
-
-pub fn runner_router(state: Arc<ApiState>) -> Router {
+/// The grant API's routes; bodies over `max_body` bytes get 413 unread.
+pub fn runner_router(state: Arc<ApiState>, max_body: usize) -> Router {
     Router::new()
         .route("/v1/grants", post(create_grant))
         .route("/v1/grants/{id}", delete(delete_own_grant))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(state)
 }
 

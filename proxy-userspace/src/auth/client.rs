@@ -10,7 +10,6 @@ use tokio::net::TcpStream;
 
 use super::api_types::{ApiError, GrantRequest, GrantResponse};
 use super::destination::Destination;
-use super::jwks::{JwksError, load_ca};
 use super::preamble::{PreambleError, Status, encode_preamble, read_response};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +56,16 @@ pub enum ClientError {
     #[error("the agent failed: {message}")]
     Agent { message: String },
     #[error("cannot load the CA file")]
-    Ca(#[source] JwksError),
+    Ca(#[source] super::trust::TrustError),
+    #[error(
+        "the grant API at {url} presented a certificate that {trusted} does not vouch for ({problem:?}){hint}"
+    )]
+    Untrusted {
+        url: String,
+        trusted: String,
+        problem: tokio_rustls::rustls::CertificateError,
+        hint: &'static str,
+    },
     #[error("grant API URL {url:?} is not http(s)")]
     BadUrl { url: String },
     #[error("grant API request to {url} failed")]
@@ -172,7 +180,8 @@ pub async fn request_grant(
     };
     let mut builder = reqwest::Client::builder().timeout(API_TIMEOUT);
     if let Some(path) = ca_file {
-        builder = builder.add_root_certificate(load_ca(path).map_err(ClientError::Ca)?);
+        builder = builder
+            .tls_backend_preconfigured(super::trust::client_config(path).map_err(ClientError::Ca)?);
     }
     let client = builder.build().map_err(http_err)?;
     let resp = client
@@ -181,7 +190,7 @@ pub async fn request_grant(
         .json(&GrantRequest::new(destinations, lifetime))
         .send()
         .await
-        .map_err(http_err)?;
+        .map_err(|source| untrusted(&url, ca_file, &source).unwrap_or_else(|| http_err(source)))?;
     let status = resp.status().as_u16();
     let body = resp.bytes().await.map_err(http_err)?;
     if (200..300).contains(&status) {
@@ -195,6 +204,34 @@ pub async fn request_grant(
         }),
         Err(_) => Err(unexpected(status, &body)),
     }
+}
+
+/// A certificate refusal, said plainly, with what to do about it.
+fn untrusted(url: &str, ca_file: Option<&Path>, error: &reqwest::Error) -> Option<ClientError> {
+    use tokio_rustls::rustls::CertificateError as E;
+    let problem = super::trust::certificate_error(error)?.clone();
+    let hint = match (&problem, ca_file) {
+        (E::UnknownIssuer, None) => "; for a private CA, give its certificate with --ca FILE",
+        (E::UnknownIssuer, Some(_)) => {
+            "; --ca must hold the CA that signed the API's certificate (or that certificate itself)"
+        }
+        (E::Other(_), _) => {
+            "; a self-signed certificate (CA:TRUE) is trusted only when --ca is that certificate itself"
+        }
+        (E::NotValidForName | E::NotValidForNameContext { .. }, _) => {
+            "; the certificate needs a subjectAltName with the address or name in --api"
+        }
+        _ => "",
+    };
+    Some(ClientError::Untrusted {
+        url: url.to_owned(),
+        trusted: ca_file.map_or_else(
+            || "the system trust store".to_owned(),
+            |p| format!("the CA file {}", p.display()),
+        ),
+        problem,
+        hint,
+    })
 }
 
 fn unexpected(status: u16, body: &[u8]) -> ClientError {

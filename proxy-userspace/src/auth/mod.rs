@@ -50,6 +50,7 @@ pub mod policy;
 pub mod preamble;
 pub mod revocations;
 pub mod token;
+pub mod trust;
 
 pub use config::{AuthConfig, FieldError, IssuerConfig, RuleConfig, validate_all};
 pub use destination::{Destination, DestinationSpec, PortRange};

@@ -12,8 +12,17 @@ pub struct GrantArgs {
     #[arg(long, value_name = "FILE")]
     pub token_file: PathBuf,
     /// The agent's grant API, e.g. `https://bastion.example:8443`.
-    #[arg(long, value_name = "URL", env = "TCPGATE_API")]
-    pub api: String,
+    /// Repeat it to get one grant per address family: each grant is bound
+    /// to the address this host calls from, e.g. `--api https://198.51.100.1:8443
+    /// --api https://[2001:db8:100::1]:8443` on a dual-stack runner.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "TCPGATE_API",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub api: Vec<String>,
     /// Narrow the grant to these destinations (repeatable):
     /// `PREFIX=PORTS`, e.g. `192.0.2.10=5432` or `2001:db8::/64=22,8000-8099`.
     /// Default: everything the matching policy rule allows.
@@ -22,9 +31,16 @@ pub struct GrantArgs {
     /// Shorten the grant (it never outlives the token or the rule's maximum).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub lifetime: Option<Duration>,
-    /// Extra CA certificate (PEM) for an API with a private certificate.
-    #[arg(long, value_name = "FILE")]
-    pub ca_file: Option<PathBuf>,
+    /// Trust only the certificates in FILE (PEM) for the API, instead of
+    /// the system store: the private CA that signed the API's certificate,
+    /// or a self-signed API certificate itself (as `curl --cacert` does).
+    #[arg(
+        long,
+        visible_alias = "ca-file",
+        value_name = "FILE",
+        env = "TCPGATE_CA"
+    )]
+    pub ca: Option<PathBuf>,
     /// Print the grant as JSON.
     #[arg(long)]
     pub json: bool,
@@ -54,44 +70,47 @@ pub fn run(args: &GrantArgs) -> i32 {
             Err(e) => return fail(&e),
         };
         let allow = (!args.allow.is_empty()).then_some(args.allow.as_slice());
-        match request_grant(
-            &args.api,
-            &token,
-            allow,
-            args.lifetime,
-            args.ca_file.as_deref(),
-        )
-        .await
-        {
-            Ok(grant) if args.json => {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&grant).unwrap_or_default()
-                );
-                0
+        let mut grants = Vec::new();
+        for api in &args.api {
+            match request_grant(api, &token, allow, args.lifetime, args.ca.as_deref()).await {
+                Ok(grant) => grants.push(grant),
+                // Grants already made stay: they expire with the token.
+                Err(e) => return fail(&e),
             }
-            Ok(grant) => {
-                let left = grant
-                    .expires_at
-                    .duration_since(std::time::SystemTime::now())
-                    .unwrap_or_default();
-                println!(
-                    "grant {} for {} from {} (rule {})",
-                    grant.grant_id, grant.subject, grant.source, grant.rule
-                );
-                println!(
-                    "  expires {} (in {})",
-                    humantime::format_rfc3339_seconds(grant.expires_at),
-                    humantime::format_duration(Duration::from_secs(left.as_secs()))
-                );
-                for dest in &grant.destinations {
-                    println!("  allows {dest}");
-                }
-                0
-            }
-            Err(e) => fail(&e),
         }
+        if args.json {
+            // One API: the grant itself (the v1 output); several: a list.
+            let text = match grants.as_slice() {
+                [one] => serde_json::to_string_pretty(one),
+                all => serde_json::to_string_pretty(all),
+            };
+            println!("{}", text.unwrap_or_default());
+            return 0;
+        }
+        for grant in &grants {
+            print_grant(grant);
+        }
+        0
     })
+}
+
+fn print_grant(grant: &crate::auth::api_types::GrantResponse) {
+    let left = grant
+        .expires_at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    println!(
+        "grant {} for {} from {} (rule {})",
+        grant.grant_id, grant.subject, grant.source, grant.rule
+    );
+    println!(
+        "  expires {} (in {})",
+        humantime::format_rfc3339_seconds(grant.expires_at),
+        humantime::format_duration(Duration::from_secs(left.as_secs()))
+    );
+    for dest in &grant.destinations {
+        println!("  allows {dest}");
+    }
 }
 
 fn fail(e: &ClientError) -> i32 {

@@ -102,13 +102,10 @@ fn from_record(record: &GrantRecord, sessions: Option<u64>) -> GrantRow {
 }
 
 /// `GET /v1/grants`, or why it failed.
-async fn ask_api(base: &str, timeout: Duration) -> Result<Vec<GrantRow>, String> {
-    let client = reqwest::Client::builder()
-        .timeout(timeout)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let response = client
-        .get(format!("{base}/v1/grants"))
+async fn ask_api(base: &super::AdminEndpoint, timeout: Duration) -> Result<Vec<GrantRow>, String> {
+    let response = base
+        .client(timeout)?
+        .get("/v1/grants")
         .send()
         .await
         .map_err(|e| crate::error_chain(&e))?;
@@ -165,8 +162,8 @@ fn render(rows: &[GrantRow]) -> String {
 }
 
 pub fn run(args: &GrantsArgs) -> i32 {
-    let base = match args.admin.url() {
-        Ok(url) => url,
+    let base = match args.admin.endpoint() {
+        Ok(endpoint) => endpoint,
         Err(e) => {
             eprintln!("tcpgate grants: {e}");
             return crate::config::EXIT_CONFIG;

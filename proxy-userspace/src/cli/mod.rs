@@ -1,5 +1,6 @@
 //! The `tcpgate` command line: one module per verb, doc comments as help.
 
+mod admin;
 mod check_config;
 mod completions;
 mod connect;
@@ -84,37 +85,7 @@ pub enum Command {
     Manpage(manpage::ManpageArgs),
 }
 
-/// Where the agent's operator endpoints are.
-#[derive(Debug, clap::Args)]
-pub struct AdminArg {
-    /// Operator endpoint of the agent. Default: `[admin] listen` from the
-    /// configuration file, else http://127.0.0.1:9470.
-    #[arg(long, value_name = "URL", env = "TCPGATE_ADMIN")]
-    pub admin: Option<String>,
-    /// Configuration file to read `[admin] listen` from.
-    #[arg(long, short, default_value = crate::config::DEFAULT_CONFIG_PATH, env = "TCPGATE_CONFIG")]
-    pub config: PathBuf,
-}
-
-/// Default operator endpoint when nothing says otherwise.
-pub const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:9470";
-
-impl AdminArg {
-    /// The base URL of the operator endpoints.
-    pub fn url(&self) -> Result<String, String> {
-        if let Some(url) = &self.admin {
-            return Ok(url.trim_end_matches('/').to_owned());
-        }
-        if !self.config.exists() {
-            return Ok(DEFAULT_ADMIN_URL.to_owned());
-        }
-        let config = crate::config::Config::load(&self.config).map_err(|e| e.to_string())?;
-        Ok(config.admin.map_or_else(
-            || DEFAULT_ADMIN_URL.to_owned(),
-            |a| format!("http://{}", a.listen),
-        ))
-    }
-}
+pub use admin::{AdminArg, AdminClient, AdminEndpoint};
 
 /// Runs a client command on a small runtime.
 pub fn block_on<F: std::future::Future<Output = i32>>(future: F) -> i32 {

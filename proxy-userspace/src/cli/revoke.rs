@@ -39,8 +39,8 @@ pub enum Target {
 struct Unanswered(String);
 
 pub fn run(args: &RevokeArgs) -> i32 {
-    let base = match args.admin.url() {
-        Ok(url) => url,
+    let base = match args.admin.endpoint() {
+        Ok(endpoint) => endpoint,
         Err(e) => {
             eprintln!("tcpgate revoke: {e}");
             return crate::config::EXIT_CONFIG;
@@ -74,17 +74,24 @@ pub fn run(args: &RevokeArgs) -> i32 {
     }
 }
 
-async fn via_api(base: &str, target: &Target, timeout: Duration) -> Result<i32, Unanswered> {
-    let url = match target {
-        Target::Grant(id) => format!("{base}/v1/grants/{id}"),
-        Target::Subject(subject) => format!("{base}/v1/grants?subject={}", urlencode(subject)),
+async fn via_api(
+    base: &super::AdminEndpoint,
+    target: &Target,
+    timeout: Duration,
+) -> Result<i32, Unanswered> {
+    let path = match target {
+        Target::Grant(id) => format!("/v1/grants/{id}"),
+        Target::Subject(subject) => format!("/v1/grants?subject={}", urlencode(subject)),
     };
-    let client = reqwest::Client::builder()
-        .timeout(timeout)
-        .build()
-        .map_err(|e| Unanswered(e.to_string()))?;
+    let client = match base.client(timeout) {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("tcpgate revoke: {e}");
+            return Ok(crate::config::EXIT_CONFIG);
+        }
+    };
     let response = client
-        .delete(&url)
+        .delete(&path)
         .send()
         .await
         .map_err(|e| Unanswered(crate::error_chain(&e)))?;

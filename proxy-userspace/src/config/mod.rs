@@ -3,6 +3,7 @@
 //! silently: a field is either absent (and takes its documented default) or
 //! valid.
 
+mod http;
 mod intercept;
 mod validate;
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use http::{AdminSection, ApiSection, DEFAULT_ADMIN_SOCKET, HttpLimits};
 pub use intercept::{
     DEFAULT_LISTEN_PORT, InterceptEntry, InterceptPrefix, InterceptSection, InterceptSet,
     UpstreamMap,
@@ -54,7 +56,7 @@ pub struct Config {
     /// Where audit events go.
     #[serde(default)]
     pub audit: AuditSection,
-    /// Health and metrics endpoint.
+    /// Health, metrics and operator endpoints.
     #[serde(default)]
     pub admin: Option<AdminSection>,
     /// Static listeners: a local address forwarded to a fixed upstream.
@@ -80,18 +82,6 @@ pub struct Config {
     /// The grant API runners call (`POST /v1/grants`).
     #[serde(default)]
     pub api: Option<ApiSection>,
-}
-
-/// `[api]`: the runner-facing grant API.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApiSection {
-    pub listen: SocketAddr,
-    /// PEM certificate chain; with `tls_key`, the API speaks HTTPS.
-    #[serde(default)]
-    pub tls_cert: Option<PathBuf>,
-    #[serde(default)]
-    pub tls_key: Option<PathBuf>,
 }
 
 /// Which data path moves the bytes.
@@ -186,13 +176,6 @@ impl Default for AuditSection {
             path: "-".to_owned(),
         }
     }
-}
-
-/// `[admin]`: `/healthz`, `/readyz` and `/metrics`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdminSection {
-    pub listen: SocketAddr,
 }
 
 /// `[[forward]]`: connections to `listen` go to `upstream`.

@@ -179,3 +179,92 @@ fn hs256_secrets_are_long_and_never_beside_a_jwks() {
     let missing = format!("hs256_secret_file = {:?}", dir.path().join("absent"));
     assert_eq!(error_paths(&with_issuer(&missing, "")), [field]);
 }
+
+const ONE_FORWARD: &str = "[[forward]]\nlisten = \"127.0.0.1:1\"\nupstream = \"192.0.2.1:2\"\n";
+
+/// The paths of the `[api]` and `[admin]` field errors in `text`.
+fn field_errors(text: &str) -> Vec<String> {
+    match parse(text) {
+        Err(ConfigError::Invalid { errors, .. }) => errors
+            .into_iter()
+            .map(|e| e.path)
+            .filter(|p| p.starts_with("api") || p.starts_with("admin"))
+            .collect(),
+        Err(other) => panic!("expected field errors, got {other}"),
+        Ok(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn grant_api_needs_tls_unless_insecure_http_is_said() {
+    let errors = field_errors(&format!(
+        "{ONE_FORWARD}[api]\nlisten = \"127.0.0.1:8443\"\n"
+    ));
+    assert!(errors.contains(&"api.tls_cert".to_owned()), "{errors:?}");
+    let text = parse(&format!(
+        "{ONE_FORWARD}[api]\nlisten = \"127.0.0.1:8443\"\n"
+    ))
+    .expect_err("no tls")
+    .to_string();
+    assert!(text.contains("insecure_http = true"), "{text}");
+    let errors = field_errors(&format!(
+        "{ONE_FORWARD}[api]\nlisten = \"127.0.0.1:8443\"\ninsecure_http = true\n"
+    ));
+    assert!(
+        !errors.iter().any(|e| e.starts_with("api.tls")),
+        "{errors:?}"
+    );
+    let errors = field_errors(&format!(
+        "{ONE_FORWARD}[api]\nlisten = \"127.0.0.1:8443\"\ntls_cert = \"/c\"\n"
+    ));
+    assert!(errors.contains(&"api.tls_key".to_owned()), "{errors:?}");
+}
+
+#[test]
+fn grant_api_listens_on_one_address_or_a_list() {
+    let one = "[api]\nlisten = \"127.0.0.1:8443\"\ninsecure_http = true\n";
+    let many = "[api]\nlisten = [\"127.0.0.1:8443\", \"[::1]:8443\"]\ninsecure_http = true\n";
+    for (text, want) in [(one, 1), (many, 2)] {
+        let config: Config = toml::from_str(text).expect("parses");
+        assert_eq!(config.api.expect("api").listen.len(), want);
+    }
+    let err = parse(&format!("{ONE_FORWARD}[api]\nlisten = 8443\n")).expect_err("bad type");
+    assert!(err.to_string().contains("listen"), "{err}");
+    let errors = field_errors(&format!(
+        "{ONE_FORWARD}[api]\nlisten = [\"127.0.0.1:1\", \"127.0.0.1:1\"]\ninsecure_http = true\n"
+    ));
+    assert!(errors.contains(&"api.listen".to_owned()), "{errors:?}");
+}
+
+#[test]
+fn admin_is_a_socket_by_default_and_tcp_needs_a_token() {
+    assert!(field_errors(&format!("{ONE_FORWARD}[admin]\n")).is_empty());
+    let config: Config = toml::from_str("[admin]\n").expect("parses");
+    let admin = config.admin.expect("admin");
+    assert_eq!(
+        admin.socket_path(),
+        Some(PathBuf::from(DEFAULT_ADMIN_SOCKET))
+    );
+    assert_eq!(admin.limits.max_connections, 256);
+    let errors = field_errors(&format!(
+        "{ONE_FORWARD}[admin]\nlisten = \"127.0.0.1:9470\"\n"
+    ));
+    assert_eq!(errors, ["admin.token_file"]);
+    let tcp = "[admin]\nlisten = \"127.0.0.1:9470\"\ntoken_file = \"/etc/t\"\n";
+    assert!(field_errors(&format!("{ONE_FORWARD}{tcp}")).is_empty());
+    let config: Config = toml::from_str(tcp).expect("parses");
+    assert_eq!(config.admin.expect("admin").socket_path(), None);
+    let errors = field_errors(&format!(
+        "{ONE_FORWARD}[admin]\nsocket = \"rel.sock\"\n[admin.limits]\nheader_timeout = \"0s\"\nmax_body = 0\nmax_header_bytes = 100\nmax_connections = 0\n"
+    ));
+    assert_eq!(
+        errors,
+        [
+            "admin.socket",
+            "admin.limits.header_timeout",
+            "admin.limits.max_body",
+            "admin.limits.max_header_bytes",
+            "admin.limits.max_connections"
+        ]
+    );
+}

@@ -104,20 +104,6 @@ impl Config {
                 Err(policy_errors) => errors.extend(policy_errors),
             }
         }
-        if let Some(api) = &self.api {
-            if api.tls_cert.is_some() != api.tls_key.is_some() {
-                errors.push(FieldError::new(
-                    "api.tls_key",
-                    "tls_cert and tls_key go together",
-                ));
-            }
-            if self.forwards.iter().any(|f| f.listen == api.listen) {
-                errors.push(FieldError::new(
-                    "api.listen",
-                    "collides with a forward listener",
-                ));
-            }
-        }
         errors
     }
 
@@ -195,13 +181,27 @@ impl Config {
                 errors.push(FieldError::new(format!("{path}.name"), "must not be empty"));
             }
         }
-        if let Some(admin) = &self.admin
-            && listens.contains(&admin.listen)
-        {
-            errors.push(FieldError::new(
-                "admin.listen",
-                "collides with a forward listener",
-            ));
+        if let Some(api) = &self.api {
+            api.check(&mut errors);
+            if api
+                .listen
+                .iter()
+                .any(|addr| self.forwards.iter().any(|f| f.listen == *addr))
+            {
+                errors.push(FieldError::new(
+                    "api.listen",
+                    "collides with a forward listener",
+                ));
+            }
+        }
+        if let Some(admin) = &self.admin {
+            admin.check(&mut errors);
+            if admin.listen.is_some_and(|addr| listens.contains(&addr)) {
+                errors.push(FieldError::new(
+                    "admin.listen",
+                    "collides with a forward listener",
+                ));
+            }
         }
         let intercepts = self.intercept.as_ref().map_or(0, |i| i.prefixes.len());
         if self.forwards.is_empty() && intercepts == 0 {

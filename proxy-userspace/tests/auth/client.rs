@@ -180,5 +180,19 @@ async fn grant_api_over_https_with_a_private_ca() {
     let e = request_grant(&api, TOKEN, None, None, None)
         .await
         .expect_err("untrusted");
-    assert!(matches!(e, ClientError::Http { .. }), "{e:?}");
+    assert!(
+        matches!(
+            &e,
+            ClientError::Untrusted {
+                problem: tokio_rustls::rustls::CertificateError::UnknownIssuer,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string()
+            .contains("the system trust store does not vouch for"),
+        "{e}"
+    );
 }

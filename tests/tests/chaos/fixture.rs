@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, ensure};
 use serde_json::Value;
 use tcpgate_tests::jwks_server::JwksServer;
-use tcpgate_tests::metrics::{Exposition, parse, scrape};
+use tcpgate_tests::metrics::{Exposition, get_unix, parse, scrape_unix};
 use tcpgate_tests::tokens::{AUDIENCE, ISSUER, gitlab_claims};
 use tcpgate_tests::topology::{BASTION_RUNNER_IF, TARGET_V4};
 use tcpgate_tests::{Agent, Netns, Topology};
@@ -20,7 +20,6 @@ use crate::common::auth::{Keys, authenticate};
 /// The intercepted service port (on 192.0.2.0/24 and the islands).
 pub const SERVICE_PORT: u16 = 9000;
 /// The operator endpoints inside the bastion namespace.
-pub const ADMIN: &str = "127.0.0.1:9470";
 /// Prefix of the extra upstream hosts some cases add (see `faults.rs`).
 pub const ISLANDS: &str = "203.0.113.128/27";
 /// Read and write timeout of every legitimate client stream: a client that
@@ -136,7 +135,7 @@ impl Fixture {
 
     /// `GET <path>` on the operator endpoint; the body.
     pub fn admin_get(&self, path: &str) -> Result<String> {
-        http_get(&self.topo.bastion, ADMIN.parse()?, path)
+        http_get(&self.admin_socket(), path)
     }
 
     /// `GET /v1/sessions`: the agent's live sessions.
@@ -147,7 +146,12 @@ impl Fixture {
     }
 
     pub fn metrics(&self) -> Result<Exposition> {
-        Ok(parse(&scrape(&self.topo.bastion, ADMIN.parse()?)?)?)
+        Ok(parse(&scrape_unix(&self.admin_socket())?)?)
+    }
+
+    /// The running agent's operator socket.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.agent.dir().join("admin.sock")
     }
 
     pub fn sessions_live_gauge(&self) -> Result<f64> {
@@ -208,6 +212,7 @@ impl Fixture {
 fn config(
     builder_pin: &Path,
     audit: &Path,
+    admin: &Path,
     options: &Options,
     auth: Option<&Auth>,
 ) -> Result<String> {
@@ -219,12 +224,13 @@ fn config(
     };
     let mut config = format!(
         "{no_auth}[agent]\npin_dir = {pin:?}\nshutdown_grace = \"1s\"\n{extra}\n\
-         [audit]\npath = {audit:?}\n\n[admin]\nlisten = \"{ADMIN}\"\n\n\
+         [audit]\npath = {audit:?}\n\n[admin]\nsocket = {admin:?}\n\n\
          [intercept]\ninterfaces = [\"{BASTION_RUNNER_IF}\"]\n\
          [[intercept.prefix]]\nprefix = \"192.0.2.0/24\"\nports = [\"{SERVICE_PORT}\"]\n\
          [[intercept.prefix]]\nprefix = \"{ISLANDS}\"\nports = [\"{SERVICE_PORT}\"]\n",
         pin = builder_pin.display().to_string(),
         audit = audit.display().to_string(),
+        admin = admin.display().to_string(),
         extra = options.agent_extra,
     );
     if let Some(auth) = auth {
@@ -253,7 +259,8 @@ fn spawn_agent(
 ) -> Result<Agent> {
     let builder = Agent::builder(&topo.bastion)?;
     let pin = pin_dir.map_or_else(|| builder.pin_dir().to_owned(), Path::to_owned);
-    let config = config(&pin, &builder.audit_path(), options, auth)?;
+    let admin = builder.dir().join("admin.sock");
+    let config = config(&pin, &builder.audit_path(), &admin, options, auth)?;
     Ok(builder
         .config(config)
         .args(["--datapath", options.datapath])
@@ -270,21 +277,9 @@ pub fn dial_raw(ns: &Netns, addr: SocketAddr) -> Result<TcpStream> {
     Ok(stream)
 }
 
-/// A minimal HTTP/1.1 GET from inside `ns`; returns the body of a 200.
-pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<String> {
-    use std::io::{Read as _, Write as _};
-    let path = path.to_owned();
-    let answer = ns.run(move || -> std::io::Result<String> {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer)?;
-        Ok(answer)
-    })?;
+/// A minimal HTTP/1.1 GET on the operator socket; returns the body of a 200.
+pub fn http_get(socket: &Path, path: &str) -> Result<String> {
+    let answer = get_unix(socket, path).with_context(|| format!("GET {path}"))?;
     let (head, body) = answer
         .split_once("\r\n\r\n")
         .with_context(|| format!("no HTTP header end: {answer:?}"))?;

@@ -11,13 +11,11 @@ use jsonwebtoken::Algorithm;
 use serde_json::Value;
 use tcpgate_tests::jwks_server::JwksServer;
 use tcpgate_tests::tokens::{AUDIENCE, ISSUER, TestKey, gitlab_claims, jwks};
-use tcpgate_tests::topology::{BASTION_RUNNER_V4, TARGET_V4};
+use tcpgate_tests::topology::{BASTION_RUNNER_V4, BASTION_RUNNER_V6, TARGET_V4};
 use tcpgate_tests::{Agent, Topology};
 
 /// Port of the runner-facing grant API on the bastion.
 pub const API_PORT: u16 = 8080;
-/// Operator endpoints inside the bastion namespace.
-pub const ADMIN: &str = "127.0.0.1:9470";
 /// Intercepted ports on 192.0.2.0/24.
 pub const PORTS: [u16; 3] = [22, 5432, 9000];
 
@@ -50,6 +48,13 @@ pub struct Launch {
     pub binary: Option<std::path::PathBuf>,
     /// Called with the ready builder just before the agent starts.
     pub prepare: Option<Prepare>,
+    /// Serve the grant API with a plain `openssl req -x509` certificate
+    /// instead of a leaf signed by the test CA.
+    pub self_signed_api: bool,
+    /// Lines added to `[api]` (e.g. an `[api.limits]` table follows it).
+    pub api_extra: String,
+    /// Lines added to `[admin]` (e.g. `listen` and `token_file`).
+    pub admin_extra: String,
 }
 
 /// A step run on the agent's builder before it starts (e.g. handing its
@@ -57,6 +62,8 @@ pub struct Launch {
 pub type Prepare = Box<dyn FnOnce(&tcpgate_tests::AgentBuilder<'_>) -> Result<()>>;
 
 pub struct AuthFixture {
+    /// What a runner trusts for the grant API (`tcpgate grant --ca`).
+    pub api_ca: std::path::PathBuf,
     pub agent: Agent,
     pub jwks: JwksServer,
     pub keys: Keys,
@@ -100,19 +107,35 @@ impl AuthFixture {
         let ca = builder.dir().join("jwks-ca.pem");
         std::fs::copy(jwks.ca_file(), &ca).context("copy the JWKS CA certificate")?;
         let ports: Vec<String> = PORTS.iter().map(|p| format!("\"{p}\"")).collect();
+        // HTTPS on both of the bastion's runner-facing addresses.
+        let names = [BASTION_RUNNER_V4.to_string(), BASTION_RUNNER_V6.to_string()];
+        let names = [names[0].as_str(), names[1].as_str()];
+        let api_cert = if launch.self_signed_api {
+            tcpgate_tests::tls::self_signed(builder.dir(), "api", &names)
+        } else {
+            tcpgate_tests::tls::ca_signed(builder.dir(), "api", &names)
+        };
         let config = format!(
             "[agent]\npin_dir = {pin:?}\n\n[audit]\npath = {audit:?}\n\n\
-             [intercept]\n[[intercept.prefix]]\nprefix = \"192.0.2.0/24\"\nports = [{ports}]\n\n\
+             [intercept]\n[[intercept.prefix]]\nprefix = \"192.0.2.0/24\"\nports = [{ports}]\n\
+             [[intercept.prefix]]\nprefix = \"2001:db8:2::/64\"\nports = [{ports}]\n\n\
              [auth]\npreamble_timeout = \"2s\"\naudit_claims = [\"project_path\", \"ref\", \"job_id\"]\n\
              [[auth.issuer]]\nissuer = {ISSUER:?}\naudience = {AUDIENCE:?}\njwks_url = {url:?}\n\
              ca_file = {ca:?}\nmin_refresh_interval = \"1s\"\n\n\
-             [api]\nlisten = \"{api}\"\n\n[admin]\nlisten = \"{ADMIN}\"\n{policy_toml}",
+             [api]\nlisten = [\"{api}\", \"{api6}\"]\ntls_cert = {cert:?}\ntls_key = {key:?}\n{api_extra}\n\n\
+             [admin]\nsocket = {admin:?}\n{admin_extra}\n{policy_toml}",
             pin = builder.pin_dir().display().to_string(),
             audit = builder.audit_path().display().to_string(),
             ports = ports.join(", "),
             url = jwks.url(),
             ca = ca.display().to_string(),
             api = SocketAddr::from((BASTION_RUNNER_V4, API_PORT)),
+            api6 = SocketAddr::from((BASTION_RUNNER_V6, API_PORT)),
+            cert = api_cert.cert.display().to_string(),
+            key = api_cert.key.display().to_string(),
+            admin = builder.dir().join("admin.sock").display().to_string(),
+            api_extra = launch.api_extra,
+            admin_extra = launch.admin_extra,
         );
         let builder = builder.config(config).args(args);
         if let Some(prepare) = launch.prepare {
@@ -120,11 +143,33 @@ impl AuthFixture {
         }
         let agent = builder.spawn()?;
         Ok(Self {
+            api_ca: api_cert.trust,
             agent,
             jwks,
             keys,
             topo,
         })
+    }
+
+    /// The operator socket (`tcpgate revoke --admin <this>`).
+    pub fn admin_socket(&self) -> std::path::PathBuf {
+        self.agent.dir().join("admin.sock")
+    }
+
+    /// The grant API's URL on the bastion's runner-facing IPv4 address.
+    pub fn api_url() -> String {
+        format!(
+            "https://{}",
+            SocketAddr::from((BASTION_RUNNER_V4, API_PORT))
+        )
+    }
+
+    /// The grant API's URL on the bastion's runner-facing IPv6 address.
+    pub fn api_url_v6() -> String {
+        format!(
+            "https://{}",
+            SocketAddr::from((BASTION_RUNNER_V6, API_PORT))
+        )
     }
 
     /// A fresh GitLab-shaped token from the RSA key.
@@ -170,13 +215,16 @@ impl AuthFixture {
     /// `tcpgate grant` from the runner; returns the grant id.
     pub fn grant_from_runner(&self, token: &str, extra: &[&str]) -> Result<String> {
         let file = self.token_file(token)?;
-        let api = format!("http://{}", SocketAddr::from((BASTION_RUNNER_V4, API_PORT)));
+        let api = Self::api_url();
+        let ca = self.api_ca.to_str().context("utf-8 path")?;
         let mut args = vec![
             "grant",
             "--token-file",
             file.to_str().context("utf-8 path")?,
             "--api",
             &api,
+            "--ca",
+            ca,
             "--json",
         ];
         args.extend_from_slice(extra);

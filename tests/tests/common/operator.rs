@@ -15,8 +15,6 @@ use tcpgate_tests::{AcceptLoop, AgentBuilder, Netns, Payload, Topology, accept_l
 
 /// The intercepted service port on 192.0.2.0/24.
 pub const SERVICE_PORT: u16 = 9000;
-/// The operator endpoints inside the bastion namespace.
-pub const ADMIN: &str = "127.0.0.1:9470";
 /// Bytes of the per-connection header: up and down sizes, big-endian u64.
 pub const HEADER: u64 = 16;
 
@@ -28,11 +26,17 @@ pub fn service() -> SocketAddr {
 pub fn config(builder: &AgentBuilder<'_>, agent_extra: &str) -> String {
     format!(
         "auth = \"none\"\n[agent]\npin_dir = {pin:?}\nshutdown_grace = \"1s\"\n{agent_extra}\n\n\
-         [audit]\npath = {audit:?}\n\n[admin]\nlisten = \"{ADMIN}\"\n\n\
+         [audit]\npath = {audit:?}\n\n[admin]\nsocket = {admin:?}\n\n\
          [intercept]\n[[intercept.prefix]]\nprefix = \"192.0.2.0/24\"\nports = [\"{SERVICE_PORT}\"]\n",
         pin = builder.pin_dir().display().to_string(),
         audit = builder.audit_path().display().to_string(),
+        admin = admin_socket(builder.dir()).display().to_string(),
     )
+}
+
+/// The operator socket of an agent whose directory is `dir`.
+pub fn admin_socket(dir: &Path) -> std::path::PathBuf {
+    dir.join("admin.sock")
 }
 
 /// A server on the service address. Each connection starts with a header

@@ -113,6 +113,7 @@ impl Wrapper {
                 ensure!(status.success(), "install -d {}", pins.display());
                 Ok(())
             })),
+            ..Launch::default()
         }
     }
 }

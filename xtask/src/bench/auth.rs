@@ -112,7 +112,9 @@ impl Keys {
              audience = \"{AUDIENCE}\"\njwks_file = {jwks:?}\n\n[[policy]]\nname = \"bench\"\n\
              issuer = \"{ISSUER}\"\nmax_lifetime = \"1h\"\nmatch = {{ project_path = \"group/app\" }}\n\
              allow = [{{ prefix = \"{TARGET_V4}/32\", ports = [{auth_ports}] }}]\n\n\
-             [api]\nlisten = \"{API}\"\n",
+             [api]\nlisten = \"{API}\"\n\
+             # Plain HTTP: the bench measures admission, not TLS handshakes.\n\
+             insecure_http = true\n",
             jwks = self.jwks_path.display().to_string(),
         )
     }

@@ -46,8 +46,16 @@ max_lifetime = "15m"
 match = { project_path = "group/app", ref_protected = true, ref = "release/*" }
 allow = [ { prefix = "192.0.2.0/24", ports = ["5432", "9000"] } ]
 
+# HTTPS: runners send bearer tokens here. The certificate names the
+# bastion's runner-facing address; runners trust the CA with --ca.
 [api]
-listen = "198.51.100.1:8080"
+listen = "198.51.100.1:8443"
+tls_cert = "{api_cert}"
+tls_key = "{api_key}"
+
+# Operators: `tcpgate revoke --admin <socket>`; mode 0660.
+[admin]
+socket = "{admin_socket}"
 "#;
 
 const SERVICE_PORT: u16 = 9000;
@@ -109,7 +117,15 @@ pub fn run(tcpgate: &Path, args: &DemoArgs) -> Result<()> {
     let key = TestKey::new("demo-key-1", Algorithm::RS256);
     let jwks_server = JwksServer::start(&topo.bastion, "127.0.0.1:0".parse()?, jwks(&[&key]))?;
     let builder = Agent::builder(&topo.bastion)?.binary(tcpgate);
+    let api_cert =
+        tcpgate_tests::tls::ca_signed(builder.dir(), "api", &[&BASTION_RUNNER_V4.to_string()]);
     let config = CONFIG
+        .replace("{api_cert}", &api_cert.cert.display().to_string())
+        .replace("{api_key}", &api_cert.key.display().to_string())
+        .replace(
+            "{admin_socket}",
+            &builder.dir().join("admin.sock").display().to_string(),
+        )
         .replace("{pin_dir}", &builder.pin_dir().display().to_string())
         .replace("{audit}", &builder.audit_path().display().to_string())
         .replace("{issuer}", ISSUER)
@@ -122,7 +138,12 @@ pub fn run(tcpgate: &Path, args: &DemoArgs) -> Result<()> {
         "  tokens: RS256 JWTs checked against the JWKS at {}",
         jwks_server.url()
     );
+    println!(
+        "  grant API: https://{BASTION_RUNNER_V4}:8443, certificate for IP {BASTION_RUNNER_V4} signed by a CA made for the demo ({})",
+        api_cert.trust.display()
+    );
     println!("  config: {}", agent.config_path().display());
+    let ca = api_cert.trust.display().to_string();
 
     let echo = |mut stream: TcpStream, _| -> std::io::Result<u64> {
         // An echo service that keeps answering until its client hangs up.
@@ -189,7 +210,7 @@ pub fn run(tcpgate: &Path, args: &DemoArgs) -> Result<()> {
         4,
         "admitted: the job takes a grant, then plain clients reach the service",
     );
-    let api = format!("http://{BASTION_RUNNER_V4}:8080");
+    let api = format!("https://{BASTION_RUNNER_V4}:8443");
     let allow = format!("{TARGET_V4}={SERVICE_PORT}");
     let grant = runner_cli(
         &topo,
@@ -200,6 +221,8 @@ pub fn run(tcpgate: &Path, args: &DemoArgs) -> Result<()> {
             token_path,
             "--api",
             &api,
+            "--ca",
+            &ca,
             "--allow",
             &allow,
         ],
@@ -209,7 +232,7 @@ pub fn run(tcpgate: &Path, args: &DemoArgs) -> Result<()> {
         "tcpgate grant failed: {}",
         String::from_utf8_lossy(&grant.stderr)
     );
-    println!("  $ tcpgate grant --token-file job.jwt --api {api} --allow {allow}");
+    println!("  $ tcpgate grant --token-file job.jwt --api {api} --ca ca.pem --allow {allow}");
     for line in String::from_utf8_lossy(&grant.stdout).lines() {
         println!("  {line}");
     }
@@ -267,6 +290,8 @@ pub fn run(tcpgate: &Path, args: &DemoArgs) -> Result<()> {
             short.to_str().context("utf-8")?,
             "--api",
             &api,
+            "--ca",
+            &ca,
             "--allow",
             &allow,
         ],
@@ -276,7 +301,7 @@ pub fn run(tcpgate: &Path, args: &DemoArgs) -> Result<()> {
         "tcpgate grant failed: {}",
         String::from_utf8_lossy(&grant.stderr)
     );
-    println!("  $ tcpgate grant --token-file short.jwt --api {api} --allow {allow}");
+    println!("  $ tcpgate grant --token-file short.jwt --api {api} --ca ca.pem --allow {allow}");
     let addr = SocketAddr::from((TARGET_V4, DATABASE_PORT));
     let mut stream = topo.runner.run(move || TcpStream::connect(addr))?;
     stream.set_read_timeout(Some(Duration::from_secs(20)))?;

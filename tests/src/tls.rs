@@ -1,0 +1,167 @@
+//! Certificates for the agent's grant API, made by the openssl CLI the way
+//! an operator would: a leaf signed by the test CA, with the bastion's
+//! addresses as IP subjectAltNames, or a plain `openssl req -x509`
+//! self-signed certificate.
+
+use std::path::{Path, PathBuf};
+
+use crate::tokens::{key_files, openssl};
+
+/// A certificate, its key, and the file a client should trust for it.
+#[derive(Debug, Clone)]
+pub struct ApiCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA certificate (for a CA-signed leaf) or the certificate itself
+    /// (self-signed).
+    pub trust: PathBuf,
+}
+
+fn san(addrs: &[&str]) -> String {
+    let names: Vec<String> = addrs
+        .iter()
+        .map(|a| {
+            if a.parse::<std::net::IpAddr>().is_ok() {
+                format!("IP:{a}")
+            } else {
+                format!("DNS:{a}")
+            }
+        })
+        .collect();
+    format!("subjectAltName={}", names.join(","))
+}
+
+/// A leaf for `names` (IP addresses or DNS names) signed by the shared
+/// test CA, written to `dir` as `<stem>.pem` / `<stem>.key`.
+pub fn ca_signed(dir: &Path, stem: &str, names: &[&str]) -> ApiCert {
+    let ca = &key_files().ca_pem;
+    let ca_key = ca.with_file_name("ca.key");
+    let (cert, key, csr, ext) = (
+        dir.join(format!("{stem}.pem")),
+        dir.join(format!("{stem}.key")),
+        dir.join(format!("{stem}.csr")),
+        dir.join(format!("{stem}.ext")),
+    );
+    std::fs::write(
+        &ext,
+        format!(
+            "{}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+             extendedKeyUsage=serverAuth\n",
+            san(names)
+        ),
+    )
+    .expect("write the extensions file");
+    let s = |p: &Path| p.display().to_string();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &s(&key),
+            "-out",
+            &s(&csr),
+            "-subj",
+            "/CN=tcpgate bastion",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &s(&csr),
+            "-CA",
+            &s(ca),
+            "-CAkey",
+            &s(&ca_key),
+            "-CAcreateserial",
+            "-out",
+            &s(&cert),
+            "-days",
+            "2",
+            "-extfile",
+            &s(&ext),
+        ],
+    );
+    ApiCert {
+        cert,
+        key,
+        trust: ca.clone(),
+    }
+}
+
+/// What people make first: `openssl req -x509` with openssl's default
+/// extensions (so `CA:TRUE`) and the bastion's names as subjectAltName.
+pub fn self_signed(dir: &Path, stem: &str, names: &[&str]) -> ApiCert {
+    let (cert, key) = (
+        dir.join(format!("{stem}.pem")),
+        dir.join(format!("{stem}.key")),
+    );
+    let (cert_s, key_s, san) = (
+        cert.display().to_string(),
+        key.display().to_string(),
+        san(names),
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key_s,
+            "-out",
+            &cert_s,
+            "-subj",
+            "/CN=bastion",
+            "-addext",
+            &san,
+            "-days",
+            "2",
+        ],
+    );
+    ApiCert {
+        trust: cert.clone(),
+        cert,
+        key,
+    }
+}
+
+/// A TLS client stream over `tcp`, trusting only `ca`, for `server` (an IP
+/// address or DNS name in the server's certificate).
+pub fn client(
+    tcp: std::net::TcpStream,
+    ca: &Path,
+    server: &str,
+) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    let invalid = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| invalid(&e))? {
+        roots
+            .add(cert.map_err(|e| invalid(&e))?)
+            .map_err(|e| invalid(&e))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| invalid(&e))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name =
+        rustls::pki_types::ServerName::try_from(server.to_owned()).map_err(|e| invalid(&e))?;
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+        .map_err(|e| invalid(&e))?;
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}
