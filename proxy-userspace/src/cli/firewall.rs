@@ -22,7 +22,8 @@ pub enum Action {
     /// Drops every `[[intercept.prefix]]` and `intercept.protect` prefix
     /// (all ports and protocols, but `intercept.pass`) in the forward path
     /// and for the bastion's own processes. The agent does the same at
-    /// start and on SIGHUP; `cargo xtask install` runs this.
+    /// start and on SIGHUP; `cargo xtask install` runs this. A config
+    /// without `[intercept]` protects nothing (exit 0, no change).
     Apply(ApplyArgs),
     /// Print the guard table as installed (with its drop counter).
     ///
@@ -57,11 +58,11 @@ fn run_with(nft: &dyn NftRunner, args: &FirewallArgs) -> i32 {
                 }
             };
             let Some(section) = &config.intercept else {
-                eprintln!(
-                    "tcpgate: {} has no [intercept] section: nothing to protect",
+                println!(
+                    "tcpgate: {} has no [intercept] section: no guard table to install",
                     apply.config.config.display()
                 );
-                return EXIT_CONFIG;
+                return 0;
             };
             let table = guard::Guard::new(
                 &config.intercept_set,
