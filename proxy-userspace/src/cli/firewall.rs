@@ -113,3 +113,87 @@ fn nft_failed(error: &crate::firewall::FirewallError) -> i32 {
     eprintln!("tcpgate: {}", crate::error_chain(error));
     EXIT_NFT
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::firewall::FirewallError;
+
+    /// Records scripts; `table` is what `list` answers.
+    struct FakeNft {
+        scripts: Mutex<Vec<String>>,
+        table: Option<String>,
+    }
+
+    impl NftRunner for FakeNft {
+        fn apply(&self, script: &str) -> Result<(), FirewallError> {
+            self.scripts.lock().expect("lock").push(script.to_owned());
+            Ok(())
+        }
+        fn list(&self, _: &str) -> Result<Option<String>, FirewallError> {
+            Ok(self.table.clone())
+        }
+    }
+
+    fn fake(table: Option<&str>) -> FakeNft {
+        FakeNft {
+            scripts: Mutex::default(),
+            table: table.map(str::to_owned),
+        }
+    }
+
+    fn apply_with(config: &str) -> (i32, Vec<String>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tcpgate.toml");
+        std::fs::write(&path, config).expect("write");
+        let nft = fake(None);
+        let args = FirewallArgs {
+            action: Action::Apply(ApplyArgs {
+                config: crate::cli::ConfigArg { config: path },
+            }),
+        };
+        let code = run_with(&nft, &args);
+        (code, nft.scripts.into_inner().expect("lock"))
+    }
+
+    #[test]
+    fn apply_installs_the_guard_from_the_intercepted_prefixes() {
+        let (code, scripts) = apply_with(
+            "[intercept]\npass = [\"icmp\"]\nprotect = [\"10.0.0.0/8\"]\n\
+             [[intercept.prefix]]\nprefix = \"192.0.2.0/24\"\nports = [\"22\"]\n",
+        );
+        assert_eq!(code, 0);
+        assert_eq!(scripts.len(), 1);
+        assert!(
+            scripts[0].contains("ip daddr { 10.0.0.0/8, 192.0.2.0/24 } jump protected"),
+            "{}",
+            scripts[0]
+        );
+        assert!(scripts[0].contains("meta l4proto icmp accept"));
+    }
+
+    #[test]
+    fn a_bad_config_exits_64_and_changes_nothing() {
+        let (code, scripts) = apply_with("[intercept]\npass = [\"udp\"]\n");
+        assert_eq!(code, EXIT_CONFIG);
+        assert!(scripts.is_empty());
+        let (code, scripts) = apply_with("[intercept]\nprotect = [\"192.0.2.1/24\"]\n");
+        assert_eq!(code, EXIT_CONFIG);
+        assert!(scripts.is_empty());
+    }
+
+    #[test]
+    fn show_without_a_table_exits_1_and_remove_is_idempotent() {
+        let args = |action| FirewallArgs { action };
+        assert_eq!(run_with(&fake(None), &args(Action::Show)), 1);
+        assert_eq!(run_with(&fake(Some("table")), &args(Action::Show)), 0);
+        let nft = fake(None);
+        assert_eq!(run_with(&nft, &args(Action::Remove)), 0);
+        assert_eq!(
+            nft.scripts.into_inner().expect("lock"),
+            ["table inet tcpgate_guard {}\ndelete table inet tcpgate_guard\n"]
+        );
+    }
+}

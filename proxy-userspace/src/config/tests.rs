@@ -98,3 +98,52 @@ fn operator_group_must_exist_or_be_a_gid() {
     let err = parse(&format!("[agent]\noperator_group = \"\"\n{base}")).expect_err("empty");
     assert!(err.to_string().contains("agent.operator_group"), "{err}");
 }
+
+#[test]
+fn guard_fields_are_checked_and_name_their_path() {
+    let err = parse(
+        r#"
+        [agent]
+        upstream_mark = 0x7447
+        [intercept]
+        protect = ["not a prefix", "0.0.0.0/0", "192.0.2.1/24"]
+        [[intercept.prefix]]
+        prefix = "192.0.2.0/24"
+        ports = ["22"]
+        "#,
+    )
+    .expect_err("invalid");
+    let ConfigError::Invalid { errors, .. } = &err else {
+        panic!("expected field errors, got {err}");
+    };
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "intercept.mark",
+            "intercept.protect[0]",
+            "intercept.protect[1]",
+            "intercept.protect[2]",
+        ],
+        "{err}"
+    );
+    let config = parse(
+        r#"
+        [intercept]
+        pass = ["icmp", "icmpv6"]
+        protect = ["10.0.0.0/8"]
+        [[intercept.prefix]]
+        prefix = "192.0.2.0/24"
+        ports = ["22"]
+        "#,
+    )
+    .expect("valid");
+    assert_eq!(config.intercept_set.pass, [Pass::Icmp, Pass::Icmpv6]);
+    assert_eq!(
+        config.intercept_set.protected(),
+        [
+            "192.0.2.0/24".parse::<ipnet::IpNet>().expect("net"),
+            "10.0.0.0/8".parse().expect("net"),
+        ]
+    );
+}
