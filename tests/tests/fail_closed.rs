@@ -30,6 +30,19 @@ fn spawn(topo: &Topology) -> Result<Agent> {
     Ok(builder.config(config).spawn()?)
 }
 
+/// A TCP service on the target's unintercepted port, for up to `n`
+/// connections.
+fn target_service(target: &Netns, port: u16, n: usize) -> Result<tcpgate_tests::AcceptLoop<()>> {
+    Ok(accept_loop(
+        target,
+        SocketAddr::from((TARGET_V4, port)),
+        n,
+        |mut stream, _| {
+            let _ = stream.write_all(b"direct");
+        },
+    )?)
+}
+
 /// Neither the runner nor a process on the bastion gets TCP, UDP or ICMP
 /// to the target's unintercepted services through.
 fn assert_closed(topo: &Topology, udp: &UdpSink, state: &str) -> Result<()> {
@@ -74,14 +87,7 @@ fn protected_prefix_stays_dropped_in_every_agent_state() -> Result<()> {
     }
     let topo = Topology::new()?;
     let server = HttpServer::start(&topo.target, IpAddr::V4(TARGET_V4), HTTP, body())?;
-    let direct = accept_loop(
-        &topo.target,
-        SocketAddr::from((TARGET_V4, OTHER)),
-        8,
-        |mut stream, _| {
-            let _ = stream.write_all(b"direct");
-        },
-    )?;
+    let direct = target_service(&topo.target, OTHER, 8)?;
     let udp = UdpSink::bind(&topo.target, SocketAddr::from((TARGET_V4, UDP)))?;
     let url = format!("http://{TARGET_V4}/file.bin");
 
@@ -155,14 +161,7 @@ fn protected_prefix_stays_dropped_in_every_agent_state() -> Result<()> {
         "{removed:?}"
     );
     ensure!(!tables(&topo.bastion)?.contains(&"tcpgate_guard".to_owned()));
-    let open = accept_loop(
-        &topo.target,
-        SocketAddr::from((TARGET_V4, OTHER + 1)),
-        1,
-        |mut stream, _| {
-            let _ = stream.write_all(b"direct");
-        },
-    )?;
+    let open = target_service(&topo.target, OTHER + 1, 1)?;
     ensure!(
         tcp_reaches(&topo.runner, SocketAddr::from((TARGET_V4, OTHER + 1)))?,
         "without the guard the runner reaches the target"
@@ -226,14 +225,7 @@ fn interface_added_after_start_is_intercepted() -> Result<()> {
             .is_some_and(|s| s.starts_with("198.51.100.130:")),
         "the agent served the new network's runner: {event}"
     );
-    let direct = accept_loop(
-        &topo.target,
-        SocketAddr::from((TARGET_V4, OTHER)),
-        1,
-        |mut stream, _| {
-            let _ = stream.write_all(b"direct");
-        },
-    )?;
+    let direct = target_service(&topo.target, OTHER, 1)?;
     ensure!(
         !tcp_reaches(&second, SocketAddr::from((TARGET_V4, OTHER)))?,
         "the new interface reached an unintercepted port"

@@ -62,26 +62,32 @@ impl UdpSink {
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Ok(false),
             Err(e) => return Err(e).context("udp send"),
         }
-        let deadline = Instant::now() + PROBE_WAIT;
-        let mut buf = [0u8; 256];
-        while Instant::now() < deadline {
-            match self.socket.recv_from(&mut buf) {
-                Ok((n, _)) if &buf[..n] == tag.as_bytes() => return Ok(true),
-                // An earlier probe's datagram, late.
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Ok(false);
-                }
-                Err(e) => return Err(e).context("udp sink"),
-            }
-        }
-        Ok(false)
+        // Anything else is an earlier probe's datagram, late.
+        received(&self.socket, |datagram, _| datagram == tag.as_bytes())
     }
+}
+
+/// Reads datagrams from `socket` (its read timeout set) until one
+/// satisfies `wanted` (true), or [`PROBE_WAIT`] passes (false).
+fn received(socket: &UdpSocket, wanted: impl Fn(&[u8], SocketAddr) -> bool) -> Result<bool> {
+    let deadline = Instant::now() + PROBE_WAIT;
+    let mut buf = [0u8; 1500];
+    while Instant::now() < deadline {
+        match socket.recv_from(&mut buf) {
+            Ok((n, from)) if wanted(&buf[..n], from) => return Ok(true),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(false);
+            }
+            Err(e) => return Err(e).context("receive"),
+        }
+    }
+    Ok(false)
 }
 
 /// One ICMP echo from `ns` to `target` is answered within [`PROBE_WAIT`]
@@ -105,32 +111,14 @@ pub fn ping(ns: &Netns, target: Ipv4Addr) -> Result<bool> {
     let sum = checksum(&echo);
     echo[2..4].copy_from_slice(&sum.to_be_bytes());
     socket.send_to(&echo, SocketAddr::new(target.into(), 0))?;
-    let deadline = Instant::now() + PROBE_WAIT;
-    let mut buf = [0u8; 1500];
-    while Instant::now() < deadline {
-        let (n, from) = match socket.recv_from(&mut buf) {
-            Ok(got) => got,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Ok(false);
-            }
-            Err(e) => return Err(e).context("icmp receive"),
-        };
+    received(&socket, |packet, from| {
         // Raw IPv4 sockets deliver the IP header too.
-        let ihl = usize::from(buf[0] & 0x0f) * 4;
-        let reply = buf.get(ihl..n).unwrap_or_default();
-        if from.ip() == target
+        let ihl = usize::from(packet.first().copied().unwrap_or(0) & 0x0f) * 4;
+        let reply = packet.get(ihl..).unwrap_or_default();
+        from.ip() == target
             && reply.first() == Some(&0)
             && reply.get(4..6) == Some(&id.to_be_bytes())
-        {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+    })
 }
 
 fn checksum(bytes: &[u8]) -> u16 {
