@@ -1,6 +1,7 @@
 //! Fail closed at the packet level: the guard table drops every protected
 //! prefix (all ports and protocols) whether the agent runs, stopped or
-//! crashed; interception catches any interface, whenever it appears.
+//! crashed, and moves with the set on reload; interception catches any
+//! interface, whenever it appears.
 
 mod common;
 
@@ -12,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use common::firewall::{UdpSink, ping, tables, tcp_reaches};
 use common::{HttpServer, curl, intercept_config, wait_events};
-use tcpgate_tests::topology::{BASTION_RUNNER_IF, TARGET_V4};
+use tcpgate_tests::topology::{BASTION_RUNNER_IF, TARGET_PRIVATE_V4, TARGET_V4, TARGET_V6};
 use tcpgate_tests::{Agent, Netns, Payload, Signal, Topology, accept_loop, require_root};
 
 const HTTP: u16 = 80;
@@ -26,16 +27,25 @@ fn body() -> Vec<u8> {
 
 fn spawn(topo: &Topology) -> Result<Agent> {
     let builder = Agent::builder(&topo.bastion)?;
-    let config = intercept_config(&builder, &[("192.0.2.0/24", &["80"])], "");
+    let config = intercept_config(
+        &builder,
+        &[("192.0.2.0/24", &["80"]), ("2001:db8:2::/64", &["80"])],
+        "",
+    );
     Ok(builder.config(config).spawn()?)
 }
 
 /// A TCP service on the target's unintercepted port, for up to `n`
 /// connections.
-fn target_service(target: &Netns, port: u16, n: usize) -> Result<tcpgate_tests::AcceptLoop<()>> {
+fn target_service(
+    target: &Netns,
+    ip: IpAddr,
+    port: u16,
+    n: usize,
+) -> Result<tcpgate_tests::AcceptLoop<()>> {
     Ok(accept_loop(
         target,
-        SocketAddr::from((TARGET_V4, port)),
+        SocketAddr::new(ip, port),
         n,
         |mut stream, _| {
             let _ = stream.write_all(b"direct");
@@ -48,10 +58,12 @@ fn target_service(target: &Netns, port: u16, n: usize) -> Result<tcpgate_tests::
 fn assert_closed(topo: &Topology, udp: &UdpSink, state: &str) -> Result<()> {
     for from in [&topo.runner, &topo.bastion] {
         let who = from.name();
-        ensure!(
-            !tcp_reaches(from, SocketAddr::from((TARGET_V4, OTHER)))?,
-            "{state}: TCP {OTHER} reached from {who}"
-        );
+        for ip in [IpAddr::V4(TARGET_V4), IpAddr::V6(TARGET_V6)] {
+            ensure!(
+                !tcp_reaches(from, SocketAddr::new(ip, OTHER))?,
+                "{state}: TCP {ip} port {OTHER} reached from {who}"
+            );
+        }
         ensure!(
             !udp.reached_from(from, &format!("{state} from {who}"))?,
             "{state}: UDP reached from {who}"
@@ -87,7 +99,8 @@ fn protected_prefix_stays_dropped_in_every_agent_state() -> Result<()> {
     }
     let topo = Topology::new()?;
     let server = HttpServer::start(&topo.target, IpAddr::V4(TARGET_V4), HTTP, body())?;
-    let direct = target_service(&topo.target, OTHER, 8)?;
+    let direct = target_service(&topo.target, IpAddr::V4(TARGET_V4), OTHER, 8)?;
+    let direct_v6 = target_service(&topo.target, IpAddr::V6(TARGET_V6), OTHER, 8)?;
     let udp = UdpSink::bind(&topo.target, SocketAddr::from((TARGET_V4, UDP)))?;
     let url = format!("http://{TARGET_V4}/file.bin");
 
@@ -136,6 +149,10 @@ fn protected_prefix_stays_dropped_in_every_agent_state() -> Result<()> {
         "the bastion's wildcard listener answered for the target"
     );
     ensure!(direct.stop()?.is_empty(), "the target accepted on {OTHER}");
+    ensure!(
+        direct_v6.stop()?.is_empty(),
+        "the target accepted on {OTHER} (IPv6)"
+    );
 
     // Only an explicit removal opens the prefix again.
     let tcpgate = |args: &[&str]| {
@@ -161,7 +178,7 @@ fn protected_prefix_stays_dropped_in_every_agent_state() -> Result<()> {
         "{removed:?}"
     );
     ensure!(!tables(&topo.bastion)?.contains(&"tcpgate_guard".to_owned()));
-    let open = target_service(&topo.target, OTHER + 1, 1)?;
+    let open = target_service(&topo.target, IpAddr::V4(TARGET_V4), OTHER + 1, 1)?;
     ensure!(
         tcp_reaches(&topo.runner, SocketAddr::from((TARGET_V4, OTHER + 1)))?,
         "without the guard the runner reaches the target"
@@ -225,11 +242,51 @@ fn interface_added_after_start_is_intercepted() -> Result<()> {
             .is_some_and(|s| s.starts_with("198.51.100.130:")),
         "the agent served the new network's runner: {event}"
     );
-    let direct = target_service(&topo.target, OTHER, 1)?;
+    let direct = target_service(&topo.target, IpAddr::V4(TARGET_V4), OTHER, 1)?;
     ensure!(
         !tcp_reaches(&second, SocketAddr::from((TARGET_V4, OTHER)))?,
         "the new interface reached an unintercepted port"
     );
     ensure!(direct.stop()?.is_empty());
+    Ok(())
+}
+
+/// SIGHUP moves the guard with the set: a prefix that joins is dropped at
+/// once (but for its intercepted ports), one that leaves is routed again.
+#[test]
+fn reload_moves_the_guard_with_the_intercepted_set() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let topo = Topology::new()?;
+    let builder = Agent::builder(&topo.bastion)?;
+    let before = intercept_config(&builder, &[("192.0.2.0/24", &["80"])], "");
+    let after = intercept_config(&builder, &[("203.0.113.0/24", &["80"])], "");
+    let config_path = builder.config_path();
+    let mut agent = builder.config(before).spawn()?;
+    let joins = SocketAddr::from((TARGET_PRIVATE_V4, OTHER));
+    let leaves = SocketAddr::from((TARGET_V4, OTHER));
+    let services = [
+        target_service(&topo.target, joins.ip(), OTHER, 1)?,
+        target_service(&topo.target, leaves.ip(), OTHER, 1)?,
+    ];
+    ensure!(!tcp_reaches(&topo.runner, leaves)?, "protected before");
+
+    std::fs::write(&config_path, after)?;
+    agent.signal(Signal::SIGHUP)?;
+    agent
+        .notify()
+        .wait_for("STATUS=serving", Duration::from_secs(20))?;
+    ensure!(
+        !tcp_reaches(&topo.runner, joins)?,
+        "the joining prefix is dropped"
+    );
+    ensure!(
+        tcp_reaches(&topo.runner, leaves)?,
+        "the leaving prefix is routed again"
+    );
+    let [joined, left] = services;
+    ensure!(joined.stop()?.is_empty(), "the joining prefix was reached");
+    ensure!(left.stop()?.len() == 1);
     Ok(())
 }
