@@ -187,10 +187,17 @@ impl InterceptSection {
             ));
         }
         for (i, name) in self.interfaces.iter().flatten().enumerate() {
-            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) || name == "lo" {
+            // The name goes into an nftables rule: a plain charset keeps it
+            // a literal (nft reads a trailing `+` as a wildcard, for one).
+            let plain = name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+            if name.is_empty() || name.len() > 15 || !plain || name == "lo" {
                 errors.push(FieldError::new(
                     format!("intercept.interfaces[{i}]"),
-                    format!("{name:?} is not a usable interface name (1-15 characters, not lo)"),
+                    format!(
+                        "{name:?} is not a usable interface name (1-15 of A-Z a-z 0-9 - _ . @, not lo)"
+                    ),
                 ));
             }
         }

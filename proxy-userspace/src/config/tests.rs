@@ -106,6 +106,7 @@ fn guard_fields_are_checked_and_name_their_path() {
         [agent]
         upstream_mark = 0x7447
         [intercept]
+        interfaces = ["eth0\" accept", "wg+"]
         protect = ["not a prefix", "0.0.0.0/0", "192.0.2.1/24"]
         [[intercept.prefix]]
         prefix = "192.0.2.0/24"
@@ -121,6 +122,8 @@ fn guard_fields_are_checked_and_name_their_path() {
         paths,
         [
             "intercept.mark",
+            "intercept.interfaces[0]",
+            "intercept.interfaces[1]",
             "intercept.protect[0]",
             "intercept.protect[1]",
             "intercept.protect[2]",
