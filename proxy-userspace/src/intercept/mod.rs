@@ -147,7 +147,7 @@ impl Interceptor {
             let listener = match listener::transparent(addr) {
                 Ok(listener) => listener,
                 Err(e) if addr.is_ipv6() => {
-                    tracing::warn!(error = %crate::error_chain(&e), "no IPv6 listener; IPv6 interception disabled");
+                    tracing::warn!(error = %crate::error_chain(&e), "no IPv6 listener; intercepted IPv6 connections are refused");
                     continue;
                 }
                 Err(e) => return Err(e.into()),
