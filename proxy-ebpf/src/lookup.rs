@@ -1,7 +1,15 @@
 //! `sk_lookup`: steers SYNs for intercepted prefixes and ports to the agent's
 //! transparent listener. Everything else takes the normal socket lookup.
+//!
+//! An intercepted destination whose listener slot is empty is refused
+//! (`SK_DROP`), never handed to the normal lookup: the link is pinned and
+//! outlives a crashed agent, whose listeners leave the SOCKMAP as they close,
+//! and a service bound to a wildcard address on the bastion must not answer
+//! for the target's address then.
 use aya_ebpf::{
-    bindings::sk_action::SK_PASS, btf_maps::lpm_trie::Key, macros::sk_lookup,
+    bindings::sk_action::{SK_DROP, SK_PASS},
+    btf_maps::lpm_trie::Key,
+    macros::sk_lookup,
     programs::SkLookupContext,
 };
 use proxy_common::{
@@ -15,11 +23,22 @@ const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const IPPROTO_TCP: u32 = 6;
 
+/// What the lookup decided for one SYN.
+enum Verdict {
+    /// Not intercepted: the kernel's own lookup runs.
+    NotOurs,
+    /// Steered to the agent's listener.
+    Steered,
+    /// Intercepted, but no listener: refuse (the agent is down).
+    NoListener,
+}
+
 #[sk_lookup]
 pub fn tcpgate_lookup(ctx: SkLookupContext) -> u32 {
-    // Not steering is always safe: the kernel's own lookup runs instead.
-    let _ = try_lookup(&ctx);
-    SK_PASS
+    match try_lookup(&ctx) {
+        Verdict::NotOurs | Verdict::Steered => SK_PASS,
+        Verdict::NoListener => SK_DROP,
+    }
 }
 
 /// The context fields the program uses, each read once with a volatile
@@ -54,10 +73,10 @@ fn read_fields(ctx: &SkLookupContext) -> Fields {
     }
 }
 
-fn try_lookup(ctx: &SkLookupContext) -> Result<(), i32> {
+fn try_lookup(ctx: &SkLookupContext) -> Verdict {
     let fields = read_fields(ctx);
     if fields.protocol != IPPROTO_TCP {
-        return Ok(());
+        return Verdict::NotOurs;
     }
     let (addr, bits, slot) = match fields.family {
         AF_INET => {
@@ -72,23 +91,25 @@ fn try_lookup(ctx: &SkLookupContext) -> Result<(), i32> {
             }
             (addr, 128, LISTENER_V6)
         }
-        _ => return Ok(()),
+        _ => return Verdict::NotOurs,
     };
     // local_port is in host order.
     let port = fields.local_port as u16;
     let key = Key::new(bits, addr);
     let Some(value) = INTERCEPT.get(&key) else {
-        return Ok(());
+        return Verdict::NotOurs;
     };
     if !value.contains(port) {
-        return Ok(());
+        return Verdict::NotOurs;
     }
     match LISTENERS.redirect_sk_lookup(ctx, slot, 0) {
-        Ok(()) => bump(|s| &mut s.lookups_steered),
-        Err(e) => {
+        Ok(()) => {
+            bump(|s| &mut s.lookups_steered);
+            Verdict::Steered
+        }
+        Err(_) => {
             bump(|s| &mut s.lookups_no_listener);
-            return Err(e);
+            Verdict::NoListener
         }
     }
-    Ok(())
 }

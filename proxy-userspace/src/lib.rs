@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod dest;
+pub mod firewall;
 pub mod gate;
 pub mod heap;
 pub mod intercept;

@@ -179,8 +179,9 @@ fn dropping_any_unit_capability_stops_startup_with_a_clear_error() -> Result<()>
 
 /// Why the unit grants ambient capabilities rather than putting them on the
 /// binary: with the same three as file capabilities (which also means
-/// giving up no-new-privileges), the agent loads eBPF, but the `ip` it runs
-/// for policy routing gets none, and interception cannot be set up.
+/// giving up no-new-privileges), the agent loads eBPF, but the commands it
+/// runs get none: the first, `nft` for the guard table, fails, and
+/// interception cannot be set up.
 #[test]
 fn file_capabilities_do_not_reach_the_agents_ip_commands() -> Result<()> {
     if !require_root() {
@@ -218,8 +219,9 @@ fn file_capabilities_do_not_reach_the_agents_ip_commands() -> Result<()> {
     };
     ensure!(
         stderr_tail.contains("cannot install interception")
-            && stderr_tail.contains("RTNETLINK answers: Operation not permitted"),
-        "eBPF loaded, then `ip` lacked CAP_NET_ADMIN:\n{stderr_tail}"
+            && stderr_tail.contains("`nft -f -` failed")
+            && stderr_tail.contains("Operation not permitted"),
+        "eBPF loaded, then `nft` lacked CAP_NET_ADMIN:\n{stderr_tail}"
     );
     Ok(())
 }

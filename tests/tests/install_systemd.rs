@@ -83,6 +83,14 @@ fn systemd_runs_the_installed_unit() -> Result<()> {
             && installed.contains("$ systemctl daemon-reload"),
         "a real install:\n{installed}"
     );
+    ensure!(
+        installed.contains("guard table inet tcpgate_guard drops 1 prefix(es)")
+            && container
+                .exec(&["nft", "list", "table", "inet", "tcpgate_guard"])?
+                .status
+                .success(),
+        "install puts the guard table in place before the service runs:\n{installed}"
+    );
     // The example, as installed, on the system whose accounts install made.
     let checked = container.run(&["/usr/local/bin/tcpgate", "check-config"])?;
     ensure!(checked.contains("valid"), "check-config: {checked}");
@@ -202,6 +210,14 @@ fn systemd_runs_the_installed_unit() -> Result<()> {
             .exists()
     );
     ensure!(!container.path("/var/log/tcpgate").exists(), "{removed}");
+    ensure!(
+        removed.contains("guard table inet tcpgate_guard removed")
+            && !container
+                .exec(&["nft", "list", "table", "inet", "tcpgate_guard"])?
+                .status
+                .success(),
+        "uninstall removes the guard table:\n{removed}"
+    );
     ensure!(
         container
             .exec(&["getent", "passwd", "tcpgate"])?

@@ -1,6 +1,6 @@
 //! Transparent interception: runners (and the bastion itself) dial the real
 //! target address, and the bastion's agent takes the connection; everything
-//! else is routed as before.
+//! else to a protected prefix is dropped (see fail_closed.rs).
 
 mod common;
 
@@ -9,8 +9,11 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use common::{HttpServer, curl, intercept_config, wait_events};
-use tcpgate_tests::topology::{RUNNER_V4, RUNNER_V6, TARGET_PRIVATE_V4, TARGET_V4, TARGET_V6};
+use common::{HttpServer, curl, dial_from, intercept_config, wait_events};
+use tcpgate_tests::topology::{
+    BASTION_RUNNER_V4, BASTION_TARGET_V4, RUNNER_V4, RUNNER_V6, TARGET_PRIVATE_V4, TARGET_V4,
+    TARGET_V6,
+};
 use tcpgate_tests::{Agent, Payload, Signal, Topology, accept_loop, require_root};
 
 const HTTP: u16 = 80;
@@ -84,6 +87,8 @@ fn runner_curl_is_intercepted_v4_and_v6() -> Result<()> {
     Ok(())
 }
 
+/// Local processes are intercepted whatever source address they bind, and
+/// the agent sees that address.
 #[test]
 fn bastion_local_process_is_intercepted() -> Result<()> {
     if !require_root() {
@@ -100,8 +105,8 @@ fn bastion_local_process_is_intercepted() -> Result<()> {
     ensure!(
         event["source"]
             .as_str()
-            .is_some_and(|s| s.starts_with("127.0.0.1:")),
-        "local clients read as 127.0.0.1: {event}"
+            .is_some_and(|s| s.starts_with(&format!("{BASTION_TARGET_V4}:"))),
+        "an unbound local client reads as the source its route picks: {event}"
     );
     ensure!(
         event["destination"] == format!("{TARGET_V4}:{HTTP}"),
@@ -111,18 +116,54 @@ fn bastion_local_process_is_intercepted() -> Result<()> {
         event["kernel_bytes_down"].as_u64() > Some(256 * 1024),
         "{event}"
     );
+
+    // Bound to the bastion's address on another link.
+    let target = accept_loop(
+        &topo.target,
+        SocketAddr::from((TARGET_V4, DB)),
+        1,
+        |mut stream, peer| -> Result<SocketAddr> {
+            stream.write_all(b"target")?;
+            Ok(peer)
+        },
+    )?;
+    let mut stream = dial_from(
+        &topo.bastion,
+        IpAddr::V4(BASTION_RUNNER_V4),
+        SocketAddr::from((TARGET_V4, DB)),
+    )?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    ensure!(reply == "target", "got {reply:?}");
+    drop(stream);
+    let closed = wait_events(&agent, "session_close", 2)?;
+    let bound = closed
+        .iter()
+        .find(|e| e["destination"] == format!("{TARGET_V4}:{DB}"))
+        .ok_or_else(|| anyhow::anyhow!("the bound client was not intercepted: {closed:?}"))?;
+    ensure!(
+        bound["source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(&format!("{BASTION_RUNNER_V4}:"))),
+        "{bound}"
+    );
+    target.stop()?;
     Ok(())
 }
 
-/// Another port on an intercepted address goes straight to the target: the
-/// agent never sees it, and the target sees the runner's own address.
+/// Another port on an intercepted address is dropped, from the runner and
+/// from the bastion itself; `pass = ["icmp"]` opens ICMP only. The agent
+/// never sees any of it.
 #[test]
-fn unintercepted_port_is_routed_untouched() -> Result<()> {
+fn unintercepted_port_is_dropped_unless_passed() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
     let topo = Topology::new()?;
-    let agent = start(&topo)?;
+    let builder = Agent::builder(&topo.bastion)?;
+    let config = intercept_config(&builder, &[("192.0.2.0/24", &["80"])], "")
+        .replace("[intercept]\n", "[intercept]\npass = [\"icmp\"]\n");
+    let agent = builder.config(config).spawn()?;
     let server = accept_loop(
         &topo.target,
         SocketAddr::from((TARGET_V4, OTHER)),
@@ -133,16 +174,19 @@ fn unintercepted_port_is_routed_untouched() -> Result<()> {
         },
     )?;
     for from in [&topo.runner, &topo.bastion] {
-        let mut reply = String::new();
-        let addr = SocketAddr::from((TARGET_V4, OTHER));
-        let mut stream = from.run(move || TcpStream::connect(addr))?;
-        stream.read_to_string(&mut reply)?;
-        ensure!(reply == "direct", "got {reply:?}");
+        ensure!(
+            !common::firewall::tcp_reaches(from, SocketAddr::from((TARGET_V4, OTHER)))?,
+            "reached the unintercepted port from {}",
+            from.name()
+        );
     }
-    let peers = server.stop()?.into_iter().collect::<Result<Vec<_>>>()?;
     ensure!(
-        peers[0].ip() == IpAddr::V4(RUNNER_V4),
-        "the target sees the runner itself: {peers:?}"
+        common::firewall::ping(&topo.runner, TARGET_V4)?,
+        "pass = [\"icmp\"] lets ping through"
+    );
+    ensure!(
+        server.stop()?.is_empty(),
+        "the target accepted a connection"
     );
     ensure!(
         agent.audit_events()?.is_empty(),
@@ -285,8 +329,9 @@ fn sighup_reload_changes_the_set_and_keeps_live_sessions() -> Result<()> {
     Ok(())
 }
 
-/// Exit removes everything; a SIGKILLed agent leaves routing and pins
-/// behind, which the next start reports and removes.
+/// Exit removes everything but the guard table; a SIGKILLed agent leaves
+/// routing, marks and pins behind (the sk_lookup link stays attached through
+/// its pin), which the next start reports and replaces.
 #[test]
 fn clean_exit_and_recovery_after_sigkill() -> Result<()> {
     if !require_root() {
@@ -326,6 +371,11 @@ fn clean_exit_and_recovery_after_sigkill() -> Result<()> {
         common::sk_lookup_links(&topo.bastion)? == 0,
         "link detached"
     );
+    ensure!(
+        common::firewall::tables(&topo.bastion)? == ["tcpgate_guard"],
+        "only the guard table stays: {:?}",
+        common::firewall::tables(&topo.bastion)?
+    );
 
     let builder = Agent::builder(&topo.bastion)?;
     let config = intercept_config(&builder, &[("192.0.2.0/24", &["80"])], "");
@@ -343,8 +393,13 @@ fn clean_exit_and_recovery_after_sigkill() -> Result<()> {
         "SIGKILL leaves pins behind"
     );
     ensure!(
-        common::sk_lookup_links(&topo.bastion)? == 0,
-        "the link dies with the process"
+        common::sk_lookup_links(&topo.bastion)? == 1,
+        "the pinned link outlives the process"
+    );
+    ensure!(
+        common::firewall::tables(&topo.bastion)? == ["tcpgate_guard", "tcpgate_intercept"],
+        "{:?}",
+        common::firewall::tables(&topo.bastion)?
     );
 
     // The same config (same pin dir) again, in a fresh agent process.
@@ -360,7 +415,15 @@ fn clean_exit_and_recovery_after_sigkill() -> Result<()> {
         curl(&topo.runner, &format!("http://{TARGET_V4}/file.bin"))? == server.body,
         "works after restart"
     );
+    ensure!(
+        common::sk_lookup_links(&topo.bastion)? == 1,
+        "the restart replaced the pinned link"
+    );
     drop(restarted);
+    ensure!(
+        common::sk_lookup_links(&topo.bastion)? == 0,
+        "link detached"
+    );
     ensure!(
         common::routing_leftovers(&topo.bastion)?.is_empty(),
         "{:?}",

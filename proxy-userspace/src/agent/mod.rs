@@ -207,8 +207,7 @@ fn reload(config_path: &Path, services: &Services) {
             match interceptor.apply(config.intercept_set.clone(), &services.registry.snapshot()) {
                 Ok(report) => tracing::info!(
                     prefixes = report.prefixes,
-                    rules_added = report.rules_added,
-                    rules_removed = report.rules_removed,
+                    protected = report.protected,
                     sessions_pinned = report.sessions_pinned,
                     "reloaded the intercepted set"
                 ),

@@ -201,10 +201,11 @@ mod tests {
     #[test]
     fn trusts_the_private_ca_and_a_self_signed_leaf_given_as_the_ca() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let now = UnixTime::now();
         let signed = ca_signed(dir.path(), "api", &["198.51.100.1"]);
-        check(&signed.trust, &signed.cert, "198.51.100.1", now).expect("CA-signed leaf");
         let own = self_signed(dir.path(), "own", &["198.51.100.1", "bastion.example"]);
+        // After making them: a certificate is valid from the second it was made.
+        let now = UnixTime::now();
+        check(&signed.trust, &signed.cert, "198.51.100.1", now).expect("CA-signed leaf");
         check(&own.trust, &own.cert, "198.51.100.1", now).expect("self-signed, by IP");
         check(&own.trust, &own.cert, "bastion.example", now).expect("self-signed, by name");
     }
@@ -212,10 +213,10 @@ mod tests {
     #[test]
     fn the_self_signed_exception_still_checks_issuer_name_and_validity() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let now = UnixTime::now();
         let own = self_signed(dir.path(), "own", &["198.51.100.1"]);
         let other = self_signed(dir.path(), "other", &["198.51.100.1"]);
         let signed = ca_signed(dir.path(), "api", &["198.51.100.1"]);
+        let now = UnixTime::now();
         // Another self-signed certificate, even for the same name.
         let err = check(&other.trust, &own.cert, "198.51.100.1", now).expect_err("other");
         assert!(is_ca_used_as_end_entity(&err), "{err:?}");

@@ -4,6 +4,7 @@ mod admin;
 mod check_config;
 mod completions;
 mod connect;
+mod firewall;
 mod grant;
 mod grants;
 mod manpage;
@@ -77,6 +78,12 @@ pub enum Command {
     Sessions(sessions::SessionsArgs),
     /// List live grants, from the agent's API or else the pinned map.
     Grants(grants::GrantsArgs),
+    /// Install, show or remove the guard table (nftables) that drops the
+    /// protected prefixes whether or not the agent runs.
+    ///
+    /// Exits 0 when done, 64 on a configuration error, 69 when nft is
+    /// missing or fails.
+    Firewall(firewall::FirewallArgs),
     /// Print a shell completion script (for packagers).
     #[command(hide = true)]
     Completions(completions::CompletionsArgs),
@@ -143,6 +150,7 @@ pub fn dispatch(cli: Cli) -> i32 {
         Command::Revoke(args) => revoke::run(&args),
         Command::Sessions(args) => sessions::run(&args),
         Command::Grants(args) => grants::run(&args),
+        Command::Firewall(args) => firewall::run(&args),
         Command::Completions(args) => completions::run(&args),
         Command::Manpage(args) => manpage::run(&args),
     }

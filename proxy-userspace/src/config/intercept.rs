@@ -2,6 +2,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::FieldError;
@@ -13,6 +14,8 @@ pub const DEFAULT_LISTEN_PORT: u16 = 15001;
 pub const DEFAULT_ROUTE_TABLE: u32 = 4765;
 /// Default first rule priority; tcpgate owns this one and the next two.
 pub const DEFAULT_RULE_PRIORITY: u32 = 4760;
+/// Default firewall mark of intercepted packets ("tG").
+pub const DEFAULT_MARK: u32 = 0x7447;
 
 /// `[intercept]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -28,9 +31,19 @@ pub struct InterceptSection {
     #[serde(default = "default_rule_priority")]
     pub rule_priority: u32,
     /// Interfaces that forwarded runner traffic arrives on. Unset: every
-    /// interface except loopback, as present at startup and at each reload.
+    /// interface except loopback, including those added later.
     #[serde(default)]
     pub interfaces: Option<Vec<String>>,
+    /// Firewall mark the agent's nftables chains put on intercepted packets;
+    /// one `ip rule fwmark` per family delivers them locally.
+    #[serde(default = "default_mark")]
+    pub mark: u32,
+    /// More prefixes the guard table drops, besides every intercepted one.
+    #[serde(default)]
+    pub protect: Vec<String>,
+    /// What the guard lets through to protected prefixes on purpose.
+    #[serde(default)]
+    pub pass: Vec<Pass>,
     /// The intercepted destinations.
     #[serde(default, rename = "prefix")]
     pub prefixes: Vec<InterceptPrefix>,
@@ -44,6 +57,21 @@ const fn default_route_table() -> u32 {
 }
 const fn default_rule_priority() -> u32 {
     DEFAULT_RULE_PRIORITY
+}
+const fn default_mark() -> u32 {
+    DEFAULT_MARK
+}
+
+/// `intercept.pass`: traffic the guard table lets through to protected
+/// prefixes, both forwarded and from the bastion itself. Unintercepted TCP
+/// and UDP are never on the list: they would pass while the agent is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pass {
+    /// ICMP (ping, errors) to IPv4 protected prefixes.
+    Icmp,
+    /// ICMPv6 to IPv6 protected prefixes.
+    Icmpv6,
 }
 
 /// `[[intercept.prefix]]`.
@@ -90,10 +118,14 @@ pub struct InterceptEntry {
     pub upstream: UpstreamMap,
 }
 
-/// The validated intercepted set.
+/// The validated intercepted set, and what the guard table protects.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InterceptSet {
     pub entries: Vec<InterceptEntry>,
+    /// `intercept.protect`: dropped besides the intercepted prefixes.
+    pub protect: Vec<IpNet>,
+    /// `intercept.pass`.
+    pub pass: Vec<Pass>,
 }
 
 impl InterceptSet {
@@ -110,6 +142,17 @@ impl InterceptSet {
     #[must_use]
     pub fn destinations(&self) -> Vec<Destination> {
         self.entries.iter().map(|e| e.destination.clone()).collect()
+    }
+
+    /// Every prefix the guard table drops: the intercepted ones and
+    /// `intercept.protect`.
+    #[must_use]
+    pub fn protected(&self) -> Vec<IpNet> {
+        self.entries
+            .iter()
+            .map(|e| e.destination.prefix)
+            .chain(self.protect.iter().copied())
+            .collect()
     }
 }
 
@@ -144,14 +187,49 @@ impl InterceptSection {
             ));
         }
         for (i, name) in self.interfaces.iter().flatten().enumerate() {
-            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) || name == "lo" {
+            // The name goes into an nftables rule: a plain charset keeps it
+            // a literal (nft reads a trailing `+` as a wildcard, for one).
+            let plain = name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+            if name.is_empty() || name.len() > 15 || !plain || name == "lo" {
                 errors.push(FieldError::new(
                     format!("intercept.interfaces[{i}]"),
-                    format!("{name:?} is not a usable interface name (1-15 characters, not lo)"),
+                    format!(
+                        "{name:?} is not a usable interface name (1-15 of A-Z a-z 0-9 - _ . @, not lo)"
+                    ),
                 ));
             }
         }
-        let mut set = InterceptSet::default();
+        if self.mark == 0 {
+            errors.push(FieldError::new(
+                "intercept.mark",
+                "must be non-zero: it selects intercepted packets",
+            ));
+        }
+        let mut set = InterceptSet {
+            pass: self.pass.clone(),
+            ..InterceptSet::default()
+        };
+        for (i, text) in self.protect.iter().enumerate() {
+            match text.trim().parse::<IpNet>() {
+                Ok(net) if net != net.trunc() => errors.push(FieldError::new(
+                    format!("intercept.protect[{i}]"),
+                    format!("{text:?} has host bits set; did you mean {}?", net.trunc()),
+                )),
+                Ok(net) if net.prefix_len() == 0 || net.network().is_loopback() => {
+                    errors.push(FieldError::new(
+                        format!("intercept.protect[{i}]"),
+                        format!("{net} cannot be protected (a default route or loopback)"),
+                    ));
+                }
+                Ok(net) => set.protect.push(net),
+                Err(_) => errors.push(FieldError::new(
+                    format!("intercept.protect[{i}]"),
+                    format!("{text:?} is not a prefix such as 10.0.0.0/8"),
+                )),
+            }
+        }
         for (index, entry) in self.prefixes.iter().enumerate() {
             let path = format!("intercept.prefix[{index}]");
             let spec = DestinationSpec {
@@ -245,6 +323,9 @@ pub(crate) fn test_section(entries: &[(&str, &[&str])]) -> InterceptSection {
         route_table: DEFAULT_ROUTE_TABLE,
         rule_priority: DEFAULT_RULE_PRIORITY,
         interfaces: None,
+        mark: DEFAULT_MARK,
+        protect: Vec::new(),
+        pass: Vec::new(),
         prefixes: entries
             .iter()
             .map(|(p, ports)| InterceptPrefix {

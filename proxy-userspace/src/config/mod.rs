@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 pub use http::{AdminSection, ApiSection, DEFAULT_ADMIN_SOCKET, HttpLimits};
 pub use intercept::{
-    DEFAULT_LISTEN_PORT, InterceptEntry, InterceptPrefix, InterceptSection, InterceptSet,
+    DEFAULT_LISTEN_PORT, InterceptEntry, InterceptPrefix, InterceptSection, InterceptSet, Pass,
     UpstreamMap,
 };
 #[cfg(test)]

@@ -268,3 +268,57 @@ fn admin_is_a_socket_by_default_and_tcp_needs_a_token() {
         ]
     );
 }
+
+#[test]
+fn guard_fields_are_checked_and_name_their_path() {
+    let err = parse(
+        r#"
+        auth = "none"
+        [agent]
+        upstream_mark = 0x7447
+        [intercept]
+        interfaces = ["eth0\" accept", "wg+"]
+        protect = ["not a prefix", "0.0.0.0/0", "192.0.2.1/24"]
+        [[intercept.prefix]]
+        prefix = "192.0.2.0/24"
+        ports = ["22"]
+        "#,
+    )
+    .expect_err("invalid");
+    let ConfigError::Invalid { errors, .. } = &err else {
+        panic!("expected field errors, got {err}");
+    };
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "intercept.mark",
+            "intercept.interfaces[0]",
+            "intercept.interfaces[1]",
+            "intercept.protect[0]",
+            "intercept.protect[1]",
+            "intercept.protect[2]",
+        ],
+        "{err}"
+    );
+    let config = parse(
+        r#"
+        auth = "none"
+        [intercept]
+        pass = ["icmp", "icmpv6"]
+        protect = ["10.0.0.0/8"]
+        [[intercept.prefix]]
+        prefix = "192.0.2.0/24"
+        ports = ["22"]
+        "#,
+    )
+    .expect("valid");
+    assert_eq!(config.intercept_set.pass, [Pass::Icmp, Pass::Icmpv6]);
+    assert_eq!(
+        config.intercept_set.protected(),
+        [
+            "192.0.2.0/24".parse::<ipnet::IpNet>().expect("net"),
+            "10.0.0.0/8".parse().expect("net"),
+        ]
+    );
+}

@@ -148,6 +148,14 @@ impl Config {
                 "must be non-zero: it tells the agent's own upstream packets apart",
             ));
         }
+        if let Some(intercept) = &self.intercept
+            && intercept.mark == agent.upstream_mark
+        {
+            errors.push(FieldError::new(
+                "intercept.mark",
+                "must differ from agent.upstream_mark: the agent's own upstream packets are never intercepted",
+            ));
+        }
         if let Some(group) = &agent.operator_group
             && let Err(message) = resolve_group(group)
         {

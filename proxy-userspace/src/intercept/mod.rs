@@ -1,24 +1,40 @@
 //! Transparent interception: runners dial the real target address and the
 //! bastion takes the connection.
 //!
-//! Policy routing delivers intercepted prefixes locally (forwarded runner
-//! traffic and connections from the bastion itself alike); the sk_lookup
-//! program, attached to the agent's network namespace, steers the SYN to the
-//! agent's transparent listener when the destination and port are in the
-//! LPM trie. The accepted socket's local address is the original
-//! destination: no NAT, no conntrack.
+//! The intercept table ([`marking`]) marks the packets to take over, from
+//! any interface but `lo` and from the bastion's own processes whatever
+//! source they bound; policy routing ([`routing`]) delivers marked packets
+//! locally; the sk_lookup program, attached to the agent's network namespace,
+//! steers the SYN to the agent's transparent listener when the destination
+//! and port are in the LPM trie. The accepted socket's local address is the
+//! original destination: no NAT, no conntrack.
+//!
+//! Failing closed, in every state of the agent:
+//! - the guard table ([`crate::firewall::guard`]) drops the protected
+//!   prefixes in the forward path and for local processes; it is installed
+//!   first and never removed by the agent;
+//! - the sk_lookup link is pinned (`lookup_link` in the pin directory), so
+//!   after a crash, when the marks and routes are still in place, intercepted
+//!   SYNs are refused by the program (the listener slots empty as the dead
+//!   agent's sockets close) rather than answered by a local wildcard
+//!   listener; a restarting agent replaces the pin;
+//! - a clean stop removes the marks, routes and link: the packets are then
+//!   forwarded, and dropped by the guard.
 
 pub mod listener;
+pub mod marking;
 pub mod routing;
 pub mod trie;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{MapData, SockMap};
 use aya::programs::SkLookup;
+use aya::programs::links::{FdLink, PinnedLink};
 use proxy_common::intercept::{InterceptValue, LISTENER_V4, LISTENER_V6};
 use proxy_common::{map_names, program_names};
 use tokio::net::TcpListener;
@@ -26,7 +42,12 @@ use tokio::net::TcpListener;
 use crate::bpf::{BpfError, LoadedBpf, typed};
 use crate::config::{InterceptEntry, InterceptSection, InterceptSet};
 use crate::datapath::SessionMeta;
-use routing::{IpCommand, Routing, RoutingError, RoutingParams, Rule};
+use crate::firewall::{FirewallError, NftCommand, guard};
+use marking::{Marking, MarkingParams, Pin};
+use routing::{IpCommand, Routing, RoutingError, RoutingParams};
+
+/// The sk_lookup link's pin, in the agent's pin directory.
+pub const LINK_PIN: &str = "lookup_link";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InterceptError {
@@ -48,45 +69,65 @@ pub enum InterceptError {
     Netns(#[source] std::io::Error),
     #[error("cannot attach the sk_lookup program to this network namespace")]
     Attach(#[source] aya::programs::ProgramError),
+    #[error("cannot pin the sk_lookup link at {path}")]
+    PinLink {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot set up policy routing")]
     Routing(#[from] RoutingError),
+    #[error("cannot install the guard table (nftables)")]
+    Guard(#[source] FirewallError),
+    #[error("cannot update the intercept table (nftables)")]
+    Marking(#[source] FirewallError),
 }
 
 /// The installed interception, live until [`Interceptor::shutdown`].
 pub struct Interceptor {
     routing: Routing,
+    marking: Marking,
     trie: Mutex<LpmTrie<MapData, [u8; 16], InterceptValue>>,
     _listener_map: SockMap<MapData>,
     set: RwLock<Arc<InterceptSet>>,
-    /// `intercept.interfaces` as configured (None: all but loopback).
-    interfaces: RwLock<Option<Vec<String>>>,
-    prefix_rules: Mutex<HashSet<Rule>>,
-    session_rules: Mutex<HashMap<u64, Rule>>,
+    /// Marks and `intercept.interfaces` (None: all but loopback).
+    params: RwLock<MarkingParams>,
+    /// Live sessions kept marked after a reload took their prefix out.
+    pins: Mutex<HashMap<u64, Pin>>,
+    /// Kept so the link outlives a crash; removed on a clean stop.
+    link_pin: PathBuf,
 }
 
 /// What a reload changed.
 #[derive(Debug, Default)]
 pub struct ReloadReport {
     pub prefixes: usize,
-    pub rules_added: usize,
-    pub rules_removed: usize,
+    /// Prefixes the guard table drops.
+    pub protected: usize,
     /// Live sessions kept on a prefix the reload removed.
     pub sessions_pinned: usize,
 }
 
 impl Interceptor {
-    /// Cleans up after a crashed predecessor, then installs interception.
-    /// Returns the listeners to accept on.
+    /// Installs the guard table, cleans up after a crashed predecessor,
+    /// then installs interception. Returns the listeners to accept on.
     pub fn start(
         bpf: &mut LoadedBpf,
         section: &InterceptSection,
         set: InterceptSet,
-        mark: u32,
+        upstream_mark: u32,
     ) -> Result<(Self, Vec<TcpListener>), InterceptError> {
+        // First: whatever fails below, the protected prefixes stay dropped.
+        guard::install(
+            &NftCommand,
+            &guard::Guard::new(&set, upstream_mark, section.mark),
+        )
+        .map_err(InterceptError::Guard)?;
         let params = RoutingParams {
             table: section.route_table,
             priority: section.rule_priority,
-            mark,
+            mark: upstream_mark,
+            intercept_mark: section.mark,
         };
         let routing = Routing::new(Box::new(IpCommand), params);
         let stale = routing.remove_all()?;
@@ -106,7 +147,7 @@ impl Interceptor {
             let listener = match listener::transparent(addr) {
                 Ok(listener) => listener,
                 Err(e) if addr.is_ipv6() => {
-                    tracing::warn!(error = %crate::error_chain(&e), "no IPv6 listener; IPv6 interception disabled");
+                    tracing::warn!(error = %crate::error_chain(&e), "no IPv6 listener; intercepted IPv6 connections are refused");
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -119,19 +160,23 @@ impl Interceptor {
         let trie = typed(map_names::INTERCEPT, bpf.take_map(map_names::INTERCEPT)?)?;
         let interceptor = Self {
             routing,
+            marking: Marking::new(Box::new(NftCommand)),
             trie: Mutex::new(trie),
             _listener_map: listener_map,
             set: RwLock::new(Arc::new(InterceptSet::default())),
-            interfaces: RwLock::new(section.interfaces.clone()),
-            prefix_rules: Mutex::default(),
-            session_rules: Mutex::default(),
+            params: RwLock::new(MarkingParams {
+                mark: section.mark,
+                upstream_mark,
+                interfaces: section.interfaces.clone(),
+            }),
+            pins: Mutex::default(),
+            link_pin: bpf.pin_dir.join(LINK_PIN),
         };
-        attach_lookup(bpf)?;
-        let installed = interceptor
-            .routing
-            .install_base()
-            .map_err(InterceptError::from)
-            .and_then(|()| interceptor.apply(set, &[]).map(drop));
+        // The link before the marks and routes: nothing is delivered locally
+        // without the program there to steer or refuse it.
+        let installed = attach_lookup(bpf, &interceptor.link_pin)
+            .and_then(|()| interceptor.apply(set, &[]).map(drop))
+            .and_then(|()| interceptor.routing.install().map_err(InterceptError::from));
         if let Err(e) = installed {
             interceptor.shutdown();
             return Err(e);
@@ -158,44 +203,35 @@ impl Interceptor {
     /// Replaces the configured runner-facing interfaces (applied by the next
     /// [`Interceptor::apply`]).
     pub fn set_interfaces(&self, interfaces: Option<Vec<String>>) {
-        *self
-            .interfaces
+        self.params
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = interfaces;
+            .unwrap_or_else(PoisonError::into_inner)
+            .interfaces = interfaces;
     }
 
-    /// Switches to `set`. Live sessions whose destination leaves the set
-    /// keep their own routing rule until they end.
+    /// Switches to `set`: the guard table, the trie, then the intercept
+    /// table. Live sessions whose destination leaves the set stay marked
+    /// until they end.
     pub fn apply(
         &self,
         set: InterceptSet,
         live: &[SessionMeta],
     ) -> Result<ReloadReport, InterceptError> {
         let entries = trie::entries(&set)?;
+        let params = self
+            .params
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let guard = guard::Guard::new(&set, params.upstream_mark, params.mark);
         let mut report = ReloadReport {
             prefixes: entries.len(),
+            protected: guard.protected.len(),
             ..ReloadReport::default()
         };
-        // 1. Pin live sessions that the new set no longer covers.
-        {
-            let mut pinned = self
-                .session_rules
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            for session in live.iter().filter(|s| set.lookup(s.destination).is_none()) {
-                if pinned.contains_key(&session.id) {
-                    continue;
-                }
-                let rule = routing::session_rule(
-                    session.client,
-                    session.destination,
-                    self.routing.params(),
-                );
-                self.routing.add(&rule)?;
-                pinned.insert(session.id, rule);
-                report.sessions_pinned += 1;
-            }
-        }
+        // 1. The guard: a prefix leaving the set is still protected until
+        //    here, and a new one is before it is intercepted.
+        guard::install(&NftCommand, &guard).map_err(InterceptError::Guard)?;
         // 2. The trie: write the new entries, then drop the old ones.
         {
             let mut trie = self.trie.lock().unwrap_or_else(PoisonError::into_inner);
@@ -213,53 +249,49 @@ impl Interceptor {
                 }
             }
         }
-        // 3. Routing rules: add before removing, so no prefix kept in both
-        //    sets is ever unrouted.
+        // 3. The marks, pinning live sessions the new set no longer covers,
+        //    in one transaction with the new prefixes.
         {
-            let configured = self
-                .interfaces
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone();
-            let interfaces = self.routing.interfaces(configured.as_deref())?;
-            let wanted: HashSet<Rule> =
-                routing::prefix_rules(&set, self.routing.params(), &interfaces)
-                    .into_iter()
-                    .collect();
-            let mut installed = self
-                .prefix_rules
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            for rule in wanted.difference(&installed.clone()) {
-                self.routing.add(rule)?;
-                installed.insert(rule.clone());
-                report.rules_added += 1;
+            let mut pins = self.pins.lock().unwrap_or_else(PoisonError::into_inner);
+            for session in live.iter().filter(|s| set.lookup(s.destination).is_none()) {
+                if pins.contains_key(&session.id) {
+                    continue;
+                }
+                pins.insert(
+                    session.id,
+                    Pin {
+                        client: session.client,
+                        destination: session.destination,
+                    },
+                );
+                report.sessions_pinned += 1;
             }
-            for rule in installed.clone().difference(&wanted) {
-                self.routing.delete(rule)?;
-                installed.remove(rule);
-                report.rules_removed += 1;
-            }
+            let pinned: Vec<Pin> = pins.values().copied().collect();
+            self.marking
+                .install(&set, &params, &pinned)
+                .map_err(InterceptError::Marking)?;
         }
         *self.set.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
         Ok(report)
     }
 
-    /// Drops the routing rule a reload pinned for this session, if any.
+    /// Stops marking a session a reload pinned, if any.
     pub fn session_ended(&self, session_id: u64) {
-        let rule = self
-            .session_rules
+        let pin = self
+            .pins
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&session_id);
-        if let Some(rule) = rule
-            && let Err(e) = self.routing.delete(&rule)
+        if let Some(pin) = pin
+            && let Err(e) = self.marking.unpin(pin)
         {
-            tracing::warn!(error = %crate::error_chain(&e), "cannot remove a session's routing rule");
+            tracing::warn!(error = %crate::error_chain(&e), "cannot unpin a session's intercept mark");
         }
     }
 
-    /// Removes every rule and route. Programs detach when the object drops.
+    /// Removes the routes and rules, the intercept table and the link pin,
+    /// in that order; the guard table stays, so intercepted prefixes are
+    /// dropped until an agent is back.
     pub fn shutdown(&self) {
         match self.routing.remove_all() {
             Ok(n) => tracing::debug!(entries = n, "interception routing removed"),
@@ -267,10 +299,23 @@ impl Interceptor {
                 tracing::error!(error = %crate::error_chain(&e), "cannot remove interception routing")
             }
         }
+        if let Err(e) = self.marking.remove() {
+            tracing::error!(error = %crate::error_chain(&e), "cannot remove the intercept table");
+        }
+        match std::fs::remove_file(&self.link_pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::error!(path = %self.link_pin.display(), error = %e, "cannot unpin the sk_lookup link")
+            }
+        }
     }
 }
 
-fn attach_lookup(bpf: &mut LoadedBpf) -> Result<(), InterceptError> {
+/// Loads and attaches the sk_lookup program, and pins its link at `pin`,
+/// replacing a crashed predecessor's in one step (a rename), so the
+/// namespace is never without a program that refuses intercepted SYNs.
+fn attach_lookup(bpf: &mut LoadedBpf, pin: &Path) -> Result<(), InterceptError> {
     let program: &mut SkLookup = bpf
         .ebpf
         .program_mut(program_names::LOOKUP)
@@ -285,6 +330,20 @@ fn attach_lookup(bpf: &mut LoadedBpf) -> Result<(), InterceptError> {
         source,
     })?;
     let netns = std::fs::File::open("/proc/self/ns/net").map_err(InterceptError::Netns)?;
-    program.attach(netns).map_err(InterceptError::Attach)?;
+    let id = program.attach(netns).map_err(InterceptError::Attach)?;
+    let link = FdLink::from(program.take_link(id).map_err(InterceptError::Attach)?);
+    // bpffs refuses names with a dot.
+    let fresh = pin.with_file_name(format!("{LINK_PIN}_new"));
+    let pin_error = |source| InterceptError::PinLink {
+        path: pin.to_owned(),
+        source,
+    };
+    let _ = std::fs::remove_file(&fresh);
+    let pinned: PinnedLink = link
+        .pin(&fresh)
+        .map_err(|e| pin_error(std::io::Error::other(e)))?;
+    std::fs::rename(&fresh, pin).map_err(pin_error)?;
+    // The pin keeps the link attached; the fd may close.
+    drop(pinned);
     Ok(())
 }

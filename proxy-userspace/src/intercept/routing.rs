@@ -3,23 +3,17 @@
 //! - Table T holds `local default dev lo` (IPv4 with `src 127.0.0.1`, IPv6
 //!   with `src ::1`), so whatever is routed through it is delivered locally,
 //!   where the sk_lookup program steers it to the agent's listener.
-//! - Priority P: `fwmark M lookup main`: the agent's own upstream sockets
-//!   carry mark M and are never intercepted again.
-//! - Priority P+1: one rule per live session whose prefix a reload removed,
-//!   so the session keeps flowing while new connections follow the new set.
-//! - Priority P+2: `to <prefix> ipproto tcp dport <range> lookup T`, one per
-//!   intercepted prefix and port range. Rules match both forwarded runner
-//!   traffic and connections made on the bastion itself.
+//! - Priority P: `fwmark U lookup main`: the agent's own upstream sockets
+//!   carry mark U (`agent.upstream_mark`) and are never intercepted again.
+//! - Priority P+1: unused (it held per-session rules; a restarted agent
+//!   still removes any left there).
+//! - Priority P+2: `fwmark I lookup T`: packets the intercept table
+//!   (`marking`) marked with I (`intercept.mark`), forwarded or local alike.
+//!   The rules never select by interface or source address, so nothing
+//!   depends on which interfaces or addresses existed at start.
 //!
 //! Every rule and route carries protocol [`PROTO`], which is how a restarted
 //! agent finds what a crashed one left behind.
-
-use std::net::SocketAddr;
-
-use ipnet::IpNet;
-
-use crate::config::InterceptSet;
-use crate::dest::PortRange;
 
 /// Route/rule protocol number marking tcpgate's entries.
 pub const PROTO: u8 = 213;
@@ -80,7 +74,10 @@ impl IpRunner for IpCommand {
 pub struct RoutingParams {
     pub table: u32,
     pub priority: u32,
+    /// `agent.upstream_mark`.
     pub mark: u32,
+    /// `intercept.mark`.
+    pub intercept_mark: u32,
 }
 
 /// One policy rule, as tcpgate writes it.
@@ -111,82 +108,6 @@ impl Rule {
     }
 }
 
-/// Where intercepted connections come from: the interfaces runners' packets
-/// arrive on (forwarded traffic), and the bastion's own processes.
-///
-/// Rules never match on destination alone: with custom rules in place, the
-/// kernel's reverse-path check of every incoming packet does a lookup with
-/// `iif lo`, the packet's source as destination and its ports swapped, so a
-/// bare `to <prefix> dport 80` rule would also match the upstream's replies to
-/// the agent, route them to the local table and drop them as martians. Local
-/// processes are told apart by their source during connect: unset
-/// (`0.0.0.0`, `::`) on the first lookup, then the loopback source the local
-/// route hands out.
-#[must_use]
-pub fn prefix_rules(set: &InterceptSet, params: RoutingParams, interfaces: &[String]) -> Vec<Rule> {
-    let mut rules = Vec::new();
-    for entry in &set.entries {
-        let prefix = entry.destination.prefix;
-        let v6 = matches!(prefix, IpNet::V6(_));
-        let local_sources: [&str; 2] = if v6 {
-            ["::/128", "::1/128"]
-        } else {
-            ["0.0.0.0/32", "127.0.0.1/32"]
-        };
-        let origins = interfaces
-            .iter()
-            .map(|ifname| ["iif".to_owned(), ifname.clone()])
-            .chain(
-                local_sources
-                    .iter()
-                    .map(|src| ["from".to_owned(), (*src).to_owned()]),
-            );
-        for origin in origins {
-            for range in &entry.destination.ports {
-                let mut selector = origin.to_vec();
-                selector.extend([
-                    "to".to_owned(),
-                    prefix.to_string(),
-                    "ipproto".to_owned(),
-                    "tcp".to_owned(),
-                ]);
-                if *range
-                    != (PortRange {
-                        first: 1,
-                        last: u16::MAX,
-                    })
-                {
-                    selector.push("dport".to_owned());
-                    selector.push(format!("{}-{}", range.first, range.last));
-                }
-                rules.push(Rule {
-                    v6,
-                    priority: params.priority + 2,
-                    selector,
-                    table: params.table.to_string(),
-                });
-            }
-        }
-    }
-    rules
-}
-
-/// Every interface except loopback, for `intercept.interfaces = "all"`.
-pub fn all_interfaces(runner: &dyn IpRunner) -> Result<Vec<String>, RoutingError> {
-    let list = args(&["-j", "link", "show"]);
-    let text = runner.ip(&list)?;
-    let links: Vec<serde_json::Value> =
-        serde_json::from_str(&text).map_err(|source| RoutingError::Parse {
-            args: list.join(" "),
-            source,
-        })?;
-    Ok(links
-        .iter()
-        .filter(|l| l["link_type"] != "loopback")
-        .filter_map(|l| l["ifname"].as_str().map(str::to_owned))
-        .collect())
-}
-
 /// The rules that exempt the agent's own upstream sockets (both families).
 #[must_use]
 pub fn mark_rules(params: RoutingParams) -> Vec<Rule> {
@@ -201,28 +122,23 @@ pub fn mark_rules(params: RoutingParams) -> Vec<Rule> {
         .collect()
 }
 
-/// A rule keeping one live session's packets local after a reload removed
-/// its prefix.
+/// The rules that deliver marked packets locally (both families).
+///
+/// Only the mark selects: the kernel's reverse-path lookup of each
+/// incoming packet runs with `iif lo`, the packet's source as destination
+/// and its ports swapped, but with mark 0 (`src_valid_mark` off), so the
+/// upstream's replies to the agent never match.
 #[must_use]
-pub fn session_rule(client: SocketAddr, destination: SocketAddr, params: RoutingParams) -> Rule {
-    let host = |addr: SocketAddr| IpNet::from(addr.ip().to_canonical()).to_string();
-    Rule {
-        v6: destination.ip().to_canonical().is_ipv6(),
-        priority: params.priority + 1,
-        selector: vec![
-            "from".to_owned(),
-            host(client),
-            "to".to_owned(),
-            host(destination),
-            "ipproto".to_owned(),
-            "tcp".to_owned(),
-            "sport".to_owned(),
-            client.port().to_string(),
-            "dport".to_owned(),
-            destination.port().to_string(),
-        ],
-        table: params.table.to_string(),
-    }
+pub fn intercept_rules(params: RoutingParams) -> Vec<Rule> {
+    [false, true]
+        .into_iter()
+        .map(|v6| Rule {
+            v6,
+            priority: params.priority + 2,
+            selector: vec!["fwmark".to_owned(), format!("{:#x}", params.intercept_mark)],
+            table: params.table.to_string(),
+        })
+        .collect()
 }
 
 /// Applies and removes tcpgate's routing state.
@@ -243,15 +159,6 @@ impl Routing {
     #[must_use]
     pub fn params(&self) -> RoutingParams {
         self.params
-    }
-
-    /// The interfaces to intercept forwarded traffic on: the configured
-    /// ones, or every non-loopback interface present now.
-    pub fn interfaces(&self, configured: Option<&[String]>) -> Result<Vec<String>, RoutingError> {
-        match configured {
-            Some(list) => Ok(list.to_vec()),
-            None => all_interfaces(self.runner.as_ref()),
-        }
     }
 
     pub fn add(&self, rule: &Rule) -> Result<(), RoutingError> {
@@ -330,8 +237,9 @@ impl Routing {
         Ok(removed)
     }
 
-    /// Installs the local routes and the mark rules (not the prefix rules).
-    pub fn install_base(&self) -> Result<(), RoutingError> {
+    /// Installs the local routes, the upstream mark rules and the
+    /// intercept mark rules.
+    pub fn install(&self) -> Result<(), RoutingError> {
         let table = self.params.table.to_string();
         let proto = PROTO.to_string();
         self.runner.ip(&args(&[
@@ -352,7 +260,10 @@ impl Routing {
         self.runner.ip(&args(&[
             "-6", "route", "add", "local", "::/0", "dev", "lo", "table", &table, "proto", &proto,
         ]))?;
-        for rule in mark_rules(self.params) {
+        for rule in mark_rules(self.params)
+            .into_iter()
+            .chain(intercept_rules(self.params))
+        {
             self.add(&rule)?;
         }
         Ok(())

@@ -2,6 +2,7 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 pub mod auth;
+pub mod firewall;
 pub mod operator;
 
 use std::net::{SocketAddr, TcpStream};

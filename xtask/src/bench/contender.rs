@@ -100,6 +100,12 @@ pub enum Running {
 }
 
 pub fn start(contender: Contender, env: &Env<'_>) -> Result<Running> {
+    if matches!(
+        contender,
+        Contender::Direct | Contender::Haproxy | Contender::Socat
+    ) {
+        remove_guard(env)?;
+    }
     match contender {
         Contender::Direct => Ok(Running::Direct),
         Contender::TcpgateEbpf => {
@@ -110,6 +116,19 @@ pub fn start(contender: Contender, env: &Env<'_>) -> Result<Running> {
         Contender::Haproxy => start_haproxy(env).map(|c| Running::Processes { _guards: vec![c] }),
         Contender::Socat => start_socat(env).map(|c| Running::Processes { _guards: c }),
     }
+}
+
+/// A stopped agent leaves its guard table (which drops the target prefix
+/// but for intercepted connections) in the bastion; the contenders that
+/// reach the target without tcpgate need it gone.
+fn remove_guard(env: &Env<'_>) -> Result<()> {
+    crate::cmd::read(
+        env.topo
+            .bastion
+            .command(env.agent_binary)
+            .args(["firewall", "remove"]),
+    )
+    .map(drop)
 }
 
 /// Every port tcpgate intercepts on the target prefix: the data-path

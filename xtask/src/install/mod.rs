@@ -9,6 +9,7 @@
 
 mod config_check;
 mod files;
+mod guard;
 mod layout;
 mod system;
 mod uninstall;
@@ -134,6 +135,7 @@ pub fn install(host: &Host, args: &InstallArgs) -> Result<()> {
         system::ensure_directories(&layout)?;
     }
     config_check::check_installed(&installed, &layout, outcome)?;
+    guard::apply(&layout, &installed)?;
     match layout.target {
         Target::Stage(_) => println!("{}", system::postinst_steps(&layout)),
         Target::System | Target::Image(_) => {

@@ -137,11 +137,13 @@ pub fn postinst_steps(layout: &Layout) -> String {
          install: a package's postinst must run, as root:\n\
          \x20   systemd-sysusers {sysusers}      # users {USER}, group {OPERATORS_GROUP}\n\
          \x20   systemd-tmpfiles --create {tmpfiles}   # {LOG_DIR}, 0750 {USER}:{USER}\n\
+         \x20   {bindir}/tcpgate firewall apply   # the guard table: drops the protected prefixes\n\
          \x20   systemctl daemon-reload\n\
          install: and may then run: systemctl enable --now {UNIT}\n\
          install: /etc/tcpgate/tcpgate.toml is a conffile: never overwrite an edited one.",
         sysusers = layout.sysusers().display(),
         tmpfiles = layout.tmpfiles().display(),
+        bindir = layout.prefix.join("bin").display(),
     )
 }
 

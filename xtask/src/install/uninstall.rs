@@ -25,6 +25,7 @@ pub fn run(host: &Host, args: &UninstallArgs) -> Result<()> {
     let layout = args.target.layout()?;
     super::require_root_for(&layout, host, "uninstall")?;
     system::stop_service(&layout)?;
+    super::guard::remove(&layout, &layout.on_disk(&layout.binary()))?;
 
     let mut paths = vec![
         layout.binary(),
