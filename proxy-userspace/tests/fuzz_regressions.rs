@@ -173,6 +173,6 @@ fn preamble_and_body_seeds_are_what_they_say() {
         c("invalid-fields.toml"),
         "invalid: agent.max_sessions, agent.connect_timeout, agent.pin_dir, \
          agent.upstream_mark, forward[0].upstream, forward[1].listen, forward[1].name, \
-         admin.listen"
+         admin.token_file, admin.listen"
     );
 }

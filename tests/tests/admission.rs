@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -145,13 +145,8 @@ fn revoked_subject_cannot_ask_again() -> Result<()> {
     ensure!(status == 0, "revoke: {status} {stdout} {stderr}");
 
     let file = fx.token_file(&token)?;
-    let api = format!(
-        "http://{}",
-        SocketAddr::from((
-            tcpgate_tests::topology::BASTION_RUNNER_V4,
-            common::auth::API_PORT
-        ))
-    );
+    let api = AuthFixture::api_url();
+    let ca = fx.api_ca.to_str().context("utf-8")?;
     let (status, _, stderr) = fx.cli(
         &fx.topo.runner,
         &[
@@ -160,6 +155,8 @@ fn revoked_subject_cannot_ask_again() -> Result<()> {
             file.to_str().context("utf-8")?,
             "--api",
             &api,
+            "--ca",
+            ca,
         ],
     )?;
     ensure!(
@@ -425,23 +422,26 @@ fn preamble_length_cap_is_checked_before_reading() -> Result<()> {
     Ok(())
 }
 
-/// `POST /v1/grants` from `source` on the runner; returns the HTTP status
-/// line and body.
+/// `POST /v1/grants` from `source` on the runner, over HTTPS with curl;
+/// returns the status line, headers and body.
 fn post_grant_from(fx: &AuthFixture, source: Ipv4Addr, token: &str) -> Result<String> {
-    let api = SocketAddr::from((
-        tcpgate_tests::topology::BASTION_RUNNER_V4,
-        common::auth::API_PORT,
-    ));
-    let mut stream = common::dial_from(&fx.topo.runner, IpAddr::V4(source), api)?;
-    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-    write!(
-        stream,
-        "POST /v1/grants HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
-    Ok(answer)
+    let url = format!("{}/v1/grants", AuthFixture::api_url());
+    let output = fx
+        .topo
+        .runner
+        .command("curl")
+        .args(["-sS", "-i", "--http1.1", "--max-time", "20", "--cacert"])
+        .arg(&fx.api_ca)
+        .args(["--interface", &source.to_string(), "-X", "POST", "-H"])
+        .arg(format!("Authorization: Bearer {token}"))
+        .args(["-H", "Content-Length: 0", &url])
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 fn token_for(fx: &AuthFixture, job: &str) -> String {

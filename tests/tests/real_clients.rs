@@ -8,6 +8,7 @@ mod common;
 
 mod real_clients {
     pub mod connect_end;
+    pub mod first_deployment;
     pub mod ssh;
     pub mod ssh_tools;
 }

@@ -143,6 +143,12 @@ pub async fn first_speaker(
     }
 }
 
+/// At most this much of an upstream's greeting is relayed before the
+/// splice: greetings are small (an SSH banner and KEXINIT, an SMTP or MySQL
+/// hello), and a server that streams to a silent client goes back to the
+/// kernel path after this many bytes.
+pub const GREETING_LIMIT: usize = 16 * 1024;
+
 /// What [`relay_greeting`] saw, and how many upstream bytes it passed on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Greeting {
@@ -157,8 +163,9 @@ pub struct Greeting {
 /// direction is never spliced before its first bytes are seen. A late
 /// preamble (a `tcpgate connect` client descheduled past the first-bytes
 /// wait) is therefore caught here, whatever the timing, instead of being
-/// spliced to the target. Bounded by `patience`: a client that stays silent
-/// that long is spliced as it is; an upstream that closes ends the wait.
+/// spliced to the target. Bounded by `patience` and [`GREETING_LIMIT`]: a
+/// client that stays silent that long, or while that much is relayed, is
+/// spliced as it is; an upstream that closes ends the wait.
 /// `None`: the client did not take the greeting within `patience`, so the
 /// stream can no longer be spliced whole.
 pub async fn relay_greeting(
@@ -169,7 +176,7 @@ pub async fn relay_greeting(
     use tokio::io::AsyncWriteExt as _;
     let deadline = Instant::now() + patience;
     let mut relayed = 0u64;
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; GREETING_LIMIT];
     loop {
         let seen = peek(client);
         if let Some(client) = verdict(seen) {
@@ -180,6 +187,13 @@ pub async fn relay_greeting(
             let client = first_bytes(client, Duration::ZERO, left).await;
             return Some(Greeting { client, relayed });
         }
+        let room = GREETING_LIMIT.saturating_sub(usize::try_from(relayed).unwrap_or(usize::MAX));
+        if room == 0 {
+            return Some(Greeting {
+                client: FirstBytes::Silent,
+                relayed,
+            });
+        }
         tokio::select! {
             ready = client.readable() => if ready.is_err() {
                 return Some(Greeting { client: FirstBytes::Protocol, relayed });
@@ -188,7 +202,7 @@ pub async fn relay_greeting(
                 if ready.is_err() {
                     return Some(Greeting { client: FirstBytes::Protocol, relayed });
                 }
-                match upstream.try_read(&mut buf) {
+                match upstream.try_read(&mut buf[..room]) {
                     Ok(n) if n > 0 => {
                         let write = tokio::time::timeout_at(deadline, client.write_all(&buf[..n]));
                         if !matches!(write.await, Ok(Ok(()))) {

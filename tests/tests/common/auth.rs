@@ -51,6 +51,9 @@ pub struct Launch {
     /// Serve the grant API with a plain `openssl req -x509` certificate
     /// instead of a leaf signed by the test CA.
     pub self_signed_api: bool,
+    /// Serve the grant API with these files (made by the README's steps,
+    /// say) instead of a leaf signed by the test CA.
+    pub api_cert: Option<tcpgate_tests::tls::ApiCert>,
     /// Lines added to `[api]` (e.g. an `[api.limits]` table follows it).
     pub api_extra: String,
     /// Lines added to `[admin]` (e.g. `listen` and `token_file`).
@@ -110,7 +113,9 @@ impl AuthFixture {
         // HTTPS on both of the bastion's runner-facing addresses.
         let names = [BASTION_RUNNER_V4.to_string(), BASTION_RUNNER_V6.to_string()];
         let names = [names[0].as_str(), names[1].as_str()];
-        let api_cert = if launch.self_signed_api {
+        let api_cert = if let Some(files) = launch.api_cert {
+            files
+        } else if launch.self_signed_api {
             tcpgate_tests::tls::self_signed(builder.dir(), "api", &names)
         } else {
             tcpgate_tests::tls::ca_signed(builder.dir(), "api", &names)
