@@ -363,4 +363,32 @@ mod tests {
             assert!(server.try_read(&mut buf).is_err());
         }
     }
+
+    #[tokio::test]
+    async fn a_streaming_server_goes_back_to_the_splice_after_the_greeting_limit() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, mut client_side) = pair().await;
+        let (mut server, upstream_side) = pair().await;
+        server
+            .write_all(&vec![7u8; 2 * GREETING_LIMIT])
+            .await
+            .expect("write");
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; GREETING_LIMIT];
+            client.read_exact(&mut got).await.expect("read");
+            client
+        });
+        let greeting = relay_greeting(&mut client_side, &upstream_side, PATIENCE)
+            .await
+            .expect("read by the client");
+        let limit = u64::try_from(GREETING_LIMIT).expect("fits");
+        assert_eq!(
+            greeting,
+            Greeting {
+                client: FirstBytes::Silent,
+                relayed: limit
+            }
+        );
+        drop(reader.await.expect("join"));
+    }
 }
