@@ -91,7 +91,9 @@ impl<'de> Deserialize<'de> for DurationSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub enum AuthSetting {
     None,
-    Tokens(AuthConfig),
+    /// Boxed: the table is large, and the setting lives only while the
+    /// file is read.
+    Tokens(Box<AuthConfig>),
 }
 
 impl<'de> Deserialize<'de> for AuthSetting {
@@ -116,7 +118,7 @@ impl<'de> Deserialize<'de> for AuthSetting {
                 // Through the table's own derive, so its errors keep naming
                 // the misspelt or mistyped field.
                 AuthConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-                    .map(AuthSetting::Tokens)
+                    .map(|auth| AuthSetting::Tokens(Box::new(auth)))
             }
         }
         d.deserialize_any(Visitor)

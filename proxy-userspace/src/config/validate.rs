@@ -65,7 +65,7 @@ impl Config {
     /// neither is an error.
     pub(super) fn resolve_auth(&self, errors: &mut Vec<FieldError>) -> Option<AuthConfig> {
         match &self.auth_setting {
-            Some(AuthSetting::Tokens(auth)) => Some(auth.clone()),
+            Some(AuthSetting::Tokens(auth)) => Some((**auth).clone()),
             Some(AuthSetting::None) => None,
             None => {
                 errors.push(FieldError::new(
