@@ -1,0 +1,72 @@
+//! The audit lines a session writes: `session_open`, `session_close`, and
+//! the fields every line of a connection shares.
+
+use super::*;
+
+pub(super) fn base_event(
+    kind: EventKind,
+    client: SocketAddr,
+    target: &Target,
+    admitted: &Admitted,
+) -> AuditEvent {
+    let mut event = AuditEvent::new(kind, client.to_string(), target.destination.to_string());
+    event.upstream = Some(target.upstream.to_string());
+    if admitted.grant_id != 0 {
+        event.grant_id = Some(GrantId(admitted.grant_id).to_string());
+    }
+    if !admitted.subject.is_empty() {
+        event.subject = Some(admitted.subject.clone());
+    }
+    event.claims = admitted.claims.as_ref().clone();
+    event
+}
+
+/// The `session_open` line. Built outside `serve` so the event's storage
+/// is not kept in every live session's future.
+pub(super) fn record_open(
+    services: &Services,
+    meta: &SessionMeta,
+    target: &Target,
+    admitted: &Admitted,
+) {
+    let mut open = base_event(EventKind::SessionOpen, meta.client, target, admitted);
+    open.session_id = Some(format!("{:016x}", meta.id));
+    open.datapath = Some(services.datapath.kind().as_str());
+    services.audit.record(open);
+}
+
+pub(super) fn close_event(
+    meta: &SessionMeta,
+    target: &Target,
+    admitted: &Admitted,
+    outcome: &SpliceOutcome,
+    elapsed: Duration,
+) -> AuditEvent {
+    let mut event = base_event(EventKind::SessionClose, meta.client, target, admitted);
+    event.session_id = Some(format!("{:016x}", meta.id));
+    event.datapath = Some(outcome.datapath.as_str());
+    event.bytes_up = Some(outcome.up.total_bytes());
+    event.bytes_down = Some(outcome.down.total_bytes());
+    event.kernel_bytes_up = Some(outcome.up.kernel_bytes);
+    event.kernel_bytes_down = Some(outcome.down.kernel_bytes);
+    event.userspace_bytes_up = Some(outcome.up.userspace_bytes);
+    event.userspace_bytes_down = Some(outcome.down.userspace_bytes);
+    if outcome.datapath == crate::datapath::DatapathKind::Ebpf {
+        event.backpressure_bytes_up = Some(outcome.up.passed_bytes);
+        event.backpressure_bytes_down = Some(outcome.down.passed_bytes);
+        event.backpressure_handbacks_up = Some(outcome.up.handbacks);
+        event.backpressure_handbacks_down = Some(outcome.down.handbacks);
+    }
+    if let Some((up, down)) = outcome.queued_at_splice {
+        event.early_bytes_up = Some(up);
+        event.early_bytes_down = Some(down);
+    }
+    event.duration_ms = Some(duration_ms(elapsed));
+    event.reason = Some(outcome.reason.as_str().to_owned());
+    event.detail.clone_from(&outcome.detail);
+    event
+}
+
+pub(super) fn duration_ms(elapsed: Duration) -> u64 {
+    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+}
