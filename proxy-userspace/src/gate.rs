@@ -5,6 +5,8 @@
 //! with a deadline and a size bound and validated against policy. Until
 //! then the agent makes no upstream connection and sends nothing upstream.
 
+mod admitted;
+pub use admitted::Admitted;
 mod mirror;
 pub mod opening;
 pub mod pending;
@@ -19,7 +21,6 @@ use tokio::net::TcpStream;
 use crate::auth::limits::AuthLimits;
 use crate::auth::preamble::{self, PreambleError, Status};
 use crate::auth::{Grant, GrantKind, GrantStore, Policy, TokenValidator, ValidatedToken};
-use crate::session::Admitted;
 pub use mirror::{GrantMirror, MirrorFull, grant_record};
 use opening::FirstBytes;
 

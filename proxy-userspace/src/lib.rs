@@ -4,6 +4,27 @@
 //! The crate is the agent and the operator CLI. The eBPF programs live in
 //! `proxy-ebpf` and are embedded here at build time; the map types they
 //! share with user space live in `proxy-common`.
+//!
+//! # Layers
+//!
+//! Modules use only the layers below them (checked: the import graph of
+//! the top-level modules has no cycle):
+//!
+//! 1. Leaves: `field_error`, `dest`, `sockopt`, `sockdiag`, `bpf`,
+//!    `kernel_btf`, `audit`, `notify`, `heap`.
+//! 2. `auth` (tokens, JWKS, policy, grants) on `dest` and `field_error`;
+//!    `config` (the file, every section) on `auth`'s `[auth]` schema.
+//! 3. The data path: `datapath` (SOCKHASH splice, user-space copy) on `bpf`
+//!    and `sockopt`; `registry` and `metrics` on `datapath`; `firewall`
+//!    (nftables guard) on `config`; `intercept` (sk_lookup, marks, routes)
+//!    on `datapath`, `firewall` and `config`; `pinned` (operator views).
+//! 4. `gate` (admission: grants, preambles, revocations) on `auth`.
+//! 5. `session` (one connection end to end) on `gate`, `datapath`,
+//!    `intercept`, `registry`, `metrics` and `audit`.
+//! 6. `api` (grant API, operator endpoints) on `gate`, `registry`,
+//!    `datapath` and `metrics`.
+//! 7. `agent` (startup, accept loops, signals) on everything above.
+//! 8. `cli` (one module per verb) on `agent` and the operator views.
 
 pub mod agent;
 pub mod api;
@@ -14,6 +35,7 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod dest;
+pub mod field_error;
 pub mod firewall;
 pub mod gate;
 pub mod heap;

@@ -1,13 +1,12 @@
 //! One client connection, from accept to the audit line that closes it:
 //! admit, connect upstream, splice, report.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use proxy_common::session::{AUTH_NONE, AUTH_PREAMBLE, DirectionCounters};
+use proxy_common::session::{AUTH_PREAMBLE, DirectionCounters};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -21,6 +20,8 @@ use crate::sockopt;
 
 /// How long a refused client gets to read the agent's answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub use crate::gate::Admitted;
 
 mod events;
 use events::{base_event, close_event, duration_ms, record_open};
@@ -50,38 +51,6 @@ pub struct Target {
     pub destination: SocketAddr,
     /// Where the agent connects.
     pub upstream: SocketAddr,
-}
-
-/// Who the connection was admitted as.
-#[derive(Debug, Clone, Default)]
-pub struct Admitted {
-    pub grant_id: u64,
-    pub subject: String,
-    pub expires: Option<SystemTime>,
-    /// `proxy_common::session::AUTH_*`.
-    pub auth_method: u16,
-    /// Shared with the grant: sessions under one grant do not copy it.
-    pub claims: std::sync::Arc<BTreeMap<String, serde_json::Value>>,
-    /// The client sent a preamble and waits for the agent's answer.
-    pub answer_preamble: bool,
-    /// Admitted by a source grant before the client sent anything: its
-    /// first bytes are judged once the upstream is connected (a late
-    /// preamble must never be spliced upstream).
-    pub opening_unseen: bool,
-    /// Upstream bytes the agent relayed to the client before the splice
-    /// (a server-first greeting to a granted client not yet judged).
-    pub relayed_down: u64,
-}
-
-impl Admitted {
-    /// A connection that needs no authentication (no `[auth]`).
-    #[must_use]
-    pub fn unauthenticated() -> Self {
-        Self {
-            auth_method: AUTH_NONE,
-            ..Self::default()
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

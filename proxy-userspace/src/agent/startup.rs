@@ -18,12 +18,22 @@ use crate::intercept::{InterceptError, Interceptor};
 
 use super::lock::{LockError, NamespaceLock, PinDirLock};
 
+/// Why eBPF is not available: the agent's own pin-directory lock, or the
+/// data path's setup. Kept here so the data path never names agent types.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfUnavailable {
+    #[error("cannot use the pin directory")]
+    PinDir(#[source] LockError),
+    #[error(transparent)]
+    Setup(#[from] EbpfSetupError),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     #[error(transparent)]
     Lock(#[from] LockError),
     #[error("the eBPF data path was requested (--datapath ebpf) but cannot start")]
-    Ebpf(#[source] EbpfSetupError),
+    Ebpf(#[source] BpfUnavailable),
     #[error("cannot clean up pins left by a previous agent in {dir}")]
     StalePins {
         dir: PathBuf,
@@ -33,7 +43,7 @@ pub enum StartupError {
     #[error("cannot install interception")]
     Intercept(#[from] InterceptError),
     #[error("interception needs eBPF (the sk_lookup program), which cannot load")]
-    InterceptNeedsBpf(#[source] EbpfSetupError),
+    InterceptNeedsBpf(#[source] BpfUnavailable),
     #[error(transparent)]
     Audit(#[from] AuditError),
     #[error("cannot listen on {addr}")]
@@ -93,7 +103,7 @@ async fn start_locked(config: &Config) -> Result<Started, StartupError> {
             Err(e @ LockError::PinDirTaken(_)) => return Err(e.into()),
             // No permission to create or lock the directory: eBPF would not
             // load either; `auto` falls back below.
-            Err(e) => load_error = Some(EbpfSetupError::PinDir(e)),
+            Err(e) => load_error = Some(BpfUnavailable::PinDir(e)),
         }
     }
     if pin_lock.is_some() {
@@ -110,7 +120,7 @@ async fn start_locked(config: &Config) -> Result<Started, StartupError> {
                 bpf = Some(loaded);
                 logger = log_task;
             }
-            Err(e) => load_error = Some(e),
+            Err(e) => load_error = Some(e.into()),
         }
     }
     let datapath = match (&mut bpf, choice) {
@@ -127,7 +137,7 @@ async fn start_locked(config: &Config) -> Result<Started, StartupError> {
             },
         ) {
             Ok(dp) => Datapath::Ebpf(Arc::new(dp)),
-            Err(e) if choice == DatapathChoice::Ebpf => return Err(StartupError::Ebpf(e)),
+            Err(e) if choice == DatapathChoice::Ebpf => return Err(StartupError::Ebpf(e.into())),
             Err(e) => fallback(&e, config),
         },
         (None, _) => match load_error.take() {

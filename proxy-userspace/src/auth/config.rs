@@ -22,7 +22,7 @@ pub const DEFAULT_MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// from any one token.
 pub const MIN_HS256_SECRET_LEN: usize = 32;
 
-pub use crate::config::FieldError;
+pub use crate::field_error::FieldError;
 
 /// A humantime duration (`"30s"`, `"15m"`) kept with its source text; an
 /// unparsable value is reported by validation, not by the TOML parser.

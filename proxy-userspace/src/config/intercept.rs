@@ -308,7 +308,7 @@ impl InterceptSection {
                 upstream,
             });
         }
-        if let Err(e) = crate::intercept::trie::entries(&set) {
+        if let Err(e) = super::trie::entries(&set) {
             errors.push(FieldError::new("intercept.prefix", e.to_string()));
         }
         set

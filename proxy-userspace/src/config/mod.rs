@@ -5,6 +5,7 @@
 
 mod http;
 mod intercept;
+pub mod trie;
 mod validate;
 
 use std::net::SocketAddr;

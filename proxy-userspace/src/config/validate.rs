@@ -2,7 +2,6 @@
 //! so an operator fixes a file in one pass.
 
 use std::collections::HashSet;
-use std::fmt;
 
 use ipnet::IpNet;
 
@@ -11,28 +10,7 @@ use crate::auth::AuthConfig;
 use crate::auth::config::AuthSetting;
 use crate::dest::{Destination, PortRange};
 
-/// One invalid field: where it is, and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    /// Dotted path, e.g. `forward[1].upstream`.
-    pub path: String,
-    pub message: String,
-}
-
-impl FieldError {
-    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            path: path.into(),
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
-    }
-}
+pub use crate::field_error::FieldError;
 
 pub(super) fn render(errors: &[FieldError]) -> String {
     errors

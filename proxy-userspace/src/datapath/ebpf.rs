@@ -30,8 +30,6 @@ pub enum EbpfSetupError {
     Attach(#[source] aya::programs::ProgramError),
     #[error("cannot start the session watcher")]
     Watcher(#[source] std::io::Error),
-    #[error("cannot use the pin directory")]
-    PinDir(#[source] crate::agent::LockError),
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -24,7 +24,7 @@
 pub mod listener;
 pub mod marking;
 pub mod routing;
-pub mod trie;
+pub use crate::config::trie;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
