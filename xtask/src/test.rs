@@ -51,6 +51,23 @@ pub fn run(host: &Host, args: &TestArgs) -> Result<()> {
         println!("test: formatting check FAILED (run `cargo fmt --all`); running the tests anyway");
     }
 
+    // Warnings fail the run, as formatting does: every target the tests
+    // build (the eBPF crate builds only for the bpf target).
+    println!("test: clippy (warnings are errors)");
+    let clippy = cmd::status(host.cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "proxy-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    if !clippy.success() {
+        println!("test: clippy FAILED; running the tests anyway");
+    }
+
     // The full chaos run measures what operators get (throughput under a
     // junk flood, agent CPU and memory), so it runs the release agent: a
     // debug agent spends about twice the CPU per refused connection. The
@@ -92,6 +109,7 @@ pub fn run(host: &Host, args: &TestArgs) -> Result<()> {
     let (tests, counts) = run_and_count(&mut cargo_test)?;
 
     println!("test: formatting   {}", verdict(fmt));
+    println!("test: clippy       {}", verdict(clippy));
     println!("test: cargo test   {}", verdict(tests));
     println!("test: wall time    {}", crate::took(started));
     // The last line, in the plain `N passed, N failed` form CI reads.
@@ -99,11 +117,15 @@ pub fn run(host: &Host, args: &TestArgs) -> Result<()> {
         "test: {} passed, {} failed, {} skipped",
         counts.passed, counts.failed, counts.ignored
     );
-    let failed: Vec<&str> = [("the formatting check", fmt), ("cargo test", tests)]
-        .into_iter()
-        .filter(|(_, status)| !status.success())
-        .map(|(step, _)| step)
-        .collect();
+    let failed: Vec<&str> = [
+        ("the formatting check", fmt),
+        ("clippy", clippy),
+        ("cargo test", tests),
+    ]
+    .into_iter()
+    .filter(|(_, status)| !status.success())
+    .map(|(step, _)| step)
+    .collect();
     if !failed.is_empty() {
         bail!("{} failed", failed.join(" and "));
     }

@@ -17,6 +17,8 @@ const COMPONENTS: &[(&str, &str)] = &[
     ("rust-src", "for -Z build-std=core on the bpf target"),
     // `cargo xtask test` checks formatting; minimal rustup profiles lack it.
     ("rustfmt", "for the formatting check"),
+    // ... and runs clippy with warnings as errors.
+    ("clippy", "for the lint check"),
 ];
 
 /// What `rustc -vV` and `rustc --print sysroot` say.
