@@ -106,19 +106,7 @@ impl EbpfDatapath {
         let slots = ModeSlots::new(modes.len());
         let wakeups: aya::maps::RingBuf<MapData> =
             typed(map_names::WAKEUPS, bpf.take_map(map_names::WAKEUPS)?)?;
-        let program: &mut SkSkb = bpf
-            .ebpf
-            .program_mut(program_names::VERDICT)
-            .ok_or(BpfError::MissingProgram(program_names::VERDICT))?
-            .try_into()
-            .map_err(|source| BpfError::Program {
-                name: program_names::VERDICT,
-                source,
-            })?;
-        program.load().map_err(|source| BpfError::Program {
-            name: program_names::VERDICT,
-            source,
-        })?;
+        let program = bpf.load_program(program_names::VERDICT, SkSkb::load)?;
         let map_fd = sockhash.fd().try_clone().map_err(EbpfSetupError::Watcher)?;
         // The link lives in `bpf`'s program data until the object drops.
         program.attach(&map_fd).map_err(EbpfSetupError::Attach)?;
