@@ -19,6 +19,25 @@ pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
     out
 }
 
+/// The 16-byte form of `addr`: IPv6 as is, IPv4 mapped. An IPv4-mapped
+/// IPv6 address stays as it is, so it and its IPv4 form agree.
+#[must_use]
+pub const fn ip_octets(addr: core::net::IpAddr) -> [u8; 16] {
+    match addr {
+        core::net::IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        core::net::IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// Nanoseconds since the Unix epoch, as map records hold times (0 before
+/// the epoch, saturating far after it).
+#[cfg(feature = "user")]
+#[must_use]
+pub fn unix_ns(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 /// Returns the IPv4 octets if `addr` is IPv4-mapped.
 #[must_use]
 pub fn as_v4(addr: &[u8; 16]) -> Option<[u8; 4]> {
@@ -58,6 +77,10 @@ mod tests {
         let mut v6 = [0u8; 16];
         v6[0] = 0x20;
         assert_eq!(as_v4(&v6), None);
+        let v4: core::net::IpAddr = core::net::Ipv4Addr::new(192, 0, 2, 10).into();
+        assert_eq!(ip_octets(v4), mapped);
+        let v6: core::net::IpAddr = core::net::Ipv6Addr::from(v6).into();
+        assert_eq!(as_v4(&ip_octets(v6)), None);
     }
 
     #[test]

@@ -13,6 +13,10 @@
 //! - times are nanoseconds since the Unix epoch (`CLOCK_REALTIME`).
 #![no_std]
 
+// `user` builds (the agent) get std for times; the eBPF programs never do.
+#[cfg(feature = "user")]
+extern crate std;
+
 pub mod addr;
 pub mod grant;
 pub mod intercept;

@@ -142,6 +142,28 @@ pub fn check_bpffs(dir: &Path) -> Result<(), NotBpffs> {
 }
 
 impl LoadedBpf {
+    /// Finds program `name` in the object as a `P` and loads it into the
+    /// kernel with `load` (aya gives each program type its own), for the
+    /// caller to attach.
+    pub fn load_program<P>(
+        &mut self,
+        name: &'static str,
+        load: fn(&mut P) -> Result<(), aya::programs::ProgramError>,
+    ) -> Result<&mut P, BpfError>
+    where
+        for<'a> &'a mut P:
+            TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
+        let program: &mut P = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(BpfError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| BpfError::Program { name, source })?;
+        load(program).map_err(|source| BpfError::Program { name, source })?;
+        Ok(program)
+    }
+
     /// Loads the embedded object with maps sized for `sizes`.
     pub fn load(sizes: MapSizes, pin_dir: &Path) -> Result<Self, BpfError> {
         check_bpffs(pin_dir)?;

@@ -7,6 +7,8 @@
 
 mod admitted;
 pub use admitted::Admitted;
+mod grants;
+pub use grants::GrantRefused;
 mod mirror;
 pub mod opening;
 pub mod pending;
@@ -26,20 +28,20 @@ use opening::FirstBytes;
 
 /// Everything admission needs; shared by all accept loops.
 pub struct Gate {
-    pub validator: TokenValidator,
+    validator: TokenValidator,
     /// Replaced whole on SIGHUP; in-flight decisions keep the one they read.
     policy: std::sync::RwLock<std::sync::Arc<Policy>>,
-    pub store: GrantStore,
+    store: GrantStore,
     pub preamble_timeout: Duration,
     pub limits: AuthLimits,
     /// Connections waiting for their admission decision.
     pub pending: std::sync::Arc<pending::Pending>,
     /// The pinned `grants` map, when eBPF is loaded.
-    pub mirror: Option<GrantMirror>,
+    mirror: Option<GrantMirror>,
     /// Grants an operator revoked through the pinned map while the API was
     /// not answering; their sessions' sockets were destroyed from outside,
     /// so those sessions end as `revoked`, not as a peer closing.
-    pub outside_revocations: std::sync::Mutex<std::collections::HashSet<u64>>,
+    outside_revocations: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 /// A connection the gate refused.
@@ -292,13 +294,14 @@ impl Gate {
             ));
         }
         let grant = self
-            .store
-            .create(GrantKind::Preamble, &token, &decision, now)
-            .map_err(|e| self.identified(e.reason(), e.to_string(), &token))?;
-        let grant = self.record(grant).map_err(|e| {
-            Refusal::new("grant_table_full", crate::error_chain(&e))
-                .answered(Status::Error, "the agent is at capacity; retry later")
-        })?;
+            .create_grant(GrantKind::Preamble, &token, &decision, now)
+            .map_err(|e| match e {
+                GrantRefused::Store(e) => self.identified(e.reason(), e.to_string(), &token),
+                GrantRefused::MapFull(e) => {
+                    Refusal::new("grant_table_full", crate::error_chain(&e))
+                        .answered(Status::Error, "the agent is at capacity; retry later")
+                }
+            })?;
         Ok(admitted(&grant, AUTH_PREAMBLE))
     }
 
@@ -313,77 +316,5 @@ impl Gate {
         refusal.subject = Some(token.subject.clone());
         refusal.claims = self.store.audit_claims(token);
         refusal.denied()
-    }
-
-    /// Mirrors a new grant into the pinned map and returns it. A grant
-    /// the map cannot hold is dropped again: operators reading the map must
-    /// see every grant, so none may live outside it.
-    pub fn record(&self, grant: Grant) -> Result<Grant, MirrorFull> {
-        if let Some(mirror) = &self.mirror
-            && let Err(e) = mirror.insert(&grant)
-        {
-            self.store.release(grant.id);
-            tracing::warn!(grant = %grant.id, error = %e, "grant refused: the pinned grants map is full");
-            return Err(e);
-        }
-        Ok(grant)
-    }
-
-    /// Removes an ended grant from the pinned map.
-    pub fn forget(&self, id: crate::auth::GrantId) {
-        if let Some(mirror) = &self.mirror {
-            mirror.remove(id);
-        }
-    }
-
-    /// If an operator flagged `id` revoked in the pinned map, revokes it in
-    /// the store (ending its sessions) and returns true.
-    pub fn apply_outside_revocation(&self, id: crate::auth::GrantId) -> bool {
-        let flagged = self
-            .mirror
-            .as_ref()
-            .is_some_and(|mirror| mirror.is_flagged_revoked(id));
-        if flagged {
-            self.lock_revoked().insert(id.0);
-            if let Some(grant) = self.store.revoke(id) {
-                tracing::warn!(grant = %id, subject = %grant.subject, "grant revoked through the pinned map (tcpgate revoke while the API was not answering)");
-            }
-        }
-        flagged || self.lock_revoked().contains(&id.0)
-    }
-
-    /// Applies every revocation flagged in the pinned map, if an operator
-    /// left the marker saying there are some; returns how many.
-    pub fn apply_outside_revocations(&self) -> usize {
-        let Some(mirror) = &self.mirror else {
-            return 0;
-        };
-        // The marker goes first: a flag set after this scan comes with a
-        // new marker, seen at the next check.
-        if !mirror.take_pending_marker() {
-            return 0;
-        }
-        mirror
-            .flagged_revoked()
-            .into_iter()
-            .filter(|&id| self.apply_outside_revocation(crate::auth::GrantId(id)))
-            .count()
-    }
-
-    /// Whether `id` was revoked through the pinned map (flag seen now or
-    /// earlier).
-    #[must_use]
-    pub fn revoked_outside(&self, id: u64) -> bool {
-        self.lock_revoked().contains(&id)
-            || self
-                .mirror
-                .as_ref()
-                .is_some_and(|mirror| mirror.is_flagged_revoked(crate::auth::GrantId(id)))
-    }
-
-    fn lock_revoked(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
-        self.outside_revocations
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }

@@ -344,7 +344,7 @@ fn recheck_grant(services: &Services, meta: &SessionMeta) {
     let Some(gate) = &services.gate else {
         return;
     };
-    if meta.grant_id == 0 || gate.store.contains(GrantId(meta.grant_id)) {
+    if meta.grant_id == 0 || gate.holds(GrantId(meta.grant_id)) {
         return;
     }
     let reason = if meta.expires.is_some_and(|at| at <= SystemTime::now()) {
@@ -382,7 +382,6 @@ fn release_grant(services: &Services, admitted: &Admitted) {
     if admitted.auth_method == AUTH_PREAMBLE
         && let Some(gate) = &services.gate
     {
-        gate.store.release(GrantId(admitted.grant_id));
-        gate.forget(GrantId(admitted.grant_id));
+        gate.release(GrantId(admitted.grant_id));
     }
 }

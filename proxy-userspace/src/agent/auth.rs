@@ -54,7 +54,7 @@ pub async fn start(
         Arc::clone(registry),
         stop.clone(),
     ));
-    if gate.mirror.is_some() {
+    if gate.mirrors_grants() {
         tokio::spawn(apply_outside_revocations(Arc::clone(&gate), stop.clone()));
     }
     tracing::info!(
@@ -118,8 +118,7 @@ async fn end_sessions_with_their_grant(
                 let ended = registry.stop_where(EndReason::GrantExpired, |m| {
                     m.grant_id != 0
                         && gate
-                            .store
-                            .get(crate::auth::GrantId(m.grant_id))
+                            .grant(crate::auth::GrantId(m.grant_id))
                             .is_none_or(|g| g.expires_at <= now)
                 });
                 tracing::warn!(

@@ -15,7 +15,7 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 use serde::Serialize;
 
-use super::runner::{bearer, error};
+use super::runner::{auth_disabled, bearer, error};
 use super::{ApiError as ServeError, ApiState};
 use crate::auth::api_types::ApiError;
 use crate::auth::{Grant, GrantId};
@@ -105,7 +105,7 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     let sessions = state.registry.snapshot();
     let snapshot = crate::metrics::Snapshot {
         live_sessions: state.registry.len(),
-        live_grants: state.gate.as_ref().map_or(0, |g| g.store.len()),
+        live_grants: state.gate.as_ref().map_or(0, |g| g.live_grants()),
         live_counters: sessions
             .iter()
             .filter_map(|m| state.datapath.live_counters(m.id))
@@ -168,8 +168,7 @@ async fn list_grants(State(state): State<Arc<ApiState>>) -> Response {
     };
     let counts = sessions_per_grant(&state);
     let mut grants: Vec<GrantView> = gate
-        .store
-        .list()
+        .grants()
         .iter()
         .map(|g| view(g, counts.get(&g.id.0).copied().unwrap_or(0)))
         .collect();
@@ -183,20 +182,13 @@ async fn revoke_grant(
     UrlPath(id): UrlPath<String>,
 ) -> Response {
     let Some(gate) = &state.gate else {
-        return error(&ApiError::new(
-            404,
-            "auth_disabled",
-            "this agent does not authenticate connections",
-        ));
+        return auth_disabled();
     };
     let Ok(id) = id.parse::<GrantId>() else {
         return error(&ApiError::bad_request(format!("{id:?} is not a grant id")));
     };
-    let known: Vec<GrantId> = gate.store.get(id).map(|g| g.id).into_iter().collect();
-    let views = revoke_counting(&state, &known, || {
-        gate.store.revoke(id).into_iter().collect()
-    })
-    .await;
+    let known: Vec<GrantId> = gate.grant(id).map(|g| g.id).into_iter().collect();
+    let views = revoke_counting(&state, &known, || gate.revoke(id).into_iter().collect()).await;
     match views.into_iter().next() {
         Some(view) => {
             tracing::info!(grant = %id, subject = %view.subject, sessions = view.sessions, "grant revoked by operator");
@@ -221,11 +213,7 @@ async fn revoke_subject(
     Query(query): Query<SubjectQuery>,
 ) -> Response {
     let Some(gate) = &state.gate else {
-        return error(&ApiError::new(
-            404,
-            "auth_disabled",
-            "this agent does not authenticate connections",
-        ));
+        return auth_disabled();
     };
     let Some(subject) = query.subject.filter(|s| !s.is_empty()) else {
         return error(&ApiError::bad_request(
@@ -233,13 +221,12 @@ async fn revoke_subject(
         ));
     };
     let known: Vec<GrantId> = gate
-        .store
-        .list()
+        .grants()
         .into_iter()
         .filter(|g| g.subject == subject)
         .map(|g| g.id)
         .collect();
-    let views = revoke_counting(&state, &known, || gate.store.revoke_subject(&subject)).await;
+    let views = revoke_counting(&state, &known, || gate.revoke_subject(&subject)).await;
     tracing::info!(%subject, grants = views.len(), sessions = views.iter().map(|v| v.sessions).sum::<usize>(), "subject revoked by operator");
     Json(views).into_response()
 }

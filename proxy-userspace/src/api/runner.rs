@@ -11,7 +11,8 @@ use axum::{Extension, Json, Router};
 
 use super::{ApiState, ClientAddr};
 use crate::auth::api_types::{ApiError, GrantRequest, GrantResponse};
-use crate::auth::{GrantId, GrantKind};
+use crate::auth::{CreateError, GrantId};
+use crate::gate::GrantRefused;
 
 /// The grant API's routes; bodies over `max_body` bytes get 413 unread.
 pub fn runner_router(state: Arc<ApiState>, max_body: usize) -> Router {
@@ -25,6 +26,15 @@ pub fn runner_router(state: Arc<ApiState>, max_body: usize) -> Router {
 pub(super) fn error(e: &ApiError) -> Response {
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
     (status, Json(e)).into_response()
+}
+
+/// The grant endpoints of an agent without `[auth]`.
+pub(super) fn auth_disabled() -> Response {
+    error(&ApiError::new(
+        404,
+        "auth_disabled",
+        "this agent does not authenticate connections",
+    ))
 }
 
 pub(super) fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
@@ -48,11 +58,7 @@ async fn create_grant(
     body: axum::body::Bytes,
 ) -> Response {
     let Some(gate) = &state.gate else {
-        return error(&ApiError::new(
-            404,
-            "auth_disabled",
-            "this agent does not authenticate connections",
-        ));
+        return auth_disabled();
     };
     let result = async {
         let token = bearer(&headers)?;
@@ -62,9 +68,9 @@ async fn create_grant(
             serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?
         };
         let request = request.parse()?;
-        let token = gate.validator.validate(token).await.map_err(|e| ApiError::from_token_error(&e))?;
+        let token = gate.validate(token).await.map_err(|e| ApiError::from_token_error(&e))?;
         let now = SystemTime::now();
-        if gate.store.refuses(&token, now) {
+        if gate.refuses(&token, now) {
             return Err(ApiError::new(403, "revoked", "access denied (revoked)"));
         }
         let decision = gate
@@ -75,13 +81,8 @@ async fn create_grant(
             return Err(ApiError::new(401, "token_expired", "the token expires within the configured leeway"));
         }
         let grant = gate
-            .store
-            .create(GrantKind::Source { source: peer.ip() }, &token, &decision, now)
+            .create_source_grant(&token, &decision, peer.ip(), now)
             .map_err(|e| create_refused(&state, e))?;
-        let grant = gate.record(grant).map_err(|_| {
-            state.metrics.limit_hit("grants_map");
-            ApiError::new(503, "grant_limit", "the agent holds as many grants as it can; retry later")
-        })?;
         tracing::info!(grant = %grant.id, subject = %grant.subject, source = %peer.ip(), rule = %grant.rule, "grant created");
         GrantResponse::from_grant(&grant).ok_or_else(|| ApiError::new(500, "internal_error", "grant has no source"))
     }
@@ -109,13 +110,22 @@ fn generic(e: ApiError) -> ApiError {
     }
 }
 
-/// A grant the store would not create: revoked, or a cap reached.
-fn create_refused(state: &ApiState, e: crate::auth::CreateError) -> ApiError {
+/// A grant the gate would not create: revoked, a cap reached, or the
+/// pinned map full.
+fn create_refused(state: &ApiState, e: GrantRefused) -> ApiError {
     match e {
-        crate::auth::CreateError::Revoked => {
+        GrantRefused::Store(CreateError::Revoked) => {
             ApiError::new(403, "revoked", "access denied (revoked)")
         }
-        crate::auth::CreateError::Limit(limit) => {
+        GrantRefused::MapFull(_) => {
+            state.metrics.limit_hit("grants_map");
+            ApiError::new(
+                503,
+                "grant_limit",
+                "the agent holds as many grants as it can; retry later",
+            )
+        }
+        GrantRefused::Store(CreateError::Limit(limit)) => {
             state.metrics.limit_hit(limit.as_str());
             ApiError::new(
                 429,
@@ -134,16 +144,11 @@ async fn delete_own_grant(
     headers: HeaderMap,
 ) -> Response {
     let Some(gate) = &state.gate else {
-        return error(&ApiError::new(
-            404,
-            "auth_disabled",
-            "this agent does not authenticate connections",
-        ));
+        return auth_disabled();
     };
     let result = async {
         let token = bearer(&headers)?;
         let token = gate
-            .validator
             .validate(token)
             .await
             .map_err(|e| ApiError::from_token_error(&e))?;
@@ -152,16 +157,14 @@ async fn delete_own_grant(
             .map_err(|_| ApiError::bad_request(format!("{id:?} is not a grant id")))?;
         // GitLab shares `sub` per project and ref across issuers' tokens:
         // only the same issuer and subject may give a grant back.
-        match gate.store.get(id) {
-            Some(grant) if grant.issuer == token.issuer && grant.subject == token.subject => {
-                gate.store.give_back(id);
-                Ok(())
-            }
-            _ => Err(ApiError::new(
+        if gate.give_back(id, &token) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
                 404,
                 "no_such_grant",
                 format!("no grant {id} for this subject"),
-            )),
+            ))
         }
     }
     .await;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use aya::maps::{Array, HashMap, MapData, SockHash};
 use aya::programs::SkSkb;
-use proxy_common::addr::{fill_str, v4_mapped};
+use proxy_common::addr::{fill_str, ip_octets, unix_ns};
 use proxy_common::map_names;
 use proxy_common::program_names;
 use proxy_common::session::{
@@ -106,19 +106,7 @@ impl EbpfDatapath {
         let slots = ModeSlots::new(modes.len());
         let wakeups: aya::maps::RingBuf<MapData> =
             typed(map_names::WAKEUPS, bpf.take_map(map_names::WAKEUPS)?)?;
-        let program: &mut SkSkb = bpf
-            .ebpf
-            .program_mut(program_names::VERDICT)
-            .ok_or(BpfError::MissingProgram(program_names::VERDICT))?
-            .try_into()
-            .map_err(|source| BpfError::Program {
-                name: program_names::VERDICT,
-                source,
-            })?;
-        program.load().map_err(|source| BpfError::Program {
-            name: program_names::VERDICT,
-            source,
-        })?;
+        let program = bpf.load_program(program_names::VERDICT, SkSkb::load)?;
         let map_fd = sockhash.fd().try_clone().map_err(EbpfSetupError::Watcher)?;
         // The link lives in `bpf`'s program data until the object drops.
         program.attach(&map_fd).map_err(EbpfSetupError::Attach)?;
@@ -372,18 +360,6 @@ fn left_established(error: &SpliceSetupError) -> bool {
     )
 }
 
-fn addr16(addr: std::net::IpAddr) -> [u8; 16] {
-    match addr {
-        std::net::IpAddr::V4(v4) => v4_mapped(v4.octets()),
-        std::net::IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
-fn unix_ns(time: std::time::SystemTime) -> u64 {
-    time.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
 /// The record operators read from the pinned `sessions` map.
 #[must_use]
 pub fn session_record(meta: &SessionMeta) -> SessionRecord {
@@ -392,11 +368,11 @@ pub fn session_record(meta: &SessionMeta) -> SessionRecord {
     record.grant_id = meta.grant_id;
     record.started_unix_ns = unix_ns(meta.started);
     record.expires_unix_ns = meta.expires.map_or(0, unix_ns);
-    record.client_addr = addr16(meta.client.ip());
+    record.client_addr = ip_octets(meta.client.ip());
     record.client_port = meta.client.port();
-    record.dest_addr = addr16(meta.destination.ip());
+    record.dest_addr = ip_octets(meta.destination.ip());
     record.dest_port = meta.destination.port();
-    record.upstream_addr = addr16(meta.upstream.ip());
+    record.upstream_addr = ip_octets(meta.upstream.ip());
     record.upstream_port = meta.upstream.port();
     record.auth_method = meta.auth_method;
     record.datapath = DATAPATH_EBPF;

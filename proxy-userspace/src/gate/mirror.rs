@@ -1,7 +1,5 @@
 //! The pinned `grants` map, mirrored from the grant store.
 
-use std::time::SystemTime;
-
 use crate::auth::{Grant, GrantKind};
 
 /// The pinned map is full: the grant is refused rather than hidden from
@@ -84,26 +82,15 @@ impl GrantMirror {
     }
 }
 
-fn unix_ns(time: SystemTime) -> u64 {
-    time.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
 /// The plain-data record of a grant.
 #[must_use]
 pub fn grant_record(grant: &Grant) -> proxy_common::grant::GrantRecord {
-    use proxy_common::addr::{fill_str, v4_mapped};
+    use proxy_common::addr::{fill_str, ip_octets, unix_ns};
     use proxy_common::grant::{GRANT_PREAMBLE, GRANT_SOURCE, GrantRecord, RULE_NAME_LEN};
     use proxy_common::session::SUBJECT_LEN;
     let (kind, source_addr) = match grant.kind {
         GrantKind::Preamble => (GRANT_PREAMBLE, [0u8; 16]),
-        GrantKind::Source { source } => (
-            GRANT_SOURCE,
-            match source.to_canonical() {
-                std::net::IpAddr::V4(v4) => v4_mapped(v4.octets()),
-                std::net::IpAddr::V6(v6) => v6.octets(),
-            },
-        ),
+        GrantKind::Source { source } => (GRANT_SOURCE, ip_octets(source.to_canonical())),
     };
     let mut record = GrantRecord {
         grant_id: grant.id.0,

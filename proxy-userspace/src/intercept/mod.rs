@@ -316,19 +316,7 @@ impl Interceptor {
 /// replacing a crashed predecessor's in one step (a rename), so the
 /// namespace is never without a program that refuses intercepted SYNs.
 fn attach_lookup(bpf: &mut LoadedBpf, pin: &Path) -> Result<(), InterceptError> {
-    let program: &mut SkLookup = bpf
-        .ebpf
-        .program_mut(program_names::LOOKUP)
-        .ok_or(BpfError::MissingProgram(program_names::LOOKUP))?
-        .try_into()
-        .map_err(|source| BpfError::Program {
-            name: program_names::LOOKUP,
-            source,
-        })?;
-    program.load().map_err(|source| BpfError::Program {
-        name: program_names::LOOKUP,
-        source,
-    })?;
+    let program = bpf.load_program(program_names::LOOKUP, SkLookup::load)?;
     let netns = std::fs::File::open("/proc/self/ns/net").map_err(InterceptError::Netns)?;
     let id = program.attach(netns).map_err(InterceptError::Attach)?;
     let link = FdLink::from(program.take_link(id).map_err(InterceptError::Attach)?);

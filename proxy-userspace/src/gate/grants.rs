@@ -1,0 +1,182 @@
+//! The gate's grants. Every change to the grant store goes through these
+//! methods, so the pinned `grants` map follows it without callers pairing
+//! "change the store" with "mirror it" by hand.
+
+use std::time::SystemTime;
+
+use super::{Gate, MirrorFull};
+use crate::auth::{CreateError, Decision, Grant, GrantId, GrantKind, TokenError, ValidatedToken};
+
+/// Why no grant was created.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantRefused {
+    /// The store refused it: the token was revoked or a cap is reached.
+    #[error(transparent)]
+    Store(#[from] CreateError),
+    /// The pinned map cannot hold it; the store dropped it again.
+    #[error(transparent)]
+    MapFull(#[from] MirrorFull),
+}
+
+impl Gate {
+    /// Validates a bearer token against the configured issuers.
+    pub async fn validate(&self, token: &str) -> Result<ValidatedToken, TokenError> {
+        self.validator.validate(token).await
+    }
+
+    /// Whether the token's subject or jti was revoked.
+    #[must_use]
+    pub fn refuses(&self, token: &ValidatedToken, now: SystemTime) -> bool {
+        self.store.refuses(token, now)
+    }
+
+    /// Creates a grant bound to `source` and mirrors it into the pinned map.
+    pub fn create_source_grant(
+        &self,
+        token: &ValidatedToken,
+        decision: &Decision,
+        source: std::net::IpAddr,
+        now: SystemTime,
+    ) -> Result<Grant, GrantRefused> {
+        self.create_grant(GrantKind::Source { source }, token, decision, now)
+    }
+
+    /// Creates a grant in the store and mirrors it into the pinned map. A
+    /// grant the map cannot hold is dropped again: operators reading the
+    /// map must see every grant, so none may live outside it.
+    pub(super) fn create_grant(
+        &self,
+        kind: GrantKind,
+        token: &ValidatedToken,
+        decision: &Decision,
+        now: SystemTime,
+    ) -> Result<Grant, GrantRefused> {
+        let grant = self.store.create(kind, token, decision, now)?;
+        if let Some(mirror) = &self.mirror
+            && let Err(e) = mirror.insert(&grant)
+        {
+            self.store.release(grant.id);
+            tracing::warn!(grant = %grant.id, error = %e, "grant refused: the pinned grants map is full");
+            return Err(e.into());
+        }
+        Ok(grant)
+    }
+
+    /// Ends a preamble grant with its one session.
+    pub fn release(&self, id: GrantId) {
+        self.store.release(id);
+        self.forget(id);
+    }
+
+    /// Gives grant `id` back for the token that holds it (same issuer and
+    /// subject); false when there is no such grant for that token.
+    pub fn give_back(&self, id: GrantId, token: &ValidatedToken) -> bool {
+        match self.store.get(id) {
+            Some(grant) if grant.issuer == token.issuer && grant.subject == token.subject => {
+                self.store.give_back(id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Revokes one grant; the store's revocation event removes it from the
+    /// pinned map and ends its sessions.
+    pub fn revoke(&self, id: GrantId) -> Option<Grant> {
+        self.store.revoke(id)
+    }
+
+    /// Revokes every grant of a token subject (see [`Self::revoke`]).
+    pub fn revoke_subject(&self, subject: &str) -> Vec<Grant> {
+        self.store.revoke_subject(subject)
+    }
+
+    /// The live grant `id`, if any.
+    #[must_use]
+    pub fn grant(&self, id: GrantId) -> Option<Grant> {
+        self.store.get(id)
+    }
+
+    /// Whether grant `id` is live.
+    #[must_use]
+    pub fn holds(&self, id: GrantId) -> bool {
+        self.store.contains(id)
+    }
+
+    /// Every live grant.
+    #[must_use]
+    pub fn grants(&self) -> Vec<Grant> {
+        self.store.list()
+    }
+
+    /// How many grants are live.
+    #[must_use]
+    pub fn live_grants(&self) -> usize {
+        self.store.len()
+    }
+
+    /// Whether grants are mirrored into a pinned map (eBPF loaded).
+    #[must_use]
+    pub fn mirrors_grants(&self) -> bool {
+        self.mirror.is_some()
+    }
+
+    /// Removes an ended grant from the pinned map (on the store's expiry
+    /// and revocation events).
+    pub fn forget(&self, id: GrantId) {
+        if let Some(mirror) = &self.mirror {
+            mirror.remove(id);
+        }
+    }
+
+    /// If an operator flagged `id` revoked in the pinned map, revokes it in
+    /// the store (ending its sessions) and returns true.
+    pub fn apply_outside_revocation(&self, id: GrantId) -> bool {
+        let flagged = self
+            .mirror
+            .as_ref()
+            .is_some_and(|mirror| mirror.is_flagged_revoked(id));
+        if flagged {
+            self.lock_revoked().insert(id.0);
+            if let Some(grant) = self.store.revoke(id) {
+                tracing::warn!(grant = %id, subject = %grant.subject, "grant revoked through the pinned map (tcpgate revoke while the API was not answering)");
+            }
+        }
+        flagged || self.lock_revoked().contains(&id.0)
+    }
+
+    /// Applies every revocation flagged in the pinned map, if an operator
+    /// left the marker saying there are some; returns how many.
+    pub fn apply_outside_revocations(&self) -> usize {
+        let Some(mirror) = &self.mirror else {
+            return 0;
+        };
+        // The marker goes first: a flag set after this scan comes with a
+        // new marker, seen at the next check.
+        if !mirror.take_pending_marker() {
+            return 0;
+        }
+        mirror
+            .flagged_revoked()
+            .into_iter()
+            .filter(|&id| self.apply_outside_revocation(GrantId(id)))
+            .count()
+    }
+
+    /// Whether `id` was revoked through the pinned map (flag seen now or
+    /// earlier).
+    #[must_use]
+    pub fn revoked_outside(&self, id: u64) -> bool {
+        self.lock_revoked().contains(&id)
+            || self
+                .mirror
+                .as_ref()
+                .is_some_and(|mirror| mirror.is_flagged_revoked(GrantId(id)))
+    }
+
+    fn lock_revoked(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
+        self.outside_revocations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
