@@ -40,7 +40,7 @@ impl Session<'_> {
             }
             // Redirected by the verdict, plus copied by the agent while the
             // direction had backpressure.
-            let redirected = self.live(dir).kernel_bytes + self.copied_total(dir);
+            let redirected = self.live(dir).kernel_bytes + self.dirs[dir].copied_total();
             let sent = match sockopt::bytes_sent(self.socket(peer)) {
                 Ok(sent) => sent,
                 Err(e) => {

@@ -34,9 +34,13 @@ use crate::sockopt;
 use dir::{Dir, PerDir, PerSide};
 use lane::{Lane, LaneStep, QueueWatch};
 
-/// Per-direction progress after the source side reached EOF.
+/// The state of one direction.
 struct Direction {
     mode: Mode,
+    /// Copies the direction while it falls behind (`Mode::Copying`).
+    lane: Option<Lane>,
+    /// Bytes copied by lanes that already finished.
+    copied: u64,
     /// The source side sent its FIN.
     eof: bool,
     barrier: Option<DrainBarrier>,
@@ -51,10 +55,24 @@ impl Direction {
     const fn new() -> Self {
         Self {
             mode: Mode::Kernel,
+            lane: None,
+            copied: 0,
             eof: false,
             barrier: None,
             shut: false,
             eof_short_since: None,
+        }
+    }
+
+    /// Bytes the agent has written toward the peer.
+    fn copied_total(&self) -> u64 {
+        self.copied + self.lane.as_ref().map_or(0, |lane| lane.copied)
+    }
+
+    /// Drops the lane (deregistering it), keeping the count of what it copied.
+    fn end_lane(&mut self) {
+        if let Some(lane) = self.lane.take() {
+            self.copied += lane.copied;
         }
     }
 }
@@ -127,10 +145,6 @@ struct Session<'a> {
     first_close: Option<EndReason>,
     attempt: u32,
     cookies: Cookies,
-    /// Directions copied by the agent after falling behind.
-    lanes: PerDir<Option<Lane>>,
-    /// Bytes copied by lanes that already finished.
-    copied: PerDir<u64>,
     /// Runtime registrations of the sockets, for lanes.
     registered: PerSide<Option<std::sync::Arc<tokio::io::unix::AsyncFd<lane::FdRef>>>>,
     queue: QueueWatch,
@@ -166,10 +180,8 @@ impl Session<'_> {
             }
             let draining = self.dirs.iter().any(|d| d.barrier.is_some());
             let queue_at = self.queue_at;
-            let PerDir {
-                up: lane_up,
-                down: lane_down,
-            } = &mut self.lanes;
+            let PerDir { up, down } = &mut self.dirs;
+            let (lane_up, lane_down) = (&mut up.lane, &mut down.lane);
             // Every branch only says what happened; the session acts on it
             // below, once the branches' futures (and their borrows) are gone.
             let wake = tokio::select! {
@@ -308,7 +320,9 @@ impl Session<'_> {
     fn finish(mut self, ending: Ending) -> SpliceOutcome {
         // Deregister the copied directions before their sockets close.
         let copied = PerDir::from_fn(|dir| {
-            self.copied[dir] + self.lanes[dir].take().map_or(0, |l| l.copied)
+            let state = &mut self.dirs[dir];
+            state.end_lane();
+            state.copied
         });
         self.registered = PerSide::default();
         let (reason, detail) = match ending {

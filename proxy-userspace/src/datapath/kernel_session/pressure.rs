@@ -11,18 +11,13 @@ use crate::datapath::watcher::Side;
 use crate::sockopt;
 
 impl Session<'_> {
-    /// Bytes the agent has written toward the peer of direction `dir`.
-    pub(super) fn copied_total(&self, dir: Dir) -> u64 {
-        self.copied[dir] + self.lanes[dir].as_ref().map_or(0, |lane| lane.copied)
-    }
-
     /// Bytes moved toward the peer of `dir` (redirected or copied) that its
     /// TCP has not taken yet.
     fn backlog(&self, dir: Dir, kernel_bytes: u64) -> Result<u64, Ending> {
         let peer = dir.peer();
         let handed = sockopt::bytes_sent(self.socket(peer))
             .map_err(|e| Ending::internal(format!("peer state: {e}")))?;
-        let moved = kernel_bytes + self.copied_total(dir);
+        let moved = kernel_bytes + self.dirs[dir].copied_total();
         Ok(moved.saturating_sub(handed.saturating_sub(self.baselines[peer])))
     }
 
@@ -110,7 +105,7 @@ impl Session<'_> {
                 .registration(dir.source())
                 .and_then(|s| Ok((s, self.registration(dir.peer())?)))
                 .map_err(|e| Ending::internal(format!("cannot copy: {e}")))?;
-            self.lanes[dir] = Some(Lane::new(source_fd, peer_fd));
+            self.dirs[dir].lane = Some(Lane::new(source_fd, peer_fd));
             self.dirs[dir].mode = Mode::Copying;
         }
         Ok(Some(limit.saturating_sub(backlog)))
@@ -123,9 +118,7 @@ impl Session<'_> {
         }
         // The verdict took the direction back: every passed byte was
         // copied, and the kernel redirects again.
-        if let Some(lane) = self.lanes[dir].take() {
-            self.copied[dir] += lane.copied;
-        }
+        self.dirs[dir].end_lane();
         self.dirs[dir].mode = Mode::Kernel;
         // A FIN that came while the lane still copied raised its
         // (edge-triggered) event then, when it was the lane's to read; the
@@ -177,10 +170,11 @@ impl Session<'_> {
             LaneStep::Moved => {
                 // Caught up: let the verdict take over as soon as nothing
                 // passed is left to copy.
-                let resume_at = self.lanes[dir]
+                let resume_at = self.dirs[dir]
+                    .lane
                     .as_ref()
                     .filter(|l| l.caught_up())
-                    .map(|_| self.copied_total(dir));
+                    .map(|_| self.dirs[dir].copied_total());
                 if let Some(resume_at) = resume_at
                     && let Err(e) = self
                         .dp
@@ -220,7 +214,7 @@ impl Session<'_> {
             return Some(Ending::internal(format!("TCP_INFO: {e}")));
         }
         let passed = self.live(dir).passed_bytes;
-        let missing = passed.saturating_sub(self.copied_total(dir));
+        let missing = passed.saturating_sub(self.dirs[dir].copied_total());
         if missing > 0 {
             let now = Instant::now();
             let since = *self.dirs[dir].eof_short_since.get_or_insert(now);
@@ -234,14 +228,12 @@ impl Session<'_> {
                     ),
                 ));
             }
-            if let Some(lane) = self.lanes[dir].as_mut() {
+            if let Some(lane) = self.dirs[dir].lane.as_mut() {
                 lane.read_again_later();
             }
             return None;
         }
-        if let Some(lane) = self.lanes[dir].take() {
-            self.copied[dir] += lane.copied;
-        }
+        self.dirs[dir].end_lane();
         self.begin_drain(dir);
         None
     }

@@ -113,8 +113,6 @@ pub(in crate::datapath) async fn run(
         attempt: 0,
         stalls: PerSide::new(stall, stall),
         cookies,
-        lanes: PerDir::default(),
-        copied: PerDir::default(),
         registered: PerSide::default(),
         queue: QueueWatch::new(Instant::now()),
         // Look early: a fast sender can queue gigabytes within a second.
