@@ -5,33 +5,31 @@
 use std::net::Shutdown;
 use std::time::Instant;
 
-use super::{BarrierState, DrainBarrier, Ending, Session, closed_reason, side_name};
+use super::{BarrierState, Dir, DrainBarrier, Ending, Session, closed_reason, side_name};
 use crate::datapath::watcher::Side;
 use crate::sockopt;
 
 impl Session<'_> {
-    /// The source of direction `index` reached EOF: shut the peer down once
+    /// The source of direction `dir` reached EOF: shut the peer down once
     /// it holds every byte moved toward it (see [`Self::advance_barriers`]).
-    pub(super) fn begin_drain(&mut self, index: usize, source: Side) {
-        let dir = &mut self.dirs[index];
-        dir.eof = true;
-        dir.barrier = Some(DrainBarrier::new(
-            self.baselines[1 - index],
+    pub(super) fn begin_drain(&mut self, dir: Dir) {
+        let state = &mut self.dirs[dir];
+        state.eof = true;
+        state.barrier = Some(DrainBarrier::new(
+            self.baselines[dir.peer()],
             self.dp.timeouts.drain,
             Instant::now(),
         ));
-        self.first_close.get_or_insert(closed_reason(source));
+        self.first_close.get_or_insert(closed_reason(dir.source()));
         self.attempt = 0;
     }
 
     /// Shuts down each peer whose source reached EOF once it holds every
     /// redirected byte.
     pub(super) fn advance_barriers(&mut self) -> Option<Ending> {
-        for (index, source, peer) in [
-            (0, Side::Client, Side::Upstream),
-            (1, Side::Upstream, Side::Client),
-        ] {
-            if self.dirs[index].barrier.is_none() {
+        for dir in Dir::ALL {
+            let (source, peer) = (dir.source(), dir.peer());
+            if self.dirs[dir].barrier.is_none() {
                 continue;
             }
             // Reading TCP_INFO takes the source socket's lock, so a FIN skb
@@ -42,20 +40,20 @@ impl Session<'_> {
             }
             // Redirected by the verdict, plus copied by the agent while the
             // direction had backpressure.
-            let redirected = self.live(index).kernel_bytes + self.copied_total(index);
+            let redirected = self.live(dir).kernel_bytes + self.dirs[dir].copied_total();
             let sent = match sockopt::bytes_sent(self.socket(peer)) {
                 Ok(sent) => sent,
                 Err(e) => {
                     return Some(Ending::internal(format!("peer state: {e}")));
                 }
             };
-            let Some(barrier) = self.dirs[index].barrier.as_mut() else {
+            let Some(barrier) = self.dirs[dir].barrier.as_mut() else {
                 continue;
             };
             match barrier.check(sent, redirected, Instant::now()) {
                 BarrierState::Waiting => {}
                 BarrierState::Done => {
-                    self.dirs[index].barrier = None;
+                    self.dirs[dir].barrier = None;
                     let shut = match peer {
                         Side::Client => self.client.shutdown(Shutdown::Write),
                         Side::Upstream => self.upstream.shutdown(Shutdown::Write),
@@ -64,7 +62,7 @@ impl Session<'_> {
                     if let Err(e) = shut {
                         tracing::debug!(session = self.id, error = %e, "shutdown of peer failed");
                     }
-                    self.dirs[index].shut = true;
+                    self.dirs[dir].shut = true;
                 }
                 BarrierState::Stalled { behind } => {
                     let reason = self.first_close.unwrap_or(closed_reason(source));

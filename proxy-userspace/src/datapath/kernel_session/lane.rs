@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
+use super::dir::{Dir, PerDir};
+
 /// A socket the session owns, registered with the runtime by number.
 pub(super) struct FdRef(RawFd);
 
@@ -55,8 +57,16 @@ pub(super) enum LaneStep {
     Moved,
     /// The source reached EOF and everything read was written.
     Eof,
-    /// `true`: the source failed; `false`: the destination did.
-    Failed(bool, io::Error),
+    Failed(Leg, io::Error),
+}
+
+/// The socket of a lane that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Leg {
+    /// The socket the lane reads from.
+    Source,
+    /// The socket the lane writes to.
+    Dest,
 }
 
 /// One direction copied by the agent.
@@ -112,7 +122,7 @@ impl Lane {
             if self.start < self.end {
                 let mut guard = match self.dest.writable().await {
                     Ok(guard) => guard,
-                    Err(e) => return LaneStep::Failed(false, e),
+                    Err(e) => return LaneStep::Failed(Leg::Dest, e),
                 };
                 let chunk = &self.buf[self.start..self.end];
                 match guard.try_io(|fd| send(fd.get_ref().0, chunk)) {
@@ -124,13 +134,13 @@ impl Lane {
                         }
                         return LaneStep::Moved;
                     }
-                    Ok(Err(e)) => return LaneStep::Failed(false, e),
+                    Ok(Err(e)) => return LaneStep::Failed(Leg::Dest, e),
                     Err(_would_block) => {}
                 }
             } else {
                 let mut guard = match self.source.readable().await {
                     Ok(guard) => guard,
-                    Err(e) => return LaneStep::Failed(true, e),
+                    Err(e) => return LaneStep::Failed(Leg::Source, e),
                 };
                 let buf = &mut self.buf;
                 match guard.try_io(|fd| recv(fd.get_ref().0, buf)) {
@@ -140,7 +150,7 @@ impl Lane {
                         self.emptied = n < self.buf.len();
                         return LaneStep::Moved;
                     }
-                    Ok(Err(e)) => return LaneStep::Failed(true, e),
+                    Ok(Err(e)) => return LaneStep::Failed(Leg::Source, e),
                     Err(_would_block) => {}
                 }
             }
@@ -172,36 +182,41 @@ fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct QueueWatch {
     /// Kernel bytes of each direction at the last look.
-    last: [u64; 2],
+    last: PerDir<u64>,
     at: Instant,
     /// The wake-up threshold last armed per direction (`u64::MAX`: none).
-    pub armed: [u64; 2],
+    pub armed: PerDir<u64>,
 }
 
 impl QueueWatch {
     pub fn new(now: Instant) -> Self {
         Self {
-            last: [0; 2],
+            last: PerDir::default(),
             at: now,
-            armed: [u64::MAX; 2],
+            armed: PerDir::new(u64::MAX, u64::MAX),
         }
     }
 
-    /// Whether direction `index` moved since the last look.
-    pub fn moved(&self, index: usize, kernel_bytes: u64) -> bool {
-        kernel_bytes != self.last[index]
+    /// Whether direction `dir` moved since the last look.
+    pub fn moved(&self, dir: Dir, kernel_bytes: u64) -> bool {
+        kernel_bytes != self.last[dir]
     }
 
     /// Records a look; returns the delay until the next one. `headroom`:
     /// bytes each direction may still grow before reaching the limit.
-    pub fn record(&mut self, kernel_bytes: [u64; 2], headroom: [u64; 2], now: Instant) -> Duration {
+    pub fn record(
+        &mut self,
+        kernel_bytes: PerDir<u64>,
+        headroom: PerDir<u64>,
+        now: Instant,
+    ) -> Duration {
         let elapsed = now.duration_since(self.at).as_secs_f64().max(1e-3);
         let mut next = Duration::from_secs(1);
-        for i in 0..2 {
-            let rate = kernel_bytes[i].saturating_sub(self.last[i]) as f64 / elapsed;
+        for dir in Dir::ALL {
+            let rate = kernel_bytes[dir].saturating_sub(self.last[dir]) as f64 / elapsed;
             if rate > 0.0 {
                 // Half the time the current rate needs to use up the headroom.
-                next = next.min(Duration::from_secs_f64(headroom[i] as f64 / rate / 2.0));
+                next = next.min(Duration::from_secs_f64(headroom[dir] as f64 / rate / 2.0));
             }
         }
         self.last = kernel_bytes;
@@ -219,10 +234,14 @@ mod tests {
         let t0 = Instant::now();
         let mut watch = QueueWatch::new(t0);
         assert_eq!(
-            watch.record([0, 0], [16 << 20; 2], t0 + Duration::from_secs(1)),
+            watch.record(
+                PerDir::new(0, 0),
+                PerDir::new(16 << 20, 16 << 20),
+                t0 + Duration::from_secs(1)
+            ),
             Duration::from_secs(1)
         );
-        assert!(!watch.moved(0, 0));
+        assert!(!watch.moved(Dir::Up, 0));
     }
 
     #[test]
@@ -231,19 +250,19 @@ mod tests {
         let mut watch = QueueWatch::new(t0);
         // 100 MB in 250 ms with 16 MiB of headroom: about 20 ms to the limit.
         let next = watch.record(
-            [100_000_000, 0],
-            [16 << 20, 16 << 20],
+            PerDir::new(100_000_000, 0),
+            PerDir::new(16 << 20, 16 << 20),
             t0 + Duration::from_millis(250),
         );
         assert!(
             next < Duration::from_millis(30) && next >= Duration::from_millis(5),
             "{next:?}"
         );
-        assert!(watch.moved(0, 100_000_001));
+        assert!(watch.moved(Dir::Up, 100_000_001));
         // No headroom left: as soon as allowed.
         let next = watch.record(
-            [200_000_000, 0],
-            [0, 16 << 20],
+            PerDir::new(200_000_000, 0),
+            PerDir::new(0, 16 << 20),
             t0 + Duration::from_millis(500),
         );
         assert_eq!(next, Duration::from_millis(5));

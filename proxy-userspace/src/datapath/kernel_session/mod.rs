@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use nix::sys::epoll::EpollFlags;
 
+mod dir;
 mod drain;
 mod lane;
 mod pressure;
@@ -30,11 +31,16 @@ use super::stall::StallWatch;
 use super::watcher::Side;
 use super::{DatapathKind, EndReason, SessionMeta, SpliceOutcome, StopSignal};
 use crate::sockopt;
+use dir::{Dir, PerDir, PerSide};
 use lane::{Lane, LaneStep, QueueWatch};
 
-/// Per-direction progress after the source side reached EOF.
+/// The state of one direction.
 struct Direction {
     mode: Mode,
+    /// Copies the direction while it falls behind (`Mode::Copying`).
+    lane: Option<Lane>,
+    /// Bytes copied by lanes that already finished.
+    copied: u64,
     /// The source side sent its FIN.
     eof: bool,
     barrier: Option<DrainBarrier>,
@@ -49,10 +55,24 @@ impl Direction {
     const fn new() -> Self {
         Self {
             mode: Mode::Kernel,
+            lane: None,
+            copied: 0,
             eof: false,
             barrier: None,
             shut: false,
             eof_short_since: None,
+        }
+    }
+
+    /// Bytes the agent has written toward the peer.
+    fn copied_total(&self) -> u64 {
+        self.copied + self.lane.as_ref().map_or(0, |lane| lane.copied)
+    }
+
+    /// Drops the lane (deregistering it), keeping the count of what it copied.
+    fn end_lane(&mut self) {
+        if let Some(lane) = self.lane.take() {
+            self.copied += lane.copied;
         }
     }
 }
@@ -91,7 +111,7 @@ enum Wake {
     Drain,
     StallCheck,
     QueueCheck,
-    Lane(usize, LaneStep),
+    Lane(Dir, LaneStep),
 }
 
 async fn lane_step(lane: &mut Option<Lane>) -> LaneStep {
@@ -118,23 +138,18 @@ struct Session<'a> {
     id: u64,
     client: std::net::TcpStream,
     upstream: std::net::TcpStream,
-    baselines: [u64; 2],
+    /// Each socket's bytes sent before the splice.
+    baselines: PerSide<u64>,
     queued: (u64, u64),
-    /// Index 0: client to upstream; 1: upstream to client.
-    dirs: [Direction; 2],
+    dirs: PerDir<Direction>,
     first_close: Option<EndReason>,
     attempt: u32,
     cookies: Cookies,
-    /// Directions copied by the agent after falling behind.
-    lanes: [Option<Lane>; 2],
-    /// Bytes copied by lanes that already finished.
-    copied: [u64; 2],
-    /// Runtime registrations of the client and upstream sockets, for lanes.
-    registered: [Option<std::sync::Arc<tokio::io::unix::AsyncFd<lane::FdRef>>>; 2],
+    /// Runtime registrations of the sockets, for lanes.
+    registered: PerSide<Option<std::sync::Arc<tokio::io::unix::AsyncFd<lane::FdRef>>>>,
     queue: QueueWatch,
     queue_at: tokio::time::Instant,
-    /// Client socket, upstream socket.
-    stalls: [StallWatch; 2],
+    stalls: PerSide<StallWatch>,
 }
 
 impl Session<'_> {
@@ -165,7 +180,8 @@ impl Session<'_> {
             }
             let draining = self.dirs.iter().any(|d| d.barrier.is_some());
             let queue_at = self.queue_at;
-            let [lane_up, lane_down] = &mut self.lanes;
+            let PerDir { up, down } = &mut self.dirs;
+            let (lane_up, lane_down) = (&mut up.lane, &mut down.lane);
             // Every branch only says what happened; the session acts on it
             // below, once the branches' futures (and their borrows) are gone.
             let wake = tokio::select! {
@@ -175,8 +191,8 @@ impl Session<'_> {
                 () = tokio::time::sleep(poll_interval(self.attempt)), if draining => Wake::Drain,
                 _ = stall_tick.tick() => Wake::StallCheck,
                 () = tokio::time::sleep_until(queue_at) => Wake::QueueCheck,
-                step = lane_step(lane_up) => Wake::Lane(0, step),
-                step = lane_step(lane_down) => Wake::Lane(1, step),
+                step = lane_step(lane_up) => Wake::Lane(Dir::Up, step),
+                step = lane_step(lane_down) => Wake::Lane(Dir::Down, step),
             };
             let drain_poll = matches!(wake, Wake::Drain);
             let ending = match wake {
@@ -195,7 +211,7 @@ impl Session<'_> {
                     .find_map(|(side, flags)| self.on_event(side, flags)),
                 Wake::StallCheck => self.check_stalls(),
                 Wake::QueueCheck => self.check_queues(),
-                Wake::Lane(index, step) => self.on_lane(index, step),
+                Wake::Lane(dir, step) => self.on_lane(dir, step),
             };
             if let Some(ending) = ending {
                 break ending;
@@ -221,14 +237,14 @@ impl Session<'_> {
     fn check_stalls(&mut self) -> Option<Ending> {
         let now = Instant::now();
         let limit = self.dp.timeouts.stall;
-        for (index, side) in [(0, Side::Client), (1, Side::Upstream)] {
+        for side in [Side::Client, Side::Upstream] {
             let state = match sockopt::send_state(self.socket(side)) {
                 Ok(state) => state,
                 Err(e) => {
                     return Some(Ending::internal(format!("TCP_INFO: {e}")));
                 }
             };
-            if let Some(stalled) = self.stalls[index].observe(state, now, limit) {
+            if let Some(stalled) = self.stalls[side].observe(state, now, limit) {
                 return Some(Ending::Abort(
                     closed_reason(side),
                     format!(
@@ -243,13 +259,19 @@ impl Session<'_> {
         None
     }
 
-    /// The live counters of direction `index` (0: up, 1: down) from the
-    /// session map; zero once the record is gone.
-    fn live(&self, index: usize) -> proxy_common::session::DirectionCounters {
+    /// The live counters of direction `dir` from the session map; zero
+    /// once the record is gone.
+    fn live(&self, dir: Dir) -> proxy_common::session::DirectionCounters {
+        self.live_all()
+            .map(|counters| counters[dir])
+            .unwrap_or_default()
+    }
+
+    /// The live counters of both directions; `None` once the record is gone.
+    fn live_all(&self) -> Option<PerDir<proxy_common::session::DirectionCounters>> {
         self.dp
             .live_counters(self.id)
-            .map(|(up, down)| [up, down][index])
-            .unwrap_or_default()
+            .map(|(up, down)| PerDir::new(up, down))
     }
 
     fn socket(&self, side: Side) -> BorrowedFd<'_> {
@@ -284,12 +306,12 @@ impl Session<'_> {
             Ok(None) => {}
         }
         if flags.intersects(EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP) {
-            let index = usize::from(side == Side::Upstream);
+            let dir = Dir::from_source(side);
             // A direction the agent copies sees its EOF as a 0-byte read;
             // one handed back to the kernel meanwhile checks for it then
             // (this edge-triggered event does not come again).
-            if !self.dirs[index].eof && self.dirs[index].mode == Mode::Kernel {
-                self.begin_drain(index, side);
+            if !self.dirs[dir].eof && self.dirs[dir].mode == Mode::Kernel {
+                self.begin_drain(dir);
             }
         }
         None
@@ -297,8 +319,12 @@ impl Session<'_> {
 
     fn finish(mut self, ending: Ending) -> SpliceOutcome {
         // Deregister the copied directions before their sockets close.
-        let copied = [0, 1].map(|i| self.copied[i] + self.lanes[i].take().map_or(0, |l| l.copied));
-        self.registered = [None, None];
+        let copied = PerDir::from_fn(|dir| {
+            let state = &mut self.dirs[dir];
+            state.end_lane();
+            state.copied
+        });
+        self.registered = PerSide::default();
         let (reason, detail) = match ending {
             Ending::Graceful(reason) => (reason, None),
             Ending::Abort(reason, detail) => {
@@ -315,8 +341,8 @@ impl Session<'_> {
         drop(self.client);
         drop(self.upstream);
         let (mut up, mut down) = self.dp.forget(self.id, self.cookies);
-        up.userspace_bytes += copied[0];
-        down.userspace_bytes += copied[1];
+        up.userspace_bytes += copied.up;
+        down.userspace_bytes += copied.down;
         SpliceOutcome {
             reason,
             detail,

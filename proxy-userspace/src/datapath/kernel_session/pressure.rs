@@ -4,120 +4,41 @@
 
 use std::time::Instant;
 
-use proxy_common::session::{DIRECTION_DOWN, DIRECTION_UP};
-
-use super::lane::{Lane, LaneStep};
+use super::dir::{Dir, PerDir};
+use super::lane::{Lane, LaneStep, Leg};
 use super::{Ending, Mode, Session, closed_reason, side_name};
 use crate::datapath::watcher::Side;
 use crate::sockopt;
 
-/// (index, source, peer) of the two directions.
-const DIRECTIONS: [(usize, Side, Side); 2] = [
-    (0, Side::Client, Side::Upstream),
-    (1, Side::Upstream, Side::Client),
-];
-
 impl Session<'_> {
-    /// Bytes the agent has written toward the peer of direction `index`.
-    pub(super) fn copied_total(&self, index: usize) -> u64 {
-        self.copied[index] + self.lanes[index].as_ref().map_or(0, |lane| lane.copied)
-    }
-
-    /// Bytes moved toward `peer` (redirected or copied) that its TCP has not
-    /// taken yet.
-    fn backlog(&self, index: usize, kernel_bytes: u64, peer: Side) -> std::io::Result<u64> {
-        let handed = sockopt::bytes_sent(self.socket(peer))?;
-        let moved = kernel_bytes + self.copied_total(index);
-        Ok(moved.saturating_sub(handed.saturating_sub(self.baselines[1 - index])))
+    /// Bytes moved toward the peer of `dir` (redirected or copied) that its
+    /// TCP has not taken yet.
+    fn backlog(&self, dir: Dir, kernel_bytes: u64) -> Result<u64, Ending> {
+        let peer = dir.peer();
+        let handed = sockopt::bytes_sent(self.socket(peer))
+            .map_err(|e| Ending::internal(format!("peer state: {e}")))?;
+        let moved = kernel_bytes + self.dirs[dir].copied_total();
+        Ok(moved.saturating_sub(handed.saturating_sub(self.baselines[peer])))
     }
 
     pub(super) fn check_queues(&mut self) -> Option<Ending> {
         let now = Instant::now();
         let limit = self.dp.timeouts.queue_limit;
-        let (up, down) = self.dp.live_counters(self.id).unwrap_or_default();
-        let kernel = [up.kernel_bytes, down.kernel_bytes];
-        let mut headroom = [limit; 2];
-        for (index, source, peer) in DIRECTIONS {
-            let mode = self.dirs[index].mode;
-            if mode == Mode::Copying {
-                if self
-                    .dp
-                    .redirecting(self.cookies, [DIRECTION_UP, DIRECTION_DOWN][index])
-                {
-                    // The verdict took the direction back: every passed byte
-                    // was copied, and the kernel redirects again.
-                    if let Some(lane) = self.lanes[index].take() {
-                        self.copied[index] += lane.copied;
-                    }
-                    self.dirs[index].mode = Mode::Kernel;
-                    // A FIN that came while the lane still copied raised its
-                    // (edge-triggered) event then, when it was the lane's to
-                    // read; the lane is gone now, so look for it here.
-                    match sockopt::tcp_state(self.socket(source)) {
-                        Ok(state) if !self.dirs[index].eof && fin_received(state) => {
-                            self.begin_drain(index, source);
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            return Some(Ending::internal(format!("TCP_INFO: {e}")));
-                        }
-                    }
-                }
-                continue;
-            }
-            if mode == Mode::Kernel
-                && (self.dirs[index].eof || !self.queue.moved(index, kernel[index]))
-            {
-                continue;
-            }
-            let mut kernel_bytes = kernel[index];
-            if mode == Mode::Draining {
-                // Taking the source's lock lets a verdict still running for
-                // it finish (and count); the counters must be read after
-                // that, or a last redirected skb could be overtaken.
-                let _ = sockopt::tcp_state(self.socket(source));
-                if let Some((up, down)) = self.dp.live_counters(self.id) {
-                    kernel_bytes = [up.kernel_bytes, down.kernel_bytes][index];
-                }
-            }
-            let backlog = match self.backlog(index, kernel_bytes, peer) {
-                Ok(backlog) => backlog,
-                Err(e) => {
-                    return Some(Ending::internal(format!("peer state: {e}")));
-                }
+        let kernel = self
+            .live_all()
+            .unwrap_or_default()
+            .map(|counters| counters.kernel_bytes);
+        let mut headroom = PerDir::new(limit, limit);
+        for dir in Dir::ALL {
+            let looked = match self.dirs[dir].mode {
+                Mode::Kernel => self.check_redirected(dir, kernel[dir], limit),
+                Mode::Draining => self.check_draining(dir, kernel[dir], limit),
+                Mode::Copying => self.check_copied(dir).map(|()| None),
             };
-            headroom[index] = limit.saturating_sub(backlog);
-            match mode {
-                Mode::Kernel if backlog > limit => {
-                    if let Err(e) = self
-                        .dp
-                        .pass_direction(self.cookies, [DIRECTION_UP, DIRECTION_DOWN][index])
-                    {
-                        return Some(Ending::internal(crate::error_chain(&e)));
-                    }
-                    tracing::info!(
-                        session = %format_args!("{:016x}", self.id),
-                        behind = backlog,
-                        "{} cannot keep up; its bytes now wait in the {} socket (backpressure), copied by the agent",
-                        side_name(peer),
-                        side_name(source)
-                    );
-                    self.dirs[index].mode = Mode::Draining;
-                    self.queue.armed[index] = u64::MAX;
-                    headroom[index] = 0;
-                }
-                Mode::Draining if backlog == 0 => {
-                    let (source_fd, peer_fd) =
-                        match (self.registration(source), self.registration(peer)) {
-                            (Ok(s), Ok(p)) => (s, p),
-                            (Err(e), _) | (_, Err(e)) => {
-                                return Some(Ending::internal(format!("cannot copy: {e}")));
-                            }
-                        };
-                    self.lanes[index] = Some(Lane::new(source_fd, peer_fd));
-                    self.dirs[index].mode = Mode::Copying;
-                }
-                _ => {}
+            match looked {
+                Ok(Some(left)) => headroom[dir] = left,
+                Ok(None) => {}
+                Err(ending) => return Some(ending),
             }
         }
         if let Some(ending) = self.arm_wakeups(kernel, headroom) {
@@ -133,24 +54,100 @@ impl Session<'_> {
         None
     }
 
+    /// A direction the verdict redirects: switches it to pass mode once its
+    /// backlog passes the limit. Returns its headroom, if it was looked at.
+    fn check_redirected(
+        &mut self,
+        dir: Dir,
+        kernel_bytes: u64,
+        limit: u64,
+    ) -> Result<Option<u64>, Ending> {
+        if self.dirs[dir].eof || !self.queue.moved(dir, kernel_bytes) {
+            return Ok(None);
+        }
+        let backlog = self.backlog(dir, kernel_bytes)?;
+        if backlog <= limit {
+            return Ok(Some(limit - backlog));
+        }
+        self.dp
+            .pass_direction(self.cookies, dir.wire())
+            .map_err(|e| Ending::internal(crate::error_chain(&e)))?;
+        tracing::info!(
+            session = %format_args!("{:016x}", self.id),
+            behind = backlog,
+            "{} cannot keep up; its bytes now wait in the {} socket (backpressure), copied by the agent",
+            side_name(dir.peer()),
+            side_name(dir.source())
+        );
+        self.dirs[dir].mode = Mode::Draining;
+        self.queue.armed[dir] = u64::MAX;
+        Ok(Some(0))
+    }
+
+    /// A direction in pass mode: starts copying it once the peer holds
+    /// every redirected byte. Returns its headroom.
+    fn check_draining(
+        &mut self,
+        dir: Dir,
+        kernel_bytes: u64,
+        limit: u64,
+    ) -> Result<Option<u64>, Ending> {
+        // Taking the source's lock lets a verdict still running for it
+        // finish (and count); the counters must be read after that, or a
+        // last redirected skb could be overtaken.
+        let _ = sockopt::tcp_state(self.socket(dir.source()));
+        let kernel_bytes = self
+            .live_all()
+            .map_or(kernel_bytes, |counters| counters[dir].kernel_bytes);
+        let backlog = self.backlog(dir, kernel_bytes)?;
+        if backlog == 0 {
+            let (source_fd, peer_fd) = self
+                .registration(dir.source())
+                .and_then(|s| Ok((s, self.registration(dir.peer())?)))
+                .map_err(|e| Ending::internal(format!("cannot copy: {e}")))?;
+            self.dirs[dir].lane = Some(Lane::new(source_fd, peer_fd));
+            self.dirs[dir].mode = Mode::Copying;
+        }
+        Ok(Some(limit.saturating_sub(backlog)))
+    }
+
+    /// A direction the agent copies: notices when the verdict took it back.
+    fn check_copied(&mut self, dir: Dir) -> Result<(), Ending> {
+        if !self.dp.redirecting(self.cookies, dir.wire()) {
+            return Ok(());
+        }
+        // The verdict took the direction back: every passed byte was
+        // copied, and the kernel redirects again.
+        self.dirs[dir].end_lane();
+        self.dirs[dir].mode = Mode::Kernel;
+        // A FIN that came while the lane still copied raised its
+        // (edge-triggered) event then, when it was the lane's to read; the
+        // lane is gone now, so look for it here.
+        let state = sockopt::tcp_state(self.socket(dir.source()))
+            .map_err(|e| Ending::internal(format!("TCP_INFO: {e}")))?;
+        if !self.dirs[dir].eof && fin_received(state) {
+            self.begin_drain(dir);
+        }
+        Ok(())
+    }
+
     /// Asks the verdict to wake the agent when a redirected direction has
     /// used half its headroom, so a burst after an idle spell meets the
     /// limit as soon as a busy stream does (the timer alone waits up to a
     /// second for an idle session).
-    fn arm_wakeups(&mut self, kernel: [u64; 2], headroom: [u64; 2]) -> Option<Ending> {
-        for (index, _, _) in DIRECTIONS {
-            if self.dirs[index].mode != Mode::Kernel || self.dirs[index].eof {
+    fn arm_wakeups(&mut self, kernel: PerDir<u64>, headroom: PerDir<u64>) -> Option<Ending> {
+        for dir in Dir::ALL {
+            if self.dirs[dir].mode != Mode::Kernel || self.dirs[dir].eof {
                 continue;
             }
-            let at = kernel[index] + (headroom[index] / 2).max(64 * 1024);
-            if self.queue.armed[index] == at {
+            let at = kernel[dir] + (headroom[dir] / 2).max(64 * 1024);
+            if self.queue.armed[dir] == at {
                 continue;
             }
-            let direction = [DIRECTION_UP, DIRECTION_DOWN][index];
-            if let Err(e) = self.dp.arm_wake(self.cookies, direction, at) {
+            if let Err(e) = self.dp.arm_wake(self.cookies, dir.wire(), at) {
                 return Some(Ending::internal(crate::error_chain(&e)));
             }
-            self.queue.armed[index] = at;
+            self.queue.armed[dir] = at;
         }
         None
     }
@@ -160,36 +157,39 @@ impl Session<'_> {
         &mut self,
         side: Side,
     ) -> std::io::Result<std::sync::Arc<tokio::io::unix::AsyncFd<super::lane::FdRef>>> {
-        let index = usize::from(side == Side::Upstream);
-        if let Some(registered) = &self.registered[index] {
+        if let Some(registered) = &self.registered[side] {
             return Ok(std::sync::Arc::clone(registered));
         }
         let registered = super::lane::register(self.socket(side))?;
-        self.registered[index] = Some(std::sync::Arc::clone(&registered));
+        self.registered[side] = Some(std::sync::Arc::clone(&registered));
         Ok(registered)
     }
 
-    pub(super) fn on_lane(&mut self, index: usize, step: LaneStep) -> Option<Ending> {
-        let (_, source, peer) = DIRECTIONS[index];
+    pub(super) fn on_lane(&mut self, dir: Dir, step: LaneStep) -> Option<Ending> {
         match step {
             LaneStep::Moved => {
                 // Caught up: let the verdict take over as soon as nothing
                 // passed is left to copy.
-                let resume_at = self.lanes[index]
+                let resume_at = self.dirs[dir]
+                    .lane
                     .as_ref()
                     .filter(|l| l.caught_up())
-                    .map(|_| self.copied_total(index));
-                if let Some(resume_at) = resume_at {
-                    let direction = [DIRECTION_UP, DIRECTION_DOWN][index];
-                    if let Err(e) = self.dp.resume_direction(self.cookies, direction, resume_at) {
-                        return Some(Ending::internal(crate::error_chain(&e)));
-                    }
+                    .map(|_| self.dirs[dir].copied_total());
+                if let Some(resume_at) = resume_at
+                    && let Err(e) = self
+                        .dp
+                        .resume_direction(self.cookies, dir.wire(), resume_at)
+                {
+                    return Some(Ending::internal(crate::error_chain(&e)));
                 }
                 None
             }
-            LaneStep::Eof => self.on_lane_eof(index, source),
-            LaneStep::Failed(source_failed, e) => {
-                let failed = if source_failed { source } else { peer };
+            LaneStep::Eof => self.on_lane_eof(dir),
+            LaneStep::Failed(leg, e) => {
+                let failed = match leg {
+                    Leg::Source => dir.source(),
+                    Leg::Dest => dir.peer(),
+                };
                 let reason = *self.first_close.get_or_insert(closed_reason(failed));
                 Some(Ending::Abort(
                     reason,
@@ -206,17 +206,18 @@ impl Session<'_> {
     /// bytes redirected toward the peer. So the lane reads on until it has
     /// every passed byte, and the peer is shut down only through the drain
     /// barrier, which counts both paths.
-    fn on_lane_eof(&mut self, index: usize, source: Side) -> Option<Ending> {
+    fn on_lane_eof(&mut self, dir: Dir) -> Option<Ending> {
+        let source = dir.source();
         // Taking the source's lock lets a verdict still running for it
         // finish (and count) before the counters are read.
         if let Err(e) = sockopt::tcp_state(self.socket(source)) {
             return Some(Ending::internal(format!("TCP_INFO: {e}")));
         }
-        let passed = self.live(index).passed_bytes;
-        let missing = passed.saturating_sub(self.copied_total(index));
+        let passed = self.live(dir).passed_bytes;
+        let missing = passed.saturating_sub(self.dirs[dir].copied_total());
         if missing > 0 {
             let now = Instant::now();
-            let since = *self.dirs[index].eof_short_since.get_or_insert(now);
+            let since = *self.dirs[dir].eof_short_since.get_or_insert(now);
             if now.duration_since(since) > self.dp.timeouts.drain {
                 return Some(Ending::Abort(
                     closed_reason(source),
@@ -227,15 +228,13 @@ impl Session<'_> {
                     ),
                 ));
             }
-            if let Some(lane) = self.lanes[index].as_mut() {
+            if let Some(lane) = self.dirs[dir].lane.as_mut() {
                 lane.read_again_later();
             }
             return None;
         }
-        if let Some(lane) = self.lanes[index].take() {
-            self.copied[index] += lane.copied;
-        }
-        self.begin_drain(index, source);
+        self.dirs[dir].end_lane();
+        self.begin_drain(dir);
         None
     }
 }

@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 use super::super::ebpf::{EbpfDatapath, SpliceSetupError};
 use super::super::stall::StallWatch;
 use super::super::{DatapathKind, EndReason, SessionMeta, SpliceOutcome, StopSignal};
+use super::dir::{PerDir, PerSide};
 use super::lane::QueueWatch;
 use super::{Direction, Ending, Session};
 use crate::sockopt;
@@ -52,10 +53,10 @@ pub(in crate::datapath) async fn run(
     let prepared = hold(client.as_fd(), i32::MAX)
         .and_then(|()| hold(upstream.as_fd(), i32::MAX))
         .and_then(|()| {
-            Ok([
+            Ok(PerSide::new(
                 sockopt::bytes_sent(client.as_fd())?,
                 sockopt::bytes_sent(upstream.as_fd())?,
-            ])
+            ))
         });
     let baselines = match prepared {
         Ok(b) => b,
@@ -99,6 +100,7 @@ pub(in crate::datapath) async fn run(
         return outcome;
     }
     let kicked = hold(client.as_fd(), 1).and_then(|()| hold(upstream.as_fd(), 1));
+    let stall = StallWatch::new(Instant::now());
     let mut session = Session {
         dp,
         id: meta.id,
@@ -106,14 +108,12 @@ pub(in crate::datapath) async fn run(
         upstream,
         baselines,
         queued,
-        dirs: [Direction::new(), Direction::new()],
+        dirs: PerDir::new(Direction::new(), Direction::new()),
         first_close: None,
         attempt: 0,
-        stalls: [StallWatch::new(Instant::now()); 2],
+        stalls: PerSide::new(stall, stall),
         cookies,
-        lanes: [None, None],
-        copied: [0, 0],
-        registered: [None, None],
+        registered: PerSide::default(),
         queue: QueueWatch::new(Instant::now()),
         // Look early: a fast sender can queue gigabytes within a second.
         queue_at: tokio::time::Instant::now() + std::time::Duration::from_millis(5),
