@@ -35,7 +35,7 @@ command -v bpftool >/dev/null 2>&1 || die "bpftool not found: install it (Debian
 
 dump() {
 	pin=$pin_dir/$1
-	[ -e "$pin" ] || die "$pin is not pinned (maps in $pin_dir: $(ls "$pin_dir" | tr '\n' ' '))"
+	[ -e "$pin" ] || die "$pin is not pinned: is $pin_dir the pin dir of a running tcpgate agent?"
 	[ -n "$json" ] || echo "== $1 ($pin)"
 	# $json is empty or -j: splitting it is intended.
 	# shellcheck disable=SC2086

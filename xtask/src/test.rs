@@ -68,6 +68,12 @@ pub fn run(host: &Host, args: &TestArgs) -> Result<()> {
         println!("test: clippy FAILED; running the tests anyway");
     }
 
+    println!("test: shellcheck scripts/*.sh");
+    let shellcheck = shellcheck(host)?;
+    if !shellcheck.success() {
+        println!("test: shellcheck FAILED; running the tests anyway");
+    }
+
     // The full chaos run measures what operators get (throughput under a
     // junk flood, agent CPU and memory), so it runs the release agent: a
     // debug agent spends about twice the CPU per refused connection. The
@@ -110,6 +116,7 @@ pub fn run(host: &Host, args: &TestArgs) -> Result<()> {
 
     println!("test: formatting   {}", verdict(fmt));
     println!("test: clippy       {}", verdict(clippy));
+    println!("test: shellcheck   {}", verdict(shellcheck));
     println!("test: cargo test   {}", verdict(tests));
     println!("test: wall time    {}", crate::took(started));
     // The last line, in the plain `N passed, N failed` form CI reads.
@@ -120,6 +127,7 @@ pub fn run(host: &Host, args: &TestArgs) -> Result<()> {
     let failed: Vec<&str> = [
         ("the formatting check", fmt),
         ("clippy", clippy),
+        ("shellcheck", shellcheck),
         ("cargo test", tests),
     ]
     .into_iter()
@@ -130,6 +138,20 @@ pub fn run(host: &Host, args: &TestArgs) -> Result<()> {
         bail!("{} failed", failed.join(" and "));
     }
     Ok(())
+}
+
+/// The operator's scripts are POSIX sh (`-s sh`), so bashisms are errors.
+fn shellcheck(host: &Host) -> Result<ExitStatus> {
+    let dir = host.workspace.join("scripts");
+    let mut scripts = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|ext| ext == "sh") {
+            scripts.push(path);
+        }
+    }
+    scripts.sort();
+    cmd::status(Command::new("shellcheck").args(["-s", "sh"]).args(&scripts))
 }
 
 fn verdict(status: ExitStatus) -> String {

@@ -40,6 +40,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ),
     ("nftables", "packet filtering in the test topologies"),
     ("python3", "helper scripts"),
+    ("shellcheck", "checking the operator scripts in scripts/"),
     ("systemd", "systemd-analyze, to verify unit files"),
     ("linux-perf", "perf, for profiling and benchmarks"),
 ];
