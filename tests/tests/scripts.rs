@@ -1,0 +1,172 @@
+//! The operator's scripts in scripts/, run as an operator or a CI job would:
+//! `tcpgate-grant.sh` from the runner with a GitLab-style token, and
+//! `tcpgate-maps.sh` on a live agent's pin directory.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{Context, Result, ensure};
+use common::auth::{AuthFixture, echo_service};
+use serde_json::Value;
+use tcpgate_tests::require_root;
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts")
+        .join(name)
+}
+
+fn text(output: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Sends `hello` and returns what came back before EOF or the timeout.
+fn echo(fx: &AuthFixture) -> Result<(u16, Vec<u8>)> {
+    let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
+    let port = stream.local_addr()?.port();
+    stream.write_all(b"hello")?;
+    let mut got = vec![0u8; 5];
+    match stream.read_exact(&mut got) {
+        Ok(()) => Ok((port, got)),
+        Err(_) => Ok((port, Vec::new())),
+    }
+}
+
+#[test]
+fn grant_script_with_a_gitlab_token_admits_a_plain_client() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let fx = AuthFixture::start()?;
+    let server = echo_service(&fx, b"")?;
+    // No grant yet: refused, so the script is what admits the client.
+    ensure!(echo(&fx)?.1.is_empty(), "admitted without a grant");
+
+    let token = fx.token();
+    let target = AuthFixture::target(9000);
+    // GitLab's `id_tokens` puts the JWT in an environment variable.
+    let output = fx
+        .topo
+        .runner
+        .command("sh")
+        .arg(script("tcpgate-grant.sh"))
+        .env("TCPGATE_BIN", fx.agent.binary())
+        .env("TCPGATE_API", AuthFixture::api_url())
+        .env("TCPGATE_CA", &fx.api_ca)
+        .env(
+            "TCPGATE_ALLOW",
+            format!("{}={}", target.ip(), target.port()),
+        )
+        .env("TCPGATE_LIFETIME", "5m")
+        .env("TCPGATE_TOKEN", &token)
+        .output()
+        .context("run tcpgate-grant.sh")?;
+    let (stdout, stderr) = text(&output);
+    ensure!(
+        output.status.success(),
+        "tcpgate-grant.sh: {stdout} {stderr}"
+    );
+    ensure!(
+        !stdout.contains(&token) && !stderr.contains(&token),
+        "the script printed the token"
+    );
+    ensure!(
+        echo(&fx)?.1 == b"hello",
+        "plain client not admitted: {stdout}"
+    );
+
+    // Without any token it names the variables to set and grants nothing.
+    let output = fx
+        .topo
+        .runner
+        .command("sh")
+        .arg(script("tcpgate-grant.sh"))
+        .env("TCPGATE_BIN", fx.agent.binary())
+        .env("TCPGATE_API", AuthFixture::api_url())
+        .env_remove("TCPGATE_TOKEN")
+        .env_remove("TCPGATE_TOKEN_FILE")
+        .env_remove("ACTIONS_ID_TOKEN_REQUEST_URL")
+        .output()?;
+    let (_, stderr) = text(&output);
+    ensure!(
+        !output.status.success() && stderr.contains("no token"),
+        "without a token: {stderr}"
+    );
+    server.stop()?;
+    Ok(())
+}
+
+#[test]
+fn maps_script_lists_the_live_session() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let fx = AuthFixture::start()?;
+    let server = echo_service(&fx, b"")?;
+    fx.grant_from_runner(&fx.token(), &[])?;
+    let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
+    stream.write_all(b"hello")?;
+    let mut got = [0u8; 5];
+    stream.read_exact(&mut got)?;
+    let port = stream.local_addr()?.port();
+
+    let run = |args: &[&str], path: Option<&Path>| -> Result<Output> {
+        let mut command = Command::new("/bin/sh");
+        command.arg(script("tcpgate-maps.sh")).args(args);
+        if let Some(path) = path {
+            command.env("PATH", path);
+        }
+        Ok(command.output()?)
+    };
+    let pin = fx.agent.pin_dir().to_str().context("utf-8")?;
+    let output = run(&["-d", pin, "-j", "sessions"], None)?;
+    let (stdout, stderr) = text(&output);
+    ensure!(output.status.success(), "tcpgate-maps.sh: {stderr}");
+    let entries: Vec<Value> = serde_json::from_str(&stdout).context("bpftool JSON")?;
+    ensure!(
+        entries.len() == 1 && entries[0]["formatted"]["value"]["client_port"] == port,
+        "the session of port {port}: {stdout}"
+    );
+    // The plain dump names each map it prints.
+    let output = run(&["-d", pin], None)?;
+    let (stdout, stderr) = text(&output);
+    ensure!(
+        output.status.success()
+            && ["sessions", "sockets", "grants", "intercept", "stats"]
+                .iter()
+                .all(|map| stdout.contains(&format!("== {map} "))),
+        "all maps: {stdout} {stderr}"
+    );
+
+    // Clear errors: a wrong pin dir, an unknown map, no bpftool.
+    let missing = fx.agent.dir().join("no-such-pins");
+    let missing = missing.to_str().context("utf-8")?;
+    let output = run(&["-d", missing], None)?;
+    ensure!(
+        output.status.code() == Some(1) && text(&output).1.contains(missing),
+        "missing pins: {:?}",
+        text(&output)
+    );
+    let output = run(&["-d", pin, "sesions"], None)?;
+    ensure!(
+        output.status.code() == Some(64) && text(&output).1.contains("unknown map sesions"),
+        "unknown map: {:?}",
+        text(&output)
+    );
+    let empty = tempfile::tempdir()?;
+    let output = run(&["-d", pin], Some(empty.path()))?;
+    ensure!(
+        output.status.code() == Some(1) && text(&output).1.contains("bpftool not found"),
+        "no bpftool: {:?}",
+        text(&output)
+    );
+    drop(stream);
+    server.stop()?;
+    Ok(())
+}
