@@ -1,6 +1,7 @@
 //! The operator's scripts in scripts/, run as an operator or a CI job would:
 //! `tcpgate-grant.sh` from the runner with a GitLab-style token, and
-//! `tcpgate-maps.sh` on a live agent's pin directory.
+//! `tcpgate-maps.sh` on a live agent's pin directory, and
+//! `tcpgate-api-cert.sh` making the certificate an agent then serves.
 
 mod common;
 
@@ -9,9 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use anyhow::{Context, Result, ensure};
-use common::auth::{AuthFixture, echo_service};
+use common::auth::{AuthFixture, Launch, echo_service, policy};
 use serde_json::Value;
 use tcpgate_tests::require_root;
+use tcpgate_tests::tls::ApiCert;
+use tcpgate_tests::topology::{BASTION_RUNNER_V4, BASTION_RUNNER_V6};
 
 fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -36,6 +39,26 @@ fn echo(fx: &AuthFixture) -> Result<(u16, Vec<u8>)> {
         Ok(()) => Ok((port, got)),
         Err(_) => Ok((port, Vec::new())),
     }
+}
+
+/// Runs tcpgate-grant.sh on the runner with a GitLab `id_tokens` variable.
+fn grant_script(fx: &AuthFixture, token: &str) -> Result<Output> {
+    let target = AuthFixture::target(9000);
+    fx.topo
+        .runner
+        .command("sh")
+        .arg(script("tcpgate-grant.sh"))
+        .env("TCPGATE_BIN", fx.agent.binary())
+        .env("TCPGATE_API", AuthFixture::api_url())
+        .env("TCPGATE_CA", &fx.api_ca)
+        .env(
+            "TCPGATE_ALLOW",
+            format!("{}={}", target.ip(), target.port()),
+        )
+        .env("TCPGATE_LIFETIME", "5m")
+        .env("TCPGATE_TOKEN", token)
+        .output()
+        .context("run tcpgate-grant.sh")
 }
 
 #[test]
@@ -167,6 +190,55 @@ fn maps_script_lists_the_live_session() -> Result<()> {
         text(&output)
     );
     drop(stream);
+    server.stop()?;
+    Ok(())
+}
+
+#[test]
+fn api_cert_script_makes_a_certificate_runners_trust_and_renews_the_leaf() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let etc = tempfile::tempdir()?;
+    let make = || -> Result<Output> {
+        let dir = etc.path().to_str().context("utf-8")?;
+        let (v4, v6) = (BASTION_RUNNER_V4.to_string(), BASTION_RUNNER_V6.to_string());
+        let args = ["-d", dir, "-g", "root", &v4, &v6, "bastion.example"];
+        Ok(Command::new("sh")
+            .arg(script("tcpgate-api-cert.sh"))
+            .args(args)
+            .output()?)
+    };
+    let output = make()?;
+    ensure!(output.status.success(), "first run: {:?}", text(&output));
+    let read = |name: &str| std::fs::read(etc.path().join(name));
+    let (ca, leaf) = (read("bastion-ca.pem")?, read("api.pem")?);
+    // A renewal keeps the CA runners hold and issues a new leaf.
+    let output = make()?;
+    ensure!(output.status.success(), "renewal: {:?}", text(&output));
+    ensure!(read("bastion-ca.pem")? == ca, "the renewal replaced the CA");
+    ensure!(read("api.pem")? != leaf, "the renewal kept the old leaf");
+
+    let fx = AuthFixture::start_launched(
+        &policy("15m"),
+        &[],
+        Launch {
+            api_cert: Some(ApiCert {
+                cert: etc.path().join("api.pem"),
+                key: etc.path().join("api.key"),
+                trust: etc.path().join("bastion-ca.pem"),
+            }),
+            ..Launch::default()
+        },
+    )?;
+    let server = echo_service(&fx, b"")?;
+    let output = grant_script(&fx, &fx.token())?;
+    ensure!(
+        output.status.success(),
+        "grant against the script's certificate: {:?}",
+        text(&output)
+    );
+    ensure!(echo(&fx)?.1 == b"hello", "plain client not admitted");
     server.stop()?;
     Ok(())
 }
