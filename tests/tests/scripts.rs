@@ -41,12 +41,12 @@ fn echo(fx: &AuthFixture) -> Result<(u16, Vec<u8>)> {
     }
 }
 
-/// Runs tcpgate-grant.sh on the runner with a GitLab `id_tokens` variable.
-fn grant_script(fx: &AuthFixture, token: &str) -> Result<Output> {
+/// Runs tcpgate-grant.sh on the runner with a GitLab `id_tokens` variable
+/// holding `token`, or with no token source at all.
+fn grant_script(fx: &AuthFixture, token: Option<&str>) -> Result<Output> {
     let target = AuthFixture::target(9000);
-    fx.topo
-        .runner
-        .command("sh")
+    let mut command = fx.topo.runner.command("sh");
+    command
         .arg(script("tcpgate-grant.sh"))
         .env("TCPGATE_BIN", fx.agent.binary())
         .env("TCPGATE_API", AuthFixture::api_url())
@@ -55,10 +55,15 @@ fn grant_script(fx: &AuthFixture, token: &str) -> Result<Output> {
             "TCPGATE_ALLOW",
             format!("{}={}", target.ip(), target.port()),
         )
-        .env("TCPGATE_LIFETIME", "5m")
-        .env("TCPGATE_TOKEN", token)
-        .output()
-        .context("run tcpgate-grant.sh")
+        .env("TCPGATE_LIFETIME", "5m");
+    match token {
+        Some(token) => command.env("TCPGATE_TOKEN", token),
+        None => command
+            .env_remove("TCPGATE_TOKEN")
+            .env_remove("TCPGATE_TOKEN_FILE")
+            .env_remove("ACTIONS_ID_TOKEN_REQUEST_URL"),
+    };
+    command.output().context("run tcpgate-grant.sh")
 }
 
 #[test]
@@ -72,24 +77,7 @@ fn grant_script_with_a_gitlab_token_admits_a_plain_client() -> Result<()> {
     ensure!(echo(&fx)?.1.is_empty(), "admitted without a grant");
 
     let token = fx.token();
-    let target = AuthFixture::target(9000);
-    // GitLab's `id_tokens` puts the JWT in an environment variable.
-    let output = fx
-        .topo
-        .runner
-        .command("sh")
-        .arg(script("tcpgate-grant.sh"))
-        .env("TCPGATE_BIN", fx.agent.binary())
-        .env("TCPGATE_API", AuthFixture::api_url())
-        .env("TCPGATE_CA", &fx.api_ca)
-        .env(
-            "TCPGATE_ALLOW",
-            format!("{}={}", target.ip(), target.port()),
-        )
-        .env("TCPGATE_LIFETIME", "5m")
-        .env("TCPGATE_TOKEN", &token)
-        .output()
-        .context("run tcpgate-grant.sh")?;
+    let output = grant_script(&fx, Some(&token))?;
     let (stdout, stderr) = text(&output);
     ensure!(
         output.status.success(),
@@ -105,17 +93,7 @@ fn grant_script_with_a_gitlab_token_admits_a_plain_client() -> Result<()> {
     );
 
     // Without any token it names the variables to set and grants nothing.
-    let output = fx
-        .topo
-        .runner
-        .command("sh")
-        .arg(script("tcpgate-grant.sh"))
-        .env("TCPGATE_BIN", fx.agent.binary())
-        .env("TCPGATE_API", AuthFixture::api_url())
-        .env_remove("TCPGATE_TOKEN")
-        .env_remove("TCPGATE_TOKEN_FILE")
-        .env_remove("ACTIONS_ID_TOKEN_REQUEST_URL")
-        .output()?;
+    let output = grant_script(&fx, None)?;
     let (_, stderr) = text(&output);
     ensure!(
         !output.status.success() && stderr.contains("no token"),
@@ -232,7 +210,7 @@ fn api_cert_script_makes_a_certificate_runners_trust_and_renews_the_leaf() -> Re
         },
     )?;
     let server = echo_service(&fx, b"")?;
-    let output = grant_script(&fx, &fx.token())?;
+    let output = grant_script(&fx, Some(&fx.token()))?;
     ensure!(
         output.status.success(),
         "grant against the script's certificate: {:?}",
