@@ -41,9 +41,9 @@ fn echo(fx: &AuthFixture) -> Result<(u16, Vec<u8>)> {
     }
 }
 
-/// Runs tcpgate-grant.sh on the runner with a GitLab `id_tokens` variable
-/// holding `token`, or with no token source at all.
-fn grant_script(fx: &AuthFixture, token: Option<&str>) -> Result<Output> {
+/// Runs tcpgate-grant.sh on the runner with only the token source that
+/// `token_env` sets (none when empty).
+fn grant_script(fx: &AuthFixture, token_env: &[(&str, &str)]) -> Result<Output> {
     let target = AuthFixture::target(9000);
     let mut command = fx.topo.runner.command("sh");
     command
@@ -56,13 +56,15 @@ fn grant_script(fx: &AuthFixture, token: Option<&str>) -> Result<Output> {
             format!("{}={}", target.ip(), target.port()),
         )
         .env("TCPGATE_LIFETIME", "5m");
-    match token {
-        Some(token) => command.env("TCPGATE_TOKEN", token),
-        None => command
-            .env_remove("TCPGATE_TOKEN")
-            .env_remove("TCPGATE_TOKEN_FILE")
-            .env_remove("ACTIONS_ID_TOKEN_REQUEST_URL"),
-    };
+    for source in [
+        "TCPGATE_TOKEN",
+        "TCPGATE_TOKEN_FILE",
+        "ACTIONS_ID_TOKEN_REQUEST_URL",
+        "ACTIONS_ID_TOKEN_REQUEST_TOKEN",
+    ] {
+        command.env_remove(source);
+    }
+    command.envs(token_env.iter().copied());
     command.output().context("run tcpgate-grant.sh")
 }
 
@@ -77,7 +79,7 @@ fn grant_script_with_a_gitlab_token_admits_a_plain_client() -> Result<()> {
     ensure!(echo(&fx)?.1.is_empty(), "admitted without a grant");
 
     let token = fx.token();
-    let output = grant_script(&fx, Some(&token))?;
+    let output = grant_script(&fx, &[("TCPGATE_TOKEN", &token)])?;
     let (stdout, stderr) = text(&output);
     ensure!(
         output.status.success(),
@@ -93,12 +95,65 @@ fn grant_script_with_a_gitlab_token_admits_a_plain_client() -> Result<()> {
     );
 
     // Without any token it names the variables to set and grants nothing.
-    let output = grant_script(&fx, None)?;
+    let output = grant_script(&fx, &[])?;
     let (_, stderr) = text(&output);
     ensure!(
         !output.status.success() && stderr.contains("no token"),
         "without a token: {stderr}"
     );
+    server.stop()?;
+    Ok(())
+}
+
+/// GitHub's OIDC endpoint: answers one request with `token` as its
+/// `value` and returns the request head it got.
+fn github_oidc(fx: &AuthFixture, token: String) -> Result<tcpgate_tests::AcceptLoop<String>> {
+    Ok(tcpgate_tests::accept_loop(
+        &fx.topo.runner,
+        "127.0.0.1:0".parse()?,
+        1,
+        move |mut stream, _| {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read_exact(&mut byte).is_ok() {
+                head.push(byte[0]);
+            }
+            let body = format!("{{\"count\":1,\"value\":\"{token}\"}}");
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            String::from_utf8_lossy(&head).into_owned()
+        },
+    )?)
+}
+
+#[test]
+fn grant_script_fetches_the_github_oidc_token_for_audience_tcpgate() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let fx = AuthFixture::start()?;
+    let server = echo_service(&fx, b"")?;
+    let oidc = github_oidc(&fx, fx.token())?;
+    let url = format!("http://{}/token?api-version=2.0", oidc.local_addr());
+    let output = grant_script(
+        &fx,
+        &[
+            ("ACTIONS_ID_TOKEN_REQUEST_URL", &url),
+            ("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "request-secret"),
+        ],
+    )?;
+    ensure!(output.status.success(), "GitHub mode: {:?}", text(&output));
+    let heads = oidc.stop()?;
+    ensure!(
+        heads.len() == 1
+            && heads[0].starts_with("GET /token?api-version=2.0&audience=tcpgate ")
+            && heads[0].contains("Authorization: Bearer request-secret\r\n"),
+        "the OIDC request: {heads:?}"
+    );
+    ensure!(echo(&fx)?.1 == b"hello", "plain client not admitted");
     server.stop()?;
     Ok(())
 }
@@ -210,7 +265,7 @@ fn api_cert_script_makes_a_certificate_runners_trust_and_renews_the_leaf() -> Re
         },
     )?;
     let server = echo_service(&fx, b"")?;
-    let output = grant_script(&fx, Some(&fx.token()))?;
+    let output = grant_script(&fx, &[("TCPGATE_TOKEN", &fx.token())])?;
     ensure!(
         output.status.success(),
         "grant against the script's certificate: {:?}",
