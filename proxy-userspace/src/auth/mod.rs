@@ -48,6 +48,7 @@ pub mod limits;
 pub mod matcher;
 pub mod policy;
 pub mod preamble;
+mod reason;
 pub mod revocations;
 pub mod token;
 pub mod trust;
@@ -56,4 +57,5 @@ pub use config::{AuthConfig, FieldError, IssuerConfig, RuleConfig, validate_all}
 pub use destination::{Destination, DestinationSpec, PortRange};
 pub use grants::{CreateError, Grant, GrantEvent, GrantId, GrantKind, GrantLimit, GrantStore};
 pub use policy::{Decision, Denial, Policy};
+pub use reason::DenyReason;
 pub use token::{TokenError, TokenValidator, ValidatedToken};
