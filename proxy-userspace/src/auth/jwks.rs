@@ -106,11 +106,14 @@ impl KeySet {
         let mut keys = Vec::with_capacity(doc.keys.len());
         for (i, raw) in doc.keys.into_iter().enumerate() {
             match serde_json::from_value::<Jwk>(raw)
-                .map_err(|e| e.to_string())
+                .map_err(KeyError::Parse)
                 .and_then(|jwk| verify_key(&jwk))
             {
                 Ok(k) => keys.push(k),
-                Err(why) => tracing::warn!(index = i, "skipping JWKS key: {why}"),
+                Err(why) => {
+                    let why = crate::error_chain(&why);
+                    tracing::warn!(index = i, "skipping JWKS key: {why}");
+                }
             }
         }
         if keys.is_empty() {
@@ -138,27 +141,52 @@ impl KeySet {
     }
 }
 
-fn verify_key(jwk: &Jwk) -> Result<VerifyKey, String> {
+/// Why one key of a JWKS document is skipped.
+#[derive(Debug, thiserror::Error)]
+enum KeyError {
+    #[error(transparent)]
+    Parse(serde_json::Error),
+    #[error("key is not for signatures (`use` is not `sig`)")]
+    NotForSignatures,
+    #[error("unsupported EC curve {0:?}")]
+    EcCurve(EllipticCurve),
+    #[error("unsupported OKP curve {0:?}")]
+    OkpCurve(EllipticCurve),
+    #[error("symmetric (oct) keys are not accepted from a JWKS")]
+    Symmetric,
+    #[error("unsupported key type")]
+    KeyType,
+    #[error("algorithm {0} is not a signature algorithm")]
+    NotSignature(String),
+    #[error("algorithm {0:?} does not fit the key type")]
+    AlgorithmMismatch(Algorithm),
+    #[error("algorithm {0:?} is not allowed")]
+    NotAllowed(Algorithm),
+    #[error("bad key material")]
+    Material(#[source] jsonwebtoken::errors::Error),
+}
+
+fn verify_key(jwk: &Jwk) -> Result<VerifyKey, KeyError> {
     if matches!(jwk.common.public_key_use, Some(ref u) if *u != PublicKeyUse::Signature) {
-        return Err("key is not for signatures (`use` is not `sig`)".into());
+        return Err(KeyError::NotForSignatures);
     }
     let derived = match &jwk.algorithm {
         AlgorithmParameters::RSA(_) => Algorithm::RS256,
         AlgorithmParameters::EllipticCurve(p) => match p.curve {
             EllipticCurve::P256 => Algorithm::ES256,
             EllipticCurve::P384 => Algorithm::ES384,
-            ref other => return Err(format!("unsupported EC curve {other:?}")),
+            ref other => return Err(KeyError::EcCurve(other.clone())),
         },
         AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
             Algorithm::EdDSA
         }
         AlgorithmParameters::OctetKeyPair(p) => {
-            return Err(format!("unsupported OKP curve {:?}", p.curve));
+            return Err(KeyError::OkpCurve(p.curve.clone()));
         }
         AlgorithmParameters::OctetKey(_) => {
-            return Err("symmetric (oct) keys are not accepted from a JWKS".into());
+            return Err(KeyError::Symmetric);
         }
-        _ => return Err("unsupported key type".into()),
+        _ => return Err(KeyError::KeyType),
     };
     let alg = match jwk.common.key_algorithm {
         None => derived,
@@ -166,17 +194,17 @@ fn verify_key(jwk: &Jwk) -> Result<VerifyKey, String> {
             let alg = ka
                 .to_string()
                 .parse::<Algorithm>()
-                .map_err(|_| format!("algorithm {ka} is not a signature algorithm"))?;
+                .map_err(|_| KeyError::NotSignature(ka.to_string()))?;
             if alg.family() != derived.family() || (derived != Algorithm::RS256 && alg != derived) {
-                return Err(format!("algorithm {alg:?} does not fit the key type"));
+                return Err(KeyError::AlgorithmMismatch(alg));
             }
             alg
         }
     };
     if !ALLOWED_ALGORITHMS.contains(&alg) {
-        return Err(format!("algorithm {alg:?} is not allowed"));
+        return Err(KeyError::NotAllowed(alg));
     }
-    let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("bad key material: {e}"))?;
+    let key = DecodingKey::from_jwk(jwk).map_err(KeyError::Material)?;
     Ok(VerifyKey {
         kid: jwk.common.key_id.clone(),
         alg,

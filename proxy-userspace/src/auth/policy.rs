@@ -269,7 +269,10 @@ fn compile_rule(
             Ok(m) => {
                 claims.insert(claim.clone(), m);
             }
-            Err(msg) => errors.push(FieldError::new(format!("{path}.match.{claim}"), msg)),
+            Err(e) => errors.push(FieldError::new(
+                format!("{path}.match.{claim}"),
+                e.to_string(),
+            )),
         }
     }
     if rc.allow.is_empty() {
