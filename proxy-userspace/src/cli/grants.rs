@@ -104,7 +104,8 @@ fn from_record(record: &GrantRecord, sessions: Option<u64>) -> GrantRow {
 /// `GET /v1/grants`, or why it failed.
 async fn ask_api(base: &super::AdminEndpoint, timeout: Duration) -> Result<Vec<GrantRow>, String> {
     let response = base
-        .client(timeout)?
+        .client(timeout)
+        .map_err(|e| crate::error_chain(&e))?
         .get("/v1/grants")
         .send()
         .await
@@ -165,7 +166,7 @@ pub fn run(args: &GrantsArgs) -> i32 {
     let base = match args.admin.endpoint() {
         Ok(endpoint) => endpoint,
         Err(e) => {
-            eprintln!("tcpgate grants: {e}");
+            eprintln!("tcpgate grants: {}", crate::error_chain(&e));
             return crate::config::EXIT_CONFIG;
         }
     };
