@@ -32,8 +32,9 @@
 //!    reader), `validator.validate`, `store.refuses` (revocations),
 //!    `policy.decide`, `store.create(GrantKind::Preamble, ..)`, and answer
 //!    with [`preamble::encode_response`].
-//! 5. Audit and metrics use the stable `reason()` strings of [`TokenError`],
-//!    [`Denial`] and [`preamble::PreambleError`].
+//! 5. Audit and metrics use the stable [`DenyReason`] of [`TokenError`],
+//!    [`Denial`], [`CreateError`] and [`preamble::PreambleError`]
+//!    (`deny_reason()`; `reason()` is its string).
 
 pub mod api_types;
 pub mod client;
