@@ -44,6 +44,7 @@ pub use crate::dest as destination;
 mod grant_id;
 mod grant_table;
 pub mod grants;
+mod jwk;
 pub mod jwks;
 pub mod limits;
 pub mod matcher;
