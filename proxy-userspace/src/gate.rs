@@ -22,7 +22,9 @@ use tokio::net::TcpStream;
 
 use crate::auth::limits::AuthLimits;
 use crate::auth::preamble::{self, PreambleError, Status};
-use crate::auth::{Grant, GrantKind, GrantStore, Policy, TokenValidator, ValidatedToken};
+use crate::auth::{
+    DenyReason, Grant, GrantKind, GrantStore, Policy, TokenValidator, ValidatedToken,
+};
 pub use mirror::{GrantMirror, MirrorFull, grant_record};
 use opening::FirstBytes;
 
@@ -48,7 +50,7 @@ pub struct Gate {
 #[derive(Debug)]
 pub struct Refusal {
     /// Stable reason for audit and metrics, e.g. `token_expired`.
-    pub reason: &'static str,
+    pub reason: DenyReason,
     /// For people: what exactly was wrong. Goes to the audit line only.
     pub detail: String,
     /// Who the token named, when it was valid but not allowed.
@@ -60,7 +62,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(reason: &'static str, detail: impl Into<String>) -> Self {
+    fn new(reason: DenyReason, detail: impl Into<String>) -> Self {
         Self {
             reason,
             detail: detail.into(),
@@ -79,7 +81,7 @@ impl Refusal {
     #[must_use]
     pub fn shed(bound: pending::Bound) -> Self {
         Self::new(
-            "pending_shed",
+            DenyReason::PendingShed,
             format!(
                 "shed as the oldest pending connection ([auth.limits] {} reached)",
                 bound.as_str()
@@ -108,7 +110,7 @@ fn admitted(grant: &Grant, method: u16) -> Admitted {
 }
 
 fn preamble_refusal(e: &PreambleError) -> Refusal {
-    let refusal = Refusal::new(e.reason(), e.to_string());
+    let refusal = Refusal::new(e.deny_reason(), e.to_string());
     match e {
         // The client speaks the protocol: tell it what was wrong with the
         // bytes it sent itself.
@@ -177,7 +179,7 @@ impl Gate {
         if let Some(grant) = self.store.covering(peer.ip(), destination, now) {
             if self.apply_outside_revocation(grant.id) {
                 return Err(Refusal::new(
-                    "grant_revoked",
+                    DenyReason::GrantRevoked,
                     format!("grant {} was revoked through the pinned map", grant.id),
                 ));
             }
@@ -193,7 +195,7 @@ impl Gate {
                 FirstBytes::Preamble => {}
                 FirstBytes::Stuck => {
                     return Err(Refusal::new(
-                        "preamble_incomplete",
+                        DenyReason::PreambleIncomplete,
                         "the first bytes began like a preamble and stopped",
                     ));
                 }
@@ -220,7 +222,7 @@ impl Gate {
             FirstBytes::Silent | FirstBytes::Protocol => Ok(admitted),
             FirstBytes::Preamble => self.admit_preamble(client, destination).await,
             FirstBytes::Stuck => Err(Refusal::new(
-                "preamble_incomplete",
+                DenyReason::PreambleIncomplete,
                 "the first bytes began like a preamble and stopped",
             )),
             FirstBytes::UpstreamFirst => {
@@ -242,13 +244,13 @@ impl Gate {
         let Some(greeting) = opening::relay_greeting(client, upstream, self.preamble_timeout).await
         else {
             return Err(Refusal::new(
-                "greeting_not_read",
+                DenyReason::GreetingNotRead,
                 "the client did not read the upstream's first bytes within auth.preamble_timeout",
             ));
         };
         match greeting.client {
             FirstBytes::Preamble | FirstBytes::Stuck => Err(Refusal::new(
-                "late_preamble",
+                DenyReason::LatePreamble,
                 "a granted client sent a token preamble after the upstream had spoken; \
                  refused so that the token never reaches the upstream",
             )),
@@ -273,11 +275,11 @@ impl Gate {
             .validator
             .validate(&request.token)
             .await
-            .map_err(|e| Refusal::new(e.reason(), e.to_string()).denied())?;
+            .map_err(|e| Refusal::new(e.deny_reason(), e.to_string()).denied())?;
         let now = SystemTime::now();
         if self.store.refuses(&token, now) {
             return Err(self.identified(
-                "revoked",
+                DenyReason::Revoked,
                 "the token's subject or jti was revoked",
                 &token,
             ));
@@ -285,10 +287,10 @@ impl Gate {
         let decision = self
             .policy()
             .decide(&token, destination, now)
-            .map_err(|d| self.identified(d.reason(), d.to_string(), &token))?;
+            .map_err(|d| self.identified(d.deny_reason(), d.to_string(), &token))?;
         if decision.expires_at <= now {
             return Err(self.identified(
-                "token_expired",
+                DenyReason::TokenExpired,
                 "the token expires within the configured leeway",
                 &token,
             ));
@@ -296,9 +298,9 @@ impl Gate {
         let grant = self
             .create_grant(GrantKind::Preamble, &token, &decision, now)
             .map_err(|e| match e {
-                GrantRefused::Store(e) => self.identified(e.reason(), e.to_string(), &token),
+                GrantRefused::Store(e) => self.identified(e.deny_reason(), e.to_string(), &token),
                 GrantRefused::MapFull(e) => {
-                    Refusal::new("grant_table_full", crate::error_chain(&e))
+                    Refusal::new(DenyReason::GrantTableFull, crate::error_chain(&e))
                         .answered(Status::Error, "the agent is at capacity; retry later")
                 }
             })?;
@@ -308,7 +310,7 @@ impl Gate {
     /// A denial of a valid token, with who it named for the audit line.
     fn identified(
         &self,
-        reason: &'static str,
+        reason: DenyReason,
         detail: impl Into<String>,
         token: &ValidatedToken,
     ) -> Refusal {

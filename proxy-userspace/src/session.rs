@@ -11,8 +11,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::audit::{AuditEvent, AuditLog, EventKind};
-use crate::auth::GrantId;
 use crate::auth::preamble::{Status, encode_response};
+use crate::auth::{DenyReason, GrantId};
 use crate::datapath::{Datapath, EndReason, SessionMeta, SpliceOutcome};
 use crate::gate::{Gate, Refusal};
 use crate::registry::Registry;
@@ -150,13 +150,13 @@ async fn refuse(
     event.upstream = None;
     event.subject = refusal.subject;
     event.claims = refusal.claims;
-    event.reason = Some("auth_failed".to_owned());
+    event.reason = Some(EndReason::AuthFailed.as_str().to_owned());
     // The detail may quote what the peer sent (a `kid`): bounded here for
     // the log line too, not only in the audit line.
     let detail = crate::audit::truncate(refusal.detail, crate::audit::MAX_DETAIL);
-    tracing::info!(client = %peer, destination = %target.destination, reason = refusal.reason, detail = %detail, "connection denied");
+    tracing::info!(client = %peer, destination = %target.destination, reason = refusal.reason.as_str(), detail = %detail, "connection denied");
     event.detail = Some(format!("{}: {detail}", refusal.reason));
-    services.metrics.denied(refusal.reason);
+    services.metrics.denied(refusal.reason.as_str());
     services.audit.record(event);
     match refusal.answer {
         Some((status, message)) => answer_and_close(&mut client, status, message.as_str()).await,
@@ -181,11 +181,11 @@ pub fn deny(
     client: &TcpStream,
     peer: SocketAddr,
     target: &Target,
-    reason: &str,
+    reason: DenyReason,
     detail: String,
 ) {
-    tracing::info!(client = %peer, destination = %target.destination, reason, %detail, "connection denied");
-    services.metrics.denied(reason);
+    tracing::info!(client = %peer, destination = %target.destination, reason = reason.as_str(), %detail, "connection denied");
+    services.metrics.denied(reason.as_str());
     let _ = sockopt::set_linger_zero(client.as_fd());
     let mut event = base_event(
         EventKind::ConnectionDenied,
@@ -193,7 +193,7 @@ pub fn deny(
         target,
         &Admitted::default(),
     );
-    event.reason = Some(reason.to_owned());
+    event.reason = Some(reason.as_str().to_owned());
     event.detail = Some(detail);
     services.audit.record(event);
 }
@@ -213,7 +213,7 @@ pub async fn serve(
             &client,
             peer,
             &target,
-            "session_limit",
+            DenyReason::SessionLimit,
             format!("{limit} sessions already live"),
         );
         release_grant(&services, &admitted);
@@ -245,7 +245,7 @@ pub async fn serve(
             }
             let mut event = base_event(EventKind::SessionClose, peer, &target, &admitted);
             event.session_id = Some(format!("{:016x}", admission.id()));
-            event.reason = Some("upstream_unreachable".into());
+            event.reason = Some(EndReason::UpstreamUnreachable.as_str().to_owned());
             event.detail = Some(detail);
             event.duration_ms = Some(duration_ms(clock.elapsed()));
             services.metrics.session_closed(

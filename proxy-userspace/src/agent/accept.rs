@@ -8,6 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::DenyReason;
 use crate::intercept::Interceptor;
 use crate::session::{self, Services, Target};
 
@@ -21,13 +22,13 @@ pub enum Resolver {
 }
 
 impl Resolver {
-    fn resolve(&self, client: &TcpStream) -> Result<Target, (&'static str, String)> {
+    fn resolve(&self, client: &TcpStream) -> Result<Target, (DenyReason, String)> {
         match self {
             Self::Fixed(target) => Ok(target.clone()),
             Self::Intercept(interceptor) => {
                 let destination = client.local_addr().map_err(|e| {
                     (
-                        "internal_error",
+                        DenyReason::InternalError,
                         format!("cannot read the original destination: {e}"),
                     )
                 })?;
@@ -35,7 +36,7 @@ impl Resolver {
                     SocketAddr::new(destination.ip().to_canonical(), destination.port());
                 let entry = interceptor.lookup(destination).ok_or_else(|| {
                     (
-                        "not_intercepted",
+                        DenyReason::NotIntercepted,
                         format!("{destination} is not in the intercepted set"),
                     )
                 })?;

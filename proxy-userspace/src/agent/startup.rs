@@ -213,11 +213,11 @@ fn load_object(config: &Config) -> Result<LoadedObject, EbpfSetupError> {
     bpf.pin_maps()?;
     if let Some(group) = &config.agent.operator_group {
         // Validated with the config; a group deleted since is a load error.
-        let gid = crate::config::resolve_group(group).map_err(|message| {
+        let gid = crate::config::resolve_group(group).map_err(|e| {
             crate::bpf::BpfError::OperatorAccess {
                 path: config.agent.pin_dir.clone(),
                 gid: u32::MAX,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, message),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, crate::error_chain(&e)),
             }
         })?;
         crate::bpf::grant_operator_access(&config.agent.pin_dir, gid)?;

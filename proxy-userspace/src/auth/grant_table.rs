@@ -1,6 +1,7 @@
 //! The grant table behind the store's lock: grants, their indexes by
 //! source and by token identity, the caps, and the revocation deny list.
 
+use super::DenyReason;
 use std::collections::HashMap;
 use std::net::IpAddr;
 
@@ -44,9 +45,14 @@ impl CreateError {
     /// Stable reason for audit lines, metrics and API errors.
     #[must_use]
     pub fn reason(self) -> &'static str {
+        self.deny_reason().as_str()
+    }
+
+    #[must_use]
+    pub fn deny_reason(self) -> DenyReason {
         match self {
-            Self::Revoked => "revoked",
-            Self::Limit(_) => "grant_limit",
+            Self::Revoked => DenyReason::Revoked,
+            Self::Limit(_) => DenyReason::GrantLimit,
         }
     }
 }

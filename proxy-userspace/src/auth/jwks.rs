@@ -11,10 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
+use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 use tokio::time::Instant;
+
+use super::jwk::{KeyError, verify_key};
 
 /// The asymmetric algorithms a JWKS key may carry.
 pub const ALLOWED_ALGORITHMS: [Algorithm; 7] = [
@@ -106,11 +108,14 @@ impl KeySet {
         let mut keys = Vec::with_capacity(doc.keys.len());
         for (i, raw) in doc.keys.into_iter().enumerate() {
             match serde_json::from_value::<Jwk>(raw)
-                .map_err(|e| e.to_string())
+                .map_err(KeyError::Parse)
                 .and_then(|jwk| verify_key(&jwk))
             {
                 Ok(k) => keys.push(k),
-                Err(why) => tracing::warn!(index = i, "skipping JWKS key: {why}"),
+                Err(why) => {
+                    let why = crate::error_chain(&why);
+                    tracing::warn!(index = i, "skipping JWKS key: {why}");
+                }
             }
         }
         if keys.is_empty() {
@@ -136,52 +141,6 @@ impl KeySet {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
-}
-
-fn verify_key(jwk: &Jwk) -> Result<VerifyKey, String> {
-    if matches!(jwk.common.public_key_use, Some(ref u) if *u != PublicKeyUse::Signature) {
-        return Err("key is not for signatures (`use` is not `sig`)".into());
-    }
-    let derived = match &jwk.algorithm {
-        AlgorithmParameters::RSA(_) => Algorithm::RS256,
-        AlgorithmParameters::EllipticCurve(p) => match p.curve {
-            EllipticCurve::P256 => Algorithm::ES256,
-            EllipticCurve::P384 => Algorithm::ES384,
-            ref other => return Err(format!("unsupported EC curve {other:?}")),
-        },
-        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
-            Algorithm::EdDSA
-        }
-        AlgorithmParameters::OctetKeyPair(p) => {
-            return Err(format!("unsupported OKP curve {:?}", p.curve));
-        }
-        AlgorithmParameters::OctetKey(_) => {
-            return Err("symmetric (oct) keys are not accepted from a JWKS".into());
-        }
-        _ => return Err("unsupported key type".into()),
-    };
-    let alg = match jwk.common.key_algorithm {
-        None => derived,
-        Some(ka) => {
-            let alg = ka
-                .to_string()
-                .parse::<Algorithm>()
-                .map_err(|_| format!("algorithm {ka} is not a signature algorithm"))?;
-            if alg.family() != derived.family() || (derived != Algorithm::RS256 && alg != derived) {
-                return Err(format!("algorithm {alg:?} does not fit the key type"));
-            }
-            alg
-        }
-    };
-    if !ALLOWED_ALGORITHMS.contains(&alg) {
-        return Err(format!("algorithm {alg:?} is not allowed"));
-    }
-    let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("bad key material: {e}"))?;
-    Ok(VerifyKey {
-        kid: jwk.common.key_id.clone(),
-        alg,
-        key,
-    })
 }
 
 /// Where an issuer's keys come from.

@@ -26,15 +26,28 @@ pub enum TextMatcher {
     Glob { pattern: String },
 }
 
+/// Why a claim matcher in the config cannot be compiled.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MatcherError {
+    #[error("an empty list of alternatives would never match")]
+    EmptyList,
+    #[error(
+        "`{0}` is not a valid matcher: use a string (exact or glob), \
+         a list of strings, a boolean or an integer"
+    )]
+    Unsupported(Value),
+}
+
 impl TextMatcher {
-    /// Every string is a valid pattern; the `Result` is kept for callers.
-    pub fn new(pattern: &str) -> Result<TextMatcher, String> {
+    /// Every string is a valid pattern.
+    #[must_use]
+    pub fn new(pattern: &str) -> TextMatcher {
         if !pattern.contains(['*', '?']) {
-            return Ok(TextMatcher::Exact(pattern.to_owned()));
+            return TextMatcher::Exact(pattern.to_owned());
         }
-        Ok(TextMatcher::Glob {
+        TextMatcher::Glob {
             pattern: pattern.to_owned(),
-        })
+        }
     }
 
     pub fn matches(&self, value: &str) -> bool {
@@ -75,23 +88,16 @@ fn wildcard_match(pattern: &str, value: &str) -> bool {
 
 impl Matcher {
     /// Compiles the config form; the error says what was wrong with it.
-    pub fn compile(spec: &MatcherSpec) -> Result<Matcher, String> {
+    pub fn compile(spec: &MatcherSpec) -> Result<Matcher, MatcherError> {
         match spec {
             MatcherSpec::Bool(b) => Ok(Matcher::Bool(*b)),
             MatcherSpec::Integer(i) => Ok(Matcher::Integer(*i)),
-            MatcherSpec::Text(s) => TextMatcher::new(s).map(Matcher::Text),
-            MatcherSpec::List(items) if items.is_empty() => {
-                Err("an empty list of alternatives would never match".to_owned())
-            }
-            MatcherSpec::List(items) => items
-                .iter()
-                .map(|s| TextMatcher::new(s))
-                .collect::<Result<Vec<_>, _>>()
-                .map(Matcher::AnyOf),
-            MatcherSpec::Unsupported(v) => Err(format!(
-                "`{v}` is not a valid matcher: use a string (exact or glob), \
-                 a list of strings, a boolean or an integer"
+            MatcherSpec::Text(s) => Ok(Matcher::Text(TextMatcher::new(s))),
+            MatcherSpec::List(items) if items.is_empty() => Err(MatcherError::EmptyList),
+            MatcherSpec::List(items) => Ok(Matcher::AnyOf(
+                items.iter().map(|s| TextMatcher::new(s)).collect(),
             )),
+            MatcherSpec::Unsupported(v) => Err(MatcherError::Unsupported(v.clone())),
         }
     }
 

@@ -32,8 +32,9 @@
 //!    reader), `validator.validate`, `store.refuses` (revocations),
 //!    `policy.decide`, `store.create(GrantKind::Preamble, ..)`, and answer
 //!    with [`preamble::encode_response`].
-//! 5. Audit and metrics use the stable `reason()` strings of [`TokenError`],
-//!    [`Denial`] and [`preamble::PreambleError`].
+//! 5. Audit and metrics use the stable [`DenyReason`] of [`TokenError`],
+//!    [`Denial`], [`CreateError`] and [`preamble::PreambleError`]
+//!    (`deny_reason()`; `reason()` is its string).
 
 pub mod api_types;
 pub mod client;
@@ -43,11 +44,13 @@ pub use crate::dest as destination;
 mod grant_id;
 mod grant_table;
 pub mod grants;
+mod jwk;
 pub mod jwks;
 pub mod limits;
 pub mod matcher;
 pub mod policy;
 pub mod preamble;
+mod reason;
 pub mod revocations;
 pub mod token;
 pub mod trust;
@@ -56,4 +59,5 @@ pub use config::{AuthConfig, FieldError, IssuerConfig, RuleConfig, validate_all}
 pub use destination::{Destination, DestinationSpec, PortRange};
 pub use grants::{CreateError, Grant, GrantEvent, GrantId, GrantKind, GrantLimit, GrantStore};
 pub use policy::{Decision, Denial, Policy};
+pub use reason::DenyReason;
 pub use token::{TokenError, TokenValidator, ValidatedToken};

@@ -7,6 +7,7 @@
 //! the destination the denial is `destination_not_allowed`; when no rule
 //! applied at all it is `no_rule_matched`.
 
+use super::DenyReason;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
@@ -57,9 +58,14 @@ pub enum Denial {
 impl Denial {
     /// Stable machine-readable reason for audit logs and metrics.
     pub fn reason(&self) -> &'static str {
+        self.deny_reason().as_str()
+    }
+
+    #[must_use]
+    pub fn deny_reason(&self) -> DenyReason {
         match self {
-            Denial::NoRuleMatched => "no_rule_matched",
-            Denial::DestinationNotAllowed { .. } => "destination_not_allowed",
+            Denial::NoRuleMatched => DenyReason::NoRuleMatched,
+            Denial::DestinationNotAllowed { .. } => DenyReason::DestinationNotAllowed,
         }
     }
 }
@@ -263,7 +269,10 @@ fn compile_rule(
             Ok(m) => {
                 claims.insert(claim.clone(), m);
             }
-            Err(msg) => errors.push(FieldError::new(format!("{path}.match.{claim}"), msg)),
+            Err(e) => errors.push(FieldError::new(
+                format!("{path}.match.{claim}"),
+                e.to_string(),
+            )),
         }
     }
     if rc.allow.is_empty() {

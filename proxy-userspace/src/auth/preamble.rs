@@ -31,6 +31,7 @@
 //! After an `ok` response the connection carries the client's protocol
 //! unchanged; after `denied` or `error` the agent closes it.
 
+use super::DenyReason;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -95,18 +96,23 @@ pub enum PreambleError {
 impl PreambleError {
     /// Stable machine-readable reason for audit logs and metrics.
     pub fn reason(&self) -> &'static str {
+        self.deny_reason().as_str()
+    }
+
+    #[must_use]
+    pub fn deny_reason(&self) -> DenyReason {
         match self {
-            PreambleError::BadMagic => "bad_magic",
-            PreambleError::UnsupportedVersion(_) => "unsupported_version",
-            PreambleError::BadFlags(_) => "bad_flags",
-            PreambleError::BadStatus(_) => "bad_status",
-            PreambleError::Oversized { .. } => "oversized",
-            PreambleError::Truncated { .. } => "truncated",
-            PreambleError::Timeout(_) => "timeout",
-            PreambleError::EmptyToken => "empty_token",
-            PreambleError::InvalidUtf8 => "invalid_utf8",
-            PreambleError::NeedMore(_) => "need_more",
-            PreambleError::Io(_) => "io_error",
+            PreambleError::BadMagic => DenyReason::BadMagic,
+            PreambleError::UnsupportedVersion(_) => DenyReason::UnsupportedVersion,
+            PreambleError::BadFlags(_) => DenyReason::BadFlags,
+            PreambleError::BadStatus(_) => DenyReason::BadStatus,
+            PreambleError::Oversized { .. } => DenyReason::Oversized,
+            PreambleError::Truncated { .. } => DenyReason::Truncated,
+            PreambleError::Timeout(_) => DenyReason::Timeout,
+            PreambleError::EmptyToken => DenyReason::EmptyToken,
+            PreambleError::InvalidUtf8 => DenyReason::InvalidUtf8,
+            PreambleError::NeedMore(_) => DenyReason::NeedMore,
+            PreambleError::Io(_) => DenyReason::IoError,
         }
     }
 }

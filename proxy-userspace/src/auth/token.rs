@@ -6,6 +6,7 @@
 //! `alg` must equal it. HS256 is accepted only for an issuer that has a
 //! configured shared secret, and only against that secret.
 
+use super::DenyReason;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
@@ -60,16 +61,21 @@ pub enum TokenError {
 impl TokenError {
     /// Stable machine-readable reason for audit logs and metrics.
     pub fn reason(&self) -> &'static str {
+        self.deny_reason().as_str()
+    }
+
+    #[must_use]
+    pub fn deny_reason(&self) -> DenyReason {
         match self {
-            TokenError::Expired => "token_expired",
-            TokenError::NotYetValid => "token_not_yet_valid",
-            TokenError::WrongIssuer(_) => "wrong_issuer",
-            TokenError::WrongAudience(_) => "wrong_audience",
-            TokenError::MissingExp => "missing_exp",
-            TokenError::BadSignature => "bad_signature",
-            TokenError::UnknownKid { .. } => "unknown_kid",
-            TokenError::AlgNotAllowed(_) => "alg_not_allowed",
-            TokenError::Malformed(_) => "malformed_token",
+            TokenError::Expired => DenyReason::TokenExpired,
+            TokenError::NotYetValid => DenyReason::TokenNotYetValid,
+            TokenError::WrongIssuer(_) => DenyReason::WrongIssuer,
+            TokenError::WrongAudience(_) => DenyReason::WrongAudience,
+            TokenError::MissingExp => DenyReason::MissingExp,
+            TokenError::BadSignature => DenyReason::BadSignature,
+            TokenError::UnknownKid { .. } => DenyReason::UnknownKid,
+            TokenError::AlgNotAllowed(_) => DenyReason::AlgNotAllowed,
+            TokenError::Malformed(_) => DenyReason::MalformedToken,
         }
     }
 }

@@ -42,13 +42,33 @@ impl std::fmt::Display for AdminEndpoint {
     }
 }
 
+/// An `--admin` value that is neither a socket path nor a URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--admin {0:?}: expected a socket path (/run/tcpgate/admin.sock) or http://HOST:PORT")]
+pub struct BadEndpoint(String);
+
+/// Why the operator endpoint cannot be named or reached.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    BadEndpoint(#[from] BadEndpoint),
+    #[error("cannot read the admin token file {}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Client(reqwest::Error),
+}
+
 impl AdminArg {
     /// The endpoint these flags and the configuration file name.
-    pub fn endpoint(&self) -> Result<AdminEndpoint, String> {
+    pub fn endpoint(&self) -> Result<AdminEndpoint, AdminError> {
         let config = if self.admin.is_none() && self.config.exists() {
-            crate::config::Config::load(&self.config)
-                .map_err(|e| e.to_string())?
-                .admin
+            crate::config::Config::load(&self.config)?.admin
         } else {
             None
         };
@@ -73,7 +93,7 @@ impl AdminArg {
     }
 }
 
-fn parse(given: &str) -> Result<AdminEndpoint, String> {
+fn parse(given: &str) -> Result<AdminEndpoint, BadEndpoint> {
     if given.starts_with("http://") || given.starts_with("https://") {
         return Ok(AdminEndpoint::Http {
             url: given.trim_end_matches('/').to_owned(),
@@ -84,9 +104,7 @@ fn parse(given: &str) -> Result<AdminEndpoint, String> {
     if Path::new(path).is_absolute() || path.starts_with('.') {
         return Ok(AdminEndpoint::Socket(path.into()));
     }
-    Err(format!(
-        "--admin {given:?}: expected a socket path (/run/tcpgate/admin.sock) or http://HOST:PORT"
-    ))
+    Err(BadEndpoint(given.to_owned()))
 }
 
 /// An HTTP client bound to the operator endpoint.
@@ -98,7 +116,7 @@ pub struct AdminClient {
 
 impl AdminEndpoint {
     /// A client with `timeout` per request; reads the token file.
-    pub fn client(&self, timeout: Duration) -> Result<AdminClient, String> {
+    pub fn client(&self, timeout: Duration) -> Result<AdminClient, AdminError> {
         let builder = reqwest::Client::builder().timeout(timeout);
         let (builder, base, token) = match self {
             // The host part is ignored on a socket; it only fills the URL.
@@ -111,8 +129,9 @@ impl AdminEndpoint {
                 let token = match token_file {
                     Some(file) => Some(
                         std::fs::read_to_string(file)
-                            .map_err(|e| {
-                                format!("cannot read the admin token file {}: {e}", file.display())
+                            .map_err(|source| AdminError::TokenFile {
+                                path: file.clone(),
+                                source,
                             })?
                             .trim()
                             .to_owned(),
@@ -123,7 +142,7 @@ impl AdminEndpoint {
             }
         };
         Ok(AdminClient {
-            client: builder.build().map_err(|e| e.to_string())?,
+            client: builder.build().map_err(AdminError::Client)?,
             base,
             token,
         })

@@ -41,8 +41,8 @@ pub fn run(args: &ConnectArgs) -> i32 {
     super::block_on(async {
         let target = match resolve(&args.target).await {
             Ok(addr) => addr,
-            Err(message) => {
-                eprintln!("tcpgate connect: {message}");
+            Err(e) => {
+                eprintln!("tcpgate connect: {}", crate::error_chain(&e));
                 return 2;
             }
         };
@@ -53,16 +53,33 @@ pub fn run(args: &ConnectArgs) -> i32 {
     })
 }
 
-async fn resolve(target: &str) -> Result<SocketAddr, String> {
+/// Why the connect target names no address.
+#[derive(Debug, thiserror::Error)]
+enum ResolveError {
+    #[error("cannot resolve {target:?} (expected HOST:PORT)")]
+    Lookup {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0:?} resolves to no address")]
+    NoAddress(String),
+}
+
+async fn resolve(target: &str) -> Result<SocketAddr, ResolveError> {
     if let Ok(addr) = target.parse() {
         return Ok(addr);
     }
-    let mut addrs = tokio::net::lookup_host(target)
-        .await
-        .map_err(|e| format!("cannot resolve {target:?} (expected HOST:PORT): {e}"))?;
+    let mut addrs =
+        tokio::net::lookup_host(target)
+            .await
+            .map_err(|source| ResolveError::Lookup {
+                target: target.to_owned(),
+                source,
+            })?;
     addrs
         .next()
-        .ok_or_else(|| format!("{target:?} resolves to no address"))
+        .ok_or_else(|| ResolveError::NoAddress(target.to_owned()))
 }
 
 fn report(e: &ClientError) -> i32 {

@@ -46,21 +46,24 @@ pub struct GrantArgs {
     pub json: bool,
 }
 
-fn parse_allow(text: &str) -> Result<Destination, String> {
+/// A `--allow` value that names no destination.
+#[derive(Debug, thiserror::Error)]
+enum AllowError {
+    #[error("{0:?}: expected PREFIX=PORTS, e.g. 192.0.2.10=5432")]
+    Shape(String),
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<crate::dest::DestinationParseError>),
+}
+
+fn parse_allow(text: &str) -> Result<Destination, AllowError> {
     let (prefix, ports) = text
         .rsplit_once('=')
-        .ok_or_else(|| format!("{text:?}: expected PREFIX=PORTS, e.g. 192.0.2.10=5432"))?;
+        .ok_or_else(|| AllowError::Shape(text.to_owned()))?;
     let spec = DestinationSpec {
         prefix: prefix.to_owned(),
         ports: ports.split(',').map(str::to_owned).collect(),
     };
-    Destination::parse(&spec).map_err(|errors| {
-        errors
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ")
-    })
+    Destination::parse(&spec).map_err(AllowError::Invalid)
 }
 
 pub fn run(args: &GrantArgs) -> i32 {

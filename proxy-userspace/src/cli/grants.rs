@@ -101,18 +101,35 @@ fn from_record(record: &GrantRecord, sessions: Option<u64>) -> GrantRow {
     }
 }
 
+/// Why `GET /v1/grants` gave no grants.
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    #[error(transparent)]
+    Admin(#[from] super::AdminError),
+    #[error(transparent)]
+    Send(reqwest::Error),
+    #[error("answered {0}")]
+    Status(reqwest::StatusCode),
+    /// Its own text without causes, as this message always showed it.
+    #[error("{0}")]
+    Body(reqwest::Error),
+}
+
 /// `GET /v1/grants`, or why it failed.
-async fn ask_api(base: &super::AdminEndpoint, timeout: Duration) -> Result<Vec<GrantRow>, String> {
+async fn ask_api(
+    base: &super::AdminEndpoint,
+    timeout: Duration,
+) -> Result<Vec<GrantRow>, ApiError> {
     let response = base
         .client(timeout)?
         .get("/v1/grants")
         .send()
         .await
-        .map_err(|e| crate::error_chain(&e))?;
+        .map_err(ApiError::Send)?;
     if !response.status().is_success() {
-        return Err(format!("answered {}", response.status()));
+        return Err(ApiError::Status(response.status()));
     }
-    let values: Vec<Value> = response.json().await.map_err(|e| e.to_string())?;
+    let values: Vec<Value> = response.json().await.map_err(ApiError::Body)?;
     Ok(values.iter().filter_map(from_api).collect())
 }
 
@@ -165,7 +182,7 @@ pub fn run(args: &GrantsArgs) -> i32 {
     let base = match args.admin.endpoint() {
         Ok(endpoint) => endpoint,
         Err(e) => {
-            eprintln!("tcpgate grants: {e}");
+            eprintln!("tcpgate grants: {}", crate::error_chain(&e));
             return crate::config::EXIT_CONFIG;
         }
     };
@@ -184,7 +201,7 @@ pub fn run(args: &GrantsArgs) -> i32 {
         }
         failed => {
             let why = match failed {
-                Some(Err(e)) => e,
+                Some(Err(e)) => crate::error_chain(&e),
                 _ => "cannot start the async runtime".to_owned(),
             };
             let dir = view::pin_dir(args.pin_dir.as_deref(), &args.admin.config, "grants");

@@ -92,7 +92,7 @@ pub enum Command {
     Manpage(manpage::ManpageArgs),
 }
 
-pub use admin::{AdminArg, AdminClient, AdminEndpoint};
+pub use admin::{AdminArg, AdminClient, AdminEndpoint, AdminError};
 
 /// Runs a client command on a small runtime.
 pub fn block_on<F: std::future::Future<Output = i32>>(future: F) -> i32 {
@@ -156,10 +156,26 @@ pub fn dispatch(cli: Cli) -> i32 {
     }
 }
 
+/// Why logging could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LoggingError {
+    #[error("invalid --log-level {filter:?}")]
+    Filter {
+        filter: String,
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
+    #[error("cannot initialise logging")]
+    Init(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
 /// Installs the tracing subscriber for the chosen format.
-pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .map_err(|e| format!("invalid --log-level {filter:?}: {e}"))?;
+pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), LoggingError> {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).map_err(|source| LoggingError::Filter {
+            filter: filter.to_owned(),
+            source,
+        })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -167,5 +183,5 @@ pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
-    result.map_err(|e| format!("cannot initialise logging: {e}"))
+    result.map_err(LoggingError::Init)
 }

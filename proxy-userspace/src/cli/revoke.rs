@@ -42,7 +42,7 @@ pub fn run(args: &RevokeArgs) -> i32 {
     let base = match args.admin.endpoint() {
         Ok(endpoint) => endpoint,
         Err(e) => {
-            eprintln!("tcpgate revoke: {e}");
+            eprintln!("tcpgate revoke: {}", crate::error_chain(&e));
             return crate::config::EXIT_CONFIG;
         }
     };
@@ -86,7 +86,7 @@ async fn via_api(
     let client = match base.client(timeout) {
         Ok(client) => client,
         Err(e) => {
-            eprintln!("tcpgate revoke: {e}");
+            eprintln!("tcpgate revoke: {}", crate::error_chain(&e));
             return Ok(crate::config::EXIT_CONFIG);
         }
     };

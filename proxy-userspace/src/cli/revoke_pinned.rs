@@ -23,22 +23,39 @@ use proxy_common::grant::GRANT_FLAG_REVOKED;
 use proxy_common::session::SUBJECT_LEN;
 
 use super::revoke::Target;
-use crate::pinned::PinnedMaps;
-use crate::sockdiag;
+use crate::pinned::{PinnedError, PinnedMaps};
+use crate::sockdiag::{self, SockDiagError};
+
+/// Why revoking through the pinned maps stopped.
+#[derive(Debug, thiserror::Error)]
+enum RevokeError {
+    #[error(transparent)]
+    Pinned(#[from] PinnedError),
+    #[error("cannot flag grant {id:016x} revoked")]
+    Flag {
+        id: u64,
+        #[source]
+        source: PinnedError,
+    },
+    #[error("cannot tell the agent to look")]
+    Mark(#[source] PinnedError),
+    #[error(transparent)]
+    Sockets(#[from] SockDiagError),
+}
 
 pub fn run(dir: &Path, target: &Target) -> i32 {
     match revoke(dir, target) {
         Ok(status) => status,
-        Err(message) => {
-            eprintln!("tcpgate revoke: {message}");
+        Err(e) => {
+            eprintln!("tcpgate revoke: {}", crate::error_chain(&e));
             1
         }
     }
 }
 
-fn revoke(dir: &Path, target: &Target) -> Result<i32, String> {
-    let maps = PinnedMaps::open(dir).map_err(|e| crate::error_chain(&e))?;
-    let grants = maps.grants().map_err(|e| crate::error_chain(&e))?;
+fn revoke(dir: &Path, target: &Target) -> Result<i32, RevokeError> {
+    let maps = PinnedMaps::open(dir)?;
+    let grants = maps.grants()?;
     let wanted: Vec<(u64, String)> = match target {
         Target::Grant(id) => grants
             .iter()
@@ -66,26 +83,19 @@ fn revoke(dir: &Path, target: &Target) -> Result<i32, String> {
         return Ok(1);
     }
     for (id, _) in &wanted {
-        maps.flag_grant(*id, GRANT_FLAG_REVOKED).map_err(|e| {
-            format!(
-                "cannot flag grant {id:016x} revoked: {}",
-                crate::error_chain(&e)
-            )
-        })?;
+        maps.flag_grant(*id, GRANT_FLAG_REVOKED)
+            .map_err(|source| RevokeError::Flag { id: *id, source })?;
     }
-    maps.mark_revocations_pending()
-        .map_err(|e| format!("cannot tell the agent to look: {}", crate::error_chain(&e)))?;
+    maps.mark_revocations_pending().map_err(RevokeError::Mark)?;
     let ids: HashSet<u64> = wanted.iter().map(|(id, _)| *id).collect();
     let sessions: Vec<_> = maps
-        .sessions()
-        .map_err(|e| crate::error_chain(&e))?
+        .sessions()?
         .into_iter()
         .filter(|s| ids.contains(&s.grant_id))
         .collect();
     let session_ids: HashSet<u64> = sessions.iter().map(|s| s.session_id).collect();
     let cookies: HashSet<u64> = maps
-        .sockets()
-        .map_err(|e| crate::error_chain(&e))?
+        .sockets()?
         .into_iter()
         .filter(|(_, entry)| session_ids.contains(&entry.session_id))
         .map(|(cookie, _)| cookie)
@@ -93,8 +103,7 @@ fn revoke(dir: &Path, target: &Target) -> Result<i32, String> {
     let found: Vec<sockdiag::DiagSocket> = if cookies.is_empty() {
         Vec::new()
     } else {
-        sockdiag::tcp_sockets()
-            .map_err(|e| crate::error_chain(&e))?
+        sockdiag::tcp_sockets()?
             .into_iter()
             .filter(|s| cookies.contains(&s.cookie()))
             .collect()

@@ -21,7 +21,7 @@ pub use intercept::{
 };
 #[cfg(test)]
 pub(crate) use intercept::{test_section, test_set};
-pub use validate::{FieldError, resolve_group};
+pub use validate::{FieldError, GroupError, resolve_group};
 
 /// Exit status for configuration and usage errors (`EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;

@@ -135,9 +135,12 @@ impl Config {
             ));
         }
         if let Some(group) = &agent.operator_group
-            && let Err(message) = resolve_group(group)
+            && let Err(e) = resolve_group(group)
         {
-            errors.push(FieldError::new("agent.operator_group", message));
+            errors.push(FieldError::new(
+                "agent.operator_group",
+                crate::error_chain(&e),
+            ));
         }
         if self.audit.path.is_empty() {
             errors.push(FieldError::new(
@@ -200,20 +203,36 @@ impl Config {
     }
 }
 
+/// Why `agent.operator_group` names no usable group.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    #[error("must be a group name or a numeric gid")]
+    Empty,
+    #[error("no group {0:?} on this host (create it with `groupadd --system {0}`)")]
+    Unknown(String),
+    #[error("cannot look up group {group:?}")]
+    Lookup {
+        group: String,
+        #[source]
+        source: nix::errno::Errno,
+    },
+}
+
 /// The gid of `agent.operator_group`: a group name known to this host, or a
 /// numeric gid.
-pub fn resolve_group(group: &str) -> Result<nix::unistd::Gid, String> {
+pub fn resolve_group(group: &str) -> Result<nix::unistd::Gid, GroupError> {
     if group.is_empty() {
-        return Err("must be a group name or a numeric gid".to_owned());
+        return Err(GroupError::Empty);
     }
     if let Ok(gid) = group.parse::<u32>() {
         return Ok(nix::unistd::Gid::from_raw(gid));
     }
     match nix::unistd::Group::from_name(group) {
         Ok(Some(found)) => Ok(found.gid),
-        Ok(None) => Err(format!(
-            "no group {group:?} on this host (create it with `groupadd --system {group}`)"
-        )),
-        Err(e) => Err(format!("cannot look up group {group:?}: {e}")),
+        Ok(None) => Err(GroupError::Unknown(group.to_owned())),
+        Err(source) => Err(GroupError::Lookup {
+            group: group.to_owned(),
+            source,
+        }),
     }
 }
