@@ -36,11 +36,12 @@ fn san(addrs: &[&str]) -> String {
 pub fn ca_signed(dir: &Path, stem: &str, names: &[&str]) -> ApiCert {
     let ca = &key_files().ca_pem;
     let ca_key = ca.with_file_name("ca.key");
-    let (cert, key, csr, ext) = (
+    let (cert, key, csr, ext, srl) = (
         dir.join(format!("{stem}.pem")),
         dir.join(format!("{stem}.key")),
         dir.join(format!("{stem}.csr")),
         dir.join(format!("{stem}.ext")),
+        dir.join(format!("{stem}.srl")),
     );
     std::fs::write(
         &ext,
@@ -80,6 +81,11 @@ pub fn ca_signed(dir: &Path, stem: &str, names: &[&str]) -> ApiCert {
             &s(ca),
             "-CAkey",
             &s(&ca_key),
+            // A serial file of this certificate's own: the CA is shared by
+            // tests running in parallel, and its default `ca.srl` beside it
+            // would be read and rewritten by several openssl at once.
+            "-CAserial",
+            &s(&srl),
             "-CAcreateserial",
             "-out",
             &s(&cert),
