@@ -187,7 +187,7 @@ async fn revoke_grant(
     let Ok(id) = id.parse::<GrantId>() else {
         return error(&ApiError::bad_request(format!("{id:?} is not a grant id")));
     };
-    let known: Vec<GrantId> = gate.grant(id).map(|g| g.id).into_iter().collect();
+    let known: Vec<Grant> = gate.grant(id).into_iter().collect();
     let views = revoke_counting(&state, &known, || gate.revoke(id).into_iter().collect()).await;
     match views.into_iter().next() {
         Some(view) => {
@@ -220,11 +220,10 @@ async fn revoke_subject(
             "give ?subject=<token subject>, or DELETE /v1/grants/<id>",
         ));
     };
-    let known: Vec<GrantId> = gate
+    let known: Vec<Grant> = gate
         .grants()
         .into_iter()
         .filter(|g| g.subject == subject)
-        .map(|g| g.id)
         .collect();
     let views = revoke_counting(&state, &known, || gate.revoke_subject(&subject)).await;
     tracing::info!(%subject, grants = views.len(), sessions = views.iter().map(|v| v.sessions).sum::<usize>(), "subject revoked by operator");
@@ -242,16 +241,21 @@ const REVOKE_TEARDOWN_WAIT: Duration = Duration::from_secs(5);
 /// So the sessions of `known` (the grants about to go) are stopped and
 /// listed first; after `revoke`, sessions of the revoked grants that
 /// registered meanwhile are stopped too; the answer waits (bounded) until
-/// all of them have been torn down.
+/// all of them have been torn down. A known preamble grant can be released
+/// by its own session's end before `revoke` runs: it was still ended by
+/// this revocation, and is reported with the rest.
 async fn revoke_counting(
     state: &ApiState,
-    known: &[GrantId],
+    known: &[Grant],
     revoke: impl FnOnce() -> Vec<Grant>,
 ) -> Vec<GrantView> {
     let registry = &state.registry;
     let of = |grants: HashSet<u64>| move |m: &SessionMeta| grants.contains(&m.grant_id);
     let mut stopped: HashSet<Stopped> = registry
-        .stop_listed(EndReason::Revoked, of(known.iter().map(|g| g.0).collect()))
+        .stop_listed(
+            EndReason::Revoked,
+            of(known.iter().map(|g| g.id.0).collect()),
+        )
         .into_iter()
         .collect();
     let revoked = revoke();
@@ -272,8 +276,13 @@ async fn revoke_counting(
     for s in stopped.iter().filter(|s| !left.contains(&s.session)) {
         *ended.entry(s.grant).or_default() += 1;
     }
+    let revoked_ids: HashSet<u64> = revoked.iter().map(|g| g.id.0).collect();
+    let released_meanwhile = known
+        .iter()
+        .filter(|g| !revoked_ids.contains(&g.id.0) && ended.contains_key(&g.id.0));
     revoked
         .iter()
+        .chain(released_meanwhile)
         .map(|g| view(g, ended.get(&g.id.0).copied().unwrap_or(0)))
         .collect()
 }
