@@ -21,22 +21,31 @@ pub fn encode(token: &str) -> Vec<u8> {
     out
 }
 
-/// Reads one answer frame: (status, message).
-pub fn read_answer(stream: &mut impl Read) -> io::Result<(u8, String)> {
-    let mut header = [0u8; 8];
-    stream.read_exact(&mut header)?;
+/// The status and message length of an answer's 8-byte header (for
+/// async readers; [`read_answer`] reads the whole frame).
+pub fn answer_header(header: &[u8; 8]) -> io::Result<(u8, usize)> {
     if &header[..5] != b"TCPG\x01" {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("not a tcpgate answer: {header:?}"),
         ));
     }
-    let len = usize::from(u16::from_be_bytes([header[6], header[7]]));
+    Ok((
+        header[5],
+        usize::from(u16::from_be_bytes([header[6], header[7]])),
+    ))
+}
+
+/// Reads one answer frame: (status, message).
+pub fn read_answer(stream: &mut impl Read) -> io::Result<(u8, String)> {
+    let mut header = [0u8; 8];
+    stream.read_exact(&mut header)?;
+    let (status, len) = answer_header(&header)?;
     let mut message = vec![0u8; len];
     stream.read_exact(&mut message)?;
     let message =
         String::from_utf8(message).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    Ok((header[5], message))
+    Ok((status, message))
 }
 
 /// Sends the preamble and returns the agent's answer.

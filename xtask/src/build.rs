@@ -48,6 +48,34 @@ pub fn tcpgate_binary(host: &Host, profile: Profile) -> Result<PathBuf> {
 
 /// Runs `cargo ARGS` and returns where cargo put binary target `bin`.
 pub fn build_executable(host: &Host, args: &[&str], bin: &str) -> Result<PathBuf> {
+    let [path] = build_executables(host, args, [bin])?;
+    Ok(path)
+}
+
+/// Builds the tcpgate binary and `tcpgate-bench` in one cargo run (their
+/// shared dependencies resolve to one feature set, so they build once).
+pub fn tcpgate_and_bench(host: &Host, profile: Profile) -> Result<[PathBuf; 2]> {
+    let mut args = vec![
+        "build",
+        "--package",
+        "proxy-userspace",
+        "--bins",
+        "--package",
+        "tcpgate-bench",
+    ];
+    if profile == Profile::Release {
+        args.push("--release");
+    }
+    build_executables(host, &args, ["tcpgate", "tcpgate-bench"])
+}
+
+/// Runs `cargo ARGS` and returns where cargo put each binary target of
+/// `bins`, in order.
+fn build_executables<const N: usize>(
+    host: &Host,
+    args: &[&str],
+    bins: [&str; N],
+) -> Result<[PathBuf; N]> {
     let mut build = host.cargo();
     build.args(args);
     // Ask cargo where it put the binary rather than guessing the target
@@ -63,8 +91,18 @@ pub fn build_executable(host: &Host, args: &[&str], bin: &str) -> Result<PathBuf
         .output()
         .with_context(|| format!("could not start `{shown}`"))?;
     cmd::check(&shown, output.status)?;
-    executable_from_messages(&String::from_utf8_lossy(&output.stdout), bin)
-        .with_context(|| format!("`{shown}` succeeded but reported no `{bin}` executable"))
+    let messages = String::from_utf8_lossy(&output.stdout);
+    let mut found = Vec::with_capacity(N);
+    for bin in bins {
+        found.push(
+            executable_from_messages(&messages, bin).with_context(|| {
+                format!("`{shown}` succeeded but reported no `{bin}` executable")
+            })?,
+        );
+    }
+    found
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("one executable per binary target"))
 }
 
 /// Picks the executable of binary target `bin` out of cargo's JSON messages.

@@ -36,8 +36,10 @@ impl Host {
             child_path,
             cargo_home,
             workspace: workspace_root(),
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            is_root: unsafe { libc::geteuid() } == 0,
+            is_root: std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|status| effective_uid(&status))
+                == Some(0),
         })
     }
 
@@ -56,6 +58,18 @@ impl Host {
     pub fn find_program(&self, name: &str) -> Option<PathBuf> {
         find_in_path(name, &self.child_path)
     }
+}
+
+/// The effective uid in /proc/PID/status (`Uid:` real, effective, saved,
+/// filesystem): std has no geteuid, and this keeps xtask free of libc.
+fn effective_uid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn cargo_home() -> Result<PathBuf> {
@@ -112,6 +126,16 @@ fn is_executable(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn effective_uid_is_the_second_uid_field() {
+        let status = "Name:\tcargo\nUmask:\t0022\nUid:\t1000\t0\t0\t0\nGid:\t0\t0\t0\t0\n";
+        assert_eq!(effective_uid(status), Some(0));
+        assert_eq!(effective_uid("Uid:\t0\t1000\t1000\t1000\n"), Some(1000));
+        assert_eq!(effective_uid("Name:\tx\n"), None);
+        let own = std::fs::read_to_string("/proc/self/status").expect("procfs");
+        assert!(effective_uid(&own).is_some(), "{own}");
+    }
 
     #[test]
     fn prepend_path_adds_the_dir_once() {

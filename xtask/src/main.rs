@@ -1,10 +1,9 @@
 //! tcpgate's developer tasks, run as `cargo xtask <verb>`.
 
-mod bench;
 mod build;
 mod cmd;
-mod demo;
 mod fuzz;
+mod handover;
 mod host;
 mod install;
 mod setup;
@@ -20,7 +19,7 @@ use clap::{Parser, Subcommand};
     name = "cargo xtask",
     bin_name = "cargo xtask",
     about = "tcpgate's developer tasks",
-    long_about = "tcpgate's developer tasks. `build`, `test` and `demo` first run \
+    long_about = "tcpgate's developer tasks. `build`, `test`, `demo` and `bench` first run \
                   `setup`, which installs what is missing and leaves alone what is there."
 )]
 struct Cli {
@@ -53,7 +52,12 @@ enum Verb {
     /// token. It shows the connection intercepted, authenticated, spliced in
     /// the kernel through the SOCKHASH, and torn down, then removes
     /// everything it created.
-    Demo(demo::DemoArgs),
+    ///
+    /// Runs setup, builds tcpgate and tcpgate-bench, then runs
+    /// `tcpgate-bench demo ARGS`: --bytes N (each way, default 64 MiB),
+    /// --verbose (print the agent's log). `cargo xtask demo --help` shows
+    /// this; `cargo xtask demo -- --help` shows tcpgate-bench's own help.
+    Demo(handover::PassArgs),
     /// Install tcpgate as a systemd service (as root), or stage it with --destdir.
     ///
     /// Builds in release mode, then installs the binary, the systemd units,
@@ -66,13 +70,17 @@ enum Verb {
     Uninstall(install::UninstallArgs),
     /// Benchmark tcpgate against direct forwarding, HAProxy and socat (as root).
     ///
-    /// Builds the agent in release mode, sets up runner, bastion and target
-    /// namespaces, and measures throughput, CPU per GiB, request/response
-    /// latency, authenticated connection rates, agent memory with 10,000
-    /// idle sessions and teardown latency at grant expiry. Prints medians,
+    /// Measures throughput, CPU per GiB, request/response latency,
+    /// authenticated connection rates, agent memory with 10,000 idle
+    /// sessions and teardown latency at grant expiry. Prints medians,
     /// spreads and ratios against direct and HAProxy, and writes
     /// target/bench/results.json, results.md and chart.svg.
-    Bench(bench::BenchArgs),
+    ///
+    /// Runs setup, builds the agent and tcpgate-bench in release mode, then
+    /// runs `tcpgate-bench bench ARGS`: --quick (under 3 minutes), --runs N,
+    /// --only throughput,latency,connrate,rss,teardown, --out DIR.
+    /// `cargo xtask bench -- --help` shows tcpgate-bench's own help.
+    Bench(handover::PassArgs),
     /// Fuzz the parsers (preamble, tokens and policy, config, grant API) with cargo-fuzz.
     ///
     /// Needs the nightly toolchain (never downloaded here); installs
@@ -89,10 +97,10 @@ fn main() -> ExitCode {
         Verb::Setup => setup::run(&host),
         Verb::Build(args) => build::run(&host, args),
         Verb::Test(args) => test::run(&host, args),
-        Verb::Demo(args) => demo::run(&host, args),
+        Verb::Demo(args) => handover::run(&host, handover::Verb::Demo, args),
         Verb::Install(args) => install::install(&host, args),
         Verb::Uninstall(args) => install::uninstall(&host, args),
-        Verb::Bench(args) => bench::run(&host, args),
+        Verb::Bench(args) => handover::run(&host, handover::Verb::Bench, args),
         Verb::Fuzz(args) => fuzz::run(&host, args),
     });
     match result {
@@ -153,6 +161,26 @@ mod tests {
         assert!(args.chaos);
         assert_eq!(args.filter.as_deref(), Some("splice"));
         assert_eq!(args.harness_args, ["--nocapture"]);
+    }
+
+    #[test]
+    fn bench_and_demo_pass_their_arguments_through() {
+        let cli =
+            Cli::try_parse_from(["xtask", "bench", "--quick", "--only", "rss"]).expect("parses");
+        let Verb::Bench(pass) = cli.verb else {
+            panic!("parsed as {:?}", cli.verb);
+        };
+        assert_eq!(pass.args, ["--quick", "--only", "rss"]);
+        let cli = Cli::try_parse_from(["xtask", "demo"]).expect("parses");
+        let Verb::Demo(pass) = cli.verb else {
+            panic!("parsed as {:?}", cli.verb);
+        };
+        assert!(pass.args.is_empty());
+        let cli = Cli::try_parse_from(["xtask", "demo", "--", "--help"]).expect("parses");
+        let Verb::Demo(pass) = cli.verb else {
+            panic!("parsed as {:?}", cli.verb);
+        };
+        assert_eq!(pass.args, ["--help"]);
     }
 
     #[test]

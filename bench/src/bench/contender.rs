@@ -122,13 +122,13 @@ pub fn start(contender: Contender, env: &Env<'_>) -> Result<Running> {
 /// but for intercepted connections) in the bastion; the contenders that
 /// reach the target without tcpgate need it gone.
 fn remove_guard(env: &Env<'_>) -> Result<()> {
-    crate::cmd::read(
+    tcpgate_tests::cmd::run_checked(
         env.topo
             .bastion
             .command(env.agent_binary)
             .args(["firewall", "remove"]),
-    )
-    .map(drop)
+    )?;
+    Ok(())
 }
 
 /// Every port tcpgate intercepts on the target prefix: the data-path

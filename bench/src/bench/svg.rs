@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 
+use super::goals::absolute_target;
 use super::machine::Machine;
 use super::results::{Metric, Results};
 use super::settings::Settings;
@@ -36,13 +37,8 @@ fn label(subject: &str) -> &str {
 }
 
 /// An absolute goal drawn as a dashed line: (value, label).
-fn goal_line(metric: Metric) -> Option<(f64, &'static str)> {
-    match metric {
-        Metric::ConnectionsPerSecond => Some((20_000.0, "goal ≥ 20,000")),
-        Metric::RssIdleSessions => Some((64.0, "goal ≤ 64")),
-        Metric::TeardownP99 => Some((50.0, "goal ≤ 50")),
-        _ => None,
-    }
+fn goal_line(metric: Metric) -> Option<(f64, String)> {
+    absolute_target(metric).map(|target| (target.limit(), format!("goal {target}")))
 }
 
 fn escape(text: &str) -> String {
@@ -130,7 +126,7 @@ fn panel(svg: &mut String, results: &Results, metric: Metric, x0: f64, y0: f64) 
     let top = summaries
         .iter()
         .map(|(_, s)| s.max.max(s.median))
-        .fold(goal.map_or(0.0, |(v, _)| v), f64::max);
+        .fold(goal.as_ref().map_or(0.0, |(v, _)| *v), f64::max);
     let scale_max = if top > 0.0 { top * 1.18 } else { 1.0 };
     let (plot_top, plot_bottom) = (y0 + 40.0, y0 + PANEL_H - 36.0);
     let plot_h = plot_bottom - plot_top;
@@ -142,8 +138,8 @@ fn panel(svg: &mut String, results: &Results, metric: Metric, x0: f64, y0: f64) 
         x0 + PANEL_W - 30.0
     );
     let y_of = |v: f64| plot_bottom - (v / scale_max).clamp(0.0, 1.0) * plot_h;
-    if let Some((value, _)) = goal {
-        let y = y_of(value);
+    if let Some((value, _)) = &goal {
+        let y = y_of(*value);
         let _ = writeln!(
             svg,
             "<line x1=\"{x0}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#2a2\" \
@@ -205,6 +201,7 @@ mod tests {
                 quick: true,
                 runs: None,
                 only: vec![],
+                out: "target/bench".into(),
             })
             .expect("settings");
         let svg = chart(&r, &machine, &settings);

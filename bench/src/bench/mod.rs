@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: tcpgate against the direct path, HAProxy, socat and
+//! `tcpgate-bench bench` (run by `cargo xtask bench`): tcpgate against the direct path, HAProxy, socat and
 //! its own user-space fallback, in network namespaces of its own.
 //!
 //! The runner ⇄ bastion ⇄ target topology is the tests' one
@@ -16,7 +16,6 @@ mod interrupt;
 mod iperf;
 mod latency;
 mod machine;
-mod optimized;
 mod phases;
 mod report;
 mod results;
@@ -26,15 +25,11 @@ mod settings;
 mod stats;
 mod svg;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 use tcpgate_tests::{Netns, Topology};
-
-use crate::build::{self, Profile};
-use crate::host::Host;
-use crate::setup;
 
 use servers::Behaviour;
 pub use settings::BenchArgs;
@@ -75,20 +70,12 @@ const TOOLS: [(&str, &str); 5] = [
     ("ss", "iproute2"),
 ];
 
-pub fn run(host: &Host, args: &BenchArgs) -> Result<()> {
-    if !host.is_root {
+pub fn run(tcpgate: &Path, args: &BenchArgs) -> Result<()> {
+    if !crate::is_root() {
         bail!("the bench needs root: it creates network namespaces and loads eBPF");
-    }
-    if optimized::is_debug_build() {
-        return optimized::reexec_release(host);
     }
     let mut settings = settings::Settings::from_args(args)?;
     interrupt::install()?;
-    setup::ensure(host)?;
-    println!(
-        "bench: building the agent in release mode (cargo build --release -p proxy-userspace)"
-    );
-    let agent_binary = build::tcpgate_binary(host, Profile::Release)?;
     // For profiling: a wrapper that execs the agent under perf, valgrind...
     let agent_binary = match std::env::var_os(AGENT_OVERRIDE_ENV) {
         Some(wrapper) if !wrapper.is_empty() => {
@@ -98,16 +85,25 @@ pub fn run(host: &Host, args: &BenchArgs) -> Result<()> {
             );
             PathBuf::from(wrapper)
         }
-        _ => agent_binary,
+        _ => tcpgate.to_owned(),
     };
     for (tool, package) in TOOLS {
-        if host.find_program(tool).is_none() {
+        if which::which(tool).is_err() {
             bail!("`{tool}` is missing; install it with `apt-get install {package}`");
         }
     }
     let mut results = results::Results::default();
+    // The load generator and the servers run in this process: unoptimized,
+    // they throttle the connection-rate and latency figures.
+    if cfg!(debug_assertions) {
+        results.note(
+            "tcpgate-bench is an unoptimized build: connection rates and latencies are \
+             understated (`cargo xtask bench` builds it with --release)"
+                .to_owned(),
+        );
+    }
     fit_sessions_to_fd_limit(&mut settings, &mut results)?;
-    let out_dir = host.workspace.join("target/bench");
+    let out_dir = &args.out;
     let started = Instant::now();
     let mut machine = machine::Machine::describe();
     println!(
@@ -127,16 +123,21 @@ pub fn run(host: &Host, args: &BenchArgs) -> Result<()> {
     let goals = goals::evaluate(&results);
     print!("{}", report::terminal(&results, &goals));
     if !results.series.is_empty() {
-        report::write_all(&out_dir, &results, &goals, &machine, &settings)?;
+        report::write_all(out_dir, &results, &goals, &machine, &settings)?;
         println!(
             "\nbench: wrote {} (results.json, results.md, chart.svg) in {}; load average {} → {}",
             out_dir.display(),
-            crate::took(started),
+            took(started),
             machine.load_before,
             machine.load_after
         );
     }
     outcome
+}
+
+/// Seconds since `started`, for progress lines.
+fn took(started: Instant) -> String {
+    format!("{:.1}s", started.elapsed().as_secs_f64())
 }
 
 /// Sets up the namespaces and servers, runs every phase, and tears it all

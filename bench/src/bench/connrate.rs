@@ -9,11 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use tcpgate_tests::Netns;
+use tcpgate_tests::{Netns, preamble};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-
-use super::auth::response_header;
 
 /// Load generator threads, each with its own single-threaded runtime
 /// inside the runner namespace (sockets are created in the namespace of
@@ -149,11 +147,11 @@ async fn cycle(addr: SocketAddr, preamble: Option<&[u8]>) -> Result<()> {
             .read_exact(&mut header)
             .await
             .context("read the agent's response")?;
-        let (status, len) = response_header(&header)?;
+        let (status, len) = preamble::answer_header(&header)?;
         let mut message = vec![0u8; len];
         stream.read_exact(&mut message).await?;
         ensure!(
-            status == 0,
+            status == preamble::OK,
             "agent refused the token (status {status}): {}",
             String::from_utf8_lossy(&message)
         );

@@ -118,9 +118,9 @@ pub fn terminal(results: &Results, goals: &[Goal]) -> String {
             out,
             "  {:<6} {:<58} {:<44} target {}",
             g.verdict(),
-            g.goal,
-            g.shown,
-            g.target
+            g.name,
+            g.shown(),
+            g.target_text()
         );
     }
     out
@@ -172,9 +172,9 @@ pub fn markdown(
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} |",
-            g.goal,
-            g.shown,
-            g.target,
+            g.name,
+            g.shown(),
+            g.target_text(),
             g.verdict()
         );
     }
@@ -208,14 +208,26 @@ pub fn json(
         })
         .collect();
     json!({
-        "tool": "cargo xtask bench",
+        "tool": "cargo xtask bench (tcpgate-bench bench)",
         "settings": settings,
         "machine": machine,
         "agent_build": "release (cargo build --release -p proxy-userspace)",
         "contenders": Contender::ALL.map(Contender::name),
         "figures": figures,
-        "goals": goals,
+        "goals": goals.iter().map(goal_json).collect::<Vec<_>>(),
         "notes": results.notes,
+    })
+}
+
+/// A goal as results.json has it: the target rendered, and its limit.
+fn goal_json(goal: &Goal) -> serde_json::Value {
+    json!({
+        "goal": goal.name,
+        "value": goal.figure.as_ref().map(|f| f.value),
+        "shown": goal.shown(),
+        "target": goal.target_text(),
+        "limit": goal.target.limit(),
+        "met": goal.met(),
     })
 }
 

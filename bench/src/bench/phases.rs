@@ -5,9 +5,10 @@
 use std::time::Instant;
 
 use anyhow::{Context as _, Result};
+use tcpgate_tests::preamble;
 use tcpgate_tests::topology::TARGET_V4;
 
-use super::auth::{Keys, encode_preamble, request_grant};
+use super::auth::{Keys, request_grant};
 use super::connrate;
 use super::contender::{self, Contender, Env, Service};
 use super::cpu::CpuSpent;
@@ -33,7 +34,7 @@ pub struct Bench<'a> {
 
 impl Bench<'_> {
     fn progress(&self, line: &str) {
-        println!("[{:>5}] {line}", crate::took(self.started));
+        println!("[{:>5}] {line}", super::took(self.started));
     }
 }
 
@@ -152,8 +153,8 @@ pub fn connrate(bench: &Bench<'_>, results: &mut Results) -> Result<()> {
                         "ebpf",
                         &contender::agent_config_extra(Some(&sections)),
                     )?;
-                    let token = keys.token(3600)?;
-                    let preamble = encode_preamble(&token)?;
+                    let token = keys.token(3600);
+                    let preamble = preamble::encode(&token);
                     let addr = contender::target_bind(ports::CONN_PREAMBLE);
                     rate_of(
                         bench,
@@ -253,10 +254,7 @@ pub fn rss(bench: &Bench<'_>, results: &mut Results) -> Result<()> {
                 datapath,
                 &contender::agent_config_extra(sections.as_deref()),
             )?;
-            let preamble = bench
-                .keys
-                .map(|keys| keys.token(3600).and_then(|t| encode_preamble(&t)))
-                .transpose()?;
+            let preamble = bench.keys.map(|keys| preamble::encode(&keys.token(3600)));
             let addr = contender::target_bind(ports::IDLE);
             let rss = sessions::idle_rss(
                 &bench.env.topo.runner,
@@ -307,7 +305,7 @@ pub fn teardown(bench: &Bench<'_>, results: &mut Results) -> Result<()> {
             "ebpf",
             &contender::agent_config_extra(Some(&keys.agent_sections())),
         )?;
-        let token = keys.token(3600)?;
+        let token = keys.token(3600);
         let lifetime = format!("{}s", s.grant_lifetime_s);
         let grant = bench
             .env

@@ -1,5 +1,6 @@
-//! `cargo xtask bench` arguments and what they turn into.
+//! `tcpgate-bench bench` arguments and what they turn into.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
@@ -20,6 +21,9 @@ pub struct BenchArgs {
     /// Run only these measures (repeat or comma-separate).
     #[arg(long, value_name = "NAME", value_enum, value_delimiter = ',')]
     pub only: Vec<Measure>,
+    /// Where results.json, results.md and chart.svg go.
+    #[arg(long, value_name = "DIR", default_value = "target/bench")]
+    pub out: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize)]
@@ -106,7 +110,12 @@ mod tests {
     use super::*;
 
     fn args(quick: bool, runs: Option<u16>, only: Vec<Measure>) -> BenchArgs {
-        BenchArgs { quick, runs, only }
+        BenchArgs {
+            quick,
+            runs,
+            only,
+            out: PathBuf::from("target/bench"),
+        }
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `cargo xtask demo`: the main job, end to end, on an embedded default.
+//! `tcpgate-bench demo` (run by `cargo xtask demo`): the main job, end to end, on an embedded default.
 //!
 //! A runner, a bastion and a target in network namespaces of the demo's
 //! own. The agent on the bastion intercepts 192.0.2.0/24, checks tokens
@@ -10,12 +10,10 @@
 
 mod scenario;
 
+use std::path::Path;
+
 use anyhow::{Result, bail};
 use clap::Args;
-
-use crate::build::{self, Profile};
-use crate::host::Host;
-use crate::setup;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -27,11 +25,9 @@ pub struct DemoArgs {
     pub verbose: bool,
 }
 
-pub fn run(host: &Host, args: &DemoArgs) -> Result<()> {
-    if !host.is_root {
+pub fn run(tcpgate: &Path, args: &DemoArgs) -> Result<()> {
+    if !crate::is_root() {
         bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
     }
-    setup::ensure(host)?;
-    let tcpgate = build::tcpgate_binary(host, Profile::Debug)?;
-    scenario::run(&tcpgate, args)
+    scenario::run(tcpgate, args)
 }

@@ -7,12 +7,12 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use tcpgate_tests::Netns;
+use tcpgate_tests::{Netns, preamble};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-use super::auth::{Grant, response_header};
+use super::auth::Grant;
 use super::interrupt;
 use super::servers::Shared;
 
@@ -50,11 +50,11 @@ async fn open(addr: SocketAddr, preamble: Option<&[u8]>, hello: &[u8]) -> Result
             .read_exact(&mut header)
             .await
             .context("agent response")?;
-        let (status, len) = response_header(&header)?;
+        let (status, len) = preamble::answer_header(&header)?;
         let mut message = vec![0u8; len];
         stream.read_exact(&mut message).await?;
         ensure!(
-            status == 0,
+            status == preamble::OK,
             "token refused: {}",
             String::from_utf8_lossy(&message)
         );
