@@ -39,8 +39,10 @@ enum Verb {
     Build(build::BuildArgs),
     /// Run every test, including the privileged integration tests (as root).
     ///
-    /// Runs setup, checks formatting, builds tcpgate, then `cargo test` for
-    /// the whole workspace with TCPGATE_BIN pointing at the binary and
+    /// Runs setup, checks formatting, runs clippy on the whole workspace
+    /// (tcpgate-bench included; warnings fail), shellchecks scripts/, builds
+    /// tcpgate, then `cargo test` for the whole workspace with TCPGATE_BIN
+    /// pointing at the binary and
     /// TCPGATE_PRIVILEGED_TESTS=required, so tests that need root, network
     /// namespaces or eBPF fail instead of skipping.
     Test(test::TestArgs),
