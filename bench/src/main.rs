@@ -8,10 +8,9 @@
 mod bench;
 mod demo;
 
-use std::path::PathBuf;
-use std::process::ExitCode;
-
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,28 +47,19 @@ enum Verb {
     Demo(demo::DemoArgs),
 }
 
-fn main() -> ExitCode {
+/// Errors print with their causes (anyhow's `Debug`) and exit 1.
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let result = match cli.tcpgate {
-        None => Err(anyhow::anyhow!(
+    let tcpgate = cli.tcpgate.with_context(|| {
+        format!(
             "which tcpgate binary? Pass --tcpgate PATH or set {} \
              (`cargo xtask bench` and `cargo xtask demo` do)",
             tcpgate_tests::agent::BIN_ENV
-        )),
-        Some(tcpgate) => match &cli.verb {
-            Verb::Bench(args) => bench::run(&tcpgate, args),
-            Verb::Demo(args) => demo::run(&tcpgate, args),
-        },
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("tcpgate-bench: error: {err}");
-            for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
-            ExitCode::FAILURE
-        }
+        )
+    })?;
+    match &cli.verb {
+        Verb::Bench(args) => bench::run(&tcpgate, args),
+        Verb::Demo(args) => demo::run(&tcpgate, args),
     }
 }
 

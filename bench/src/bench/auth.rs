@@ -10,8 +10,11 @@ use std::time::SystemTime;
 use anyhow::{Context as _, Result, ensure};
 use jsonwebtoken::Algorithm;
 use serde_json::json;
+use tcpgate_tests::preamble;
 use tcpgate_tests::tokens::{AUDIENCE, ISSUER, TestKey, claims_with, jwks, unix_now};
 use tcpgate_tests::topology::{BASTION_RUNNER_V4, TARGET_V4};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 
 use super::ports;
 
@@ -68,6 +71,32 @@ impl Keys {
     }
 }
 
+/// Sends an encoded token `preamble` and fails unless the agent admits it:
+/// the async side of `tcpgate_tests::preamble::authenticate`.
+pub async fn authenticate(stream: &mut TcpStream, preamble: &[u8]) -> Result<()> {
+    stream
+        .write_all(preamble)
+        .await
+        .context("send the preamble")?;
+    let mut header = [0u8; 8];
+    stream
+        .read_exact(&mut header)
+        .await
+        .context("read the agent's answer")?;
+    let (status, len) = preamble::answer_header(&header)?;
+    let mut message = vec![0u8; len];
+    stream
+        .read_exact(&mut message)
+        .await
+        .context("read the agent's answer")?;
+    ensure!(
+        status == preamble::OK,
+        "the agent refused the token (status {status}): {}",
+        String::from_utf8_lossy(&message)
+    );
+    Ok(())
+}
+
 /// A source-bound grant the agent issued.
 #[derive(Debug, Clone)]
 pub struct Grant {
@@ -109,7 +138,6 @@ pub fn request_grant(token: &str, port: u16, lifetime: &str) -> Result<Grant> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tcpgate_tests::preamble;
 
     /// The bench speaks the agent's wire formats through the testkit's
     /// codec: checked here against the tcpgate library itself (a

@@ -9,9 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use tcpgate_tests::{Netns, preamble};
+use tcpgate_tests::Netns;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
+
+use super::auth::authenticate;
 
 /// Load generator threads, each with its own single-threaded runtime
 /// inside the runner namespace (sockets are created in the namespace of
@@ -141,20 +143,7 @@ async fn cycle(addr: SocketAddr, preamble: Option<&[u8]>) -> Result<()> {
     let mut stream = TcpStream::connect(addr).await.context("connect")?;
     stream.set_nodelay(true)?;
     if let Some(preamble) = preamble {
-        stream.write_all(preamble).await.context("send preamble")?;
-        let mut header = [0u8; 8];
-        stream
-            .read_exact(&mut header)
-            .await
-            .context("read the agent's response")?;
-        let (status, len) = preamble::answer_header(&header)?;
-        let mut message = vec![0u8; len];
-        stream.read_exact(&mut message).await?;
-        ensure!(
-            status == preamble::OK,
-            "agent refused the token (status {status}): {}",
-            String::from_utf8_lossy(&message)
-        );
+        authenticate(&mut stream, preamble).await?;
     }
     stream.write_all(b"x").await.context("send the byte")?;
     let mut byte = [0u8; 1];

@@ -7,12 +7,12 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use tcpgate_tests::{Netns, preamble};
+use tcpgate_tests::Netns;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-use super::auth::Grant;
+use super::auth::{Grant, authenticate};
 use super::interrupt;
 use super::servers::Shared;
 
@@ -44,20 +44,7 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
 async fn open(addr: SocketAddr, preamble: Option<&[u8]>, hello: &[u8]) -> Result<TcpStream> {
     let mut stream = TcpStream::connect(addr).await.context("connect")?;
     if let Some(preamble) = preamble {
-        stream.write_all(preamble).await?;
-        let mut header = [0u8; 8];
-        stream
-            .read_exact(&mut header)
-            .await
-            .context("agent response")?;
-        let (status, len) = preamble::answer_header(&header)?;
-        let mut message = vec![0u8; len];
-        stream.read_exact(&mut message).await?;
-        ensure!(
-            status == preamble::OK,
-            "token refused: {}",
-            String::from_utf8_lossy(&message)
-        );
+        authenticate(&mut stream, preamble).await?;
     }
     stream.write_all(hello).await?;
     let mut back = vec![0u8; hello.len()];

@@ -78,6 +78,38 @@ fn runner_cli(topo: &Topology, tcpgate: &Path, args: &[&str]) -> Result<std::pro
         .context("run the tcpgate CLI")
 }
 
+/// `tcpgate grant` in the runner namespace; fails with its stderr.
+fn runner_grant(
+    topo: &Topology,
+    tcpgate: &Path,
+    token_file: &str,
+    api: &str,
+    ca: &str,
+    allow: &str,
+) -> Result<std::process::Output> {
+    let grant = runner_cli(
+        topo,
+        tcpgate,
+        &[
+            "grant",
+            "--token-file",
+            token_file,
+            "--api",
+            api,
+            "--ca",
+            ca,
+            "--allow",
+            allow,
+        ],
+    )?;
+    ensure!(
+        grant.status.success(),
+        "tcpgate grant failed: {}",
+        String::from_utf8_lossy(&grant.stderr)
+    );
+    Ok(grant)
+}
+
 /// Waits (bounded) for the first audit event that `pred` accepts.
 fn audit_event(agent: &Agent, what: &str, pred: impl Fn(&Value) -> bool) -> Result<Value> {
     agent
@@ -212,26 +244,7 @@ pub fn run(tcpgate: &Path, args: &DemoArgs) -> Result<()> {
     );
     let api = format!("https://{BASTION_RUNNER_V4}:8443");
     let allow = format!("{TARGET_V4}={SERVICE_PORT}");
-    let grant = runner_cli(
-        &topo,
-        tcpgate,
-        &[
-            "grant",
-            "--token-file",
-            token_path,
-            "--api",
-            &api,
-            "--ca",
-            &ca,
-            "--allow",
-            &allow,
-        ],
-    )?;
-    ensure!(
-        grant.status.success(),
-        "tcpgate grant failed: {}",
-        String::from_utf8_lossy(&grant.stderr)
-    );
+    let grant = runner_grant(&topo, tcpgate, token_path, &api, &ca, &allow)?;
     println!("  $ tcpgate grant --token-file job.jwt --api {api} --ca ca.pem --allow {allow}");
     for line in String::from_utf8_lossy(&grant.stdout).lines() {
         println!("  {line}");
@@ -281,26 +294,14 @@ pub fn run(tcpgate: &Path, args: &DemoArgs) -> Result<()> {
     let short = agent.dir().join("short.jwt");
     std::fs::write(&short, key.sign(&claims_with(&[("exp", json!(exp))])))?;
     let allow = format!("{TARGET_V4}={DATABASE_PORT}");
-    let grant = runner_cli(
+    runner_grant(
         &topo,
         tcpgate,
-        &[
-            "grant",
-            "--token-file",
-            short.to_str().context("utf-8")?,
-            "--api",
-            &api,
-            "--ca",
-            &ca,
-            "--allow",
-            &allow,
-        ],
+        short.to_str().context("utf-8")?,
+        &api,
+        &ca,
+        &allow,
     )?;
-    ensure!(
-        grant.status.success(),
-        "tcpgate grant failed: {}",
-        String::from_utf8_lossy(&grant.stderr)
-    );
     println!("  $ tcpgate grant --token-file short.jwt --api {api} --ca ca.pem --allow {allow}");
     let addr = SocketAddr::from((TARGET_V4, DATABASE_PORT));
     let mut stream = topo.runner.run(move || TcpStream::connect(addr))?;
