@@ -21,6 +21,7 @@ use crate::setup;
 /// Arguments handed to `tcpgate-bench bench|demo` unchanged.
 #[derive(Args, Debug)]
 pub struct PassArgs {
+    /// Passed to tcpgate-bench unchanged (after `--` too).
     #[arg(
         trailing_var_arg = true,
         allow_hyphen_values = true,
