@@ -6,7 +6,6 @@
 //! Every test stages into its own temporary --destdir (or --root), so they
 //! run in parallel and never touch the host's /usr/local, /etc or accounts.
 
-mod common;
 #[allow(
     dead_code,
     reason = "shared with install_service.rs and install_systemd.rs"

@@ -3,19 +3,17 @@
 //! pinned session map, and `tcpgate revoke` when the agent's API does not
 //! answer. `/metrics` is in metrics.rs.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use common::auth::AuthFixture;
-use common::operator::{
+use serde_json::Value;
+use tcpgate_tests::auth_fixture::AuthFixture;
+use tcpgate_tests::operator::{
     self as op, Continue, TempGroup, cli_in, open_session, run, sessions_json, sized_server,
 };
-use common::wait_events;
-use serde_json::Value;
+use tcpgate_tests::wait_events;
 use tcpgate_tests::{Agent, Signal, Topology, require_root};
 
 fn start(topo: &Topology, agent_extra: &str) -> Result<Agent> {
@@ -163,7 +161,7 @@ fn bpftool_dumps_the_session_map_with_field_names() -> Result<()> {
     let server = sized_server(&topo)?;
     let agent = start(&topo, "")?;
     let stream = open_session(&topo, 4_321, 1_234)?;
-    let entries = common::pinned_entries(agent.pin_dir(), "sessions")?;
+    let entries = tcpgate_tests::pinned_entries(agent.pin_dir(), "sessions")?;
     ensure!(entries.len() == 1, "{entries:?}");
     // With BTF, `bpftool -j` adds the decoded record under "formatted".
     let value = &entries[0]["formatted"]["value"];

@@ -4,8 +4,6 @@
 //! `ProxyCommand` (a preamble per connection), also under rsync and git, and
 //! how `tcpgate connect` ends when its session does.
 
-mod common;
-
 mod real_clients {
     pub mod connect_end;
     pub mod first_deployment;
@@ -19,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use common::auth::AuthFixture;
-use common::wait_events;
+use tcpgate_tests::auth_fixture::AuthFixture;
+use tcpgate_tests::wait_events;
 use tcpgate_tests::{ChildGuard, Netns, require_root};
 
 /// Debian's PostgreSQL server binaries (`/usr/lib/postgresql/<major>/bin`).

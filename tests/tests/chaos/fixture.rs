@@ -15,7 +15,7 @@ use tcpgate_tests::topology::{BASTION_RUNNER_IF, TARGET_V4};
 use tcpgate_tests::{Agent, Netns, Topology};
 
 use super::upstream::Upstream;
-use crate::common::auth::{Keys, authenticate};
+use tcpgate_tests::auth_fixture::{Keys, authenticate};
 
 /// The intercepted service port (on 192.0.2.0/24 and the islands).
 pub const SERVICE_PORT: u16 = 9000;
@@ -79,7 +79,7 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn start(options: Options) -> Result<Self> {
-        crate::common::raise_nofile();
+        tcpgate_tests::raise_nofile();
         let topo = Topology::new()?;
         let upstream = Upstream::start(&topo.target, service())?;
         let auth = if options.auth {
@@ -167,7 +167,7 @@ impl Fixture {
     /// Audit events of `kind`, once at least `n` are there (bounded wait).
     /// Polls slowly: the audit of a junk flood is thousands of lines.
     pub fn wait_audit(&self, kind: &str, n: usize, timeout: Duration) -> Result<Vec<Value>> {
-        crate::common::wait_events_within(&self.agent, kind, n, timeout)
+        tcpgate_tests::wait_events_within(&self.agent, kind, n, timeout)
     }
 
     /// Waits (bounded) until the agent holds no session: the operator
@@ -196,14 +196,14 @@ impl Fixture {
         let gauge = self.sessions_live_gauge()?;
         ensure!(gauge == 0.0, "tcpgate_sessions_live is {gauge}");
         if self.is_ebpf() {
-            crate::common::assert_maps_empty(&self.pin_dir)?;
+            tcpgate_tests::assert_maps_empty(&self.pin_dir)?;
         }
         Ok(())
     }
 
     /// Entries of a pinned map, read with bpftool (kernel path only).
     pub fn map_len(&self, map: &str) -> Result<usize> {
-        Ok(crate::common::pinned_entries(&self.pin_dir, map)?.len())
+        Ok(tcpgate_tests::pinned_entries(&self.pin_dir, map)?.len())
     }
 }
 
