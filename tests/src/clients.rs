@@ -36,14 +36,7 @@ impl HttpServer {
             .arg(dir.path());
         let child = crate::ChildGuard::spawn_logged(&mut command, dir.path(), "http")?;
         let addr = SocketAddr::new(bind, port);
-        crate::eventually(
-            Duration::from_secs(20),
-            &format!("http server on {addr} to start"),
-            || {
-                ns.run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
-                    .is_ok()
-            },
-        )?;
+        wait_listening(ns, addr, "http server", Duration::from_secs(20))?;
         Ok(Self {
             _child: child,
             _dir: dir,
@@ -100,4 +93,18 @@ pub fn dial_from(
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(20)))?;
     Ok(stream)
+}
+
+/// Waits (bounded) until something accepts TCP connections on `addr`
+/// inside `ns`; the error names `what`.
+pub fn wait_listening(
+    ns: &crate::Netns,
+    addr: SocketAddr,
+    what: &str,
+    timeout: Duration,
+) -> Result<(), crate::NotWithin> {
+    crate::eventually(timeout, &format!("{what} listening on {addr}"), || {
+        ns.run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
+            .is_ok()
+    })
 }

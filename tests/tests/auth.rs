@@ -349,15 +349,8 @@ fn sighup_reloads_the_policy() -> Result<()> {
     );
     std::fs::write(&path, narrowed)?;
     fx.agent.signal(tcpgate_tests::Signal::SIGHUP)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !fx.agent.logs().contains("reloaded the policy") {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "no reload: {}",
-            fx.agent.logs_tail(10)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    fx.agent
+        .wait_for_log("reloaded the policy", Duration::from_secs(20))?;
     let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
     let (status, message) = authenticate(&mut stream, &fx.token())?;
     ensure!(

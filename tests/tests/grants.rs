@@ -284,14 +284,11 @@ fn connect_helper_relays_and_forwards() -> Result<()> {
     ]);
     let _forwarder = ChildGuard::spawn_logged(&mut forward, fx.agent.dir(), "forwarder")?;
     let addr: SocketAddr = "127.0.0.1:15000".parse()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut local = loop {
-        match fx.topo.runner.run(move || TcpStream::connect(addr)) {
-            Ok(stream) => break stream,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Err(e.into()),
-        }
-    };
+    let mut local = tcpgate_tests::eventually(
+        Duration::from_secs(10),
+        "the forwarder to listen on 127.0.0.1:15000",
+        || fx.topo.runner.run(move || TcpStream::connect(addr)).ok(),
+    )?;
     local.set_read_timeout(Some(Duration::from_secs(20)))?;
     let mut greeting = [0u8; 6];
     local.read_exact(&mut greeting)?;

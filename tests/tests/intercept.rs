@@ -278,15 +278,7 @@ fn sighup_reload_changes_the_set_and_keeps_live_sessions() -> Result<()> {
 
     std::fs::write(&config_path, reloaded)?;
     agent.signal(Signal::SIGHUP)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !agent.logs().contains("reloaded the intercepted set") {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "no reload: {}",
-            agent.logs_tail(10)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    agent.wait_for_log("reloaded the intercepted set", Duration::from_secs(20))?;
     echo_once(&mut live, b"after reload, same session")?;
 
     let mut direct = dial(TARGET_V4)?;

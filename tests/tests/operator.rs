@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
@@ -300,17 +300,19 @@ fn revoke_without_the_api_destroys_the_sessions_of_a_stopped_agent() -> Result<(
     }
     // Once running, the agent revokes the grant itself: its source is no
     // longer admitted.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let args = ["grants", "--json", "--admin", &admin];
-        let (_, stdout, _) = run(cli_in(&fx.topo.bastion, &bin, &args)?)?;
-        let listing: Value = serde_json::from_str(&stdout).unwrap_or_default();
-        if listing["source"] == "api" && listing["grants"].as_array().is_some_and(Vec::is_empty) {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "grant still listed: {listing:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut listing = Value::Null;
+    tcpgate_tests::eventually(
+        Duration::from_secs(20),
+        "the agent to revoke the flagged grant",
+        || -> Result<bool> {
+            let args = ["grants", "--json", "--admin", &admin];
+            let (_, stdout, _) = run(cli_in(&fx.topo.bastion, &bin, &args)?)?;
+            listing = serde_json::from_str(&stdout).unwrap_or_default();
+            Ok(listing["source"] == "api"
+                && listing["grants"].as_array().is_some_and(Vec::is_empty))
+        },
+    )
+    .with_context(|| format!("grant still listed: {listing:#}"))?;
     let mut again = fx.dial_from_runner(AuthFixture::target(9000))?;
     again.write_all(b"no preamble")?;
     ensure!(op::ended(&mut again), "the revoked source is refused");

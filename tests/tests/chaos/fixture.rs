@@ -4,7 +4,7 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use serde_json::Value;
@@ -174,20 +174,20 @@ impl Fixture {
     /// endpoint lists none, the gauge reads 0, and on the kernel path the
     /// pinned session and socket maps are empty (read with bpftool).
     pub fn wait_idle(&self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let state = self.idle_state();
-            match state {
-                Ok(()) => return Ok(()),
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(e.context(format!(
-                        "the agent still holds sessions 15 s after the last one ended\n{}",
-                        self.agent.logs_tail(20)
-                    )));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
+        // A busy agent is "not yet"; the last reason why is the error.
+        let mut busy = None;
+        let idle = tcpgate_tests::eventually(Duration::from_secs(15), "the agent idle", || {
+            busy = self.idle_state().err();
+            busy.is_none()
+        });
+        idle.map_err(|timeout| {
+            busy.take()
+                .unwrap_or_else(|| timeout.into())
+                .context(format!(
+                    "the agent still holds sessions 15 s after the last one ended\n{}",
+                    self.agent.logs_tail(20)
+                ))
+        })
     }
 
     fn idle_state(&self) -> Result<()> {
