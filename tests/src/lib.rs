@@ -1,6 +1,6 @@
 //! Test support for the privileged integration tests (and the fixtures
 //! they share: [`fixture`], [`auth_fixture`], [`operator`], [`firewall`],
-//! [`inspect`], [`clients`]; waits go through [`eventually`]).
+//! [`inspect`], [`clients`], [`install`]; waits go through [`eventually`]).
 //!
 //! Every resource here is an RAII guard: network namespaces, child processes,
 //! the agent, its bpffs pin directory. Guards clean up in `Drop`, also while a
@@ -31,6 +31,7 @@ pub mod cmd;
 pub mod firewall;
 pub mod fixture;
 pub mod inspect;
+pub mod install;
 pub mod jwks_server;
 pub mod metrics;
 pub mod netns;

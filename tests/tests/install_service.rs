@@ -6,16 +6,13 @@
 //! Users, groups and namespaces are unique per test and removed on drop, so
 //! the tests run in parallel.
 
-#[allow(dead_code, reason = "shared with install.rs and install_systemd.rs")]
-mod install_support;
-
 use std::collections::BTreeSet;
 
 use anyhow::{Context, Result, ensure};
-use install_support::session::{echo_on_port_22, echo_through, ensure_spliced};
-use install_support::unprivileged::{Privileges, Wrapper, capability_set, ids};
-use install_support::{Staged, TestUser};
 use tcpgate_tests::auth_fixture::{AuthFixture, Launch, authenticate, echo_service, policy};
+use tcpgate_tests::install::session::{echo_on_port_22, echo_through, ensure_spliced};
+use tcpgate_tests::install::unprivileged::{Privileges, Wrapper, capability_set, ids};
+use tcpgate_tests::install::{Staged, TestUser};
 use tcpgate_tests::require_root;
 use tcpgate_tests::wait_events;
 

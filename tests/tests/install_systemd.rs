@@ -1,13 +1,10 @@
 //! The installed unit under a real systemd: `cargo xtask install` on a
-//! throwaway system (see install_support/systemd.rs), then `systemctl`.
-
-#[allow(dead_code, reason = "shared with install.rs and install_service.rs")]
-mod install_support;
+//! throwaway system (see tests/src/install/systemd.rs), then `systemctl`.
 
 use anyhow::{Context, Result, ensure};
-use install_support::session::{echo_on_port_22, echo_through, ensure_spliced};
-use install_support::systemd::Container;
 use tcpgate_tests::auth_fixture::{authenticate, policy};
+use tcpgate_tests::install::session::{echo_on_port_22, echo_through, ensure_spliced};
+use tcpgate_tests::install::systemd::Container;
 use tcpgate_tests::require_root;
 
 /// The agent's configuration inside the container: the example's layout
@@ -72,7 +69,7 @@ fn systemd_runs_the_installed_unit() -> Result<()> {
         container.path("/var/tmp/tcpgate"),
     )?;
     std::fs::copy(
-        install_support::xtask_binary()?,
+        tcpgate_tests::install::xtask_binary()?,
         container.path("/var/tmp/xtask"),
     )?;
     let installed =

@@ -77,7 +77,7 @@ impl Container {
     /// Boots systemd in the network namespace at `netns` and waits until it
     /// reports `running`.
     pub fn boot(netns: &Path) -> Result<Self> {
-        let id = tcpgate_tests::unique_name("tgsd");
+        let id = crate::unique_name("tgsd");
         let script_dir = tempfile::Builder::new().prefix("tg-systemd-").tempdir()?;
         let script = script_dir.path().join("boot.sh");
         std::fs::write(&script, BOOT_SCRIPT)?;
@@ -118,7 +118,7 @@ impl Container {
 
     fn find_pid1(&mut self) -> Result<u32> {
         let launcher = self.launcher.id();
-        tcpgate_tests::eventually(
+        crate::eventually(
             BOOT_TIMEOUT,
             "systemd to start",
             || -> Result<Option<u32>> {
@@ -146,7 +146,7 @@ impl Container {
 
     fn wait_running(&self) -> Result<()> {
         let mut state = String::new();
-        tcpgate_tests::eventually(
+        crate::eventually(
             BOOT_TIMEOUT,
             "the container's systemd running",
             || -> Result<bool> {
@@ -213,7 +213,7 @@ impl Container {
     /// which returns once ExecReload= has sent SIGHUP: the unit shows
     /// `reloading` until the agent reports READY=1 again.
     pub fn wait_until(&self, what: &str, done: impl Fn(&Self) -> Result<bool>) -> Result<()> {
-        tcpgate_tests::eventually(Duration::from_secs(30), what, || done(self))
+        crate::eventually(Duration::from_secs(30), what, || done(self))
     }
 
     /// The unit's journal, for failure messages.
@@ -244,7 +244,7 @@ impl Drop for Container {
 fn remove_cgroup_tree(root: &Path) {
     // Best effort, from a drop: a cgroup still there after the bound is
     // left to the next boot.
-    let _ = tcpgate_tests::eventually(Duration::from_secs(10), "cgroup removed", || {
+    let _ = crate::eventually(Duration::from_secs(10), "cgroup removed", || {
         let mut dirs = vec![root.to_path_buf()];
         let mut index = 0;
         while index < dirs.len() {
