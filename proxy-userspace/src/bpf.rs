@@ -170,7 +170,7 @@ impl LoadedBpf {
 
     /// Loads the embedded object with maps sized for `sizes`.
     pub fn load(sizes: MapSizes, pin_dir: &Path) -> Result<Self, BpfError> {
-        embedded_object()?;
+        let object = embedded_object()?;
         check_bpffs(pin_dir)?;
         let sessions = sizes.max_sessions;
         let sockets = sessions.saturating_mul(2);
@@ -182,7 +182,7 @@ impl LoadedBpf {
             .map_max_entries(map_names::DIRECTION_MODES, sockets)
             .map_max_entries(map_names::STREAM_SEQ, sockets)
             .override_global("SKB_CB_OFFSET", &sizes.skb_cb_offset, true)
-            .load(embedded_object()?)
+            .load(object)
             .map_err(BpfError::Load)?;
         Ok(Self {
             ebpf,
