@@ -31,6 +31,10 @@ pub enum BpfError {
         "cannot load the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON, and a kernel with sockmap support)"
     )]
     Load(#[source] aya::EbpfError),
+    /// The binary embeds no object: it was built with `AYA_BUILD_SKIP`
+    /// (unit tests without bpf-linker).
+    #[error("built with AYA_BUILD_SKIP: no eBPF object; rebuild without it")]
+    NoObject,
     #[error("the eBPF object has no map {0}")]
     MissingMap(&'static str),
     #[error("map {name} has an unexpected type")]
@@ -166,6 +170,7 @@ impl LoadedBpf {
 
     /// Loads the embedded object with maps sized for `sizes`.
     pub fn load(sizes: MapSizes, pin_dir: &Path) -> Result<Self, BpfError> {
+        let object = embedded_object()?;
         check_bpffs(pin_dir)?;
         let sessions = sizes.max_sessions;
         let sockets = sessions.saturating_mul(2);
@@ -177,7 +182,7 @@ impl LoadedBpf {
             .map_max_entries(map_names::DIRECTION_MODES, sockets)
             .map_max_entries(map_names::STREAM_SEQ, sockets)
             .override_global("SKB_CB_OFFSET", &sizes.skb_cb_offset, true)
-            .load(crate::EBPF_OBJECT)
+            .load(object)
             .map_err(BpfError::Load)?;
         Ok(Self {
             ebpf,
@@ -204,6 +209,20 @@ impl LoadedBpf {
     /// Takes a map out of the object, for a typed handle.
     pub fn take_map(&mut self, name: &'static str) -> Result<Map, BpfError> {
         self.ebpf.take_map(name).ok_or(BpfError::MissingMap(name))
+    }
+}
+
+/// The object build.rs embedded, or [`BpfError::NoObject`] when the build
+/// skipped the eBPF crate (it then embeds an empty file).
+pub fn embedded_object() -> Result<&'static [u8], BpfError> {
+    object_or_skipped(crate::EBPF_OBJECT)
+}
+
+fn object_or_skipped(object: &'static [u8]) -> Result<&'static [u8], BpfError> {
+    if object.is_empty() {
+        Err(BpfError::NoObject)
+    } else {
+        Ok(object)
     }
 }
 
@@ -298,6 +317,33 @@ pub fn remove_pins(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_object_says_the_build_skipped_ebpf() {
+        let err = object_or_skipped(&[]).expect_err("empty object");
+        assert_eq!(
+            err.to_string(),
+            "built with AYA_BUILD_SKIP: no eBPF object; rebuild without it"
+        );
+        assert_eq!(object_or_skipped(b"\x7fELF").ok(), Some(&b"\x7fELF"[..]));
+    }
+
+    #[test]
+    fn the_embedded_object_matches_the_build() {
+        // A normal build embeds an ELF object; a skipped one, nothing.
+        let skipped = option_env!("AYA_BUILD_SKIP")
+            .is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+        match embedded_object() {
+            Ok(object) => {
+                assert!(!skipped, "AYA_BUILD_SKIP set but an object is embedded");
+                assert!(object.starts_with(b"\x7fELF"), "not an ELF object");
+            }
+            Err(err) => {
+                assert!(skipped, "no eBPF object without AYA_BUILD_SKIP: {err}");
+                assert!(matches!(err, BpfError::NoObject));
+            }
+        }
+    }
 
     #[test]
     fn a_pin_dir_on_sysfs_says_bpffs_is_not_mounted_and_how_to_fix_it() {

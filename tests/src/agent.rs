@@ -65,6 +65,12 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Audit(#[from] AuditError),
+    #[error("{waited}; stderr tail:\n{stderr_tail}")]
+    LogNotSeen {
+        #[source]
+        waited: crate::NotWithin,
+        stderr_tail: String,
+    },
 }
 
 /// The workspace root: the parent of this crate's directory.
@@ -356,6 +362,18 @@ impl Agent {
 
     pub fn logs_tail(&self, lines: usize) -> String {
         tail(&self.logs(), lines)
+    }
+
+    /// Waits at most `timeout` until the agent's stderr contains `needle`
+    /// (a reload applied, say).
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<(), AgentError> {
+        crate::eventually(timeout, &format!("agent log line {needle:?}"), || {
+            self.logs().contains(needle)
+        })
+        .map_err(|waited| AgentError::LogNotSeen {
+            waited,
+            stderr_tail: self.logs_tail(10),
+        })
     }
 
     pub fn signal(&mut self, signal: Signal) -> Result<(), AgentError> {

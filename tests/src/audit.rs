@@ -1,11 +1,9 @@
 //! Reading the agent's JSON-lines audit file.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
-
-const AUDIT_POLL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -23,6 +21,8 @@ pub enum AuditError {
         #[source]
         source: serde_json::Error,
     },
+    #[error(transparent)]
+    Waited(#[from] crate::NotWithin),
     #[error("no matching event in audit file {path} within {timeout:?}; events so far: {events:?}")]
     Timeout {
         path: PathBuf,
@@ -70,19 +70,17 @@ pub fn wait_for_audit(
     pred: impl Fn(&Value) -> bool,
     timeout: Duration,
 ) -> Result<Value, AuditError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let events = read_audit(path)?;
-        if let Some(event) = events.iter().find(|e| pred(e)) {
-            return Ok(event.clone());
-        }
-        if Instant::now() >= deadline {
-            return Err(AuditError::Timeout {
-                path: path.to_owned(),
-                timeout,
-                events,
-            });
-        }
-        std::thread::sleep(AUDIT_POLL);
+    let mut events = Vec::new();
+    let found = crate::eventually(timeout, "a matching audit event", || {
+        events = read_audit(path)?;
+        Ok::<_, AuditError>(events.iter().find(|e| pred(e)).cloned())
+    });
+    match found {
+        Err(AuditError::Waited(_)) => Err(AuditError::Timeout {
+            path: path.to_owned(),
+            timeout,
+            events,
+        }),
+        other => other,
     }
 }

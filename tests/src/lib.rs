@@ -1,4 +1,6 @@
-//! Test support for the privileged integration tests.
+//! Test support for the privileged integration tests (and the fixtures
+//! they share: [`fixture`], [`auth_fixture`], [`operator`], [`firewall`],
+//! [`inspect`], [`clients`], [`install`]; waits go through [`eventually`]).
 //!
 //! Every resource here is an RAII guard: network namespaces, child processes,
 //! the agent, its bpffs pin directory. Guards clean up in `Drop`, also while a
@@ -22,14 +24,22 @@
 
 pub mod agent;
 pub mod audit;
+pub mod auth_fixture;
 pub mod bpffs;
+pub mod clients;
 pub mod cmd;
+pub mod firewall;
+pub mod fixture;
 pub mod http;
+pub mod inspect;
+pub mod install;
 pub mod jwks_server;
 pub mod metrics;
 pub mod netns;
 pub mod notify;
+pub mod operator;
 pub mod payload;
+pub mod poll;
 pub mod preamble;
 pub mod privileged;
 pub mod process;
@@ -43,13 +53,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use agent::{Agent, AgentBuilder, AgentError};
 pub use audit::{AuditError, read_audit, wait_for_audit};
 pub use bpffs::PinDir;
+pub use clients::{HttpServer, curl, dial_from};
 pub use cmd::CommandError;
+pub use fixture::{
+    DataPath, ForwardFixture, LISTEN_PORT, UPSTREAM_PORT, assert_bytes, assert_bytes_with,
+    intercept_config, intercept_prefixes, wait_events, wait_events_within,
+};
+pub use inspect::{
+    assert_maps_empty, pinned_entries, raise_nofile, routing_leftovers, rss_bytes, sk_lookup_links,
+};
 pub use netns::{Netns, NetnsError, NsThread};
 pub use nix::sys::signal::Signal;
 pub use notify::{NotifyError, NotifyListener};
 pub use payload::{
     Digest, Payload, SlowReader, read_exact_hashed, read_to_end_hashed, write_payload,
 };
+pub use poll::{NotWithin, eventually};
 pub use privileged::require_root;
 pub use process::{ChildGuard, ProcessError};
 pub use servers::{AcceptLoop, OneShot, ServerError, accept_loop, dial, serve_once};

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::{Signal, kill};
@@ -31,6 +31,8 @@ static ADD_LOCK: Mutex<()> = Mutex::new(());
 pub enum NetnsError {
     #[error(transparent)]
     Command(#[from] CommandError),
+    #[error(transparent)]
+    Waited(#[from] crate::NotWithin),
     #[error("cannot open network namespace {path}")]
     Open {
         path: PathBuf,
@@ -258,24 +260,24 @@ impl Netns {
     }
 
     fn kill_all(&self) -> Result<(), NetnsError> {
-        let deadline = Instant::now() + KILL_WAIT;
-        loop {
-            let pids = self.pids()?;
-            if pids.is_empty() {
-                return Ok(());
+        let mut pids = Vec::new();
+        let gone = crate::eventually(KILL_WAIT, "processes killed", || {
+            pids = self.pids()?;
+            for &pid in &pids {
+                // ESRCH just means it is already gone.
+                let _ = kill(pid, Signal::SIGKILL);
             }
-            if Instant::now() >= deadline {
+            Ok::<_, NetnsError>(pids.is_empty())
+        });
+        match gone {
+            Err(NetnsError::Waited(_)) => {
                 eprintln!(
                     "tcpgate-tests: processes {pids:?} still in netns {} after SIGKILL",
                     self.name
                 );
-                return Ok(());
+                Ok(())
             }
-            for pid in pids {
-                // ESRCH just means it is already gone.
-                let _ = kill(pid, Signal::SIGKILL);
-            }
-            thread::sleep(Duration::from_millis(20));
+            other => other,
         }
     }
 }

@@ -6,7 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -18,6 +18,8 @@ pub const DEFAULT_TERM_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
+    #[error(transparent)]
+    Waited(#[from] crate::NotWithin),
     #[error("could not start `{command}`")]
     Spawn {
         command: String,
@@ -139,18 +141,10 @@ impl ChildGuard {
     /// Waits at most `timeout` for the child to exit; `None` if it is still
     /// running then.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, ProcessError> {
-        let deadline = Instant::now() + timeout;
-        let mut pause = Duration::from_millis(1);
-        loop {
-            if let Some(status) = self.try_wait()? {
-                return Ok(Some(status));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            thread::sleep(pause.min(deadline - now));
-            pause = (pause * 2).min(Duration::from_millis(50));
+        match crate::eventually(timeout, "exit", || self.try_wait()) {
+            Ok(status) => Ok(Some(status)),
+            Err(ProcessError::Waited(_)) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 

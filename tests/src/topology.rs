@@ -14,8 +14,7 @@
 //! never meet the host's or another test's and can be fixed.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::netns::{Netns, NetnsError};
 
@@ -59,6 +58,8 @@ const TENTATIVE_WAIT: Duration = Duration::from_secs(10);
 pub enum TopologyError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Waited(#[from] crate::NotWithin),
     #[error("IPv6 addresses in netns {netns} still tentative after {waited:?}: {addrs}")]
     Tentative {
         netns: String,
@@ -196,19 +197,17 @@ fn add_addr(ns: &Netns, cidr: &str, dev: &str) -> Result<(), NetnsError> {
 /// Waits (bounded) until no IPv6 address in `ns` is tentative, so sockets can
 /// bind and connect at once.
 fn wait_not_tentative(ns: &Netns) -> Result<(), TopologyError> {
-    let deadline = Instant::now() + TENTATIVE_WAIT;
-    loop {
-        let tentative = ns.ip(["-6", "-o", "addr", "show", "tentative"])?;
-        if tentative.trim().is_empty() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(TopologyError::Tentative {
-                netns: ns.name().to_owned(),
-                waited: TENTATIVE_WAIT,
-                addrs: tentative.trim().to_owned(),
-            });
-        }
-        thread::sleep(Duration::from_millis(50));
+    let mut tentative = String::new();
+    let settled = crate::eventually(TENTATIVE_WAIT, "no tentative IPv6 address", || {
+        tentative = ns.ip(["-6", "-o", "addr", "show", "tentative"])?;
+        Ok::<_, TopologyError>(tentative.trim().is_empty())
+    });
+    match settled {
+        Err(TopologyError::Waited(_)) => Err(TopologyError::Tentative {
+            netns: ns.name().to_owned(),
+            waited: TENTATIVE_WAIT,
+            addrs: tentative.trim().to_owned(),
+        }),
+        other => other,
     }
 }

@@ -3,18 +3,16 @@
 //! a TCP client without the bearer token, or with a wrong one, gets 401
 //! and revokes nothing; the operator can.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use common::auth::{AuthFixture, Launch, policy};
-use common::operator::{self as op, TempGroup, open_session, run, sized_server};
 use serde_json::Value;
+use tcpgate_tests::auth_fixture::{AuthFixture, Launch, policy};
 use tcpgate_tests::metrics::{parse, scrape_unix};
+use tcpgate_tests::operator::{self as op, TempGroup, open_session, run, sized_server};
 use tcpgate_tests::{Agent, Topology, require_root};
 
 /// A plain HTTP/1.1 request from the bastion; (status code, body).

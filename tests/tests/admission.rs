@@ -3,8 +3,6 @@
 //! unauthenticated connections cannot hold the agent (the bounds are in
 //! admission/bounds.rs).
 
-mod common;
-
 mod admission {
     pub mod bounds;
 }
@@ -15,10 +13,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use common::auth::{AuthFixture, authenticate};
-use common::wait_events;
 use serde_json::json;
+use tcpgate_tests::auth_fixture::{AuthFixture, authenticate};
 use tcpgate_tests::tokens::claims_with;
+use tcpgate_tests::wait_events;
 use tcpgate_tests::{accept_loop, require_root};
 
 const CONNECT_RUNS: usize = 200;
@@ -137,7 +135,7 @@ fn revoked_subject_cannot_ask_again() -> Result<()> {
         return Ok(());
     }
     let fx = AuthFixture::start()?;
-    let server = common::auth::echo_service(&fx, b"")?;
+    let server = tcpgate_tests::auth_fixture::echo_service(&fx, b"")?;
     let token = fx.token();
     fx.grant_from_runner(&token, &[])?;
     let admin = fx.admin_socket().display().to_string();
@@ -284,13 +282,14 @@ fn revocation_storm_leaves_no_survivor() -> Result<()> {
     }
     // The workers keep trying after the storm: all refused.
     let before = refused.load(Ordering::Relaxed);
-    let more = common::eventually(Duration::from_secs(30), "refusals after the storm", || {
-        refused.load(Ordering::Relaxed) >= before + 50
-    });
+    let more =
+        tcpgate_tests::eventually(Duration::from_secs(30), "refusals after the storm", || {
+            refused.load(Ordering::Relaxed) >= before + 50
+        });
     more?;
     // Held sessions end only if the agent ends them: check before letting go.
     let opened = wait_events(&fx.agent, "session_open", 1)?;
-    let closed = common::wait_events_within(
+    let closed = tcpgate_tests::wait_events_within(
         &fx.agent,
         "session_close",
         opened.len(),
@@ -305,7 +304,7 @@ fn revocation_storm_leaves_no_survivor() -> Result<()> {
         );
     }
     drop(workers);
-    common::assert_maps_empty(fx.agent.pin_dir())?;
+    tcpgate_tests::assert_maps_empty(fx.agent.pin_dir())?;
     eprintln!(
         "storm: {} sessions admitted, {revoked} revoked; {} admissions refused",
         opened.len(),

@@ -3,15 +3,13 @@
 //! `openssl req -x509` certificate, and a dual-stack runner that gets a
 //! grant per family from one `tcpgate grant`.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use common::auth::{AuthFixture, Launch, policy};
 use serde_json::Value;
+use tcpgate_tests::auth_fixture::{AuthFixture, Launch, policy};
 use tcpgate_tests::tokens::ISSUER;
 use tcpgate_tests::topology::{RUNNER_V4, RUNNER_V6, TARGET_V4, TARGET_V6};
 use tcpgate_tests::{accept_loop, require_root};
@@ -174,7 +172,7 @@ fn dual_stack_runner_reaches_ipv4_and_ipv6_targets_after_one_grant() -> Result<(
 fn served_certificate(fx: &AuthFixture) -> Result<Vec<u8>> {
     let addr = SocketAddr::from((
         tcpgate_tests::topology::BASTION_RUNNER_V4,
-        common::auth::API_PORT,
+        tcpgate_tests::auth_fixture::API_PORT,
     ));
     let tcp = fx
         .topo
@@ -219,7 +217,7 @@ fn sighup_serves_a_renewed_api_certificate_and_keeps_it_over_a_broken_one() -> R
     std::fs::copy(&renewed.cert, &cert)?;
     let new = der(&cert)?;
     fx.agent.signal(tcpgate_tests::Signal::SIGHUP)?;
-    common::eventually(
+    tcpgate_tests::eventually(
         Duration::from_secs(20),
         "the renewed certificate served",
         || served_certificate(&fx).is_ok_and(|served| served == new),
@@ -227,7 +225,7 @@ fn sighup_serves_a_renewed_api_certificate_and_keeps_it_over_a_broken_one() -> R
     // A broken file: refused with an error, the renewed pair stays.
     std::fs::write(&cert, "not a certificate\n")?;
     fx.agent.signal(tcpgate_tests::Signal::SIGHUP)?;
-    common::eventually(
+    tcpgate_tests::eventually(
         Duration::from_secs(20),
         "the bad certificate reported",
         || {

@@ -2,20 +2,18 @@
 //! GitLab-shaped tokens, policy by claim, and every kind of denial, each
 //! proven to reach no upstream connect and no upstream byte.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use base64::Engine;
-use common::auth::{AuthFixture, authenticate, read_answer};
-use common::wait_events;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
+use tcpgate_tests::auth_fixture::{AuthFixture, authenticate, read_answer};
 use tcpgate_tests::preamble::encode as preamble;
 use tcpgate_tests::tokens::{TestKey, claims_with, key_files, unix_now};
+use tcpgate_tests::wait_events;
 use tcpgate_tests::{accept_loop, require_root};
 
 /// The upstream that must never see a denied client.
@@ -185,7 +183,7 @@ fn rsa_ec_and_ed25519_tokens_are_admitted() -> Result<()> {
         return Ok(());
     }
     let fx = AuthFixture::start()?;
-    let server = common::auth::echo_service(&fx, b"")?;
+    let server = tcpgate_tests::auth_fixture::echo_service(&fx, b"")?;
     for key in [&fx.keys.rsa, &fx.keys.ec, &fx.keys.ed] {
         let token = key.sign(&claims_with(&[]));
         let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
@@ -269,7 +267,7 @@ fn jwks_rotation_during_operation() -> Result<()> {
         return Ok(());
     }
     let fx = AuthFixture::start()?;
-    let server = common::auth::echo_service(&fx, b"")?;
+    let server = tcpgate_tests::auth_fixture::echo_service(&fx, b"")?;
     let old = fx.keys.rsa.sign(&claims_with(&[]));
     let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
     ensure!(
@@ -332,7 +330,7 @@ fn sighup_reloads_the_policy() -> Result<()> {
         return Ok(());
     }
     let mut fx = AuthFixture::start()?;
-    let server = common::auth::echo_service(&fx, b"")?;
+    let server = tcpgate_tests::auth_fixture::echo_service(&fx, b"")?;
     let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
     ensure!(
         authenticate(&mut stream, &fx.token())?.0 == 0,
@@ -351,15 +349,8 @@ fn sighup_reloads_the_policy() -> Result<()> {
     );
     std::fs::write(&path, narrowed)?;
     fx.agent.signal(tcpgate_tests::Signal::SIGHUP)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !fx.agent.logs().contains("reloaded the policy") {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "no reload: {}",
-            fx.agent.logs_tail(10)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    fx.agent
+        .wait_for_log("reloaded the policy", Duration::from_secs(20))?;
     let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
     let (status, message) = authenticate(&mut stream, &fx.token())?;
     ensure!(

@@ -12,8 +12,6 @@
 //! direction back to the kernel once the reader caught up (counted there
 //! too).
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::sync::Arc;
@@ -21,8 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use common::{DataPath, ForwardFixture};
 use serde_json::Value;
+use tcpgate_tests::{DataPath, ForwardFixture};
 use tcpgate_tests::{Payload, accept_loop, read_to_end_hashed, serve_once, write_payload};
 
 const MIB: u64 = 1024 * 1024;

@@ -10,8 +10,6 @@
 //! The cases run one at a time, on purpose: each measures the agent under
 //! its own load, and a neighbour's load would distort the figures.
 
-mod common;
-
 mod chaos {
     pub mod backpressure;
     pub mod bad_tokens;

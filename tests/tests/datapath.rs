@@ -7,14 +7,12 @@
 //! session map on the kernel path: kernel bytes must equal the payload and
 //! user-space bytes must be zero.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use common::{DataPath, ForwardFixture};
+use tcpgate_tests::{DataPath, ForwardFixture};
 use tcpgate_tests::{
     Payload, SlowReader, accept_loop, read_exact_hashed, read_to_end_hashed, serve_once,
     write_payload,
@@ -24,7 +22,7 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
 
-on_both_paths!(
+tcpgate_tests::on_both_paths!(
     small_payloads_each_direction,
     immediate_half_close_is_byte_exact,
     one_gib_upstream,
@@ -258,7 +256,7 @@ fn bytes_sent_before_splice_are_kept(path: DataPath) -> Result<()> {
         "input",
         "{ type filter hook input priority 0; }",
     ])?;
-    let port = common::UPSTREAM_PORT.to_string();
+    let port = tcpgate_tests::UPSTREAM_PORT.to_string();
     fx.topo.target.exec_ok(&[
         "nft", "add", "rule", "inet", "tgtest", "input", "tcp", "dport", &port, "tcp", "flags",
         "syn", "quota", "until", "100", "bytes", "drop",
@@ -301,7 +299,7 @@ fn bytes_sent_before_splice_are_kept(path: DataPath) -> Result<()> {
 fn thousand_concurrent_sessions(path: DataPath) -> Result<()> {
     const SESSIONS: usize = 1000;
     const SIZE: u64 = 32 * KIB;
-    common::raise_nofile();
+    tcpgate_tests::raise_nofile();
     let fx = ForwardFixture::start(path)?;
     let echo = accept_loop(
         &fx.topo.target,
@@ -315,7 +313,7 @@ fn thousand_concurrent_sessions(path: DataPath) -> Result<()> {
             Ok(())
         },
     )?;
-    let rss_idle = common::rss_bytes(fx.agent.pid())?;
+    let rss_idle = tcpgate_tests::rss_bytes(fx.agent.pid())?;
     let mut clients = Vec::with_capacity(SESSIONS);
     for i in 0..SESSIONS {
         let mut client = fx.dial().with_context(|| format!("dial #{i}"))?;
@@ -323,9 +321,9 @@ fn thousand_concurrent_sessions(path: DataPath) -> Result<()> {
         clients.push(client);
     }
     // All open, none closed: they are live together.
-    let opened = common::wait_events(&fx.agent, "session_open", SESSIONS)?;
+    let opened = tcpgate_tests::wait_events(&fx.agent, "session_open", SESSIONS)?;
     ensure!(opened.len() == SESSIONS, "{} sessions opened", opened.len());
-    let rss_busy = common::rss_bytes(fx.agent.pid())?;
+    let rss_busy = tcpgate_tests::rss_bytes(fx.agent.pid())?;
     eprintln!(
         "agent RSS: {} KiB idle, {} KiB with {SESSIONS} live sessions ({} bytes per session) on the {} path",
         rss_idle / 1024,
@@ -367,12 +365,12 @@ fn slow_reader_gets_backpressure(path: DataPath) -> Result<()> {
             read_to_end_hashed(&mut slow).map_err(Into::into)
         },
     )?;
-    let baseline = common::rss_bytes(fx.agent.pid())?;
+    let baseline = tcpgate_tests::rss_bytes(fx.agent.pid())?;
     let pid = fx.agent.pid();
     let sampler = std::thread::spawn(move || {
         let mut peak = 0;
         for _ in 0..200 {
-            peak = peak.max(common::rss_bytes(pid).unwrap_or(0));
+            peak = peak.max(tcpgate_tests::rss_bytes(pid).unwrap_or(0));
             std::thread::sleep(Duration::from_millis(25));
         }
         peak
@@ -405,7 +403,7 @@ fn upstream_refuses(path: DataPath) -> Result<()> {
     // when the upstream refuses, possibly before a polling connect returns.
     let addr = std::net::SocketAddr::from((
         tcpgate_tests::topology::BASTION_RUNNER_V4,
-        common::LISTEN_PORT,
+        tcpgate_tests::LISTEN_PORT,
     ));
     let mut client = fx
         .topo

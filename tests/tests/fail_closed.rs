@@ -3,18 +3,16 @@
 //! crashed, and moves with the set on reload; interception catches any
 //! interface, whenever it appears.
 
-mod common;
-
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::AsFd;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use common::firewall::{UdpSink, ping, tables, tcp_reaches};
-use common::{HttpServer, curl, intercept_config, wait_events};
+use tcpgate_tests::firewall::{UdpSink, ping, tables, tcp_reaches};
 use tcpgate_tests::topology::{BASTION_RUNNER_IF, TARGET_PRIVATE_V4, TARGET_V4, TARGET_V6};
 use tcpgate_tests::{Agent, Netns, Payload, Signal, Topology, accept_loop, require_root};
+use tcpgate_tests::{HttpServer, curl, intercept_config, wait_events};
 
 const HTTP: u16 = 80;
 /// A TCP port on the protected prefix that is not intercepted.

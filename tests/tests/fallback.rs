@@ -5,17 +5,15 @@
 //! (CAP_BPF, CAP_SYS_ADMIN, CAP_PERFMON dropped from its bounding set), the
 //! situation of an unprivileged agent or a kernel without BPF.
 
-mod common;
-
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 
 use anyhow::{Context, Result, ensure};
-use common::{DataPath, LISTEN_PORT, UPSTREAM_PORT};
 use tcpgate_tests::topology::{BASTION_RUNNER_V4, TARGET_V4};
 use tcpgate_tests::{
     Agent, Payload, Topology, read_to_end_hashed, require_root, serve_once, write_payload,
 };
+use tcpgate_tests::{DataPath, LISTEN_PORT, UPSTREAM_PORT};
 
 /// A wrapper that execs the agent without bpf() privileges.
 fn unprivileged_wrapper(dir: &std::path::Path) -> Result<std::path::PathBuf> {
@@ -77,8 +75,8 @@ fn auto_falls_back_to_userspace_with_a_warning() -> Result<()> {
         "byte-exact through the fallback"
     );
     drop(client);
-    let closed = &common::wait_events(&agent, "session_close", 1)?[0];
-    common::assert_bytes(DataPath::Userspace, closed, payload.len, 0)?;
+    let closed = &tcpgate_tests::wait_events(&agent, "session_close", 1)?[0];
+    tcpgate_tests::assert_bytes(DataPath::Userspace, closed, payload.len, 0)?;
     Ok(())
 }
 

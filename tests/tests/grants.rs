@@ -2,17 +2,15 @@
 //! `tcpgate connect`, expiry teardown, revocation, and two runners on one
 //! bastion.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, ensure};
-use common::auth::AuthFixture;
-use common::wait_events;
 use serde_json::json;
+use tcpgate_tests::auth_fixture::AuthFixture;
 use tcpgate_tests::tokens::{claims_with, unix_now};
+use tcpgate_tests::wait_events;
 use tcpgate_tests::{ChildGuard, Payload, accept_loop, require_root, write_payload};
 
 /// A server that streams until the connection breaks.
@@ -52,7 +50,7 @@ fn source_grant_admits_plain_clients_without_waiting() -> Result<()> {
         return Ok(());
     }
     let fx = AuthFixture::start()?;
-    let server = common::auth::echo_service(&fx, b"HELLO\n")?;
+    let server = tcpgate_tests::auth_fixture::echo_service(&fx, b"HELLO\n")?;
     let grant = fx.grant_from_runner(
         &fx.token(),
         &["--allow", "192.0.2.10=9000", "--lifetime", "10m"],
@@ -102,14 +100,14 @@ fn two_runners_one_grant() -> Result<()> {
     fx.topo
         .runner
         .ip(["addr", "add", "198.51.100.3/24", "dev", "eth0"])?;
-    let server = common::auth::echo_service(&fx, b"HELLO\n")?;
+    let server = tcpgate_tests::auth_fixture::echo_service(&fx, b"HELLO\n")?;
     fx.grant_from_runner(&fx.token(), &[])?;
     let target = AuthFixture::target(9000);
     let mut granted = fx.dial_from_runner(target)?;
     let mut greeting = [0u8; 6];
     granted.read_exact(&mut greeting)?;
     ensure!(&greeting == b"HELLO\n", "the granted runner is admitted");
-    let mut other = common::dial_from(&fx.topo.runner, IpAddr::V4(second), target)?;
+    let mut other = tcpgate_tests::dial_from(&fx.topo.runner, IpAddr::V4(second), target)?;
     other.set_read_timeout(Some(Duration::from_secs(20)))?;
     let mut rest = Vec::new();
     let _ = other.read_to_end(&mut rest);
@@ -179,7 +177,7 @@ fn expiry_tears_down_a_streaming_session() -> Result<()> {
     );
     let sent = server.stop()?;
     ensure!(sent.len() == 1, "one upstream connection");
-    common::assert_maps_empty(fx.agent.pin_dir())?;
+    tcpgate_tests::assert_maps_empty(fx.agent.pin_dir())?;
     Ok(())
 }
 
@@ -248,7 +246,7 @@ fn connect_helper_relays_and_forwards() -> Result<()> {
         return Ok(());
     }
     let fx = AuthFixture::start()?;
-    let server = common::auth::echo_service(&fx, b"HELLO\n")?;
+    let server = tcpgate_tests::auth_fixture::echo_service(&fx, b"HELLO\n")?;
     let token_file = fx.token_file(&fx.token())?;
     let token_path = token_file.to_str().context("utf-8")?;
 
@@ -286,14 +284,11 @@ fn connect_helper_relays_and_forwards() -> Result<()> {
     ]);
     let _forwarder = ChildGuard::spawn_logged(&mut forward, fx.agent.dir(), "forwarder")?;
     let addr: SocketAddr = "127.0.0.1:15000".parse()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut local = loop {
-        match fx.topo.runner.run(move || TcpStream::connect(addr)) {
-            Ok(stream) => break stream,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Err(e.into()),
-        }
-    };
+    let mut local = tcpgate_tests::eventually(
+        Duration::from_secs(10),
+        "the forwarder to listen on 127.0.0.1:15000",
+        || fx.topo.runner.run(move || TcpStream::connect(addr)).ok(),
+    )?;
     local.set_read_timeout(Some(Duration::from_secs(20)))?;
     let mut greeting = [0u8; 6];
     local.read_exact(&mut greeting)?;

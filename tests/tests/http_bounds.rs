@@ -5,15 +5,15 @@
 //! session keeps its bytes exact throughout, and a grant request succeeds
 //! once the flood is shed.
 
-mod common;
-
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use common::auth::{API_PORT, AuthFixture, Launch, authenticate, echo_service, policy};
-use common::eventually;
+use tcpgate_tests::auth_fixture::{
+    API_PORT, AuthFixture, Launch, authenticate, echo_service, policy,
+};
+use tcpgate_tests::eventually;
 use tcpgate_tests::metrics::{parse, scrape_unix};
 use tcpgate_tests::topology::BASTION_RUNNER_V4;
 use tcpgate_tests::{Payload, read_exact_hashed, require_root, write_payload};

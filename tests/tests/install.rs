@@ -6,23 +6,16 @@
 //! Every test stages into its own temporary --destdir (or --root), so they
 //! run in parallel and never touch the host's /usr/local, /etc or accounts.
 
-mod common;
-#[allow(
-    dead_code,
-    reason = "shared with install_service.rs and install_systemd.rs"
-)]
-mod install_support;
-
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
-use install_support::tree::{
+use tcpgate_tests::install::tree::{
     changes, check_completions_and_man_pages, files_under, mode, staged_files,
 };
-use install_support::{HostOperatorsGroup, PREFIX, Staged, Unit, install, xtask};
+use tcpgate_tests::install::{HostOperatorsGroup, PREFIX, Staged, Unit, install, xtask};
 use tcpgate_tests::require_root;
 
 /// The capabilities the unit must grant, no more (see the unit's comments
@@ -300,7 +293,7 @@ fn install_into_an_image_creates_the_accounts_and_the_log_directory() -> Result<
             })
             .collect()
     };
-    let _serial = install_support::real_names_lock();
+    let _serial = tcpgate_tests::install::real_names_lock();
     let host_before = host_accounts()?;
     let image = tempfile::Builder::new().prefix("tg-image-").tempdir()?;
     let binary = tcpgate_tests::agent::agent_binary()?;

@@ -6,19 +6,15 @@
 //! Users, groups and namespaces are unique per test and removed on drop, so
 //! the tests run in parallel.
 
-mod common;
-#[allow(dead_code, reason = "shared with install.rs and install_systemd.rs")]
-mod install_support;
-
 use std::collections::BTreeSet;
 
 use anyhow::{Context, Result, ensure};
-use common::auth::{AuthFixture, Launch, authenticate, echo_service, policy};
-use common::wait_events;
-use install_support::session::{echo_on_port_22, echo_through, ensure_spliced};
-use install_support::unprivileged::{Privileges, Wrapper, capability_set, ids};
-use install_support::{Staged, TestUser};
+use tcpgate_tests::auth_fixture::{AuthFixture, Launch, authenticate, echo_service, policy};
+use tcpgate_tests::install::session::{echo_on_port_22, echo_through, ensure_spliced};
+use tcpgate_tests::install::unprivileged::{Privileges, Wrapper, capability_set, ids};
+use tcpgate_tests::install::{Staged, TestUser};
 use tcpgate_tests::require_root;
+use tcpgate_tests::wait_events;
 
 /// The staged binary is a working tcpgate: runner → bastion → target with a
 /// token preamble, then with a grant asked for by the staged CLI and a plain
@@ -106,7 +102,7 @@ fn unit_capabilities_let_a_non_root_agent_intercept_and_splice() -> Result<()> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     ensure!(status.contains("NoNewPrivs:\t1"), "no-new-privileges");
     ensure!(
-        !common::routing_leftovers(&fx.topo.bastion)?.is_empty(),
+        !tcpgate_tests::routing_leftovers(&fx.topo.bastion)?.is_empty(),
         "the agent's `ip` child installed the interception rules"
     );
 
@@ -132,7 +128,7 @@ fn unit_capabilities_let_a_non_root_agent_intercept_and_splice() -> Result<()> {
         "clean stop: {exit}\n{}",
         fx.agent.logs_tail(20)
     );
-    let left = common::routing_leftovers(&fx.topo.bastion)?;
+    let left = tcpgate_tests::routing_leftovers(&fx.topo.bastion)?;
     ensure!(left.is_empty(), "routes and rules left behind: {left:?}");
     Ok(())
 }

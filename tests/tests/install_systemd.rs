@@ -1,21 +1,17 @@
 //! The installed unit under a real systemd: `cargo xtask install` on a
-//! throwaway system (see install_support/systemd.rs), then `systemctl`.
-
-mod common;
-#[allow(dead_code, reason = "shared with install.rs and install_service.rs")]
-mod install_support;
+//! throwaway system (see tests/src/install/systemd.rs), then `systemctl`.
 
 use anyhow::{Context, Result, ensure};
-use common::auth::{authenticate, policy};
-use install_support::session::{echo_on_port_22, echo_through, ensure_spliced};
-use install_support::systemd::Container;
+use tcpgate_tests::auth_fixture::{authenticate, policy};
+use tcpgate_tests::install::session::{echo_on_port_22, echo_through, ensure_spliced};
+use tcpgate_tests::install::systemd::Container;
 use tcpgate_tests::require_root;
 
 /// The agent's configuration inside the container: the example's layout
 /// (pins, audit log, operator group) with this test's JWKS and addresses.
 fn container_config(jwks_url: &str) -> String {
     use tcpgate_tests::tokens::{AUDIENCE, ISSUER};
-    let ports: Vec<String> = common::auth::PORTS
+    let ports: Vec<String> = tcpgate_tests::auth_fixture::PORTS
         .iter()
         .map(|p| format!("\"{p}\""))
         .collect();
@@ -54,7 +50,7 @@ fn systemd_runs_the_installed_unit() -> Result<()> {
     }
     use tcpgate_tests::jwks_server::JwksServer;
     let topo = tcpgate_tests::Topology::new()?;
-    let keys = common::auth::Keys::new();
+    let keys = tcpgate_tests::auth_fixture::Keys::new();
     let jwks = JwksServer::start(&topo.bastion, "127.0.0.1:0".parse()?, keys.jwks())?;
     let container = Container::boot(&topo.bastion.path())?;
 
@@ -73,7 +69,7 @@ fn systemd_runs_the_installed_unit() -> Result<()> {
         container.path("/var/tmp/tcpgate"),
     )?;
     std::fs::copy(
-        install_support::xtask_binary()?,
+        tcpgate_tests::install::xtask_binary()?,
         container.path("/var/tmp/xtask"),
     )?;
     let installed =
@@ -184,7 +180,7 @@ fn systemd_runs_the_installed_unit() -> Result<()> {
     reloaded(&container, "reload rejected")?;
 
     container.run(&["systemctl", "stop", "tcpgate.service"])?;
-    let left = common::routing_leftovers(&topo.bastion)?;
+    let left = tcpgate_tests::routing_leftovers(&topo.bastion)?;
     ensure!(
         left.is_empty(),
         "routes and rules left after stop: {left:?}\n{}",

@@ -2,19 +2,17 @@
 //! target address, and the bastion's agent takes the connection; everything
 //! else to a protected prefix is dropped (see fail_closed.rs).
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use common::{HttpServer, curl, dial_from, intercept_config, wait_events};
 use tcpgate_tests::topology::{
     BASTION_RUNNER_V4, BASTION_TARGET_V4, RUNNER_V4, RUNNER_V6, TARGET_PRIVATE_V4, TARGET_V4,
     TARGET_V6,
 };
 use tcpgate_tests::{Agent, Payload, Signal, Topology, accept_loop, require_root};
+use tcpgate_tests::{HttpServer, curl, dial_from, intercept_config, wait_events};
 
 const HTTP: u16 = 80;
 const OTHER: u16 = 8080;
@@ -175,13 +173,13 @@ fn unintercepted_port_is_dropped_unless_passed() -> Result<()> {
     )?;
     for from in [&topo.runner, &topo.bastion] {
         ensure!(
-            !common::firewall::tcp_reaches(from, SocketAddr::from((TARGET_V4, OTHER)))?,
+            !tcpgate_tests::firewall::tcp_reaches(from, SocketAddr::from((TARGET_V4, OTHER)))?,
             "reached the unintercepted port from {}",
             from.name()
         );
     }
     ensure!(
-        common::firewall::ping(&topo.runner, TARGET_V4)?,
+        tcpgate_tests::firewall::ping(&topo.runner, TARGET_V4)?,
         "pass = [\"icmp\"] lets ping through"
     );
     ensure!(
@@ -280,15 +278,7 @@ fn sighup_reload_changes_the_set_and_keeps_live_sessions() -> Result<()> {
 
     std::fs::write(&config_path, reloaded)?;
     agent.signal(Signal::SIGHUP)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !agent.logs().contains("reloaded the intercepted set") {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "no reload: {}",
-            agent.logs_tail(10)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    agent.wait_for_log("reloaded the intercepted set", Duration::from_secs(20))?;
     echo_once(&mut live, b"after reload, same session")?;
 
     let mut direct = dial(TARGET_V4)?;
@@ -348,11 +338,11 @@ fn clean_exit_and_recovery_after_sigkill() -> Result<()> {
         "body"
     );
     ensure!(
-        !common::routing_leftovers(&topo.bastion)?.is_empty(),
+        !tcpgate_tests::routing_leftovers(&topo.bastion)?.is_empty(),
         "routing installed"
     );
     ensure!(
-        common::sk_lookup_links(&topo.bastion)? == 1,
+        tcpgate_tests::sk_lookup_links(&topo.bastion)? == 1,
         "one sk_lookup link"
     );
     let status = agent.stop()?;
@@ -362,19 +352,19 @@ fn clean_exit_and_recovery_after_sigkill() -> Result<()> {
         agent.logs_tail(10)
     );
     ensure!(
-        common::routing_leftovers(&topo.bastion)?.is_empty(),
+        tcpgate_tests::routing_leftovers(&topo.bastion)?.is_empty(),
         "{:?}",
-        common::routing_leftovers(&topo.bastion)?
+        tcpgate_tests::routing_leftovers(&topo.bastion)?
     );
     ensure!(!pin_dir.exists(), "pins removed");
     ensure!(
-        common::sk_lookup_links(&topo.bastion)? == 0,
+        tcpgate_tests::sk_lookup_links(&topo.bastion)? == 0,
         "link detached"
     );
     ensure!(
-        common::firewall::tables(&topo.bastion)? == ["tcpgate_guard"],
+        tcpgate_tests::firewall::tables(&topo.bastion)? == ["tcpgate_guard"],
         "only the guard table stays: {:?}",
-        common::firewall::tables(&topo.bastion)?
+        tcpgate_tests::firewall::tables(&topo.bastion)?
     );
 
     let builder = Agent::builder(&topo.bastion)?;
@@ -385,7 +375,7 @@ fn clean_exit_and_recovery_after_sigkill() -> Result<()> {
     killed.signal(Signal::SIGKILL)?;
     killed.wait_exit(Duration::from_secs(10))?;
     ensure!(
-        !common::routing_leftovers(&topo.bastion)?.is_empty(),
+        !tcpgate_tests::routing_leftovers(&topo.bastion)?.is_empty(),
         "SIGKILL leaves routing behind"
     );
     ensure!(
@@ -393,13 +383,13 @@ fn clean_exit_and_recovery_after_sigkill() -> Result<()> {
         "SIGKILL leaves pins behind"
     );
     ensure!(
-        common::sk_lookup_links(&topo.bastion)? == 1,
+        tcpgate_tests::sk_lookup_links(&topo.bastion)? == 1,
         "the pinned link outlives the process"
     );
     ensure!(
-        common::firewall::tables(&topo.bastion)? == ["tcpgate_guard", "tcpgate_intercept"],
+        tcpgate_tests::firewall::tables(&topo.bastion)? == ["tcpgate_guard", "tcpgate_intercept"],
         "{:?}",
-        common::firewall::tables(&topo.bastion)?
+        tcpgate_tests::firewall::tables(&topo.bastion)?
     );
 
     // The same config (same pin dir) again, in a fresh agent process.
@@ -416,18 +406,18 @@ fn clean_exit_and_recovery_after_sigkill() -> Result<()> {
         "works after restart"
     );
     ensure!(
-        common::sk_lookup_links(&topo.bastion)? == 1,
+        tcpgate_tests::sk_lookup_links(&topo.bastion)? == 1,
         "the restart replaced the pinned link"
     );
     drop(restarted);
     ensure!(
-        common::sk_lookup_links(&topo.bastion)? == 0,
+        tcpgate_tests::sk_lookup_links(&topo.bastion)? == 0,
         "link detached"
     );
     ensure!(
-        common::routing_leftovers(&topo.bastion)?.is_empty(),
+        tcpgate_tests::routing_leftovers(&topo.bastion)?.is_empty(),
         "{:?}",
-        common::routing_leftovers(&topo.bastion)?
+        tcpgate_tests::routing_leftovers(&topo.bastion)?
     );
     ensure!(!pin_dir.exists(), "stale pins removed");
     drop(killed);

@@ -2,16 +2,14 @@
 //! `agent_shutdown` and leaves nothing behind; `keep_pins` keeps the maps
 //! for inspection; after SIGKILL the next start cleans up and serves.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use common::operator::{self as op, open_session, sessions_json, sized_server};
-use common::{routing_leftovers, sk_lookup_links, wait_events};
+use tcpgate_tests::operator::{self as op, open_session, sessions_json, sized_server};
 use tcpgate_tests::{Agent, Signal, Topology, require_root};
+use tcpgate_tests::{routing_leftovers, sk_lookup_links, wait_events};
 
 const EXIT_WAIT: Duration = Duration::from_secs(30);
 

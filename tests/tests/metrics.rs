@@ -3,18 +3,16 @@
 //! reason, bytes by direction from the kernel counters, latencies, the
 //! teardown after expiry, and the eBPF counters.
 
-mod common;
-
 use std::io::Write;
 
 use anyhow::{Context, Result, bail, ensure};
-use common::auth::{AuthFixture, authenticate};
-use common::operator::{self as op, sized_server};
-use common::wait_events;
 use serde_json::json;
+use tcpgate_tests::auth_fixture::{AuthFixture, authenticate};
 use tcpgate_tests::metrics::{Exposition, parse, scrape_unix};
+use tcpgate_tests::operator::{self as op, sized_server};
 use tcpgate_tests::require_root;
 use tcpgate_tests::tokens::{claims_with, unix_now};
+use tcpgate_tests::wait_events;
 
 /// Five denials: two with bad magic, one stalling into the preamble
 /// timeout, one token no rule matches, one expired token.

@@ -3,19 +3,17 @@
 //! pinned session map, and `tcpgate revoke` when the agent's API does not
 //! answer. `/metrics` is in metrics.rs.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use common::auth::AuthFixture;
-use common::operator::{
+use serde_json::Value;
+use tcpgate_tests::auth_fixture::AuthFixture;
+use tcpgate_tests::operator::{
     self as op, Continue, TempGroup, cli_in, open_session, run, sessions_json, sized_server,
 };
-use common::wait_events;
-use serde_json::Value;
+use tcpgate_tests::wait_events;
 use tcpgate_tests::{Agent, Signal, Topology, require_root};
 
 fn start(topo: &Topology, agent_extra: &str) -> Result<Agent> {
@@ -163,7 +161,7 @@ fn bpftool_dumps_the_session_map_with_field_names() -> Result<()> {
     let server = sized_server(&topo)?;
     let agent = start(&topo, "")?;
     let stream = open_session(&topo, 4_321, 1_234)?;
-    let entries = common::pinned_entries(agent.pin_dir(), "sessions")?;
+    let entries = tcpgate_tests::pinned_entries(agent.pin_dir(), "sessions")?;
     ensure!(entries.len() == 1, "{entries:?}");
     // With BTF, `bpftool -j` adds the decoded record under "formatted".
     let value = &entries[0]["formatted"]["value"];
@@ -302,17 +300,19 @@ fn revoke_without_the_api_destroys_the_sessions_of_a_stopped_agent() -> Result<(
     }
     // Once running, the agent revokes the grant itself: its source is no
     // longer admitted.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let args = ["grants", "--json", "--admin", &admin];
-        let (_, stdout, _) = run(cli_in(&fx.topo.bastion, &bin, &args)?)?;
-        let listing: Value = serde_json::from_str(&stdout).unwrap_or_default();
-        if listing["source"] == "api" && listing["grants"].as_array().is_some_and(Vec::is_empty) {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "grant still listed: {listing:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut listing = Value::Null;
+    tcpgate_tests::eventually(
+        Duration::from_secs(20),
+        "the agent to revoke the flagged grant",
+        || -> Result<bool> {
+            let args = ["grants", "--json", "--admin", &admin];
+            let (_, stdout, _) = run(cli_in(&fx.topo.bastion, &bin, &args)?)?;
+            listing = serde_json::from_str(&stdout).unwrap_or_default();
+            Ok(listing["source"] == "api"
+                && listing["grants"].as_array().is_some_and(Vec::is_empty))
+        },
+    )
+    .with_context(|| format!("grant still listed: {listing:#}"))?;
     let mut again = fx.dial_from_runner(AuthFixture::target(9000))?;
     again.write_all(b"no preamble")?;
     ensure!(op::ended(&mut again), "the revoked source is refused");

@@ -4,8 +4,6 @@
 //! `ProxyCommand` (a preamble per connection), also under rsync and git, and
 //! how `tcpgate connect` ends when its session does.
 
-mod common;
-
 mod real_clients {
     pub mod connect_end;
     pub mod first_deployment;
@@ -16,11 +14,11 @@ mod real_clients {
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use common::auth::AuthFixture;
-use common::wait_events;
+use tcpgate_tests::auth_fixture::AuthFixture;
+use tcpgate_tests::wait_events;
 use tcpgate_tests::{ChildGuard, Netns, require_root};
 
 /// Debian's PostgreSQL server binaries (`/usr/lib/postgresql/<major>/bin`).
@@ -39,18 +37,12 @@ fn postgres_bin(name: &str) -> Result<PathBuf> {
 
 /// Waits until something accepts TCP connections on `addr` inside `ns`.
 pub fn wait_listening(ns: &Netns, addr: SocketAddr, what: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ns
-        .run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
-        .is_err()
-    {
-        ensure!(
-            Instant::now() < deadline,
-            "{what} did not start listening on {addr}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
+    Ok(tcpgate_tests::clients::wait_listening(
+        ns,
+        addr,
+        what,
+        Duration::from_secs(30),
+    )?)
 }
 
 /// A throwaway PostgreSQL cluster in the target namespace, run as the

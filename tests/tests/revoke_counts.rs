@@ -2,17 +2,15 @@
 //! counts with 50 live sessions, by grant id and by subject (issue 12.3:
 //! the count used to race the teardown and often said 0).
 
-mod common;
-
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 
 use anyhow::{Context, Result, bail, ensure};
-use common::auth::{AuthFixture, authenticate, echo_service};
-use common::wait_events;
 use serde_json::json;
+use tcpgate_tests::auth_fixture::{AuthFixture, authenticate, echo_service};
 use tcpgate_tests::require_root;
 use tcpgate_tests::tokens::claims_with;
+use tcpgate_tests::wait_events;
 
 const SESSIONS: usize = 50;
 const ROUNDS: usize = 2;

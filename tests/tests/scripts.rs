@@ -3,15 +3,13 @@
 //! `tcpgate-maps.sh` on a live agent's pin directory, and
 //! `tcpgate-api-cert.sh` making the certificate an agent then serves.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use anyhow::{Context, Result, ensure};
-use common::auth::{AuthFixture, Launch, echo_service, policy};
 use serde_json::Value;
+use tcpgate_tests::auth_fixture::{AuthFixture, Launch, echo_service, policy};
 use tcpgate_tests::require_root;
 use tcpgate_tests::tls::ApiCert;
 use tcpgate_tests::topology::{BASTION_RUNNER_V4, BASTION_RUNNER_V6};

@@ -21,10 +21,13 @@ use crate::audit::{AuditLog, AuditTarget};
 use crate::config::Config;
 use crate::datapath::EndReason;
 use crate::session::{Services, Target};
-use accept::Resolver;
 
 pub use lock::LockError;
 pub use startup::StartupError;
+// The pieces `run` wires together, for assembling an agent in-process
+// without root (proxy-userspace/tests/gate_session).
+pub use accept::{Resolver, accept_loop};
+pub use auth::{AuthStartError, start as start_gate};
 
 /// How long sessions still running after the grace period get to finish
 /// their teardown.

@@ -11,8 +11,8 @@ use serde_json::json;
 use tcpgate_tests::tokens::claims_with;
 use tcpgate_tests::{Payload, read_exact_hashed, require_root, write_payload};
 
-use crate::common::auth::{AuthFixture, authenticate, policy};
-use crate::common::{self, wait_events};
+use tcpgate_tests::auth_fixture::{AuthFixture, authenticate, policy};
+use tcpgate_tests::wait_events;
 
 fn limits_policy(limits: &str) -> String {
     format!("\n[auth.limits]\n{limits}\n{}", policy("15m"))
@@ -59,14 +59,14 @@ fn idle_floods_are_shed_and_a_legit_session_is_exact() -> Result<()> {
         &limits_policy("pending_connections = 24\npending_per_source = 8\n"),
         &[],
     )?;
-    let server = common::auth::echo_service(&fx, b"")?;
+    let server = tcpgate_tests::auth_fixture::echo_service(&fx, b"")?;
     let target = AuthFixture::target(9000);
     // One source: 64 idle connections, 8 may wait.
     let mut flood = Vec::new();
     for _ in 0..64 {
         flood.push(fx.dial_from_runner(target)?);
     }
-    common::eventually(
+    tcpgate_tests::eventually(
         Duration::from_secs(20),
         "56 shed by pending_per_source",
         || limit_hits(&fx, "pending_per_source").is_ok_and(|n| n >= 56.0),
@@ -81,10 +81,10 @@ fn idle_floods_are_shed_and_a_legit_session_is_exact() -> Result<()> {
             .ip(["addr", "add", &format!("198.51.100.{i}/24"), "dev", "eth0"])?;
         for _ in 0..10 {
             let source = IpAddr::V4(Ipv4Addr::new(198, 51, 100, i));
-            flood.push(common::dial_from(&fx.topo.runner, source, target)?);
+            flood.push(tcpgate_tests::dial_from(&fx.topo.runner, source, target)?);
         }
     }
-    common::eventually(
+    tcpgate_tests::eventually(
         Duration::from_secs(20),
         // 5 sources of 10: each sheds 2 of its own (8 per source); past
         // 24 pending in all, the first 8 of each of the last two sources
@@ -168,7 +168,7 @@ fn grant_caps_hold_while_a_live_session_stays_exact() -> Result<()> {
         &limits_policy("grants_per_subject = 2\ngrants_per_source = 3\nmax_grants = 4\n"),
         &[],
     )?;
-    let server = common::auth::echo_service(&fx, b"")?;
+    let server = tcpgate_tests::auth_fixture::echo_service(&fx, b"")?;
     // A session that lives through all of it.
     let mut live = fx.dial_from_runner(AuthFixture::target(9000))?;
     let (status, message) = authenticate(&mut live, &fx.token())?;

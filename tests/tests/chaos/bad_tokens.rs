@@ -17,7 +17,7 @@ use super::client::echo_roundtrip;
 use super::fixture::{Fixture, Options, denial_reasons, denied_metrics};
 use super::mode::{Case, ms};
 use super::streams::Streams;
-use crate::common::auth::authenticate;
+use tcpgate_tests::auth_fixture::authenticate;
 
 /// Bytes per second of each legitimate stream.
 const STREAM_RATE: u64 = 32 * 1024 * 1024;

@@ -99,20 +99,18 @@ impl Island {
             ns.ip(["link", "set", "eth0", "down"])?;
         }
         self.sink();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while topo
-            .bastion
-            .ip(["link", "show", self.link.as_str()])
-            .is_ok()
-        {
-            ensure!(
-                Instant::now() < deadline,
-                "namespace of {} deleted, but the bastion still has {} after 15 s",
-                self.host,
-                self.link
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        tcpgate_tests::eventually(
+            Duration::from_secs(15),
+            &format!(
+                "namespace of {} deleted: the bastion to lose {}",
+                self.host, self.link
+            ),
+            || {
+                topo.bastion
+                    .ip(["link", "show", self.link.as_str()])
+                    .is_err()
+            },
+        )?;
         Ok(at)
     }
 
@@ -245,42 +243,41 @@ fn run(case: &mut Case, datapath: &'static str) -> Result<()> {
 }
 
 fn wait_received(client: &EchoClient, bytes: u64) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while client
-        .received_bytes
-        .load(std::sync::atomic::Ordering::Relaxed)
-        < bytes
-    {
-        ensure!(Instant::now() < deadline, "an echo stream never got going");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
+    Ok(tcpgate_tests::eventually(
+        Duration::from_secs(20),
+        "an echo stream to get going",
+        || {
+            client
+                .received_bytes
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= bytes
+        },
+    )?)
 }
 
 /// Waits (bounded) for the faulty client to see its connection end; the
 /// instant it did.
 fn wait_end(fault: &Faulty, fx: &Fixture) -> Result<Instant> {
-    let deadline = Instant::now() + CLOSE_BOUND;
-    loop {
-        if let Some(at) = fault.client.ended_at() {
-            return Ok(at);
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{}: the client still waits {CLOSE_BOUND:?} after the fault (it hangs)\n{}",
+    // The client records the instant itself: the poll's pace does not
+    // blur it.
+    tcpgate_tests::eventually(CLOSE_BOUND, "the client to see its end", || {
+        fault.client.ended_at()
+    })
+    .with_context(|| {
+        format!(
+            "{}: the client still waits after the fault (it hangs)\n{}",
             fault.name,
             fx.agent.logs_tail(20)
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+        )
+    })
 }
 
 /// The faulty sessions left no trace: the operator endpoint lists only the
 /// legitimate streams, and on the kernel path the pinned maps (bpftool)
 /// hold exactly their entries.
 fn check_only_streams_left(fx: &Fixture, gone: &BTreeSet<String>, live: usize) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let mut state = String::new();
+    tcpgate_tests::eventually(Duration::from_secs(10), "only the legitimate streams left", || -> Result<bool> {
         let listed = fx.live_sessions()?;
         let ids: BTreeSet<String> = listed
             .iter()
@@ -292,20 +289,16 @@ fn check_only_streams_left(fx: &Fixture, gone: &BTreeSet<String>, live: usize) -
             (live, 2 * live)
         };
         let gauge = fx.sessions_live_gauge()?;
-        if ids.len() == live
-            && ids.is_disjoint(gone)
-            && sessions == live
-            && sockets == 2 * live
-            && gauge == live as f64
-        {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
+        state = format!(
             "after the faults: {} sessions listed ({ids:?}, ended: {gone:?}), {sessions} in the sessions map, \
              {sockets} in the sockets map, gauge {gauge}; only the {live} legitimate streams should be left",
             ids.len()
         );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        Ok(ids.len() == live
+            && ids.is_disjoint(gone)
+            && sessions == live
+            && sockets == 2 * live
+            && gauge == live as f64)
+    })
+    .with_context(|| state.clone())
 }

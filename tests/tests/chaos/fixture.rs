@@ -4,7 +4,7 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use serde_json::Value;
@@ -15,7 +15,7 @@ use tcpgate_tests::topology::{BASTION_RUNNER_IF, TARGET_V4};
 use tcpgate_tests::{Agent, Netns, Topology};
 
 use super::upstream::Upstream;
-use crate::common::auth::{Keys, authenticate};
+use tcpgate_tests::auth_fixture::{Keys, authenticate};
 
 /// The intercepted service port (on 192.0.2.0/24 and the islands).
 pub const SERVICE_PORT: u16 = 9000;
@@ -79,7 +79,7 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn start(options: Options) -> Result<Self> {
-        crate::common::raise_nofile();
+        tcpgate_tests::raise_nofile();
         let topo = Topology::new()?;
         let upstream = Upstream::start(&topo.target, service())?;
         let auth = if options.auth {
@@ -167,27 +167,27 @@ impl Fixture {
     /// Audit events of `kind`, once at least `n` are there (bounded wait).
     /// Polls slowly: the audit of a junk flood is thousands of lines.
     pub fn wait_audit(&self, kind: &str, n: usize, timeout: Duration) -> Result<Vec<Value>> {
-        crate::common::wait_events_within(&self.agent, kind, n, timeout)
+        tcpgate_tests::wait_events_within(&self.agent, kind, n, timeout)
     }
 
     /// Waits (bounded) until the agent holds no session: the operator
     /// endpoint lists none, the gauge reads 0, and on the kernel path the
     /// pinned session and socket maps are empty (read with bpftool).
     pub fn wait_idle(&self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let state = self.idle_state();
-            match state {
-                Ok(()) => return Ok(()),
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(e.context(format!(
-                        "the agent still holds sessions 15 s after the last one ended\n{}",
-                        self.agent.logs_tail(20)
-                    )));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
+        // A busy agent is "not yet"; the last reason why is the error.
+        let mut busy = None;
+        let idle = tcpgate_tests::eventually(Duration::from_secs(15), "the agent idle", || {
+            busy = self.idle_state().err();
+            busy.is_none()
+        });
+        idle.map_err(|timeout| {
+            busy.take()
+                .unwrap_or_else(|| timeout.into())
+                .context(format!(
+                    "the agent still holds sessions 15 s after the last one ended\n{}",
+                    self.agent.logs_tail(20)
+                ))
+        })
     }
 
     fn idle_state(&self) -> Result<()> {
@@ -196,14 +196,14 @@ impl Fixture {
         let gauge = self.sessions_live_gauge()?;
         ensure!(gauge == 0.0, "tcpgate_sessions_live is {gauge}");
         if self.is_ebpf() {
-            crate::common::assert_maps_empty(&self.pin_dir)?;
+            tcpgate_tests::assert_maps_empty(&self.pin_dir)?;
         }
         Ok(())
     }
 
     /// Entries of a pinned map, read with bpftool (kernel path only).
     pub fn map_len(&self, map: &str) -> Result<usize> {
-        Ok(crate::common::pinned_entries(&self.pin_dir, map)?.len())
+        Ok(tcpgate_tests::pinned_entries(&self.pin_dir, map)?.len())
     }
 }
 

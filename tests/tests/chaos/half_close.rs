@@ -21,9 +21,9 @@
 
 use std::io::Write as _;
 use std::net::Shutdown;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
 use rand::Rng as _;
 
 use super::client::run_transfer;
@@ -82,22 +82,20 @@ pub fn run_queued(case: &mut Case) -> Result<()> {
 /// Waits until the agent has redirected the whole download toward the
 /// client, which has read none of it: most of it is queued in the kernel.
 fn wait_redirected(fx: &Fixture, source: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let sessions = fx.live_sessions()?;
-        let down = sessions
-            .iter()
-            .find(|s| s["client"] == source)
-            .and_then(|s| s["bytes_down"].as_u64());
-        if down == Some(DOWN) {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "only {down:?} of {DOWN} bytes were redirected toward the client within 20 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut down = None;
+    tcpgate_tests::eventually(
+        Duration::from_secs(20),
+        "the whole download redirected toward the client",
+        || -> Result<bool> {
+            down = fx
+                .live_sessions()?
+                .iter()
+                .find(|s| s["client"] == source)
+                .and_then(|s| s["bytes_down"].as_u64());
+            Ok(down == Some(DOWN))
+        },
+    )
+    .with_context(|| format!("only {down:?} of {DOWN} bytes were redirected toward the client"))
 }
 
 pub fn run_immediate(case: &mut Case) -> Result<()> {

@@ -191,19 +191,17 @@ fn round(fx: &Fixture, case: &mut Case, bytes: u64, sessions: &mut u64) -> Resul
 /// so far, except the slowloris ones still held: the next undisturbed
 /// round must not run on the flood's backlog.
 fn quiesce(fx: &Fixture, flood: &Flood) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let denied: usize = denied_metrics(&fx.metrics()?).values().sum();
-        let expected = flood.sent() - flood.holding();
-        if denied as u64 >= expected {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the agent refused {denied} of {expected} junk connections within 20 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut denied, mut expected) = (0, 0);
+    tcpgate_tests::eventually(
+        Duration::from_secs(20),
+        "every junk connection refused",
+        || -> Result<bool> {
+            denied = denied_metrics(&fx.metrics()?).values().sum::<usize>() as u64;
+            expected = flood.sent() - flood.holding();
+            Ok(denied >= expected)
+        },
+    )
+    .with_context(|| format!("the agent refused {denied} of {expected} junk connections"))
 }
 
 /// Every junk connection was refused for the reason its kind implies, in

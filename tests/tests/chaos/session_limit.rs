@@ -6,9 +6,9 @@
 //! end, the slots are free again.
 
 use std::io::{Read as _, Write as _};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
 use rand::Rng as _;
 
 use super::client::echo_roundtrip;
@@ -92,18 +92,16 @@ pub fn run(case: &mut Case) -> Result<()> {
 }
 
 fn wait_gauge(fx: &Fixture, live: usize) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let gauge = fx.sessions_live_gauge()?;
-        if gauge == live as f64 {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "tcpgate_sessions_live is {gauge}, expected {live}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut gauge = f64::NAN;
+    tcpgate_tests::eventually(
+        Duration::from_secs(20),
+        &format!("tcpgate_sessions_live to read {live}"),
+        || -> Result<bool> {
+            gauge = fx.sessions_live_gauge()?;
+            Ok(gauge == live as f64)
+        },
+    )
+    .with_context(|| format!("tcpgate_sessions_live is {gauge}, expected {live}"))
 }
 
 /// A connection over the limit: accepted by the kernel, then reset by the

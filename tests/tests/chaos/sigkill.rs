@@ -20,7 +20,7 @@ use super::fixture::{CLIENT_IO_TIMEOUT, Fixture, Options};
 use super::mode::{Case, mib, ms};
 use super::streams::Streams;
 use super::wire::HANG;
-use crate::common::{routing_leftovers, sk_lookup_links};
+use tcpgate_tests::{routing_leftovers, sk_lookup_links};
 
 pub fn run(case: &mut Case) -> Result<()> {
     let sessions = case.scale.pick(24, 64);

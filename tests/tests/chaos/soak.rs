@@ -20,7 +20,7 @@ use super::client::{Transferred, check_upstream, run_transfer};
 use super::fixture::{Fixture, Options};
 use super::mode::{Case, mib};
 use super::wire::{HEADER_LEN, Kind, Order, Spec};
-use crate::common::rss_bytes;
+use tcpgate_tests::rss_bytes;
 
 const MIB: u64 = 1024 * 1024;
 /// How far above its baseline the agent's RSS may end.

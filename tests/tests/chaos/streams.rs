@@ -1,9 +1,9 @@
 //! Legitimate sessions that stream while a case does its damage: open-ended
 //! echo streams, checked end to end with SHA-256 when they finish.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
 
 use super::client::EchoClient;
 use super::fixture::Fixture;
@@ -46,21 +46,15 @@ impl Streams {
     /// echoed back: they are all still moving data.
     pub fn wait_progress(&self, bytes: u64, timeout: Duration) -> Result<()> {
         let start = self.received();
-        let deadline = Instant::now() + timeout;
-        loop {
-            let now = self.received();
-            let stuck: Vec<usize> = (0..now.len())
+        let (mut now, mut stuck) = (Vec::new(), Vec::new());
+        tcpgate_tests::eventually(timeout, "every stream to move on", || {
+            now = self.received();
+            stuck = (0..now.len())
                 .filter(|&i| now[i] < start[i] + bytes)
                 .collect();
-            if stuck.is_empty() {
-                return Ok(());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "streams {stuck:?} moved less than {bytes} bytes in {timeout:?} (at {now:?})"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            stuck.is_empty()
+        })
+        .with_context(|| format!("streams {stuck:?} moved less than {bytes} bytes (at {now:?})"))
     }
 
     /// Stops every stream and checks it: no error, every byte echoed back

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
+use anyhow::Result;
 use sha2::{Digest as _, Sha256};
 use tcpgate_tests::payload::CHUNK;
 use tcpgate_tests::{AcceptLoop, Netns, accept_loop};
@@ -67,21 +67,12 @@ impl Ledger {
 
     /// Waits (bounded) for the report of the session with `seed`.
     pub fn wait_for(&self, seed: u64, timeout: Duration) -> Result<Report> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(report) = self
-                .reports()
+        let finished = format!("the upstream to finish session {seed:#x}");
+        Ok(tcpgate_tests::eventually(timeout, &finished, || {
+            self.reports()
                 .into_iter()
                 .find(|r| r.spec.is_some_and(|s| s.seed == seed))
-            {
-                return Ok(report);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the upstream never finished session {seed:#x} within {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        })?)
     }
 
     /// When the session with `seed` stopped reading (`StallAfter`).

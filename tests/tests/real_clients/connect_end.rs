@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use tcpgate_tests::{ChildGuard, require_root, serve_once};
 
-use crate::common::auth::{AuthFixture, echo_service, policy};
+use tcpgate_tests::auth_fixture::{AuthFixture, echo_service, policy};
 
 /// Bound for "did not hang": far above what any step here takes.
 const HANG: Duration = Duration::from_secs(20);

@@ -13,8 +13,8 @@ use anyhow::{Context, Result, bail, ensure};
 use tcpgate_tests::require_root;
 use tcpgate_tests::tls::ApiCert;
 
-use crate::common::auth::{API_PORT, AuthFixture, Launch, policy};
-use crate::common::wait_events;
+use tcpgate_tests::auth_fixture::{API_PORT, AuthFixture, Launch, policy};
+use tcpgate_tests::wait_events;
 
 /// The code block that follows `<!-- checked: first-deployment/NAME -->` in
 /// the README, with the list indentation removed.

@@ -7,7 +7,7 @@ use std::process::Command;
 use anyhow::{Result, ensure};
 use tcpgate_tests::{ChildGuard, Netns};
 
-use crate::common::auth::AuthFixture;
+use tcpgate_tests::auth_fixture::AuthFixture;
 
 fn ssh_keygen(path: &Path) -> Result<()> {
     let out = std::process::Command::new("ssh-keygen")

@@ -12,8 +12,8 @@ use serde_json::Value;
 use tcpgate_tests::{ChildGuard, Digest, Payload, require_root};
 
 use super::ssh::SshSetup;
-use crate::common::auth::{AuthFixture, policy};
-use crate::common::wait_events;
+use tcpgate_tests::auth_fixture::{AuthFixture, policy};
+use tcpgate_tests::wait_events;
 
 /// Runs `command` and fails with its stderr unless it succeeds.
 fn run_ok(command: &mut Command, what: &str) -> Result<Output> {

@@ -10,7 +10,7 @@ use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use tempfile::TempDir;
@@ -77,7 +77,7 @@ impl Container {
     /// Boots systemd in the network namespace at `netns` and waits until it
     /// reports `running`.
     pub fn boot(netns: &Path) -> Result<Self> {
-        let id = tcpgate_tests::unique_name("tgsd");
+        let id = crate::unique_name("tgsd");
         let script_dir = tempfile::Builder::new().prefix("tg-systemd-").tempdir()?;
         let script = script_dir.path().join("boot.sh");
         std::fs::write(&script, BOOT_SCRIPT)?;
@@ -118,56 +118,55 @@ impl Container {
 
     fn find_pid1(&mut self) -> Result<u32> {
         let launcher = self.launcher.id();
-        let deadline = Instant::now() + BOOT_TIMEOUT;
-        loop {
-            if let Some(status) = self.launcher.try_wait()? {
-                let mut stderr = String::new();
-                if let Some(mut pipe) = self.launcher.stderr.take() {
-                    std::io::Read::read_to_string(&mut pipe, &mut stderr)?;
+        crate::eventually(
+            BOOT_TIMEOUT,
+            "systemd to start",
+            || -> Result<Option<u32>> {
+                if let Some(status) = self.launcher.try_wait()? {
+                    let mut stderr = String::new();
+                    if let Some(mut pipe) = self.launcher.stderr.take() {
+                        std::io::Read::read_to_string(&mut pipe, &mut stderr)?;
+                    }
+                    bail!("the container exited at boot ({status}): {stderr}");
                 }
-                bail!("the container exited at boot ({status}): {stderr}");
-            }
-            let children =
-                std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children"))
-                    .unwrap_or_default();
-            if let Some(pid) = children.split_whitespace().next() {
-                let pid: u32 = pid.parse()?;
-                let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-                if exe.ends_with("systemd") {
-                    return Ok(pid);
+                let children =
+                    std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children"))
+                        .unwrap_or_default();
+                if let Some(pid) = children.split_whitespace().next() {
+                    let pid: u32 = pid.parse()?;
+                    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+                    if exe.ends_with("systemd") {
+                        return Ok(Some(pid));
+                    }
                 }
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "systemd did not start within {BOOT_TIMEOUT:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                Ok(None)
+            },
+        )
     }
 
     fn wait_running(&self) -> Result<()> {
-        let deadline = Instant::now() + BOOT_TIMEOUT;
-        loop {
-            // Empty until the manager answers (`offline` before that).
-            let output = self.exec(&["systemctl", "is-system-running"])?;
-            let state = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-            match state.as_str() {
-                "running" => return Ok(()),
-                "" | "offline" | "initializing" | "starting" => {}
-                _ => {
-                    let failed = self.exec(&["systemctl", "--failed", "--no-pager"])?;
-                    bail!(
-                        "the container's systemd is {state:?}, not running:\n{}",
-                        String::from_utf8_lossy(&failed.stdout)
-                    );
+        let mut state = String::new();
+        crate::eventually(
+            BOOT_TIMEOUT,
+            "the container's systemd running",
+            || -> Result<bool> {
+                // Empty until the manager answers (`offline` before that).
+                let output = self.exec(&["systemctl", "is-system-running"])?;
+                state = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+                match state.as_str() {
+                    "running" => Ok(true),
+                    "" | "offline" | "initializing" | "starting" => Ok(false),
+                    _ => {
+                        let failed = self.exec(&["systemctl", "--failed", "--no-pager"])?;
+                        bail!(
+                            "the container's systemd is {state:?}, not running:\n{}",
+                            String::from_utf8_lossy(&failed.stdout)
+                        );
+                    }
                 }
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the container's systemd is still {state:?} after {BOOT_TIMEOUT:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            },
+        )
+        .with_context(|| format!("the container's systemd is still {state:?}"))
     }
 
     /// Runs a command inside the container (its mounts and pids; the
@@ -214,12 +213,7 @@ impl Container {
     /// which returns once ExecReload= has sent SIGHUP: the unit shows
     /// `reloading` until the agent reports READY=1 again.
     pub fn wait_until(&self, what: &str, done: impl Fn(&Self) -> Result<bool>) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !done(self)? {
-            ensure!(Instant::now() < deadline, "waited 30 s for {what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
+        crate::eventually(Duration::from_secs(30), what, || done(self))
     }
 
     /// The unit's journal, for failure messages.
@@ -248,8 +242,9 @@ impl Drop for Container {
 /// Removes a cgroup and the ones systemd made below it, deepest first. A
 /// cgroup whose last process just died may stay busy for a moment.
 fn remove_cgroup_tree(root: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while root.exists() && Instant::now() < deadline {
+    // Best effort, from a drop: a cgroup still there after the bound is
+    // left to the next boot.
+    let _ = crate::eventually(Duration::from_secs(10), "cgroup removed", || {
         let mut dirs = vec![root.to_path_buf()];
         let mut index = 0;
         while index < dirs.len() {
@@ -261,8 +256,6 @@ fn remove_cgroup_tree(root: &Path) {
         for dir in dirs.iter().rev() {
             let _ = std::fs::remove_dir(dir);
         }
-        if root.exists() {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
+        !root.exists()
+    });
 }

@@ -8,8 +8,8 @@
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
+use crate::Netns;
 use anyhow::{Context, Result};
-use tcpgate_tests::Netns;
 
 /// How long a probe waits for an answer that a dropped packet never gets.
 pub const PROBE_WAIT: Duration = Duration::from_secs(2);

@@ -6,13 +6,13 @@
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use crate::jwks_server::JwksServer;
+use crate::tokens::{AUDIENCE, ISSUER, TestKey, gitlab_claims, jwks};
+use crate::topology::{BASTION_RUNNER_V4, BASTION_RUNNER_V6, TARGET_V4};
+use crate::{Agent, Topology};
 use anyhow::{Context, Result, ensure};
 use jsonwebtoken::Algorithm;
 use serde_json::Value;
-use tcpgate_tests::jwks_server::JwksServer;
-use tcpgate_tests::tokens::{AUDIENCE, ISSUER, TestKey, gitlab_claims, jwks};
-use tcpgate_tests::topology::{BASTION_RUNNER_V4, BASTION_RUNNER_V6, TARGET_V4};
-use tcpgate_tests::{Agent, Topology};
 
 /// Port of the runner-facing grant API on the bastion.
 pub const API_PORT: u16 = 8080;
@@ -40,6 +40,12 @@ impl Keys {
     }
 }
 
+impl Default for Keys {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// How [`AuthFixture::start_launched`] starts its agent.
 #[derive(Default)]
 pub struct Launch {
@@ -53,7 +59,7 @@ pub struct Launch {
     pub self_signed_api: bool,
     /// Serve the grant API with these files (made by the README's steps,
     /// say) instead of a leaf signed by the test CA.
-    pub api_cert: Option<tcpgate_tests::tls::ApiCert>,
+    pub api_cert: Option<crate::tls::ApiCert>,
     /// Lines added to `[api]` (e.g. an `[api.limits]` table follows it).
     pub api_extra: String,
     /// Lines added to `[admin]` (e.g. `listen` and `token_file`).
@@ -62,7 +68,7 @@ pub struct Launch {
 
 /// A step run on the agent's builder before it starts (e.g. handing its
 /// directory to the agent's user).
-pub type Prepare = Box<dyn FnOnce(&tcpgate_tests::AgentBuilder<'_>) -> Result<()>>;
+pub type Prepare = Box<dyn FnOnce(&crate::AgentBuilder<'_>) -> Result<()>>;
 
 pub struct AuthFixture {
     /// What a runner trusts for the grant API (`tcpgate grant --ca`).
@@ -116,9 +122,9 @@ impl AuthFixture {
         let api_cert = if let Some(files) = launch.api_cert {
             files
         } else if launch.self_signed_api {
-            tcpgate_tests::tls::self_signed(builder.dir(), "api", &names)
+            crate::tls::self_signed(builder.dir(), "api", &names)
         } else {
-            tcpgate_tests::tls::ca_signed(builder.dir(), "api", &names)
+            crate::tls::ca_signed(builder.dir(), "api", &names)
         };
         let config = format!(
             "[agent]\npin_dir = {pin:?}\n\n[audit]\npath = {audit:?}\n\n\
@@ -204,7 +210,7 @@ impl AuthFixture {
     }
 
     /// Runs the `tcpgate` CLI inside `ns` and returns (status, stdout, stderr).
-    pub fn cli(&self, ns: &tcpgate_tests::Netns, args: &[&str]) -> Result<(i32, String, String)> {
+    pub fn cli(&self, ns: &crate::Netns, args: &[&str]) -> Result<(i32, String, String)> {
         let output = ns
             .command(self.agent.binary())
             .args(args)
@@ -252,12 +258,12 @@ fn rand_suffix() -> u64 {
 
 /// Reads the agent's answer frame: (status, message).
 pub fn read_answer(stream: &mut TcpStream) -> Result<(u8, String)> {
-    Ok(tcpgate_tests::preamble::read_answer(stream)?)
+    Ok(crate::preamble::read_answer(stream)?)
 }
 
 /// Sends a preamble and returns the answer.
 pub fn authenticate(stream: &mut TcpStream, token: &str) -> Result<(u8, String)> {
-    Ok(tcpgate_tests::preamble::authenticate(stream, token)?)
+    Ok(crate::preamble::authenticate(stream, token)?)
 }
 
 /// An echo service on the target's port 9000 that first sends `greeting`
@@ -265,8 +271,8 @@ pub fn authenticate(stream: &mut TcpStream, token: &str) -> Result<(u8, String)>
 pub fn echo_service(
     fx: &AuthFixture,
     greeting: &'static [u8],
-) -> Result<tcpgate_tests::AcceptLoop<SocketAddr>> {
-    Ok(tcpgate_tests::accept_loop(
+) -> Result<crate::AcceptLoop<SocketAddr>> {
+    Ok(crate::accept_loop(
         &fx.topo.target,
         AuthFixture::target(9000),
         100,

@@ -22,7 +22,7 @@ pub fn xtask_binary() -> Result<PathBuf> {
     let path = std::env::var_os(XTASK_ENV)
         .filter(|v| !v.is_empty())
         .map_or_else(
-            || tcpgate_tests::agent::workspace_root().join("target/debug/xtask"),
+            || crate::agent::workspace_root().join("target/debug/xtask"),
             PathBuf::from,
         );
     ensure!(
@@ -87,7 +87,7 @@ impl Staged {
 
 /// `xtask install --destdir DIR --binary <agent under test> <extra>`.
 pub fn install(destdir: &Path, extra: &[&str]) -> Result<String> {
-    let binary = tcpgate_tests::agent::agent_binary()?;
+    let binary = crate::agent::agent_binary()?;
     let mut args: Vec<&std::ffi::OsStr> = vec![
         "install".as_ref(),
         "--destdir".as_ref(),
@@ -240,8 +240,8 @@ impl TestUser {
         let _serial = ACCOUNTS
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let name = tcpgate_tests::unique_name("tgu");
-        let extra_group = tcpgate_tests::unique_name("tgo");
+        let name = crate::unique_name("tgu");
+        let extra_group = crate::unique_name("tgo");
         run(Command::new("groupadd").args(["--system", &extra_group]))?;
         let user = run(Command::new("useradd").args([
             "--system",

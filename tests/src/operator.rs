@@ -8,10 +8,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use crate::topology::TARGET_V4;
+use crate::{AcceptLoop, AgentBuilder, Netns, Payload, Topology, accept_loop};
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use tcpgate_tests::topology::TARGET_V4;
-use tcpgate_tests::{AcceptLoop, AgentBuilder, Netns, Payload, Topology, accept_loop};
 
 /// The intercepted service port on 192.0.2.0/24.
 pub const SERVICE_PORT: u16 = 9000;
@@ -65,7 +65,7 @@ pub fn sized_server(topo: &Topology) -> Result<AcceptLoop<(u64, u64)>> {
                     Ok(n) => rest -= n as u64,
                 }
             }
-            if tcpgate_tests::write_payload(&mut stream, &Payload::new(down, down)).is_err() {
+            if crate::write_payload(&mut stream, &Payload::new(down, down)).is_err() {
                 return (up, 0);
             }
             // Hold the session until the client ends it.
@@ -83,8 +83,8 @@ pub fn exchange(stream: &mut TcpStream, up: u64, down: u64) -> Result<()> {
     header[..8].copy_from_slice(&up.to_be_bytes());
     header[8..].copy_from_slice(&down.to_be_bytes());
     stream.write_all(&header)?;
-    tcpgate_tests::write_payload(stream, &Payload::new(up, up - HEADER))?;
-    let digest = tcpgate_tests::read_exact_hashed(stream, down)?;
+    crate::write_payload(stream, &Payload::new(up, up - HEADER))?;
+    let digest = crate::read_exact_hashed(stream, down)?;
     ensure!(digest == Payload::new(down, down).digest(), "reply digest");
     Ok(())
 }
@@ -180,7 +180,7 @@ pub struct TempGroup {
 
 impl TempGroup {
     pub fn new() -> Result<Self> {
-        let name = tcpgate_tests::unique_name("tgop");
+        let name = crate::unique_name("tgop");
         let status = Command::new("groupadd")
             .args(["--system", &name])
             .status()

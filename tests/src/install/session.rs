@@ -29,10 +29,10 @@ pub fn ensure_spliced(event: &serde_json::Value, len: u64) -> Result<()> {
 }
 
 /// An echo server on the target's port 22.
-pub fn echo_on_port_22(topo: &tcpgate_tests::Topology) -> Result<tcpgate_tests::AcceptLoop<()>> {
-    Ok(tcpgate_tests::accept_loop(
+pub fn echo_on_port_22(topo: &crate::Topology) -> Result<crate::AcceptLoop<()>> {
+    Ok(crate::accept_loop(
         &topo.target,
-        std::net::SocketAddr::from((tcpgate_tests::topology::TARGET_V4, 22)),
+        std::net::SocketAddr::from((crate::topology::TARGET_V4, 22)),
         10,
         |mut stream, _| {
             let mut buf = [0u8; 4096];

@@ -1,18 +1,16 @@
-//! Fixtures shared by the integration test binaries.
-#![allow(dead_code, reason = "each test binary uses a different subset")]
-
-pub mod auth;
-pub mod firewall;
-pub mod operator;
+//! The forward fixture (runner → bastion agent with one static forward →
+//! target) that the data path suites share, the two data paths every
+//! correctness test runs on, and checks of the agent's audit lines.
 
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
 use serde_json::Value;
-use tcpgate_tests::topology::{BASTION_RUNNER_V4, TARGET_V4};
-use tcpgate_tests::{Agent, Topology, dial};
+
+use crate::inspect::assert_maps_empty;
+use crate::topology::{BASTION_RUNNER_V4, TARGET_V4};
+use crate::{Agent, Topology, dial};
 
 /// The two data paths; every correctness test runs on both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,17 +36,17 @@ macro_rules! on_both_paths {
             mod $name {
                 #[test]
                 fn ebpf() -> anyhow::Result<()> {
-                    if !tcpgate_tests::require_root() {
+                    if !$crate::require_root() {
                         return Ok(());
                     }
-                    super::$name(super::common::DataPath::Ebpf)
+                    super::$name($crate::DataPath::Ebpf)
                 }
                 #[test]
                 fn userspace() -> anyhow::Result<()> {
-                    if !tcpgate_tests::require_root() {
+                    if !$crate::require_root() {
                         return Ok(());
                     }
-                    super::$name(super::common::DataPath::Userspace)
+                    super::$name($crate::DataPath::Userspace)
                 }
             }
         )*
@@ -164,25 +162,23 @@ pub fn wait_events_within(
     n: usize,
     timeout: Duration,
 ) -> Result<Vec<Value>> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
+    let mut found = 0;
+    crate::eventually(timeout, &format!("{n} {kind} events"), || -> Result<_> {
         let events: Vec<Value> = agent
             .audit_events()?
             .into_iter()
             .filter(|e| e["event"] == kind)
             .collect();
-        if events.len() >= n {
-            return Ok(events);
-        }
-        if std::time::Instant::now() > deadline {
-            bail!(
-                "only {} of {n} {kind} events after {timeout:?}; agent log:\n{}",
-                events.len(),
-                agent.logs_tail(30)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        found = events.len();
+        Ok((events.len() >= n).then_some(events))
+    })
+    .map_err(|e| match e.downcast::<crate::NotWithin>() {
+        Ok(_) => anyhow!(
+            "only {found} of {n} {kind} events after {timeout:?}; agent log:\n{}",
+            agent.logs_tail(30)
+        ),
+        Err(e) => e,
+    })
 }
 
 fn field(event: &Value, name: &str) -> Result<u64> {
@@ -259,139 +255,10 @@ pub fn assert_bytes_with(
     Ok(())
 }
 
-/// Entries of a pinned map, via Debian's bpftool.
-pub fn pinned_entries(pin_dir: &Path, map: &str) -> Result<Vec<Value>> {
-    let path = pin_dir.join(map);
-    let output = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(&path)
-        .output()
-        .context("run bpftool (apt install bpftool)")?;
-    ensure!(
-        output.status.success(),
-        "bpftool map dump {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let entries: Vec<Value> = serde_json::from_slice(&output.stdout).context("bpftool JSON")?;
-    Ok(entries)
-}
-
-pub fn assert_maps_empty(pin_dir: &Path) -> Result<()> {
-    for map in ["sessions", "sockets"] {
-        let entries = pinned_entries(pin_dir, map)?;
-        ensure!(
-            entries.is_empty(),
-            "{map} map still holds {} entries: {entries:?}",
-            entries.len()
-        );
-    }
-    Ok(())
-}
-
-/// Resident memory of a process, in bytes.
-pub fn rss_bytes(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .context("VmRSS")?;
-    Ok(kib * 1024)
-}
-
-/// Raises this process's open-files limit (1,000 sessions need ~2,000 fds).
-pub fn raise_nofile() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write one rlimit we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
-
-/// A real HTTP server (Debian's python3 `http.server`) serving `body` as
-/// `/file.bin`, bound to `bind:port` inside `ns`.
-pub struct HttpServer {
-    _child: tcpgate_tests::ChildGuard,
-    _dir: tempfile::TempDir,
-    pub body: Vec<u8>,
-}
-
-impl HttpServer {
-    pub fn start(
-        ns: &tcpgate_tests::Netns,
-        bind: std::net::IpAddr,
-        port: u16,
-        body: Vec<u8>,
-    ) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        std::fs::write(dir.path().join("file.bin"), &body)?;
-        let mut command = ns.command("python3");
-        command
-            .args([
-                "-m",
-                "http.server",
-                &port.to_string(),
-                "--bind",
-                &bind.to_string(),
-                "--directory",
-            ])
-            .arg(dir.path());
-        let child = tcpgate_tests::ChildGuard::spawn_logged(&mut command, dir.path(), "http")?;
-        let addr = SocketAddr::new(bind, port);
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while ns
-            .run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
-            .is_err()
-        {
-            ensure!(
-                std::time::Instant::now() < deadline,
-                "http server on {addr} did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(Self {
-            _child: child,
-            _dir: dir,
-            body,
-        })
-    }
-}
-
-/// Runs curl in `ns` and returns the body it fetched.
-pub fn curl(ns: &tcpgate_tests::Netns, url: &str) -> Result<Vec<u8>> {
-    let output = ns
-        .command("curl")
-        .args([
-            "--silent",
-            "--show-error",
-            "--fail",
-            "--max-time",
-            "30",
-            "--noproxy",
-            "*",
-            url,
-        ])
-        .output()
-        .context("run curl")?;
-    ensure!(
-        output.status.success(),
-        "curl {url}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(output.stdout)
-}
-
 /// The agent's configuration with interception of `prefixes`
 /// (`(prefix, ports)`), written for a builder.
 pub fn intercept_config(
-    builder: &tcpgate_tests::AgentBuilder<'_>,
+    builder: &crate::AgentBuilder<'_>,
     prefixes: &[(&str, &[&str])],
     extra: &str,
 ) -> String {
@@ -416,84 +283,4 @@ pub fn intercept_prefixes(prefixes: &[(&str, &[&str])]) -> String {
             )
         })
         .collect()
-}
-
-/// tcpgate's policy-routing state in a namespace: rules with its protocol
-/// number and routes in its table.
-pub fn routing_leftovers(ns: &tcpgate_tests::Netns) -> Result<Vec<String>> {
-    let mut left = Vec::new();
-    for family in ["-4", "-6"] {
-        let rules = ns.exec_ok(&["ip", family, "rule", "show"])?;
-        left.extend(
-            rules
-                .lines()
-                .filter(|l| l.contains("proto 213"))
-                .map(|l| format!("rule {l}")),
-        );
-        let routes = ns.exec_ok(&["ip", family, "route", "show", "table", "all"])?;
-        left.extend(
-            routes
-                .lines()
-                .filter(|l| l.contains("proto 213"))
-                .map(|l| format!("route {l}")),
-        );
-    }
-    Ok(left)
-}
-
-/// sk_lookup links attached to a namespace (by its inode), via bpftool.
-pub fn sk_lookup_links(ns: &tcpgate_tests::Netns) -> Result<usize> {
-    use std::os::unix::fs::MetadataExt;
-    let inode = std::fs::metadata(ns.path())?.ino();
-    let output = std::process::Command::new("bpftool")
-        .args(["-j", "link", "show"])
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "bpftool link show: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let links: Vec<Value> = serde_json::from_slice(&output.stdout)?;
-    Ok(links
-        .iter()
-        .filter(|l| l["type"] == "netns" && l["netns_ino"] == inode)
-        .count())
-}
-
-/// Connects from `ns` to `target` with the given source address (a second
-/// runner sharing the namespace).
-pub fn dial_from(
-    ns: &tcpgate_tests::Netns,
-    source: std::net::IpAddr,
-    target: SocketAddr,
-) -> Result<TcpStream> {
-    use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket,
-    };
-    let stream = ns.run(move || -> Result<TcpStream> {
-        let family = if target.is_ipv4() {
-            AddressFamily::Inet
-        } else {
-            AddressFamily::Inet6
-        };
-        let sock = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
-        bind(fd, &SockaddrStorage::from(SocketAddr::new(source, 0)))?;
-        connect(fd, &SockaddrStorage::from(target))?;
-        Ok(TcpStream::from(sock))
-    })?;
-    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-    Ok(stream)
-}
-
-/// Waits (bounded) until `done()` holds; the error names `what`.
-pub fn eventually(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
-    let deadline = std::time::Instant::now() + timeout;
-    while !done() {
-        if std::time::Instant::now() > deadline {
-            bail!("{what}: not within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }

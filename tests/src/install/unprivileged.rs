@@ -13,7 +13,7 @@ use anyhow::{Context, Result, ensure};
 use tempfile::TempDir;
 
 use super::TestUser;
-use crate::common::auth::Launch;
+use crate::auth_fixture::Launch;
 
 /// `CAP_NET_ADMIN` → `net_admin`, as setpriv spells it.
 fn setpriv_name(cap: &str) -> String {
