@@ -195,6 +195,9 @@ pub enum MatcherSpec {
     Text(String),
     /// Any of the alternatives (each exact or glob).
     List(Vec<String>),
+    /// One operator that says how to match: `equals`, `glob`, `one_of`,
+    /// `contains` (see [`super::matcher`]).
+    Table(serde_json::Map<String, serde_json::Value>),
     /// Anything else; always rejected by validation with a clear message.
     Unsupported(serde_json::Value),
 }
@@ -209,6 +212,7 @@ pub struct RuleConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issuer: Option<String>,
     pub max_lifetime: DurationSpec,
+    /// Claim path (`ref`, `"kubernetes.io.namespace"`) → matcher.
     #[serde(default, rename = "match")]
     pub claims: BTreeMap<String, MatcherSpec>,
     pub allow: Vec<DestinationSpec>,

@@ -4,8 +4,17 @@
 //! (`project_id`, `pipeline_id`) as strings, so a boolean matcher also accepts
 //! `"true"`/`"false"` and an integer matcher its decimal string. A claim that
 //! is missing from the token never matches.
+//!
+//! The short forms (a string, a list of strings, a boolean, an integer)
+//! match a single value: an array claim never satisfies them, so a rule
+//! written for `aud = "x"` cannot be widened by a token listing many
+//! audiences. A table says how to match, with exactly one operator:
+//! `{ equals = "a*b" }` (literal, `*` is not a wildcard), `{ glob = "..." }`,
+//! `{ one_of = ["a", "b"] }`, or `{ contains = <matcher> }`: some element of
+//! an array claim satisfies the inner matcher (a single value counts as a
+//! one-element array, since OIDC allows `aud` either way).
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::config::MatcherSpec;
 
@@ -16,6 +25,8 @@ pub enum Matcher {
     Integer(i64),
     Text(TextMatcher),
     AnyOf(Vec<TextMatcher>),
+    /// Some element of an array claim (or the single value) matches.
+    AnyElement(Box<Matcher>),
 }
 
 /// An exact string or a glob where `*` matches any run of characters
@@ -33,10 +44,28 @@ pub enum MatcherError {
     EmptyList,
     #[error(
         "`{0}` is not a valid matcher: use a string (exact or glob), \
-         a list of strings, a boolean or an integer"
+         a list of strings, a boolean, an integer, or a table with one of {OPERATORS}"
     )]
     Unsupported(Value),
+    #[error(
+        "`{0}` is not a matcher operator (use one of {OPERATORS}); to name a nested \
+         claim, quote its whole path as the key: \"kubernetes.io.namespace\" = \"ci\""
+    )]
+    UnknownOperator(String),
+    #[error("a matcher table needs exactly one of {OPERATORS}, found {0}")]
+    OperatorCount(usize),
+    #[error("`{op}` takes {expected}, not `{found}`")]
+    OperatorValue {
+        op: &'static str,
+        expected: &'static str,
+        found: Value,
+    },
+    #[error("in `contains`: {0}")]
+    Inner(Box<MatcherError>),
 }
+
+/// The operators of the table form, for error messages.
+const OPERATORS: &str = "`equals`, `glob`, `one_of`, `contains`";
 
 impl TextMatcher {
     /// Every string is a valid pattern.
@@ -97,7 +126,25 @@ impl Matcher {
             MatcherSpec::List(items) => Ok(Matcher::AnyOf(
                 items.iter().map(|s| TextMatcher::new(s)).collect(),
             )),
+            MatcherSpec::Table(table) => compile_table(table),
             MatcherSpec::Unsupported(v) => Err(MatcherError::Unsupported(v.clone())),
+        }
+    }
+
+    /// Why `actual` cannot match this kind of matcher at all, when that is
+    /// the likely mistake (an array claim under a single-value matcher).
+    #[must_use]
+    pub fn hint(&self, actual: Option<&Value>) -> Option<&'static str> {
+        match (self, actual) {
+            (Matcher::AnyElement(_), _) => None,
+            (_, Some(Value::Array(_))) => {
+                Some("the claim is an array: match an element with { contains = ... }")
+            }
+            (_, Some(Value::Object(_))) => {
+                Some("the claim is an object: name a claim inside it by path (a.b)")
+            }
+            (_, None) => Some("the token has no such claim"),
+            _ => None,
         }
     }
 
@@ -121,6 +168,82 @@ impl Matcher {
             Matcher::AnyOf(ms) => {
                 scalar_text(value).is_some_and(|s| ms.iter().any(|m| m.matches(&s)))
             }
+            Matcher::AnyElement(inner) => match value {
+                Value::Array(items) => items.iter().any(|v| inner.matches(Some(v))),
+                single => inner.matches(Some(single)),
+            },
+        }
+    }
+}
+
+/// The table form: exactly one operator.
+fn compile_table(table: &Map<String, Value>) -> Result<Matcher, MatcherError> {
+    let mut ops = table.iter();
+    let (Some((op, value)), None) = (ops.next(), ops.next()) else {
+        return Err(MatcherError::OperatorCount(table.len()));
+    };
+    let wrong = |op, expected| MatcherError::OperatorValue {
+        op,
+        expected,
+        found: value.clone(),
+    };
+    match op.as_str() {
+        "equals" => match value {
+            Value::String(s) => Ok(Matcher::Text(TextMatcher::Exact(s.clone()))),
+            Value::Bool(b) => Ok(Matcher::Bool(*b)),
+            Value::Number(n) => n
+                .as_i64()
+                .map(Matcher::Integer)
+                .ok_or_else(|| wrong("equals", "a string, a boolean or an integer")),
+            _ => Err(wrong("equals", "a string, a boolean or an integer")),
+        },
+        "glob" => match value {
+            Value::String(s) => Ok(Matcher::Text(TextMatcher::Glob { pattern: s.clone() })),
+            _ => Err(wrong("glob", "a string pattern")),
+        },
+        "one_of" => {
+            let items: Vec<String> = serde_json::from_value(value.clone())
+                .map_err(|_| wrong("one_of", "a list of strings"))?;
+            Matcher::compile(&MatcherSpec::List(items))
+        }
+        "contains" => {
+            let spec: MatcherSpec = serde_json::from_value(value.clone())
+                .map_err(|_| wrong("contains", "a matcher"))?;
+            Matcher::compile(&spec)
+                .map(|m| Matcher::AnyElement(Box::new(m)))
+                .map_err(|e| MatcherError::Inner(Box::new(e)))
+        }
+        other => Err(MatcherError::UnknownOperator(other.to_owned())),
+    }
+}
+
+/// What the matcher expects, as `policy explain` shows it.
+impl std::fmt::Display for Matcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Matcher::Bool(b) => write!(f, "{b}"),
+            Matcher::Integer(i) => write!(f, "{i}"),
+            Matcher::Text(t) => write!(f, "{t}"),
+            Matcher::AnyOf(ms) => {
+                f.write_str("one of [")?;
+                for (i, m) in ms.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{m}")?;
+                }
+                f.write_str("]")
+            }
+            Matcher::AnyElement(inner) => write!(f, "contains {inner}"),
+        }
+    }
+}
+
+impl std::fmt::Display for TextMatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TextMatcher::Exact(s) => write!(f, "{s:?}"),
+            TextMatcher::Glob { pattern } => write!(f, "glob {pattern:?}"),
         }
     }
 }
@@ -210,5 +333,93 @@ mod tests {
         assert!(!i.matches(Some(&json!("+42"))));
         assert!(m(MatcherSpec::Integer(-7)).matches(Some(&json!("-7"))));
         assert!(Matcher::compile(&MatcherSpec::Unsupported(json!(1.5))).is_err());
+    }
+
+    fn table(v: Value) -> Result<Matcher, MatcherError> {
+        Matcher::compile(&MatcherSpec::Table(v.as_object().expect("object").clone()))
+    }
+
+    #[test]
+    fn operators_say_how_to_match() {
+        let literal = table(json!({ "equals": "release/*" })).expect("equals");
+        assert!(literal.matches(Some(&json!("release/*"))));
+        assert!(!literal.matches(Some(&json!("release/1"))));
+        let glob = table(json!({ "glob": "release/*" })).expect("glob");
+        assert!(glob.matches(Some(&json!("release/1"))));
+        let one_of = table(json!({ "one_of": ["a", "b*"] })).expect("one_of");
+        assert!(one_of.matches(Some(&json!("b2"))));
+        assert!(!one_of.matches(Some(&json!("c"))));
+        assert!(
+            table(json!({ "equals": true }))
+                .expect("bool")
+                .matches(Some(&json!("true")))
+        );
+        assert!(
+            table(json!({ "equals": 7 }))
+                .expect("int")
+                .matches(Some(&json!(7)))
+        );
+    }
+
+    #[test]
+    fn contains_matches_any_element_and_only_it_reads_arrays() {
+        let groups = table(json!({ "contains": "deployers" })).expect("contains");
+        assert!(groups.matches(Some(&json!(["devs", "deployers"]))));
+        assert!(!groups.matches(Some(&json!(["devs", "ops"]))));
+        assert!(!groups.matches(Some(&json!([]))));
+        // A single value is a one-element array (OIDC `aud`).
+        assert!(groups.matches(Some(&json!("deployers"))));
+        assert!(!groups.matches(None));
+        let nested = table(json!({ "contains": { "glob": "api://*" } })).expect("nested");
+        assert!(nested.matches(Some(&json!(["x", "api://default"]))));
+        // The short forms never match an array claim, even one holding the value.
+        let short = m(MatcherSpec::Text("deployers".into()));
+        assert!(!short.matches(Some(&json!(["deployers"]))));
+        assert!(
+            short
+                .hint(Some(&json!(["deployers"])))
+                .is_some_and(|h| h.contains("contains"))
+        );
+        let list = m(MatcherSpec::List(vec!["deployers".into()]));
+        assert!(!list.matches(Some(&json!(["deployers"]))));
+    }
+
+    #[test]
+    fn bad_tables_say_what_is_wrong() {
+        assert_eq!(table(json!({})).err(), Some(MatcherError::OperatorCount(0)));
+        assert_eq!(
+            table(json!({ "equals": "a", "glob": "b" })).err(),
+            Some(MatcherError::OperatorCount(2))
+        );
+        let e = table(json!({ "io": { "namespace": "ci" } })).expect_err("nested table");
+        assert!(e.to_string().contains("\"kubernetes.io.namespace\""), "{e}");
+        assert!(matches!(
+            table(json!({ "glob": 3 })),
+            Err(MatcherError::OperatorValue { op: "glob", .. })
+        ));
+        assert!(matches!(
+            table(json!({ "one_of": [1, 2] })),
+            Err(MatcherError::OperatorValue { op: "one_of", .. })
+        ));
+        assert!(matches!(
+            table(json!({ "contains": [] })),
+            Err(MatcherError::Inner(_))
+        ));
+        assert!(matches!(
+            table(json!({ "equals": 1.5 })),
+            Err(MatcherError::OperatorValue { op: "equals", .. })
+        ));
+    }
+
+    #[test]
+    fn matchers_display_what_they_expect() {
+        assert_eq!(m(MatcherSpec::Text("a".into())).to_string(), "\"a\"");
+        assert_eq!(m(MatcherSpec::Text("a*".into())).to_string(), "glob \"a*\"");
+        assert_eq!(
+            table(json!({ "contains": ["x", "y"] }))
+                .expect("ok")
+                .to_string(),
+            "contains one of [\"x\", \"y\"]"
+        );
     }
 }
