@@ -255,6 +255,8 @@ pub struct KeyCache {
     generation: AtomicU64,
     min_refresh_interval: Duration,
     stats: JwksStats,
+    /// Why the last fetch failed; `None` once one succeeds.
+    last_error: RwLock<Option<String>>,
 }
 
 impl KeyCache {
@@ -266,6 +268,22 @@ impl KeyCache {
             generation: AtomicU64::new(0),
             min_refresh_interval,
             stats: JwksStats::default(),
+            last_error: RwLock::new(None),
+        }
+    }
+
+    /// Why the last fetch failed, while no later fetch has succeeded.
+    pub fn last_error(&self) -> Option<String> {
+        match self.last_error.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub(crate) fn set_last_error(&self, error: Option<String>) {
+        match self.last_error.write() {
+            Ok(mut g) => *g = error,
+            Err(poisoned) => *poisoned.into_inner() = error,
         }
     }
 
@@ -325,9 +343,11 @@ impl KeyCache {
                     Ok(mut g) => *g = Arc::new(set),
                     Err(poisoned) => *poisoned.into_inner() = Arc::new(set),
                 }
+                self.set_last_error(None);
             }
             Err(e) => {
                 self.stats.refresh_failures.fetch_add(1, Ordering::Relaxed);
+                self.set_last_error(Some(error_chain(&e)));
                 tracing::warn!(source = %self.source.describe(), why, error = %error_chain(&e),
                     "JWKS refresh failed; keeping the last good key set");
             }

@@ -11,7 +11,7 @@ use crate::auth::client::{ClientError, connect_with_preamble, read_token_file};
 mod stdio;
 
 /// Exit status when the agent denies the token (`EX_NOPERM`).
-const EXIT_DENIED: i32 = 77;
+pub(super) const EXIT_DENIED: i32 = 77;
 
 #[derive(Debug, clap::Args)]
 pub struct ConnectArgs {
@@ -55,7 +55,7 @@ pub fn run(args: &ConnectArgs) -> i32 {
 
 /// Why the connect target names no address.
 #[derive(Debug, thiserror::Error)]
-enum ResolveError {
+pub(super) enum ResolveError {
     #[error("cannot resolve {target:?} (expected HOST:PORT)")]
     Lookup {
         target: String,
@@ -66,7 +66,7 @@ enum ResolveError {
     NoAddress(String),
 }
 
-async fn resolve(target: &str) -> Result<SocketAddr, ResolveError> {
+pub(super) async fn resolve(target: &str) -> Result<SocketAddr, ResolveError> {
     if let Ok(addr) = target.parse() {
         return Ok(addr);
     }

@@ -8,6 +8,7 @@ mod firewall;
 mod grant;
 mod grants;
 mod manpage;
+mod policy;
 mod revoke;
 mod revoke_pinned;
 mod run;
@@ -78,6 +79,8 @@ pub enum Command {
     Sessions(sessions::SessionsArgs),
     /// List live grants, from the agent's API or else the pinned map.
     Grants(grants::GrantsArgs),
+    /// Inspect the access policy offline (`explain`: what it does with a token).
+    Policy(policy::PolicyArgs),
     /// Install, show or remove the guard table (nftables) that drops the
     /// protected prefixes whether or not the agent runs.
     ///
@@ -150,6 +153,7 @@ pub fn dispatch(cli: Cli) -> i32 {
         Command::Revoke(args) => revoke::run(&args),
         Command::Sessions(args) => sessions::run(&args),
         Command::Grants(args) => grants::run(&args),
+        Command::Policy(args) => policy::run(&args),
         Command::Firewall(args) => firewall::run(&args),
         Command::Completions(args) => completions::run(&args),
         Command::Manpage(args) => manpage::run(&args),
