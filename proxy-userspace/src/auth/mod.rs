@@ -3,7 +3,8 @@
 //! token's grant ends.
 //!
 //! - [`config`]: the `[auth]` and `[[policy]]` config sections and their validation.
-//! - [`token`] and [`jwks`]: JWT validation against per-issuer JWKS keys.
+//! - [`token`] and [`jwks`]: JWT validation against per-issuer JWKS keys;
+//!   [`discovery`]: keys found through OIDC discovery.
 //! - [`policy`] (with [`claims`], [`matcher`] and [`destination`]): deny-by-default rules.
 //! - [`preamble`]: the in-band token preamble a client sends first.
 //! - [`grants`]: live grants, their caps, expiry and revocation events;
@@ -40,6 +41,7 @@ pub mod api_types;
 pub mod claims;
 pub mod client;
 pub mod config;
+pub mod discovery;
 /// Destinations are shared with interception; see [`crate::dest`].
 pub use crate::dest as destination;
 pub mod explain;

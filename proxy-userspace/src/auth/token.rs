@@ -283,14 +283,19 @@ async fn load_issuer(index: usize, ic: &IssuerConfig) -> Result<IssuerState, Loa
         let source = JwksSource::File(path.clone());
         let initial = source.fetch().await.map_err(keys_err)?;
         Some(Arc::new(KeyCache::new(source, initial, min)))
-    } else if let Some(url) = &ic.jwks_url {
-        let source = JwksSource::url(url, ic.ca_file.as_deref()).map_err(keys_err)?;
+    } else if ic.jwks_url.is_some() || ic.hs256_secret_file.is_none() {
+        // An explicit jwks_url wins; without one, OIDC discovery.
+        let source = match &ic.jwks_url {
+            Some(url) => JwksSource::url(url, ic.ca_file.as_deref()),
+            None => JwksSource::discovery(&ic.issuer, ic.ca_file.as_deref()),
+        }
+        .map_err(keys_err)?;
         let (initial, error) = match source.fetch().await {
             Ok(set) => (set, None),
             Err(e) => {
                 let error = error_chain(&e);
                 tracing::warn!(issuer = %ic.issuer, error = %error,
-                    "cannot fetch JWKS at startup; starting without keys and retrying on demand");
+                    "cannot fetch keys at startup; starting without keys and retrying on demand");
                 (KeySet::default(), Some(error))
             }
         };

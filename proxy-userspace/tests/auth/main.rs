@@ -3,6 +3,7 @@
 
 mod client;
 mod config;
+mod discovery;
 mod grants;
 mod jwks_https;
 mod policy;
