@@ -3,3 +3,4 @@
 
 mod explain;
 mod support;
+mod token_source;
