@@ -167,10 +167,24 @@ fn check_expiry(expires_at: SystemTime, token: &ValidatedToken, rule: &Rule, now
 /// The rule semantics as documented, written independently of the matcher.
 pub fn reference_applies(rule: &Rule, token: &ValidatedToken) -> bool {
     rule.issuer == token.issuer
-        && rule
-            .claims
-            .iter()
-            .all(|(claim, m)| reference_matches(m, token.claims.get(claim)))
+        && rule.claims.iter().all(|(claim, m)| {
+            let segments: Vec<&str> = claim.split('.').collect();
+            reference_matches(m, reference_lookup(&token.claims, &segments))
+        })
+}
+
+/// A claim path, longest key first at each level, without backtracking.
+fn reference_lookup<'a>(claims: &'a Map<String, Value>, segments: &[&str]) -> Option<&'a Value> {
+    (1..=segments.len()).rev().find_map(|n| {
+        let value = claims.get(&segments[..n].join("."))?;
+        Some(if n == segments.len() {
+            Some(value)
+        } else {
+            value
+                .as_object()
+                .and_then(|inner| reference_lookup(inner, &segments[n..]))
+        })
+    })?
 }
 
 fn reference_matches(m: &Matcher, claim: Option<&Value>) -> bool {
@@ -191,6 +205,10 @@ fn reference_matches(m: &Matcher, claim: Option<&Value>) -> bool {
         Matcher::AnyOf(ts) => {
             text_of(value).is_some_and(|s| ts.iter().any(|t| reference_text(t, &s)))
         }
+        Matcher::AnyElement(inner) => match value {
+            Value::Array(items) => items.iter().any(|v| reference_matches(inner, Some(v))),
+            one => reference_matches(inner, Some(one)),
+        },
     }
 }
 

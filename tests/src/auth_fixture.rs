@@ -64,6 +64,10 @@ pub struct Launch {
     pub api_extra: String,
     /// Lines added to `[admin]` (e.g. `listen` and `token_file`).
     pub admin_extra: String,
+    /// Configure the issuer by URL alone (OIDC discovery from the JWKS
+    /// server, which is then the issuer: see [`AuthFixture::issuer`]); rules
+    /// naming `ISSUER` are rewritten to it.
+    pub discovery: bool,
 }
 
 /// A step run on the agent's builder before it starts (e.g. handing its
@@ -73,6 +77,9 @@ pub type Prepare = Box<dyn FnOnce(&crate::AgentBuilder<'_>) -> Result<()>>;
 pub struct AuthFixture {
     /// What a runner trusts for the grant API (`tcpgate grant --ca`).
     pub api_ca: std::path::PathBuf,
+    /// The configured issuer: `ISSUER`, or the JWKS server's URL with
+    /// [`Launch::discovery`].
+    pub issuer: String,
     pub agent: Agent,
     pub jwks: JwksServer,
     pub keys: Keys,
@@ -107,6 +114,15 @@ impl AuthFixture {
         let topo = Topology::new()?;
         let keys = Keys::new();
         let jwks = JwksServer::start(&topo.bastion, "127.0.0.1:0".parse()?, keys.jwks())?;
+        let (issuer, keys_from, policy_toml) = if launch.discovery {
+            jwks.serve_discovery(&jwks.issuer());
+            let policy =
+                policy_toml.replace(&format!("{ISSUER:?}"), &format!("{:?}", jwks.issuer()));
+            (jwks.issuer(), String::new(), policy)
+        } else {
+            let url = format!("jwks_url = {:?}\n", jwks.url());
+            (ISSUER.to_owned(), url, policy_toml.to_owned())
+        };
         let mut builder = Agent::builder(&topo.bastion)?;
         if let Some(binary) = launch.binary {
             builder = builder.binary(binary);
@@ -131,14 +147,13 @@ impl AuthFixture {
              [intercept]\n[[intercept.prefix]]\nprefix = \"192.0.2.0/24\"\nports = [{ports}]\n\
              [[intercept.prefix]]\nprefix = \"2001:db8:2::/64\"\nports = [{ports}]\n\n\
              [auth]\npreamble_timeout = \"2s\"\naudit_claims = [\"project_path\", \"ref\", \"job_id\"]\n\
-             [[auth.issuer]]\nissuer = {ISSUER:?}\naudience = {AUDIENCE:?}\njwks_url = {url:?}\n\
+             [[auth.issuer]]\nissuer = {issuer:?}\naudience = {AUDIENCE:?}\n{keys_from}\
              ca_file = {ca:?}\nmin_refresh_interval = \"1s\"\n\n\
              [api]\nlisten = [\"{api}\", \"{api6}\"]\ntls_cert = {cert:?}\ntls_key = {key:?}\n{api_extra}\n\n\
              [admin]\nsocket = {admin:?}\n{admin_extra}\n{policy_toml}",
             pin = builder.pin_dir().display().to_string(),
             audit = builder.audit_path().display().to_string(),
             ports = ports.join(", "),
-            url = jwks.url(),
             ca = ca.display().to_string(),
             api = SocketAddr::from((BASTION_RUNNER_V4, API_PORT)),
             api6 = SocketAddr::from((BASTION_RUNNER_V6, API_PORT)),
@@ -155,6 +170,7 @@ impl AuthFixture {
         let agent = builder.spawn()?;
         Ok(Self {
             api_ca: api_cert.trust,
+            issuer,
             agent,
             jwks,
             keys,

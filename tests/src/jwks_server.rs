@@ -17,13 +17,17 @@ use crate::netns::Netns;
 use crate::servers::{ServerError, bind};
 use crate::tokens::key_files;
 
-/// Path the document is served at (any path answers with it).
+/// Path the document is served at (any path answers with it, except
+/// [`DISCOVERY_PATH`] once an OIDC discovery document is set).
 pub const JWKS_PATH: &str = "/oauth/discovery/keys";
+/// Where OIDC discovery looks, below the issuer URL.
+pub const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
 
 /// A running JWKS server; stops when dropped.
 pub struct JwksServer {
     addr: SocketAddr,
     document: Arc<Mutex<String>>,
+    discovery: Arc<Mutex<Option<String>>>,
     hits: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -53,15 +57,21 @@ impl JwksServer {
         let document = Arc::new(Mutex::new(document));
         let hits = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let discovery = Arc::new(Mutex::new(None));
         let config = server_config();
-        let (doc, count, halt) = (Arc::clone(&document), Arc::clone(&hits), Arc::clone(&stop));
+        let docs = Documents {
+            jwks: Arc::clone(&document),
+            discovery: Arc::clone(&discovery),
+        };
+        let (count, halt) = (Arc::clone(&hits), Arc::clone(&stop));
         let thread = thread::Builder::new()
             .name(format!("jwks-{local}"))
-            .spawn(move || serve(&listener, &config, &doc, &count, &halt))
+            .spawn(move || serve(&listener, &config, &docs, &count, &halt))
             .map_err(ServerError::Thread)?;
         Ok(JwksServer {
             addr: local,
             document,
+            discovery,
             hits,
             stop,
             thread: Some(thread),
@@ -81,6 +91,29 @@ impl JwksServer {
     /// Replaces the served document (key rotation).
     pub fn set_document(&self, document: String) {
         *self.document.lock().unwrap_or_else(PoisonError::into_inner) = document;
+    }
+
+    /// This server as an OIDC issuer: the URL whose discovery document it
+    /// serves once [`JwksServer::serve_discovery`] is called.
+    pub fn issuer(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Serves an OIDC discovery document at [`DISCOVERY_PATH`] that names
+    /// `issuer` (normally [`JwksServer::issuer`]; another one to test the
+    /// refusal) and this server's JWKS as `jwks_uri`.
+    pub fn serve_discovery(&self, issuer: &str) {
+        let doc = serde_json::json!({
+            "issuer": issuer,
+            "jwks_uri": self.url(),
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256", "ES256", "EdDSA"],
+        });
+        *self
+            .discovery
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(doc.to_string());
     }
 
     /// Requests answered so far.
@@ -113,10 +146,34 @@ fn server_config() -> Arc<rustls::ServerConfig> {
     Arc::new(config)
 }
 
+/// What the server answers: the JWKS, and the discovery document if set.
+struct Documents {
+    jwks: Arc<Mutex<String>>,
+    discovery: Arc<Mutex<Option<String>>>,
+}
+
+impl Documents {
+    fn for_path(&self, path: &str) -> String {
+        let discovery = self
+            .discovery
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        match discovery {
+            Some(doc) if path == DISCOVERY_PATH => doc,
+            _ => self
+                .jwks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        }
+    }
+}
+
 fn serve(
     listener: &TcpListener,
     config: &Arc<rustls::ServerConfig>,
-    doc: &Mutex<String>,
+    docs: &Documents,
     hits: &AtomicUsize,
     stop: &AtomicBool,
 ) {
@@ -138,10 +195,15 @@ fn serve(
         let mut reader = BufReader::new(&mut tls);
         let mut line = String::new();
         let mut complete = false;
+        let mut path = None;
         while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
             if line == "\r\n" || line == "\n" {
                 complete = true;
                 break;
+            }
+            // The request line: `GET /path HTTP/1.1`.
+            if path.is_none() {
+                path = Some(line.split(' ').nth(1).unwrap_or_default().to_owned());
             }
             line.clear();
         }
@@ -150,7 +212,7 @@ fn serve(
             continue;
         }
         hits.fetch_add(1, Ordering::SeqCst);
-        let body = doc.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let body = docs.for_path(path.as_deref().unwrap_or_default());
         let response = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()

@@ -26,6 +26,22 @@ pub enum ClientError {
         "token file {path} does not hold a JWT (expected three base64url parts separated by dots)"
     )]
     NotAJwt { path: PathBuf },
+    #[error(
+        "no token: give --token-file FILE or --token-env NAME (in a GitLab job, \
+         {DEFAULT_TOKEN_ENV} is read by default)"
+    )]
+    NoToken,
+    #[error(
+        "no token: {name} is not set in this GitLab job; add to the job:\n  id_tokens:\n    \
+         {name}:\n      aud: <audience>\n(the audience the bastion's [[auth.issuer]] expects)"
+    )]
+    NoGitlabToken { name: String },
+    #[error("environment variable {name} is not set or empty")]
+    EnvUnset { name: String },
+    #[error(
+        "environment variable {name} does not hold a JWT (expected three base64url parts separated by dots)"
+    )]
+    EnvNotAJwt { name: String },
     #[error("cannot connect to {target}")]
     Connect {
         target: SocketAddr,
@@ -91,6 +107,85 @@ impl ClientError {
             ClientError::Api { error, .. } => Some(error),
             _ => None,
         }
+    }
+}
+
+/// The variable a GitLab job's `id_tokens:` entry is read from by default.
+pub const DEFAULT_TOKEN_ENV: &str = "TCPGATE_TOKEN";
+
+/// Where a client verb reads its token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    File(PathBuf),
+    Env(String),
+    /// [`DEFAULT_TOKEN_ENV`], chosen because this runs in a GitLab job.
+    GitlabDefault,
+}
+
+/// Whether the process runs in a GitLab CI job (GitLab sets both).
+fn in_gitlab_job(env: &impl Fn(&str) -> Option<String>) -> bool {
+    env("CI").as_deref() == Some("true") && env("GITLAB_CI").as_deref() == Some("true")
+}
+
+impl TokenSource {
+    /// `--token-file` or `--token-env` as given (clap keeps them exclusive);
+    /// with neither, [`DEFAULT_TOKEN_ENV`] inside a GitLab job.
+    pub fn choose(
+        file: Option<&Path>,
+        env_name: Option<&str>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<TokenSource, ClientError> {
+        match (file, env_name) {
+            (Some(path), _) => Ok(TokenSource::File(path.to_owned())),
+            (None, Some(name)) => Ok(TokenSource::Env(name.to_owned())),
+            (None, None) if in_gitlab_job(&env) => Ok(TokenSource::GitlabDefault),
+            (None, None) => Err(ClientError::NoToken),
+        }
+    }
+
+    /// Reads the token now, from the process environment or the file.
+    pub fn read(&self) -> Result<String, ClientError> {
+        self.read_with(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the token, looking variables up with `env`.
+    pub fn read_with(&self, env: impl Fn(&str) -> Option<String>) -> Result<String, ClientError> {
+        let (name, value) = match self {
+            TokenSource::File(path) => return read_token_file(path),
+            TokenSource::Env(name) => (name.as_str(), env(name)),
+            TokenSource::GitlabDefault => (DEFAULT_TOKEN_ENV, env(DEFAULT_TOKEN_ENV)),
+        };
+        let token = value.as_deref().map(str::trim).unwrap_or_default();
+        if token.is_empty() {
+            // In a GitLab job the fix is the job's `id_tokens:` entry.
+            return Err(if in_gitlab_job(&env) {
+                ClientError::NoGitlabToken {
+                    name: name.to_owned(),
+                }
+            } else {
+                ClientError::EnvUnset {
+                    name: name.to_owned(),
+                }
+            });
+        }
+        if !looks_like_jwt(token) {
+            return Err(ClientError::EnvNotAJwt {
+                name: name.to_owned(),
+            });
+        }
+        Ok(token.to_owned())
+    }
+
+    /// Whether a failure to find the token is a usage error (exit 64).
+    #[must_use]
+    pub fn is_usage_error(e: &ClientError) -> bool {
+        matches!(
+            e,
+            ClientError::NoToken
+                | ClientError::NoGitlabToken { .. }
+                | ClientError::EnvUnset { .. }
+                | ClientError::EnvNotAJwt { .. }
+        )
     }
 }
 

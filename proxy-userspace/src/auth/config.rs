@@ -158,7 +158,8 @@ fn default_min_refresh_interval() -> DurationSpec {
     DurationSpec::from_duration(DEFAULT_MIN_REFRESH_INTERVAL)
 }
 
-/// One `[[auth.issuer]]`: a token issuer and where its keys come from.
+/// One `[[auth.issuer]]`: a token issuer and where its keys come from:
+/// `jwks_url`, `jwks_file`, or with neither, OIDC discovery from `issuer`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IssuerConfig {
@@ -195,6 +196,9 @@ pub enum MatcherSpec {
     Text(String),
     /// Any of the alternatives (each exact or glob).
     List(Vec<String>),
+    /// One operator that says how to match: `equals`, `glob`, `one_of`,
+    /// `contains` (see [`super::matcher`]).
+    Table(serde_json::Map<String, serde_json::Value>),
     /// Anything else; always rejected by validation with a clear message.
     Unsupported(serde_json::Value),
 }
@@ -209,6 +213,7 @@ pub struct RuleConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issuer: Option<String>,
     pub max_lifetime: DurationSpec,
+    /// Claim path (`ref`, `"kubernetes.io.namespace"`) → matcher.
     #[serde(default, rename = "match")]
     pub claims: BTreeMap<String, MatcherSpec>,
     pub allow: Vec<DestinationSpec>,
@@ -290,10 +295,15 @@ impl IssuerConfig {
                 format!("{path}.jwks_url"),
                 "set exactly one of jwks_url and jwks_file, not both",
             )),
-            (None, None, None) => errors.push(FieldError::new(
-                format!("{path}.jwks_url"),
-                "set exactly one of jwks_url and jwks_file",
-            )),
+            // Neither: OIDC discovery from the issuer URL.
+            (None, None, None) => match reqwest::Url::parse(&self.issuer) {
+                Ok(u) if u.scheme() == "https" => {}
+                _ => errors.push(FieldError::new(
+                    format!("{path}.issuer"),
+                    "without jwks_url or jwks_file the issuer must be an https URL, \
+                     whose /.well-known/openid-configuration names the keys",
+                )),
+            },
             // A shared secret beside published keys lets anyone who learns
             // the (weaker, development) secret mint tokens for a real issuer.
             (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => errors.push(FieldError::new(
@@ -323,10 +333,11 @@ impl IssuerConfig {
                 Ok(_) => {}
             }
         }
-        if self.ca_file.is_some() && self.jwks_url.is_none() {
+        if self.ca_file.is_some() && (self.jwks_file.is_some() || self.hs256_secret_file.is_some())
+        {
             errors.push(FieldError::new(
                 format!("{path}.ca_file"),
-                "only applies with jwks_url",
+                "only applies with jwks_url or OIDC discovery",
             ));
         }
         self.refresh_interval

@@ -29,7 +29,7 @@ pub const ALLOWED_ALGORITHMS: [Algorithm; 7] = [
     Algorithm::EdDSA,
 ];
 
-/// Largest JWKS document accepted.
+/// Largest JWKS (or OIDC discovery) document accepted.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -63,12 +63,29 @@ pub enum JwksError {
     },
     #[error("{url} answered HTTP {status}")]
     HttpStatus { url: String, status: u16 },
-    #[error("JWKS document is larger than {MAX_JWKS_BYTES} bytes")]
+    #[error("document is larger than {MAX_JWKS_BYTES} bytes")]
     TooLarge,
     #[error("JWKS document is not valid JSON with a `keys` array")]
     Json(#[source] serde_json::Error),
     #[error("JWKS document has no usable signing key")]
     NoUsableKeys,
+    #[error("OIDC discovery document at {url} is not JSON with `issuer` and `jwks_uri`")]
+    DiscoveryJson {
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "OIDC discovery document at {url} names issuer {found:?}, not the configured \
+         {expected:?}: refusing its keys"
+    )]
+    IssuerMismatch {
+        url: String,
+        expected: String,
+        found: String,
+    },
+    #[error("OIDC discovery document at {url} has jwks_uri {jwks_uri:?}, not an https URL")]
+    BadJwksUri { url: String, jwks_uri: String },
 }
 
 /// A verification key with the one algorithm it may verify.
@@ -151,22 +168,29 @@ pub enum JwksSource {
         url: String,
         client: reqwest::Client,
     },
+    /// OIDC discovery: the issuer's metadata document names the JWKS URL.
+    Discovery {
+        issuer: String,
+        url: String,
+        client: reqwest::Client,
+    },
 }
 
 impl JwksSource {
     /// An HTTPS source; `ca_file` adds a trusted CA to the system roots.
     pub fn url(url: &str, ca_file: Option<&Path>) -> Result<JwksSource, JwksError> {
-        let mut builder = reqwest::Client::builder()
-            .timeout(FETCH_TIMEOUT)
-            .connect_timeout(FETCH_TIMEOUT)
-            .https_only(true)
-            .redirect(reqwest::redirect::Policy::limited(3));
-        if let Some(path) = ca_file {
-            builder = builder.add_root_certificate(load_ca(path)?);
-        }
         Ok(JwksSource::Url {
             url: url.to_owned(),
-            client: builder.build().map_err(JwksError::Client)?,
+            client: https_client(ca_file)?,
+        })
+    }
+
+    /// Keys found by OIDC discovery from the `issuer` URL.
+    pub fn discovery(issuer: &str, ca_file: Option<&Path>) -> Result<JwksSource, JwksError> {
+        Ok(JwksSource::Discovery {
+            issuer: issuer.to_owned(),
+            url: super::discovery::discovery_url(issuer),
+            client: https_client(ca_file)?,
         })
     }
 
@@ -182,15 +206,33 @@ impl JwksSource {
                 KeySet::parse(&bytes)
             }
             JwksSource::Url { url, client } => KeySet::parse(&fetch_limited(client, url).await?),
+            JwksSource::Discovery {
+                issuer,
+                url,
+                client,
+            } => super::discovery::fetch_keys(client, issuer, url).await,
         }
     }
 
     pub fn describe(&self) -> String {
         match self {
             JwksSource::File(p) => p.display().to_string(),
-            JwksSource::Url { url, .. } => url.clone(),
+            JwksSource::Url { url, .. } | JwksSource::Discovery { url, .. } => url.clone(),
         }
     }
+}
+
+/// The HTTPS-only client for key fetches; `ca_file` adds a trusted CA.
+fn https_client(ca_file: Option<&Path>) -> Result<reqwest::Client, JwksError> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(FETCH_TIMEOUT)
+        .connect_timeout(FETCH_TIMEOUT)
+        .https_only(true)
+        .redirect(reqwest::redirect::Policy::limited(3));
+    if let Some(path) = ca_file {
+        builder = builder.add_root_certificate(load_ca(path)?);
+    }
+    builder.build().map_err(JwksError::Client)
 }
 
 /// Reads a PEM CA certificate for reqwest.
@@ -205,7 +247,10 @@ pub fn load_ca(path: &Path) -> Result<reqwest::Certificate, JwksError> {
     })
 }
 
-async fn fetch_limited(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, JwksError> {
+pub(super) async fn fetch_limited(
+    client: &reqwest::Client,
+    url: &str,
+) -> Result<Vec<u8>, JwksError> {
     let fetch_err = |source| JwksError::Fetch {
         url: url.to_owned(),
         source,
@@ -255,6 +300,8 @@ pub struct KeyCache {
     generation: AtomicU64,
     min_refresh_interval: Duration,
     stats: JwksStats,
+    /// Why the last fetch failed; `None` once one succeeds.
+    last_error: RwLock<Option<String>>,
 }
 
 impl KeyCache {
@@ -266,6 +313,22 @@ impl KeyCache {
             generation: AtomicU64::new(0),
             min_refresh_interval,
             stats: JwksStats::default(),
+            last_error: RwLock::new(None),
+        }
+    }
+
+    /// Why the last fetch failed, while no later fetch has succeeded.
+    pub fn last_error(&self) -> Option<String> {
+        match self.last_error.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub(crate) fn set_last_error(&self, error: Option<String>) {
+        match self.last_error.write() {
+            Ok(mut g) => *g = error,
+            Err(poisoned) => *poisoned.into_inner() = error,
         }
     }
 
@@ -325,9 +388,11 @@ impl KeyCache {
                     Ok(mut g) => *g = Arc::new(set),
                     Err(poisoned) => *poisoned.into_inner() = Arc::new(set),
                 }
+                self.set_last_error(None);
             }
             Err(e) => {
                 self.stats.refresh_failures.fetch_add(1, Ordering::Relaxed);
+                self.set_last_error(Some(error_chain(&e)));
                 tracing::warn!(source = %self.source.describe(), why, error = %error_chain(&e),
                     "JWKS refresh failed; keeping the last good key set");
             }

@@ -4,8 +4,17 @@
 //! (`project_id`, `pipeline_id`) as strings, so a boolean matcher also accepts
 //! `"true"`/`"false"` and an integer matcher its decimal string. A claim that
 //! is missing from the token never matches.
+//!
+//! The short forms (a string, a list of strings, a boolean, an integer)
+//! match a single value: an array claim never satisfies them, so a rule
+//! written for `aud = "x"` cannot be widened by a token listing many
+//! audiences. A table says how to match, with exactly one operator:
+//! `{ equals = "a*b" }` (literal, `*` is not a wildcard), `{ glob = "..." }`,
+//! `{ one_of = ["a", "b"] }`, or `{ contains = <matcher> }`: some element of
+//! an array claim satisfies the inner matcher (a single value counts as a
+//! one-element array, since OIDC allows `aud` either way).
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::config::MatcherSpec;
 
@@ -16,6 +25,8 @@ pub enum Matcher {
     Integer(i64),
     Text(TextMatcher),
     AnyOf(Vec<TextMatcher>),
+    /// Some element of an array claim (or the single value) matches.
+    AnyElement(Box<Matcher>),
 }
 
 /// An exact string or a glob where `*` matches any run of characters
@@ -33,10 +44,28 @@ pub enum MatcherError {
     EmptyList,
     #[error(
         "`{0}` is not a valid matcher: use a string (exact or glob), \
-         a list of strings, a boolean or an integer"
+         a list of strings, a boolean, an integer, or a table with one of {OPERATORS}"
     )]
     Unsupported(Value),
+    #[error(
+        "`{0}` is not a matcher operator (use one of {OPERATORS}); to name a nested \
+         claim, quote its whole path as the key: \"kubernetes.io.namespace\" = \"ci\""
+    )]
+    UnknownOperator(String),
+    #[error("a matcher table needs exactly one of {OPERATORS}, found {0}")]
+    OperatorCount(usize),
+    #[error("`{op}` takes {expected}, not `{found}`")]
+    OperatorValue {
+        op: &'static str,
+        expected: &'static str,
+        found: Value,
+    },
+    #[error("in `contains`: {0}")]
+    Inner(Box<MatcherError>),
 }
+
+/// The operators of the table form, for error messages.
+const OPERATORS: &str = "`equals`, `glob`, `one_of`, `contains`";
 
 impl TextMatcher {
     /// Every string is a valid pattern.
@@ -97,7 +126,25 @@ impl Matcher {
             MatcherSpec::List(items) => Ok(Matcher::AnyOf(
                 items.iter().map(|s| TextMatcher::new(s)).collect(),
             )),
+            MatcherSpec::Table(table) => compile_table(table),
             MatcherSpec::Unsupported(v) => Err(MatcherError::Unsupported(v.clone())),
+        }
+    }
+
+    /// Why `actual` cannot match this kind of matcher at all, when that is
+    /// the likely mistake (an array claim under a single-value matcher).
+    #[must_use]
+    pub fn hint(&self, actual: Option<&Value>) -> Option<&'static str> {
+        match (self, actual) {
+            (Matcher::AnyElement(_), _) => None,
+            (_, Some(Value::Array(_))) => {
+                Some("the claim is an array: match an element with { contains = ... }")
+            }
+            (_, Some(Value::Object(_))) => {
+                Some("the claim is an object: name a claim inside it by path (a.b)")
+            }
+            (_, None) => Some("the token has no such claim"),
+            _ => None,
         }
     }
 
@@ -121,6 +168,82 @@ impl Matcher {
             Matcher::AnyOf(ms) => {
                 scalar_text(value).is_some_and(|s| ms.iter().any(|m| m.matches(&s)))
             }
+            Matcher::AnyElement(inner) => match value {
+                Value::Array(items) => items.iter().any(|v| inner.matches(Some(v))),
+                single => inner.matches(Some(single)),
+            },
+        }
+    }
+}
+
+/// The table form: exactly one operator.
+fn compile_table(table: &Map<String, Value>) -> Result<Matcher, MatcherError> {
+    let mut ops = table.iter();
+    let (Some((op, value)), None) = (ops.next(), ops.next()) else {
+        return Err(MatcherError::OperatorCount(table.len()));
+    };
+    let wrong = |op, expected| MatcherError::OperatorValue {
+        op,
+        expected,
+        found: value.clone(),
+    };
+    match op.as_str() {
+        "equals" => match value {
+            Value::String(s) => Ok(Matcher::Text(TextMatcher::Exact(s.clone()))),
+            Value::Bool(b) => Ok(Matcher::Bool(*b)),
+            Value::Number(n) => n
+                .as_i64()
+                .map(Matcher::Integer)
+                .ok_or_else(|| wrong("equals", "a string, a boolean or an integer")),
+            _ => Err(wrong("equals", "a string, a boolean or an integer")),
+        },
+        "glob" => match value {
+            Value::String(s) => Ok(Matcher::Text(TextMatcher::Glob { pattern: s.clone() })),
+            _ => Err(wrong("glob", "a string pattern")),
+        },
+        "one_of" => {
+            let items: Vec<String> = serde_json::from_value(value.clone())
+                .map_err(|_| wrong("one_of", "a list of strings"))?;
+            Matcher::compile(&MatcherSpec::List(items))
+        }
+        "contains" => {
+            let spec: MatcherSpec = serde_json::from_value(value.clone())
+                .map_err(|_| wrong("contains", "a matcher"))?;
+            Matcher::compile(&spec)
+                .map(|m| Matcher::AnyElement(Box::new(m)))
+                .map_err(|e| MatcherError::Inner(Box::new(e)))
+        }
+        other => Err(MatcherError::UnknownOperator(other.to_owned())),
+    }
+}
+
+/// What the matcher expects, as `policy explain` shows it.
+impl std::fmt::Display for Matcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Matcher::Bool(b) => write!(f, "{b}"),
+            Matcher::Integer(i) => write!(f, "{i}"),
+            Matcher::Text(t) => write!(f, "{t}"),
+            Matcher::AnyOf(ms) => {
+                f.write_str("one of [")?;
+                for (i, m) in ms.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{m}")?;
+                }
+                f.write_str("]")
+            }
+            Matcher::AnyElement(inner) => write!(f, "contains {inner}"),
+        }
+    }
+}
+
+impl std::fmt::Display for TextMatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TextMatcher::Exact(s) => write!(f, "{s:?}"),
+            TextMatcher::Glob { pattern } => write!(f, "glob {pattern:?}"),
         }
     }
 }
@@ -136,79 +259,5 @@ fn scalar_text(value: &Value) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn m(spec: MatcherSpec) -> Matcher {
-        Matcher::compile(&spec).expect("valid matcher")
-    }
-
-    #[test]
-    fn exact_matches_only_the_same_string() {
-        let exact = m(MatcherSpec::Text("group/app".into()));
-        assert!(exact.matches(Some(&json!("group/app"))));
-        assert!(!exact.matches(Some(&json!("group/app2"))));
-        assert!(!exact.matches(Some(&json!(true))));
-        assert!(!exact.matches(None));
-    }
-
-    #[test]
-    fn glob_supports_star_and_question_mark_only() {
-        let g = m(MatcherSpec::Text("release/*".into()));
-        assert!(g.matches(Some(&json!("release/1.2"))));
-        assert!(g.matches(Some(&json!("release/1.2/hotfix"))));
-        assert!(!g.matches(Some(&json!("main"))));
-        let q = m(MatcherSpec::Text("v?.0".into()));
-        assert!(q.matches(Some(&json!("v1.0"))));
-        assert!(!q.matches(Some(&json!("v10.0"))));
-        let literal = m(MatcherSpec::Text("x[1]{a,b}*".into()));
-        assert!(literal.matches(Some(&json!("x[1]{a,b}-tail"))));
-        assert!(!literal.matches(Some(&json!("x1a-tail"))));
-    }
-
-    #[test]
-    fn glob_wildcards_take_characters_and_double_star_is_two_stars() {
-        let q = m(MatcherSpec::Text("v?.0".into()));
-        assert!(q.matches(Some(&json!("vé.0"))));
-        let dd = m(MatcherSpec::Text("a/**/b".into()));
-        assert!(!dd.matches(Some(&json!("a/b"))));
-        assert!(dd.matches(Some(&json!("a/x/y/b"))));
-        let lead = m(MatcherSpec::Text("**/main".into()));
-        assert!(!lead.matches(Some(&json!("main"))));
-        assert!(m(MatcherSpec::Text("a**b".into())).matches(Some(&json!("a-b"))));
-    }
-
-    #[test]
-    fn list_matches_any_alternative() {
-        let l = m(MatcherSpec::List(vec!["branch".into(), "tag".into()]));
-        assert!(l.matches(Some(&json!("tag"))));
-        assert!(!l.matches(Some(&json!("merge_request"))));
-        assert!(Matcher::compile(&MatcherSpec::List(vec![])).is_err());
-    }
-
-    #[test]
-    fn bool_matches_json_bool_and_gitlab_strings() {
-        let t = m(MatcherSpec::Bool(true));
-        assert!(t.matches(Some(&json!(true))));
-        assert!(t.matches(Some(&json!("true"))));
-        assert!(!t.matches(Some(&json!("false"))));
-        assert!(!t.matches(Some(&json!(false))));
-        assert!(!t.matches(Some(&json!("yes"))));
-        let f = m(MatcherSpec::Bool(false));
-        assert!(f.matches(Some(&json!("false"))));
-        assert!(!f.matches(None));
-    }
-
-    #[test]
-    fn integer_matches_number_and_decimal_string() {
-        let i = m(MatcherSpec::Integer(42));
-        assert!(i.matches(Some(&json!(42))));
-        assert!(i.matches(Some(&json!("42"))));
-        assert!(!i.matches(Some(&json!("420"))));
-        assert!(!i.matches(Some(&json!("042"))));
-        assert!(!i.matches(Some(&json!("+42"))));
-        assert!(m(MatcherSpec::Integer(-7)).matches(Some(&json!("-7"))));
-        assert!(Matcher::compile(&MatcherSpec::Unsupported(json!(1.5))).is_err());
-    }
-}
+#[path = "matcher_tests.rs"]
+mod tests;

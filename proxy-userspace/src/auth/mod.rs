@@ -3,8 +3,9 @@
 //! token's grant ends.
 //!
 //! - [`config`]: the `[auth]` and `[[policy]]` config sections and their validation.
-//! - [`token`] and [`jwks`]: JWT validation against per-issuer JWKS keys.
-//! - [`policy`] (with [`matcher`] and [`destination`]): deny-by-default rules.
+//! - [`token`] and [`jwks`]: JWT validation against per-issuer JWKS keys;
+//!   [`discovery`]: keys found through OIDC discovery.
+//! - [`policy`] (with [`claims`], [`matcher`] and [`destination`]): deny-by-default rules.
 //! - [`preamble`]: the in-band token preamble a client sends first.
 //! - [`grants`]: live grants, their caps, expiry and revocation events;
 //!   [`revocations`]: the deny list that makes revocation stick.
@@ -37,10 +38,13 @@
 //!    (`deny_reason()`; `reason()` is its string).
 
 pub mod api_types;
+pub mod claims;
 pub mod client;
 pub mod config;
+pub mod discovery;
 /// Destinations are shared with interception; see [`crate::dest`].
 pub use crate::dest as destination;
+pub mod explain;
 mod grant_id;
 mod grant_table;
 pub mod grants;

@@ -12,8 +12,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
+use super::claims::check_path;
 use super::config::{AuthConfig, FieldError, RuleConfig};
 use super::destination::{Destination, is_covered, parse_prefix, set_contains};
+use super::explain::{Explanation, RuleOutcome, RuleTrace};
 use super::matcher::Matcher;
 use super::token::ValidatedToken;
 
@@ -73,13 +75,13 @@ impl Denial {
 impl Rule {
     /// Whether the rule's issuer and claim matchers accept the token.
     pub fn applies_to(&self, token: &ValidatedToken) -> bool {
-        self.issuer == token.issuer
-            && self
-                .claims
-                .iter()
-                .all(|(claim, m)| m.matches(token.claims.get(claim)))
+        self.check(token).applies()
     }
 }
+
+/// Where [`Policy::first_allowing`] records each rule it tries; `None` on
+/// the gate's path, which needs only the decision.
+type Trace<'a> = Option<Vec<RuleTrace<'a>>>;
 
 impl Policy {
     pub fn new(rules: Vec<Rule>) -> Policy {
@@ -126,12 +128,7 @@ impl Policy {
         dest: SocketAddr,
         now: SystemTime,
     ) -> Result<Decision, Denial> {
-        self.first_allowing(
-            token,
-            |rule| set_contains(&rule.allow, dest),
-            || dest.to_string(),
-        )
-        .map(|rule| decision(rule, token, rule.allow.clone(), None, now))
+        self.decide_dest(token, dest, now, &mut None)
     }
 
     /// Decides a grant request: the grant may only narrow what the matching
@@ -144,8 +141,54 @@ impl Policy {
         requested_lifetime: Option<Duration>,
         now: SystemTime,
     ) -> Result<Decision, Denial> {
+        self.decide_request(token, requested, requested_lifetime, now, &mut None)
+    }
+
+    /// The decision of [`Policy::decide`] (with `dest`) or of a grant for
+    /// everything a rule allows (without), with every rule tried and why.
+    pub fn explain<'a>(
+        &'a self,
+        token: &'a ValidatedToken,
+        dest: Option<SocketAddr>,
+        now: SystemTime,
+    ) -> Explanation<'a> {
+        let mut trace = Some(Vec::new());
+        let result = match dest {
+            Some(dest) => self.decide_dest(token, dest, now, &mut trace),
+            None => self.decide_request(token, None, None, now, &mut trace),
+        };
+        Explanation {
+            rules: trace.unwrap_or_default(),
+            result,
+        }
+    }
+
+    fn decide_dest<'a>(
+        &'a self,
+        token: &'a ValidatedToken,
+        dest: SocketAddr,
+        now: SystemTime,
+        trace: &mut Trace<'a>,
+    ) -> Result<Decision, Denial> {
+        self.first_allowing(
+            token,
+            |rule| set_contains(&rule.allow, dest),
+            || dest.to_string(),
+            trace,
+        )
+        .map(|rule| decision(rule, token, rule.allow.clone(), None, now))
+    }
+
+    fn decide_request<'a>(
+        &'a self,
+        token: &'a ValidatedToken,
+        requested: Option<Vec<Destination>>,
+        requested_lifetime: Option<Duration>,
+        now: SystemTime,
+        trace: &mut Trace<'a>,
+    ) -> Result<Decision, Denial> {
         let rule = match &requested {
-            None => self.first_allowing(token, |_| true, String::new)?,
+            None => self.first_allowing(token, |_| true, String::new, trace)?,
             Some(want) => self.first_allowing(
                 token,
                 |rule| !want.is_empty() && want.iter().all(|d| is_covered(d, &rule.allow)),
@@ -155,24 +198,37 @@ impl Policy {
                         .collect::<Vec<_>>()
                         .join("; ")
                 },
+                trace,
             )?,
         };
         let destinations = requested.unwrap_or_else(|| rule.allow.clone());
         Ok(decision(rule, token, destinations, requested_lifetime, now))
     }
 
-    fn first_allowing(
-        &self,
-        token: &ValidatedToken,
+    /// The one loop behind every decision and explanation.
+    fn first_allowing<'a>(
+        &'a self,
+        token: &'a ValidatedToken,
         allows: impl Fn(&Rule) -> bool,
         describe: impl FnOnce() -> String,
-    ) -> Result<&Rule, Denial> {
+        trace: &mut Trace<'a>,
+    ) -> Result<&'a Rule, Denial> {
         let mut applied = Vec::new();
-        for rule in self.rules.iter().filter(|r| r.applies_to(token)) {
-            if allows(rule) {
-                return Ok(rule);
+        for rule in &self.rules {
+            let check = rule.check(token);
+            let outcome = match check.applies() {
+                false => RuleOutcome::NotApplicable,
+                true if allows(rule) => RuleOutcome::Allowed,
+                true => RuleOutcome::DestinationNotAllowed,
+            };
+            if let Some(trace) = trace.as_mut() {
+                trace.push(RuleTrace { check, outcome });
             }
-            applied.push(rule.name.clone());
+            match outcome {
+                RuleOutcome::Allowed => return Ok(rule),
+                RuleOutcome::DestinationNotAllowed => applied.push(rule.name.clone()),
+                RuleOutcome::NotApplicable => {}
+            }
         }
         if applied.is_empty() {
             Err(Denial::NoRuleMatched)
@@ -218,6 +274,15 @@ fn decision(
     }
 }
 
+/// A `match` key as TOML needs it written: quoted when it holds a dot.
+fn quoted_key(claim: &str) -> String {
+    if claim.contains('.') {
+        format!("{claim:?}")
+    } else {
+        claim.to_owned()
+    }
+}
+
 fn compile_rule(
     rc: &RuleConfig,
     path: &str,
@@ -258,11 +323,8 @@ fn compile_rule(
     };
     let mut claims = BTreeMap::new();
     for (claim, spec) in &rc.claims {
-        if claim.trim().is_empty() {
-            errors.push(FieldError::new(
-                format!("{path}.match"),
-                "claim names must not be empty",
-            ));
+        if let Err(e) = check_path(claim) {
+            errors.push(FieldError::new(format!("{path}.match"), e.to_string()));
             continue;
         }
         match Matcher::compile(spec) {
@@ -270,7 +332,7 @@ fn compile_rule(
                 claims.insert(claim.clone(), m);
             }
             Err(e) => errors.push(FieldError::new(
-                format!("{path}.match.{claim}"),
+                format!("{path}.match.{}", quoted_key(claim)),
                 e.to_string(),
             )),
         }

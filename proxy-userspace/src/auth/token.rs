@@ -164,6 +164,15 @@ impl TokenValidator {
         v
     }
 
+    /// Why `issuer`'s keys could not be fetched last time, while no later
+    /// fetch has succeeded (explains an `unknown_kid`).
+    pub fn key_problem(&self, issuer: &str) -> Option<String> {
+        self.issuers
+            .get(issuer)
+            .and_then(|st| st.keys.as_ref())
+            .and_then(|k| k.last_error())
+    }
+
     /// Refreshes each issuer's JWKS every `refresh_interval` until `shutdown`
     /// resolves. Spawn it once next to the agent.
     pub async fn run_refresh(self, shutdown: impl Future<Output = ()>) {
@@ -274,14 +283,25 @@ async fn load_issuer(index: usize, ic: &IssuerConfig) -> Result<IssuerState, Loa
         let source = JwksSource::File(path.clone());
         let initial = source.fetch().await.map_err(keys_err)?;
         Some(Arc::new(KeyCache::new(source, initial, min)))
-    } else if let Some(url) = &ic.jwks_url {
-        let source = JwksSource::url(url, ic.ca_file.as_deref()).map_err(keys_err)?;
-        let initial = source.fetch().await.unwrap_or_else(|e| {
-            tracing::warn!(issuer = %ic.issuer, error = %error_chain(&e),
-                "cannot fetch JWKS at startup; starting without keys and retrying on demand");
-            KeySet::default()
-        });
-        Some(Arc::new(KeyCache::new(source, initial, min)))
+    } else if ic.jwks_url.is_some() || ic.hs256_secret_file.is_none() {
+        // An explicit jwks_url wins; without one, OIDC discovery.
+        let source = match &ic.jwks_url {
+            Some(url) => JwksSource::url(url, ic.ca_file.as_deref()),
+            None => JwksSource::discovery(&ic.issuer, ic.ca_file.as_deref()),
+        }
+        .map_err(keys_err)?;
+        let (initial, error) = match source.fetch().await {
+            Ok(set) => (set, None),
+            Err(e) => {
+                let error = error_chain(&e);
+                tracing::warn!(issuer = %ic.issuer, error = %error,
+                    "cannot fetch keys at startup; starting without keys and retrying on demand");
+                (KeySet::default(), Some(error))
+            }
+        };
+        let cache = KeyCache::new(source, initial, min);
+        cache.set_last_error(error);
+        Some(Arc::new(cache))
     } else {
         None
     };

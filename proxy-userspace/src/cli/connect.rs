@@ -1,24 +1,22 @@
 //! `tcpgate connect`: the client side of the token preamble.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::auth::client::{ClientError, connect_with_preamble, read_token_file};
+use crate::auth::client::{ClientError, TokenSource, connect_with_preamble};
 
 mod stdio;
 
 /// Exit status when the agent denies the token (`EX_NOPERM`).
-const EXIT_DENIED: i32 = 77;
+pub(super) const EXIT_DENIED: i32 = 77;
 
 #[derive(Debug, clap::Args)]
 pub struct ConnectArgs {
-    /// File holding the job's JWT (e.g. a GitLab CI `id_tokens` variable
-    /// written to disk). Read once per connection.
-    #[arg(long, value_name = "FILE")]
-    pub token_file: PathBuf,
+    /// Where the job's JWT is read, once per connection.
+    #[command(flatten)]
+    pub token: super::TokenArgs,
     /// Forward a local port instead of relaying stdin/stdout: every
     /// connection to this address is sent to TARGET with its own preamble.
     #[arg(long, value_name = "ADDR:PORT")]
@@ -55,7 +53,7 @@ pub fn run(args: &ConnectArgs) -> i32 {
 
 /// Why the connect target names no address.
 #[derive(Debug, thiserror::Error)]
-enum ResolveError {
+pub(super) enum ResolveError {
     #[error("cannot resolve {target:?} (expected HOST:PORT)")]
     Lookup {
         target: String,
@@ -66,7 +64,7 @@ enum ResolveError {
     NoAddress(String),
 }
 
-async fn resolve(target: &str) -> Result<SocketAddr, ResolveError> {
+pub(super) async fn resolve(target: &str) -> Result<SocketAddr, ResolveError> {
     if let Ok(addr) = target.parse() {
         return Ok(addr);
     }
@@ -86,12 +84,13 @@ fn report(e: &ClientError) -> i32 {
     eprintln!("tcpgate connect: {}", crate::error_chain(e));
     match e {
         ClientError::Denied { .. } => EXIT_DENIED,
+        e if TokenSource::is_usage_error(e) => crate::config::EXIT_CONFIG,
         _ => 1,
     }
 }
 
 async fn open(target: SocketAddr, args: &ConnectArgs) -> Result<TcpStream, ClientError> {
-    let token = read_token_file(&args.token_file)?;
+    let token = args.token.source()?.read()?;
     connect_with_preamble(target, &token, args.timeout).await
 }
 
@@ -112,8 +111,12 @@ async fn relay_stdio(target: SocketAddr, args: &ConnectArgs) -> i32 {
 
 /// A local port forward for tools that need one.
 async fn forward(listen: SocketAddr, target: SocketAddr, args: &ConnectArgs) -> i32 {
-    // Fail early on a bad token file, before anyone connects.
-    if let Err(e) = read_token_file(&args.token_file) {
+    // Fail early on a missing or bad token, before anyone connects.
+    let source = match args.token.source() {
+        Ok(source) => source,
+        Err(e) => return report(&e),
+    };
+    if let Err(e) = source.read() {
         return report(&e);
     }
     let listener = match TcpListener::bind(listen).await {
@@ -136,10 +139,10 @@ async fn forward(listen: SocketAddr, target: SocketAddr, args: &ConnectArgs) -> 
             },
             _ = tokio::signal::ctrl_c() => return 0,
         };
-        let token_file = args.token_file.clone();
+        let source = source.clone();
         let timeout = args.timeout;
         tokio::spawn(async move {
-            let token = match read_token_file(&token_file) {
+            let token = match source.read() {
                 Ok(token) => token,
                 Err(e) => {
                     eprintln!("tcpgate connect: {peer}: {}", crate::error_chain(&e));

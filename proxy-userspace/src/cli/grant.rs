@@ -3,14 +3,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::auth::client::{ClientError, read_token_file, request_grant};
+use crate::auth::client::{ClientError, TokenSource, request_grant};
 use crate::dest::{Destination, DestinationSpec};
 
 #[derive(Debug, clap::Args)]
 pub struct GrantArgs {
-    /// File holding the job's JWT.
-    #[arg(long, value_name = "FILE")]
-    pub token_file: PathBuf,
+    #[command(flatten)]
+    pub token: super::TokenArgs,
     /// The agent's grant API, e.g. `https://bastion.example:8443`.
     /// Repeat it to get one grant per address family: each grant is bound
     /// to the address this host calls from, e.g. `--api https://198.51.100.1:8443
@@ -68,7 +67,7 @@ fn parse_allow(text: &str) -> Result<Destination, AllowError> {
 
 pub fn run(args: &GrantArgs) -> i32 {
     super::block_on(async {
-        let token = match read_token_file(&args.token_file) {
+        let token = match args.token.source().and_then(|s| s.read()) {
             Ok(token) => token,
             Err(e) => return fail(&e),
         };
@@ -122,6 +121,7 @@ fn fail(e: &ClientError) -> i32 {
         ClientError::Api {
             status: 401 | 403, ..
         } => 77,
+        e if TokenSource::is_usage_error(e) => crate::config::EXIT_CONFIG,
         _ => 1,
     }
 }

@@ -8,6 +8,7 @@ mod firewall;
 mod grant;
 mod grants;
 mod manpage;
+mod policy;
 mod revoke;
 mod revoke_pinned;
 mod run;
@@ -78,6 +79,8 @@ pub enum Command {
     Sessions(sessions::SessionsArgs),
     /// List live grants, from the agent's API or else the pinned map.
     Grants(grants::GrantsArgs),
+    /// Inspect the access policy offline (`explain`: what it does with a token).
+    Policy(policy::PolicyArgs),
     /// Install, show or remove the guard table (nftables) that drops the
     /// protected prefixes whether or not the agent runs.
     ///
@@ -139,6 +142,32 @@ pub struct ConfigArg {
     pub config: PathBuf,
 }
 
+/// Where `grant` and `connect` read the job's token.
+#[derive(Debug, clap::Args)]
+pub struct TokenArgs {
+    /// File holding the job's JWT (e.g. a CI `id_tokens` variable written
+    /// to disk).
+    #[arg(long, value_name = "FILE", conflicts_with = "token_env")]
+    pub token_file: Option<PathBuf>,
+    /// Environment variable holding the job's JWT. Without either option,
+    /// in a GitLab job (CI=true, GITLAB_CI=true): TCPGATE_TOKEN.
+    #[arg(long, value_name = "NAME")]
+    pub token_env: Option<String>,
+}
+
+impl TokenArgs {
+    /// The chosen source, or why there is none.
+    pub fn source(
+        &self,
+    ) -> Result<crate::auth::client::TokenSource, crate::auth::client::ClientError> {
+        crate::auth::client::TokenSource::choose(
+            self.token_file.as_deref(),
+            self.token_env.as_deref(),
+            |name| std::env::var(name).ok(),
+        )
+    }
+}
+
 /// Runs the parsed command; returns the process exit code.
 #[must_use]
 pub fn dispatch(cli: Cli) -> i32 {
@@ -150,6 +179,7 @@ pub fn dispatch(cli: Cli) -> i32 {
         Command::Revoke(args) => revoke::run(&args),
         Command::Sessions(args) => sessions::run(&args),
         Command::Grants(args) => grants::run(&args),
+        Command::Policy(args) => policy::run(&args),
         Command::Firewall(args) => firewall::run(&args),
         Command::Completions(args) => completions::run(&args),
         Command::Manpage(args) => manpage::run(&args),

@@ -196,3 +196,63 @@ async fn grant_api_over_https_with_a_private_ca() {
         "{e}"
     );
 }
+
+mod token_source {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use tcpgate::auth::client::{ClientError, TokenSource};
+
+    const JWT: &str = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln";
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    const GITLAB: [(&str, &str); 2] = [("CI", "true"), ("GITLAB_CI", "true")];
+
+    #[test]
+    fn token_env_reads_the_named_variable() {
+        let source = TokenSource::choose(None, Some("MY_JWT"), env(&[])).expect("chosen");
+        assert_eq!(source, TokenSource::Env("MY_JWT".into()));
+        let token = source
+            .read_with(env(&[("MY_JWT", &format!(" {JWT}\n"))]))
+            .expect("read");
+        assert_eq!(token, JWT);
+        let unset = source.read_with(env(&[])).expect_err("unset");
+        assert!(matches!(unset, ClientError::EnvUnset { ref name } if name == "MY_JWT"));
+        let junk = source
+            .read_with(env(&[("MY_JWT", "hello")]))
+            .expect_err("junk");
+        assert!(matches!(junk, ClientError::EnvNotAJwt { .. }), "{junk}");
+    }
+
+    #[test]
+    fn a_gitlab_job_reads_tcpgate_token_by_default_and_names_the_missing_yaml() {
+        let source = TokenSource::choose(None, None, env(&GITLAB)).expect("gitlab default");
+        assert_eq!(source, TokenSource::GitlabDefault);
+        let mut vars = GITLAB.to_vec();
+        vars.push(("TCPGATE_TOKEN", JWT));
+        assert_eq!(source.read_with(env(&vars)).expect("read"), JWT);
+        let missing = source.read_with(env(&GITLAB)).expect_err("missing");
+        assert_eq!(
+            missing.to_string(),
+            "no token: TCPGATE_TOKEN is not set in this GitLab job; add to the job:\n  \
+             id_tokens:\n    TCPGATE_TOKEN:\n      aud: <audience>\n\
+             (the audience the bastion's [[auth.issuer]] expects)"
+        );
+        // An explicit option wins over the default.
+        let file = TokenSource::choose(Some(Path::new("/t.jwt")), None, env(&GITLAB));
+        assert_eq!(file.expect("file"), TokenSource::File("/t.jwt".into()));
+        // Only both GitLab variables make a GitLab job.
+        for vars in [&[("CI", "true")][..], &[("GITLAB_CI", "true")], &[]] {
+            let err = TokenSource::choose(None, None, env(vars)).expect_err("no default");
+            assert!(matches!(err, ClientError::NoToken), "{vars:?}");
+            assert!(TokenSource::is_usage_error(&err));
+        }
+    }
+}

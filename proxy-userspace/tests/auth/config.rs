@@ -92,7 +92,10 @@ fn every_bad_field_is_reported_with_its_path() {
         jwks_url = "http://gitlab.example.com/oauth/discovery/keys"
         refresh_interval = "0m"
         [[auth.issuer]]
-        issuer = "https://other.example.com"
+        issuer = "other.example.com"
+        audience = "tcpgate"
+        [[auth.issuer]]
+        issuer = "https://discovered.example.com"
         audience = "tcpgate"
         [[policy]]
         name = "ok"
@@ -120,7 +123,8 @@ fn every_bad_field_is_reported_with_its_path() {
         "auth.issuer[0].audience: must not be empty",
         "auth.issuer[0].jwks_url: must be https",
         "auth.issuer[0].refresh_interval: must be greater than zero",
-        "auth.issuer[1].jwks_url: set exactly one of jwks_url and jwks_file",
+        // Without keys configured, the issuer is for OIDC discovery: a URL.
+        "auth.issuer[1].issuer: without jwks_url or jwks_file the issuer must be an https URL",
         "policy[0] (ok).issuer: required",
         "policy[1] (deploy-db).issuer: issuer `https://unknown.example.com` is not configured",
         "policy[1] (deploy-db).max_lifetime: `fifteen` is not a duration",

@@ -3,7 +3,9 @@
 
 mod client;
 mod config;
+mod discovery;
 mod grants;
+mod identity;
 mod jwks_https;
 mod policy;
 mod preamble;

@@ -1,6 +1,7 @@
 //! A tiny HTTP/1.1 server on loopback, optionally behind TLS with the test
 //! CA's certificate, that records requests and answers a settable reply.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,11 +32,15 @@ impl SeenRequest {
 /// What a test server answers: status and body (JSON content type).
 pub type Reply = Arc<Mutex<(u16, String)>>;
 
+/// Replies for particular paths, checked before the default [`Reply`].
+pub type Routes = Arc<Mutex<HashMap<String, (u16, String)>>>;
+
 /// A one-request-per-connection HTTP/1.1 server on 127.0.0.1, optionally
 /// behind TLS. Counts requests; stops when dropped.
 pub struct TestServer {
     pub addr: SocketAddr,
     pub reply: Reply,
+    pub routes: Routes,
     pub hits: Arc<AtomicUsize>,
     pub seen: Arc<Mutex<Vec<SeenRequest>>>,
     task: tokio::task::JoinHandle<()>,
@@ -54,19 +59,22 @@ impl TestServer {
         let reply: Reply = Arc::new(Mutex::new((status, body.to_owned())));
         let hits = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let routes: Routes = Arc::default();
         let acceptor = tls.then(tls_acceptor);
         let (r, h, s) = (reply.clone(), hits.clone(), seen.clone());
+        let rt = routes.clone();
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let (r, h, s, acceptor) = (r.clone(), h.clone(), s.clone(), acceptor.clone());
+                let rt = rt.clone();
                 tokio::spawn(async move {
                     match acceptor {
                         Some(a) => {
                             if let Ok(stream) = a.accept(tcp).await {
-                                serve_one(stream, r, h, s).await;
+                                serve_one(stream, r, rt, h, s).await;
                             }
                         }
-                        None => serve_one(tcp, r, h, s).await,
+                        None => serve_one(tcp, r, rt, h, s).await,
                     }
                 });
             }
@@ -74,6 +82,7 @@ impl TestServer {
         TestServer {
             addr,
             reply,
+            routes,
             hits,
             seen,
             task,
@@ -82,6 +91,24 @@ impl TestServer {
 
     pub fn set_reply(&self, status: u16, body: &str) {
         *self.reply.lock().expect("reply lock") = (status, body.to_owned());
+    }
+
+    /// Answers requests for `path` with this reply instead of the default.
+    pub fn set_route(&self, path: &str, status: u16, body: &str) {
+        self.routes
+            .lock()
+            .expect("routes lock")
+            .insert(path.to_owned(), (status, body.to_owned()));
+    }
+
+    /// The paths requested so far, in order.
+    pub fn paths(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .expect("seen lock")
+            .iter()
+            .filter_map(|r| r.head.split(' ').nth(1).map(str::to_owned))
+            .collect()
     }
 
     pub fn hits(&self) -> usize {
@@ -105,6 +132,7 @@ fn tls_acceptor() -> tokio_rustls::TlsAcceptor {
 async fn serve_one<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     mut stream: S,
     reply: Reply,
+    routes: Routes,
     hits: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<SeenRequest>>>,
 ) {
@@ -135,8 +163,15 @@ async fn serve_one<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         }
     }
     hits.fetch_add(1, Ordering::SeqCst);
+    let path = request
+        .head
+        .split(' ')
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
     seen.lock().expect("seen lock").push(request);
-    let (status, body) = reply.lock().expect("reply lock").clone();
+    let routed = routes.lock().expect("routes lock").get(&path).cloned();
+    let (status, body) = routed.unwrap_or_else(|| reply.lock().expect("reply lock").clone());
     let response = format!(
         "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
