@@ -2,18 +2,16 @@
 //! discovery (followed on rotation, refused from a document that names
 //! another issuer), and admission by a nested claim and an array claim.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use common::auth::{AuthFixture, Launch, authenticate, echo_service, policy};
-use common::{eventually, wait_events};
 use jsonwebtoken::Algorithm;
 use serde_json::{Value, json};
+use tcpgate_tests::auth_fixture::{AuthFixture, Launch, authenticate, echo_service, policy};
 use tcpgate_tests::require_root;
 use tcpgate_tests::tokens::{TestKey, claims_with, jwks};
+use tcpgate_tests::{eventually, wait_events};
 
 /// Authenticates to the echo service on port 9000: (status, message), and
 /// for an admission, proves bytes flow.
@@ -76,7 +74,7 @@ fn identity_discovery_admits_follows_rotation_and_refuses_another_issuer() -> Re
             })
         },
     )
-    .map_err(|e| e.context(fx.agent.logs_tail(20)))?;
+    .map_err(|e| anyhow::Error::new(e).context(fx.agent.logs_tail(20)))?;
     answers.push(attempt(&fx, &token).map_err(|e| e.to_string()));
     for answer in &answers {
         ensure!(
