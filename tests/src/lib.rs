@@ -24,6 +24,7 @@ pub mod agent;
 pub mod audit;
 pub mod bpffs;
 pub mod cmd;
+pub mod etcd;
 pub mod jwks_server;
 pub mod metrics;
 pub mod netns;

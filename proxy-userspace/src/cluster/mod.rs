@@ -13,12 +13,9 @@ mod health;
 pub mod record;
 mod sync;
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use etcd_client::{
-    Certificate, Client, ConnectOptions, GetOptions, Identity, PutOptions, TlsOptions, Txn, TxnOp,
-};
+use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 
 pub use health::{Applied, Health};
 use record::{GRANTS, GrantRecord, REVOCATIONS, RevocationRecord, ttl_until};
@@ -28,13 +25,6 @@ use crate::config::ClusterSection;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("cannot read [cluster] {field} file {path}")]
-    TlsFile {
-        field: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("cannot set up the etcd client")]
     Client(#[source] etcd_client::Error),
     #[error("etcd did not answer within {0:?} ([cluster] timeout)")]
@@ -65,35 +55,17 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
-fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, ClusterError> {
-    std::fs::read(path).map_err(|source| ClusterError::TlsFile {
-        field,
-        path: path.to_owned(),
-        source,
-    })
-}
-
 impl Cluster {
     /// Sets up the client; nothing is sent yet (requests connect lazily,
     /// to whichever member answers).
     pub async fn connect(section: &ClusterSection) -> Result<Self, ClusterError> {
         // HTTP/2 pings notice a member that vanished (a cut link sends no
         // reset) within about two timeouts.
-        let mut options = ConnectOptions::new()
+        let options = ConnectOptions::new()
             .with_connect_timeout(section.timeout)
             .with_timeout(section.timeout)
             .with_keep_alive(section.timeout, section.timeout)
             .with_keep_alive_while_idle(true);
-        if section.uses_tls() {
-            let mut tls = TlsOptions::new();
-            if let Some(ca) = &section.ca {
-                tls = tls.ca_certificate(Certificate::from_pem(read("ca", ca)?));
-            }
-            if let (Some(cert), Some(key)) = (&section.cert, &section.key) {
-                tls = tls.identity(Identity::from_pem(read("cert", cert)?, read("key", key)?));
-            }
-            options = options.with_tls(tls);
-        }
         let client = Client::connect(&section.etcd, Some(options))
             .await
             .map_err(ClusterError::Client)?;
