@@ -234,6 +234,11 @@ impl Etcd {
             "netns",
             self.ns.name(),
         ])?;
+        // Keep the IPv6 addresses across `cut` (link down flushes them by
+        // default, and `restore` would leave the bastion unreachable).
+        bastion.sysctl(&format!("net.ipv6.conf.{device}.keep_addr_on_down"), "1")?;
+        self.ns
+            .sysctl(&format!("net.ipv6.conf.{far}.keep_addr_on_down"), "1")?;
         let ours = format!("2001:db8:e7cd:{n}::1");
         let theirs = format!("2001:db8:e7cd:{n}::2");
         self.ns

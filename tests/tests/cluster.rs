@@ -160,18 +160,22 @@ fn ended(stream: &mut TcpStream) -> bool {
     }
 }
 
-/// The session_close events of `agent` with `reason`.
+/// Waits (bounded) for `n` session_close events of `agent` with `reason`.
 fn closed_with(agent: &Agent, reason: &str, n: usize) -> Result<Vec<serde_json::Value>> {
-    let events = wait_events(agent, "session_close", n)?;
-    let matching: Vec<_> = events
-        .into_iter()
-        .filter(|e| e["reason"] == reason)
-        .collect();
-    ensure!(
-        matching.len() >= n,
-        "not {n} sessions closed as {reason}: {matching:?}"
-    );
-    Ok(matching)
+    let matching = || -> Vec<serde_json::Value> {
+        agent
+            .audit_events()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e["event"] == "session_close" && e["reason"] == reason)
+            .collect()
+    };
+    eventually(
+        Duration::from_secs(60),
+        &format!("{n} sessions closed as {reason}"),
+        || matching().len() >= n,
+    )?;
+    Ok(matching())
 }
 
 #[test]
@@ -358,10 +362,7 @@ fn without_etcd_held_grants_keep_working_and_new_grants_get_503() -> Result<()> 
     Ok(())
 }
 
-/// Known failure: A's streaming session ended while A was cut off, before
-/// the revocation could reach it; the cause is not yet diagnosed.
 #[test]
-#[ignore = "the session on A ends while A is cut off from etcd; not yet diagnosed"]
 fn a_bastion_cut_off_applies_missed_revocations_when_it_reconnects() -> Result<()> {
     if !require_root() {
         return Ok(());
@@ -377,12 +378,12 @@ fn a_bastion_cut_off_applies_missed_revocations_when_it_reconnects() -> Result<(
     let (status, stdout, stderr) = b.revoke_subject()?;
     ensure!(status == 0, "revoke on B: {stdout} {stderr}");
     // Cut off, A cannot know yet: its session keeps streaming.
-    session.set_read_timeout(Some(Duration::from_secs(2)))?;
+    session.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut more = [0u8; 16 * 1024];
     ensure!(
-        !ended(&mut session),
-        "A ended the session without hearing of the revocation: {:?}; A's log: {}",
-        a.fx.agent.audit_events()?,
-        a.fx.agent.logs_tail(20)
+        session.read_exact(&mut more).is_ok(),
+        "A's session stopped streaming before A could hear of the revocation; A's audit: {:?}",
+        a.fx.agent.audit_events()?
     );
     a.link.restore(&a.fx.topo.bastion)?;
     let restored = Instant::now();
