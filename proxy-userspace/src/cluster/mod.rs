@@ -43,6 +43,9 @@ pub struct Cluster {
     prefix: String,
     name: String,
     timeout: Duration,
+    /// Tries per write: one per member, as a request to a member that just
+    /// died fails before the client moves on to the others.
+    attempts: usize,
     health: Health,
 }
 
@@ -74,6 +77,7 @@ impl Cluster {
             prefix: section.prefix.clone(),
             name: section.name.clone(),
             timeout: section.timeout,
+            attempts: section.etcd.len().max(1),
             health: Health::default(),
         })
     }
@@ -105,6 +109,22 @@ impl Cluster {
         }
     }
 
+    /// Runs a write up to once per member; a failure is counted.
+    async fn retried<F, Fut>(&self, attempt: F) -> Result<(), ClusterError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(), ClusterError>>,
+    {
+        let mut result = attempt().await;
+        for _ in 1..self.attempts {
+            if result.is_ok() {
+                break;
+            }
+            result = attempt().await;
+        }
+        self.count_failure(result)
+    }
+
     fn count_failure<T>(&self, result: Result<T, ClusterError>) -> Result<T, ClusterError> {
         if result.is_err() {
             self.health.publish_failed();
@@ -117,7 +137,7 @@ impl Cluster {
         let Some(record) = GrantRecord::of(grant, &self.name) else {
             return Ok(());
         };
-        let result = async {
+        let attempt = || async {
             let ttl = ttl_until(grant.expires_at, SystemTime::now());
             let mut client = self.client.clone();
             let lease = self.bounded(client.lease_grant(ttl, None)).await?;
@@ -126,9 +146,8 @@ impl Cluster {
             self.bounded(client.put(self.grant_key(grant.id), value, Some(options)))
                 .await?;
             Ok(())
-        }
-        .await;
-        self.count_failure(result)
+        };
+        self.retried(attempt).await
     }
 
     /// Removes a grant its holder gave back.
@@ -149,7 +168,7 @@ impl Cluster {
         revocation: Option<&RevocationRecord>,
         ended: &[GrantId],
     ) -> Result<(), ClusterError> {
-        let result = async {
+        let attempt = || async {
             let mut client = self.client.clone();
             let mut ops: Vec<TxnOp> = Vec::new();
             if let Some(revocation) = revocation {
@@ -172,9 +191,8 @@ impl Cluster {
                 self.bounded(client.txn(Txn::new().and_then(ops))).await?;
             }
             Ok(())
-        }
-        .await;
-        self.count_failure(result)
+        };
+        self.retried(attempt).await
     }
 
     /// Every grant the fleet holds, oldest first (`tcpgate grants --cluster`).
