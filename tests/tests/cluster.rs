@@ -50,6 +50,14 @@ fn bastion(etcd: &mut Etcd, name: &str) -> Result<Bastion> {
     Ok(Bastion { fx, link })
 }
 
+/// An etcd of `members` members and two bastions, A and B, in it.
+fn fleet(members: usize) -> Result<(Etcd, Bastion, Bastion)> {
+    let mut etcd = Etcd::start(members)?;
+    let a = bastion(&mut etcd, "bastion-a")?;
+    let b = bastion(&mut etcd, "bastion-b")?;
+    Ok((etcd, a, b))
+}
+
 impl Bastion {
     /// Whether a plain client behind this bastion gets the greeting of the
     /// echo service on 192.0.2.10:9000 (a source grant admits it; without
@@ -183,9 +191,7 @@ fn a_grant_through_one_bastion_admits_through_another() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let mut etcd = Etcd::start(1)?;
-    let a = bastion(&mut etcd, "bastion-a")?;
-    let b = bastion(&mut etcd, "bastion-b")?;
+    let (_etcd, a, b) = fleet(1)?;
     let _services = services(&b)?;
     ensure!(!b.admits(), "B admitted a runner before any grant");
     let grant = a.fx.grant_from_runner(&a.fx.token(), &[])?;
@@ -226,9 +232,7 @@ fn a_grant_given_back_through_one_bastion_ends_on_another() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let mut etcd = Etcd::start(1)?;
-    let a = bastion(&mut etcd, "bastion-a")?;
-    let b = bastion(&mut etcd, "bastion-b")?;
+    let (_etcd, a, b) = fleet(1)?;
     let _services = services(&b)?;
     let grant = a.fx.grant_from_runner(&a.fx.token(), &[])?;
     eventually(PROPAGATION, "B admits under A's grant", || b.admits())?;
@@ -270,9 +274,7 @@ fn a_revocation_on_one_bastion_ends_sessions_on_another() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let mut etcd = Etcd::start(1)?;
-    let a = bastion(&mut etcd, "bastion-a")?;
-    let b = bastion(&mut etcd, "bastion-b")?;
+    let (_etcd, a, b) = fleet(1)?;
     let _services = services(&a)?;
     let token = a.fx.token();
     a.fx.grant_from_runner(&token, &[])?;
@@ -311,9 +313,7 @@ fn expiry_ends_sessions_on_every_bastion() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let mut etcd = Etcd::start(1)?;
-    let a = bastion(&mut etcd, "bastion-a")?;
-    let b = bastion(&mut etcd, "bastion-b")?;
+    let (_etcd, a, b) = fleet(1)?;
     let (_sa, _sb) = (services(&a)?, services(&b)?);
     let token =
         a.fx.keys
@@ -337,9 +337,7 @@ fn without_etcd_held_grants_keep_working_and_new_grants_get_503() -> Result<()> 
     if !require_root() {
         return Ok(());
     }
-    let mut etcd = Etcd::start(1)?;
-    let a = bastion(&mut etcd, "bastion-a")?;
-    let b = bastion(&mut etcd, "bastion-b")?;
+    let (mut etcd, a, b) = fleet(1)?;
     let _services = services(&b)?;
     a.fx.grant_from_runner(&a.fx.token(), &[])?;
     eventually(PROPAGATION, "B admits under A's grant", || b.admits())?;
@@ -367,9 +365,7 @@ fn a_bastion_cut_off_applies_missed_revocations_when_it_reconnects() -> Result<(
     if !require_root() {
         return Ok(());
     }
-    let mut etcd = Etcd::start(1)?;
-    let a = bastion(&mut etcd, "bastion-a")?;
-    let b = bastion(&mut etcd, "bastion-b")?;
+    let (_etcd, a, b) = fleet(1)?;
     let _services = services(&a)?;
     b.fx.grant_from_runner(&b.fx.token(), &[])?;
     eventually(PROPAGATION, "A admits under B's grant", || a.admits())?;
@@ -406,9 +402,7 @@ fn losing_one_etcd_member_of_three_changes_nothing() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let mut etcd = Etcd::start(3)?;
-    let a = bastion(&mut etcd, "bastion-a")?;
-    let b = bastion(&mut etcd, "bastion-b")?;
+    let (mut etcd, a, b) = fleet(3)?;
     let _services = services(&b)?;
     // The first member is the first URL each bastion was given.
     etcd.stop_member(0)?;
@@ -431,9 +425,7 @@ fn a_restarted_bastion_has_the_fleets_grants_before_it_is_ready() -> Result<()> 
     if !require_root() {
         return Ok(());
     }
-    let mut etcd = Etcd::start(1)?;
-    let mut a = bastion(&mut etcd, "bastion-a")?;
-    let b = bastion(&mut etcd, "bastion-b")?;
+    let (_etcd, mut a, b) = fleet(1)?;
     let _services = services(&a)?;
     b.fx.grant_from_runner(&b.fx.token(), &[])?;
     eventually(PROPAGATION, "A admits under B's grant", || a.admits())?;
