@@ -40,6 +40,9 @@ pub struct AuditEvent {
     /// RFC 3339 UTC time of the event.
     pub time: String,
     pub event: EventKind,
+    /// The bastion that wrote it (`[cluster] name`), in a fleet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bastion: Option<std::sync::Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -103,6 +106,7 @@ impl AuditEvent {
         Self {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             event,
+            bastion: None,
             session_id: None,
             grant_id: None,
             subject: None,
@@ -174,6 +178,8 @@ pub struct AuditLog {
     /// Session lines: never dropped.
     sessions: mpsc::UnboundedSender<Box<AuditEvent>>,
     dropped: Counter,
+    /// Stamped on every line (`[cluster] name`).
+    bastion: Option<std::sync::Arc<str>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -254,13 +260,22 @@ impl AuditLog {
             tx,
             sessions,
             dropped,
+            bastion: None,
         }
+    }
+
+    /// Names this bastion on every line (a fleet's audit logs merged).
+    #[must_use]
+    pub fn with_bastion(mut self, name: Option<&str>) -> Self {
+        self.bastion = name.map(std::sync::Arc::from);
+        self
     }
 
     /// Queues an event without waiting. A session line always gets in; a
     /// denial line is dropped and counted if the writer is far behind.
     pub fn record(&self, mut event: AuditEvent) {
         bound(&mut event);
+        event.bastion.clone_from(&self.bastion);
         if event.event != EventKind::ConnectionDenied {
             // Fails only once the writer is gone (shutdown).
             let _ = self.sessions.send(Box::new(event));

@@ -7,6 +7,7 @@
 
 mod admitted;
 pub use admitted::Admitted;
+mod fleet;
 mod grants;
 pub use grants::GrantRefused;
 mod mirror;

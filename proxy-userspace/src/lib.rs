@@ -32,6 +32,7 @@ pub mod audit;
 pub mod auth;
 pub mod bpf;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod datapath;
 pub mod dest;

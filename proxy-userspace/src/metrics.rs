@@ -171,6 +171,11 @@ impl Metrics {
         metrics
     }
 
+    /// For metrics kept elsewhere (the cluster's), added before sharing.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     fn register(&mut self, datapath: DatapathKind) {
         let registry = &mut self.registry;
         registry.register(

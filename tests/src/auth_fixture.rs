@@ -68,6 +68,11 @@ pub struct Launch {
     /// server, which is then the issuer: see [`AuthFixture::issuer`]); rules
     /// naming `ISSUER` are rewritten to it.
     pub discovery: bool,
+    /// Tables appended to the config (e.g. `[cluster]`).
+    pub sections: String,
+    /// Use this topology (prepared, say, with a link to etcd) instead of a
+    /// new one.
+    pub topology: Option<Topology>,
 }
 
 /// A step run on the agent's builder before it starts (e.g. handing its
@@ -111,7 +116,10 @@ impl AuthFixture {
     /// Like [`AuthFixture::start_with`], with the agent started as `launch`
     /// says (another binary, files prepared for another user).
     pub fn start_launched(policy_toml: &str, args: &[&str], launch: Launch) -> Result<Self> {
-        let topo = Topology::new()?;
+        let topo = match launch.topology {
+            Some(topo) => topo,
+            None => Topology::new()?,
+        };
         let keys = Keys::new();
         let jwks = JwksServer::start(&topo.bastion, "127.0.0.1:0".parse()?, keys.jwks())?;
         let (issuer, keys_from, policy_toml) = if launch.discovery {
@@ -150,7 +158,7 @@ impl AuthFixture {
              [[auth.issuer]]\nissuer = {issuer:?}\naudience = {AUDIENCE:?}\n{keys_from}\
              ca_file = {ca:?}\nmin_refresh_interval = \"1s\"\n\n\
              [api]\nlisten = [\"{api}\", \"{api6}\"]\ntls_cert = {cert:?}\ntls_key = {key:?}\n{api_extra}\n\n\
-             [admin]\nsocket = {admin:?}\n{admin_extra}\n{policy_toml}",
+             [admin]\nsocket = {admin:?}\n{admin_extra}\n{policy_toml}\n{sections}",
             pin = builder.pin_dir().display().to_string(),
             audit = builder.audit_path().display().to_string(),
             ports = ports.join(", "),
@@ -162,6 +170,7 @@ impl AuthFixture {
             admin = builder.dir().join("admin.sock").display().to_string(),
             api_extra = launch.api_extra,
             admin_extra = launch.admin_extra,
+            sections = launch.sections,
         );
         let builder = builder.config(config).args(args);
         if let Some(prepare) = launch.prepare {

@@ -28,6 +28,7 @@ pub mod auth_fixture;
 pub mod bpffs;
 pub mod clients;
 pub mod cmd;
+pub mod etcd;
 pub mod firewall;
 pub mod fixture;
 pub mod http;

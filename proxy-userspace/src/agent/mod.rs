@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::{AuditLog, AuditTarget};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::datapath::EndReason;
 use crate::session::{Services, Target};
@@ -36,18 +37,31 @@ const TEARDOWN_BOUND: Duration = Duration::from_secs(5);
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupError> {
     let mut started = startup::start(&config).await?;
-    let metrics = Arc::new(crate::metrics::Metrics::new(
-        started.datapath.kind(),
-        started.take_stats(),
-    ));
+    let cluster = match &config.cluster {
+        Some(section) => Some(Arc::new(Cluster::connect(section).await?)),
+        None => None,
+    };
+    let mut metrics = crate::metrics::Metrics::new(started.datapath.kind(), started.take_stats());
+    if let Some(cluster) = &cluster {
+        cluster.health().register(metrics.registry_mut());
+    }
+    let metrics = Arc::new(metrics);
     let audit = AuditLog::open(
         &AuditTarget::parse(&config.audit.path),
         metrics.audit_dropped(),
     )
-    .await?;
+    .await?
+    .with_bastion(cluster.as_ref().map(|c| c.name()));
     let (stop_background, background) = watch::channel(false);
     let registry = crate::registry::Registry::new(config.agent.max_sessions as usize);
     let gate = auth::start(&config, &registry, started.take_grant_mirror(), &background).await?;
+    // Nothing is admitted or granted before the fleet's revocations and
+    // grants are in (listeners already bound keep their SYNs queued).
+    let mut proceed = true;
+    if let (Some(cluster), Some(gate)) = (&cluster, &gate) {
+        tokio::spawn(Arc::clone(cluster).run(Arc::clone(gate), background.clone()));
+        proceed = fleet_loaded(cluster).await?;
+    }
     let services = Arc::new(Services {
         datapath: started.datapath.clone(),
         audit: audit.clone(),
@@ -113,18 +127,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
         datapath: services.datapath.clone(),
         ready: std::sync::atomic::AtomicBool::new(false),
         metrics,
+        cluster: cluster.clone(),
     });
     let api_tls = endpoints::start(&config, &api_state, &accepting, &background).await?;
-    api_state
-        .ready
-        .store(true, std::sync::atomic::Ordering::Release);
-    // Loading the eBPF object parsed the kernel's BTF: megabytes freed.
-    crate::heap::release_free_pages();
-    let datapath = services.datapath.kind().as_str();
-    tracing::info!(datapath, "tcpgate agent ready");
-    crate::notify::ready(&format!("serving on the {datapath} data path"));
-
-    wait_for_termination(&config_path, &services, api_tls.as_deref()).await?;
+    if proceed {
+        serve(&config_path, &services, &api_state, api_tls.as_deref()).await?;
+    } else {
+        tracing::info!("stopping before the fleet's grants were loaded");
+    }
     crate::notify::status("STOPPING=1\nSTATUS=draining sessions");
     let _ = stop_accepting.send(true);
     api_state
@@ -139,6 +149,41 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
     started.cleanup();
     tracing::info!("tcpgate agent stopped");
     Ok(())
+}
+
+/// In a fleet, waits until the fleet's grants and revocations are loaded
+/// from etcd, so a restarted bastion admits the fleet's grants (and
+/// refuses its revocations) from its first connection. False when a
+/// signal to stop came first.
+async fn fleet_loaded(cluster: &Cluster) -> Result<bool, StartupError> {
+    let mut term = signal(SignalKind::terminate()).map_err(StartupError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(StartupError::Signals)?;
+    tracing::info!("loading the fleet's grants and revocations from etcd before reporting ready");
+    crate::notify::status("STATUS=loading the fleet's grants from etcd");
+    tokio::select! {
+        () = cluster.health().wait_synced() => Ok(true),
+        _ = term.recv() => Ok(false),
+        _ = int.recv() => Ok(false),
+    }
+}
+
+/// Reports ready and serves until SIGTERM or SIGINT.
+async fn serve(
+    config_path: &Path,
+    services: &Services,
+    api_state: &crate::api::ApiState,
+    api_tls: Option<&crate::api::TlsFiles>,
+) -> Result<(), StartupError> {
+    api_state
+        .ready
+        .store(true, std::sync::atomic::Ordering::Release);
+    // Loading the eBPF object parsed the kernel's BTF: megabytes freed.
+    crate::heap::release_free_pages();
+    let datapath = services.datapath.kind().as_str();
+    tracing::info!(datapath, "tcpgate agent ready");
+    crate::notify::ready(&format!("serving on the {datapath} data path"));
+
+    wait_for_termination(config_path, services, api_tls).await
 }
 
 async fn drain(services: &Services, grace: Duration) {

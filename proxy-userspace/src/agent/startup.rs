@@ -58,6 +58,8 @@ pub enum StartupError {
     Auth(#[from] super::auth::AuthStartError),
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    #[error("cannot set up [cluster]")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// What startup built; [`Started::cleanup`] undoes it.

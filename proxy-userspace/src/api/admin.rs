@@ -66,7 +66,8 @@ pub fn admin_router(state: Arc<ApiState>, token: Option<Arc<AdminToken>>) -> Rou
         .route("/metrics", get(metrics))
         .route("/v1/grants", get(list_grants).delete(revoke_subject))
         .route("/v1/grants/{id}", delete(revoke_grant))
-        .route("/v1/sessions", get(list_sessions));
+        .route("/v1/sessions", get(list_sessions))
+        .route("/v1/fleet/grants", get(super::fleet::fleet_grants));
     if let Some(token) = token {
         protected = protected.layer(axum::middleware::from_fn_with_state(token, require_token));
     }
@@ -92,11 +93,22 @@ async fn require_token(
     }
 }
 
+/// Ready once serving; in a fleet, the body also states the cluster's
+/// health (a bastion cut off from etcd keeps serving the grants it holds).
 async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
+    let cluster = state
+        .cluster
+        .as_ref()
+        .map(|c| c.health().summary(c.name()))
+        .unwrap_or_default();
     if state.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n").into_response()
+        (StatusCode::OK, format!("ready\n{cluster}")).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("starting\n{cluster}"),
+        )
+            .into_response()
     }
 }
 
@@ -111,6 +123,9 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             .filter_map(|m| state.datapath.live_counters(m.id))
             .collect(),
     };
+    if let Some(cluster) = &state.cluster {
+        cluster.health().refresh();
+    }
     let body = state.metrics.render(&snapshot);
     (
         [(
@@ -189,6 +204,11 @@ async fn revoke_grant(
     };
     let known: Vec<Grant> = gate.grant(id).into_iter().collect();
     let views = revoke_counting(&state, &known, || gate.revoke(id).into_iter().collect()).await;
+    if !views.is_empty()
+        && let Some(refused) = super::fleet::publish_grants_revoked(&state, &known).await
+    {
+        return refused;
+    }
     match views.into_iter().next() {
         Some(view) => {
             tracing::info!(grant = %id, subject = %view.subject, sessions = view.sessions, "grant revoked by operator");
@@ -225,7 +245,15 @@ async fn revoke_subject(
         .into_iter()
         .filter(|g| g.subject == subject)
         .collect();
-    let views = revoke_counting(&state, &known, || gate.revoke_subject(&subject)).await;
+    let mut revoked = Vec::new();
+    let views = revoke_counting(&state, &known, || {
+        revoked = gate.revoke_subject(&subject);
+        revoked.clone()
+    })
+    .await;
+    if let Some(refused) = super::fleet::publish_subject_revoked(&state, &subject, &revoked).await {
+        return refused;
+    }
     tracing::info!(%subject, grants = views.len(), sessions = views.iter().map(|v| v.sessions).sum::<usize>(), "subject revoked by operator");
     Json(views).into_response()
 }

@@ -6,6 +6,7 @@
 //!   listing and revocation, live sessions.
 
 mod admin;
+mod fleet;
 mod runner;
 mod serve;
 mod tls;
@@ -34,6 +35,8 @@ pub struct ApiState {
     /// Set once the data path and interception are live.
     pub ready: AtomicBool,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The fleet's store, with `[cluster]`.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// The peer of the HTTP connection, for source-bound grants.

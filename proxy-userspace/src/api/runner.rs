@@ -83,6 +83,15 @@ async fn create_grant(
         let grant = gate
             .create_source_grant(&token, &decision, peer.ip(), now)
             .map_err(|e| create_refused(&state, e))?;
+        // In a fleet, the grant exists once etcd holds it: a grant only this
+        // bastion knew could not be revoked from the others.
+        if let Some(cluster) = &state.cluster
+            && let Err(e) = cluster.publish_grant(&grant).await
+        {
+            gate.end_grant(grant.id);
+            tracing::warn!(grant = %grant.id, error = %crate::error_chain(&e), "grant withdrawn: etcd did not store it");
+            return Err(fleet_unreachable("no grant was issued"));
+        }
         tracing::info!(grant = %grant.id, subject = %grant.subject, source = %peer.ip(), rule = %grant.rule, "grant created");
         GrantResponse::from_grant(&grant).ok_or_else(|| ApiError::new(500, "internal_error", "grant has no source"))
     }
@@ -108,6 +117,16 @@ fn generic(e: ApiError) -> ApiError {
         }
         _ => e,
     }
+}
+
+/// 503 while the fleet's store cannot be reached; `what` says what that
+/// meant for this request.
+pub(super) fn fleet_unreachable(what: &str) -> ApiError {
+    ApiError::new(
+        503,
+        "cluster_unavailable",
+        format!("the fleet's grant store (etcd) cannot be reached; {what}; retry later"),
+    )
 }
 
 /// A grant the gate would not create: revoked, a cap reached, or the
@@ -157,7 +176,18 @@ async fn delete_own_grant(
             .map_err(|_| ApiError::bad_request(format!("{id:?} is not a grant id")))?;
         // GitLab shares `sub` per project and ref across issuers' tokens:
         // only the same issuer and subject may give a grant back.
-        if gate.give_back(id, &token) {
+        let own = gate
+            .grant(id)
+            .is_some_and(|g| g.issuer == token.issuer && g.subject == token.subject);
+        if own
+            && let Some(cluster) = &state.cluster
+            && cluster.withdraw_grant(id).await.is_err()
+        {
+            return Err(fleet_unreachable("the grant was kept"));
+        }
+        // In a fleet, this bastion's own watch may have ended the grant
+        // already (the record's deletion came back): still given back.
+        if gate.give_back(id, &token) || own && state.cluster.is_some() {
             Ok(())
         } else {
             Err(ApiError::new(

@@ -84,6 +84,8 @@ pub enum GrantEvent {
 
 const EVENT_CAPACITY: usize = 1024;
 
+mod fleet;
+
 struct Inner {
     state: Mutex<State>,
     /// Wakes the expiry task when the set of deadlines changed.

@@ -120,6 +120,15 @@ impl Revocations {
             .collect()
     }
 
+    /// The identities of `subject` denied now, each with its hold's end.
+    pub fn holds_with_subject(&self, subject: &str) -> Vec<(Identity, SystemTime)> {
+        self.identities
+            .iter()
+            .filter(|((_, sub), _)| sub == subject)
+            .map(|(who, hold)| (who.clone(), hold.until))
+            .collect()
+    }
+
     /// Denies one token by its `jti` until `until` (its `exp`).
     pub fn deny_token(&mut self, issuer: &str, jti: &str, until: SystemTime) {
         let entry = self

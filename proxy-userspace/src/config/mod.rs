@@ -3,6 +3,7 @@
 //! silently: a field is either absent (and takes its documented default) or
 //! valid.
 
+mod cluster;
 mod http;
 mod intercept;
 pub mod trie;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use cluster::{ClusterSection, DEFAULT_PREFIX as DEFAULT_CLUSTER_PREFIX};
 pub use http::{AdminSection, ApiSection, DEFAULT_ADMIN_SOCKET, HttpLimits};
 pub use intercept::{
     DEFAULT_LISTEN_PORT, InterceptEntry, InterceptPrefix, InterceptSection, InterceptSet, Pass,
@@ -83,6 +85,9 @@ pub struct Config {
     /// The grant API runners call (`POST /v1/grants`).
     #[serde(default)]
     pub api: Option<ApiSection>,
+    /// A fleet of bastions sharing grants and revocations through etcd.
+    #[serde(default)]
+    pub cluster: Option<ClusterSection>,
 }
 
 /// Which data path moves the bytes.
@@ -218,6 +223,15 @@ impl Config {
             config.intercept_set = section.resolve(&mut errors);
         }
         errors.extend(config.validate_auth());
+        if let Some(cluster) = &config.cluster {
+            errors.extend(cluster.validate());
+            if config.auth.is_none() {
+                errors.push(FieldError::new(
+                    "cluster",
+                    "sharing grants needs an [auth] section (with auth = \"none\" there are no grants)",
+                ));
+            }
+        }
         if errors.is_empty() {
             Ok(config)
         } else {

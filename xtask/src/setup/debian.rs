@@ -43,6 +43,15 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("shellcheck", "checking the operator scripts in scripts/"),
     ("systemd", "systemd-analyze, to verify unit files"),
     ("linux-perf", "perf, for profiling and benchmarks"),
+    (
+        "etcd-server",
+        "the fleet's shared grant store, started by the cluster tests",
+    ),
+    ("etcd-client", "etcdctl, for inspecting the fleet's keys"),
+    (
+        "protobuf-compiler",
+        "protoc, which the etcd-client crate's build script needs",
+    ),
 ];
 
 /// Without this file, invoke-rc.d would start every daemon we install
