@@ -171,10 +171,19 @@ fn expiry_tears_down_a_streaming_session() -> Result<()> {
     // are the agent's too, and counted apart.
     let backpressure = closed["backpressure_bytes_down"].as_u64().unwrap_or(0);
     let relayed = copied.saturating_sub(backpressure);
+    // The counters are what the bastion forwarded. The reset at expiry
+    // discards what was still queued towards the client (its socket's
+    // unsent bytes and the psock backlog, both bounded by the spliced
+    // socket's send buffer, which the kernel doubles), so the client may
+    // have got less, never more.
+    let forwarded = kernel + copied;
+    let queue_bound: u64 = 2 * (8 << 20); // agent.splice_sndbuf defaults to 8 MiB
     ensure!(
-        kernel + copied == received && relayed <= 16 * 1024,
-        "client got exactly what the kernel moved after the relayed greeting: {closed}"
+        received <= forwarded && forwarded - received <= queue_bound && relayed <= 16 * 1024,
+        "client got {received} bytes, the bastion forwarded {forwarded} \
+         (at most {queue_bound} lost in its queues at the reset): {closed}"
     );
+    eprintln!("lost in the bastion's queues at the reset: {} bytes", forwarded - received);
     let sent = server.stop()?;
     ensure!(sent.len() == 1, "one upstream connection");
     tcpgate_tests::assert_maps_empty(fx.agent.pin_dir())?;
