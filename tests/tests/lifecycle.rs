@@ -125,7 +125,8 @@ fn keep_pins_leaves_the_maps_and_the_next_start_removes_them() -> Result<()> {
         next.logs_tail(10)
     );
     op::close(open_session(&topo, 2_000, 2_000)?);
-    ensure!(next.stop()?.success());
+    let status = next.stop()?;
+    ensure!(status.success(), "{status:?}: {}", next.logs_tail(20));
     let left = leftovers(&topo, &pin_dir)?;
     ensure!(left.is_empty(), "left behind: {left:?}");
     server.stop()?;
