@@ -183,7 +183,10 @@ fn expiry_tears_down_a_streaming_session() -> Result<()> {
         "client got {received} bytes, the bastion forwarded {forwarded} \
          (at most {queue_bound} lost in its queues at the reset): {closed}"
     );
-    eprintln!("lost in the bastion's queues at the reset: {} bytes", forwarded - received);
+    eprintln!(
+        "lost in the bastion's queues at the reset: {} bytes",
+        forwarded - received
+    );
     let sent = server.stop()?;
     ensure!(sent.len() == 1, "one upstream connection");
     tcpgate_tests::assert_maps_empty(fx.agent.pin_dir())?;
