@@ -45,6 +45,12 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
     if let Some(cluster) = &cluster {
         cluster.health().register(metrics.registry_mut());
     }
+    let (stop_background, background) = watch::channel(false);
+    let registry = crate::registry::Registry::new(config.agent.max_sessions as usize);
+    let gate = auth::start(&config, &registry, started.take_grant_mirror(), &background).await?;
+    if let Some(gate) = &gate {
+        gate.register_metrics(metrics.registry_mut());
+    }
     let metrics = Arc::new(metrics);
     let audit = AuditLog::open(
         &AuditTarget::parse(&config.audit.path),
@@ -52,9 +58,6 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
     )
     .await?
     .with_bastion(cluster.as_ref().map(|c| c.name()));
-    let (stop_background, background) = watch::channel(false);
-    let registry = crate::registry::Registry::new(config.agent.max_sessions as usize);
-    let gate = auth::start(&config, &registry, started.take_grant_mirror(), &background).await?;
     // Nothing is admitted or granted before the fleet's revocations and
     // grants are in (listeners already bound keep their SYNs queued).
     let mut proceed = true;

@@ -143,6 +143,9 @@ pub struct AuthConfig {
     /// `[auth.limits]`: bounds before and after authentication.
     #[serde(default)]
     pub limits: super::limits::AuthLimits,
+    /// `[auth.aws]`: AWS IAM identities (signed STS requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws: Option<super::aws::AwsConfig>,
 }
 
 fn default_leeway() -> DurationSpec {
@@ -231,6 +234,14 @@ impl RuleConfig {
 }
 
 impl AuthConfig {
+    /// Whether `name` is a configured issuer: an `[[auth.issuer]]`, or
+    /// `[auth.aws]`'s `issuer`.
+    #[must_use]
+    pub fn has_issuer(&self, name: &str) -> bool {
+        self.issuers.iter().any(|i| i.issuer == name)
+            || self.aws.as_ref().is_some_and(|a| a.issuer == name)
+    }
+
     pub fn leeway(&self) -> Duration {
         self.leeway.get().unwrap_or(DEFAULT_LEEWAY)
     }
@@ -256,11 +267,23 @@ impl AuthConfig {
                 ));
             }
         }
-        if self.issuers.is_empty() {
+        if self.issuers.is_empty() && self.aws.is_none() {
             errors.push(FieldError::new(
                 "auth.issuer",
-                "at least one [[auth.issuer]] must be configured",
+                "at least one [[auth.issuer]] (or an [auth.aws] section) must be configured",
             ));
+        }
+        if let Some(aws) = &self.aws {
+            aws.validate(&mut errors);
+            if self.issuers.iter().any(|i| i.issuer == aws.issuer) {
+                errors.push(FieldError::new(
+                    "auth.aws.issuer",
+                    format!(
+                        "`{}` is also an [[auth.issuer]]; give [auth.aws] another name",
+                        aws.issuer
+                    ),
+                ));
+            }
         }
         let mut seen = HashSet::new();
         for (i, issuer) in self.issuers.iter().enumerate() {

@@ -302,6 +302,8 @@ pub struct KeyCache {
     stats: JwksStats,
     /// Why the last fetch failed; `None` once one succeeds.
     last_error: RwLock<Option<String>>,
+    /// `tcpgate_auth_key_fetch_failures_total` for this issuer.
+    failures_metric: prometheus_client::metrics::counter::Counter,
 }
 
 impl KeyCache {
@@ -314,7 +316,18 @@ impl KeyCache {
             min_refresh_interval,
             stats: JwksStats::default(),
             last_error: RwLock::new(None),
+            failures_metric: prometheus_client::metrics::counter::Counter::default(),
         }
+    }
+
+    /// Counts every failed fetch in `counter` too (the metric).
+    #[must_use]
+    pub fn counting_failures(
+        mut self,
+        counter: prometheus_client::metrics::counter::Counter,
+    ) -> KeyCache {
+        self.failures_metric = counter;
+        self
     }
 
     /// Why the last fetch failed, while no later fetch has succeeded.
@@ -392,6 +405,7 @@ impl KeyCache {
             }
             Err(e) => {
                 self.stats.refresh_failures.fetch_add(1, Ordering::Relaxed);
+                self.failures_metric.inc();
                 self.set_last_error(Some(error_chain(&e)));
                 tracing::warn!(source = %self.source.describe(), why, error = %error_chain(&e),
                     "JWKS refresh failed; keeping the last good key set");

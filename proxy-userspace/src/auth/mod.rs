@@ -38,6 +38,7 @@
 //!    (`deny_reason()`; `reason()` is its string).
 
 pub mod api_types;
+pub mod aws;
 pub mod claims;
 pub mod client;
 pub mod config;

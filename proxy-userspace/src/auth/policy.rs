@@ -293,9 +293,9 @@ fn compile_rule(
     match &rc.issuer {
         None => errors.push(FieldError::new(
             format!("{path}.issuer"),
-            "required: name the [[auth.issuer]] whose tokens this rule admits",
+            "required: name the [[auth.issuer]] (or [auth.aws] issuer) whose tokens this rule admits",
         )),
-        Some(issuer) if !auth.issuers.iter().any(|i| i.issuer == *issuer) => {
+        Some(issuer) if !auth.has_issuer(issuer) => {
             errors.push(FieldError::new(
                 format!("{path}.issuer"),
                 format!("issuer `{issuer}` is not configured"),

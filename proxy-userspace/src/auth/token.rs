@@ -20,6 +20,12 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use super::aws::AwsVerifier;
 use super::config::{AuthConfig, FieldError, IssuerConfig};
 use super::jwks::{JwksError, JwksSource, JwksStatsSnapshot, KeyCache, KeySet, error_chain};
 
@@ -56,6 +62,9 @@ pub enum TokenError {
     AlgNotAllowed(String),
     #[error("malformed token: {0}")]
     Malformed(String),
+    /// An `aws-sts.` token whose AWS identity was not established.
+    #[error(transparent)]
+    Aws(#[from] super::aws::AwsError),
 }
 
 impl TokenError {
@@ -76,6 +85,7 @@ impl TokenError {
             TokenError::UnknownKid { .. } => DenyReason::UnknownKid,
             TokenError::AlgNotAllowed(_) => DenyReason::AlgNotAllowed,
             TokenError::Malformed(_) => DenyReason::MalformedToken,
+            TokenError::Aws(e) => e.deny_reason(),
         }
     }
 }
@@ -97,6 +107,8 @@ pub enum LoadError {
         #[source]
         source: super::config::SecretError,
     },
+    #[error("cannot set up [auth.aws]")]
+    Aws(#[source] super::aws::AwsLoadError),
 }
 
 struct IssuerState {
@@ -111,6 +123,15 @@ struct IssuerState {
 pub struct TokenValidator {
     issuers: Arc<HashMap<String, IssuerState>>,
     leeway_secs: u64,
+    /// `[auth.aws]`: identities from signed STS requests.
+    aws: Option<Arc<AwsVerifier>>,
+    /// Failed key fetches (JWKS or discovery) per issuer.
+    key_fetch_failures: Family<IssuerLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IssuerLabels {
+    issuer: String,
 }
 
 impl std::fmt::Debug for TokenValidator {
@@ -143,14 +164,39 @@ impl TokenValidator {
         if !errors.is_empty() {
             return Err(LoadError::Invalid(errors));
         }
+        let failures: Family<IssuerLabels, Counter> = Family::default();
         let mut issuers = HashMap::new();
         for (index, ic) in config.issuers.iter().enumerate() {
-            issuers.insert(ic.issuer.clone(), load_issuer(index, ic).await?);
+            let counter = failures
+                .get_or_create(&IssuerLabels {
+                    issuer: ic.issuer.clone(),
+                })
+                .clone();
+            issuers.insert(ic.issuer.clone(), load_issuer(index, ic, counter).await?);
         }
+        let aws = match &config.aws {
+            Some(aws) => Some(Arc::new(AwsVerifier::new(aws).map_err(LoadError::Aws)?)),
+            None => None,
+        };
         Ok(TokenValidator {
             issuers: Arc::new(issuers),
             leeway_secs: config.leeway().as_secs(),
+            aws,
+            key_fetch_failures: failures,
         })
+    }
+
+    /// Registers the validator's metrics: key fetch failures per issuer,
+    /// and the STS calls of `[auth.aws]`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "auth_key_fetch_failures",
+            "Failed fetches of an issuer's keys (JWKS or OIDC discovery), at startup, periodic or on an unknown kid",
+            self.key_fetch_failures.clone(),
+        );
+        if let Some(aws) = &self.aws {
+            aws.register(registry);
+        }
     }
 
     /// Refresh counters per issuer (only issuers with a JWKS).
@@ -203,13 +249,20 @@ impl TokenValidator {
         }
     }
 
-    /// Validates `token` against the issuer named by its `iss` claim.
+    /// Validates `token` against the issuer named by its `iss` claim, or,
+    /// for an `aws-sts.` token, asks STS who signed it.
     pub async fn validate(&self, token: &str) -> Result<ValidatedToken, TokenError> {
         let token = token.trim();
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::Malformed(format!(
                 "longer than {MAX_TOKEN_BYTES} bytes"
             )));
+        }
+        if token.starts_with(super::aws::TOKEN_PREFIX) {
+            let aws = self.aws.as_ref().ok_or_else(|| {
+                TokenError::WrongIssuer("AWS identities ([auth.aws] is not configured)".into())
+            })?;
+            return Ok(aws.verify(token, SystemTime::now()).await?);
         }
         let (header, payload) = split_untrusted(token)?;
         if header.alg.eq_ignore_ascii_case("none") {
@@ -273,7 +326,11 @@ impl TokenValidator {
     }
 }
 
-async fn load_issuer(index: usize, ic: &IssuerConfig) -> Result<IssuerState, LoadError> {
+async fn load_issuer(
+    index: usize,
+    ic: &IssuerConfig,
+    failures: Counter,
+) -> Result<IssuerState, LoadError> {
     let keys_err = |source| LoadError::Keys { index, source };
     let min = ic
         .min_refresh_interval
@@ -293,13 +350,14 @@ async fn load_issuer(index: usize, ic: &IssuerConfig) -> Result<IssuerState, Loa
         let (initial, error) = match source.fetch().await {
             Ok(set) => (set, None),
             Err(e) => {
+                failures.inc();
                 let error = error_chain(&e);
                 tracing::warn!(issuer = %ic.issuer, error = %error,
                     "cannot fetch keys at startup; starting without keys and retrying on demand");
                 (KeySet::default(), Some(error))
             }
         };
-        let cache = KeyCache::new(source, initial, min);
+        let cache = KeyCache::new(source, initial, min).counting_failures(failures);
         cache.set_last_error(error);
         Some(Arc::new(cache))
     } else {

@@ -24,6 +24,11 @@ impl Gate {
         self.validator.validate(token).await
     }
 
+    /// Registers the token validator's metrics (key fetches, STS calls).
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.validator.register(registry);
+    }
+
     /// Whether the token's subject or jti was revoked.
     #[must_use]
     pub fn refuses(&self, token: &ValidatedToken, now: SystemTime) -> bool {
