@@ -36,6 +36,7 @@ pub mod inspect;
 pub mod install;
 pub mod jwks_server;
 pub mod metrics;
+pub mod moto;
 pub mod netns;
 pub mod notify;
 pub mod operator;

@@ -98,6 +98,8 @@ pub enum ClientError {
     },
     #[error("grant API answered HTTP {status} with an unexpected body: {snippet}")]
     UnexpectedBody { status: u16, snippet: String },
+    #[error(transparent)]
+    Aws(#[from] super::aws::runner::AwsClientError),
 }
 
 impl ClientError {
@@ -120,6 +122,8 @@ pub enum TokenSource {
     Env(String),
     /// [`DEFAULT_TOKEN_ENV`], chosen because this runs in a GitLab job.
     GitlabDefault,
+    /// A `GetCallerIdentity` signed afresh on each read (`--aws`).
+    Aws(super::aws::runner::AwsSigning),
 }
 
 /// Whether the process runs in a GitLab CI job (GitLab sets both).
@@ -152,6 +156,9 @@ impl TokenSource {
     pub fn read_with(&self, env: impl Fn(&str) -> Option<String>) -> Result<String, ClientError> {
         let (name, value) = match self {
             TokenSource::File(path) => return read_token_file(path),
+            TokenSource::Aws(signing) => {
+                return Ok(signing.token_with(env, std::time::SystemTime::now())?);
+            }
             TokenSource::Env(name) => (name.as_str(), env(name)),
             TokenSource::GitlabDefault => (DEFAULT_TOKEN_ENV, env(DEFAULT_TOKEN_ENV)),
         };
@@ -185,6 +192,7 @@ impl TokenSource {
                 | ClientError::NoGitlabToken { .. }
                 | ClientError::EnvUnset { .. }
                 | ClientError::EnvNotAJwt { .. }
+                | ClientError::Aws(_)
         )
     }
 }
@@ -202,7 +210,8 @@ pub fn read_token_file(path: &Path) -> Result<String, ClientError> {
             path: path.to_owned(),
         });
     }
-    if !looks_like_jwt(token) {
+    // A signed AWS request saved by a job (`policy explain` reads them too).
+    if !looks_like_jwt(token) && !token.starts_with(super::aws::TOKEN_PREFIX) {
         return Err(ClientError::NotAJwt {
             path: path.to_owned(),
         });

@@ -151,8 +151,23 @@ pub struct TokenArgs {
     pub token_file: Option<PathBuf>,
     /// Environment variable holding the job's JWT. Without either option,
     /// in a GitLab job (CI=true, GITLAB_CI=true): TCPGATE_TOKEN.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", conflicts_with = "aws")]
     pub token_env: Option<String>,
+    /// Prove this runner's AWS IAM role instead of sending a JWT: sign an
+    /// STS GetCallerIdentity with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+    /// and AWS_SESSION_TOKEN (region from AWS_REGION or AWS_DEFAULT_REGION),
+    /// for the bastion named by --aws-server-id. The secret key never
+    /// leaves this host; the bastion asks STS who signed.
+    #[arg(long, conflicts_with = "token_file", requires = "aws_server_id")]
+    pub aws: bool,
+    /// With --aws: the bastion's `[auth.aws] server_id`, signed into the
+    /// request so that no other bastion accepts it.
+    #[arg(long, value_name = "ID", env = "TCPGATE_AWS_SERVER_ID")]
+    pub aws_server_id: Option<String>,
+    /// With --aws: the STS endpoint to sign for. Default: the region's,
+    /// https://sts.REGION.amazonaws.com/ (the global one without a region).
+    #[arg(long, value_name = "URL", env = crate::auth::aws::runner::ENDPOINT_ENV)]
+    pub aws_sts_endpoint: Option<String>,
 }
 
 impl TokenArgs {
@@ -160,6 +175,14 @@ impl TokenArgs {
     pub fn source(
         &self,
     ) -> Result<crate::auth::client::TokenSource, crate::auth::client::ClientError> {
+        if self.aws {
+            return Ok(crate::auth::client::TokenSource::Aws(
+                crate::auth::aws::runner::AwsSigning {
+                    server_id: self.aws_server_id.clone().unwrap_or_default(),
+                    sts_endpoint: self.aws_sts_endpoint.clone(),
+                },
+            ));
+        }
         crate::auth::client::TokenSource::choose(
             self.token_file.as_deref(),
             self.token_env.as_deref(),

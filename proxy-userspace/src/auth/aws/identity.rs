@@ -104,7 +104,8 @@ impl CallerIdentity {
             ("sts", ["federated-user", user]) if !user.is_empty() => {
                 json!({ "type": "federated-user", "user": user })
             }
-            ("iam", ["user", .., user]) if !user.is_empty() => {
+            // IAM users are `iam`; moto answers `sts` for its default user.
+            ("iam" | "sts", ["user", .., user]) if !user.is_empty() => {
                 json!({ "type": "user", "user": user })
             }
             ("iam", ["root"]) => json!({ "type": "root" }),

@@ -14,6 +14,7 @@
 pub mod config;
 pub mod identity;
 pub mod request;
+pub mod runner;
 pub mod sigv4;
 
 use std::sync::Arc;
@@ -37,11 +38,13 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// by the rule's `max_lifetime`, and never exceed the longest STS session.
 const IDENTITY_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 
-/// Why an AWS identity was not established. Never an admission.
+/// Why an AWS identity was not established. Never an admission. The
+/// inner errors are part of the message (not sources): audit details and
+/// the grant API's log line show `to_string()` alone.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AwsError {
-    #[error("AWS identity request refused before asking STS")]
-    Request(#[from] RequestError),
+    #[error("refused before asking STS: {0}")]
+    Request(RequestError),
     #[error("too many STS calls in flight ([auth.aws] max_concurrent = {0})")]
     Busy(usize),
     #[error("STS did not answer within {0:?} ([auth.aws] sts_timeout)")]
@@ -52,8 +55,20 @@ pub enum AwsError {
     Refused { status: u16, detail: String },
     #[error("STS failed (HTTP {status})")]
     StsFailed { status: u16 },
-    #[error("STS's answer cannot be used")]
-    Answer(#[from] AnswerError),
+    #[error("{0}")]
+    Answer(AnswerError),
+}
+
+impl From<RequestError> for AwsError {
+    fn from(e: RequestError) -> Self {
+        AwsError::Request(e)
+    }
+}
+
+impl From<AnswerError> for AwsError {
+    fn from(e: AnswerError) -> Self {
+        AwsError::Answer(e)
+    }
 }
 
 impl AwsError {
