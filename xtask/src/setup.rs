@@ -8,6 +8,7 @@ mod bpf_linker;
 mod bpffs;
 mod debian;
 mod llvm_prefix;
+mod moto;
 mod toolchain;
 
 use std::fmt::Display;
@@ -28,6 +29,7 @@ pub fn ensure(host: &Host) -> Result<()> {
     toolchain::ensure_components(host, &rustc)?;
     bpf_linker::ensure(host, &rustc)?;
     debian::ensure(host)?;
+    moto::ensure(host)?;
     bpffs::ensure(host)?;
     println!("setup: done in {}", crate::took(started));
     Ok(())

@@ -40,6 +40,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ),
     ("nftables", "packet filtering in the test topologies"),
     ("python3", "helper scripts"),
+    (
+        "python3-venv",
+        "the venv moto (the AWS tests' STS) is installed into",
+    ),
     ("shellcheck", "checking the operator scripts in scripts/"),
     ("systemd", "systemd-analyze, to verify unit files"),
     ("linux-perf", "perf, for profiling and benchmarks"),
