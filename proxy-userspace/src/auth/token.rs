@@ -461,3 +461,7 @@ fn finish(issuer: String, claims: Map<String, Value>) -> Result<ValidatedToken, 
         claims,
     })
 }
+
+#[cfg(test)]
+#[path = "token_tests.rs"]
+mod tests;

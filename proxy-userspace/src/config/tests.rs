@@ -316,3 +316,54 @@ fn guard_fields_are_checked_and_name_their_path() {
         ]
     );
 }
+
+/// `[auth.aws]` alone, with `fields` after the required ones, and a rule.
+fn with_aws(fields: &str, rule_issuer: &str) -> String {
+    format!(
+        "{FORWARD}[auth.aws]\nsts_endpoint = \"https://sts.eu-west-1.amazonaws.com/\"\n\
+         server_id = \"bastion-1\"\n{fields}\n[[policy]]\nname = \"role\"\nissuer = {rule_issuer:?}\n\
+         max_lifetime = \"5m\"\nmatch = {{ \"aws.role\" = \"ci-deploy\" }}\n\
+         allow = [{{ prefix = \"127.0.0.1\", ports = [\"7000\"] }}]\n"
+    )
+}
+
+#[test]
+fn aws_alone_is_an_identity_source_and_its_fields_are_checked() {
+    let config = parse(&with_aws("", "aws")).expect("[auth.aws] alone, default issuer");
+    let aws = config.auth.and_then(|a| a.aws).expect("aws section");
+    assert_eq!(
+        (aws.max_age(), aws.max_concurrent),
+        (Duration::from_secs(300), 16)
+    );
+    assert_eq!(
+        error_paths(&with_aws("", "https://ci.example")),
+        ["policy[0] (role).issuer"]
+    );
+    let bad = "max_age = \"soon\"\nsts_timeout = \"0s\"\nmax_concurrent = 0\nregion = \"\"";
+    assert_eq!(
+        error_paths(&with_aws(bad, "aws")),
+        [
+            "auth.aws.region",
+            "auth.aws.max_age",
+            "auth.aws.sts_timeout",
+            "auth.aws.max_concurrent"
+        ]
+    );
+    let endpoint =
+        |url: &str| with_aws("", "aws").replace("https://sts.eu-west-1.amazonaws.com/", url);
+    for url in [
+        "ftp://sts.example/",
+        "https://sts.example/path",
+        "not a url",
+    ] {
+        assert_eq!(
+            error_paths(&endpoint(url)),
+            ["auth.aws.sts_endpoint"],
+            "{url}"
+        );
+    }
+    let blank_id = with_aws("", "aws").replace("\"bastion-1\"", "\" \"");
+    assert_eq!(error_paths(&blank_id), ["auth.aws.server_id"]);
+    let err = parse(&with_aws("sts_url = \"x\"", "aws")).expect_err("typo");
+    assert!(err.to_string().contains("sts_url"), "{err}");
+}

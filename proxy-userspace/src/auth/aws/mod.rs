@@ -274,3 +274,7 @@ impl AwsVerifier {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "verifier_tests.rs"]
+mod tests;
