@@ -30,7 +30,8 @@ pub enum PolicyCommand {
     /// and why it matched or not, and the resulting grant or decision.
     ///
     /// The token is validated offline against the issuer's `jwks_file`, or
-    /// keys fetched from its `jwks_url` (or OIDC discovery). Exits 0 when
+    /// keys fetched from its `jwks_url` (or OIDC discovery); with `--aws`,
+    /// this shell's AWS identity is asked of `[auth.aws]`'s STS. Exits 0 when
     /// allowed, 77 when denied or the token is invalid (the failed check is
     /// named), 64 on a bad config or usage, 69 when keys cannot be loaded.
     Explain(ExplainArgs),
@@ -40,9 +41,15 @@ pub enum PolicyCommand {
 pub struct ExplainArgs {
     #[command(flatten)]
     pub config: super::ConfigArg,
-    /// File holding the JWT to explain.
-    #[arg(long, value_name = "FILE")]
-    pub token_file: PathBuf,
+    /// File holding the JWT to explain (or a signed AWS request, `aws-sts.…`).
+    #[arg(long, value_name = "FILE", required_unless_present = "aws")]
+    pub token_file: Option<PathBuf>,
+    /// Explain this shell's AWS identity instead: sign a GetCallerIdentity
+    /// with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN
+    /// for the config's `[auth.aws]` server_id and sts_endpoint, and ask
+    /// that STS (live) who it is.
+    #[arg(long, conflicts_with = "token_file")]
+    pub aws: bool,
     /// Decide a connection to this destination (`HOST:PORT`), as the gate
     /// would. Without it: the grant `tcpgate grant` would get.
     #[arg(long, value_name = "HOST:PORT")]
@@ -50,6 +57,30 @@ pub struct ExplainArgs {
     /// Print one JSON object (for scripts) instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The token to explain: the file's, or one signed now for `[auth.aws]`.
+fn token(args: &ExplainArgs, auth: &crate::auth::AuthConfig) -> Result<String, String> {
+    if let Some(path) = &args.token_file {
+        return read_token_file(path).map_err(|e| crate::error_chain(&e));
+    }
+    let aws = auth
+        .aws
+        .as_ref()
+        .ok_or("--aws: the config has no [auth.aws] section")?;
+    let signing = crate::auth::aws::runner::AwsSigning {
+        server_id: aws.server_id.clone(),
+        sts_endpoint: Some(aws.sts_endpoint.clone()),
+    };
+    // Signed for the region the bastion requires, when it names one.
+    let region = aws.region.clone();
+    let env = move |name: &str| match (name, &region) {
+        ("AWS_REGION", Some(region)) => Some(region.clone()),
+        _ => std::env::var(name).ok(),
+    };
+    signing
+        .token_with(env, SystemTime::now())
+        .map_err(|e| e.to_string())
 }
 
 pub fn run(args: &PolicyArgs) -> i32 {
@@ -80,9 +111,9 @@ async fn run_explain(args: &ExplainArgs) -> i32 {
             Err(e) => return usage(&format!("--dest: {}", crate::error_chain(&e))),
         },
     };
-    let raw = match read_token_file(&args.token_file) {
+    let raw = match token(args, auth) {
         Ok(token) => token,
-        Err(e) => return usage(&crate::error_chain(&e)),
+        Err(message) => return usage(&message),
     };
     let policy = match Policy::from_config(&config.policy, auth) {
         Ok(policy) => policy,

@@ -2,5 +2,6 @@
 //! `policy explain` and where `grant`/`connect` find their token.
 
 mod explain;
+mod explain_aws;
 mod support;
 mod token_source;
