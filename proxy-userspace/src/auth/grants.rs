@@ -141,7 +141,8 @@ impl GrantStore {
         self.inner
             .audit_claims
             .iter()
-            .filter_map(|c| token.claims.get(c).map(|v| (c.clone(), v.clone())))
+            // Paths, as in rules: `aws.role`, `kubernetes.io.namespace`.
+            .filter_map(|c| super::claims::lookup(&token.claims, c).map(|v| (c.clone(), v.clone())))
             .collect()
     }
 

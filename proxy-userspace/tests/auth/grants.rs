@@ -59,6 +59,28 @@ fn audit_store() -> GrantStore {
 }
 
 #[test]
+fn audit_claims_are_paths_like_rule_claims() {
+    let store = GrantStore::new(vec![
+        "aws.role".into(),
+        "aws.account".into(),
+        "aws.missing".into(),
+    ]);
+    let mut t = token("arn:aws:sts::123456789012:assumed-role/ci-deploy/job-1");
+    t.claims.insert(
+        "aws".into(),
+        json!({ "account": "123456789012", "role": "ci-deploy" }),
+    );
+    let audited = store.audit_claims(&t);
+    assert_eq!(
+        audited.into_iter().collect::<Vec<_>>(),
+        [
+            ("aws.account".to_owned(), json!("123456789012")),
+            ("aws.role".to_owned(), json!("ci-deploy"))
+        ]
+    );
+}
+
+#[test]
 fn covering_finds_live_source_grants_for_allowed_destinations() {
     let store = audit_store();
     let now = SystemTime::now();
