@@ -2,8 +2,9 @@
 //! role with a signed `GetCallerIdentity` (`tcpgate connect --aws`,
 //! `tcpgate grant --aws`), the bastion asks STS who signed it and admits by
 //! account, role and session name. From the attacker's side: another
-//! account, a request signed for another bastion or too long ago, and STS
-//! down, each denied with its reason and without an upstream connection.
+//! account, a request signed for another bastion, used twice or too long
+//! ago, and STS down, each denied with its reason and without an upstream
+//! connection.
 
 use std::io::{Read, Write};
 use std::process::Output;
@@ -266,7 +267,7 @@ fn dated(token: &str, amz_date: &str) -> Result<String> {
 }
 
 #[test]
-fn aws_replays_for_another_bastion_or_too_old_are_denied() -> Result<()> {
+fn aws_replays_for_another_bastion_twice_or_too_old_are_denied() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
@@ -299,8 +300,19 @@ fn aws_replays_for_another_bastion_or_too_old_are_denied() -> Result<()> {
         "grant API: {body}"
     );
 
-    // A request for this bastion, replayed after the 5 minute window.
+    // A request for this bastion: good once, then refused, even at once.
     let fresh = capture_token(&a, &creds, SERVER_ID)?;
+    let mut stream = a.fx.dial_from_runner(AuthFixture::target(9000))?;
+    let (status, message) = authenticate(&mut stream, &fresh)?;
+    ensure!(status == 0, "the first use admits: {message}");
+    drop(stream);
+    let mut stream = a.fx.dial_from_runner(AuthFixture::target(9000))?;
+    let (status, message) = authenticate(&mut stream, &fresh)?;
+    ensure!(
+        status == 1 && message == "access denied (aws_request_replayed)",
+        "{status} {message}"
+    );
+    // And replayed after the 5 minute window.
     let old = dated(&fresh, "20200101T000000Z")?;
     let mut stream = a.fx.dial_from_runner(AuthFixture::target(9000))?;
     let (status, message) = authenticate(&mut stream, &old)?;
@@ -309,20 +321,25 @@ fn aws_replays_for_another_bastion_or_too_old_are_denied() -> Result<()> {
         "{status} {message}"
     );
 
-    let denied = wait_events(&a.fx.agent, "connection_denied", 2)?;
+    let denied = wait_events(&a.fx.agent, "connection_denied", 3)?;
     let detail = |i: usize| denied[i]["detail"].as_str().unwrap_or("").to_owned();
     ensure!(
         detail(0).starts_with("aws_wrong_server_id:")
-            && detail(1).starts_with("aws_request_stale:"),
+            && detail(1).starts_with("aws_request_replayed:")
+            && detail(2).starts_with("aws_request_stale:"),
         "{denied:?}"
     );
-    // Refused by the bastion's own checks: STS was never asked.
+    // Refused by the bastion's own checks: STS was asked once, for the
+    // first use.
     ensure!(
-        a.metric("tcpgate_aws_sts_calls_total", &[("result", "not_sent")])? == 3.0
-            && a.metric("tcpgate_aws_sts_calls_total", &[("result", "ok")])? == 0.0,
+        a.metric("tcpgate_aws_sts_calls_total", &[("result", "not_sent")])? == 4.0
+            && a.metric("tcpgate_aws_sts_calls_total", &[("result", "ok")])? == 1.0,
         "metrics"
     );
-    ensure!(server.stop()?.is_empty(), "the upstream saw a connection");
+    ensure!(
+        server.stop()?.len() == 1,
+        "the upstream saw the first use only"
+    );
     Ok(())
 }
 

@@ -67,13 +67,18 @@ fn parse_allow(text: &str) -> Result<Destination, AllowError> {
 
 pub fn run(args: &GrantArgs) -> i32 {
     super::block_on(async {
-        let token = match args.token.source().and_then(|s| s.read()) {
-            Ok(token) => token,
+        let source = match args.token.source() {
+            Ok(source) => source,
             Err(e) => return fail(&e),
         };
         let allow = (!args.allow.is_empty()).then_some(args.allow.as_slice());
         let mut grants = Vec::new();
         for api in &args.api {
+            // Read for each API: a signed AWS request is good for one use.
+            let token = match source.read() {
+                Ok(token) => token,
+                Err(e) => return fail(&e),
+            };
             match request_grant(api, &token, allow, args.lifetime, args.ca.as_deref()).await {
                 Ok(grant) => grants.push(grant),
                 // Grants already made stay: they expire with the token.

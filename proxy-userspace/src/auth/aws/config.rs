@@ -12,6 +12,8 @@ pub const DEFAULT_ISSUER: &str = "aws";
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(300);
 pub const DEFAULT_STS_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_CONCURRENT: usize = 16;
+pub const DEFAULT_MAX_REMEMBERED: usize = 65_536;
+const MAX_REMEMBERED_LIMIT: usize = 1 << 20;
 /// Above it, a flood of signed requests would only queue on STS's own
 /// rate limits.
 const MAX_CONCURRENT_LIMIT: usize = 1024;
@@ -27,6 +29,9 @@ fn default_timeout() -> DurationSpec {
 }
 fn default_max_concurrent() -> usize {
     DEFAULT_MAX_CONCURRENT
+}
+fn default_max_remembered() -> usize {
+    DEFAULT_MAX_REMEMBERED
 }
 
 /// `[auth.aws]`.
@@ -58,6 +63,10 @@ pub struct AwsConfig {
     /// STS calls in flight at once; more are denied at once (`sts_busy`).
     #[serde(default = "default_max_concurrent")]
     pub max_concurrent: usize,
+    /// Signed requests remembered (until they age out of `max_age`) so
+    /// that each is used once; when full, new ones are denied (`sts_busy`).
+    #[serde(default = "default_max_remembered")]
+    pub max_remembered: usize,
     /// Extra CA certificate (PEM) trusted for `sts_endpoint`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
@@ -107,6 +116,12 @@ impl AwsConfig {
         self.max_age.check(format!("{P}.max_age"), false, errors);
         self.sts_timeout
             .check(format!("{P}.sts_timeout"), false, errors);
+        if !(1..=MAX_REMEMBERED_LIMIT).contains(&self.max_remembered) {
+            errors.push(FieldError::new(
+                format!("{P}.max_remembered"),
+                format!("must be 1 to {MAX_REMEMBERED_LIMIT}"),
+            ));
+        }
         if !(1..=MAX_CONCURRENT_LIMIT).contains(&self.max_concurrent) {
             errors.push(FieldError::new(
                 format!("{P}.max_concurrent"),

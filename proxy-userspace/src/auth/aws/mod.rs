@@ -47,6 +47,10 @@ pub enum AwsError {
     Request(RequestError),
     #[error("too many STS calls in flight ([auth.aws] max_concurrent = {0})")]
     Busy(usize),
+    #[error("this signed request was already used; each is good for one connection or grant")]
+    Replayed,
+    #[error("too many signed requests remembered against replay ([auth.aws] max_remembered = {0})")]
+    TooManyRemembered(usize),
     #[error("STS did not answer within {0:?} ([auth.aws] sts_timeout)")]
     Timeout(Duration),
     #[error("STS at {endpoint} is unreachable: {detail}")]
@@ -78,7 +82,8 @@ impl AwsError {
             AwsError::Request(RequestError::WrongServerId { .. }) => DenyReason::AwsWrongServerId,
             AwsError::Request(RequestError::Stale { .. }) => DenyReason::AwsRequestStale,
             AwsError::Request(_) => DenyReason::AwsRequestInvalid,
-            AwsError::Busy(_) => DenyReason::StsBusy,
+            AwsError::Replayed => DenyReason::AwsRequestReplayed,
+            AwsError::Busy(_) | AwsError::TooManyRemembered(_) => DenyReason::StsBusy,
             AwsError::Refused { .. } => DenyReason::StsRefused,
             AwsError::Timeout(_)
             | AwsError::Unreachable { .. }
@@ -90,8 +95,8 @@ impl AwsError {
     /// The `result` label of `tcpgate_aws_sts_calls_total`.
     fn result(&self) -> &'static str {
         match self {
-            AwsError::Request(_) => "not_sent",
-            AwsError::Busy(_) => "busy",
+            AwsError::Request(_) | AwsError::Replayed => "not_sent",
+            AwsError::Busy(_) | AwsError::TooManyRemembered(_) => "busy",
             AwsError::Timeout(_) => "timeout",
             AwsError::Unreachable { .. } => "unreachable",
             AwsError::Refused { .. } => "refused",
@@ -111,6 +116,7 @@ struct AwsMetrics {
     calls: Family<ResultLabels, Counter>,
     in_flight: Gauge,
     max_concurrent: Gauge,
+    remembered: Gauge,
 }
 
 /// Checks signed requests and asks STS who signed them. Cheap to share.
@@ -120,6 +126,8 @@ pub struct AwsVerifier {
     endpoint: reqwest::Url,
     client: reqwest::Client,
     slots: Arc<tokio::sync::Semaphore>,
+    /// Signatures of the requests seen, until each ages out of `max_age`.
+    seen: std::sync::Mutex<std::collections::HashMap<String, SystemTime>>,
     metrics: AwsMetrics,
 }
 
@@ -159,6 +167,7 @@ impl AwsVerifier {
             endpoint,
             client: builder.build().map_err(AwsLoadError::Client)?,
             slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent)),
+            seen: std::sync::Mutex::default(),
             metrics,
         })
     }
@@ -180,6 +189,11 @@ impl AwsVerifier {
             "aws_sts_in_flight",
             "STS GetCallerIdentity calls in flight",
             self.metrics.in_flight.clone(),
+        );
+        registry.register(
+            "aws_remembered_requests",
+            "Signed requests remembered against replay until they age out ([auth.aws] max_remembered bounds it)",
+            self.metrics.remembered.clone(),
         );
         registry.register(
             "aws_sts_max_concurrent",
@@ -209,7 +223,10 @@ impl AwsVerifier {
             max_age: self.config.max_age(),
             region: self.config.region.as_deref(),
         };
-        request.check(&expect, now)?;
+        let checked = request.check(&expect, now)?;
+        // Before STS: a replay costs no STS call. A request refused later
+        // stays used; the runner signs a new one for each attempt.
+        self.remember(checked.signature, checked.signed_at + expect.max_age, now)?;
         let _slot = Arc::clone(&self.slots)
             .try_acquire_owned()
             .map_err(|_| AwsError::Busy(self.config.max_concurrent))?;
@@ -226,6 +243,35 @@ impl AwsVerifier {
             expires_at: now + IDENTITY_LIFETIME,
             claims,
         })
+    }
+
+    /// Marks a signature used until `until`; refuses one already used.
+    fn remember(
+        &self,
+        signature: String,
+        until: SystemTime,
+        now: SystemTime,
+    ) -> Result<(), AwsError> {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.contains_key(&signature) {
+            return Err(AwsError::Replayed);
+        }
+        if seen.len() >= self.config.max_remembered {
+            seen.retain(|_, until| *until >= now);
+        }
+        let result = if seen.len() >= self.config.max_remembered {
+            Err(AwsError::TooManyRemembered(self.config.max_remembered))
+        } else {
+            seen.insert(signature, until);
+            Ok(())
+        };
+        self.metrics
+            .remembered
+            .set(i64::try_from(seen.len()).unwrap_or(i64::MAX));
+        result
     }
 
     /// Sends the signed request, as signed, to the configured endpoint.

@@ -31,6 +31,9 @@ use super::sigv4::{self, Credentials};
 pub const TOKEN_PREFIX: &str = "aws-sts.";
 /// The header naming the bastion the request was signed for.
 pub const SERVER_ID_HEADER: &str = "X-Tcpgate-Server-Id";
+/// A random value the runner signs in, so that two requests signed in the
+/// same second differ and each can be used once.
+pub const NONCE_HEADER: &str = "X-Tcpgate-Nonce";
 /// The only body accepted.
 pub const BODY: &str = "Action=GetCallerIdentity&Version=2011-06-15";
 const CONTENT_TYPE: &str = "application/x-www-form-urlencoded; charset=utf-8";
@@ -80,6 +83,15 @@ pub enum RequestError {
     WrongRegion { given: String, expected: String },
 }
 
+/// A request that passed [`SignedRequest::check`]: what makes it unique,
+/// and when it was signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    /// The SigV4 signature (hex): no two signed requests share one.
+    pub signature: String,
+    pub signed_at: SystemTime,
+}
+
 /// What the bastion expects of a request.
 #[derive(Debug, Clone)]
 pub struct Expect<'a> {
@@ -95,6 +107,7 @@ struct Authz {
     region: String,
     service: String,
     signed: Vec<String>,
+    signature: String,
 }
 
 fn parse_authorization(value: &str) -> Result<Authz, RequestError> {
@@ -136,6 +149,7 @@ fn parse_authorization(value: &str) -> Result<Authz, RequestError> {
         region: (*region).to_owned(),
         service: (*service).to_owned(),
         signed: signed.split(';').map(str::to_owned).collect(),
+        signature: signature.to_ascii_lowercase(),
     })
 }
 
@@ -180,6 +194,10 @@ impl SignedRequest {
             ("Host".to_owned(), host),
             ("X-Amz-Date".to_owned(), amz_date.clone()),
             (SERVER_ID_HEADER.to_owned(), server_id.to_owned()),
+            (
+                NONCE_HEADER.to_owned(),
+                hex::encode(rand::random::<[u8; 16]>()),
+            ),
         ];
         if let Some(token) = &creds.session_token {
             headers.push(("X-Amz-Security-Token".to_owned(), token.clone()));
@@ -217,7 +235,7 @@ impl SignedRequest {
 
     /// Everything the bastion checks before asking STS. The URL is not
     /// used: the request goes to the configured endpoint only.
-    pub fn check(&self, expect: &Expect<'_>, now: SystemTime) -> Result<(), RequestError> {
+    pub fn check(&self, expect: &Expect<'_>, now: SystemTime) -> Result<Checked, RequestError> {
         if self.method != "POST" || !is_get_caller_identity(&self.body) {
             let what = format!("{} {:?}", self.method, truncate(&self.body, 80));
             return Err(RequestError::NotGetCallerIdentity(what));
@@ -279,7 +297,10 @@ impl SignedRequest {
                 expected: region.to_owned(),
             });
         }
-        Ok(())
+        Ok(Checked {
+            signature: authz.signature,
+            signed_at,
+        })
     }
 }
 

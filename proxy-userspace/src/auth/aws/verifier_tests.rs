@@ -92,6 +92,7 @@ fn config(endpoint: &str, max_concurrent: usize) -> AwsConfig {
         max_age: crate::auth::config::DurationSpec::from_duration(Duration::from_secs(300)),
         sts_timeout: crate::auth::config::DurationSpec::from_duration(Duration::from_millis(500)),
         max_concurrent,
+        max_remembered: 2,
         ca_file: None,
     }
 }
@@ -235,4 +236,44 @@ async fn requests_failing_the_bastions_checks_never_reach_sts() {
     assert_eq!(err.deny_reason(), DenyReason::AwsRequestStale);
     assert_eq!(calls(&verifier, "not_sent"), 1);
     assert!(seen.lock().expect("log").is_empty());
+}
+
+#[tokio::test]
+async fn each_signed_request_is_used_once_and_the_memory_is_bounded() {
+    let StandIn { url, seen, .. } = stand_in(Answer::Identity).await;
+    let verifier = AwsVerifier::new(&config(&url, 4)).expect("verifier");
+    let now = SystemTime::now();
+    let once = token(&url);
+    verifier.verify(&once, now).await.expect("first use");
+    let err = verifier.verify(&once, now).await.expect_err("replay");
+    assert_eq!(err.deny_reason(), DenyReason::AwsRequestReplayed);
+    assert_eq!(
+        seen.lock().expect("log").len(),
+        1,
+        "the replay never reached STS"
+    );
+    // max_remembered = 2: a third live request is refused, not forgotten.
+    verifier
+        .verify(&token(&url), now)
+        .await
+        .expect("second request");
+    let err = verifier.verify(&token(&url), now).await.expect_err("full");
+    assert_eq!(err, AwsError::TooManyRemembered(2));
+    assert_eq!(verifier.metrics.remembered.get(), 2);
+    // Once the first two age out of max_age, there is room again, and the
+    // old request is refused by its date, not remembered for ever.
+    let later = now + Duration::from_secs(301);
+    let fresh = {
+        let creds = Credentials {
+            access_key_id: "ASIAEXAMPLE".into(),
+            secret_access_key: "secret".into(),
+            session_token: None,
+        };
+        let signed_url = reqwest::Url::parse(&url).expect("url");
+        SignedRequest::sign(&signed_url, "us-east-1", SERVER_ID, &creds, later).encode()
+    };
+    verifier.verify(&fresh, later).await.expect("room again");
+    assert_eq!(verifier.metrics.remembered.get(), 1);
+    let err = verifier.verify(&once, later).await.expect_err("aged out");
+    assert_eq!(err.deny_reason(), DenyReason::AwsRequestStale);
 }
