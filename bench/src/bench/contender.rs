@@ -69,10 +69,12 @@ impl Contender {
 pub enum Service {
     Iperf,
     Echo,
+    /// One byte echoed, then the target closes: the connection-rate cycle.
+    Connect,
 }
 
 impl Service {
-    const BOTH: [Service; 2] = [Service::Iperf, Service::Echo];
+    const ALL: [Service; 3] = [Service::Iperf, Service::Echo, Service::Connect];
 
     /// (target port dialled directly, target port tcpgate intercepts,
     /// bastion port HAProxy and socat listen on).
@@ -80,6 +82,13 @@ impl Service {
         match self {
             Service::Iperf => (ports::IPERF, ports::IPERF_INTERCEPTED, ports::IPERF_PROXIED),
             Service::Echo => (ports::ECHO, ports::ECHO_INTERCEPTED, ports::ECHO_PROXIED),
+            // tcpgate intercepts the very port the target serves: the
+            // connection rates dial the target's real address.
+            Service::Connect => (
+                ports::CONN_PREAMBLE,
+                ports::CONN_PREAMBLE,
+                ports::CONN_PROXIED,
+            ),
         }
     }
 }
@@ -96,7 +105,19 @@ pub struct Env<'a> {
 pub enum Running {
     Direct,
     Agent(Box<Agent>),
-    Processes { _guards: Vec<ChildGuard> },
+    Processes { guards: Vec<ChildGuard> },
+}
+
+impl Running {
+    /// The processes doing the contender's work (none for *direct*), for
+    /// their CPU per connection.
+    pub fn pids(&self) -> Vec<u32> {
+        match self {
+            Running::Direct => Vec::new(),
+            Running::Agent(agent) => vec![agent.pid()],
+            Running::Processes { guards } => guards.iter().map(ChildGuard::pid).collect(),
+        }
+    }
 }
 
 pub fn start(contender: Contender, env: &Env<'_>) -> Result<Running> {
@@ -113,8 +134,8 @@ pub fn start(contender: Contender, env: &Env<'_>) -> Result<Running> {
         }
         Contender::TcpgateUserspace => start_agent(env, "userspace", &agent_config_extra(None))
             .map(|a| Running::Agent(Box::new(a))),
-        Contender::Haproxy => start_haproxy(env).map(|c| Running::Processes { _guards: vec![c] }),
-        Contender::Socat => start_socat(env).map(|c| Running::Processes { _guards: c }),
+        Contender::Haproxy => start_haproxy(env).map(|c| Running::Processes { guards: vec![c] }),
+        Contender::Socat => start_socat(env).map(|c| Running::Processes { guards: c }),
     }
 }
 
@@ -193,7 +214,7 @@ fn haproxy_config() -> String {
          defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    \
          timeout server 60s\n    option splice-auto\n",
     );
-    for service in Service::BOTH {
+    for service in Service::ALL {
         let (plain, _, proxied) = service.ports();
         text.push_str(&format!(
             "\nlisten svc{proxied}\n    bind {BASTION_RUNNER_V4}:{proxied}\n    \
@@ -225,7 +246,7 @@ fn start_haproxy(env: &Env<'_>) -> Result<ChildGuard> {
 
 fn start_socat(env: &Env<'_>) -> Result<Vec<ChildGuard>> {
     let mut children = Vec::new();
-    for service in Service::BOTH {
+    for service in Service::ALL {
         let (plain, _, proxied) = service.ports();
         let mut command = env.topo.bastion.command("socat");
         command.args([
@@ -248,7 +269,7 @@ fn start_socat(env: &Env<'_>) -> Result<Vec<ChildGuard>> {
 }
 
 fn proxied_ports() -> Vec<u16> {
-    Service::BOTH.iter().map(|s| s.ports().2).collect()
+    Service::ALL.iter().map(|s| s.ports().2).collect()
 }
 
 /// Waits (bounded) until `child` listens on every address of `binds` in

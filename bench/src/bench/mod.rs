@@ -53,6 +53,8 @@ pub mod ports {
     pub const TEARDOWN: u16 = 8003;
     /// One-byte echo, then close: admitted by a source-bound grant.
     pub const CONN_GRANT: u16 = 8004;
+    /// Where HAProxy and socat listen (bastion) for the connection rate.
+    pub const CONN_PROXIED: u16 = 18001;
     /// The agent's grant API, on the bastion's runner-side address.
     pub const GRANT_API: u16 = 8443;
 }
