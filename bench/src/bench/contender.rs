@@ -82,13 +82,7 @@ impl Service {
         match self {
             Service::Iperf => (ports::IPERF, ports::IPERF_INTERCEPTED, ports::IPERF_PROXIED),
             Service::Echo => (ports::ECHO, ports::ECHO_INTERCEPTED, ports::ECHO_PROXIED),
-            // tcpgate intercepts the very port the target serves: the
-            // connection rates dial the target's real address.
-            Service::Connect => (
-                ports::CONN_PREAMBLE,
-                ports::CONN_PREAMBLE,
-                ports::CONN_PROXIED,
-            ),
+            Service::Connect => (ports::CONN_PLAIN, ports::CONN_PREAMBLE, ports::CONN_PROXIED),
         }
     }
 }
