@@ -363,12 +363,20 @@ pub fn process_cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks as f64 / hz as f64)
 }
 
+/// What a tcpgate turn's audit log says about the path its bytes took.
+#[derive(Debug, Default)]
+pub struct PathReport {
+    /// Set when the bytes did not take the path the contender claims.
+    pub warning: Option<String>,
+    /// Share of the bytes the agent copied under backpressure (eBPF path).
+    pub backpressure_share: Option<f64>,
+}
+
 /// Stops a tcpgate agent (so its audit log is complete) and checks which
-/// path moved the bytes. Returns a warning to print when it is not the one
-/// expected.
-pub fn stop_and_check(contender: Contender, running: Running) -> Result<Option<String>> {
+/// path moved the bytes.
+pub fn stop_and_check(contender: Contender, running: Running) -> Result<PathReport> {
     let Running::Agent(mut agent) = running else {
-        return Ok(None);
+        return Ok(PathReport::default());
     };
     agent.stop()?;
     let check = PathCheck::from_events(&agent.audit_events()?);
@@ -389,7 +397,7 @@ pub fn stop_and_check(contender: Contender, running: Running) -> Result<Option<S
     let odd = check.sessions == 0
         || (expected_kernel && designed_share < 0.99)
         || (!expected_kernel && kernel_share > 0.0);
-    Ok(odd.then(|| {
+    let warning = odd.then(|| {
         format!(
             "{}: {} sessions, {:.1}% of {} bytes in the kernel, {:.1}% copied under backpressure; agent log tail:\n{}",
             contender.name(),
@@ -399,7 +407,11 @@ pub fn stop_and_check(contender: Contender, running: Running) -> Result<Option<S
             share(check.backpressure_bytes) * 100.0,
             agent.logs_tail(10)
         )
-    }))
+    });
+    Ok(PathReport {
+        warning,
+        backpressure_share: expected_kernel.then(|| share(check.backpressure_bytes)),
+    })
 }
 
 /// The address the target's servers bind: every port on the target address.

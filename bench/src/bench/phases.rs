@@ -100,8 +100,15 @@ pub fn datapath(bench: &Bench<'_>, results: &mut Results) -> Result<()> {
                     l.p50_us, l.p99_us
                 ));
             }
-            if let Some(warning) = contender::stop_and_check(c, running)? {
+            let path = contender::stop_and_check(c, running)?;
+            if let Some(warning) = path.warning {
                 results.note(format!("unexpected data path: {warning}"));
+            }
+            if let Some(share) = path.backpressure_share {
+                line.push_str(&format!(
+                    " ({:.1}% copied under backpressure)",
+                    share * 100.0
+                ));
             }
             bench.progress(&line);
         }
