@@ -304,12 +304,18 @@ impl AuditLog {
     }
 }
 
+/// Bytes of lines written at once: the lines already queued when the
+/// writer wakes go out in one write (for a file, one hand-off to tokio's
+/// blocking pool) instead of one each.
+const MAX_BATCH: usize = 64 * 1024;
+
 async fn write_loop(
     mut rx: mpsc::Receiver<Message>,
     mut sessions: mpsc::UnboundedReceiver<Box<AuditEvent>>,
     mut sink: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
 ) {
     let mut failures: u64 = 0;
+    let mut batch = Vec::new();
     loop {
         let event = tokio::select! {
             // Session lines first: a flood of denials does not delay them.
@@ -319,37 +325,63 @@ async fn write_loop(
                 Some(Message::Event(event)) => event,
                 Some(Message::Flush(done)) => {
                     // Session lines queued before the flush are written first.
-                    while let Ok(event) = sessions.try_recv() {
-                        write_line(&mut sink, &event, &mut failures).await;
-                    }
+                    take_queued(&mut sessions, &mut batch, usize::MAX);
+                    write_batch(&mut sink, &mut batch, &mut failures).await;
                     let _ = done.send(());
                     continue;
                 }
                 None => return,
             },
         };
-        write_line(&mut sink, &event, &mut failures).await;
+        append_line(&mut batch, &event);
+        take_queued(&mut sessions, &mut batch, MAX_BATCH);
+        write_batch(&mut sink, &mut batch, &mut failures).await;
     }
 }
 
-async fn write_line(
+/// Appends the session lines already queued, up to `max` bytes in all.
+fn take_queued(
+    sessions: &mut mpsc::UnboundedReceiver<Box<AuditEvent>>,
+    batch: &mut Vec<u8>,
+    max: usize,
+) {
+    while batch.len() < max {
+        match sessions.try_recv() {
+            Ok(event) => append_line(batch, &event),
+            Err(_) => return,
+        }
+    }
+}
+
+fn append_line(batch: &mut Vec<u8>, event: &AuditEvent) {
+    let start = batch.len();
+    match serde_json::to_writer(&mut *batch, event) {
+        Ok(()) => batch.push(b'\n'),
+        Err(e) => {
+            batch.truncate(start);
+            tracing::error!(error = %e, "cannot serialise audit event");
+        }
+    }
+}
+
+async fn write_batch(
     sink: &mut Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
-    event: &AuditEvent,
+    batch: &mut Vec<u8>,
     failures: &mut u64,
 ) {
-    let mut line = match serde_json::to_vec(event) {
-        Ok(line) => line,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot serialise audit event");
-            return;
-        }
-    };
-    line.push(b'\n');
+    if batch.is_empty() {
+        return;
+    }
     let result = async {
-        sink.write_all(&line).await?;
+        sink.write_all(batch).await?;
         sink.flush().await
     }
     .await;
+    batch.clear();
+    // A flush can gather a long backlog; do not keep its buffer.
+    if batch.capacity() > 4 * MAX_BATCH {
+        batch.shrink_to(MAX_BATCH);
+    }
     if let Err(e) = result {
         *failures += 1;
         if failures.is_power_of_two() {

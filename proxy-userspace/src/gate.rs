@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 
 use crate::auth::limits::AuthLimits;
 use crate::auth::preamble::{self, PreambleError, Status};
+use crate::auth::token_cache::TokenCache;
 use crate::auth::{
     DenyReason, Grant, GrantKind, GrantStore, Policy, TokenValidator, ValidatedToken,
 };
@@ -32,6 +33,9 @@ use opening::FirstBytes;
 /// Everything admission needs; shared by all accept loops.
 pub struct Gate {
     validator: TokenValidator,
+    /// Tokens verified before, so a job's next connections skip the
+    /// signature check.
+    tokens: TokenCache,
     /// Replaced whole on SIGHUP; in-flight decisions keep the one they read.
     policy: std::sync::RwLock<std::sync::Arc<Policy>>,
     store: GrantStore,
@@ -134,6 +138,7 @@ impl Gate {
     ) -> Self {
         Self {
             validator,
+            tokens: TokenCache::new(limits.token_cache_entries),
             policy: std::sync::RwLock::new(std::sync::Arc::new(policy)),
             store,
             preamble_timeout,
@@ -273,7 +278,6 @@ impl Gate {
             .await
             .map_err(|e| preamble_refusal(&e))?;
         let token = self
-            .validator
             .validate(&request.token)
             .await
             .map_err(|e| Refusal::new(e.deny_reason(), e.to_string()).denied())?;

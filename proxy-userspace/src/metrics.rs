@@ -20,7 +20,10 @@ use prometheus_client::registry::Registry;
 use proxy_common::session::DirectionCounters;
 use proxy_common::stats::GlobalStats;
 
+use crate::auth::token_cache::TokenCacheStats;
 use crate::datapath::DatapathKind;
+
+mod token_cache;
 
 /// The eBPF programs' per-CPU counters.
 pub type StatsMap = aya::maps::PerCpuArray<aya::maps::MapData, GlobalStats>;
@@ -85,6 +88,8 @@ pub struct Snapshot {
     pub live_grants: usize,
     /// Current counters of every live session (up, down).
     pub live_counters: Vec<(DirectionCounters, DirectionCounters)>,
+    /// The verified-token cache, with `[auth]`.
+    pub token_cache: Option<TokenCacheStats>,
 }
 
 /// Index into [`Metrics::closed_bytes`].
@@ -125,6 +130,7 @@ pub struct Metrics {
     /// Scrapes turn totals into counter increments; one at a time.
     scrape: Mutex<()>,
     http_limit_hits: Family<HttpLimitLabels, Counter>,
+    token_cache: token_cache::TokenCacheMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -161,8 +167,10 @@ impl Metrics {
             scrape: Mutex::new(()),
             registry: Registry::with_prefix("tcpgate"),
             http_limit_hits: Family::default(),
+            token_cache: token_cache::TokenCacheMetrics::default(),
         };
         metrics.register(datapath);
+        metrics.token_cache.register(&mut metrics.registry);
         metrics.registry.register(
             "http_limit_hits",
             "HTTP connections cut by a bound, by server (api, admin) and limit (header_timeout, idle_timeout, max_body, max_header_bytes, max_connections, unauthorized)",
@@ -381,6 +389,9 @@ impl Metrics {
                 &self.bytes.get_or_create(&BytesLabels { direction, path }),
                 totals[index],
             );
+        }
+        if let Some(cache) = &snapshot.token_cache {
+            self.token_cache.update(cache);
         }
         if let Some(stats) = self.read_stats() {
             advance(&self.ebpf_redirect_failures, stats.redirect_failures);

@@ -69,10 +69,12 @@ impl Contender {
 pub enum Service {
     Iperf,
     Echo,
+    /// One byte echoed, then the target closes: the connection-rate cycle.
+    Connect,
 }
 
 impl Service {
-    const BOTH: [Service; 2] = [Service::Iperf, Service::Echo];
+    const ALL: [Service; 3] = [Service::Iperf, Service::Echo, Service::Connect];
 
     /// (target port dialled directly, target port tcpgate intercepts,
     /// bastion port HAProxy and socat listen on).
@@ -80,6 +82,7 @@ impl Service {
         match self {
             Service::Iperf => (ports::IPERF, ports::IPERF_INTERCEPTED, ports::IPERF_PROXIED),
             Service::Echo => (ports::ECHO, ports::ECHO_INTERCEPTED, ports::ECHO_PROXIED),
+            Service::Connect => (ports::CONN_PLAIN, ports::CONN_PREAMBLE, ports::CONN_PROXIED),
         }
     }
 }
@@ -96,7 +99,19 @@ pub struct Env<'a> {
 pub enum Running {
     Direct,
     Agent(Box<Agent>),
-    Processes { _guards: Vec<ChildGuard> },
+    Processes { guards: Vec<ChildGuard> },
+}
+
+impl Running {
+    /// The processes doing the contender's work (none for *direct*), for
+    /// their CPU per connection.
+    pub fn pids(&self) -> Vec<u32> {
+        match self {
+            Running::Direct => Vec::new(),
+            Running::Agent(agent) => vec![agent.pid()],
+            Running::Processes { guards } => guards.iter().map(ChildGuard::pid).collect(),
+        }
+    }
 }
 
 pub fn start(contender: Contender, env: &Env<'_>) -> Result<Running> {
@@ -113,8 +128,8 @@ pub fn start(contender: Contender, env: &Env<'_>) -> Result<Running> {
         }
         Contender::TcpgateUserspace => start_agent(env, "userspace", &agent_config_extra(None))
             .map(|a| Running::Agent(Box::new(a))),
-        Contender::Haproxy => start_haproxy(env).map(|c| Running::Processes { _guards: vec![c] }),
-        Contender::Socat => start_socat(env).map(|c| Running::Processes { _guards: c }),
+        Contender::Haproxy => start_haproxy(env).map(|c| Running::Processes { guards: vec![c] }),
+        Contender::Socat => start_socat(env).map(|c| Running::Processes { guards: c }),
     }
 }
 
@@ -193,7 +208,7 @@ fn haproxy_config() -> String {
          defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    \
          timeout server 60s\n    option splice-auto\n",
     );
-    for service in Service::BOTH {
+    for service in Service::ALL {
         let (plain, _, proxied) = service.ports();
         text.push_str(&format!(
             "\nlisten svc{proxied}\n    bind {BASTION_RUNNER_V4}:{proxied}\n    \
@@ -225,7 +240,7 @@ fn start_haproxy(env: &Env<'_>) -> Result<ChildGuard> {
 
 fn start_socat(env: &Env<'_>) -> Result<Vec<ChildGuard>> {
     let mut children = Vec::new();
-    for service in Service::BOTH {
+    for service in Service::ALL {
         let (plain, _, proxied) = service.ports();
         let mut command = env.topo.bastion.command("socat");
         command.args([
@@ -248,7 +263,7 @@ fn start_socat(env: &Env<'_>) -> Result<Vec<ChildGuard>> {
 }
 
 fn proxied_ports() -> Vec<u16> {
-    Service::BOTH.iter().map(|s| s.ports().2).collect()
+    Service::ALL.iter().map(|s| s.ports().2).collect()
 }
 
 /// Waits (bounded) until `child` listens on every address of `binds` in
@@ -348,12 +363,20 @@ pub fn process_cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks as f64 / hz as f64)
 }
 
+/// What a tcpgate turn's audit log says about the path its bytes took.
+#[derive(Debug, Default)]
+pub struct PathReport {
+    /// Set when the bytes did not take the path the contender claims.
+    pub warning: Option<String>,
+    /// Share of the bytes the agent copied under backpressure (eBPF path).
+    pub backpressure_share: Option<f64>,
+}
+
 /// Stops a tcpgate agent (so its audit log is complete) and checks which
-/// path moved the bytes. Returns a warning to print when it is not the one
-/// expected.
-pub fn stop_and_check(contender: Contender, running: Running) -> Result<Option<String>> {
+/// path moved the bytes.
+pub fn stop_and_check(contender: Contender, running: Running) -> Result<PathReport> {
     let Running::Agent(mut agent) = running else {
-        return Ok(None);
+        return Ok(PathReport::default());
     };
     agent.stop()?;
     let check = PathCheck::from_events(&agent.audit_events()?);
@@ -374,7 +397,7 @@ pub fn stop_and_check(contender: Contender, running: Running) -> Result<Option<S
     let odd = check.sessions == 0
         || (expected_kernel && designed_share < 0.99)
         || (!expected_kernel && kernel_share > 0.0);
-    Ok(odd.then(|| {
+    let warning = odd.then(|| {
         format!(
             "{}: {} sessions, {:.1}% of {} bytes in the kernel, {:.1}% copied under backpressure; agent log tail:\n{}",
             contender.name(),
@@ -384,7 +407,11 @@ pub fn stop_and_check(contender: Contender, running: Running) -> Result<Option<S
             share(check.backpressure_bytes) * 100.0,
             agent.logs_tail(10)
         )
-    }))
+    });
+    Ok(PathReport {
+        warning,
+        backpressure_share: expected_kernel.then(|| share(check.backpressure_bytes)),
+    })
 }
 
 /// The address the target's servers bind: every port on the target address.

@@ -53,6 +53,12 @@ pub mod ports {
     pub const TEARDOWN: u16 = 8003;
     /// One-byte echo, then close: admitted by a source-bound grant.
     pub const CONN_GRANT: u16 = 8004;
+    /// One-byte echo, then close, on a port tcpgate does not intercept:
+    /// plain TCP directly and behind HAProxy (a stopped agent's pinned
+    /// programs still steer its intercepted ports).
+    pub const CONN_PLAIN: u16 = 8005;
+    /// Where HAProxy and socat listen (bastion) for the connection rate.
+    pub const CONN_PROXIED: u16 = 18001;
     /// The agent's grant API, on the bastion's runner-side address.
     pub const GRANT_API: u16 = 8443;
 }
@@ -177,6 +183,10 @@ fn measure_all(
             ),
             (
                 contender::target_bind(ports::CONN_GRANT),
+                Behaviour::OneByteThenClose,
+            ),
+            (
+                contender::target_bind(ports::CONN_PLAIN),
                 Behaviour::OneByteThenClose,
             ),
             (contender::target_bind(ports::IDLE), Behaviour::Hold),

@@ -100,8 +100,15 @@ pub fn datapath(bench: &Bench<'_>, results: &mut Results) -> Result<()> {
                     l.p50_us, l.p99_us
                 ));
             }
-            if let Some(warning) = contender::stop_and_check(c, running)? {
+            let path = contender::stop_and_check(c, running)?;
+            if let Some(warning) = path.warning {
                 results.note(format!("unexpected data path: {warning}"));
+            }
+            if let Some(share) = path.backpressure_share {
+                line.push_str(&format!(
+                    " ({:.1}% copied under backpressure)",
+                    share * 100.0
+                ));
             }
             bench.progress(&line);
         }
@@ -120,7 +127,13 @@ fn add_cpu(total: &mut (f64, Option<f64>, f64), spent: CpuSpent, gib: f64) {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum AuthTurn {
+enum ConnTurn {
+    /// Plain TCP connects to the target, the bastion only routing: the
+    /// limit.
+    Direct,
+    /// Plain TCP connects through HAProxy on the bastion: the anchor of
+    /// the connection-rate goals.
+    Haproxy,
     /// No `[auth]`: every connection admitted (eBPF path).
     NoAuth,
     /// No `[auth]`, user-space copy: what a connection costs without the
@@ -130,63 +143,28 @@ enum AuthTurn {
     Authenticated,
 }
 
-/// Connection rate: the no-auth baselines, then per-connection preambles
-/// and a source-bound grant on one authenticating agent (eBPF path).
+/// Connection rate: plain TCP directly and through HAProxy, the no-auth
+/// baselines, then per-connection preambles and a source-bound grant on
+/// one authenticating agent (eBPF path).
 pub fn connrate(bench: &Bench<'_>, results: &mut Results) -> Result<()> {
     let s = bench.settings;
     if !s.wants(Measure::Connrate) {
         return Ok(());
     }
-    let mut turns = vec![AuthTurn::NoAuth, AuthTurn::NoAuthUserspace];
+    let mut turns = vec![
+        ConnTurn::Direct,
+        ConnTurn::Haproxy,
+        ConnTurn::NoAuth,
+        ConnTurn::NoAuthUserspace,
+    ];
     if bench.keys.is_some() {
-        turns.push(AuthTurn::Authenticated);
+        turns.push(ConnTurn::Authenticated);
     }
     for rep in 0..s.runs {
         for turn in turn_order(&turns, rep) {
             interrupt::check()?;
             let mut line = format!("run {}/{} connections/s", rep + 1, s.runs);
-            let events = match (turn, bench.keys) {
-                (AuthTurn::Authenticated, Some(keys)) => {
-                    let sections = keys.agent_sections();
-                    let agent = contender::start_agent(
-                        &bench.env,
-                        "ebpf",
-                        &contender::agent_config_extra(Some(&sections)),
-                    )?;
-                    let token = keys.token(3600);
-                    let preamble = preamble::encode(&token);
-                    let addr = contender::target_bind(ports::CONN_PREAMBLE);
-                    rate_of(
-                        bench,
-                        &agent,
-                        "preamble",
-                        addr,
-                        Some(preamble),
-                        results,
-                        &mut line,
-                    )?;
-                    let runner = &bench.env.topo.runner;
-                    runner.try_run(|| request_grant(&token, ports::CONN_GRANT, "10m"))??;
-                    let addr = contender::target_bind(ports::CONN_GRANT);
-                    rate_of(bench, &agent, "grant", addr, None, results, &mut line)?;
-                    contender::stop_agent(agent)?
-                }
-                (turn, _) => {
-                    let (datapath, subject) = if turn == AuthTurn::NoAuthUserspace {
-                        ("userspace", "no-auth-userspace")
-                    } else {
-                        ("ebpf", "no-auth")
-                    };
-                    let agent = contender::start_agent(
-                        &bench.env,
-                        datapath,
-                        &contender::agent_config_extra(None),
-                    )?;
-                    let addr = contender::target_bind(ports::CONN_PREAMBLE);
-                    rate_of(bench, &agent, subject, addr, None, results, &mut line)?;
-                    contender::stop_agent(agent)?
-                }
-            };
+            let events = conn_turn(bench, turn, results, &mut line)?;
             for (end, count) in contender::abnormal_ends(&events) {
                 results.note(format!("{count} session(s) ended abnormally: {end}"));
             }
@@ -196,17 +174,87 @@ pub fn connrate(bench: &Bench<'_>, results: &mut Results) -> Result<()> {
     Ok(())
 }
 
-/// One connection-rate measure, with the agent's CPU per connection.
+/// One turn of the connection-rate measure; returns the agent's audit
+/// events (none for the contenders without an agent).
+fn conn_turn(
+    bench: &Bench<'_>,
+    turn: ConnTurn,
+    results: &mut Results,
+    line: &mut String,
+) -> Result<Vec<serde_json::Value>> {
+    match (turn, bench.keys) {
+        (ConnTurn::Direct | ConnTurn::Haproxy, _) => {
+            let c = if turn == ConnTurn::Direct {
+                Contender::Direct
+            } else {
+                Contender::Haproxy
+            };
+            let running = contender::start(c, &bench.env)
+                .with_context(|| format!("starting {}", c.name()))?;
+            let addr = c.dial(Service::Connect);
+            rate_of(bench, &running.pids(), c.name(), addr, None, results, line)?;
+            Ok(Vec::new())
+        }
+        (ConnTurn::Authenticated, Some(keys)) => {
+            let sections = keys.agent_sections();
+            let agent = contender::start_agent(
+                &bench.env,
+                "ebpf",
+                &contender::agent_config_extra(Some(&sections)),
+            )?;
+            let pids = [agent.pid()];
+            let token = keys.token(3600);
+            let preamble = preamble::encode(&token);
+            let addr = contender::target_bind(ports::CONN_PREAMBLE);
+            rate_of(
+                bench,
+                &pids,
+                "preamble",
+                addr,
+                Some(preamble),
+                results,
+                line,
+            )?;
+            let runner = &bench.env.topo.runner;
+            runner.try_run(|| request_grant(&token, ports::CONN_GRANT, "10m"))??;
+            let addr = contender::target_bind(ports::CONN_GRANT);
+            rate_of(bench, &pids, "grant", addr, None, results, line)?;
+            contender::stop_agent(agent)
+        }
+        (turn, _) => {
+            let (datapath, subject) = if turn == ConnTurn::NoAuthUserspace {
+                ("userspace", "no-auth-userspace")
+            } else {
+                ("ebpf", "no-auth")
+            };
+            let agent =
+                contender::start_agent(&bench.env, datapath, &contender::agent_config_extra(None))?;
+            let addr = contender::target_bind(ports::CONN_PREAMBLE);
+            rate_of(bench, &[agent.pid()], subject, addr, None, results, line)?;
+            contender::stop_agent(agent)
+        }
+    }
+}
+
+/// CPU seconds the processes `pids` have used so far.
+fn cpu_of(pids: &[u32]) -> Result<f64> {
+    pids.iter()
+        .map(|&pid| contender::process_cpu_seconds(pid))
+        .sum()
+}
+
+/// One connection-rate measure, with the CPU per connection of the
+/// processes `pids` (the agent, HAProxy; none for direct).
 fn rate_of(
     bench: &Bench<'_>,
-    agent: &tcpgate_tests::Agent,
+    pids: &[u32],
     subject: &str,
     addr: std::net::SocketAddr,
     preamble: Option<Vec<u8>>,
     results: &mut Results,
     line: &mut String,
 ) -> Result<()> {
-    let cpu_before = contender::process_cpu_seconds(agent.pid())?;
+    let cpu_before = cpu_of(pids)?;
     let rate = connrate::measure(
         &bench.env.topo.runner,
         addr,
@@ -214,14 +262,14 @@ fn rate_of(
         bench.settings.conn_load,
     )
     .with_context(|| format!("connection rate, {subject}"))?;
-    let cpu = contender::process_cpu_seconds(agent.pid())? - cpu_before;
-    let cpu_us = cpu * 1e6 / rate.cycles_started.max(1) as f64;
+    let cpu = cpu_of(pids)? - cpu_before;
     results.add(Metric::ConnectionsPerSecond, subject, rate.per_second);
-    results.add(Metric::AgentCpuPerConnection, subject, cpu_us);
-    line.push_str(&format!(
-        " {subject} {:.0} ({cpu_us:.0} µs agent CPU)",
-        rate.per_second
-    ));
+    line.push_str(&format!(" {subject} {:.0}", rate.per_second));
+    if !pids.is_empty() {
+        let cpu_us = cpu * 1e6 / rate.cycles_started.max(1) as f64;
+        results.add(Metric::AgentCpuPerConnection, subject, cpu_us);
+        line.push_str(&format!(" ({cpu_us:.0} µs CPU)"));
+    }
     if rate.failed > 0 {
         results.note(format!(
             "{subject}: {} of {} connection cycles failed; first error: {}",

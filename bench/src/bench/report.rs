@@ -16,12 +16,11 @@ use super::stats::Summary;
 
 /// What each metric's ratios are taken against.
 fn references(metric: Metric) -> &'static [&'static str] {
-    if metric.is_datapath() {
+    // Connection rates have plain TCP, directly and through HAProxy, as
+    // anchors; the CPU per connection compares with the no-auth agent.
+    if metric.is_datapath() || metric == Metric::ConnectionsPerSecond {
         &["direct", "haproxy"]
-    } else if matches!(
-        metric,
-        Metric::ConnectionsPerSecond | Metric::AgentCpuPerConnection
-    ) {
+    } else if metric == Metric::AgentCpuPerConnection {
         &["no-auth"]
     } else {
         &[]
@@ -147,7 +146,7 @@ pub fn markdown(
     for metric in Metric::ALL {
         let refs = references(metric);
         for [name, median, spread, r0, r1] in rows(results, metric) {
-            // Connection rates compare with the no-auth baseline instead.
+            // The CPU per connection compares with the no-auth agent instead.
             let extra = if refs.len() == 1 && !r0.is_empty() {
                 format!(" ({r0} no-auth)")
             } else {
@@ -263,8 +262,15 @@ mod tests {
             r.add(Metric::ThroughputOneStream, c, v);
             r.add(Metric::ThroughputOneStream, c, v + 1.0);
         }
-        r.add(Metric::ConnectionsPerSecond, "no-auth", 30_000.0);
-        r.add(Metric::ConnectionsPerSecond, "preamble", 15_000.0);
+        for (c, v) in [
+            ("direct", 40_000.0),
+            ("haproxy", 10_000.0),
+            ("preamble", 15_000.0),
+        ] {
+            r.add(Metric::ConnectionsPerSecond, c, v);
+        }
+        r.add(Metric::AgentCpuPerConnection, "no-auth", 100.0);
+        r.add(Metric::AgentCpuPerConnection, "haproxy", 50.0);
         r
     }
 
@@ -282,7 +288,10 @@ mod tests {
         assert_eq!(ebpf[3], "0.81×");
         assert_eq!(ebpf[4], "1.89×");
         let rates = rows(&r, Metric::ConnectionsPerSecond);
-        assert_eq!(rates[1][3], "0.50×");
+        let preamble = rates.iter().find(|row| row[0] == "preamble").expect("row");
+        assert_eq!((&*preamble[3], &*preamble[4]), ("0.38×", "1.50×"));
+        let cpu = rows(&r, Metric::AgentCpuPerConnection);
+        assert_eq!((&*cpu[1][0], &*cpu[1][3]), ("haproxy", "0.50×"));
     }
 
     #[test]

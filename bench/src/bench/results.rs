@@ -44,7 +44,7 @@ impl Metric {
             Metric::LatencyP50 => "64-byte request/response p50",
             Metric::LatencyP99 => "64-byte request/response p99",
             Metric::ConnectionsPerSecond => "new connections per second",
-            Metric::AgentCpuPerConnection => "agent CPU per new connection",
+            Metric::AgentCpuPerConnection => "proxy CPU per new connection (agent, HAProxy)",
             Metric::RssIdleSessions => "agent RSS with idle sessions",
             Metric::TeardownP50 => "teardown after grant expiry p50",
             Metric::TeardownP99 => "teardown after grant expiry p99",

@@ -122,6 +122,7 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             .iter()
             .filter_map(|m| state.datapath.live_counters(m.id))
             .collect(),
+        token_cache: state.gate.as_ref().map(|g| g.token_cache_stats()),
     };
     if let Some(cluster) = &state.cluster {
         cluster.health().refresh();

@@ -124,3 +124,63 @@ async fn fields_a_peer_chooses_are_cut() {
         "small values stay as they are"
     );
 }
+
+/// A sink that counts the writes it is given.
+struct CountingSink {
+    bytes: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    writes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl tokio::io::AsyncWrite for CountingSink {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.bytes.lock().expect("lock").extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn lines_queued_together_are_written_together_and_whole() {
+    let bytes = std::sync::Arc::default();
+    let writes = std::sync::Arc::default();
+    let sink = CountingSink {
+        bytes: std::sync::Arc::clone(&bytes),
+        writes: std::sync::Arc::clone(&writes),
+    };
+    let log = AuditLog::with_sink(Box::new(sink), Counter::default());
+    // On this single-threaded runtime the writer runs only once the test
+    // awaits: all 200 lines are queued when it wakes.
+    for _ in 0..100 {
+        log.record(event(EventKind::SessionOpen));
+        log.record(event(EventKind::SessionClose));
+    }
+    log.flush().await;
+    let text = String::from_utf8(bytes.lock().expect("lock").clone()).expect("utf-8");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 200);
+    for line in &lines {
+        serde_json::from_str::<serde_json::Value>(line).expect("each line is whole JSON");
+    }
+    let writes = writes.load(std::sync::atomic::Ordering::Relaxed);
+    // 200 lines of ~200 bytes fit one 64 KiB batch (a write may finish early).
+    assert!(writes <= 2, "{writes} writes for 200 queued lines");
+}

@@ -146,6 +146,12 @@ impl GrantStore {
             .collect()
     }
 
+    /// Moves whenever a token or identity is denied (see
+    /// [`super::token_cache`]).
+    pub fn revocation_epoch(&self) -> u64 {
+        self.state().revocations.epoch()
+    }
+
     /// Notes a validated token and says whether a revocation refuses it.
     pub fn refuses(&self, token: &ValidatedToken, now: SystemTime) -> bool {
         let mut state = self.state();

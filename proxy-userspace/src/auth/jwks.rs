@@ -9,6 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+
+use sha2::Digest as _;
 use std::time::Duration;
 
 use jsonwebtoken::jwk::Jwk;
@@ -109,6 +111,9 @@ impl std::fmt::Debug for VerifyKey {
 #[derive(Debug, Clone, Default)]
 pub struct KeySet {
     keys: Vec<VerifyKey>,
+    /// SHA-256 of the document the keys came from: tells a refresh that
+    /// brought other keys from one that brought the same.
+    fingerprint: [u8; 32],
 }
 
 #[derive(Deserialize)]
@@ -138,7 +143,8 @@ impl KeySet {
         if keys.is_empty() {
             return Err(JwksError::NoUsableKeys);
         }
-        Ok(KeySet { keys })
+        let fingerprint = sha2::Sha256::digest(bytes).into();
+        Ok(KeySet { keys, fingerprint })
     }
 
     /// The key for a token's `kid`. A token without `kid` is accepted only
@@ -298,6 +304,8 @@ pub struct KeyCache {
     on_demand: tokio::sync::Mutex<Option<Instant>>,
     /// Bumped after every fetch attempt, so waiters can tell one happened.
     generation: AtomicU64,
+    /// Bumped when a fetch brought a different key set (rotation).
+    key_version: AtomicU64,
     min_refresh_interval: Duration,
     stats: JwksStats,
     /// Why the last fetch failed; `None` once one succeeds.
@@ -313,6 +321,7 @@ impl KeyCache {
             current: RwLock::new(Arc::new(initial)),
             on_demand: tokio::sync::Mutex::new(None),
             generation: AtomicU64::new(0),
+            key_version: AtomicU64::new(0),
             min_refresh_interval,
             stats: JwksStats::default(),
             last_error: RwLock::new(None),
@@ -350,6 +359,12 @@ impl KeyCache {
             Ok(g) => Arc::clone(&g),
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
         }
+    }
+
+    /// Moves whenever the key set changes; answers verified with the old
+    /// keys are stale then.
+    pub fn key_version(&self) -> u64 {
+        self.key_version.load(Ordering::Acquire)
     }
 
     pub fn stats(&self) -> JwksStatsSnapshot {
@@ -397,9 +412,17 @@ impl KeyCache {
         match self.source.fetch().await {
             Ok(set) => {
                 tracing::debug!(source = %self.source.describe(), keys = set.len(), why, "JWKS refreshed");
-                match self.current.write() {
-                    Ok(mut g) => *g = Arc::new(set),
-                    Err(poisoned) => *poisoned.into_inner() = Arc::new(set),
+                let changed = {
+                    let mut current = self
+                        .current
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let changed = current.fingerprint != set.fingerprint;
+                    *current = Arc::new(set);
+                    changed
+                };
+                if changed {
+                    self.key_version.fetch_add(1, Ordering::AcqRel);
                 }
                 self.set_last_error(None);
             }

@@ -20,6 +20,8 @@ pub const DEFAULT_PENDING_PER_SOURCE: usize = 256;
 pub const DEFAULT_GRANTS_PER_SUBJECT: usize = 64;
 pub const DEFAULT_GRANTS_PER_SOURCE: usize = 64;
 pub const DEFAULT_MAX_GRANTS: usize = 4096;
+/// Far above the tokens of the jobs one bastion serves at a time.
+pub const DEFAULT_TOKEN_CACHE_ENTRIES: usize = 4096;
 
 /// The `[auth.limits]` section; every field is optional.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,6 +45,10 @@ pub struct AuthLimits {
     pub grants_per_source: usize,
     /// Live source grants in total.
     pub max_grants: usize,
+    /// Verified tokens remembered (by SHA-256, until their `exp`) so that
+    /// a job's next connections skip the signature check; 0 turns the
+    /// cache off. Only tokens that passed verification get in.
+    pub token_cache_entries: usize,
 }
 
 impl Default for AuthLimits {
@@ -55,6 +61,7 @@ impl Default for AuthLimits {
             grants_per_subject: DEFAULT_GRANTS_PER_SUBJECT,
             grants_per_source: DEFAULT_GRANTS_PER_SOURCE,
             max_grants: DEFAULT_MAX_GRANTS,
+            token_cache_entries: DEFAULT_TOKEN_CACHE_ENTRIES,
         }
     }
 }
@@ -140,5 +147,9 @@ mod tests {
             assert!(text.iter().any(|e| e.contains(field)), "{field}: {text:?}");
         }
         assert!(toml::from_str::<AuthLimits>("max_grant = 3").is_err());
+        let off: AuthLimits = toml::from_str("token_cache_entries = 0").expect("parse");
+        let mut errors = Vec::new();
+        off.validate(&mut errors);
+        assert!(errors.is_empty(), "0 turns the token cache off: {errors:?}");
     }
 }

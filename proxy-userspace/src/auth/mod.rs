@@ -4,6 +4,7 @@
 //!
 //! - [`config`]: the `[auth]` and `[[policy]]` config sections and their validation.
 //! - [`token`] and [`jwks`]: JWT validation against per-issuer JWKS keys;
+//!   [`token_cache`]: verified tokens by their SHA-256, until their `exp`;
 //!   [`discovery`]: keys found through OIDC discovery.
 //! - [`policy`] (with [`claims`], [`matcher`] and [`destination`]): deny-by-default rules.
 //! - [`preamble`]: the in-band token preamble a client sends first.
@@ -58,6 +59,7 @@ pub mod preamble;
 mod reason;
 pub mod revocations;
 pub mod token;
+pub mod token_cache;
 pub mod trust;
 
 pub use config::{AuthConfig, FieldError, IssuerConfig, RuleConfig, validate_all};

@@ -40,6 +40,9 @@ pub struct Revocations {
     /// Latest `exp` of any validated token per identity, so that a
     /// revocation lasts as long as the longest token it must stop.
     seen: HashMap<Identity, SystemTime>,
+    /// Counts deny entries added: caches of verified tokens start over
+    /// when it moves.
+    epoch: u64,
 }
 
 fn identity(token: &ValidatedToken) -> Identity {
@@ -97,6 +100,7 @@ impl Revocations {
     /// Denies `(issuer, subject)` until the latest `exp` seen for it (and
     /// at least until `at_least`).
     pub fn deny_identity(&mut self, who: Identity, at_least: SystemTime, now: SystemTime) {
+        self.epoch += 1;
         let until = self
             .seen
             .get(&who)
@@ -131,11 +135,18 @@ impl Revocations {
 
     /// Denies one token by its `jti` until `until` (its `exp`).
     pub fn deny_token(&mut self, issuer: &str, jti: &str, until: SystemTime) {
+        self.epoch += 1;
         let entry = self
             .tokens
             .entry((issuer.to_owned(), jti.to_owned()))
             .or_insert(until);
         *entry = (*entry).max(until);
+    }
+
+    /// How many deny entries were ever added (only grows).
+    #[must_use]
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Drops every entry whose time has passed.

@@ -210,6 +210,16 @@ impl TokenValidator {
         v
     }
 
+    /// Moves whenever any issuer's key set changes (each issuer's counter
+    /// only grows, so their sum does too).
+    pub fn keys_version(&self) -> u64 {
+        self.issuers
+            .values()
+            .filter_map(|st| st.keys.as_ref())
+            .map(|k| k.key_version())
+            .fold(0, u64::wrapping_add)
+    }
+
     /// Why `issuer`'s keys could not be fetched last time, while no later
     /// fetch has succeeded (explains an `unknown_kid`).
     pub fn key_problem(&self, issuer: &str) -> Option<String> {

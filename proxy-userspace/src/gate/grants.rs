@@ -5,6 +5,7 @@
 use std::time::SystemTime;
 
 use super::{Gate, MirrorFull};
+use crate::auth::token_cache::{self, Stamp, TokenCacheStats};
 use crate::auth::{CreateError, Decision, Grant, GrantId, GrantKind, TokenError, ValidatedToken};
 
 /// Why no grant was created.
@@ -19,9 +20,27 @@ pub enum GrantRefused {
 }
 
 impl Gate {
-    /// Validates a bearer token against the configured issuers.
+    /// Validates a bearer token against the configured issuers, or finds
+    /// it verified already under the same keys and revocations.
     pub async fn validate(&self, token: &str) -> Result<ValidatedToken, TokenError> {
-        self.validator.validate(token).await
+        let digest = token_cache::digest(token);
+        let stamp = Stamp {
+            keys: self.validator.keys_version(),
+            revocations: self.store.revocation_epoch(),
+        };
+        if let Some(verified) = self.tokens.get(&digest, stamp, SystemTime::now()) {
+            return Ok(verified);
+        }
+        let verified = self.validator.validate(token).await?;
+        self.tokens
+            .insert(digest, &verified, stamp, SystemTime::now());
+        Ok(verified)
+    }
+
+    /// The verified-token cache's counters, for metrics.
+    #[must_use]
+    pub fn token_cache_stats(&self) -> TokenCacheStats {
+        self.tokens.stats()
     }
 
     /// Registers the token validator's metrics (key fetches, STS calls).

@@ -16,6 +16,13 @@ fn bytes_sum_closed_and_live_sessions_and_never_go_back() {
         live_sessions: 1,
         live_grants: 2,
         live_counters: vec![(counters(20, 0), counters(3, 0))],
+        token_cache: Some(crate::auth::token_cache::TokenCacheStats {
+            hits: 5,
+            misses: 2,
+            evictions: 1,
+            entries: 3,
+            capacity: 4096,
+        }),
     };
     let text = metrics.render(&live);
     assert!(
@@ -28,6 +35,15 @@ fn bytes_sum_closed_and_live_sessions_and_never_go_back() {
     );
     assert!(text.contains("tcpgate_sessions_live 1\n"), "{text}");
     assert!(text.contains("tcpgate_grants_live 2\n"), "{text}");
+    for line in [
+        "tcpgate_token_cache_hits_total 5\n",
+        "tcpgate_token_cache_misses_total 2\n",
+        "tcpgate_token_cache_evictions_total 1\n",
+        "tcpgate_token_cache_entries 3\n",
+        "tcpgate_token_cache_capacity 4096\n",
+    ] {
+        assert!(text.contains(line), "{line}: {text}");
+    }
     assert!(
         text.contains("tcpgate_sessions_closed_total{reason=\"client_closed\"} 1\n"),
         "{text}"

@@ -131,6 +131,7 @@ impl Lane {
                         self.copied += n as u64;
                         if self.start == self.end {
                             (self.start, self.end) = (0, 0);
+                            return self.probe();
                         }
                         return LaneStep::Moved;
                     }
@@ -154,6 +155,29 @@ impl Lane {
                     Err(_would_block) => {}
                 }
             }
+        }
+    }
+}
+
+impl Lane {
+    /// Everything read has been written: looks at the source's queue at
+    /// once. Whether the last read emptied it says little once the write
+    /// took a while (a fast sender refills the queue meanwhile, and the
+    /// offer to hand the direction back then fails); found empty now, the
+    /// offer follows within a few microseconds and usually wins.
+    fn probe(&mut self) -> LaneStep {
+        match recv(self.source.get_ref().0, &mut self.buf) {
+            Ok(0) => LaneStep::Eof,
+            Ok(n) => {
+                (self.start, self.end) = (0, n);
+                self.emptied = false;
+                LaneStep::Moved
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.emptied = true;
+                LaneStep::Moved
+            }
+            Err(e) => LaneStep::Failed(Leg::Source, e),
         }
     }
 }
