@@ -58,6 +58,7 @@ pub mod preamble;
 mod reason;
 pub mod revocations;
 pub mod token;
+mod token_load;
 pub mod trust;
 
 pub use config::{AuthConfig, FieldError, IssuerConfig, RuleConfig, validate_all};
