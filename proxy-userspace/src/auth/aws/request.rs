@@ -67,6 +67,8 @@ pub enum RequestError {
     TooManyHeaders,
     #[error("the Authorization header is not a SigV4 one for STS: {0}")]
     BadAuthorization(String),
+    #[error("signed header {0:?} is not in the request")]
+    SignedButMissing(String),
     #[error("header {0} is not among the signed headers")]
     Unsigned(&'static str),
     #[error("signed for server id {given:?}, this bastion is {expected:?}")]
@@ -272,6 +274,14 @@ impl SignedRequest {
             if !authz.signed.iter().any(|s| s == lower) {
                 return Err(RequestError::Unsigned(name));
             }
+        }
+        // STS would refuse it anyway; refusing here saves the call.
+        if let Some(missing) = authz
+            .signed
+            .iter()
+            .find(|s| !self.headers.keys().any(|n| n.eq_ignore_ascii_case(s)))
+        {
+            return Err(RequestError::SignedButMissing(truncate(missing, 64)));
         }
         let given = self.header(SERVER_ID_HEADER)?;
         if given != expect.server_id {
