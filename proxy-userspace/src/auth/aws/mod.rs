@@ -124,6 +124,8 @@ struct AwsMetrics {
 pub struct AwsVerifier {
     config: AwsConfig,
     endpoint: reqwest::Url,
+    /// `host[:port]` of `endpoint`: the `Host` requests must be signed with.
+    authority: String,
     client: reqwest::Client,
     slots: Arc<tokio::sync::Semaphore>,
     /// Signatures of the requests seen, until each ages out of `max_age`.
@@ -164,6 +166,7 @@ impl AwsVerifier {
             .set(i64::try_from(config.max_concurrent).unwrap_or(i64::MAX));
         Ok(AwsVerifier {
             config: config.clone(),
+            authority: request::authority(&endpoint),
             endpoint,
             client: builder.build().map_err(AwsLoadError::Client)?,
             slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent)),
@@ -220,6 +223,7 @@ impl AwsVerifier {
         let request = SignedRequest::decode(token)?;
         let expect = request::Expect {
             server_id: &self.config.server_id,
+            host: &self.authority,
             max_age: self.config.max_age(),
             region: self.config.region.as_deref(),
         };

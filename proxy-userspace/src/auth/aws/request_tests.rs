@@ -27,6 +27,7 @@ fn signed_for(server_id: &str, at: SystemTime) -> SignedRequest {
 fn expect() -> Expect<'static> {
     Expect {
         server_id: SERVER,
+        host: "sts.eu-west-1.amazonaws.com",
         max_age: WINDOW,
         region: None,
     }
@@ -166,6 +167,14 @@ fn authorization_must_be_sigv4_for_sts_in_the_region() {
     assert!(matches!(
         signed_for(SERVER, now()).check(&pinned, now()),
         Err(RequestError::WrongRegion { .. })
+    ));
+    let elsewhere = Expect {
+        host: "sts.us-east-1.amazonaws.com",
+        ..expect()
+    };
+    assert!(matches!(
+        signed_for(SERVER, now()).check(&elsewhere, now()),
+        Err(RequestError::WrongHost { .. })
     ));
     let mut injected = signed_for(SERVER, now());
     injected
