@@ -292,3 +292,22 @@ async fn each_signed_request_is_used_once_and_the_memory_is_bounded() {
     let err = verifier.verify(&once, later).await.expect_err("aged out");
     assert_eq!(err.deny_reason(), DenyReason::AwsRequestStale);
 }
+
+#[tokio::test]
+async fn a_call_given_up_on_leaves_no_slot_or_gauge_behind() {
+    let StandIn { url, arrived, .. } = stand_in(Answer::Hang).await;
+    let verifier = AwsVerifier::new(&config(&url, 1)).expect("verifier");
+    let signed = token(&url);
+    {
+        let call = verifier.verify(&signed, SystemTime::now());
+        tokio::pin!(call);
+        tokio::select! {
+            _ = &mut call => panic!("a hanging STS cannot answer"),
+            () = arrived.notified() => {}
+        }
+        assert_eq!(verifier.metrics.in_flight.get(), 1);
+        // `call` is dropped here, as a shed connection's admission is.
+    }
+    assert_eq!(verifier.metrics.in_flight.get(), 0);
+    assert!(verifier.slots.try_acquire().is_ok(), "the slot came back");
+}
