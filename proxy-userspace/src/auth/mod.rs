@@ -60,6 +60,7 @@ mod reason;
 pub mod revocations;
 pub mod token;
 pub mod token_cache;
+mod token_load;
 pub mod trust;
 
 pub use config::{AuthConfig, FieldError, IssuerConfig, RuleConfig, validate_all};

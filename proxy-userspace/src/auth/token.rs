@@ -9,14 +9,13 @@
 use super::DenyReason;
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -26,8 +25,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
 use super::aws::AwsVerifier;
-use super::config::{AuthConfig, FieldError, IssuerConfig};
-use super::jwks::{JwksError, JwksSource, JwksStatsSnapshot, KeyCache, KeySet, error_chain};
+use super::config::{AuthConfig, FieldError};
+use super::jwks::{JwksError, JwksStatsSnapshot, KeyCache};
 
 /// Longest token accepted (the preamble bound).
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -111,12 +110,7 @@ pub enum LoadError {
     Aws(#[source] super::aws::AwsLoadError),
 }
 
-struct IssuerState {
-    audience: String,
-    keys: Option<Arc<KeyCache>>,
-    refresh_interval: Duration,
-    hs256: Option<DecodingKey>,
-}
+use super::token_load::{IssuerState, load_issuer};
 
 /// Validates tokens of all configured issuers. Cheap to clone.
 #[derive(Clone)]
@@ -334,65 +328,6 @@ impl TokenValidator {
             .map_err(|e| map_jwt_error(e.into_kind(), &issuer, &state.audience))?;
         finish(issuer, data.claims)
     }
-}
-
-async fn load_issuer(
-    index: usize,
-    ic: &IssuerConfig,
-    failures: Counter,
-) -> Result<IssuerState, LoadError> {
-    let keys_err = |source| LoadError::Keys { index, source };
-    let min = ic
-        .min_refresh_interval
-        .get()
-        .unwrap_or(super::config::DEFAULT_MIN_REFRESH_INTERVAL);
-    let keys = if let Some(path) = &ic.jwks_file {
-        let source = JwksSource::File(path.clone());
-        let initial = source.fetch().await.map_err(keys_err)?;
-        Some(Arc::new(KeyCache::new(source, initial, min)))
-    } else if ic.jwks_url.is_some() || ic.hs256_secret_file.is_none() {
-        // An explicit jwks_url wins; without one, OIDC discovery.
-        let source = match &ic.jwks_url {
-            Some(url) => JwksSource::url(url, ic.ca_file.as_deref()),
-            None => JwksSource::discovery(&ic.issuer, ic.ca_file.as_deref()),
-        }
-        .map_err(keys_err)?;
-        let (initial, error) = match source.fetch().await {
-            Ok(set) => (set, None),
-            Err(e) => {
-                failures.inc();
-                let error = error_chain(&e);
-                tracing::warn!(issuer = %ic.issuer, error = %error,
-                    "cannot fetch keys at startup; starting without keys and retrying on demand");
-                (KeySet::default(), Some(error))
-            }
-        };
-        let cache = KeyCache::new(source, initial, min).counting_failures(failures);
-        cache.set_last_error(error);
-        Some(Arc::new(cache))
-    } else {
-        None
-    };
-    let hs256 = match &ic.hs256_secret_file {
-        None => None,
-        Some(path) => {
-            tracing::warn!(issuer = %ic.issuer, "HS256 with a shared secret is enabled for this issuer: development only");
-            Some(DecodingKey::from_secret(&read_secret(index, path)?))
-        }
-    };
-    Ok(IssuerState {
-        audience: ic.audience.clone(),
-        keys,
-        refresh_interval: ic
-            .refresh_interval
-            .get()
-            .unwrap_or(super::config::DEFAULT_REFRESH_INTERVAL),
-        hs256,
-    })
-}
-
-fn read_secret(index: usize, path: &Path) -> Result<Vec<u8>, LoadError> {
-    super::config::read_hs256_secret(path).map_err(|source| LoadError::Secret { index, source })
 }
 
 /// Decodes header and payload without checking anything, to choose the

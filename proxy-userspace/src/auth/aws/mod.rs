@@ -119,11 +119,30 @@ struct AwsMetrics {
     remembered: Gauge,
 }
 
+/// Counts one STS call in flight while it lives: also when the caller
+/// gives up on the call (a shed connection drops its admission).
+struct InFlight<'a>(&'a Gauge);
+
+impl<'a> InFlight<'a> {
+    fn new(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Checks signed requests and asks STS who signed them. Cheap to share.
 #[derive(Debug)]
 pub struct AwsVerifier {
     config: AwsConfig,
     endpoint: reqwest::Url,
+    /// `host[:port]` of `endpoint`: the `Host` requests must be signed with.
+    authority: String,
     client: reqwest::Client,
     slots: Arc<tokio::sync::Semaphore>,
     /// Signatures of the requests seen, until each ages out of `max_age`.
@@ -164,6 +183,7 @@ impl AwsVerifier {
             .set(i64::try_from(config.max_concurrent).unwrap_or(i64::MAX));
         Ok(AwsVerifier {
             config: config.clone(),
+            authority: request::authority(&endpoint),
             endpoint,
             client: builder.build().map_err(AwsLoadError::Client)?,
             slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent)),
@@ -220,6 +240,7 @@ impl AwsVerifier {
         let request = SignedRequest::decode(token)?;
         let expect = request::Expect {
             server_id: &self.config.server_id,
+            host: &self.authority,
             max_age: self.config.max_age(),
             region: self.config.region.as_deref(),
         };
@@ -230,10 +251,11 @@ impl AwsVerifier {
         let _slot = Arc::clone(&self.slots)
             .try_acquire_owned()
             .map_err(|_| AwsError::Busy(self.config.max_concurrent))?;
-        self.metrics.in_flight.inc();
         let timeout = self.config.sts_timeout();
-        let answer = tokio::time::timeout(timeout, self.call_sts(&request)).await;
-        self.metrics.in_flight.dec();
+        let answer = {
+            let _counted = InFlight::new(&self.metrics.in_flight);
+            tokio::time::timeout(timeout, self.call_sts(&request)).await
+        };
         let xml = answer.map_err(|_| AwsError::Timeout(timeout))??;
         let identity = identity::parse_response(&xml)?;
         let claims = identity.claims(&self.config.issuer)?;

@@ -67,6 +67,8 @@ pub enum RequestError {
     TooManyHeaders,
     #[error("the Authorization header is not a SigV4 one for STS: {0}")]
     BadAuthorization(String),
+    #[error("signed header {0:?} is not in the request")]
+    SignedButMissing(String),
     #[error("header {0} is not among the signed headers")]
     Unsigned(&'static str),
     #[error("signed for server id {given:?}, this bastion is {expected:?}")]
@@ -79,6 +81,10 @@ pub enum RequestError {
         age: String,
         window: Duration,
     },
+    #[error(
+        "signed for STS at {given:?}, this bastion's is {expected:?} (sign for its sts_endpoint)"
+    )]
+    WrongHost { given: String, expected: String },
     #[error("signed for region {given:?}, this bastion accepts {expected:?}")]
     WrongRegion { given: String, expected: String },
 }
@@ -96,6 +102,8 @@ pub struct Checked {
 #[derive(Debug, Clone)]
 pub struct Expect<'a> {
     pub server_id: &'a str,
+    /// The configured STS endpoint's `host[:port]` ([`authority`]).
+    pub host: &'a str,
     pub max_age: Duration,
     pub region: Option<&'a str>,
 }
@@ -185,10 +193,7 @@ impl SignedRequest {
         now: SystemTime,
     ) -> SignedRequest {
         let amz_date = sigv4::amz_date(now);
-        let host = match url.port() {
-            Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
-            None => url.host_str().unwrap_or_default().to_owned(),
-        };
+        let host = authority(url);
         let mut headers = vec![
             ("Content-Type".to_owned(), CONTENT_TYPE.to_owned()),
             ("Host".to_owned(), host),
@@ -273,6 +278,21 @@ impl SignedRequest {
                 return Err(RequestError::Unsigned(name));
             }
         }
+        let host = self.header("Host")?;
+        if !host.eq_ignore_ascii_case(expect.host) {
+            return Err(RequestError::WrongHost {
+                given: truncate(host, 128),
+                expected: expect.host.to_owned(),
+            });
+        }
+        // STS would refuse it anyway; refusing here saves the call.
+        if let Some(missing) = authz
+            .signed
+            .iter()
+            .find(|s| !self.headers.keys().any(|n| n.eq_ignore_ascii_case(s)))
+        {
+            return Err(RequestError::SignedButMissing(truncate(missing, 64)));
+        }
         let given = self.header(SERVER_ID_HEADER)?;
         if given != expect.server_id {
             return Err(RequestError::WrongServerId {
@@ -301,6 +321,17 @@ impl SignedRequest {
             signature: authz.signature,
             signed_at,
         })
+    }
+}
+
+/// The `Host` header a request to `url` carries: `host`, or `host:port`
+/// when the URL names a port that is not the scheme's default.
+#[must_use]
+pub fn authority(url: &reqwest::Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
     }
 }
 

@@ -27,6 +27,7 @@ fn signed_for(server_id: &str, at: SystemTime) -> SignedRequest {
 fn expect() -> Expect<'static> {
     Expect {
         server_id: SERVER,
+        host: "sts.eu-west-1.amazonaws.com",
         max_age: WINDOW,
         region: None,
     }
@@ -167,6 +168,14 @@ fn authorization_must_be_sigv4_for_sts_in_the_region() {
         signed_for(SERVER, now()).check(&pinned, now()),
         Err(RequestError::WrongRegion { .. })
     ));
+    let elsewhere = Expect {
+        host: "sts.us-east-1.amazonaws.com",
+        ..expect()
+    };
+    assert!(matches!(
+        signed_for(SERVER, now()).check(&elsewhere, now()),
+        Err(RequestError::WrongHost { .. })
+    ));
     let mut injected = signed_for(SERVER, now());
     injected
         .headers
@@ -189,5 +198,41 @@ fn garbage_tokens_are_refused_with_a_reason() {
             matches!(SignedRequest::decode(token), Err(RequestError::Encoding(_))),
             "{token}"
         );
+    }
+}
+
+#[test]
+fn mangled_requests_are_refused_never_a_panic() {
+    // Every header value cut short or swapped for odd text: an error or a
+    // pass, never a panic. Every (signed) header dropped: an error.
+    let good = signed_for(SERVER, now());
+    let odd = [
+        "",
+        "é",
+        "20261205T06415",
+        "AWS4-HMAC-SHA256 ",
+        "a=b,c",
+        "ü/ü/ü/ü/ü",
+    ];
+    for name in good.headers.keys() {
+        let value = &good.headers[name];
+        let cuts = (0..value.len()).filter(|&i| value.is_char_boundary(i));
+        let variants: Vec<String> = cuts
+            .map(|i| value[..i].to_owned())
+            .chain(odd.iter().map(|s| (*s).to_owned()))
+            .collect();
+        for variant in variants {
+            let mut req = good.clone();
+            req.headers.insert(name.clone(), variant);
+            let _ = req.check(&expect(), now());
+        }
+        let mut req = good.clone();
+        req.headers.remove(name);
+        assert!(req.check(&expect(), now()).is_err(), "without {name}");
+    }
+    let json = serde_json::to_string(&good).expect("json");
+    for end in (0..json.len()).filter(|&i| json.is_char_boundary(i)) {
+        let token = format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(&json[..end]));
+        assert!(SignedRequest::decode(&token).is_err());
     }
 }

@@ -115,6 +115,7 @@ mod tests {
         assert!(req.headers["Authorization"].contains("Credential=ASIAEXAMPLE/"));
         let expect = Expect {
             server_id: "bastion-1",
+            host: "sts.eu-west-1.amazonaws.com",
             max_age: std::time::Duration::from_secs(60),
             region: Some("eu-west-1"),
         };

@@ -120,9 +120,22 @@ fn calls(verifier: &AwsVerifier, result: &'static str) -> u64 {
 async fn the_identity_comes_from_the_configured_endpoint_never_the_request_url() {
     let StandIn { url, seen, .. } = stand_in(Answer::Identity).await;
     let verifier = AwsVerifier::new(&config(&url, 4)).expect("verifier");
-    // Signed for a URL of the runner's choosing: the bastion does not go there.
-    let id = verifier
+    // Signed for a place of the runner's choosing: refused, and nothing
+    // is sent there (or anywhere).
+    let err = verifier
         .verify(&token("http://169.254.169.254:9/"), SystemTime::now())
+        .await
+        .expect_err("another host");
+    assert!(
+        matches!(err, AwsError::Request(RequestError::WrongHost { .. })),
+        "{err}"
+    );
+    assert!(seen.lock().expect("log").is_empty());
+    // Signed for the configured endpoint, whatever URL the request names.
+    let mut request = SignedRequest::decode(&token(&url)).expect("decode");
+    request.url = "http://169.254.169.254:9/latest/meta-data/".into();
+    let id = verifier
+        .verify(&request.encode(), SystemTime::now())
         .await
         .expect("identity");
     assert_eq!(
@@ -134,9 +147,10 @@ async fn the_identity_comes_from_the_configured_endpoint_never_the_request_url()
     let seen = seen.lock().expect("log").clone();
     assert_eq!(seen.len(), 1);
     let head = seen[0].to_ascii_lowercase();
-    // Forwarded as signed: the signed Host, the server id, the signature.
+    // Forwarded as signed: the path, the server id, the signature.
     assert!(head.starts_with("post / http/1.1\r\n"), "{head}");
-    assert!(head.contains("\r\nhost: 169.254.169.254:9\r\n"), "{head}");
+    let host = url.trim_start_matches("http://").trim_end_matches('/');
+    assert!(head.contains(&format!("\r\nhost: {host}\r\n")), "{head}");
     assert!(
         head.contains("\r\nx-tcpgate-server-id: bastion-1\r\n"),
         "{head}"
@@ -147,6 +161,7 @@ async fn the_identity_comes_from_the_configured_endpoint_never_the_request_url()
     );
     assert!(seen[0].ends_with(request::BODY), "{}", seen[0]);
     assert_eq!(calls(&verifier, "ok"), 1);
+    assert_eq!(calls(&verifier, "not_sent"), 1);
 }
 
 #[tokio::test]
@@ -276,4 +291,23 @@ async fn each_signed_request_is_used_once_and_the_memory_is_bounded() {
     assert_eq!(verifier.metrics.remembered.get(), 1);
     let err = verifier.verify(&once, later).await.expect_err("aged out");
     assert_eq!(err.deny_reason(), DenyReason::AwsRequestStale);
+}
+
+#[tokio::test]
+async fn a_call_given_up_on_leaves_no_slot_or_gauge_behind() {
+    let StandIn { url, arrived, .. } = stand_in(Answer::Hang).await;
+    let verifier = AwsVerifier::new(&config(&url, 1)).expect("verifier");
+    let signed = token(&url);
+    {
+        let call = verifier.verify(&signed, SystemTime::now());
+        tokio::pin!(call);
+        tokio::select! {
+            _ = &mut call => panic!("a hanging STS cannot answer"),
+            () = arrived.notified() => {}
+        }
+        assert_eq!(verifier.metrics.in_flight.get(), 1);
+        // `call` is dropped here, as a shed connection's admission is.
+    }
+    assert_eq!(verifier.metrics.in_flight.get(), 0);
+    assert!(verifier.slots.try_acquire().is_ok(), "the slot came back");
 }
