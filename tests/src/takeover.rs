@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, ensure};
 use sha2::{Digest as _, Sha256};
 
-use crate::{Agent, Digest, Netns, Payload};
+use crate::{Agent, Digest, ForwardFixture, Netns, Payload};
 
 /// Bound on one leg of a transfer between two checkpoints.
 const LEG_BOUND: Duration = Duration::from_secs(600);
@@ -164,6 +164,29 @@ pub fn check_digest(what: &str, got: (u64, Digest), sent: &Payload) -> Result<()
         "{what}: {} of {} bytes arrived, or the SHA-256 differs",
         got.0,
         sent.len
+    );
+    Ok(())
+}
+
+/// One short session through the forward: the server greets first, so the
+/// splice is in place before the client speaks and closes.
+pub fn echo_once(fx: &ForwardFixture, message: &'static [u8]) -> Result<()> {
+    let server = crate::serve_once(&fx.topo.target, fx.upstream_addr(), |mut s, _| {
+        s.write_all(b"!")?;
+        let got = crate::read_to_end_hashed(&mut s)?;
+        s.shutdown(Shutdown::Write)?;
+        anyhow::Ok(got)
+    })?;
+    let mut stream = fx.dial()?;
+    let mut greeting = [0u8; 1];
+    stream.read_exact(&mut greeting)?;
+    stream.write_all(message)?;
+    stream.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest)?;
+    ensure!(
+        server.join()??.0 == message.len() as u64,
+        "the agent forwards"
     );
     Ok(())
 }

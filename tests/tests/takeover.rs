@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use tcpgate_tests::operator::{self as op, open_session, sized_server};
 use tcpgate_tests::takeover::{
-    SteppedTransfer, agent_lines, check_digest, successor, wait_taken_over,
+    SteppedTransfer, agent_lines, check_digest, echo_once, successor, wait_taken_over,
 };
 use tcpgate_tests::topology::BASTION_RUNNER_V4;
 use tcpgate_tests::{
@@ -95,29 +95,6 @@ fn a_transfer_each_way_survives_three_takeovers(path: DataPath) -> Result<()> {
     let mut last = agents.pop().context("successor")?;
     last.stop()?;
     drop(agents);
-    Ok(())
-}
-
-/// One short session through the forward: the server greets first, so the
-/// splice is in place before the client speaks and closes.
-fn echo_once(fx: &ForwardFixture, message: &'static [u8]) -> Result<()> {
-    let server = serve_once(&fx.topo.target, fx.upstream_addr(), |mut s, _| {
-        s.write_all(b"!")?;
-        let got = read_to_end_hashed(&mut s)?;
-        s.shutdown(Shutdown::Write)?;
-        anyhow::Ok(got)
-    })?;
-    let mut stream = fx.dial()?;
-    let mut greeting = [0u8; 1];
-    stream.read_exact(&mut greeting)?;
-    stream.write_all(message)?;
-    stream.shutdown(Shutdown::Write)?;
-    let mut rest = Vec::new();
-    stream.read_to_end(&mut rest)?;
-    ensure!(
-        server.join()??.0 == message.len() as u64,
-        "the agent forwards"
-    );
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! The agent's side of a takeover: wait for a successor while serving,
 //! take over a predecessor's grants, and drain once taken over.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
@@ -43,6 +44,46 @@ impl Successor {
         }
         self.task = None;
         std::future::pending().await
+    }
+}
+
+/// The successor this agent started on SIGUSR2 (0: none), which it hands
+/// the systemd unit to once taken over.
+static SPAWNED: AtomicU32 = AtomicU32::new(0);
+
+/// SIGUSR2: starts this agent's successor: the binary at the path this one
+/// was started from (so a build installed there since is what runs), with
+/// this agent's arguments plus `--takeover`, in its cgroup and sandbox.
+/// The child is reaped (and its failure logged) while this agent runs.
+pub fn spawn_successor() {
+    let mut args = std::env::args_os();
+    let Some(program) = args.next() else {
+        return;
+    };
+    let mut rest: Vec<std::ffi::OsString> = args.collect();
+    if !rest.iter().any(|a| a == "--takeover") {
+        rest.push("--takeover".into());
+    }
+    let spawned = tokio::process::Command::new(&program)
+        .args(&rest)
+        .stdin(std::process::Stdio::null())
+        .spawn();
+    match spawned {
+        Ok(mut child) => {
+            let pid = child.id().unwrap_or(0);
+            SPAWNED.store(pid, Ordering::Release);
+            tracing::info!(pid, program = %program.to_string_lossy(), "SIGUSR2: started a successor");
+            tokio::spawn(async move {
+                match child.wait().await {
+                    Ok(status) if status.success() => {}
+                    Ok(status) => tracing::warn!(pid, %status, "the successor exited"),
+                    Err(e) => tracing::warn!(pid, error = %e, "cannot wait for the successor"),
+                }
+            });
+        }
+        Err(e) => {
+            tracing::error!(program = %program.to_string_lossy(), error = %e, "SIGUSR2: cannot start a successor")
+        }
     }
 }
 
@@ -98,8 +139,15 @@ pub async fn drain(
         live,
         "taken over: no new connections here; live sessions drain until they end"
     );
+    // systemd follows the successor this agent started (it is in the
+    // unit's cgroup); one started by hand is not the unit's.
+    let main_pid = if SPAWNED.load(Ordering::Acquire) == outcome.successor {
+        format!("MAINPID={}\n", outcome.successor)
+    } else {
+        String::new()
+    };
     crate::notify::status(&format!(
-        "STATUS=taken over by pid {}; draining {live} sessions",
+        "{main_pid}STATUS=taken over by pid {}; draining {live} sessions",
         outcome.successor
     ));
     let mut term = signal(SignalKind::terminate()).map_err(StartupError::Signals)?;

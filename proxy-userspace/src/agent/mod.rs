@@ -314,9 +314,11 @@ async fn wait_for_termination(
     let mut term = signal(SignalKind::terminate()).map_err(StartupError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(StartupError::Signals)?;
     let mut hup = signal(SignalKind::hangup()).map_err(StartupError::Signals)?;
+    let mut usr2 = signal(SignalKind::user_defined2()).map_err(StartupError::Signals)?;
     loop {
         tokio::select! {
             _ = term.recv() => return Ok(Stop::Signal),
+            _ = usr2.recv() => handover::spawn_successor(),
             _ = int.recv() => return Ok(Stop::Signal),
             outcome = successor.taken() => return Ok(Stop::TakenOver(outcome)),
             _ = hup.recv() => {

@@ -19,7 +19,9 @@ pub struct RunArgs {
     /// listeners (no connection is refused), its grants, its pins and
     /// interception. Its live sessions go on in it until they end. Without
     /// a running agent (or if it does not answer within
-    /// `agent.takeover_timeout`), starts as without this flag.
+    /// `agent.takeover_timeout`), starts as without this flag. A running
+    /// agent sent SIGUSR2 starts its successor this way itself (the
+    /// upgrade path under systemd; see docs/operating.md).
     #[arg(long)]
     pub takeover: bool,
 }
