@@ -115,3 +115,46 @@ fn a_grant_expiring_during_the_handover_still_ends_its_session() -> Result<()> {
     drop(server);
     Ok(())
 }
+
+/// From the attacker's side: a CI job's token revoked before an upgrade
+/// must not get a grant from the new agent (the deny list moves with the
+/// grants), while another job's token still does.
+#[test]
+fn a_token_revoked_before_the_takeover_stays_refused() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let fx = AuthFixture::start_launched(
+        &policy("15m"),
+        &[],
+        Launch {
+            agent_extra: agent_lines(dir.path()),
+            ..Launch::default()
+        },
+    )?;
+    let admin = fx.admin_socket().display().to_string();
+    let revoked = fx.keys.rsa.sign(&claims_with(&[("jti", json!("job-1"))]));
+    let grant = fx.grant_from_runner(&revoked, &[])?;
+    let (status, stdout, stderr) =
+        fx.cli(&fx.topo.bastion, &["revoke", "--admin", &admin, &grant])?;
+    ensure!(status == 0, "revoke: {status} {stdout} {stderr}");
+    ensure!(
+        fx.grant_from_runner(&revoked, &[]).is_err(),
+        "the old agent refuses the revoked token"
+    );
+    let mut next = successor(&fx.topo.bastion, fx.agent.config_path(), &[], &[])?;
+    wait_taken_over(&fx.agent)?;
+    let refused = fx.grant_from_runner(&revoked, &[]);
+    ensure!(
+        refused.is_err(),
+        "the successor granted a revoked token: {refused:?}\n{}",
+        next.logs_tail(20)
+    );
+    let other = fx.keys.rsa.sign(&claims_with(&[("jti", json!("job-2"))]));
+    fx.grant_from_runner(&other, &[])
+        .context("another job's token is granted by the successor")?;
+    let status = next.stop()?;
+    ensure!(status.success(), "{status:?}\n{}", next.logs_tail(20));
+    Ok(())
+}

@@ -79,6 +79,7 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
     let registry = crate::registry::Registry::new(config.agent.max_sessions as usize);
     let gate = auth::start(&config, &registry, started.take_grant_mirror(), &background).await?;
     if let (Some(gate), Some(predecessor)) = (&gate, &predecessor) {
+        gate.restore_revocations(&predecessor.state.revocations);
         handover::install_grants(gate, &predecessor.state.grants);
     }
     // Nothing is admitted or granted before the fleet's revocations and

@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::revocations::RevocationSnapshot;
 use crate::cluster::record::GrantRecord;
 use crate::intercept::RoutingParams;
 
@@ -123,6 +124,9 @@ pub struct HandedState {
     /// Live source grants (the same records a fleet keeps in etcd).
     #[serde(default)]
     pub grants: Vec<GrantRecord>,
+    /// Revoked identities and tokens: still refused after the takeover.
+    #[serde(default)]
+    pub revocations: RevocationSnapshot,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

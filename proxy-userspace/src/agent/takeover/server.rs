@@ -237,5 +237,10 @@ fn state(handover: &Handover) -> HandedState {
     HandedState {
         routing: handover.routing,
         grants,
+        revocations: handover
+            .gate
+            .as_ref()
+            .map(|gate| gate.revocations())
+            .unwrap_or_default(),
     }
 }
