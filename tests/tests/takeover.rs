@@ -56,6 +56,7 @@ fn a_transfer_each_way_survives_three_takeovers(path: DataPath) -> Result<()> {
     })?;
     let transfer = SteppedTransfer::start(fx.dial()?, up, GIB, 4)?;
     let mut agents: Vec<Agent> = Vec::new();
+    let mut listed: Option<(u64, u64)> = None;
     for round in 0..3 {
         transfer.wait_checkpoint().with_context(|| fx.dump())?;
         let prev = agents.last().unwrap_or(&fx.agent);
@@ -67,6 +68,18 @@ fn a_transfer_each_way_survives_three_takeovers(path: DataPath) -> Result<()> {
         )?;
         wait_taken_over(prev).with_context(|| format!("round {round}"))?;
         agents.push(next);
+        if path == DataPath::Ebpf {
+            // `tcpgate sessions` still lists it, draining in the first
+            // agent, with counters grown by the last leg.
+            let counters = drained_counters(&fx)?;
+            if let Some(before) = listed {
+                ensure!(
+                    counters.0 > before.0 && counters.1 > before.1,
+                    "counters grow: {before:?} then {counters:?}"
+                );
+            }
+            listed = Some(counters);
+        }
         transfer.resume();
     }
     let (read, digest) = transfer.finish().with_context(|| fx.dump())?;
@@ -96,6 +109,22 @@ fn a_transfer_each_way_survives_three_takeovers(path: DataPath) -> Result<()> {
     last.stop()?;
     drop(agents);
     Ok(())
+}
+
+/// The one session `tcpgate sessions` lists as draining in the fixture's
+/// (first) agent: its (bytes up, bytes down).
+fn drained_counters(fx: &ForwardFixture) -> Result<(u64, u64)> {
+    let doc = op::sessions_json(fx.agent.binary(), fx.agent.pin_dir())?;
+    let pid = u64::from(fx.agent.pid());
+    let rows: Vec<&serde_json::Value> = doc["sessions"]
+        .as_array()
+        .context("sessions")?
+        .iter()
+        .filter(|s| s["draining_agent_pid"].as_u64() == Some(pid))
+        .collect();
+    ensure!(rows.len() == 1, "one session draining in pid {pid}: {doc}");
+    let field = |name: &str| rows[0][name].as_u64().context("counter");
+    Ok((field("bytes_up")?, field("bytes_down")?))
 }
 
 /// A successor whose state version differs adopts nothing: the live

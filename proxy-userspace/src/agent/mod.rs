@@ -174,6 +174,7 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
                 .unwrap_or_default(),
             routing: started.routing(),
             timeout: config.agent.takeover_timeout,
+            pin_dir: started.pin_dir(),
         },
     );
     handover::taken(predecessor);

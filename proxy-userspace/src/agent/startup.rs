@@ -123,6 +123,10 @@ async fn start_locked(
                 dir: pin_dir.clone(),
                 source,
             })?;
+        let stale = crate::drain_pins::remove_stale(pin_dir);
+        if !stale.is_empty() {
+            tracing::warn!(dirs = ?stale, "removed the pins of taken-over agents that did not finish draining");
+        }
         if taking_over {
             // Its maps live on in the old agent until its sessions end.
             tracing::info!(
@@ -308,6 +312,12 @@ impl Started {
         std::mem::take(&mut self.intercept_listeners)
     }
 
+    /// The pin directory, when eBPF is loaded (and maps are pinned).
+    #[must_use]
+    pub fn pin_dir(&self) -> Option<PathBuf> {
+        self.bpf.as_ref().map(|b| b.pin_dir.clone())
+    }
+
     /// The routing interception installed, for a successor to compare.
     #[must_use]
     pub fn routing(&self) -> Option<crate::intercept::RoutingParams> {
@@ -318,7 +328,13 @@ impl Started {
     /// intercept table are the successor's now, and stay. Dropping the
     /// object only detaches this agent's own (drained) programs.
     pub fn abandon(self) {
+        let pin_dir = self.pin_dir();
         drop(self.bpf);
+        if let Some(dir) = pin_dir
+            && let Err(e) = crate::drain_pins::remove(&dir, std::process::id())
+        {
+            tracing::warn!(error = %e, "cannot remove this agent's draining pins");
+        }
         tracing::info!("left the pins, routes and interception to the successor");
     }
 

@@ -29,6 +29,9 @@ pub struct Handover {
     pub bastion: String,
     pub routing: Option<RoutingParams>,
     pub timeout: Duration,
+    /// The pin directory when eBPF is loaded: its pins move aside for the
+    /// successor's (see [`crate::drain_pins`]).
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 /// A successor took over.
@@ -130,6 +133,11 @@ fn authorized(stream: tokio::net::UnixStream) -> Option<UnixStream> {
 fn give_up(handover: &Handover, failed: Failed) {
     tracing::warn!(error = %crate::error_chain(&failed.error), "takeover failed; this agent goes on serving");
     if failed.released {
+        if let Some(pin_dir) = &handover.pin_dir
+            && let Err(e) = crate::drain_pins::move_back(pin_dir, std::process::id())
+        {
+            tracing::warn!(error = %e, "cannot move the pins back");
+        }
         match handover.locks.reacquire() {
             Ok(()) => tracing::info!("locks taken back"),
             Err(e) => tracing::error!(
@@ -213,6 +221,14 @@ fn steps(
     match wire::recv(stream)?.0 {
         Message::Take => {}
         other => return Err(unexpected("take", &other)),
+    }
+    if let Some(pin_dir) = &handover.pin_dir {
+        match crate::drain_pins::move_aside(pin_dir, std::process::id()) {
+            Ok(dir) => tracing::info!(dir = %dir.display(), "pins moved aside for the successor's"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot move the pins aside; the successor replaces them")
+            }
+        }
     }
     handover.locks.release();
     *released = true;
