@@ -202,6 +202,9 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
         }
         Stop::TakenOver(outcome) => {
             audit.mark_handed_over();
+            if let Some(interceptor) = &services.interceptor {
+                interceptor.hand_over();
+            }
             handover::drain(&services, outcome, config.agent.shutdown_grace).await?;
         }
     }

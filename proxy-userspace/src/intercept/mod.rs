@@ -97,6 +97,8 @@ pub struct Interceptor {
     pins: Mutex<HashMap<u64, Pin>>,
     /// Kept so the link outlives a crash; removed on a clean stop.
     link_pin: PathBuf,
+    /// A successor took over: the tables are its own now.
+    handed_over: std::sync::atomic::AtomicBool,
 }
 
 /// What a predecessor hands over on a takeover; empty on a fresh start.
@@ -197,6 +199,7 @@ impl Interceptor {
             }),
             pins: Mutex::default(),
             link_pin: bpf.pin_dir.join(LINK_PIN),
+            handed_over: std::sync::atomic::AtomicBool::new(false),
         };
         // The link before the marks and routes: nothing is delivered locally
         // without the program there to steer or refuse it.
@@ -313,7 +316,17 @@ impl Interceptor {
     }
 
     /// Stops marking a session a reload pinned, if any.
+    /// A successor took over: its intercept table replaced this agent's,
+    /// so sessions ending here no longer change it.
+    pub fn hand_over(&self) {
+        self.handed_over
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
     pub fn session_ended(&self, session_id: u64) {
+        if self.handed_over.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let pin = self
             .pins
             .lock()
