@@ -97,6 +97,17 @@ pub struct AuditEvent {
     /// More detail on the reason, for people.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The session outlived its agent's takeover by a successor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handover: Option<Handover>,
+}
+
+/// What became of a live session when a successor took the agent over.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Handover {
+    /// The old agent kept it until it ended; the successor never saw it.
+    Drained,
 }
 
 impl AuditEvent {
@@ -130,6 +141,7 @@ impl AuditEvent {
             duration_ms: None,
             reason: None,
             detail: None,
+            handover: None,
         }
     }
 }
@@ -180,6 +192,8 @@ pub struct AuditLog {
     dropped: Counter,
     /// Stamped on every line (`[cluster] name`).
     bastion: Option<std::sync::Arc<str>>,
+    /// Set once a successor took over: closes are then of drained sessions.
+    handed_over: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -261,7 +275,15 @@ impl AuditLog {
             sessions,
             dropped,
             bastion: None,
+            handed_over: std::sync::Arc::default(),
         }
+    }
+
+    /// A successor took over: every session closing from now on was
+    /// drained here, and its close line says so.
+    pub fn mark_handed_over(&self) {
+        self.handed_over
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Names this bastion on every line (a fleet's audit logs merged).
@@ -276,6 +298,11 @@ impl AuditLog {
     pub fn record(&self, mut event: AuditEvent) {
         bound(&mut event);
         event.bastion.clone_from(&self.bastion);
+        if event.event == EventKind::SessionClose
+            && self.handed_over.load(std::sync::atomic::Ordering::Acquire)
+        {
+            event.handover = Some(Handover::Drained);
+        }
         if event.event != EventKind::ConnectionDenied {
             // Fails only once the writer is gone (shutdown).
             let _ = self.sessions.send(Box::new(event));

@@ -36,6 +36,7 @@ pub mod cluster;
 pub mod config;
 pub mod datapath;
 pub mod dest;
+pub mod drain_pins;
 pub mod field_error;
 pub mod firewall;
 pub mod gate;

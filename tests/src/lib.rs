@@ -46,6 +46,7 @@ pub mod preamble;
 pub mod privileged;
 pub mod process;
 pub mod servers;
+pub mod takeover;
 pub mod tls;
 pub mod tokens;
 pub mod topology;

@@ -9,6 +9,33 @@ use crate::api::{self, ApiState, Listener, ServeOptions, Server, TlsFiles};
 use crate::config::Config;
 
 use super::StartupError;
+use super::takeover::{ListenerRole, ListenerSet};
+
+/// The listeners inherited from a predecessor, and those offered to a
+/// successor.
+pub struct Sockets<'a> {
+    pub inherited: &'a mut ListenerSet,
+    pub offered: &'a mut ListenerSet,
+}
+
+impl Sockets<'_> {
+    /// The inherited listener at `addr`, else a new one; offered onwards.
+    pub async fn tcp(
+        &mut self,
+        role: ListenerRole,
+        addr: std::net::SocketAddr,
+    ) -> Result<tokio::net::TcpListener, api::ApiError> {
+        let listener = match self.inherited.take(role, addr) {
+            Some(inherited) => inherited
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(inherited))
+                .map_err(|source| api::ApiError::Listen { addr, source })?,
+            None => api::bind(addr).await?,
+        };
+        self.offered.record(role, addr, &listener);
+        Ok(listener)
+    }
+}
 
 /// Binds the configured listeners. The grant API stops with `stop_api`
 /// (no new grants once shutdown starts); the operator endpoints keep
@@ -19,6 +46,7 @@ pub async fn start(
     state: &Arc<ApiState>,
     stop_api: &watch::Receiver<bool>,
     stop_admin: &watch::Receiver<bool>,
+    sockets: &mut Sockets<'_>,
 ) -> Result<Option<Arc<TlsFiles>>, StartupError> {
     let mut tls_files = None;
     if let Some(section) = &config.api {
@@ -37,7 +65,7 @@ pub async fn start(
         };
         let router = api::runner_router(Arc::clone(state), section.limits.max_body);
         for &addr in &section.listen {
-            let listener = Listener::Tcp(api::bind(addr).await?);
+            let listener = Listener::Tcp(sockets.tcp(ListenerRole::Api, addr).await?);
             tracing::info!(listen = %addr, tls = tls_files.is_some(), "grant API");
             tokio::spawn(api::serve(
                 listener,
@@ -75,7 +103,7 @@ pub async fn start(
         }
         if let (Some(addr), Some(token_file)) = (admin.listen, &admin.token_file) {
             let token = Arc::new(api::AdminToken::read(token_file)?);
-            let listener = Listener::Tcp(api::bind(addr).await?);
+            let listener = Listener::Tcp(sockets.tcp(ListenerRole::Admin, addr).await?);
             tracing::info!(listen = %addr, "operator endpoints on TCP (bearer token; /healthz and /readyz open)");
             tokio::spawn(api::serve(
                 listener,

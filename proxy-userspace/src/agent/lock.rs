@@ -79,6 +79,60 @@ impl NamespaceLock {
     }
 }
 
+/// Both locks, held together: a takeover hands them to the successor.
+pub struct Locks {
+    _namespace: NamespaceLock,
+    _pin_dir: Option<PinDirLock>,
+}
+
+/// The agent's locks, released on a takeover (so the successor can take
+/// them) and taken back if the successor fails before it holds them.
+#[derive(Clone)]
+pub struct LockSlot {
+    held: std::sync::Arc<std::sync::Mutex<Option<Locks>>>,
+    /// The pin directory when the agent locks one.
+    pin_dir: Option<PathBuf>,
+}
+
+impl LockSlot {
+    pub fn new(namespace: NamespaceLock, pin_dir: Option<(PinDirLock, PathBuf)>) -> Self {
+        let (lock, dir) = pin_dir.unzip();
+        Self {
+            held: std::sync::Arc::new(std::sync::Mutex::new(Some(Locks {
+                _namespace: namespace,
+                _pin_dir: lock,
+            }))),
+            pin_dir: dir,
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<Locks>> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Lets a successor take both locks.
+    pub fn release(&self) {
+        self.held().take();
+    }
+
+    /// Takes the locks back after a successor gave up.
+    pub fn reacquire(&self) -> Result<(), LockError> {
+        let namespace = NamespaceLock::acquire()?;
+        let pin_dir = self
+            .pin_dir
+            .as_deref()
+            .map(PinDirLock::acquire)
+            .transpose()?;
+        *self.held() = Some(Locks {
+            _namespace: namespace,
+            _pin_dir: pin_dir,
+        });
+        Ok(())
+    }
+}
+
 fn lock_dir(dir: &Path) -> Result<Flock<File>, LockError> {
     crate::bpf::check_bpffs(dir)?;
     std::fs::create_dir_all(dir).map_err(|source| LockError::PinDir {

@@ -4,8 +4,11 @@
 mod accept;
 mod auth;
 mod endpoints;
+mod handover;
 mod lock;
+mod reload;
 mod startup;
+pub mod takeover;
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -22,6 +25,7 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::datapath::EndReason;
 use crate::session::{Services, Target};
+use takeover::{ListenerRole, ListenerSet};
 
 pub use lock::LockError;
 pub use startup::StartupError;
@@ -34,9 +38,28 @@ pub use auth::{AuthStartError, start as start_gate};
 /// their teardown.
 const TEARDOWN_BOUND: Duration = Duration::from_secs(5);
 
-/// Runs the agent until SIGTERM or SIGINT.
-pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupError> {
-    let mut started = startup::start(&config).await?;
+/// Runs the agent until SIGTERM or SIGINT, or until a successor took it
+/// over and its sessions drained. With `takeover`, first asks a running
+/// agent to hand over (see [`takeover`]).
+pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result<(), StartupError> {
+    let attempt = if takeover {
+        let (path, timeout) = (
+            config.agent.takeover_socket.clone(),
+            config.agent.takeover_timeout,
+        );
+        tokio::task::spawn_blocking(move || takeover::request(&path, timeout))
+            .await
+            .unwrap_or_default()
+    } else {
+        takeover::Attempt::default()
+    };
+    let (mut inherited, predecessor) = (attempt.listeners, attempt.predecessor);
+    let mut offered = ListenerSet::default();
+    let inherit = crate::intercept::Inherit {
+        listeners: inherited.take_all(ListenerRole::Intercept),
+        routing: predecessor.as_ref().and_then(|p| p.state.routing),
+    };
+    let mut started = startup::start(&config, inherit, predecessor.is_some()).await?;
     let cluster = match &config.cluster {
         Some(section) => Some(Arc::new(Cluster::connect(section).await?)),
         None => None,
@@ -58,6 +81,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
     )
     .await?
     .with_bastion(cluster.as_ref().map(|c| c.name()));
+    if let (Some(gate), Some(predecessor)) = (&gate, &predecessor) {
+        gate.restore_revocations(&predecessor.state.revocations);
+        handover::install_grants(gate, &predecessor.state.grants);
+    }
     // Nothing is admitted or granted before the fleet's revocations and
     // grants are in (listeners already bound keep their SYNs queued).
     let mut proceed = true;
@@ -82,13 +109,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
 
     let mut listeners: Vec<(TcpListener, Resolver)> = Vec::new();
     for forward in &config.forwards {
-        let listener =
-            TcpListener::bind(forward.listen)
-                .await
-                .map_err(|source| StartupError::Listen {
-                    addr: forward.listen,
-                    source,
-                })?;
+        let listener = bind_forward(&mut inherited, forward.listen).await?;
+        offered.record(ListenerRole::Forward, forward.listen, &listener);
         tracing::info!(listen = %forward.listen, upstream = %forward.upstream, "forwarding");
         let target = Target {
             destination: forward.listen,
@@ -98,6 +120,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
     }
     if let Some(interceptor) = started.interceptor.clone() {
         for listener in started.take_intercept_listeners() {
+            if let Ok(addr) = listener.local_addr() {
+                offered.record(ListenerRole::Intercept, addr, &listener);
+            }
             listeners.push((listener, Resolver::Intercept(Arc::clone(&interceptor))));
         }
         for entry in &interceptor.current().entries {
@@ -125,33 +150,101 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), StartupErro
         ));
     }
     let api_state = Arc::new(crate::api::ApiState {
-        gate,
+        gate: gate.clone(),
         registry: Arc::clone(&registry),
         datapath: services.datapath.clone(),
         ready: std::sync::atomic::AtomicBool::new(false),
         metrics,
         cluster: cluster.clone(),
     });
-    let api_tls = endpoints::start(&config, &api_state, &accepting, &background).await?;
-    if proceed {
-        serve(&config_path, &services, &api_state, api_tls.as_deref()).await?;
+    let mut sockets = endpoints::Sockets {
+        inherited: &mut inherited,
+        offered: &mut offered,
+    };
+    let api_tls =
+        endpoints::start(&config, &api_state, &accepting, &background, &mut sockets).await?;
+    inherited.report_unused();
+    drop(inherited);
+    let successor = handover::Successor::wait(
+        &config,
+        takeover::Handover {
+            listeners: offered,
+            locks: started.locks.clone(),
+            gate,
+            bastion: cluster
+                .as_ref()
+                .map(|c| c.name().to_owned())
+                .unwrap_or_default(),
+            routing: started.routing(),
+            timeout: config.agent.takeover_timeout,
+            pin_dir: started.pin_dir(),
+        },
+    );
+    handover::taken(predecessor);
+    let stop = if proceed {
+        serve(
+            &config_path,
+            &services,
+            &api_state,
+            api_tls.as_deref(),
+            successor,
+        )
+        .await?
     } else {
         tracing::info!("stopping before the fleet's grants were loaded");
-    }
-    crate::notify::status("STOPPING=1\nSTATUS=draining sessions");
+        Stop::Signal
+    };
     let _ = stop_accepting.send(true);
     api_state
         .ready
         .store(false, std::sync::atomic::Ordering::Release);
-    drain(&services, config.agent.shutdown_grace).await;
+    match &stop {
+        Stop::Signal => {
+            crate::notify::status("STOPPING=1\nSTATUS=draining sessions");
+            drain(&services, config.agent.shutdown_grace).await;
+        }
+        Stop::TakenOver(outcome) => {
+            audit.mark_handed_over();
+            if let Some(interceptor) = &services.interceptor {
+                interceptor.hand_over();
+            }
+            handover::drain(&services, outcome, config.agent.shutdown_grace).await?;
+        }
+    }
     tasks.close();
     let _ = tokio::time::timeout(TEARDOWN_BOUND, tasks.wait()).await;
     audit.flush().await;
     let _ = stop_background.send(true);
     drop(services);
-    started.cleanup();
+    match stop {
+        Stop::Signal => started.cleanup(),
+        Stop::TakenOver(_) => started.abandon(),
+    }
     tracing::info!("tcpgate agent stopped");
     Ok(())
+}
+
+/// Why serving ended.
+enum Stop {
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// A successor accepts on this agent's listeners now.
+    TakenOver(takeover::Outcome),
+}
+
+/// A `[[forward]]` listener: the predecessor's, else a new one.
+async fn bind_forward(
+    inherited: &mut ListenerSet,
+    addr: std::net::SocketAddr,
+) -> Result<TcpListener, StartupError> {
+    let listen_error = |source| StartupError::Listen { addr, source };
+    match inherited.take(ListenerRole::Forward, addr) {
+        Some(listener) => {
+            listener.set_nonblocking(true).map_err(listen_error)?;
+            TcpListener::from_std(listener).map_err(listen_error)
+        }
+        None => TcpListener::bind(addr).await.map_err(listen_error),
+    }
 }
 
 /// In a fleet, waits until the fleet's grants and revocations are loaded
@@ -170,13 +263,14 @@ async fn fleet_loaded(cluster: &Cluster) -> Result<bool, StartupError> {
     }
 }
 
-/// Reports ready and serves until SIGTERM or SIGINT.
+/// Reports ready and serves until SIGTERM or SIGINT, or a takeover.
 async fn serve(
     config_path: &Path,
     services: &Services,
     api_state: &crate::api::ApiState,
     api_tls: Option<&crate::api::TlsFiles>,
-) -> Result<(), StartupError> {
+    successor: handover::Successor,
+) -> Result<Stop, StartupError> {
     api_state
         .ready
         .store(true, std::sync::atomic::Ordering::Release);
@@ -186,7 +280,7 @@ async fn serve(
     tracing::info!(datapath, "tcpgate agent ready");
     crate::notify::ready(&format!("serving on the {datapath} data path"));
 
-    wait_for_termination(config_path, services, api_tls).await
+    wait_for_termination(config_path, services, api_tls, successor).await
 }
 
 async fn drain(services: &Services, grace: Duration) {
@@ -223,95 +317,22 @@ async fn wait_for_termination(
     config_path: &Path,
     services: &Services,
     api_tls: Option<&crate::api::TlsFiles>,
-) -> Result<(), StartupError> {
+    mut successor: handover::Successor,
+) -> Result<Stop, StartupError> {
     let mut term = signal(SignalKind::terminate()).map_err(StartupError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(StartupError::Signals)?;
     let mut hup = signal(SignalKind::hangup()).map_err(StartupError::Signals)?;
+    let mut usr2 = signal(SignalKind::user_defined2()).map_err(StartupError::Signals)?;
     loop {
         tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
+            _ = term.recv() => return Ok(Stop::Signal),
+            _ = usr2.recv() => handover::spawn_successor(),
+            _ = int.recv() => return Ok(Stop::Signal),
+            outcome = successor.taken() => return Ok(Stop::TakenOver(outcome)),
             _ = hup.recv() => {
-                reload(config_path, services);
-                reload_certificate(api_tls);
+                reload::reload(config_path, services);
+                reload::reload_certificate(api_tls);
             }
         }
-    }
-}
-
-/// SIGHUP: re-reads the configuration and applies what can change live
-/// (the intercepted set). A bad file changes nothing.
-fn reload(config_path: &Path, services: &Services) {
-    crate::notify::status("RELOADING=1");
-    let config = match Config::load(config_path) {
-        Ok(config) => config,
-        Err(e) => {
-            tracing::error!(error = %e, "reload rejected; keeping the running configuration");
-            crate::notify::status("READY=1\nSTATUS=reload rejected");
-            return;
-        }
-    };
-    match (&services.interceptor, config.intercept.is_some()) {
-        (Some(interceptor), true) => {
-            interceptor
-                .set_interfaces(config.intercept.as_ref().and_then(|i| i.interfaces.clone()));
-            match interceptor.apply(config.intercept_set.clone(), &services.registry.snapshot()) {
-                Ok(report) => tracing::info!(
-                    prefixes = report.prefixes,
-                    protected = report.protected,
-                    sessions_pinned = report.sessions_pinned,
-                    "reloaded the intercepted set"
-                ),
-                Err(e) => {
-                    tracing::error!(error = %crate::error_chain(&e), "reload of the intercepted set failed")
-                }
-            }
-        }
-        (None, true) | (Some(_), false) => {
-            tracing::warn!(
-                "turning interception on or off needs a restart; intercepted set unchanged"
-            );
-        }
-        (None, false) => {
-            tracing::info!("reload: nothing to apply live (forwards change on restart)")
-        }
-    }
-    reload_policy(&config, services);
-    crate::notify::status("READY=1\nSTATUS=serving");
-}
-
-/// SIGHUP: a renewed API certificate (same paths) serves new connections.
-fn reload_certificate(api_tls: Option<&crate::api::TlsFiles>) {
-    if let Some(tls) = api_tls {
-        match tls.reload() {
-            Ok(()) => tracing::info!("reloaded the grant API's certificate"),
-            Err(e) => {
-                tracing::error!(error = %crate::error_chain(&e), "cannot reload the grant API's certificate; keeping the running one")
-            }
-        }
-    }
-}
-
-/// Applies the reloaded `[[policy]]` rules. Issuers and keys are fixed at
-/// startup; live grants keep their terms until they expire or are revoked.
-fn reload_policy(config: &Config, services: &Services) {
-    let (Some(gate), Some(auth)) = (&services.gate, &config.auth) else {
-        if services.gate.is_some() != config.auth.is_some() {
-            tracing::warn!("turning authentication on or off needs a restart; policy unchanged");
-        }
-        return;
-    };
-    match crate::auth::Policy::from_config(&config.policy, auth) {
-        Ok(policy) => {
-            gate.set_policy(policy);
-            tracing::info!(
-                rules = config.policy.len(),
-                "reloaded the policy (live grants keep their terms)"
-            );
-        }
-        Err(errors) => tracing::error!(
-            errors = errors.len(),
-            "reloaded policy is invalid; keeping the running one"
-        ),
     }
 }

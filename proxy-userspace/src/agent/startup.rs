@@ -14,9 +14,9 @@ use crate::config::{Config, DatapathChoice};
 use crate::datapath::Datapath;
 use crate::datapath::ebpf::{EbpfDatapath, EbpfSetupError, Timeouts};
 use crate::datapath::userspace::UserspaceDatapath;
-use crate::intercept::{InterceptError, Interceptor};
+use crate::intercept::{Inherit, InterceptError, Interceptor};
 
-use super::lock::{LockError, NamespaceLock, PinDirLock};
+use super::lock::{LockError, LockSlot, NamespaceLock, PinDirLock};
 
 /// Why eBPF is not available: the agent's own pin-directory lock, or the
 /// data path's setup. Kept here so the data path never names agent types.
@@ -69,15 +69,20 @@ pub struct Started {
     intercept_listeners: Vec<TcpListener>,
     /// Keeps programs attached and maps alive.
     bpf: Option<LoadedBpf>,
-    _pin_lock: Option<PinDirLock>,
     /// `agent.keep_pins`: leave the pinned maps for inspection on exit.
     keep_pins: bool,
-    _lock: NamespaceLock,
+    pub locks: LockSlot,
     _logger: Option<tokio::task::JoinHandle<()>>,
 }
 
-pub async fn start(config: &Config) -> Result<Started, StartupError> {
-    let result = start_locked(config).await;
+/// Starts from scratch, or (`inherit` from a predecessor that released
+/// its locks) on the predecessor's listeners and routing.
+pub async fn start(
+    config: &Config,
+    inherit: Inherit,
+    taking_over: bool,
+) -> Result<Started, StartupError> {
+    let result = start_locked(config, inherit, taking_over).await;
     if let Err(e) = &result {
         // Past the locks the pin directory is ours: a failed start (say, a
         // verifier rejection) leaves no pinned maps behind. Someone else's
@@ -89,7 +94,11 @@ pub async fn start(config: &Config) -> Result<Started, StartupError> {
     result
 }
 
-async fn start_locked(config: &Config) -> Result<Started, StartupError> {
+async fn start_locked(
+    config: &Config,
+    inherit: Inherit,
+    taking_over: bool,
+) -> Result<Started, StartupError> {
     let choice = config.agent.datapath;
     let pin_dir = &config.agent.pin_dir;
     let intercepting = config.intercept.is_some();
@@ -114,7 +123,17 @@ async fn start_locked(config: &Config) -> Result<Started, StartupError> {
                 dir: pin_dir.clone(),
                 source,
             })?;
-        if !removed.is_empty() {
+        let stale = crate::drain_pins::remove_stale(pin_dir);
+        if !stale.is_empty() {
+            tracing::warn!(dirs = ?stale, "removed the pins of taken-over agents that did not finish draining");
+        }
+        if taking_over {
+            // Its maps live on in the old agent until its sessions end.
+            tracing::info!(
+                pins = removed.len(),
+                "replacing the pins of the agent taken over"
+            );
+        } else if !removed.is_empty() {
             tracing::warn!(pins = ?removed, "removed pins left behind by a previous agent (it did not shut down cleanly, or kept them with agent.keep_pins)");
         }
         match load_object(config) {
@@ -161,6 +180,7 @@ async fn start_locked(config: &Config) -> Result<Started, StartupError> {
                 section,
                 config.intercept_set.clone(),
                 config.agent.upstream_mark,
+                inherit,
             )?;
             (Some(Arc::new(interceptor)), listeners)
         }
@@ -176,9 +196,8 @@ async fn start_locked(config: &Config) -> Result<Started, StartupError> {
         interceptor,
         intercept_listeners,
         bpf,
-        _pin_lock: pin_lock,
         keep_pins: config.agent.keep_pins,
-        _lock: lock,
+        locks: LockSlot::new(lock, pin_lock.map(|l| (l, pin_dir.clone()))),
         _logger: logger,
     })
 }
@@ -291,6 +310,32 @@ impl Started {
     /// The transparent listeners, handed to the accept loops once.
     pub fn take_intercept_listeners(&mut self) -> Vec<TcpListener> {
         std::mem::take(&mut self.intercept_listeners)
+    }
+
+    /// The pin directory, when eBPF is loaded (and maps are pinned).
+    #[must_use]
+    pub fn pin_dir(&self) -> Option<PathBuf> {
+        self.bpf.as_ref().map(|b| b.pin_dir.clone())
+    }
+
+    /// The routing interception installed, for a successor to compare.
+    #[must_use]
+    pub fn routing(&self) -> Option<crate::intercept::RoutingParams> {
+        self.interceptor.as_ref().map(|i| i.routing_params())
+    }
+
+    /// After a takeover: the pins, the sk_lookup link, the routes and the
+    /// intercept table are the successor's now, and stay. Dropping the
+    /// object only detaches this agent's own (drained) programs.
+    pub fn abandon(self) {
+        let pin_dir = self.pin_dir();
+        drop(self.bpf);
+        if let Some(dir) = pin_dir
+            && let Err(e) = crate::drain_pins::remove(&dir, std::process::id())
+        {
+            tracing::warn!(error = %e, "cannot remove this agent's draining pins");
+        }
+        tracing::info!("left the pins, routes and interception to the successor");
     }
 
     /// Removes routing, detaches programs and removes pins.

@@ -24,7 +24,7 @@ use crate::registry::Registry;
 
 pub use admin::{AdminToken, SessionView, admin_router};
 pub use runner::runner_router;
-pub use serve::{Listener, ServeOptions, Server, serve};
+pub use serve::{Listener, ServeOptions, Server, SocketFile, serve};
 pub use tls::TlsFiles;
 
 /// Shared by every handler.
@@ -120,7 +120,7 @@ pub fn bind_unix(
     // chmod below, the umask's mode (not group- or other-writable under
     // the unit's UMask=0027, nor under 022) keeps everyone else out.
     let listener = UnixListener::bind(path).map_err(socket_err)?;
-    let file = serve::SocketFile(path.to_owned());
+    let file = serve::SocketFile::bound(path);
     if let Some((name, gid)) = group {
         nix::unistd::chown(path, None, Some(gid)).map_err(|source| ApiError::SocketGroup {
             path: path.to_owned(),

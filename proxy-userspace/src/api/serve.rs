@@ -51,13 +51,39 @@ pub enum Listener {
 }
 
 /// Removes the socket file when dropped: when the server stops, or when
-/// the runtime drops its task at exit.
+/// the runtime drops its task at exit. Only the file this agent bound: a
+/// successor that took over binds its own socket at the same path, and a
+/// draining predecessor must not remove that one.
 #[derive(Debug)]
-pub struct SocketFile(pub PathBuf);
+pub struct SocketFile {
+    path: PathBuf,
+    /// Device and inode of the socket file bound.
+    id: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    /// The socket file just bound at `path`.
+    #[must_use]
+    pub fn bound(path: &std::path::Path) -> Self {
+        Self {
+            path: path.to_owned(),
+            id: file_id(path),
+        }
+    }
+}
+
+fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if self.id.is_some() && file_id(&self.path) == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

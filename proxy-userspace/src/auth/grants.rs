@@ -130,6 +130,17 @@ impl GrantStore {
         }
     }
 
+    /// The deny list, for a successor agent.
+    #[must_use]
+    pub fn revocations(&self) -> super::revocations::RevocationSnapshot {
+        self.state().revocations.snapshot()
+    }
+
+    /// Merges a predecessor's deny list.
+    pub fn restore_revocations(&self, snapshot: &super::revocations::RevocationSnapshot) {
+        self.state().revocations.restore(snapshot);
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the map half-updated
         // (every update is a single insert/remove), so keep going.

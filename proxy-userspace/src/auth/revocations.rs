@@ -157,6 +157,61 @@ impl Revocations {
     }
 }
 
+/// The deny list, as handed to a successor agent on a takeover: without it
+/// a token revoked before an upgrade would get a grant again after it.
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RevocationSnapshot {
+    /// `(issuer, subject)` held: revoked at, until.
+    pub identities: Vec<(Identity, SystemTime, SystemTime)>,
+    /// `(issuer, jti)` of single tokens denied, until.
+    pub tokens: Vec<(Identity, SystemTime)>,
+    /// The latest `exp` seen per identity (how long a later revocation holds).
+    pub seen: Vec<(Identity, SystemTime)>,
+}
+
+impl Revocations {
+    #[must_use]
+    pub fn snapshot(&self) -> RevocationSnapshot {
+        RevocationSnapshot {
+            identities: self
+                .identities
+                .iter()
+                .map(|(who, hold)| (who.clone(), hold.revoked_at, hold.until))
+                .collect(),
+            tokens: self
+                .tokens
+                .iter()
+                .map(|(key, until)| (key.clone(), *until))
+                .collect(),
+            seen: self
+                .seen
+                .iter()
+                .map(|(who, exp)| (who.clone(), *exp))
+                .collect(),
+        }
+    }
+
+    /// Merges a predecessor's deny list: every hold lasts at least as long
+    /// as either agent had it.
+    pub fn restore(&mut self, snapshot: &RevocationSnapshot) {
+        for (who, revoked_at, until) in &snapshot.identities {
+            let hold = self.identities.entry(who.clone()).or_insert(Hold {
+                revoked_at: *revoked_at,
+                until: *until,
+            });
+            hold.revoked_at = hold.revoked_at.max(*revoked_at);
+            hold.until = hold.until.max(*until);
+        }
+        for ((issuer, jti), until) in &snapshot.tokens {
+            self.deny_token(issuer, jti, *until);
+        }
+        for (who, exp) in &snapshot.seen {
+            let latest = self.seen.entry(who.clone()).or_insert(*exp);
+            *latest = (*latest).max(*exp);
+        }
+    }
+}
+
 /// The `jti` of a token, kept with its grant for a later revocation.
 #[must_use]
 pub fn token_jti(token: &ValidatedToken) -> Option<String> {
@@ -253,5 +308,26 @@ mod tests {
         assert!(!r.refuses(&token("x", 3_000, &[("jti", json!("abd"))]), at(2_000)));
         r.sweep(at(1_000_000));
         assert!(r.identities.is_empty() && r.tokens.is_empty());
+    }
+
+    #[test]
+    fn a_restored_snapshot_refuses_what_the_original_refused() {
+        let now = SystemTime::now();
+        let mut original = Revocations::default();
+        let old = token("alice", 4_000_000_000, &[("jti", json!("j1"))]);
+        original.saw(&old, now);
+        let issuer = "https://gitlab.example";
+        original.deny_identity((issuer.to_owned(), "alice".to_owned()), now, now);
+        original.deny_token(issuer, "j2", now + Duration::from_secs(3600));
+        let wire = serde_json::to_string(&original.snapshot()).expect("serialise");
+        let snapshot: RevocationSnapshot = serde_json::from_str(&wire).expect("parse");
+        let mut successor = Revocations::default();
+        successor.restore(&snapshot);
+        assert!(successor.refuses(&old, now));
+        let other = token("bob", 4_000_000_000, &[("jti", json!("j2"))]);
+        assert!(successor.refuses(&other, now));
+        let fresh = token("bob", 4_000_000_000, &[("jti", json!("j3"))]);
+        assert!(!successor.refuses(&fresh, now));
+        assert_eq!(successor.snapshot().identities, snapshot.identities);
     }
 }

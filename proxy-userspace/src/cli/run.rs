@@ -15,6 +15,15 @@ pub struct RunArgs {
     /// Override `agent.pin_dir`, the bpffs directory for the pinned maps.
     #[arg(long)]
     pub pin_dir: Option<PathBuf>,
+    /// Take over from the agent running in this network namespace: its
+    /// listeners (no connection is refused), its grants, its pins and
+    /// interception. Its live sessions go on in it until they end. Without
+    /// a running agent (or if it does not answer within
+    /// `agent.takeover_timeout`), starts as without this flag. A running
+    /// agent sent SIGUSR2 starts its successor this way itself (the
+    /// upgrade path under systemd; see docs/operating.md).
+    #[arg(long)]
+    pub takeover: bool,
 }
 
 pub fn run(args: RunArgs) -> i32 {
@@ -42,7 +51,11 @@ pub fn run(args: RunArgs) -> i32 {
             return 1;
         }
     };
-    match runtime.block_on(crate::agent::run(config, args.config.config.clone())) {
+    match runtime.block_on(crate::agent::run(
+        config,
+        args.config.config.clone(),
+        args.takeover,
+    )) {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!(error = %crate::error_chain(&e), "agent failed");

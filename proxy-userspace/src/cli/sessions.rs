@@ -66,6 +66,9 @@ pub struct SessionRow {
     /// Null without a second sample.
     pub rate_up_bytes_per_second: Option<f64>,
     pub rate_down_bytes_per_second: Option<f64>,
+    /// A session a taken-over agent (this pid) keeps until it ends; null
+    /// for the running agent's own.
+    pub draining_agent_pid: Option<u32>,
 }
 
 /// The whole `--json` document.
@@ -79,13 +82,22 @@ pub struct SessionsDoc {
 
 struct Reading {
     at: Instant,
-    records: Vec<SessionRecord>,
+    /// Each with the pid of the taken-over agent draining it, if any.
+    records: Vec<(Option<u32>, SessionRecord)>,
 }
 
+/// The agent's sessions, and those agents it took over still drain
+/// (pinned under `draining-<pid>/`; one that just ended is skipped).
 fn read(maps: &PinnedMaps) -> Result<Reading, crate::pinned::PinnedError> {
+    let mut records: Vec<_> = maps.sessions()?.into_iter().map(|r| (None, r)).collect();
+    for (pid, dir) in crate::drain_pins::list(maps.dir()) {
+        if let Ok(sessions) = PinnedMaps::open(&dir).and_then(|m| m.sessions()) {
+            records.extend(sessions.into_iter().map(|r| (Some(pid), r)));
+        }
+    }
     Ok(Reading {
         at: Instant::now(),
-        records: maps.sessions()?,
+        records,
     })
 }
 
@@ -97,7 +109,11 @@ fn auth_name(method: u16) -> &'static str {
     }
 }
 
-fn row(record: &SessionRecord, now: SystemTime, rates: Option<(f64, f64)>) -> SessionRow {
+fn row(
+    (draining, record): &(Option<u32>, SessionRecord),
+    now: SystemTime,
+    rates: Option<(f64, f64)>,
+) -> SessionRow {
     let started = view::unix_ns(record.started_unix_ns).unwrap_or(now);
     let expires = view::unix_ns(record.expires_unix_ns);
     SessionRow {
@@ -129,21 +145,28 @@ fn row(record: &SessionRecord, now: SystemTime, rates: Option<(f64, f64)>) -> Se
         redirect_failures_down: record.down.redirect_failures,
         rate_up_bytes_per_second: rates.map(|r| r.0),
         rate_down_bytes_per_second: rates.map(|r| r.1),
+        draining_agent_pid: *draining,
     }
 }
 
 /// Rows of `now`, with rates against `before` for sessions in both.
 fn rows(now: &Reading, before: Option<&Reading>) -> Vec<SessionRow> {
-    let earlier: HashMap<u64, &SessionRecord> = before
-        .map(|b| b.records.iter().map(|r| (r.session_id, r)).collect())
+    let earlier: HashMap<(Option<u32>, u64), &SessionRecord> = before
+        .map(|b| {
+            b.records
+                .iter()
+                .map(|(pid, r)| ((*pid, r.session_id), r))
+                .collect()
+        })
         .unwrap_or_default();
     let elapsed = before.map(|b| now.at.duration_since(b.at).as_secs_f64());
     let wall = SystemTime::now();
     let mut out: Vec<SessionRow> = now
         .records
         .iter()
-        .map(|record| {
-            let rates = match (earlier.get(&record.session_id), elapsed) {
+        .map(|entry| {
+            let record = &entry.1;
+            let rates = match (earlier.get(&(entry.0, record.session_id)), elapsed) {
                 (Some(old), Some(secs)) if secs > 0.0 => {
                     #[allow(clippy::cast_precision_loss, reason = "a rate")]
                     let per_second = |new: u64, old: u64| new.saturating_sub(old) as f64 / secs;
@@ -154,7 +177,7 @@ fn rows(now: &Reading, before: Option<&Reading>) -> Vec<SessionRow> {
                 }
                 _ => None,
             };
-            row(record, wall, rates)
+            row(entry, wall, rates)
         })
         .collect();
     out.sort_by(|a, b| {
@@ -196,6 +219,16 @@ fn render_table(rows: &[SessionRow]) -> String {
             r.rate_down_bytes_per_second
                 .map_or_else(|| "-".to_owned(), view::rate),
         ]);
+    }
+    let draining = rows
+        .iter()
+        .filter(|r| r.draining_agent_pid.is_some())
+        .count();
+    if draining > 0 {
+        return format!(
+            "{table}\n{} live session(s), {draining} of them draining in a taken-over agent",
+            rows.len()
+        );
     }
     format!("{table}\n{} live session(s)", rows.len())
 }

@@ -102,6 +102,9 @@ pub enum DatapathChoice {
     Userspace,
 }
 
+/// Where a running agent waits for its successor, by default.
+pub const DEFAULT_TAKEOVER_SOCKET: &str = "/run/tcpgate/takeover.sock";
+
 /// `[agent]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -147,6 +150,14 @@ pub struct AgentSection {
     /// Leave the pinned maps in place on a clean shutdown, for post-mortem
     /// inspection; the next start reports and removes them.
     pub keep_pins: bool,
+    /// The unix socket a successor (`tcpgate run --takeover`) connects to
+    /// for this agent's listeners and state. Created mode 0600 in a 0700
+    /// directory; only root or the agent's own user may use it.
+    pub takeover_socket: PathBuf,
+    /// How long each step of a takeover may wait for the other agent; an
+    /// unresponsive predecessor is then given up on.
+    #[serde(with = "humantime_serde")]
+    pub takeover_timeout: Duration,
 }
 
 impl Default for AgentSection {
@@ -164,6 +175,8 @@ impl Default for AgentSection {
             upstream_mark: 0x7467,
             operator_group: None,
             keep_pins: false,
+            takeover_socket: PathBuf::from(DEFAULT_TAKEOVER_SOCKET),
+            takeover_timeout: Duration::from_secs(30),
         }
     }
 }

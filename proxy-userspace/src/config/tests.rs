@@ -367,3 +367,23 @@ fn aws_alone_is_an_identity_source_and_its_fields_are_checked() {
     let err = parse(&with_aws("sts_url = \"x\"", "aws")).expect_err("typo");
     assert!(err.to_string().contains("sts_url"), "{err}");
 }
+
+#[test]
+fn takeover_settings_default_and_are_checked() {
+    let forward = "[[forward]]\nlisten = \"127.0.0.1:7000\"\nupstream = \"192.0.2.1:1\"\n";
+    let config = parse(&format!("auth = \"none\"\n{forward}")).expect("defaults");
+    assert_eq!(
+        config.agent.takeover_socket,
+        PathBuf::from("/run/tcpgate/takeover.sock")
+    );
+    assert_eq!(config.agent.takeover_timeout, Duration::from_secs(30));
+    let err = parse(&format!(
+        "auth = \"none\"\n[agent]\ntakeover_socket = \"takeover.sock\"\ntakeover_timeout = \"0s\"\n{forward}"
+    ))
+    .expect_err("invalid");
+    let ConfigError::Invalid { errors, .. } = &err else {
+        panic!("expected field errors, got {err}");
+    };
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["agent.takeover_socket", "agent.takeover_timeout"]);
+}

@@ -2,6 +2,7 @@
 //! so an operator fixes a file in one pass.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use ipnet::IpNet;
 
@@ -119,6 +120,20 @@ impl Config {
         }
         if !agent.pin_dir.is_absolute() {
             errors.push(FieldError::new("agent.pin_dir", "must be an absolute path"));
+        }
+        if !agent.takeover_socket.is_absolute() {
+            errors.push(FieldError::new(
+                "agent.takeover_socket",
+                "must be an absolute path",
+            ));
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(600))
+            .contains(&agent.takeover_timeout)
+        {
+            errors.push(FieldError::new(
+                "agent.takeover_timeout",
+                "must be between 100ms and 10m",
+            ));
         }
         if agent.upstream_mark == 0 {
             errors.push(FieldError::new(

@@ -139,6 +139,18 @@ impl Gate {
         self.store.list()
     }
 
+    /// The deny list, handed to a successor agent on a takeover.
+    #[must_use]
+    pub fn revocations(&self) -> crate::auth::revocations::RevocationSnapshot {
+        self.store.revocations()
+    }
+
+    /// Merges a predecessor's deny list (before serving: a token it
+    /// revoked is refused here from the first connection).
+    pub fn restore_revocations(&self, snapshot: &crate::auth::revocations::RevocationSnapshot) {
+        self.store.restore_revocations(snapshot);
+    }
+
     /// How many grants are live.
     #[must_use]
     pub fn live_grants(&self) -> usize {

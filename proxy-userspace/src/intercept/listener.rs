@@ -50,6 +50,17 @@ pub fn transparent(addr: SocketAddr) -> Result<TcpListener, ListenerError> {
     socket.listen(BACKLOG).map_err(socket_err)
 }
 
+/// A transparent listener a predecessor handed over, already bound and
+/// listening at `addr`.
+pub fn adopt(
+    listener: std::net::TcpListener,
+    addr: SocketAddr,
+) -> Result<TcpListener, ListenerError> {
+    let socket_err = |source| ListenerError::Socket { addr, source };
+    listener.set_nonblocking(true).map_err(socket_err)?;
+    TcpListener::from_std(listener).map_err(socket_err)
+}
+
 /// The IPv4 and IPv6 listener addresses for `port`.
 #[must_use]
 pub fn addresses(port: u16) -> [SocketAddr; 2] {

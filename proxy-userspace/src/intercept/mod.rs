@@ -44,7 +44,8 @@ use crate::config::{InterceptEntry, InterceptSection, InterceptSet};
 use crate::datapath::SessionMeta;
 use crate::firewall::{FirewallError, NftCommand, guard};
 use marking::{Marking, MarkingParams, Pin};
-use routing::{IpCommand, Routing, RoutingError, RoutingParams};
+pub use routing::RoutingParams;
+use routing::{IpCommand, Routing, RoutingError};
 
 /// The sk_lookup link's pin, in the agent's pin directory.
 pub const LINK_PIN: &str = "lookup_link";
@@ -96,6 +97,20 @@ pub struct Interceptor {
     pins: Mutex<HashMap<u64, Pin>>,
     /// Kept so the link outlives a crash; removed on a clean stop.
     link_pin: PathBuf,
+    /// A successor took over: the tables are its own now.
+    handed_over: std::sync::atomic::AtomicBool,
+}
+
+/// What a predecessor hands over on a takeover; empty on a fresh start.
+#[derive(Debug, Default)]
+pub struct Inherit {
+    /// Its transparent listeners: accepting goes on on the same sockets
+    /// (their queued SYNs included) instead of new ones.
+    pub listeners: Vec<std::net::TcpListener>,
+    /// Its routing rules and routes, when they are exactly ours: kept as
+    /// they are, since removing and re-adding them would stop delivering
+    /// its live sessions' packets for a moment.
+    pub routing: Option<RoutingParams>,
 }
 
 /// What a reload changed.
@@ -116,6 +131,7 @@ impl Interceptor {
         section: &InterceptSection,
         set: InterceptSet,
         upstream_mark: u32,
+        mut inherit: Inherit,
     ) -> Result<(Self, Vec<TcpListener>), InterceptError> {
         // First: whatever fails below, the protected prefixes stay dropped.
         guard::install(
@@ -130,8 +146,13 @@ impl Interceptor {
             intercept_mark: section.mark,
         };
         let routing = Routing::new(Box::new(IpCommand), params);
-        let stale = routing.remove_all()?;
-        if stale > 0 {
+        let keep_routing = inherit.routing == Some(params);
+        let stale = if keep_routing {
+            0
+        } else {
+            routing.remove_all()?
+        };
+        if stale > 0 && inherit.routing.is_none() {
             tracing::warn!(
                 entries = stale,
                 "removed routing rules and routes left by a previous agent"
@@ -144,7 +165,14 @@ impl Interceptor {
             .into_iter()
             .zip(listener::addresses(section.listen_port))
         {
-            let listener = match listener::transparent(addr) {
+            let inherited = inherit
+                .listeners
+                .iter()
+                .position(|l| l.local_addr().is_ok_and(|a| a == addr))
+                .map(|i| inherit.listeners.swap_remove(i));
+            let listener = match inherited
+                .map_or_else(|| listener::transparent(addr), |l| listener::adopt(l, addr))
+            {
                 Ok(listener) => listener,
                 Err(e) if addr.is_ipv6() => {
                     tracing::warn!(error = %crate::error_chain(&e), "no IPv6 listener; intercepted IPv6 connections are refused");
@@ -171,17 +199,29 @@ impl Interceptor {
             }),
             pins: Mutex::default(),
             link_pin: bpf.pin_dir.join(LINK_PIN),
+            handed_over: std::sync::atomic::AtomicBool::new(false),
         };
         // The link before the marks and routes: nothing is delivered locally
         // without the program there to steer or refuse it.
         let installed = attach_lookup(bpf, &interceptor.link_pin)
             .and_then(|()| interceptor.apply(set, &[]).map(drop))
-            .and_then(|()| interceptor.routing.install().map_err(InterceptError::from));
+            .and_then(|()| {
+                if keep_routing {
+                    return Ok(());
+                }
+                interceptor.routing.install().map_err(InterceptError::from)
+            });
         if let Err(e) = installed {
             interceptor.shutdown();
             return Err(e);
         }
         Ok((interceptor, listeners))
+    }
+
+    /// Where the routing rules and routes live, for a successor to compare.
+    #[must_use]
+    pub fn routing_params(&self) -> RoutingParams {
+        self.routing.params()
     }
 
     /// The current set's entry for an original destination.
@@ -276,7 +316,17 @@ impl Interceptor {
     }
 
     /// Stops marking a session a reload pinned, if any.
+    /// A successor took over: its intercept table replaced this agent's,
+    /// so sessions ending here no longer change it.
+    pub fn hand_over(&self) {
+        self.handed_over
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
     pub fn session_ended(&self, session_id: u64) {
+        if self.handed_over.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let pin = self
             .pins
             .lock()

@@ -70,7 +70,7 @@ impl IpRunner for IpCommand {
 }
 
 /// Where tcpgate's rules live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RoutingParams {
     pub table: u32,
     pub priority: u32,

@@ -143,7 +143,8 @@ pub fn install(host: &Host, args: &InstallArgs) -> Result<()> {
             if replaced == Outcome::Updated && system::service_active(&layout) {
                 println!(
                     "install: {UNIT} still runs the previous binary; \
-                     `systemctl restart {UNIT}` switches to the new one"
+                     `systemctl kill --kill-whom=main --signal=SIGUSR2 {UNIT}` switches to \
+                     the new one keeping live sessions (docs/operating.md, Upgrading a bastion)"
                 );
             }
             println!(

@@ -1,0 +1,162 @@
+//! The agent's side of a takeover: wait for a successor while serving,
+//! take over a predecessor's grants, and drain once taken over.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::task::JoinHandle;
+
+use super::StartupError;
+use super::takeover::{self, Handover, Outcome, Predecessor};
+use crate::cluster::record::GrantRecord;
+use crate::config::Config;
+use crate::gate::Gate;
+use crate::session::Services;
+
+/// The takeover socket's server, running until a successor took over.
+pub struct Successor {
+    task: Option<JoinHandle<Outcome>>,
+}
+
+impl Successor {
+    /// Binds `agent.takeover_socket` and serves it. Without the socket the
+    /// agent still runs; it just cannot be taken over.
+    pub fn wait(config: &Config, handover: Handover) -> Self {
+        match takeover::listen(&config.agent.takeover_socket) {
+            Ok(waiting) => Self {
+                task: Some(tokio::spawn(waiting.serve(handover))),
+            },
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "this agent cannot be taken over (tcpgate run --takeover); a restart will end its sessions");
+                Self { task: None }
+            }
+        }
+    }
+
+    /// Resolves once a successor accepts on this agent's listeners.
+    pub async fn taken(&mut self) -> Outcome {
+        if let Some(task) = &mut self.task
+            && let Ok(outcome) = task.await
+        {
+            self.task = None;
+            return outcome;
+        }
+        self.task = None;
+        std::future::pending().await
+    }
+}
+
+/// The successor this agent started on SIGUSR2 (0: none), which it hands
+/// the systemd unit to once taken over.
+static SPAWNED: AtomicU32 = AtomicU32::new(0);
+
+/// SIGUSR2: starts this agent's successor: the binary at the path this one
+/// was started from (so a build installed there since is what runs), with
+/// this agent's arguments plus `--takeover`, in its cgroup and sandbox.
+/// The child is reaped (and its failure logged) while this agent runs.
+pub fn spawn_successor() {
+    let mut args = std::env::args_os();
+    let Some(program) = args.next() else {
+        return;
+    };
+    let mut rest: Vec<std::ffi::OsString> = args.collect();
+    if !rest.iter().any(|a| a == "--takeover") {
+        rest.push("--takeover".into());
+    }
+    let spawned = tokio::process::Command::new(&program)
+        .args(&rest)
+        .stdin(std::process::Stdio::null())
+        .spawn();
+    match spawned {
+        Ok(mut child) => {
+            let pid = child.id().unwrap_or(0);
+            SPAWNED.store(pid, Ordering::Release);
+            tracing::info!(pid, program = %program.to_string_lossy(), "SIGUSR2: started a successor");
+            tokio::spawn(async move {
+                match child.wait().await {
+                    Ok(status) if status.success() => {}
+                    Ok(status) => tracing::warn!(pid, %status, "the successor exited"),
+                    Err(e) => tracing::warn!(pid, error = %e, "cannot wait for the successor"),
+                }
+            });
+        }
+        Err(e) => {
+            tracing::error!(program = %program.to_string_lossy(), error = %e, "SIGUSR2: cannot start a successor")
+        }
+    }
+}
+
+/// Tells the predecessor this agent accepts now, so it stops.
+pub fn taken(predecessor: Option<Predecessor>) {
+    let Some(predecessor) = predecessor else {
+        return;
+    };
+    let pid = predecessor.pid;
+    match predecessor.taken() {
+        Ok(()) => tracing::info!(
+            predecessor = pid,
+            "took over: the old agent drains its sessions"
+        ),
+        Err(e) => tracing::error!(
+            predecessor = pid,
+            error = %crate::error_chain(&e),
+            "cannot tell the old agent it was taken over; it keeps accepting too until stopped"
+        ),
+    }
+}
+
+/// Installs the predecessor's live source grants.
+pub fn install_grants(gate: &Gate, records: &[GrantRecord]) {
+    let mut installed = 0usize;
+    for record in records {
+        match gate.install(record.clone().into_grant()) {
+            Ok(true) => installed += 1,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(grant = %record.id, error = %crate::error_chain(&e), "cannot take over a grant");
+            }
+        }
+    }
+    tracing::info!(
+        grants = installed,
+        offered = records.len(),
+        "took over the grants"
+    );
+}
+
+/// After a takeover: live sessions go on until they end, or their grants
+/// expire or are revoked (the gate's timers still run here). SIGTERM or
+/// SIGINT then ends the drain as a normal stop would, after `grace`.
+pub async fn drain(
+    services: &Services,
+    outcome: &Outcome,
+    grace: Duration,
+) -> Result<(), StartupError> {
+    let live = services.registry.len();
+    tracing::info!(
+        successor = outcome.successor,
+        live,
+        "taken over: no new connections here; live sessions drain until they end"
+    );
+    // systemd follows the successor this agent started (it is in the
+    // unit's cgroup); one started by hand is not the unit's.
+    let main_pid = if SPAWNED.load(Ordering::Acquire) == outcome.successor {
+        format!("MAINPID={}\n", outcome.successor)
+    } else {
+        String::new()
+    };
+    crate::notify::status(&format!(
+        "{main_pid}STATUS=taken over by pid {}; draining {live} sessions",
+        outcome.successor
+    ));
+    let mut term = signal(SignalKind::terminate()).map_err(StartupError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(StartupError::Signals)?;
+    tokio::select! {
+        () = services.registry.wait_empty() => {}
+        _ = term.recv() => super::drain(services, grace).await,
+        _ = int.recv() => super::drain(services, grace).await,
+    }
+    tracing::info!("drained");
+    Ok(())
+}

@@ -1,0 +1,377 @@
+//! Takeover (`tcpgate run --takeover`): the running agent hands its
+//! listeners, grants, pins and interception to a successor and drains its
+//! live sessions; nothing is refused and no byte is lost.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use tcpgate_tests::operator::{self as op, open_session, sized_server};
+use tcpgate_tests::takeover::{
+    SteppedTransfer, agent_lines, check_digest, echo_once, successor, wait_taken_over,
+};
+use tcpgate_tests::topology::BASTION_RUNNER_V4;
+use tcpgate_tests::{
+    Agent, DataPath, ForwardFixture, LISTEN_PORT, Payload, Signal, Topology, accept_loop,
+    assert_bytes_with, read_to_end_hashed, require_root, routing_leftovers, serve_once,
+    sk_lookup_links, write_payload,
+};
+
+const GIB: u64 = 1 << 30;
+const EXIT_WAIT: Duration = Duration::from_secs(60);
+
+tcpgate_tests::on_both_paths!(
+    a_transfer_each_way_survives_three_takeovers,
+    a_differing_state_version_drains,
+    new_connections_during_takeovers_are_all_accepted,
+);
+
+/// Starts a forward fixture whose agent has its own takeover socket.
+fn fixture(path: DataPath, dir: &Path) -> Result<ForwardFixture> {
+    ForwardFixture::start_tuned(path, &agent_lines(dir), "")
+}
+
+/// A 1 GiB transfer each way stops at three checkpoints; at each one the
+/// agent is replaced. The session stays with the agent that accepted it
+/// (drained), which exits once it ends; both SHA-256 match, and the audit
+/// line proves the path (the eBPF map's counters on the kernel path).
+fn a_transfer_each_way_survives_three_takeovers(path: DataPath) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut fx = fixture(path, dir.path())?;
+    let (up, down) = (Payload::new(11, GIB), Payload::new(12, GIB));
+    let server = serve_once(&fx.topo.target, fx.upstream_addr(), move |mut stream, _| {
+        let mut out = stream.try_clone()?;
+        let writer = std::thread::spawn(move || {
+            write_payload(&mut out, &down)?;
+            out.shutdown(Shutdown::Write)
+        });
+        let got = read_to_end_hashed(&mut stream)?;
+        writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("server writer"))??;
+        anyhow::Ok(got)
+    })?;
+    let transfer = SteppedTransfer::start(fx.dial()?, up, GIB, 4)?;
+    let mut agents: Vec<Agent> = Vec::new();
+    let mut listed: Option<(u64, u64)> = None;
+    for round in 0..3 {
+        transfer.wait_checkpoint().with_context(|| fx.dump())?;
+        let prev = agents.last().unwrap_or(&fx.agent);
+        let next = successor(
+            &fx.topo.bastion,
+            prev.config_path(),
+            &["--datapath", path.flag()],
+            &[],
+        )?;
+        wait_taken_over(prev).with_context(|| format!("round {round}"))?;
+        agents.push(next);
+        if path == DataPath::Ebpf {
+            // `tcpgate sessions` still lists it, draining in the first
+            // agent, with counters grown by the last leg.
+            let counters = drained_counters(&fx)?;
+            if let Some(before) = listed {
+                ensure!(
+                    counters.0 > before.0 && counters.1 > before.1,
+                    "counters grow: {before:?} then {counters:?}"
+                );
+            }
+            listed = Some(counters);
+        }
+        transfer.resume();
+    }
+    let (read, digest) = transfer.finish().with_context(|| fx.dump())?;
+    check_digest("download", (read, digest), &Payload::new(12, GIB))?;
+    check_digest("upload", server.join()??, &up)?;
+    let close = tcpgate_tests::wait_events(&fx.agent, "session_close", 1)?;
+    ensure!(close[0]["handover"] == "drained", "{}", close[0]);
+    assert_bytes_with(path, &close[0], GIB, GIB, true)?;
+    // Each replaced agent exits by itself once its sessions are gone.
+    let status = fx
+        .agent
+        .wait_exit(EXIT_WAIT)?
+        .context("first agent still running")?;
+    ensure!(status.success(), "{status:?}\n{}", fx.agent.logs_tail(20));
+    for old in &mut agents[..2] {
+        let status = old
+            .wait_exit(EXIT_WAIT)?
+            .context("replaced agent still running")?;
+        ensure!(status.success(), "{status:?}\n{}", old.logs_tail(20));
+    }
+    // The last successor serves, on the same path.
+    echo_once(&fx, b"after")?;
+    let events = tcpgate_tests::wait_events(&fx.agent, "session_close", 2)?;
+    ensure!(events[1]["handover"].is_null(), "{}", events[1]);
+    tcpgate_tests::assert_bytes(path, &events[1], 5, 1)?;
+    let mut last = agents.pop().context("successor")?;
+    last.stop()?;
+    drop(agents);
+    Ok(())
+}
+
+/// The one session `tcpgate sessions` lists as draining in the fixture's
+/// (first) agent: its (bytes up, bytes down).
+fn drained_counters(fx: &ForwardFixture) -> Result<(u64, u64)> {
+    let doc = op::sessions_json(fx.agent.binary(), fx.agent.pin_dir())?;
+    let pid = u64::from(fx.agent.pid());
+    let rows: Vec<&serde_json::Value> = doc["sessions"]
+        .as_array()
+        .context("sessions")?
+        .iter()
+        .filter(|s| s["draining_agent_pid"].as_u64() == Some(pid))
+        .collect();
+    ensure!(rows.len() == 1, "one session draining in pid {pid}: {doc}");
+    let field = |name: &str| rows[0][name].as_u64().context("counter");
+    Ok((field("bytes_up")?, field("bytes_down")?))
+}
+
+/// A successor whose state version differs adopts nothing: the live
+/// session drains in the old agent, byte-exact, and both logs say why.
+fn a_differing_state_version_drains(path: DataPath) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut fx = fixture(path, dir.path())?;
+    let (up, down) = (Payload::new(21, 64 << 20), Payload::new(22, 64 << 20));
+    let reply = down;
+    let server = serve_once(&fx.topo.target, fx.upstream_addr(), move |mut stream, _| {
+        let mut out = stream.try_clone()?;
+        let writer = std::thread::spawn(move || {
+            write_payload(&mut out, &reply)?;
+            out.shutdown(Shutdown::Write)
+        });
+        let got = read_to_end_hashed(&mut stream)?;
+        writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("server writer"))??;
+        anyhow::Ok(got)
+    })?;
+    let transfer = SteppedTransfer::start(fx.dial()?, up, down.len, 2)?;
+    transfer.wait_checkpoint()?;
+    let mut next = successor(
+        &fx.topo.bastion,
+        fx.agent.config_path(),
+        &["--datapath", path.flag()],
+        &[("TCPGATE_TEST_TAKEOVER_STATE_VERSION", "999")],
+    )?;
+    wait_taken_over(&fx.agent)?;
+    ensure!(
+        next.logs().contains("state versions differ"),
+        "{}",
+        next.logs_tail(20)
+    );
+    ensure!(
+        fx.agent
+            .logs()
+            .lines()
+            .any(|l| l.contains("a successor asks to take over") && l.contains("999")),
+        "{}",
+        fx.agent.logs_tail(20)
+    );
+    let read = transfer.finish()?;
+    check_digest("download", read, &down)?;
+    check_digest("upload", server.join()??, &up)?;
+    let close = tcpgate_tests::wait_events(&fx.agent, "session_close", 1)?;
+    ensure!(close[0]["handover"] == "drained", "{}", close[0]);
+    assert_bytes_with(path, &close[0], up.len, down.len, true)?;
+    ensure!(fx.agent.wait_exit(EXIT_WAIT)?.is_some_and(|s| s.success()));
+    next.stop()?;
+    Ok(())
+}
+
+/// A client dials in a loop (bounded in count) while the agent is replaced
+/// three times: every connection is accepted and answered, none refused
+/// or reset, since both agents accept from the same listening sockets.
+fn new_connections_during_takeovers_are_all_accepted(path: DataPath) -> Result<()> {
+    const MAX_DIALS: u64 = 20_000;
+    let dir = tempfile::tempdir()?;
+    let fx = fixture(path, dir.path())?;
+    let upstream = accept_loop(
+        &fx.topo.target,
+        fx.upstream_addr(),
+        MAX_DIALS as usize,
+        |mut s, _| {
+            let mut byte = [0u8; 1];
+            if s.read_exact(&mut byte).is_ok() {
+                let _ = s.write_all(&byte);
+            }
+        },
+    )?;
+    let (running, dials) = (AtomicBool::new(true), AtomicU64::new(0));
+    let addr = SocketAddr::from((BASTION_RUNNER_V4, LISTEN_PORT));
+    let mut agents: Vec<Agent> = Vec::new();
+    std::thread::scope(|scope| -> Result<()> {
+        let dialer = scope.spawn(|| -> Result<()> {
+            while running.load(Ordering::Acquire) && dials.load(Ordering::Acquire) < MAX_DIALS {
+                let n = dials.load(Ordering::Acquire);
+                let mut s = tcpgate_tests::dial(&fx.topo.runner, addr)
+                    .with_context(|| format!("dial {n}"))?;
+                s.write_all(b"x")?;
+                let mut byte = [0u8; 1];
+                s.read_exact(&mut byte)
+                    .with_context(|| format!("answer to dial {n}"))?;
+                dials.fetch_add(1, Ordering::AcqRel);
+            }
+            Ok(())
+        });
+        let replaced = replace_three_times(&fx, path, &dials, &mut agents);
+        running.store(false, Ordering::Release);
+        let dialed = dialer
+            .join()
+            .map_err(|_| anyhow::anyhow!("dialer panicked"))?;
+        replaced.and(dialed)
+    })?;
+    drop(upstream);
+    for agent in agents.iter_mut().rev() {
+        agent.stop()?;
+    }
+    Ok(())
+}
+
+/// Replaces the agent three times while the dialer runs, then lets the
+/// last one answer a few more.
+fn replace_three_times(
+    fx: &ForwardFixture,
+    path: DataPath,
+    dials: &AtomicU64,
+    agents: &mut Vec<Agent>,
+) -> Result<()> {
+    for _ in 0..3 {
+        let before = dials.load(Ordering::Acquire);
+        tcpgate_tests::eventually(Duration::from_secs(30), "the dialer makes progress", || {
+            dials.load(Ordering::Acquire) > before
+        })?;
+        let prev = agents.last().unwrap_or(&fx.agent);
+        let next = successor(
+            &fx.topo.bastion,
+            prev.config_path(),
+            &["--datapath", path.flag()],
+            &[],
+        )?;
+        wait_taken_over(prev)?;
+        agents.push(next);
+    }
+    let before = dials.load(Ordering::Acquire);
+    tcpgate_tests::eventually(Duration::from_secs(30), "the last agent answers", || {
+        dials.load(Ordering::Acquire) > before + 10
+    })?;
+    Ok(())
+}
+
+/// The old agent stops answering after its offer (a test hook) and is
+/// then killed: the successor gives up on it, cleans up what it left as
+/// after any crash, and serves; stopped, it leaves nothing behind.
+#[test]
+fn sigkill_of_the_old_agent_mid_takeover_leaves_a_working_agent_and_nothing_behind() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let topo = Topology::new()?;
+    let server = sized_server(&topo)?;
+    let dir = tempfile::tempdir()?;
+    let builder = Agent::builder(&topo.bastion)?;
+    let config = op::config(&builder, &agent_lines(dir.path()));
+    let pin_dir = builder.pin_dir().to_owned();
+    let mut old = builder
+        .config(config)
+        .args(["--datapath", "ebpf"])
+        .env("TCPGATE_TEST_TAKEOVER_STALL", "offer")
+        .spawn()?;
+    let config_path = old.config_path().to_owned();
+    let mut stranded = open_session(&topo, 1_000, 1_000)?;
+    let mut next = std::thread::scope(|scope| -> Result<Agent> {
+        let starting =
+            scope.spawn(|| successor(&topo.bastion, &config_path, &["--datapath", "ebpf"], &[]));
+        let stalled = old.wait_for_log("not answering the successor", Duration::from_secs(30));
+        old.signal(Signal::SIGKILL)?;
+        old.wait_exit(EXIT_WAIT)?.context("SIGKILL")?;
+        stalled?;
+        starting
+            .join()
+            .map_err(|_| anyhow::anyhow!("successor thread panicked"))?
+    })?;
+    ensure!(
+        next.logs().contains("takeover failed; starting afresh"),
+        "{}",
+        next.logs_tail(20)
+    );
+    ensure!(op::ended(&mut stranded), "the killed agent's session ends");
+    let fresh = open_session(&topo, 2_000, 3_000).with_context(|| next.logs_tail(30))?;
+    op::close(fresh);
+    let status = next.stop()?;
+    ensure!(status.success(), "{status:?}\n{}", next.logs_tail(20));
+    let mut left = routing_leftovers(&topo.bastion)?;
+    let links = sk_lookup_links(&topo.bastion)?;
+    if links > 0 {
+        left.push(format!("{links} sk_lookup link(s)"));
+    }
+    if pin_dir.exists() {
+        left.push(format!("pin directory {}", pin_dir.display()));
+    }
+    ensure!(left.is_empty(), "left behind: {left:?}");
+    server.stop()?;
+    Ok(())
+}
+
+/// A local user other than root (or the agent's own) cannot take over:
+/// the socket's mode refuses the connection, and with the mode opened up
+/// the agent itself checks the peer's uid and sends no descriptor.
+#[test]
+fn a_local_unprivileged_user_cannot_take_over() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if !require_root() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    // Like /run/tcpgate under systemd: anyone may traverse the directory.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let fx = fixture(DataPath::Userspace, dir.path())?;
+    let socket = dir.path().join("takeover.sock");
+    let as_nobody = |args: &[&str], stdin: std::process::Stdio| {
+        std::process::Command::new("setpriv")
+            .args([
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                "socat",
+            ])
+            .args(args)
+            .stdin(stdin)
+            .output()
+    };
+    let target = format!("UNIX-CONNECT:{}", socket.display());
+    let refused = as_nobody(&["-u", &target, "-"], std::process::Stdio::null())?;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    ensure!(
+        !refused.status.success() && stderr.contains("Permission denied"),
+        "{refused:?}"
+    );
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))?;
+    let hello = br#"{"type":"hello","state_version":1,"pid":1}"#;
+    let frame = dir.path().join("hello.bin");
+    let mut bytes = u32::try_from(hello.len())?.to_be_bytes().to_vec();
+    bytes.extend_from_slice(hello);
+    std::fs::write(&frame, bytes)?;
+    let answered = as_nobody(
+        &["-t", "5", "-", &target],
+        std::fs::File::open(&frame)?.into(),
+    )?;
+    ensure!(
+        answered.stdout.is_empty(),
+        "nobody got an answer: {answered:?}"
+    );
+    fx.agent.wait_for_log(
+        "refused a takeover request from a user",
+        Duration::from_secs(30),
+    )?;
+    // Still the one serving.
+    echo_once(&fx, b"still")?;
+    ensure!(
+        !fx.agent.logs().contains("taken over"),
+        "{}",
+        fx.agent.logs_tail(20)
+    );
+    Ok(())
+}
