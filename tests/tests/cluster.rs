@@ -7,10 +7,14 @@
 //! namespace reaches etcd over a link of its own, which a test can cut.
 
 //!
-//! The shared fleet is in cluster/fleet.rs; TLS to etcd in cluster/tls.rs.
+//! The shared fleet is in cluster/fleet.rs; TLS to etcd in cluster/tls.rs;
+//! `tcpgate grants --cluster` in cluster/cli.rs; the reload after a
+//! compaction in cluster/resync.rs.
 
 mod cluster {
+    pub mod cli;
     pub mod fleet;
+    pub mod resync;
     pub mod tls;
 }
 

@@ -130,6 +130,15 @@ impl Bastion {
         Ok(())
     }
 
+    /// A counter or gauge of this bastion's `/metrics` (0 when absent).
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        let text = self.admin_get("/metrics")?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0))
+    }
+
     /// GET on the operator socket.
     pub fn admin_get(&self, path: &str) -> Result<String> {
         let output = std::process::Command::new("curl")
