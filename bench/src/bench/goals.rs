@@ -60,6 +60,7 @@ pub fn absolute_target(metric: Metric) -> Option<Target> {
         Metric::ConnectionsPerSecond => Some(Target::AtLeast(20_000.0)),
         Metric::RssIdleSessions => Some(Target::AtMost(64.0)),
         Metric::TeardownP99 => Some(Target::AtMost(50.0)),
+        Metric::RevocationP99 => Some(Target::AtMost(250.0)),
         _ => None,
     }
 }
@@ -212,6 +213,17 @@ pub fn evaluate(results: &Results) -> Vec<Goal> {
         });
         goals.extend(absolute(name.to_owned(), metric, figure));
     }
+    let figure = results
+        .median(Metric::RevocationP99, super::fleet::FLEET)
+        .map(|v| Figure {
+            value: v,
+            shown: format!("{v:.1} ms"),
+        });
+    goals.extend(absolute(
+        "revocation on bastion B until A's 100 sessions are reset, p99".to_owned(),
+        Metric::RevocationP99,
+        figure,
+    ));
     goals
 }
 
@@ -264,6 +276,21 @@ mod tests {
         );
         let rate = find("authenticated connections/s, grant");
         assert_eq!(rate.target_text(), "≥ 20,000 conn/s");
+        let mut r = Results::default();
+        r.add(Metric::RevocationP99, super::super::fleet::FLEET, 180.0);
+        let goals = evaluate(&r);
+        let revocation = goals
+            .iter()
+            .find(|g| g.name.starts_with("revocation on bastion B"))
+            .expect("the revocation goal");
+        assert_eq!(
+            (
+                revocation.met(),
+                revocation.shown(),
+                revocation.target_text()
+            ),
+            (Some(true), "180.0 ms", "≤ 250 ms".to_owned())
+        );
     }
 
     #[test]
@@ -280,8 +307,9 @@ mod tests {
     #[test]
     fn every_goal_is_reported_even_unmeasured() {
         let goals = evaluate(&Results::default());
-        // 4 throughput, 2 CPU, 2 latency, 2 connection rates, RSS, teardown.
-        assert_eq!(goals.len(), 12);
+        // 4 throughput, 2 CPU, 2 latency, 2 connection rates, RSS, teardown,
+        // revocation across bastions.
+        assert_eq!(goals.len(), 13);
         assert!(goals.iter().all(|g| g.met().is_none()));
     }
 }
