@@ -32,7 +32,8 @@ pub struct GrantsArgs {
     /// etcd through the agent, so there is no pinned-map fallback.
     #[arg(long)]
     pub cluster: bool,
-    /// How long to wait for the API before reading the pinned map.
+    /// How long to wait for the API before reading the pinned map (with
+    /// `--cluster`: for the fleet's grants, then fail).
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub api_timeout: Duration,
     /// Print JSON (schema `tcpgate.grants/v1`; with `--cluster`,
