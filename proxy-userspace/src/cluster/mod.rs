@@ -59,9 +59,11 @@ pub struct Cluster {
     prefix: String,
     name: String,
     timeout: Duration,
-    /// Tries per write: one per member, as a request to a member that just
-    /// died fails before the client moves on to the others.
-    attempts: usize,
+    /// One client per member, for retrying a write on each in turn: the
+    /// balanced client keeps choosing a member that died (its connection
+    /// fails at once, so it looks least loaded), so retries through it
+    /// alone can all fail while the other members are fine.
+    members: Vec<Client>,
     health: Health,
 }
 
@@ -115,19 +117,23 @@ impl Cluster {
             options = options.with_tls(tls);
         }
         let urls = section.etcd.join(", ");
-        let client = Client::connect(&section.etcd, Some(options))
-            .await
-            .map_err(|source| ClusterError::Client {
-                urls: urls.clone(),
-                source,
-            })?;
+        let connect = |urls: &[String]| Client::connect(urls.to_vec(), Some(options.clone()));
+        let failed = |source| ClusterError::Client {
+            urls: urls.clone(),
+            source,
+        };
+        let client = connect(&section.etcd).await.map_err(failed)?;
+        let mut members = Vec::with_capacity(section.etcd.len());
+        for url in &section.etcd {
+            members.push(connect(std::slice::from_ref(url)).await.map_err(failed)?);
+        }
         Ok(Self {
             client,
             urls,
             prefix: section.prefix.clone(),
             name: section.name.clone(),
             timeout: section.timeout,
-            attempts: section.etcd.len().max(1),
+            members,
             health: Health::default(),
         })
     }
@@ -165,18 +171,19 @@ impl Cluster {
         }
     }
 
-    /// Runs a write up to once per member; a failure is counted.
+    /// Runs a write through the balanced client, then, while it fails,
+    /// once through each member's own; a failure is counted.
     async fn retried<F, Fut>(&self, attempt: F) -> Result<(), ClusterError>
     where
-        F: Fn() -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<(), ClusterError>>,
     {
-        let mut result = attempt().await;
-        for _ in 1..self.attempts {
+        let mut result = attempt(self.client.clone()).await;
+        for member in &self.members {
             if result.is_ok() {
                 break;
             }
-            result = attempt().await;
+            result = attempt(member.clone()).await;
         }
         self.count_failure(result)
     }
@@ -193,11 +200,11 @@ impl Cluster {
         let Some(record) = GrantRecord::of(grant, &self.name) else {
             return Ok(());
         };
-        let attempt = || async {
+        let record = &record;
+        let attempt = |mut client: Client| async move {
             let ttl = ttl_until(grant.expires_at, SystemTime::now());
-            let mut client = self.client.clone();
             let lease = self.bounded(client.lease_grant(ttl, None)).await?;
-            let value = serde_json::to_vec(&record).unwrap_or_default();
+            let value = serde_json::to_vec(record).unwrap_or_default();
             let options = PutOptions::new().with_lease(lease.id());
             self.bounded(client.put(self.grant_key(grant.id), value, Some(options)))
                 .await?;
@@ -224,8 +231,7 @@ impl Cluster {
         revocation: Option<&RevocationRecord>,
         ended: &[GrantId],
     ) -> Result<(), ClusterError> {
-        let attempt = || async {
-            let mut client = self.client.clone();
+        let attempt = |mut client: Client| async move {
             let mut ops: Vec<TxnOp> = Vec::new();
             if let Some(revocation) = revocation {
                 let ttl = ttl_until(revocation.until(), SystemTime::now());
