@@ -54,6 +54,15 @@ pub mod sockopt;
 /// The eBPF object, compiled by build.rs for the bpf target, with BTF.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpgate"));
 
+/// Makes aws-lc-rs rustls's process-wide default provider. etcd-client's
+/// TLS compiles ring in too, and with two providers rustls picks none by
+/// itself; tonic (the etcd link) takes the process default. Idempotent:
+/// a provider already installed stays.
+pub fn install_crypto_provider() {
+    // Err means one is installed already, which is what we want.
+    let _ = tokio_rustls::rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
 /// Renders an error with its chain of causes, for logs and audit details.
 #[must_use]
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

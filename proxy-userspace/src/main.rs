@@ -1,6 +1,8 @@
 use clap::Parser;
 
 fn main() {
+    // Before anything builds a TLS configuration (grant API, etcd, JWKS).
+    tcpgate::install_crypto_provider();
     let cli = tcpgate::cli::Cli::parse();
     if let Err(e) = tcpgate::cli::init_logging(cli.log_format, &cli.log_level) {
         // One level of cause only: tracing's filter errors already print

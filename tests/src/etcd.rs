@@ -10,17 +10,21 @@
 //!                                                              ┘ peers [::1]:2380,2382,2384
 //! ```
 //!
-//! Members run plain HTTP with a temporary data directory. Dropping the
-//! guard stops every member and removes the namespace (and with it each
-//! link) and the data.
+//! Members run plain HTTP ([`Etcd::start`]) or, with [`Etcd::start_tls`],
+//! HTTPS with a CA of their own and `--client-cert-auth`, each on a
+//! temporary data directory. Dropping the guard stops every member and
+//! removes the namespace (and with it each link) and the data.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::netns::{Netns, NetnsError};
 use crate::process::{ChildGuard, ProcessError};
+use crate::tls::{ApiCert, Ca, Usage};
 
 const FIRST_CLIENT_PORT: u16 = 2379;
+/// Links whose etcd-side address is in the members' certificate.
+const MAX_TLS_LINKS: usize = 8;
 /// How long members get to elect a leader and answer.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -62,6 +66,48 @@ pub struct Etcd {
     data: tempfile::TempDir,
     links: usize,
     token: String,
+    tls: Option<EtcdTls>,
+}
+
+/// The certificates of an etcd that serves TLS and wants client
+/// certificates.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// The CA that signed the members' certificate and every client
+    /// certificate etcd accepts (`[cluster] ca` of the bastions).
+    pub ca: Ca,
+    server: ApiCert,
+    /// etcdctl's own client certificate.
+    ctl: ApiCert,
+    /// Where the certificates are written (etcd's data directory).
+    dir: PathBuf,
+}
+
+impl EtcdTls {
+    fn new(dir: &Path) -> EtcdTls {
+        let ca = Ca::new(dir, "etcd-ca");
+        // Each link's etcd-side address, and loopback for etcdctl.
+        let mut names: Vec<String> = (1..=MAX_TLS_LINKS)
+            .map(|n| format!("2001:db8:e7cd:{n}::1"))
+            .collect();
+        names.push("::1".to_owned());
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let server = ca.leaf(dir, "etcd-server", &names, Usage::ServerAndClient);
+        let ctl = ca.leaf(dir, "etcdctl", &[], Usage::Client);
+        EtcdTls {
+            ca,
+            server,
+            ctl,
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// A client certificate etcd accepts (a bastion's `[cluster] cert`
+    /// and `key`), written beside etcd's own as `<stem>.pem` / `.key`.
+    #[must_use]
+    pub fn client(&self, stem: &str) -> ApiCert {
+        self.ca.leaf(&self.dir, stem, &[], Usage::Client)
+    }
 }
 
 impl std::fmt::Debug for Etcd {
@@ -76,6 +122,26 @@ impl std::fmt::Debug for Etcd {
 impl Etcd {
     /// Starts `members` members (1 or 3) and waits until they answer.
     pub fn start(members: usize) -> Result<Etcd, EtcdError> {
+        Self::start_with(members, false)
+    }
+
+    /// Like [`Etcd::start`], over TLS with client certificates required;
+    /// [`Etcd::tls`] has the CA and makes client certificates.
+    pub fn start_tls(members: usize) -> Result<Etcd, EtcdError> {
+        Self::start_with(members, true)
+    }
+
+    /// The certificates, for an etcd started with [`Etcd::start_tls`].
+    #[must_use]
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
+    fn start_with(members: usize, tls: bool) -> Result<Etcd, EtcdError> {
         let ns = Netns::new("e")?;
         ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
         ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
@@ -96,6 +162,7 @@ impl Etcd {
                 })
                 .collect(),
             token: ns.name().to_owned(),
+            tls: tls.then(|| EtcdTls::new(data.path())),
             ns,
             data,
             links: 0,
@@ -125,8 +192,9 @@ impl Etcd {
         let cluster = self.initial_cluster();
         let member = self.members.get(i).ok_or(EtcdError::NoMember(i))?;
         let data_dir = self.data_dir(member);
-        let client = format!("http://[::]:{}", member.client_port);
-        let advertise = format!("http://[::1]:{}", member.client_port);
+        let scheme = self.scheme();
+        let client = format!("{scheme}://[::]:{}", member.client_port);
+        let advertise = format!("{scheme}://[::1]:{}", member.client_port);
         let peer = format!("http://[::1]:{}", member.peer_port);
         let mut command = self.ns.command("etcd");
         command
@@ -142,6 +210,16 @@ impl Etcd {
             .args(["--initial-cluster-token", &self.token])
             .args(["--initial-cluster-state", "new"])
             .args(["--log-level", "warn"]);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.server.cert)
+                .arg("--key-file")
+                .arg(&tls.server.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca.cert)
+                .arg("--client-cert-auth");
+        }
         let name = format!("etcd-{}", member.name);
         let process = ChildGuard::spawn_logged(&mut command, self.data.path(), &name)?;
         if let Some(member) = self.members.get_mut(i) {
@@ -184,10 +262,22 @@ impl Etcd {
             .members
             .iter()
             .filter(|m| m.process.is_some())
-            .map(|m| format!("http://[::1]:{}", m.client_port))
+            .map(|m| format!("{}://[::1]:{}", self.scheme(), m.client_port))
             .collect();
         let endpoints = format!("--endpoints={}", endpoints.join(","));
         let mut all = vec!["env", "ETCDCTL_API=3", "etcdctl", endpoints.as_str()];
+        let tls_flags: Vec<String> = self
+            .tls
+            .iter()
+            .flat_map(|tls| {
+                [
+                    format!("--cacert={}", tls.ca.cert.display()),
+                    format!("--cert={}", tls.ctl.cert.display()),
+                    format!("--key={}", tls.ctl.key.display()),
+                ]
+            })
+            .collect();
+        all.extend(tls_flags.iter().map(String::as_str));
         all.extend_from_slice(args);
         self.ns.exec_ok(&all)
     }
@@ -256,7 +346,7 @@ impl Etcd {
         let urls = self
             .members
             .iter()
-            .map(|m| format!("http://[{ours}]:{}", m.client_port))
+            .map(|m| format!("{}://[{ours}]:{}", self.scheme(), m.client_port))
             .collect();
         Ok(EtcdLink { device, urls })
     }

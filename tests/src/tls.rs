@@ -31,74 +31,164 @@ fn san(addrs: &[&str]) -> String {
     format!("subjectAltName={}", names.join(","))
 }
 
+/// What a leaf certificate is for (its extendedKeyUsage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// A TLS server (the grant API).
+    Server,
+    /// A TLS client (a bastion showing etcd who it is).
+    Client,
+    /// Both: etcd's members, whose gateway dials the member itself with
+    /// the server certificate.
+    ServerAndClient,
+}
+
+impl Usage {
+    fn extended_key_usage(self) -> &'static str {
+        match self {
+            Self::Server => "serverAuth",
+            Self::Client => "clientAuth",
+            Self::ServerAndClient => "serverAuth,clientAuth",
+        }
+    }
+}
+
+/// A certificate authority: its certificate and key.
+#[derive(Debug, Clone)]
+pub struct Ca {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// A leaf for `names` (IP addresses or DNS names) signed by the shared
 /// test CA, written to `dir` as `<stem>.pem` / `<stem>.key`.
 pub fn ca_signed(dir: &Path, stem: &str, names: &[&str]) -> ApiCert {
-    let ca = &key_files().ca_pem;
-    let ca_key = ca.with_file_name("ca.key");
-    let (cert, key, csr, ext, srl) = (
-        dir.join(format!("{stem}.pem")),
-        dir.join(format!("{stem}.key")),
-        dir.join(format!("{stem}.csr")),
-        dir.join(format!("{stem}.ext")),
-        dir.join(format!("{stem}.srl")),
-    );
-    std::fs::write(
-        &ext,
-        format!(
-            "{}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
-             extendedKeyUsage=serverAuth\n",
-            san(names)
-        ),
-    )
-    .expect("write the extensions file");
-    let s = |p: &Path| p.display().to_string();
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &s(&key),
-            "-out",
-            &s(&csr),
-            "-subj",
-            "/CN=tcpgate bastion",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &s(&csr),
-            "-CA",
-            &s(ca),
-            "-CAkey",
-            &s(&ca_key),
-            // A serial file of this certificate's own: the CA is shared by
-            // tests running in parallel, and its default `ca.srl` beside it
-            // would be read and rewritten by several openssl at once.
-            "-CAserial",
-            &s(&srl),
-            "-CAcreateserial",
-            "-out",
-            &s(&cert),
-            "-days",
-            "2",
-            "-extfile",
-            &s(&ext),
-        ],
-    );
-    ApiCert {
-        cert,
-        key,
-        trust: ca.clone(),
+    Ca::shared().leaf(dir, stem, names, Usage::Server)
+}
+
+impl Ca {
+    /// The test CA shared by the process (the one JWKS and API leaves
+    /// come from).
+    #[must_use]
+    pub fn shared() -> Ca {
+        let cert = key_files().ca_pem.clone();
+        Ca {
+            key: cert.with_file_name("ca.key"),
+            cert,
+        }
+    }
+
+    /// A CA of its own in `dir` (`<stem>.pem` / `<stem>.key`), trusted by
+    /// nobody else: what an attacker's certificates come from.
+    #[must_use]
+    pub fn new(dir: &Path, stem: &str) -> Ca {
+        let (cert, key) = (
+            dir.join(format!("{stem}.pem")),
+            dir.join(format!("{stem}.key")),
+        );
+        let s = |p: &Path| p.display().to_string();
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &s(&key),
+                "-out",
+                &s(&cert),
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=tcpgate test CA {stem}"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+        Ca { cert, key }
+    }
+
+    /// A leaf for `names` signed by this CA, for `usage`, written to `dir`
+    /// as `<stem>.pem` / `<stem>.key`.
+    #[must_use]
+    pub fn leaf(&self, dir: &Path, stem: &str, names: &[&str], usage: Usage) -> ApiCert {
+        let (cert, key, csr, ext, srl) = (
+            dir.join(format!("{stem}.pem")),
+            dir.join(format!("{stem}.key")),
+            dir.join(format!("{stem}.csr")),
+            dir.join(format!("{stem}.ext")),
+            dir.join(format!("{stem}.srl")),
+        );
+        std::fs::write(
+            &ext,
+            format!(
+                "{}basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+                 extendedKeyUsage={}\n",
+                // A client certificate may name nothing.
+                if names.is_empty() {
+                    String::new()
+                } else {
+                    san(names) + "\n"
+                },
+                usage.extended_key_usage()
+            ),
+        )
+        .expect("write the extensions file");
+        let s = |p: &Path| p.display().to_string();
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &s(&key),
+                "-out",
+                &s(&csr),
+                "-subj",
+                &format!("/CN=tcpgate {stem}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &s(&csr),
+                "-CA",
+                &s(&self.cert),
+                "-CAkey",
+                &s(&self.key),
+                // A serial file of this certificate's own: the shared CA is
+                // used by tests running in parallel, and its default
+                // `ca.srl` beside it would be read and rewritten by several
+                // openssl at once.
+                "-CAserial",
+                &s(&srl),
+                "-CAcreateserial",
+                "-out",
+                &s(&cert),
+                "-days",
+                "2",
+                "-extfile",
+                &s(&ext),
+            ],
+        );
+        ApiCert {
+            cert,
+            key,
+            trust: self.cert.clone(),
+        }
     }
 }
 

@@ -6,183 +6,27 @@
 //! an ECMP router or a VRRP failover sends to either bastion. Every bastion
 //! namespace reaches etcd over a link of its own, which a test can cut.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+//!
+//! The shared fleet is in cluster/fleet.rs; TLS to etcd in cluster/tls.rs;
+//! `tcpgate grants --cluster` in cluster/cli.rs; the reload after a
+//! compaction in cluster/resync.rs.
+
+mod cluster {
+    pub mod cli;
+    pub mod fleet;
+    pub mod resync;
+    pub mod tls;
+}
+
+use std::io::Read;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use cluster::fleet::{PROPAGATION, SUBJECT, closed_with, ended, fleet, services};
 use serde_json::json;
-use tcpgate_tests::auth_fixture::{AuthFixture, Launch, policy};
-use tcpgate_tests::etcd::{Etcd, EtcdLink};
 use tcpgate_tests::tokens::{claims_with, unix_now};
-use tcpgate_tests::{Agent, Payload, Topology, accept_loop, require_root};
+use tcpgate_tests::{Agent, require_root};
 use tcpgate_tests::{eventually, wait_events};
-
-const SUBJECT: &str = "project_path:group/app:ref_type:branch:ref:release/1.4";
-/// Bound for a change to reach another bastion (the goal is 1 s; this only
-/// says "did not hang").
-const PROPAGATION: Duration = Duration::from_secs(20);
-
-/// One bastion of the fleet, and its link to etcd.
-struct Bastion {
-    fx: AuthFixture,
-    link: EtcdLink,
-}
-
-fn cluster_section(link: &EtcdLink, name: &str) -> String {
-    format!(
-        "[cluster]\netcd = {}\nname = {name:?}\ntimeout = \"1s\"\n",
-        link.toml_urls()
-    )
-}
-
-fn bastion(etcd: &mut Etcd, name: &str) -> Result<Bastion> {
-    let topo = Topology::new()?;
-    let link = etcd.link(&topo.bastion)?;
-    let launch = Launch {
-        sections: cluster_section(&link, name),
-        topology: Some(topo),
-        ..Launch::default()
-    };
-    let fx = AuthFixture::start_launched(&policy("15m"), &[], launch)?;
-    Ok(Bastion { fx, link })
-}
-
-/// An etcd of `members` members and two bastions, A and B, in it.
-fn fleet(members: usize) -> Result<(Etcd, Bastion, Bastion)> {
-    let mut etcd = Etcd::start(members)?;
-    let a = bastion(&mut etcd, "bastion-a")?;
-    let b = bastion(&mut etcd, "bastion-b")?;
-    Ok((etcd, a, b))
-}
-
-impl Bastion {
-    /// Whether a plain client behind this bastion gets the greeting of the
-    /// echo service on 192.0.2.10:9000 (a source grant admits it; without
-    /// one the agent waits for a preamble and closes).
-    fn admits(&self) -> bool {
-        let Ok(mut stream) = self.fx.dial_from_runner(AuthFixture::target(9000)) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-        let mut greeting = [0u8; 6];
-        stream.read_exact(&mut greeting).is_ok() && &greeting == b"HELLO\n"
-    }
-
-    /// A session through this bastion to the streaming server on :5432,
-    /// with its first bytes read.
-    fn streaming_session(&self) -> Result<TcpStream> {
-        let mut stream = self.fx.dial_from_runner(AuthFixture::target(5432))?;
-        let mut first = [0u8; 1024];
-        stream.read_exact(&mut first).context("first bytes")?;
-        Ok(stream)
-    }
-
-    fn revoke_subject(&self) -> Result<(i32, String, String)> {
-        let admin = self.fx.admin_socket().display().to_string();
-        self.fx.cli(
-            &self.fx.topo.bastion,
-            &["revoke", "--admin", &admin, "--subject", SUBJECT],
-        )
-    }
-
-    /// `tcpgate grant` from this bastion's runner: (status, stdout, stderr).
-    fn try_grant(&self, token: &str) -> Result<(i32, String, String)> {
-        let file = self.fx.token_file(token)?;
-        let api = AuthFixture::api_url();
-        let ca = self.fx.api_ca.display().to_string();
-        let file = file.display().to_string();
-        self.fx.cli(
-            &self.fx.topo.runner,
-            &[
-                "grant",
-                "--token-file",
-                &file,
-                "--api",
-                &api,
-                "--ca",
-                &ca,
-                "--json",
-            ],
-        )
-    }
-
-    /// GET on the operator socket.
-    fn admin_get(&self, path: &str) -> Result<String> {
-        let output = std::process::Command::new("curl")
-            .args(["-s", "--max-time", "10", "--unix-socket"])
-            .arg(self.fx.admin_socket())
-            .arg(format!("http://localhost{path}"))
-            .output()
-            .context("curl")?;
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    }
-}
-
-/// Echo service (greets first) on :9000 and a streaming server on :5432
-/// behind `b`.
-struct Services {
-    _echo: tcpgate_tests::AcceptLoop<std::net::SocketAddr>,
-    _stream: tcpgate_tests::AcceptLoop<u64>,
-}
-
-fn services(b: &Bastion) -> Result<Services> {
-    let echo = tcpgate_tests::auth_fixture::echo_service(&b.fx, b"HELLO\n")?;
-    let stream = accept_loop(
-        &b.fx.topo.target,
-        AuthFixture::target(5432),
-        10,
-        |mut stream, _| {
-            let chunk = Payload::new(1, 16 * 1024).to_vec();
-            let mut sent = 0u64;
-            let deadline = Instant::now() + Duration::from_secs(90);
-            while Instant::now() < deadline && stream.write_all(&chunk).is_ok() {
-                sent += chunk.len() as u64;
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            sent
-        },
-    )?;
-    Ok(Services {
-        _echo: echo,
-        _stream: stream,
-    })
-}
-
-/// Reads until the stream ends (or the read timeout says it did not).
-fn ended(stream: &mut TcpStream) -> bool {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(e) => {
-                return !matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                );
-            }
-        }
-    }
-}
-
-/// Waits (bounded) for `n` session_close events of `agent` with `reason`.
-fn closed_with(agent: &Agent, reason: &str, n: usize) -> Result<Vec<serde_json::Value>> {
-    let matching = || -> Vec<serde_json::Value> {
-        agent
-            .audit_events()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|e| e["event"] == "session_close" && e["reason"] == reason)
-            .collect()
-    };
-    eventually(
-        Duration::from_secs(60),
-        &format!("{n} sessions closed as {reason}"),
-        || matching().len() >= n,
-    )?;
-    Ok(matching())
-}
 
 #[test]
 fn a_grant_through_one_bastion_admits_through_another() -> Result<()> {
@@ -236,31 +80,7 @@ fn a_grant_given_back_through_one_bastion_ends_on_another() -> Result<()> {
     eventually(PROPAGATION, "B admits under A's grant", || b.admits())?;
     // Given back through A (`DELETE /v1/grants/{id}` with the job's
     // token): B stops admitting too.
-    let output =
-        a.fx.topo
-            .runner
-            .command("curl")
-            .args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-X",
-                "DELETE",
-                "--cacert",
-            ])
-            .arg(&a.fx.api_ca)
-            .arg("-H")
-            .arg(format!("Authorization: Bearer {}", a.fx.token()))
-            .arg(format!("{}/v1/grants/{grant}", AuthFixture::api_url()))
-            .output()?;
-    let code = String::from_utf8_lossy(&output.stdout);
-    ensure!(
-        code.trim() == "204",
-        "give back through A: {code}; A's log: {}",
-        a.fx.agent.logs_tail(20)
-    );
+    a.give_back(&grant, &a.fx.token())?;
     eventually(PROPAGATION, "B stops admitting a grant given back", || {
         !b.admits()
     })?;
@@ -369,6 +189,12 @@ fn a_bastion_cut_off_applies_missed_revocations_when_it_reconnects() -> Result<(
     eventually(PROPAGATION, "A admits under B's grant", || a.admits())?;
     let mut session = a.streaming_session()?;
     a.link.cut(&a.fx.topo.bastion)?;
+    // Its watch must end (HTTP/2 keepalive notices the cut), or the same
+    // connection would carry the revocation once the link is back.
+    eventually(PROPAGATION, "A notices it is cut off", || {
+        a.admin_get("/readyz")
+            .is_ok_and(|r| r.contains("disconnected"))
+    })?;
     let (status, stdout, stderr) = b.revoke_subject()?;
     ensure!(status == 0, "revoke on B: {stdout} {stderr}");
     // Cut off, A cannot know yet: its session keeps streaming.

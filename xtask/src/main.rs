@@ -74,13 +74,14 @@ enum Verb {
     ///
     /// Measures throughput, CPU per GiB, request/response latency,
     /// authenticated connection rates, agent memory with 10,000 idle
-    /// sessions and teardown latency at grant expiry. Prints medians,
+    /// sessions, teardown latency at grant expiry, and in a fleet the grant
+    /// API with and without etcd and a revocation across bastions. Prints medians,
     /// spreads and ratios against direct and HAProxy, and writes
     /// target/bench/results.json, results.md and chart.svg.
     ///
     /// Runs setup, builds the agent and tcpgate-bench in release mode, then
     /// runs `tcpgate-bench bench ARGS`: --quick (under 3 minutes), --runs N,
-    /// --only throughput,latency,connrate,rss,teardown, --out DIR.
+    /// --only throughput,latency,connrate,rss,teardown,fleet, --out DIR.
     /// `cargo xtask bench -- --help` shows tcpgate-bench's own help.
     Bench(handover::PassArgs),
     /// Fuzz the parsers (preamble, tokens and policy, config, grant API) with cargo-fuzz.

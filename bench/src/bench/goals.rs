@@ -59,6 +59,7 @@ pub fn absolute_target(metric: Metric) -> Option<Target> {
     match metric {
         Metric::RssIdleSessions => Some(Target::AtMost(64.0)),
         Metric::TeardownP99 => Some(Target::AtMost(50.0)),
+        Metric::RevocationP99 => Some(Target::AtMost(250.0)),
         _ => None,
     }
 }
@@ -225,13 +226,16 @@ fn connection_goals(results: &Results, goals: &mut Vec<Goal>) {
 
 /// A goal on `metric`'s [`absolute_target`], in the metric's unit.
 fn absolute(name: &str, metric: Metric, results: &Results) -> Option<Goal> {
+    absolute_of(name, metric, Contender::TcpgateEbpf.name(), results)
+}
+
+/// [`absolute`] for the figure `contender` measured.
+fn absolute_of(name: &str, metric: Metric, contender: &str, results: &Results) -> Option<Goal> {
     let unit = metric.unit();
-    let figure = results
-        .median(metric, Contender::TcpgateEbpf.name())
-        .map(|v| Figure {
-            value: v,
-            shown: format!("{v:.1} {unit}"),
-        });
+    let figure = results.median(metric, contender).map(|v| Figure {
+        value: v,
+        shown: format!("{v:.1} {unit}"),
+    });
     Some(Goal {
         name: name.to_owned(),
         target: absolute_target(metric)?,
@@ -255,6 +259,12 @@ pub fn evaluate(results: &Results) -> Vec<Goal> {
     goals.extend(absolute(
         "teardown after grant expiry p99",
         Metric::TeardownP99,
+        results,
+    ));
+    goals.extend(absolute_of(
+        "revocation on bastion B until A's 100 sessions are reset, p99",
+        Metric::RevocationP99,
+        super::fleet::FLEET,
         results,
     ));
     goals
@@ -408,6 +418,21 @@ mod tests {
         );
         assert_eq!(rss.target_text(), "≤ 64 MiB");
         assert_eq!(absolute_target(Metric::ConnectionsPerSecond), None);
+        let mut r = Results::default();
+        r.add(Metric::RevocationP99, super::super::fleet::FLEET, 180.0);
+        let goals = evaluate(&r);
+        let revocation = goals
+            .iter()
+            .find(|g| g.name.starts_with("revocation on bastion B"))
+            .expect("the revocation goal");
+        assert_eq!(
+            (
+                revocation.met(),
+                revocation.shown(),
+                revocation.target_text()
+            ),
+            (Some(true), "180.0 ms", "≤ 250 ms".to_owned())
+        );
     }
 
     #[test]
@@ -424,8 +449,9 @@ mod tests {
     #[test]
     fn every_goal_of_the_issue_is_reported_even_unmeasured() {
         let goals = evaluate(&Results::default());
-        // 2 throughput, CPU, 2 latency, 2 connection rates, RSS, teardown.
-        assert_eq!(goals.len(), 9);
+        // 2 throughput, CPU, 2 latency, 2 connection rates, RSS, teardown,
+        // revocation across bastions.
+        assert_eq!(goals.len(), 10);
         assert!(goals.iter().all(|g| g.met().is_none()));
     }
 }

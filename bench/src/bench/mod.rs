@@ -11,6 +11,7 @@ mod auth;
 mod connrate;
 mod contender;
 mod cpu;
+mod fleet;
 mod goals;
 mod interrupt;
 mod iperf;
@@ -212,6 +213,13 @@ fn measure_all(
     phases::connrate(&bench, results)?;
     phases::rss(&bench, results)?;
     phases::teardown(&bench, results)?;
+    if settings.wants(settings::Measure::Fleet) {
+        if keys.is_some() {
+            fleet::run(agent_binary, settings, results).context("the fleet measures")?;
+        } else {
+            results.note("the fleet measures need [auth]; skipped");
+        }
+    }
     Ok(())
 }
 

@@ -18,10 +18,15 @@ pub enum Metric {
     RssIdleSessions,
     TeardownP50,
     TeardownP99,
+    GrantApiP50,
+    GrantApiP99,
+    GrantsPerSecond,
+    RevocationP50,
+    RevocationP99,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 11] = [
+    pub const ALL: [Metric; 16] = [
         Metric::ThroughputOneStream,
         Metric::ThroughputEightStreams,
         Metric::CpuPerGib,
@@ -33,6 +38,11 @@ impl Metric {
         Metric::RssIdleSessions,
         Metric::TeardownP50,
         Metric::TeardownP99,
+        Metric::GrantApiP50,
+        Metric::GrantApiP99,
+        Metric::GrantsPerSecond,
+        Metric::RevocationP50,
+        Metric::RevocationP99,
     ];
 
     pub fn title(self) -> &'static str {
@@ -48,6 +58,11 @@ impl Metric {
             Metric::RssIdleSessions => "agent RSS with idle sessions",
             Metric::TeardownP50 => "teardown after grant expiry p50",
             Metric::TeardownP99 => "teardown after grant expiry p99",
+            Metric::GrantApiP50 => "grant API request p50 (TLS, new connection)",
+            Metric::GrantApiP99 => "grant API request p99 (TLS, new connection)",
+            Metric::GrantsPerSecond => "grants issued per second",
+            Metric::RevocationP50 => "revocation on another bastion to session reset p50",
+            Metric::RevocationP99 => "revocation on another bastion to session reset p99",
         }
     }
 
@@ -60,6 +75,9 @@ impl Metric {
             Metric::AgentCpuPerConnection => "µs",
             Metric::RssIdleSessions => "MiB",
             Metric::TeardownP50 | Metric::TeardownP99 => "ms",
+            Metric::GrantApiP50 | Metric::GrantApiP99 => "ms",
+            Metric::GrantsPerSecond => "grants/s",
+            Metric::RevocationP50 | Metric::RevocationP99 => "ms",
         }
     }
 
@@ -69,6 +87,7 @@ impl Metric {
             Metric::ThroughputOneStream
                 | Metric::ThroughputEightStreams
                 | Metric::ConnectionsPerSecond
+                | Metric::GrantsPerSecond
         )
     }
 

@@ -39,6 +39,9 @@ pub enum Measure {
     Rss,
     /// Teardown latency when a grant expires.
     Teardown,
+    /// The grant API with and without etcd, and a revocation across
+    /// bastions (etcd, two bastions).
+    Fleet,
 }
 
 /// Every knob of one bench run, recorded in results.json.
@@ -64,6 +67,15 @@ pub struct Settings {
     pub teardown_sessions: u32,
     /// Lifetime of the grant whose expiry ends the sessions.
     pub grant_lifetime_s: u32,
+    /// Repetitions of the fleet measures.
+    pub fleet_runs: usize,
+    /// Grants requested one after another for the grant API's latency.
+    pub grant_requests: usize,
+    /// Runners requesting grants at once, and for how long, for the rate.
+    pub grant_workers: usize,
+    pub grant_seconds: f64,
+    /// Live sessions on bastion A that a revocation on B resets.
+    pub revocation_sessions: usize,
 }
 
 impl Settings {
@@ -93,6 +105,11 @@ impl Settings {
             teardown_runs: runs.unwrap_or(if quick { 1 } else { 3 }),
             teardown_sessions: 1_000,
             grant_lifetime_s: 4,
+            fleet_runs: runs.unwrap_or(if quick { 1 } else { 3 }),
+            grant_requests: if quick { 200 } else { 1_000 },
+            grant_workers: 8,
+            grant_seconds: if quick { 2.0 } else { 5.0 },
+            revocation_sessions: 100,
         };
         if settings.runs == 0 {
             bail!("--runs must be at least 1");
@@ -125,6 +142,8 @@ mod tests {
         assert!(quick.runs < full.runs && quick.iperf_seconds < full.iperf_seconds);
         assert_eq!(full.idle_sessions, 10_000);
         assert_eq!(full.teardown_sessions, 1_000);
+        assert!(quick.grant_requests < full.grant_requests && quick.fleet_runs < full.fleet_runs);
+        assert_eq!(full.revocation_sessions, 100);
         let two = Settings::from_args(&args(false, Some(2), vec![])).expect("valid");
         assert_eq!((two.runs, two.rss_runs, two.teardown_runs), (2, 2, 2));
     }

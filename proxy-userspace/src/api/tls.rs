@@ -73,7 +73,12 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, ApiError> {
         path: key.to_owned(),
         source,
     })?;
-    let mut config = tokio_rustls::rustls::ServerConfig::builder()
+    // Named, not the process default: this must not depend on whether
+    // main() ran (unit tests), with ring also compiled in for etcd.
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(ApiError::Tls)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(ApiError::Tls)?;

@@ -24,12 +24,20 @@ pub struct GrantsArgs {
     /// The agent's pin directory, read when the API does not answer.
     /// Default: `[agent] pin_dir` from the configuration file, else
     /// /sys/fs/bpf/tcpgate.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "cluster")]
     pub pin_dir: Option<PathBuf>,
-    /// How long to wait for the API before reading the pinned map.
+    /// List the grants of the whole fleet (every bastion sharing this
+    /// agent's etcd), with the bastion that issued each, instead of the
+    /// grants this agent holds. Needs an agent with `[cluster]`; read from
+    /// etcd through the agent, so there is no pinned-map fallback.
+    #[arg(long)]
+    pub cluster: bool,
+    /// How long to wait for the API before reading the pinned map (with
+    /// `--cluster`: for the fleet's grants, then fail).
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub api_timeout: Duration,
-    /// Print JSON (schema `tcpgate.grants/v1`).
+    /// Print JSON (schema `tcpgate.grants/v1`; with `--cluster`,
+    /// `tcpgate.fleet-grants/v1`).
     #[arg(long)]
     pub json: bool,
 }
@@ -179,6 +187,9 @@ fn render(rows: &[GrantRow]) -> String {
 }
 
 pub fn run(args: &GrantsArgs) -> i32 {
+    if args.cluster {
+        return super::fleet_grants::run(&args.admin, args.api_timeout, args.json);
+    }
     let base = match args.admin.endpoint() {
         Ok(endpoint) => endpoint,
         Err(e) => {

@@ -5,6 +5,7 @@ mod check_config;
 mod completions;
 mod connect;
 mod firewall;
+mod fleet_grants;
 mod grant;
 mod grants;
 mod manpage;

@@ -13,9 +13,12 @@ mod health;
 pub mod record;
 mod sync;
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, GetOptions, Identity, PutOptions, TlsOptions, Txn, TxnOp,
+};
 
 pub use health::{Applied, Health};
 use record::{GRANTS, GrantRecord, REVOCATIONS, RevocationRecord, ttl_until};
@@ -25,11 +28,22 @@ use crate::config::ClusterSection;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("cannot set up the etcd client")]
-    Client(#[source] etcd_client::Error),
+    #[error("cannot set up the etcd client for {urls}")]
+    Client {
+        urls: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("cannot read {field} {}", path.display())]
+    TlsFile {
+        field: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("etcd did not answer within {0:?} ([cluster] timeout)")]
     Timeout(Duration),
-    #[error("etcd refused the request")]
+    #[error("the request to etcd failed")]
     Etcd(#[source] etcd_client::Error),
     #[error("the watch on the fleet's records ended: {0}")]
     WatchEnded(String),
@@ -40,12 +54,16 @@ pub enum ClusterError {
 /// This bastion's handle on the fleet's store. Cheap to share.
 pub struct Cluster {
     client: Client,
+    /// `[cluster] etcd`, for log lines that say which store is meant.
+    urls: String,
     prefix: String,
     name: String,
     timeout: Duration,
-    /// Tries per write: one per member, as a request to a member that just
-    /// died fails before the client moves on to the others.
-    attempts: usize,
+    /// One client per member, for retrying a write on each in turn: the
+    /// balanced client keeps choosing a member that died (its connection
+    /// fails at once, so it looks least loaded), so retries through it
+    /// alone can all fail while the other members are fine.
+    members: Vec<Client>,
     health: Health,
 }
 
@@ -58,28 +76,72 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
+/// TLS to etcd when `[cluster] ca` is set: trust only that CA, and show
+/// `cert` when given (the files were checked with the configuration).
+fn tls_options(section: &ClusterSection) -> Result<Option<TlsOptions>, ClusterError> {
+    let Some(ca) = &section.ca else {
+        return Ok(None);
+    };
+    let read = |field: &'static str, path: &Path| {
+        std::fs::read(path).map_err(|source| ClusterError::TlsFile {
+            field,
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read("cluster.ca", ca)?));
+    if let (Some(cert), Some(key)) = (&section.cert, &section.key) {
+        tls = tls.identity(Identity::from_pem(
+            read("cluster.cert", cert)?,
+            read("cluster.key", key)?,
+        ));
+    }
+    Ok(Some(tls))
+}
+
 impl Cluster {
     /// Sets up the client; nothing is sent yet (requests connect lazily,
     /// to whichever member answers).
     pub async fn connect(section: &ClusterSection) -> Result<Self, ClusterError> {
         // HTTP/2 pings notice a member that vanished (a cut link sends no
         // reset) within about two timeouts.
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(section.timeout)
             .with_timeout(section.timeout)
             .with_keep_alive(section.timeout, section.timeout)
             .with_keep_alive_while_idle(true);
-        let client = Client::connect(&section.etcd, Some(options))
-            .await
-            .map_err(ClusterError::Client)?;
+        if let Some(tls) = tls_options(section)? {
+            // tonic builds its rustls configuration from the process
+            // default provider; make sure it is ours (aws-lc-rs).
+            crate::install_crypto_provider();
+            options = options.with_tls(tls);
+        }
+        let urls = section.etcd.join(", ");
+        let connect = |urls: &[String]| Client::connect(urls.to_vec(), Some(options.clone()));
+        let failed = |source| ClusterError::Client {
+            urls: urls.clone(),
+            source,
+        };
+        let client = connect(&section.etcd).await.map_err(failed)?;
+        let mut members = Vec::with_capacity(section.etcd.len());
+        for url in &section.etcd {
+            members.push(connect(std::slice::from_ref(url)).await.map_err(failed)?);
+        }
         Ok(Self {
             client,
+            urls,
             prefix: section.prefix.clone(),
             name: section.name.clone(),
             timeout: section.timeout,
-            attempts: section.etcd.len().max(1),
+            members,
             health: Health::default(),
         })
+    }
+
+    /// `[cluster] etcd`, joined.
+    #[must_use]
+    pub fn urls(&self) -> &str {
+        &self.urls
     }
 
     /// This bastion's name (`[cluster] name`).
@@ -109,18 +171,19 @@ impl Cluster {
         }
     }
 
-    /// Runs a write up to once per member; a failure is counted.
+    /// Runs a write through the balanced client, then, while it fails,
+    /// once through each member's own; a failure is counted.
     async fn retried<F, Fut>(&self, attempt: F) -> Result<(), ClusterError>
     where
-        F: Fn() -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<(), ClusterError>>,
     {
-        let mut result = attempt().await;
-        for _ in 1..self.attempts {
+        let mut result = attempt(self.client.clone()).await;
+        for member in &self.members {
             if result.is_ok() {
                 break;
             }
-            result = attempt().await;
+            result = attempt(member.clone()).await;
         }
         self.count_failure(result)
     }
@@ -137,11 +200,11 @@ impl Cluster {
         let Some(record) = GrantRecord::of(grant, &self.name) else {
             return Ok(());
         };
-        let attempt = || async {
+        let record = &record;
+        let attempt = |mut client: Client| async move {
             let ttl = ttl_until(grant.expires_at, SystemTime::now());
-            let mut client = self.client.clone();
             let lease = self.bounded(client.lease_grant(ttl, None)).await?;
-            let value = serde_json::to_vec(&record).unwrap_or_default();
+            let value = serde_json::to_vec(record).unwrap_or_default();
             let options = PutOptions::new().with_lease(lease.id());
             self.bounded(client.put(self.grant_key(grant.id), value, Some(options)))
                 .await?;
@@ -168,8 +231,7 @@ impl Cluster {
         revocation: Option<&RevocationRecord>,
         ended: &[GrantId],
     ) -> Result<(), ClusterError> {
-        let attempt = || async {
-            let mut client = self.client.clone();
+        let attempt = |mut client: Client| async move {
             let mut ops: Vec<TxnOp> = Vec::new();
             if let Some(revocation) = revocation {
                 let ttl = ttl_until(revocation.until(), SystemTime::now());

@@ -49,7 +49,10 @@ impl Cluster {
                     tracing::warn!(error = %e, "fleet watch fell behind a compaction");
                     continue;
                 }
-                tracing::warn!(error = %crate::error_chain(&e), revision, "lost the fleet's etcd; grants held here keep working until they expire, new grants are refused");
+                // The chain carries the cause: refused, timed out, or a
+                // TLS failure (etcd's certificate not from [cluster] ca,
+                // or our client certificate refused).
+                tracing::warn!(etcd = %self.urls, error = %crate::error_chain(&e), revision, "cannot follow the fleet's etcd; grants held here keep working until they expire, new grants are refused");
             }
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}

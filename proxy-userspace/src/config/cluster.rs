@@ -1,9 +1,12 @@
 //! `[cluster]`: a fleet of bastions sharing grants and revocations through
 //! etcd. Without it, grants stay in this agent (the single-bastion default).
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::validate::FieldError;
 
@@ -11,9 +14,20 @@ use super::validate::FieldError;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {
-    /// etcd client URLs (`http://`), one per member. TLS to etcd is not
-    /// supported yet: keep the etcd links on a private network.
+    /// etcd client URLs, one per member: `https://` with `ca` (and
+    /// normally `cert` and `key`), or `http://` on a private network.
     pub etcd: Vec<String>,
+    /// PEM CA certificate(s) that signed etcd's server certificates; makes
+    /// the URLs `https://`.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate this bastion shows etcd
+    /// (`--client-cert-auth`); needs `key`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
     /// This bastion's name: in audit lines, metrics and the fleet's grants.
     pub name: String,
     /// Key prefix of the fleet's records; every bastion of one fleet uses
@@ -48,13 +62,20 @@ impl ClusterSection {
                 "list at least one etcd client URL, e.g. \"http://10.0.0.5:2379\"",
             ));
         }
+        let (scheme, other) = if self.ca.is_some() {
+            ("https://", "http://")
+        } else {
+            ("http://", "https://")
+        };
         for (i, url) in self.etcd.iter().enumerate() {
             let field = format!("cluster.etcd[{i}]");
-            let Some(rest) = url.strip_prefix("http://") else {
-                let why = if url.starts_with("https://") {
-                    "https:// is not supported yet (etcd-client without TLS); use http:// on a private network"
-                } else {
-                    "must start with http://"
+            let Some(rest) = url.strip_prefix(scheme) else {
+                let why = match (url.starts_with(other), self.ca.is_some()) {
+                    (true, true) => "cluster.ca is set: use https:// (TLS to every member)",
+                    (true, false) => {
+                        "https:// needs cluster.ca, the CA that signed etcd's certificates"
+                    }
+                    (false, _) => "must start with http:// or https://",
                 };
                 errors.push(FieldError::new(field, format!("{url:?}: {why}")));
                 continue;
@@ -66,6 +87,7 @@ impl ClusterSection {
                 ));
             }
         }
+        errors.extend(self.validate_tls());
         let name_ok = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
         if self.name.is_empty() || self.name.len() > MAX_NAME || !self.name.chars().all(name_ok) {
             errors.push(FieldError::new(
@@ -89,6 +111,71 @@ impl ClusterSection {
             ));
         }
         errors
+    }
+
+    /// `ca`, `cert` and `key`: given together as TLS needs them, and each
+    /// file readable and of the right kind, so a typo fails at start
+    /// rather than as a handshake error against etcd.
+    fn validate_tls(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        match (&self.cert, &self.key) {
+            (Some(_), None) => errors.push(FieldError::new(
+                "cluster.key",
+                "missing: cluster.cert needs the key it was issued for",
+            )),
+            (None, Some(_)) => errors.push(FieldError::new(
+                "cluster.cert",
+                "missing: cluster.key needs the certificate it belongs to",
+            )),
+            _ => {}
+        }
+        if self.ca.is_none() && self.cert.is_some() {
+            errors.push(FieldError::new(
+                "cluster.ca",
+                "missing: a client certificate is for TLS, which needs cluster.ca and https:// URLs",
+            ));
+        }
+        let files = [
+            ("cluster.ca", &self.ca, PemKind::Certificates),
+            ("cluster.cert", &self.cert, PemKind::Certificates),
+            ("cluster.key", &self.key, PemKind::PrivateKey),
+        ];
+        for (field, path, kind) in files {
+            if let Some(path) = path
+                && let Err(why) = kind.check(path)
+            {
+                errors.push(FieldError::new(field, format!("{}: {why}", path.display())));
+            }
+        }
+        errors
+    }
+}
+
+/// What a PEM file named in `[cluster]` must hold.
+#[derive(Debug, Clone, Copy)]
+enum PemKind {
+    Certificates,
+    PrivateKey,
+}
+
+impl PemKind {
+    fn check(self, path: &Path) -> Result<(), String> {
+        let text = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
+        match self {
+            Self::Certificates => {
+                let certs = CertificateDer::pem_slice_iter(&text)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("not PEM certificates: {e}"))?;
+                if certs.is_empty() {
+                    return Err("holds no PEM certificate".into());
+                }
+            }
+            Self::PrivateKey => {
+                PrivateKeyDer::from_pem_slice(&text)
+                    .map_err(|e| format!("not a PEM private key: {e}"))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -134,5 +221,57 @@ timeout = \"0s\"",
         );
         let s = section("etcd = []\nname = \"a\"");
         assert_eq!(fields(&s), ["cluster.etcd"]);
+    }
+
+    fn tls_section(extra: &str, urls: &str) -> ClusterSection {
+        section(&format!("etcd = [{urls}]\nname = \"a\"\n{extra}"))
+    }
+
+    #[test]
+    fn tls_files_are_checked_and_given_together() {
+        let k = tcpgate_tests::tokens::key_files();
+        let (ca, cert, key) = (&k.ca_pem, &k.server_cert, &k.server_key);
+        let https = "\"https://[2001:db8::5]:2379\"";
+        let full = format!("ca = {ca:?}\ncert = {cert:?}\nkey = {key:?}");
+        assert!(fields(&tls_section(&full, https)).is_empty());
+        // Server-authenticated only (etcd without --client-cert-auth).
+        assert!(fields(&tls_section(&format!("ca = {ca:?}"), https)).is_empty());
+        // The scheme follows `ca`, both ways.
+        assert_eq!(fields(&tls_section("", https)), ["cluster.etcd[0]"]);
+        let http = "\"http://[2001:db8::5]:2379\"";
+        assert_eq!(fields(&tls_section(&full, http)), ["cluster.etcd[0]"]);
+        // Half a client identity names the missing half.
+        let cert_only = format!("ca = {ca:?}\ncert = {cert:?}");
+        assert_eq!(fields(&tls_section(&cert_only, https)), ["cluster.key"]);
+        let key_only = format!("ca = {ca:?}\nkey = {key:?}");
+        assert_eq!(fields(&tls_section(&key_only, https)), ["cluster.cert"]);
+        let no_ca = format!("cert = {cert:?}\nkey = {key:?}");
+        assert_eq!(fields(&tls_section(&no_ca, http)), ["cluster.ca"]);
+    }
+
+    #[test]
+    fn an_unreadable_or_wrong_tls_file_is_named() {
+        let k = tcpgate_tests::tokens::key_files();
+        let https = "\"https://127.0.0.1:2379\"";
+        let missing = "/nonexistent/etcd-ca.pem";
+        let s = tls_section(&format!("ca = {missing:?}"), https);
+        let errors = s.validate();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "cluster.ca");
+        assert!(errors[0].to_string().contains(missing), "{}", errors[0]);
+        // Certificate and key swapped: each field says what it lacks.
+        let swapped = format!(
+            "ca = {:?}\ncert = {:?}\nkey = {:?}",
+            k.ca_pem, k.server_key, k.server_cert
+        );
+        let errors = tls_section(&swapped, https).validate();
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            fields(&tls_section(&swapped, https)),
+            ["cluster.cert", "cluster.key"],
+            "{text:?}"
+        );
+        assert!(text[0].contains("no PEM certificate"), "{text:?}");
+        assert!(text[1].contains("not a PEM private key"), "{text:?}");
     }
 }

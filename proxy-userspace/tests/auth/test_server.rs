@@ -122,7 +122,10 @@ fn tls_acceptor() -> tokio_rustls::TlsAcceptor {
     let k = key_files();
     let certs = vec![CertificateDer::from_pem_file(&k.server_cert).expect("server cert")];
     let key = PrivateKeyDer::from_pem_file(&k.server_key).expect("server key");
-    let config = tokio_rustls::rustls::ServerConfig::builder()
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .expect("server tls config");
