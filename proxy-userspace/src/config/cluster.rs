@@ -158,21 +158,33 @@ enum PemKind {
     PrivateKey,
 }
 
+/// Why a PEM file named in `[cluster]` is unusable.
+#[derive(Debug, thiserror::Error)]
+enum PemError {
+    #[error("cannot read it: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("not PEM certificates: {0}")]
+    Certificates(#[source] tokio_rustls::rustls::pki_types::pem::Error),
+    #[error("holds no PEM certificate")]
+    NoCertificate,
+    #[error("not a PEM private key: {0}")]
+    PrivateKey(#[source] tokio_rustls::rustls::pki_types::pem::Error),
+}
+
 impl PemKind {
-    fn check(self, path: &Path) -> Result<(), String> {
-        let text = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
+    fn check(self, path: &Path) -> Result<(), PemError> {
+        let text = std::fs::read(path).map_err(PemError::Read)?;
         match self {
             Self::Certificates => {
                 let certs = CertificateDer::pem_slice_iter(&text)
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| format!("not PEM certificates: {e}"))?;
+                    .map_err(PemError::Certificates)?;
                 if certs.is_empty() {
-                    return Err("holds no PEM certificate".into());
+                    return Err(PemError::NoCertificate);
                 }
             }
             Self::PrivateKey => {
-                PrivateKeyDer::from_pem_slice(&text)
-                    .map_err(|e| format!("not a PEM private key: {e}"))?;
+                PrivateKeyDer::from_pem_slice(&text).map_err(PemError::PrivateKey)?;
             }
         }
         Ok(())
