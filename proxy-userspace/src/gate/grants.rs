@@ -91,6 +91,13 @@ impl Gate {
         self.store.revoke_subject(subject)
     }
 
+    /// The grant store's expiry and revocation events (a successor forwards
+    /// revocations to the agent it took over, whose sessions drain).
+    #[must_use]
+    pub fn grant_events(&self) -> tokio::sync::broadcast::Receiver<crate::auth::GrantEvent> {
+        self.store.subscribe()
+    }
+
     /// The live grant `id`, if any.
     #[must_use]
     pub fn grant(&self, id: GrantId) -> Option<Grant> {
