@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
-use tcpgate_tests::auth_fixture::{AuthFixture, Launch, policy};
+use tcpgate_tests::auth_fixture::{AuthFixture, Launch, authenticate, policy};
 use tcpgate_tests::takeover::{agent_lines, successor, wait_taken_over};
 use tcpgate_tests::tokens::{claims_with, unix_now};
 use tcpgate_tests::{
@@ -215,5 +215,64 @@ fn a_killed_successor_leaves_the_drained_session_ending_at_expiry() -> Result<()
         "{}",
         d.fx.agent.logs_tail(20)
     );
+    Ok(())
+}
+
+/// A session admitted by a preamble: its grant is not handed over (the
+/// successor does not know it), yet `revoke --subject` on the successor
+/// ends it where it drains.
+#[test]
+fn a_subject_revoked_after_the_takeover_ends_a_drained_preamble_session() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    const SUBJECT: &str = "project_path:group/drained:ref_type:branch:ref:main";
+    let dir = tempfile::tempdir()?;
+    let mut fx = AuthFixture::start_launched(
+        &policy("15m"),
+        &[],
+        Launch {
+            agent_extra: agent_lines(dir.path()),
+            ..Launch::default()
+        },
+    )?;
+    let _server = streamer(&fx)?;
+    let token = fx.keys.rsa.sign(&claims_with(&[
+        ("exp", json!(unix_now() + 600)),
+        ("sub", json!(SUBJECT)),
+    ]));
+    let mut stream = fx.dial_from_runner(AuthFixture::target(5432))?;
+    let (status, message) = authenticate(&mut stream, &token)?;
+    ensure!(status == 0, "preamble: {status} {message}");
+    let mut buf = vec![0u8; 64 * 1024];
+    stream.read_exact(&mut buf)?;
+    let mut next = successor(&fx.topo.bastion, fx.agent.config_path(), &[], &[])?;
+    wait_taken_over(&fx.agent)?;
+    let reader = read_until_end(stream);
+    let admin = fx.admin_socket().display().to_string();
+    let (status, stdout, stderr) = fx.cli(
+        &fx.topo.bastion,
+        &["revoke", "--admin", &admin, "--subject", SUBJECT],
+    )?;
+    ensure!(status == 0, "revoke: {status} {stdout} {stderr}");
+    ended(reader, ENDS_WITHIN).with_context(|| fx.agent.logs_tail(20))?;
+    let close = drained_close(&fx.agent, ENDS_WITHIN)?;
+    ensure!(close["reason"] == "revoked", "{close}");
+    ensure!(
+        fx.agent.logs().contains("subject revoked by the successor"),
+        "{}",
+        fx.agent.logs_tail(20)
+    );
+    // The subject is refused by the successor too.
+    let mut again = fx.dial_from_runner(AuthFixture::target(5432))?;
+    let (status, message) = authenticate(&mut again, &token)?;
+    ensure!(status != 0, "a revoked subject was admitted: {message}");
+    let status = fx
+        .agent
+        .wait_exit(Duration::from_secs(60))?
+        .context("the old agent exits once drained")?;
+    ensure!(status.success(), "{status:?}\n{}", fx.agent.logs_tail(20));
+    let status = next.stop()?;
+    ensure!(status.success(), "{status:?}\n{}", next.logs_tail(20));
     Ok(())
 }

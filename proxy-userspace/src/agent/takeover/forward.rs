@@ -22,6 +22,7 @@ use crate::gate::Gate;
 /// until it closes the connection (it drained and exited).
 pub fn forward_revocations(stream: StdStream, gate: &Gate, pid: u32) {
     let mut events = gate.grant_events();
+    let mut subjects = gate.subject_revocations();
     let mut stream = match into_async(stream) {
         Ok(stream) => stream,
         Err(e) => {
@@ -31,25 +32,30 @@ pub fn forward_revocations(stream: StdStream, gate: &Gate, pid: u32) {
     };
     tokio::spawn(async move {
         loop {
-            let grant = match events.recv().await {
-                Ok(GrantEvent::Revoked(id)) => id.0,
-                Ok(_) => continue,
-                Err(RecvError::Lagged(missed)) => {
-                    tracing::warn!(
-                        predecessor = pid,
-                        missed,
-                        "revocation events lagged; some may not reach the draining agent"
-                    );
-                    continue;
-                }
-                Err(RecvError::Closed) => return,
+            let message = tokio::select! {
+                event = events.recv() => match event {
+                    Ok(GrantEvent::Revoked(id)) => Message::Revoke { grant: id.0 },
+                    Ok(_) => continue,
+                    Err(RecvError::Closed) => return,
+                    Err(e) => { lagged(pid, &e); continue; }
+                },
+                revoked = subjects.recv() => match revoked {
+                    Ok(revoked) => Message::RevokeSubject(revoked),
+                    Err(RecvError::Closed) => return,
+                    Err(e) => { lagged(pid, &e); continue; }
+                },
             };
-            if let Err(e) = send(&mut stream, &Message::Revoke { grant }).await {
+            if let Err(e) = send(&mut stream, &message).await {
                 tracing::info!(predecessor = pid, reason = %e, "the draining agent is gone; no more revocations to forward");
                 return;
             }
         }
     });
+}
+
+/// Events a slow forwarder missed.
+fn lagged(pid: u32, e: &RecvError) {
+    tracing::warn!(predecessor = pid, error = %e, "revocation events lagged; some may not reach the draining agent");
 }
 
 /// The old agent's side: revokes every grant the successor sends, until
@@ -70,6 +76,17 @@ pub fn follow_revocations(stream: StdStream, gate: Option<Arc<Gate>>, successor:
                     if let Some(grant) = revoked {
                         tracing::warn!(grant = %grant.id, subject = %grant.subject, "grant revoked by the successor; its draining sessions end");
                     }
+                }
+                Ok(Message::RevokeSubject(revoked)) => {
+                    let ended = gate.as_ref().map_or(0, |gate| {
+                        gate.revoke_subject_held(
+                            &revoked.subject,
+                            &revoked.holds,
+                            revoked.revoked_at,
+                        )
+                        .len()
+                    });
+                    tracing::warn!(subject = %revoked.subject, grants = ended, "subject revoked by the successor; its draining sessions end");
                 }
                 Ok(other) => {
                     let e = unexpected("revoke", &other);

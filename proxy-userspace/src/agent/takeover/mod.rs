@@ -156,6 +156,9 @@ pub enum Message {
     Revoke {
         grant: u64,
     },
+    /// After `taken`: a subject was revoked (its grants there, preamble
+    /// ones included, end; the identity is denied like in a fleet).
+    RevokeSubject(crate::gate::SubjectRevocation),
 }
 
 impl Message {
@@ -167,6 +170,7 @@ impl Message {
             Self::Released => "released",
             Self::Taken => "taken",
             Self::Revoke { .. } => "revoke",
+            Self::RevokeSubject(_) => "revoke_subject",
         }
     }
 }
