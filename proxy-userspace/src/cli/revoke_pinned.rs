@@ -161,7 +161,7 @@ fn revoke(dir: &Path, target: &Target) -> Result<Outcome, RevokeError> {
     for (id, subject) in &wanted {
         let count = sessions.iter().filter(|s| s.grant_id == *id).count();
         println!(
-            "revoked grant {id:016x} ({subject}) through the pinned map {}, {count} session(s) ended",
+            "revoked grant {id:016x} ({subject}) through the pinned map, {count} session(s) ended (in {})",
             dir.display()
         );
     }
