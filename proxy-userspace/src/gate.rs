@@ -49,6 +49,18 @@ pub struct Gate {
     /// not answering; their sessions' sockets were destroyed from outside,
     /// so those sessions end as `revoked`, not as a peer closing.
     outside_revocations: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// Subject revocations made here, for an agent draining after a
+    /// takeover (its preamble grants are not this store's).
+    subject_revocations: tokio::sync::broadcast::Sender<SubjectRevocation>,
+}
+
+/// A subject revoked here, with the deny holds it left (what another
+/// agent applies with [`Gate::revoke_subject_held`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SubjectRevocation {
+    pub subject: String,
+    pub holds: Vec<(crate::auth::revocations::Identity, std::time::SystemTime)>,
+    pub revoked_at: std::time::SystemTime,
 }
 
 /// A connection the gate refused.
@@ -126,6 +138,9 @@ fn preamble_refusal(e: &PreambleError) -> Refusal {
     }
 }
 
+/// Subject revocations kept for a slow forwarder (an operator's pace).
+const SUBJECT_EVENTS: usize = 256;
+
 impl Gate {
     #[must_use]
     pub fn new(
@@ -146,6 +161,7 @@ impl Gate {
             limits,
             mirror,
             outside_revocations: std::sync::Mutex::default(),
+            subject_revocations: tokio::sync::broadcast::channel(SUBJECT_EVENTS).0,
         }
     }
 

@@ -88,12 +88,12 @@ pub fn spawn_successor() {
 }
 
 /// Tells the predecessor this agent accepts now, so it stops.
-pub fn taken(predecessor: Option<Predecessor>) {
+pub fn taken(predecessor: Option<Predecessor>, gate: Option<&Gate>) {
     let Some(predecessor) = predecessor else {
         return;
     };
     let pid = predecessor.pid;
-    match predecessor.taken() {
+    match predecessor.taken(gate) {
         Ok(()) => tracing::info!(
             predecessor = pid,
             "took over: the old agent drains its sessions"

@@ -170,7 +170,7 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
         takeover::Handover {
             listeners: offered,
             locks: started.locks.clone(),
-            gate,
+            gate: gate.clone(),
             bastion: cluster
                 .as_ref()
                 .map(|c| c.name().to_owned())
@@ -180,7 +180,7 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
             pin_dir: started.pin_dir(),
         },
     );
-    handover::taken(predecessor);
+    handover::taken(predecessor, gate.as_deref());
     let stop = if proceed {
         serve(
             &config_path,

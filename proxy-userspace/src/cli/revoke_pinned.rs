@@ -43,17 +43,50 @@ enum RevokeError {
     Sockets(#[from] SockDiagError),
 }
 
+/// Revokes in the pin directory's maps and in those of every agent
+/// draining after a takeover (`<pin_dir>/draining-<pid>/`): a session
+/// draining there ends too.
 pub fn run(dir: &Path, target: &Target) -> i32 {
-    match revoke(dir, target) {
-        Ok(status) => status,
-        Err(e) => {
-            eprintln!("tcpgate revoke: {}", crate::error_chain(&e));
-            1
+    let mut found = false;
+    let mut failed = false;
+    let draining = crate::drain_pins::list(dir);
+    let dirs = std::iter::once(dir.to_owned()).chain(draining.into_iter().map(|(_, d)| d));
+    for dir in dirs {
+        match revoke(&dir, target) {
+            Ok(Outcome::NotFound) => {}
+            Ok(Outcome::Revoked { complete }) => {
+                found = true;
+                failed |= !complete;
+            }
+            Err(e) => {
+                eprintln!(
+                    "tcpgate revoke: {}: {}",
+                    dir.display(),
+                    crate::error_chain(&e)
+                );
+                failed = true;
+            }
         }
     }
+    if !found && !failed {
+        println!(
+            "no live grant matched in the pinned maps under {}",
+            dir.display()
+        );
+    }
+    i32::from(failed || !found)
 }
 
-fn revoke(dir: &Path, target: &Target) -> Result<i32, RevokeError> {
+/// What revoking in one directory's maps did.
+enum Outcome {
+    NotFound,
+    /// `complete`: every socket of the grants' sessions was destroyed.
+    Revoked {
+        complete: bool,
+    },
+}
+
+fn revoke(dir: &Path, target: &Target) -> Result<Outcome, RevokeError> {
     let maps = PinnedMaps::open(dir)?;
     let grants = maps.grants()?;
     let wanted: Vec<(u64, String)> = match target {
@@ -79,8 +112,7 @@ fn revoke(dir: &Path, target: &Target) -> Result<i32, RevokeError> {
         }
     };
     if wanted.is_empty() {
-        println!("no live grant matched in the pinned map {}", dir.display());
-        return Ok(1);
+        return Ok(Outcome::NotFound);
     }
     for (id, _) in &wanted {
         maps.flag_grant(*id, GRANT_FLAG_REVOKED)
@@ -129,7 +161,8 @@ fn revoke(dir: &Path, target: &Target) -> Result<i32, RevokeError> {
     for (id, subject) in &wanted {
         let count = sessions.iter().filter(|s| s.grant_id == *id).count();
         println!(
-            "revoked grant {id:016x} ({subject}) through the pinned map, {count} session(s) ended"
+            "revoked grant {id:016x} ({subject}) through the pinned map, {count} session(s) ended (in {})",
+            dir.display()
         );
     }
     println!(
@@ -144,5 +177,7 @@ fn revoke(dir: &Path, target: &Target) -> Result<i32, RevokeError> {
              run tcpgate revoke in the agent's (nsenter --net=/proc/<agent pid>/ns/net)"
         );
     }
-    Ok(i32::from(failed > 0 || missing > 0))
+    Ok(Outcome::Revoked {
+        complete: failed == 0 && missing == 0,
+    })
 }

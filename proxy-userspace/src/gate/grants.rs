@@ -118,7 +118,28 @@ impl Gate {
 
     /// Revokes every grant of a token subject (see [`Self::revoke`]).
     pub fn revoke_subject(&self, subject: &str) -> Vec<Grant> {
-        self.store.revoke_subject(subject)
+        let revoked = self.store.revoke_subject(subject);
+        let _ = self.subject_revocations.send(super::SubjectRevocation {
+            subject: subject.to_owned(),
+            holds: self.store.holds_of(subject),
+            revoked_at: SystemTime::now(),
+        });
+        revoked
+    }
+
+    /// Subjects revoked here from now on (see [`Self::revoke_subject`]).
+    #[must_use]
+    pub fn subject_revocations(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<super::SubjectRevocation> {
+        self.subject_revocations.subscribe()
+    }
+
+    /// The grant store's expiry and revocation events (a successor forwards
+    /// revocations to the agent it took over, whose sessions drain).
+    #[must_use]
+    pub fn grant_events(&self) -> tokio::sync::broadcast::Receiver<crate::auth::GrantEvent> {
+        self.store.subscribe()
     }
 
     /// The live grant `id`, if any.

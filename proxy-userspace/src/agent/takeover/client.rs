@@ -127,8 +127,13 @@ impl Predecessor {
     }
 
     /// This agent accepts on the inherited listeners: the old one may stop
-    /// accepting and drain.
-    pub fn taken(self) -> Result<(), TakeoverError> {
-        wire::send(&self.stream, &Message::Taken, &[])
+    /// accepting and drain. The connection stays open: this agent's
+    /// revocations go through it to the old agent's draining sessions.
+    pub fn taken(self, gate: Option<&crate::gate::Gate>) -> Result<(), TakeoverError> {
+        wire::send(&self.stream, &Message::Taken, &[])?;
+        if let Some(gate) = gate {
+            super::forward_revocations(self.stream, gate, self.pid);
+        }
+        Ok(())
     }
 }

@@ -16,13 +16,17 @@
 //! 5. the old agent stops accepting and drains: its live sessions keep
 //!    their sockets, maps and programs until they end, then it exits
 //!    without removing anything (the pins, link and routes are the
-//!    successor's now).
+//!    successor's now);
+//! 6. the connection stays open while the old agent drains: the successor
+//!    sends it every grant revoked (`revoke`), so a revocation ends the
+//!    sessions draining there too.
 //!
 //! Live sessions are not adopted yet, whatever the versions: they drain.
 //! The state version names the handed-over state and the pinned maps'
 //! layout, which adoption will depend on.
 
 mod client;
+mod forward;
 mod server;
 mod wire;
 
@@ -37,6 +41,7 @@ use crate::cluster::record::GrantRecord;
 use crate::intercept::RoutingParams;
 
 pub use client::{Attempt, Predecessor, request};
+pub use forward::{follow_revocations, forward_revocations};
 pub use server::{Handover, Outcome, Waiting, listen};
 
 /// Version of the handed-over state and of the pinned maps' layout. Bump
@@ -146,6 +151,14 @@ pub enum Message {
     Take,
     Released,
     Taken,
+    /// After `taken`, successor to old agent: grant `grant` was revoked
+    /// (its sessions draining there end too).
+    Revoke {
+        grant: u64,
+    },
+    /// After `taken`: a subject was revoked (its grants there, preamble
+    /// ones included, end; the identity is denied like in a fleet).
+    RevokeSubject(crate::gate::SubjectRevocation),
 }
 
 impl Message {
@@ -156,6 +169,8 @@ impl Message {
             Self::Take => "take",
             Self::Released => "released",
             Self::Taken => "taken",
+            Self::Revoke { .. } => "revoke",
+            Self::RevokeSubject(_) => "revoke_subject",
         }
     }
 }

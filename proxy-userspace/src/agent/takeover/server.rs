@@ -84,8 +84,15 @@ impl Waiting {
                 continue;
             };
             let shared = Arc::clone(&handover);
-            match tokio::task::spawn_blocking(move || handshake(&stream, &shared)).await {
-                Ok(Ok(outcome)) => return outcome,
+            match tokio::task::spawn_blocking(move || {
+                handshake(&stream, &shared).map(|outcome| (outcome, stream))
+            })
+            .await
+            {
+                Ok(Ok((outcome, stream))) => {
+                    super::follow_revocations(stream, handover.gate.clone(), outcome.successor);
+                    return outcome;
+                }
                 Ok(Err(failed)) => give_up(&handover, failed),
                 Err(e) => tracing::error!(error = %e, "takeover task failed"),
             }

@@ -21,10 +21,7 @@ pub fn send(
     message: &Message,
     fds: &[BorrowedFd<'_>],
 ) -> Result<(), TakeoverError> {
-    let body = serde_json::to_vec(message).map_err(TakeoverError::Malformed)?;
-    let len = u32::try_from(body.len()).map_err(|_| TakeoverError::TooLarge(body.len()))?;
-    let mut frame = len.to_be_bytes().to_vec();
-    frame.extend_from_slice(&body);
+    let frame = frame(message)?;
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     let rights = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
@@ -37,6 +34,24 @@ pub fn send(
     )
     .map_err(|e| io_error(e.into()))?;
     (&*stream).write_all(&frame[sent..]).map_err(io_error)
+}
+
+/// A message's frame: its length, then its JSON.
+pub fn frame(message: &Message) -> Result<Vec<u8>, TakeoverError> {
+    let body = serde_json::to_vec(message).map_err(TakeoverError::Malformed)?;
+    let len = u32::try_from(body.len()).map_err(|_| TakeoverError::TooLarge(body.len()))?;
+    let mut frame = len.to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// The body length a header announces, if it is not too large.
+pub fn checked_len(header: [u8; 4]) -> Result<usize, TakeoverError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_MESSAGE {
+        return Err(TakeoverError::TooLarge(len));
+    }
+    Ok(len)
 }
 
 pub fn recv(stream: &UnixStream) -> Result<(Message, Vec<OwnedFd>), TakeoverError> {
@@ -73,10 +88,7 @@ pub fn recv(stream: &UnixStream) -> Result<(Message, Vec<OwnedFd>), TakeoverErro
     (&*stream)
         .read_exact(&mut header[read..])
         .map_err(io_error)?;
-    let len = u32::from_be_bytes(header) as usize;
-    if len > MAX_MESSAGE {
-        return Err(TakeoverError::TooLarge(len));
-    }
+    let len = checked_len(header)?;
     let mut body = vec![0u8; len];
     (&*stream).read_exact(&mut body).map_err(io_error)?;
     let message = serde_json::from_slice(&body).map_err(TakeoverError::Malformed)?;
@@ -85,7 +97,7 @@ pub fn recv(stream: &UnixStream) -> Result<(Message, Vec<OwnedFd>), TakeoverErro
 
 /// A read or write timeout (SO_RCVTIMEO/SO_SNDTIMEO) is the other agent
 /// not answering; end of file is it closing the connection.
-fn io_error(e: std::io::Error) -> TakeoverError {
+pub fn io_error(e: std::io::Error) -> TakeoverError {
     match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => TakeoverError::Timeout,
         std::io::ErrorKind::UnexpectedEof
