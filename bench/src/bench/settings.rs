@@ -33,7 +33,9 @@ pub enum Measure {
     Throughput,
     /// 64-byte request/response latency.
     Latency,
-    /// New authenticated connections per second.
+    /// New connections per second: plain TCP directly and through HAProxy
+    /// (the anchors), and through tcpgate without auth, with a preamble and
+    /// with a grant.
     Connrate,
     /// Agent RSS with 10,000 idle sessions.
     Rss,

@@ -367,3 +367,29 @@ async fn jwks_keys_that_cannot_be_used_safely_are_skipped() {
     assert!(tcpgate::auth::jwks::KeySet::parse(none.to_string().as_bytes()).is_err());
     assert!(tcpgate::auth::jwks::KeySet::parse(b"<html>").is_err());
 }
+
+/// The key-set version (which empties the verified-token cache) moves when
+/// a fetch brings other keys, and only then: refetching the same document
+/// keeps every cached answer.
+#[tokio::test]
+async fn the_key_set_version_moves_only_when_the_keys_change() {
+    let key = TestKey::new("ec-p256", Algorithm::ES256);
+    let (dir, v) =
+        file_validator(std::slice::from_ref(&key), "min_refresh_interval = \"1ms\"").await;
+    let start = v.keys_version();
+    let mut stranger = TestKey::new("ec-p256", Algorithm::ES256);
+    stranger.kid = "not-published".into();
+    // An unknown kid refetches the file: the same document.
+    assert_eq!(
+        reject(&v, &stranger.sign(&gitlab_claims())).await.reason(),
+        "unknown_kid"
+    );
+    assert_eq!(v.keys_version(), start, "same keys, same version");
+    // The issuer publishes the new key next to the old one.
+    std::fs::write(dir.path().join("jwks.json"), jwks(&[&key, &stranger])).expect("write");
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    v.validate(&stranger.sign(&gitlab_claims()))
+        .await
+        .expect("the new key after the refetch");
+    assert_ne!(v.keys_version(), start, "other keys, another version");
+}
