@@ -317,3 +317,25 @@ pub fn echo_service(
         },
     )?)
 }
+
+/// A server on the target's 5432 that streams 64 KiB chunks to each client
+/// until the connection breaks or `bound` has passed; each connection
+/// yields the bytes it sent.
+pub fn streamer(fx: &AuthFixture, bound: Duration) -> Result<crate::AcceptLoop<u64>> {
+    use std::io::Write;
+    Ok(crate::accept_loop(
+        &fx.topo.target,
+        AuthFixture::target(5432),
+        10,
+        move |mut stream, _| {
+            let chunk = crate::Payload::new(1, 64 * 1024).to_vec();
+            let mut sent = 0u64;
+            let deadline = std::time::Instant::now() + bound;
+            while std::time::Instant::now() < deadline && stream.write_all(&chunk).is_ok() {
+                sent += chunk.len() as u64;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            sent
+        },
+    )?)
+}

@@ -239,6 +239,19 @@ impl<R: Read> Read for SlowReader<R> {
     }
 }
 
+/// Reads until the stream ends (EOF or an error such as a reset): the bytes
+/// read, and when it ended.
+pub fn read_until_end(stream: &mut impl Read) -> (u64, std::time::SystemTime) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return (total, std::time::SystemTime::now()),
+            Ok(n) => total += n as u64,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

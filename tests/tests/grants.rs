@@ -4,45 +4,15 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::json;
-use tcpgate_tests::auth_fixture::AuthFixture;
+use tcpgate_tests::auth_fixture::{AuthFixture, streamer};
+use tcpgate_tests::payload::read_until_end;
 use tcpgate_tests::tokens::{claims_with, unix_now};
 use tcpgate_tests::wait_events;
-use tcpgate_tests::{ChildGuard, Payload, accept_loop, require_root, write_payload};
-
-/// A server that streams until the connection breaks.
-fn streamer(fx: &AuthFixture) -> Result<tcpgate_tests::AcceptLoop<u64>> {
-    Ok(accept_loop(
-        &fx.topo.target,
-        AuthFixture::target(5432),
-        10,
-        |mut stream, _| {
-            let chunk = Payload::new(1, 64 * 1024).to_vec();
-            let mut sent = 0u64;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while Instant::now() < deadline && stream.write_all(&chunk).is_ok() {
-                sent += chunk.len() as u64;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            sent
-        },
-    )?)
-}
-
-/// Reads until the stream ends; returns (bytes, when it ended).
-fn read_until_end(stream: &mut TcpStream) -> (u64, Instant) {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return (total, Instant::now()),
-            Ok(n) => total += n as u64,
-        }
-    }
-}
+use tcpgate_tests::{ChildGuard, Payload, require_root, write_payload};
 
 #[test]
 fn source_grant_admits_plain_clients_without_waiting() -> Result<()> {
@@ -141,13 +111,12 @@ fn expiry_tears_down_a_streaming_session() -> Result<()> {
         return Ok(());
     }
     let fx = AuthFixture::start()?;
-    let server = streamer(&fx)?;
+    let server = streamer(&fx, Duration::from_secs(60))?;
     let exp = unix_now() + 4;
     let token = fx.keys.rsa.sign(&claims_with(&[("exp", json!(exp))]));
     fx.grant_from_runner(&token, &[])?;
     let mut stream = fx.dial_from_runner(AuthFixture::target(5432))?;
-    let (received, ended) = read_until_end(&mut stream);
-    let ended_at = SystemTime::now() - ended.elapsed();
+    let (received, ended_at) = read_until_end(&mut stream);
     let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(exp);
     ensure!(
         received > 64 * 1024,
@@ -201,7 +170,7 @@ fn revoke_by_id_and_by_subject() -> Result<()> {
         return Ok(());
     }
     let fx = AuthFixture::start()?;
-    let server = streamer(&fx)?;
+    let server = streamer(&fx, Duration::from_secs(60))?;
     let admin = fx.admin_socket().display().to_string();
     for (round, by_subject) in [(1, false), (2, true)] {
         // Each round is a new CI job: a new token id. Revoking a grant

@@ -3,47 +3,16 @@
 //! place, and a grant that expires while its session drains in the old
 //! agent still ends that session at expiry.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::{Duration, Instant, SystemTime};
+use std::io::Read;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::json;
-use tcpgate_tests::auth_fixture::{AuthFixture, Launch, policy};
+use tcpgate_tests::auth_fixture::{AuthFixture, Launch, policy, streamer};
+use tcpgate_tests::payload::read_until_end;
 use tcpgate_tests::takeover::{agent_lines, successor, wait_taken_over};
 use tcpgate_tests::tokens::{claims_with, unix_now};
-use tcpgate_tests::{Payload, accept_loop, require_root, wait_events};
-
-/// A server that streams until the connection breaks (bounded).
-fn streamer(fx: &AuthFixture) -> Result<tcpgate_tests::AcceptLoop<u64>> {
-    Ok(accept_loop(
-        &fx.topo.target,
-        AuthFixture::target(5432),
-        10,
-        |mut stream, _| {
-            let chunk = Payload::new(1, 64 * 1024).to_vec();
-            let mut sent = 0u64;
-            let deadline = Instant::now() + Duration::from_secs(90);
-            while Instant::now() < deadline && stream.write_all(&chunk).is_ok() {
-                sent += chunk.len() as u64;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            sent
-        },
-    )?)
-}
-
-/// Reads until the stream ends; returns (bytes, when it ended).
-fn read_until_end(stream: &mut TcpStream) -> (u64, SystemTime) {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return (total, SystemTime::now()),
-            Ok(n) => total += n as u64,
-        }
-    }
-}
+use tcpgate_tests::{require_root, wait_events};
 
 #[test]
 fn a_grant_expiring_during_the_handover_still_ends_its_session() -> Result<()> {
@@ -59,7 +28,7 @@ fn a_grant_expiring_during_the_handover_still_ends_its_session() -> Result<()> {
             ..Launch::default()
         },
     )?;
-    let server = streamer(&fx)?;
+    let server = streamer(&fx, Duration::from_secs(90))?;
     // Long enough for the takeover to be over before it.
     let exp = unix_now() + 15;
     let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(exp);

@@ -5,55 +5,25 @@
 //! killed with SIGKILL leaves the old agent still ending the session at
 //! its grant's expiry.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpStream;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
-use tcpgate_tests::auth_fixture::{AuthFixture, Launch, authenticate, policy};
+use tcpgate_tests::auth_fixture::{AuthFixture, Launch, authenticate, policy, streamer};
 use tcpgate_tests::takeover::{agent_lines, successor, wait_taken_over};
 use tcpgate_tests::tokens::{claims_with, unix_now};
-use tcpgate_tests::{
-    AcceptLoop, Agent, Payload, Signal, accept_loop, eventually, require_root, wait_events_within,
-};
+use tcpgate_tests::{AcceptLoop, Agent, Signal, eventually, require_root, wait_events_within};
 
 /// How long a drained session may take to end once its grant is revoked
 /// (the streamer below would run on for 90 s).
 const ENDS_WITHIN: Duration = Duration::from_secs(20);
 
-/// A server that streams until the connection breaks (bounded).
-fn streamer(fx: &AuthFixture) -> Result<AcceptLoop<u64>> {
-    Ok(accept_loop(
-        &fx.topo.target,
-        AuthFixture::target(5432),
-        10,
-        |mut stream, _| {
-            let chunk = Payload::new(1, 64 * 1024).to_vec();
-            let mut sent = 0u64;
-            let deadline = Instant::now() + Duration::from_secs(90);
-            while Instant::now() < deadline && stream.write_all(&chunk).is_ok() {
-                sent += chunk.len() as u64;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            sent
-        },
-    )?)
-}
-
 /// Reads the stream in a thread until it ends: (bytes, when it ended).
 fn read_until_end(mut stream: TcpStream) -> JoinHandle<(u64, SystemTime)> {
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut total = 0u64;
-        loop {
-            match stream.read(&mut buf) {
-                Ok(0) | Err(_) => return (total, SystemTime::now()),
-                Ok(n) => total += n as u64,
-            }
-        }
-    })
+    std::thread::spawn(move || tcpgate_tests::payload::read_until_end(&mut stream))
 }
 
 /// Waits (bounded) for the reader to see the stream end.
@@ -94,7 +64,7 @@ fn drained_session(exp: u64) -> Result<Drained> {
             ..Launch::default()
         },
     )?;
-    let server = streamer(&fx)?;
+    let server = streamer(&fx, Duration::from_secs(90))?;
     let token = fx.keys.rsa.sign(&claims_with(&[
         ("exp", json!(exp)),
         ("jti", json!("job-drained")),
@@ -236,7 +206,7 @@ fn a_subject_revoked_after_the_takeover_ends_a_drained_preamble_session() -> Res
             ..Launch::default()
         },
     )?;
-    let _server = streamer(&fx)?;
+    let _server = streamer(&fx, Duration::from_secs(90))?;
     let token = fx.keys.rsa.sign(&claims_with(&[
         ("exp", json!(unix_now() + 600)),
         ("sub", json!(SUBJECT)),
