@@ -65,6 +65,24 @@ impl AwsFixture {
 
     /// Runs `tcpgate ARGS` in the runner with `creds` in the environment
     /// and `input` on stdin.
+    /// `tcpgate grant --aws` for this bastion's server id, through the API.
+    fn grant_aws(&self, creds: &SessionCredentials, extra: &[&str]) -> Result<Output> {
+        let api = AuthFixture::api_url();
+        let ca = self.fx.api_ca.to_str().context("utf-8 path")?;
+        let mut args = vec![
+            "grant",
+            "--aws",
+            "--aws-server-id",
+            SERVER_ID,
+            "--api",
+            &api,
+            "--ca",
+            ca,
+        ];
+        args.extend_from_slice(extra);
+        self.cli_as(creds, &args, b"")
+    }
+
     fn cli_as(&self, creds: &SessionCredentials, args: &[&str], input: &[u8]) -> Result<Output> {
         let mut command = self.fx.topo.runner.command(self.fx.agent.binary());
         command
@@ -148,23 +166,7 @@ fn aws_role_admits_through_connect_and_grant_byte_exact() -> Result<()> {
     );
 
     // The grant API: a grant bound to the runner, then a plain client.
-    let api = AuthFixture::api_url();
-    let ca = a.fx.api_ca.to_str().context("utf-8 path")?;
-    let output = a.cli_as(
-        &creds,
-        &[
-            "grant",
-            "--aws",
-            "--aws-server-id",
-            SERVER_ID,
-            "--api",
-            &api,
-            "--ca",
-            ca,
-            "--json",
-        ],
-        b"",
-    )?;
+    let output = a.grant_aws(&creds, &["--json"])?;
     ensure!(output.status.success(), "grant --aws: {}", stderr(&output));
     let grant: Value = serde_json::from_slice(&output.stdout)?;
     ensure!(
@@ -372,22 +374,7 @@ fn aws_sts_down_is_a_clear_denial_never_an_admission() -> Result<()> {
             && detail.contains("unreachable"),
         "{denied}"
     );
-    let api = AuthFixture::api_url();
-    let ca = a.fx.api_ca.to_str().context("utf-8 path")?;
-    let output = a.cli_as(
-        &creds,
-        &[
-            "grant",
-            "--aws",
-            "--aws-server-id",
-            SERVER_ID,
-            "--api",
-            &api,
-            "--ca",
-            ca,
-        ],
-        b"",
-    )?;
+    let output = a.grant_aws(&creds, &[])?;
     ensure!(
         output.status.code() == Some(77) && stderr(&output).contains("sts_unavailable"),
         "grant: {:?} {}",
