@@ -190,3 +190,25 @@ pub fn echo_once(fx: &ForwardFixture, message: &'static [u8]) -> Result<()> {
     );
     Ok(())
 }
+
+/// The upstream of a duplex transfer: it sends `reply`, half-closes, and
+/// yields what it read (length and digest) once the client half-closes.
+pub fn duplex_upstream(
+    fx: &ForwardFixture,
+    reply: Payload,
+) -> Result<crate::OneShot<Result<(u64, Digest)>>> {
+    Ok(crate::serve_once(
+        &fx.topo.target,
+        fx.upstream_addr(),
+        move |mut stream, _| {
+            let mut out = stream.try_clone()?;
+            let writer = std::thread::spawn(move || {
+                crate::write_payload(&mut out, &reply)?;
+                out.shutdown(Shutdown::Write)
+            });
+            let got = crate::read_to_end_hashed(&mut stream)?;
+            writer.join().map_err(|_| anyhow!("server writer"))??;
+            Ok(got)
+        },
+    )?)
+}

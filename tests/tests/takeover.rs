@@ -3,7 +3,7 @@
 //! live sessions; nothing is refused and no byte is lost.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -11,13 +11,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use tcpgate_tests::operator::{self as op, open_session, sized_server};
 use tcpgate_tests::takeover::{
-    SteppedTransfer, agent_lines, check_digest, echo_once, successor, wait_taken_over,
+    SteppedTransfer, agent_lines, check_digest, duplex_upstream, echo_once, successor,
+    wait_taken_over,
 };
 use tcpgate_tests::topology::BASTION_RUNNER_V4;
 use tcpgate_tests::{
     Agent, DataPath, ForwardFixture, LISTEN_PORT, Payload, Signal, Topology, accept_loop,
-    assert_bytes_with, read_to_end_hashed, require_root, routing_leftovers, serve_once,
-    sk_lookup_links, write_payload,
+    assert_bytes_with, require_root, routing_leftovers, sk_lookup_links,
 };
 
 const GIB: u64 = 1 << 30;
@@ -42,18 +42,7 @@ fn a_transfer_each_way_survives_three_takeovers(path: DataPath) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut fx = fixture(path, dir.path())?;
     let (up, down) = (Payload::new(11, GIB), Payload::new(12, GIB));
-    let server = serve_once(&fx.topo.target, fx.upstream_addr(), move |mut stream, _| {
-        let mut out = stream.try_clone()?;
-        let writer = std::thread::spawn(move || {
-            write_payload(&mut out, &down)?;
-            out.shutdown(Shutdown::Write)
-        });
-        let got = read_to_end_hashed(&mut stream)?;
-        writer
-            .join()
-            .map_err(|_| anyhow::anyhow!("server writer"))??;
-        anyhow::Ok(got)
-    })?;
+    let server = duplex_upstream(&fx, down)?;
     let transfer = SteppedTransfer::start(fx.dial()?, up, GIB, 4)?;
     let mut agents: Vec<Agent> = Vec::new();
     let mut listed: Option<(u64, u64)> = None;
@@ -133,19 +122,7 @@ fn a_differing_state_version_drains(path: DataPath) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut fx = fixture(path, dir.path())?;
     let (up, down) = (Payload::new(21, 64 << 20), Payload::new(22, 64 << 20));
-    let reply = down;
-    let server = serve_once(&fx.topo.target, fx.upstream_addr(), move |mut stream, _| {
-        let mut out = stream.try_clone()?;
-        let writer = std::thread::spawn(move || {
-            write_payload(&mut out, &reply)?;
-            out.shutdown(Shutdown::Write)
-        });
-        let got = read_to_end_hashed(&mut stream)?;
-        writer
-            .join()
-            .map_err(|_| anyhow::anyhow!("server writer"))??;
-        anyhow::Ok(got)
-    })?;
+    let server = duplex_upstream(&fx, down)?;
     let transfer = SteppedTransfer::start(fx.dial()?, up, down.len, 2)?;
     transfer.wait_checkpoint()?;
     let mut next = successor(

@@ -2,18 +2,16 @@
 //! starts its own successor, which takes over; the old agent hands it the
 //! service manager's main pid and drains.
 
-use std::net::Shutdown;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
 use tcpgate_tests::takeover::{
-    SteppedTransfer, agent_lines, check_digest, echo_once, wait_taken_over,
+    SteppedTransfer, agent_lines, check_digest, duplex_upstream, echo_once, wait_taken_over,
 };
 use tcpgate_tests::{
-    DataPath, ForwardFixture, Payload, Signal, assert_bytes_with, eventually, read_to_end_hashed,
-    require_root, serve_once, write_payload,
+    DataPath, ForwardFixture, Payload, Signal, assert_bytes_with, eventually, require_root,
 };
 
 /// A successor the old agent started (not the testkit): SIGTERM and a
@@ -45,18 +43,7 @@ fn sigusr2_starts_a_successor_that_takes_over_while_a_session_drains() -> Result
     let mut fx = ForwardFixture::start_tuned(DataPath::Ebpf, &agent_lines(dir.path()), "")?;
     let pin_dir = fx.agent.pin_dir().to_owned();
     let (up, down) = (Payload::new(31, 64 << 20), Payload::new(32, 64 << 20));
-    let server = serve_once(&fx.topo.target, fx.upstream_addr(), move |mut stream, _| {
-        let mut out = stream.try_clone()?;
-        let writer = std::thread::spawn(move || {
-            write_payload(&mut out, &down)?;
-            out.shutdown(Shutdown::Write)
-        });
-        let got = read_to_end_hashed(&mut stream)?;
-        writer
-            .join()
-            .map_err(|_| anyhow::anyhow!("server writer"))??;
-        anyhow::Ok(got)
-    })?;
+    let server = duplex_upstream(&fx, down)?;
     let transfer = SteppedTransfer::start(fx.dial()?, up, down.len, 2)?;
     transfer.wait_checkpoint()?;
     fx.agent.signal(Signal::SIGUSR2)?;
