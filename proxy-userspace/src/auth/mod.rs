@@ -52,6 +52,7 @@ mod grant_table;
 pub mod grants;
 mod jwk;
 pub mod jwks;
+mod key_cache;
 pub mod limits;
 pub mod matcher;
 pub mod policy;
