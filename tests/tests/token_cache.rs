@@ -139,3 +139,78 @@ fn an_expired_cached_token_is_refused() -> Result<()> {
     server.stop()?;
     Ok(())
 }
+
+/// The claims a token's sessions share (see `auth::claims_memo`) are only
+/// ever the token's own: two tokens of two subjects, each served from the
+/// cache after its first admission and interleaved, open sessions whose
+/// audit lines name their own subject and audit claims. Then revoking one
+/// subject ends its live sessions and not the other's, which is still
+/// admitted.
+#[test]
+fn cached_tokens_never_share_an_identity_and_revocation_ends_their_sessions() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let fx = AuthFixture::start()?;
+    let server = echo_service(&fx, b"")?;
+    let job = |r#ref: &str, job_id: &str| {
+        let subject = format!("project_path:group/app:ref_type:branch:ref:{ref}");
+        let token = fx.keys.rsa.sign(&claims_with(&[
+            ("sub", json!(subject)),
+            ("ref", json!(r#ref)),
+            ("job_id", json!(job_id)),
+            ("jti", json!(format!("jti-{job_id}"))),
+        ]));
+        (subject, token)
+    };
+    let (subject_a, token_a) = job("release/1.4", "1001");
+    let (subject_b, token_b) = job("release/2.0", "2002");
+    let mut open = Vec::new();
+    for (i, token) in [&token_a, &token_b, &token_a, &token_b]
+        .into_iter()
+        .enumerate()
+    {
+        let (status, message, stream) = present(&fx, token)?;
+        ensure!(status == 0, "admission {i}: {status} {message}");
+        open.push(stream);
+    }
+    let (hits, _) = cache_counts(&fx)?;
+    ensure!(
+        hits >= 2.0,
+        "the last two admissions were cache hits: {hits}"
+    );
+    let opened = wait_events(&fx.agent, "session_open", 4)?;
+    for (i, event) in opened.iter().enumerate() {
+        let (subject, r#ref, job_id) = if i % 2 == 0 {
+            (&subject_a, "release/1.4", "1001")
+        } else {
+            (&subject_b, "release/2.0", "2002")
+        };
+        ensure!(
+            event["subject"] == subject.as_str()
+                && event["claims"]["ref"] == r#ref
+                && event["claims"]["job_id"] == job_id,
+            "session {i} carries its own token's identity: {event}"
+        );
+    }
+    let admin = fx.admin_socket().display().to_string();
+    let (status, stdout, stderr) = fx.cli(
+        &fx.topo.bastion,
+        &["revoke", "--admin", &admin, "--subject", &subject_a],
+    )?;
+    ensure!(status == 0, "revoke: {status} {stdout} {stderr}");
+    let closed = wait_events(&fx.agent, "session_close", 2)?;
+    for event in &closed {
+        ensure!(
+            event["subject"] == subject_a.as_str() && event["reason"] == "revoked",
+            "only the revoked subject's sessions end: {event}"
+        );
+    }
+    let (status, message, stream) = present(&fx, &token_b)?;
+    ensure!(status == 0, "the other subject still admits: {message}");
+    let (status, message, _refused) = present(&fx, &token_a)?;
+    ensure!(status == 1, "revoked subject admitted: {message}");
+    drop((open, stream));
+    server.stop()?;
+    Ok(())
+}

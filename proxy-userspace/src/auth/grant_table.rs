@@ -58,7 +58,9 @@ impl CreateError {
 }
 
 pub(super) struct Entry {
-    pub(super) grant: Grant,
+    /// Boxed: the table's buckets (allocated ahead, up to twice the live
+    /// grants) stay small; about 100 bytes per grant less at 10,000.
+    pub(super) grant: Box<Grant>,
     pub(super) deadline: Instant,
 }
 
@@ -121,7 +123,7 @@ impl State {
 
     /// Removes a grant and its index entries.
     pub(super) fn take(&mut self, id: GrantId) -> Option<Grant> {
-        let grant = self.grants.remove(&id)?.grant;
+        let grant = *self.grants.remove(&id)?.grant;
         if let Some(source) = grant.source() {
             if let Some(ids) = self.by_source.get_mut(&source) {
                 ids.retain(|g| *g != id);

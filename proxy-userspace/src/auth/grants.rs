@@ -186,7 +186,7 @@ impl GrantStore {
     pub fn create(
         &self,
         kind: GrantKind,
-        token: &ValidatedToken,
+        token: &super::Verified,
         decision: &Decision,
         now: SystemTime,
     ) -> Result<Grant, CreateError> {
@@ -196,7 +196,8 @@ impl GrantStore {
             },
             other => other,
         };
-        let audit_claims = std::sync::Arc::new(self.audit_claims(token));
+        // Once per token, shared by all its grants (see `claims_memo`).
+        let audit_claims = token.audit_claims(|t| self.audit_claims(t));
         let remaining = decision
             .expires_at
             .duration_since(now)
@@ -227,7 +228,7 @@ impl GrantStore {
             token_expires_at: token.expires_at,
         };
         state.insert(Entry {
-            grant: grant.clone(),
+            grant: Box::new(grant.clone()),
             deadline: Instant::now() + remaining,
         });
         drop(state);
@@ -245,14 +246,14 @@ impl GrantStore {
             .get(&source)?
             .iter()
             .filter_map(|id| state.grants.get(id))
-            .map(|e| &e.grant)
+            .map(|e| &*e.grant)
             .filter(|g| g.expires_at > now && set_contains(&g.destinations, dest))
             .max_by_key(|g| g.expires_at)
             .cloned()
     }
 
     pub fn get(&self, id: GrantId) -> Option<Grant> {
-        self.state().grants.get(&id).map(|e| e.grant.clone())
+        self.state().grants.get(&id).map(|e| Grant::clone(&e.grant))
     }
 
     /// Whether `id` is live (cheaper than [`GrantStore::get`]).
@@ -266,7 +267,7 @@ impl GrantStore {
             .state()
             .grants
             .values()
-            .map(|e| e.grant.clone())
+            .map(|e| Grant::clone(&e.grant))
             .collect();
         v.sort_by_key(|g| (g.created_at, g.id));
         v

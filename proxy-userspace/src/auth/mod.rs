@@ -46,6 +46,7 @@ pub mod config;
 pub mod discovery;
 /// Destinations are shared with interception; see [`crate::dest`].
 pub use crate::dest as destination;
+pub mod claims_memo;
 pub mod explain;
 mod grant_id;
 mod grant_table;
@@ -64,6 +65,7 @@ pub mod token_cache;
 mod token_load;
 pub mod trust;
 
+pub use claims_memo::Verified;
 pub use config::{AuthConfig, FieldError, IssuerConfig, RuleConfig, validate_all};
 pub use destination::{Destination, DestinationSpec, PortRange};
 pub use grants::{CreateError, Grant, GrantEvent, GrantId, GrantKind, GrantLimit, GrantStore};

@@ -13,11 +13,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
 use sha2::{Digest as _, Sha256};
 
+use super::claims_memo::Verified;
+#[cfg(test)]
 use super::token::ValidatedToken;
 
 /// A token's SHA-256: the cache never holds the token itself.
@@ -52,7 +54,8 @@ pub struct TokenCacheStats {
 #[derive(Debug, Default)]
 struct Inner {
     stamp: Stamp,
-    entries: HashMap<TokenDigest, ValidatedToken>,
+    /// Shared with the connections the token admitted, memo included.
+    entries: HashMap<TokenDigest, Arc<Verified>>,
 }
 
 /// Verified tokens, bounded; `capacity` 0 turns the cache off.
@@ -94,7 +97,7 @@ impl TokenCache {
         digest: &TokenDigest,
         stamp: Stamp,
         now: SystemTime,
-    ) -> Option<ValidatedToken> {
+    ) -> Option<Arc<Verified>> {
         if self.capacity == 0 {
             return None;
         }
@@ -103,7 +106,7 @@ impl TokenCache {
             adopt(&mut inner, stamp);
             match inner.entries.get(digest) {
                 Some(token) if inner.stamp == stamp && token.expires_at > now => {
-                    Some(token.clone())
+                    Some(Arc::clone(token))
                 }
                 Some(_) if inner.stamp == stamp => {
                     inner.entries.remove(digest);
@@ -127,7 +130,7 @@ impl TokenCache {
     pub fn insert(
         &self,
         digest: TokenDigest,
-        token: &ValidatedToken,
+        token: &Arc<Verified>,
         stamp: Stamp,
         now: SystemTime,
     ) {
@@ -153,7 +156,7 @@ impl TokenCache {
                 }
             }
         }
-        inner.entries.insert(digest, token.clone());
+        inner.entries.insert(digest, Arc::clone(token));
     }
 
     /// Drops every entry (e.g. a revocation).

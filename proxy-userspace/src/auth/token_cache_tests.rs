@@ -4,13 +4,13 @@ use serde_json::Map;
 
 use super::*;
 
-fn token(subject: &str, expires_at: SystemTime) -> ValidatedToken {
-    ValidatedToken {
+fn token(subject: &str, expires_at: SystemTime) -> Arc<Verified> {
+    Verified::new(ValidatedToken {
         issuer: "https://gitlab.example".to_owned(),
         subject: subject.to_owned(),
         expires_at,
         claims: Map::new(),
-    }
+    })
 }
 
 fn at(secs: u64) -> SystemTime {
@@ -29,7 +29,7 @@ fn a_verified_token_is_a_hit_until_its_exp() {
     assert_eq!(cache.get(&d, S0, at(0)), None, "empty");
     cache.insert(d, &token("job", at(60)), S0, at(0));
     assert_eq!(
-        cache.get(&d, S0, at(59)).map(|t| t.subject),
+        cache.get(&d, S0, at(59)).map(|t| t.subject.clone()),
         Some("job".to_owned())
     );
     assert_eq!(cache.get(&d, S0, at(60)), None, "expired at its exp");

@@ -2,12 +2,15 @@
 //! methods, so the pinned `grants` map follows it without callers pairing
 //! "change the store" with "mirror it" by hand.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::{Gate, MirrorFull};
 use crate::auth::aws;
 use crate::auth::token_cache::{self, Stamp, TokenCacheStats};
-use crate::auth::{CreateError, Decision, Grant, GrantId, GrantKind, TokenError, ValidatedToken};
+use crate::auth::{
+    CreateError, Decision, Grant, GrantId, GrantKind, TokenError, ValidatedToken, Verified,
+};
 
 /// Why no grant was created.
 #[derive(Debug, thiserror::Error)]
@@ -23,11 +26,13 @@ pub enum GrantRefused {
 impl Gate {
     /// Validates a bearer token against the configured issuers, or finds
     /// it verified already under the same keys and revocations.
-    pub async fn validate(&self, token: &str) -> Result<ValidatedToken, TokenError> {
+    /// The result is shared with the cache: the connections of one token
+    /// share its claims and what grants derive from them.
+    pub async fn validate(&self, token: &str) -> Result<Arc<Verified>, TokenError> {
         // A signed STS request is good for one use (the validator remembers
         // its signature): a cache hit would let its replay through.
         if token.starts_with(aws::TOKEN_PREFIX) {
-            return self.validator.validate(token).await;
+            return self.validator.validate(token).await.map(Verified::new);
         }
         let digest = token_cache::digest(token);
         let stamp = Stamp {
@@ -37,7 +42,7 @@ impl Gate {
         if let Some(verified) = self.tokens.get(&digest, stamp, SystemTime::now()) {
             return Ok(verified);
         }
-        let verified = self.validator.validate(token).await?;
+        let verified = Verified::new(self.validator.validate(token).await?);
         self.tokens
             .insert(digest, &verified, stamp, SystemTime::now());
         Ok(verified)
@@ -63,7 +68,7 @@ impl Gate {
     /// Creates a grant bound to `source` and mirrors it into the pinned map.
     pub fn create_source_grant(
         &self,
-        token: &ValidatedToken,
+        token: &Verified,
         decision: &Decision,
         source: std::net::IpAddr,
         now: SystemTime,
@@ -77,7 +82,7 @@ impl Gate {
     pub(super) fn create_grant(
         &self,
         kind: GrantKind,
-        token: &ValidatedToken,
+        token: &Verified,
         decision: &Decision,
         now: SystemTime,
     ) -> Result<Grant, GrantRefused> {
