@@ -116,7 +116,7 @@ impl Refusal {
 fn admitted(grant: &Grant, method: u16) -> Admitted {
     Admitted {
         grant_id: grant.id.0,
-        subject: grant.subject.clone(),
+        subject: grant.subject.as_str().into(),
         expires: Some(grant.expires_at),
         auth_method: method,
         claims: std::sync::Arc::clone(&grant.audit_claims),

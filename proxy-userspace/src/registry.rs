@@ -225,7 +225,7 @@ mod tests {
             destination: addr,
             upstream: addr,
             auth_method: 0,
-            subject: String::new(),
+            subject: "".into(),
         }
     }
 

@@ -283,7 +283,7 @@ pub async fn serve(
         destination: target.destination,
         upstream: target.upstream,
         auth_method: admitted.auth_method,
-        subject: admitted.subject.clone(),
+        subject: std::sync::Arc::clone(&admitted.subject),
     };
     let stop = admission.register(meta.clone());
     recheck_grant(&services, &meta);

@@ -343,7 +343,7 @@ async fn list_sessions(State(state): State<Arc<ApiState>>) -> Response {
             SessionView {
                 session_id: format!("{:016x}", m.id),
                 grant_id: (m.grant_id != 0).then(|| GrantId(m.grant_id).to_string()),
-                subject: m.subject,
+                subject: m.subject.to_string(),
                 client: m.client.to_string(),
                 destination: m.destination.to_string(),
                 upstream: m.upstream.to_string(),

@@ -85,7 +85,8 @@ pub struct SessionMeta {
     pub upstream: SocketAddr,
     /// `proxy_common::session::AUTH_*`.
     pub auth_method: u16,
-    pub subject: String,
+    /// Shared with the session's `Admitted` (one copy per session).
+    pub subject: std::sync::Arc<str>,
 }
 
 /// How a session ended.

@@ -9,7 +9,8 @@ use proxy_common::session::AUTH_NONE;
 #[derive(Debug, Clone, Default)]
 pub struct Admitted {
     pub grant_id: u64,
-    pub subject: String,
+    /// Shared with the session's metadata and its registry entry.
+    pub subject: std::sync::Arc<str>,
     pub expires: Option<SystemTime>,
     /// `proxy_common::session::AUTH_*`.
     pub auth_method: u16,

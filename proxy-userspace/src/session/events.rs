@@ -15,7 +15,7 @@ pub(super) fn base_event(
         event.grant_id = Some(GrantId(admitted.grant_id).to_string());
     }
     if !admitted.subject.is_empty() {
-        event.subject = Some(admitted.subject.clone());
+        event.subject = Some(admitted.subject.to_string());
     }
     event.claims = admitted.claims.as_ref().clone();
     event
