@@ -183,10 +183,6 @@ impl UserspaceDatapath {
                 }
             }
         };
-        self.live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&meta.id);
         let (reason, detail) = match result {
             Ok(reason) => (reason, None),
             Err((reason, detail)) => {
@@ -195,6 +191,17 @@ impl UserspaceDatapath {
                 (reason, Some(detail))
             }
         };
+        // Close first, bookkeeping after (as on the kernel path): the peers
+        // learn of the end at once, and the sessions one expiry or
+        // revocation ends all close before any does its bookkeeping.
+        drop((client, upstream));
+        if detail.is_some() {
+            tokio::task::yield_now().await;
+        }
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&meta.id);
         SpliceOutcome {
             reason,
             detail,

@@ -116,12 +116,20 @@ impl Watcher {
         Ok(mailbox)
     }
 
-    /// Stops watching; call before the sockets are closed.
-    pub fn unwatch(&self, session_id: u64, client: BorrowedFd<'_>, upstream: BorrowedFd<'_>) {
+    /// Stops watching sockets that stay open (`watch` failed half-way).
+    fn unwatch(&self, session_id: u64, client: BorrowedFd<'_>, upstream: BorrowedFd<'_>) {
         let epoll = &self.epoll.get_ref().0;
-        // Either may not be registered if `watch` failed half-way.
+        // Either may not be registered.
         let _ = epoll.delete(client);
         let _ = epoll.delete(upstream);
+        self.forget(session_id);
+    }
+
+    /// Stops watching a session whose sockets are closed: closing the last
+    /// descriptor of a socket took it out of the epoll set already, so only
+    /// its mailbox is left (an `epoll_ctl` on the closed numbers could hit
+    /// a newer socket that reuses one).
+    pub fn forget(&self, session_id: u64) {
         self.subscribers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

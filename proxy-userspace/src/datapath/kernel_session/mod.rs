@@ -152,7 +152,7 @@ struct Session<'a> {
     stalls: PerSide<StallWatch>,
 }
 
-impl Session<'_> {
+impl<'a> Session<'a> {
     async fn watch(&mut self, meta: &SessionMeta, stop: StopSignal) -> Ending {
         let events =
             match self
@@ -226,9 +226,6 @@ impl Session<'_> {
                 break Ending::Graceful(self.first_close.unwrap_or(EndReason::ClientClosed));
             }
         };
-        self.dp
-            .watcher
-            .unwatch(self.id, self.client.as_fd(), self.upstream.as_fd());
         ending
     }
 
@@ -317,7 +314,12 @@ impl Session<'_> {
         None
     }
 
-    fn finish(mut self, ending: Ending) -> SpliceOutcome {
+    /// Closes both sockets: the first step of every end. The peers learn
+    /// of the end at once (that is what expiry teardown latency is), and
+    /// closing takes each socket out of the SOCKHASH, so no verdict runs
+    /// for it after [`Closed::report`] reads the counters. It also takes
+    /// both out of the watcher's epoll set; only the mailbox is left to drop.
+    fn close(mut self, ending: Ending) -> Closed<'a> {
         // Deregister the copied directions before their sockets close.
         let copied = PerDir::from_fn(|dir| {
             let state = &mut self.dirs[dir];
@@ -334,18 +336,48 @@ impl Session<'_> {
                 (reason, Some(detail))
             }
         };
-        // Close first: the peers learn of the end at once (that is what
-        // expiry teardown latency is), and closing takes each socket out of
-        // the SOCKHASH, so no verdict runs for it after the counters below
-        // are read.
         drop(self.client);
         drop(self.upstream);
-        let (mut up, mut down) = self.dp.forget(self.id, self.cookies);
-        up.userspace_bytes += copied.up;
-        down.userspace_bytes += copied.down;
-        SpliceOutcome {
+        self.dp.watcher.forget(self.id);
+        Closed {
+            dp: self.dp,
+            id: self.id,
+            cookies: self.cookies,
+            copied,
+            queued: self.queued,
             reason,
             detail,
+        }
+    }
+}
+
+/// A session whose sockets are closed, before its bookkeeping.
+struct Closed<'a> {
+    dp: &'a EbpfDatapath,
+    id: u64,
+    cookies: Cookies,
+    copied: PerDir<u64>,
+    queued: (u64, u64),
+    reason: EndReason,
+    detail: Option<String>,
+}
+
+impl Closed<'_> {
+    /// Whether the agent ended it (expiry, revocation, shutdown, a stall or
+    /// an error): such ends come in batches, one timer or revocation for
+    /// many sessions.
+    fn aborted(&self) -> bool {
+        self.detail.is_some()
+    }
+
+    /// Removes the session's map entries and reports its counters.
+    fn report(self) -> SpliceOutcome {
+        let (mut up, mut down) = self.dp.forget(self.id, self.cookies);
+        up.userspace_bytes += self.copied.up;
+        down.userspace_bytes += self.copied.down;
+        SpliceOutcome {
+            reason: self.reason,
+            detail: self.detail,
             up,
             down,
             queued_at_splice: Some(self.queued),

@@ -122,7 +122,16 @@ pub(in crate::datapath) async fn run(
         Ok(()) => Box::pin(session.watch(meta, stop)).await,
         Err(e) => Ending::internal(format!("cannot release held bytes: {e}")),
     };
-    session.finish(ending)
+    let closed = session.close(ending);
+    if closed.aborted() {
+        // The sessions one expiry or revocation ends wake together: each
+        // closes its sockets, then lets the others close theirs before
+        // doing its bookkeeping (map removals here, metrics, grant and
+        // audit line in the session), so the last peers learn of the end
+        // sooner. tokio runs a yielded task once the queued ones have run.
+        tokio::task::yield_now().await;
+    }
+    closed.report()
 }
 
 fn failed(detail: String) -> SpliceOutcome {
