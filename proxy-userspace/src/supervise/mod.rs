@@ -178,17 +178,19 @@ impl Supervisor {
             );
             return;
         }
+        // Before the successor exists: whoever sees it (`cargo xtask
+        // install`) sees the unit reloading too.
+        crate::notify::status(&format!(
+            "RELOADING=1\nSTATUS=starting a successor to take over from pid {serving}"
+        ));
         match self.spawn(true) {
             Ok(pid) => {
                 tracing::info!(serving, successor = pid, program = %self.program.to_string_lossy(), "SIGUSR2: started a successor to take over");
-                crate::notify::status(&format!(
-                    "RELOADING=1\nSTATUS=pid {pid} taking over from pid {serving}"
-                ));
             }
             Err(e) => {
                 tracing::error!(error = %crate::error_chain(&e), serving, "takeover failed; the old agent keeps serving");
                 crate::notify::status(&format!(
-                    "STATUS=takeover failed: cannot start the successor; pid {serving} still serving"
+                    "READY=1\nSTATUS=takeover failed: cannot start the successor; pid {serving} still serving"
                 ));
             }
         }
