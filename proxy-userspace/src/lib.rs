@@ -50,6 +50,7 @@ pub mod registry;
 pub mod session;
 pub mod sockdiag;
 pub mod sockopt;
+pub mod supervise;
 
 /// The eBPF object, compiled by build.rs for the bpf target, with BTF.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpgate"));

@@ -79,6 +79,12 @@ impl ForwardFixture {
     /// `agent` holds more `[agent]` settings, one per line; `extra` is
     /// appended to the generated config (more sections).
     pub fn start_tuned(path: DataPath, agent: &str, extra: &str) -> Result<Self> {
+        Self::start_run(path, agent, extra, &[])
+    }
+
+    /// As [`Self::start_tuned`], with more `tcpgate run` arguments (e.g.
+    /// `--supervise`).
+    pub fn start_run(path: DataPath, agent: &str, extra: &str, args: &[&str]) -> Result<Self> {
         let topo = Topology::new()?;
         let builder = Agent::builder(&topo.bastion)?;
         let config = format!(
@@ -92,6 +98,7 @@ impl ForwardFixture {
         let agent = builder
             .config(config)
             .args(["--datapath", path.flag()])
+            .args(args)
             .spawn()?;
         Ok(Self { agent, topo, path })
     }

@@ -197,18 +197,23 @@ pub fn duplex_upstream(
     fx: &ForwardFixture,
     reply: Payload,
 ) -> Result<crate::OneShot<Result<(u64, Digest)>>> {
-    Ok(crate::serve_once(
-        &fx.topo.target,
-        fx.upstream_addr(),
-        move |mut stream, _| {
-            let mut out = stream.try_clone()?;
-            let writer = std::thread::spawn(move || {
-                crate::write_payload(&mut out, &reply)?;
-                out.shutdown(Shutdown::Write)
-            });
-            let got = crate::read_to_end_hashed(&mut stream)?;
-            writer.join().map_err(|_| anyhow!("server writer"))??;
-            Ok(got)
-        },
-    )?)
+    duplex_server(&fx.topo.target, fx.upstream_addr(), reply)
+}
+
+/// [`duplex_upstream`] on any address of any namespace.
+pub fn duplex_server(
+    ns: &Netns,
+    addr: std::net::SocketAddr,
+    reply: Payload,
+) -> Result<crate::OneShot<Result<(u64, Digest)>>> {
+    Ok(crate::serve_once(ns, addr, move |mut stream, _| {
+        let mut out = stream.try_clone()?;
+        let writer = std::thread::spawn(move || {
+            crate::write_payload(&mut out, &reply)?;
+            out.shutdown(Shutdown::Write)
+        });
+        let got = crate::read_to_end_hashed(&mut stream)?;
+        writer.join().map_err(|_| anyhow!("server writer"))??;
+        Ok(got)
+    })?)
 }

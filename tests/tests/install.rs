@@ -71,9 +71,10 @@ fn staged_tree_holds_the_files_modes_and_unit_settings() -> Result<()> {
     let service = |key: &str| unit.one("Service", key);
     ensure!(service("Type")? == "notify" && service("NotifyAccess")? == "main");
     ensure!(
-        service("ExecStart")? == "/usr/local/bin/tcpgate run --config /etc/tcpgate/tcpgate.toml"
+        service("ExecStart")?
+            == "/usr/local/bin/tcpgate run --supervise --config /etc/tcpgate/tcpgate.toml"
     );
-    ensure!(service("ExecReload")? == "/bin/kill -HUP $MAINPID");
+    ensure!(service("ExecReload")? == "/bin/kill -USR2 $MAINPID");
     ensure!(service("User")? == "tcpgate" && service("Group")? == "tcpgate");
     ensure!(service("SupplementaryGroups")? == "tcpgate-operators");
     let wanted: BTreeSet<String> = UNIT_CAPABILITIES.map(str::to_owned).into();

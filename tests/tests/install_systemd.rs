@@ -7,6 +7,11 @@ use tcpgate_tests::install::session::{echo_on_port_22, echo_through, ensure_spli
 use tcpgate_tests::install::systemd::Container;
 use tcpgate_tests::require_root;
 
+mod install_systemd {
+    pub mod upgrade;
+}
+use install_systemd::upgrade;
+
 /// The agent's configuration inside the container: the example's layout
 /// (pins, audit log, operator group) with this test's JWKS and addresses.
 fn container_config(jwks_url: &str) -> String {
@@ -170,16 +175,29 @@ fn systemd_runs_the_installed_unit() -> Result<()> {
     server.stop()?;
     check_files_the_agent_made(&container, uid, operators)?;
 
-    container.run(&["systemctl", "reload", "tcpgate.service"])?;
+    // A plain config reload: SIGHUP, forwarded by the supervisor.
+    let hup = [
+        "systemctl",
+        "kill",
+        "--kill-whom=main",
+        "--signal=SIGHUP",
+        "tcpgate.service",
+    ];
+    container.run(&hup)?;
     reloaded(&container, "reloaded the intercepted set")?;
     // A bad file on reload changes nothing; the agent keeps serving.
     let config = container.path("/etc/tcpgate/tcpgate.toml");
     let good = std::fs::read_to_string(&config)?;
     std::fs::write(&config, format!("{good}\n[agent.typo]\n"))?;
-    container.run(&["systemctl", "reload", "tcpgate.service"])?;
+    container.run(&hup)?;
     reloaded(&container, "reload rejected")?;
+    // Nor does a takeover (`systemctl reload`) whose successor refuses it.
+    upgrade::failed_takeover_keeps_the_old_agent(&container)?;
+    std::fs::write(&config, &good)?;
+    upgrade::install_upgrades_under_a_live_session(&topo, &container, &keys)?;
 
     container.run(&["systemctl", "stop", "tcpgate.service"])?;
+    upgrade::stopped_cleanly(&container)?;
     let left = tcpgate_tests::routing_leftovers(&topo.bastion)?;
     ensure!(
         left.is_empty(),
@@ -189,6 +207,7 @@ fn systemd_runs_the_installed_unit() -> Result<()> {
     let pins: Vec<_> = std::fs::read_dir(container.path("/sys/fs/bpf/tcpgate"))?.collect();
     ensure!(pins.is_empty(), "pins left after stop: {pins:?}");
 
+    std::fs::write(&config, format!("{good}\n[agent.typo]\n"))?;
     // Started with the bad file, the agent exits 64 and is not restarted.
     let start = container.exec(&["systemctl", "start", "tcpgate.service"])?;
     ensure!(!start.status.success(), "a bad config must not start");

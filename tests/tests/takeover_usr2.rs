@@ -1,6 +1,7 @@
 //! SIGUSR2 (what the upgrade sequence sends under systemd): the agent
 //! starts its own successor, which takes over; the old agent hands it the
-//! service manager's main pid and drains.
+//! service manager's main pid and drains. Under `run --supervise` the
+//! supervisor starts it instead and stays the main process.
 
 use std::time::Duration;
 
@@ -80,5 +81,114 @@ fn sigusr2_starts_a_successor_that_takes_over_while_a_session_drains() -> Result
     echo_once(&fx, b"after").with_context(|| fx.agent.logs_tail(30))?;
     successor.stop()?;
     ensure!(!pin_dir.exists(), "the successor removed its pins on stop");
+    Ok(())
+}
+
+/// The agents `tcpgate run --supervise` (the unit's main process) runs.
+fn agents_of(supervisor: u32) -> Result<Vec<u32>> {
+    let path = format!("/proc/{supervisor}/task/{supervisor}/children");
+    let listed = std::fs::read_to_string(&path).with_context(|| path.clone())?;
+    Ok(listed
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect())
+}
+
+/// What the supervisor relayed to the service manager so far.
+fn relayed(fx: &ForwardFixture) -> Vec<String> {
+    let _ = fx.agent.notify().poll();
+    fx.agent.notify().messages()
+}
+
+/// Under `run --supervise` (what the unit runs), SIGUSR2 to the
+/// supervisor starts a successor as its child: the session in flight
+/// drains byte-exact in the old agent, which then exits; the supervisor
+/// stays (the service's main process), never relays `MAINPID=`, and its
+/// `RELOADING=1` ends with the successor's `READY=1`. A successor that
+/// fails (here: a broken config) leaves the serving agent serving. SIGTERM
+/// stops everything cleanly, pins removed.
+#[test]
+fn sigusr2_under_the_supervisor_keeps_it_the_main_process() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let mut fx = ForwardFixture::start_run(
+        DataPath::Ebpf,
+        &agent_lines(dir.path()),
+        "",
+        &["--supervise"],
+    )?;
+    let supervisor = fx.agent.pid();
+    let pin_dir = fx.agent.pin_dir().to_owned();
+    let first = agents_of(supervisor)?;
+    ensure!(
+        first.len() == 1,
+        "one agent under the supervisor: {first:?}"
+    );
+    let (up, down) = (Payload::new(41, 64 << 20), Payload::new(42, 64 << 20));
+    let server = duplex_upstream(&fx, down)?;
+    let transfer = SteppedTransfer::start(fx.dial()?, up, down.len, 2)?;
+    transfer.wait_checkpoint()?;
+    let before = relayed(&fx).len();
+    fx.agent.signal(Signal::SIGUSR2)?;
+    wait_taken_over(&fx.agent)?;
+    eventually(
+        Duration::from_secs(30),
+        "the successor's READY=1 relayed",
+        || {
+            let new = relayed(&fx).split_off(before);
+            new.iter()
+                .position(|m| m.starts_with("RELOADING=1"))
+                .is_some_and(|r| new[r..].iter().any(|m| m.lines().any(|l| l == "READY=1")))
+        },
+    )?;
+    let read = transfer.finish()?;
+    check_digest("download", read, &down)?;
+    check_digest("upload", server.join()??, &up)?;
+    let close = tcpgate_tests::wait_events(&fx.agent, "session_close", 1)?;
+    ensure!(close[0]["handover"] == "drained", "{}", close[0]);
+    assert_bytes_with(DataPath::Ebpf, &close[0], up.len, down.len, true)?;
+    let successor = eventually(Duration::from_secs(60), "the old agent exits", || {
+        agents_of(supervisor)
+            .ok()
+            .filter(|a| a.len() == 1 && a[0] != first[0])
+    })?;
+    echo_once(&fx, b"after").with_context(|| fx.agent.logs_tail(30))?;
+
+    // A successor that cannot start (bad config) changes nothing.
+    let config = fx.agent.config_path().to_owned();
+    let good = std::fs::read_to_string(&config)?;
+    std::fs::write(&config, format!("{good}\n[agent.typo]\n"))?;
+    fx.agent.signal(Signal::SIGUSR2)?;
+    fx.agent.wait_for_log(
+        "takeover failed: the successor exited before it was ready",
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        agents_of(supervisor)? == successor,
+        "the serving agent stays"
+    );
+    ensure!(
+        relayed(&fx)
+            .iter()
+            .any(|m| m.contains("STATUS=takeover failed")),
+        "the unit's status says so"
+    );
+    echo_once(&fx, b"still").with_context(|| fx.agent.logs_tail(30))?;
+    std::fs::write(&config, good)?;
+    ensure!(
+        !relayed(&fx).iter().any(|m| m.contains("MAINPID=")),
+        "the supervisor stays the main process: {:?}",
+        relayed(&fx)
+    );
+
+    let status = fx.agent.stop()?;
+    ensure!(status.success(), "{status:?}\n{}", fx.agent.logs_tail(20));
+    ensure!(
+        kill(Pid::from_raw(i32::try_from(successor[0])?), None).is_err(),
+        "the agent stopped with its supervisor"
+    );
+    ensure!(!pin_dir.exists(), "the agent removed its pins on stop");
     Ok(())
 }

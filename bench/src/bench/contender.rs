@@ -175,6 +175,11 @@ pub fn agent_config_extra(auth: Option<&str>) -> String {
 
 /// Starts the release agent on the bastion with `--datapath <datapath>`.
 pub fn start_agent(env: &Env<'_>, datapath: &str, extra: &str) -> Result<Agent> {
+    start_agent_tuned(env, datapath, "", extra)
+}
+
+/// [`start_agent`] with more `[agent]` settings, one per line.
+pub fn start_agent_tuned(env: &Env<'_>, datapath: &str, agent: &str, extra: &str) -> Result<Agent> {
     let builder = Agent::builder(&env.topo.bastion)?;
     // Without the `[auth]` sections, say so: `auth = "none"` is a root key,
     // so it goes before the first table.
@@ -184,7 +189,7 @@ pub fn start_agent(env: &Env<'_>, datapath: &str, extra: &str) -> Result<Agent> 
         "auth = \"none\"\n"
     };
     let config = format!(
-        "{no_auth}[agent]\npin_dir = {pin:?}\n\n[audit]\npath = {audit:?}\n{extra}",
+        "{no_auth}[agent]\npin_dir = {pin:?}\n{agent}\n[audit]\npath = {audit:?}\n{extra}",
         pin = builder.pin_dir().display().to_string(),
         audit = builder.audit_path().display().to_string(),
     );

@@ -60,6 +60,7 @@ pub fn absolute_target(metric: Metric) -> Option<Target> {
         Metric::RssIdleSessions => Some(Target::AtMost(64.0)),
         Metric::TeardownP99 => Some(Target::AtMost(50.0)),
         Metric::RevocationP99 => Some(Target::AtMost(250.0)),
+        Metric::TakeoverPause => Some(Target::AtMost(100.0)),
         _ => None,
     }
 }
@@ -267,7 +268,31 @@ pub fn evaluate(results: &Results) -> Vec<Goal> {
         super::fleet::FLEET,
         results,
     ));
+    goals.extend(takeover_goal(results));
     goals
+}
+
+/// Issue 15's goal: the longest pause any streaming session sees during a
+/// takeover at 1,000 sessions, p99 over the runs (not the median: one bad
+/// takeover is what an operator notices).
+fn takeover_goal(results: &Results) -> Option<Goal> {
+    let metric = Metric::TakeoverPause;
+    let figure = results
+        .summary(metric, Contender::TcpgateEbpf.name())
+        .and_then(|s| {
+            let runs = super::stats::sorted(s.runs);
+            let p99 = super::stats::percentile(&runs, 99.0)?;
+            Some(Figure {
+                value: p99,
+                shown: format!("{p99:.1} ms (max of 8 streams, {} runs)", runs.len()),
+            })
+        });
+    Some(Goal {
+        name: "longest stream pause during a takeover at 1,000 sessions, p99 (issue 15)".to_owned(),
+        target: absolute_target(metric)?,
+        unit: format!(" {}", metric.unit()),
+        figure,
+    })
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ mod sessions;
 mod settings;
 mod stats;
 mod svg;
+mod takeover;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -213,6 +214,7 @@ fn measure_all(
     phases::connrate(&bench, results)?;
     phases::rss(&bench, results)?;
     phases::teardown(&bench, results)?;
+    takeover::measure(&bench, results)?;
     if settings.wants(settings::Measure::Fleet) {
         if keys.is_some() {
             fleet::run(agent_binary, settings, results).context("the fleet measures")?;

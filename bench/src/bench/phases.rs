@@ -33,7 +33,7 @@ pub struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    fn progress(&self, line: &str) {
+    pub fn progress(&self, line: &str) {
         println!("[{:>5}] {line}", super::took(self.started));
     }
 }

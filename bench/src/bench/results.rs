@@ -23,10 +23,12 @@ pub enum Metric {
     GrantsPerSecond,
     RevocationP50,
     RevocationP99,
+    TakeoverTime,
+    TakeoverPause,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 16] = [
+    pub const ALL: [Metric; 18] = [
         Metric::ThroughputOneStream,
         Metric::ThroughputEightStreams,
         Metric::CpuPerGib,
@@ -43,6 +45,8 @@ impl Metric {
         Metric::GrantsPerSecond,
         Metric::RevocationP50,
         Metric::RevocationP99,
+        Metric::TakeoverTime,
+        Metric::TakeoverPause,
     ];
 
     pub fn title(self) -> &'static str {
@@ -63,6 +67,8 @@ impl Metric {
             Metric::GrantsPerSecond => "grants issued per second",
             Metric::RevocationP50 => "revocation on another bastion to session reset p50",
             Metric::RevocationP99 => "revocation on another bastion to session reset p99",
+            Metric::TakeoverTime => "takeover at 1,000 sessions, successor start to ready",
+            Metric::TakeoverPause => "longest stream pause during a takeover (8 streams)",
         }
     }
 
@@ -78,6 +84,7 @@ impl Metric {
             Metric::GrantApiP50 | Metric::GrantApiP99 => "ms",
             Metric::GrantsPerSecond => "grants/s",
             Metric::RevocationP50 | Metric::RevocationP99 => "ms",
+            Metric::TakeoverTime | Metric::TakeoverPause => "ms",
         }
     }
 

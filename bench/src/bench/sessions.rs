@@ -41,7 +41,11 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
 
 /// Opens one session: connect, optional preamble (and the agent's ok), then
 /// `hello` echoed back by the target, which proves the upstream leg exists.
-async fn open(addr: SocketAddr, preamble: Option<&[u8]>, hello: &[u8]) -> Result<TcpStream> {
+pub(super) async fn open(
+    addr: SocketAddr,
+    preamble: Option<&[u8]>,
+    hello: &[u8],
+) -> Result<TcpStream> {
     let mut stream = TcpStream::connect(addr).await.context("connect")?;
     if let Some(preamble) = preamble {
         authenticate(&mut stream, preamble).await?;
@@ -54,7 +58,7 @@ async fn open(addr: SocketAddr, preamble: Option<&[u8]>, hello: &[u8]) -> Result
 }
 
 /// Opens `count` sessions with bounded concurrency on the current runtime.
-async fn open_all(
+pub(super) async fn open_all(
     addr: SocketAddr,
     preamble: Option<Vec<u8>>,
     count: u32,

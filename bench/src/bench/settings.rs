@@ -41,6 +41,9 @@ pub enum Measure {
     Rss,
     /// Teardown latency when a grant expires.
     Teardown,
+    /// `tcpgate run --takeover` of an agent holding 1,000 idle and 8
+    /// streaming sessions: time to ready, longest stream pause.
+    Takeover,
     /// The grant API with and without etcd, and a revocation across
     /// bastions (etcd, two bastions).
     Fleet,
@@ -69,6 +72,9 @@ pub struct Settings {
     pub teardown_sessions: u32,
     /// Lifetime of the grant whose expiry ends the sessions.
     pub grant_lifetime_s: u32,
+    pub takeover_runs: usize,
+    /// Idle sessions the replaced agent holds (plus the streaming ones).
+    pub takeover_idle: u32,
     /// Repetitions of the fleet measures.
     pub fleet_runs: usize,
     /// Grants requested one after another for the grant API's latency.
@@ -107,6 +113,8 @@ impl Settings {
             teardown_runs: runs.unwrap_or(if quick { 1 } else { 3 }),
             teardown_sessions: 1_000,
             grant_lifetime_s: 4,
+            takeover_runs: runs.unwrap_or(if quick { 3 } else { 5 }),
+            takeover_idle: 1_000,
             fleet_runs: runs.unwrap_or(if quick { 1 } else { 3 }),
             grant_requests: if quick { 200 } else { 1_000 },
             grant_workers: 8,

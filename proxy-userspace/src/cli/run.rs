@@ -24,9 +24,21 @@ pub struct RunArgs {
     /// upgrade path under systemd; see docs/operating.md).
     #[arg(long)]
     pub takeover: bool,
+    /// Stay in the foreground as the agents' parent (what the systemd unit
+    /// runs): starts the agent as a child with the other arguments; on
+    /// SIGUSR2 starts a successor with `--takeover` from the same binary
+    /// path (the upgrade path), and keeps the old agent serving should it
+    /// fail; forwards SIGHUP to the serving agent (config reload) and
+    /// SIGTERM/SIGINT to every agent, waiting for their drain; relays their
+    /// readiness to systemd. See docs/operating.md.
+    #[arg(long)]
+    pub supervise: bool,
 }
 
 pub fn run(args: RunArgs) -> i32 {
+    if args.supervise {
+        return crate::supervise::run();
+    }
     let config = match Config::load(&args.config.config) {
         Ok(config) => config,
         Err(e) => {

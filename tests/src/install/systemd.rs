@@ -210,8 +210,8 @@ impl Container {
     }
 
     /// Waits (bounded) until `done` holds, e.g. after `systemctl reload`,
-    /// which returns once ExecReload= has sent SIGHUP: the unit shows
-    /// `reloading` until the agent reports READY=1 again.
+    /// which returns once ExecReload= has sent SIGUSR2: the unit shows
+    /// `reloading` until the successor reports READY=1.
     pub fn wait_until(&self, what: &str, done: impl Fn(&Self) -> Result<bool>) -> Result<()> {
         crate::eventually(Duration::from_secs(30), what, || done(self))
     }

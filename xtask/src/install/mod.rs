@@ -13,6 +13,7 @@ mod guard;
 mod layout;
 mod system;
 mod uninstall;
+mod upgrade;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -93,7 +94,7 @@ pub fn install(host: &Host, args: &InstallArgs) -> Result<()> {
         std::fs::read(&binary).with_context(|| format!("cannot read {}", binary.display()))?;
     let replaced = put(&layout, &layout.binary(), &binary_bytes, BINARY_MODE)?;
     let unit = render_unit(&template("tcpgate.service.in")?, &layout)?;
-    put(&layout, &layout.unit_dir().join(UNIT), &unit, FILE_MODE)?;
+    let unit_outcome = put(&layout, &layout.unit_dir().join(UNIT), &unit, FILE_MODE)?;
     let bpffs = template(BPFFS_UNIT)?;
     put(
         &layout,
@@ -140,12 +141,8 @@ pub fn install(host: &Host, args: &InstallArgs) -> Result<()> {
         Target::Stage(_) => println!("{}", system::postinst_steps(&layout)),
         Target::System | Target::Image(_) => {
             system::daemon_reload(&layout)?;
-            if replaced == Outcome::Updated && system::service_active(&layout) {
-                println!(
-                    "install: {UNIT} still runs the previous binary; \
-                     `systemctl kill --kill-whom=main --signal=SIGUSR2 {UNIT}` switches to \
-                     the new one keeping live sessions (docs/operating.md, Upgrading a bastion)"
-                );
+            if system::service_active(&layout) {
+                upgrade::reload(replaced == Outcome::Updated || unit_outcome == Outcome::Updated)?;
             }
             println!(
                 "install: done. Edit {CONFIG}, check it with `tcpgate check-config`, then \
@@ -265,7 +262,7 @@ mod tests {
             String::from_utf8(render_unit(&template, &layout).expect("renders")).expect("utf-8");
         assert!(
             unit.lines().any(
-                |l| l == "ExecStart=/opt/tg/bin/tcpgate run --config /etc/tcpgate/tcpgate.toml"
+                |l| l == "ExecStart=/opt/tg/bin/tcpgate run --supervise --config /etc/tcpgate/tcpgate.toml"
             ),
             "{unit}"
         );
