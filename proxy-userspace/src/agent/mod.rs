@@ -105,6 +105,7 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
             .map(|_| config.agent.upstream_mark),
         interceptor: started.interceptor.clone(),
         metrics: Arc::clone(&metrics),
+        parking: crate::session::adopt::Parking::default(),
     });
 
     let mut listeners: Vec<(TcpListener, Resolver)> = Vec::new();
