@@ -93,7 +93,11 @@ pub fn spawn_successor() {
 /// Tells the predecessor this agent accepts now, so it stops, and adopts
 /// its live user-space sessions when both the state versions and the data
 /// paths allow (else they drain there).
-pub async fn taken(predecessor: Option<Predecessor>, services: &Arc<Services>, tasks: &TaskTracker) {
+pub async fn taken(
+    predecessor: Option<Predecessor>,
+    services: &Arc<Services>,
+    tasks: &TaskTracker,
+) {
     let Some(predecessor) = predecessor else {
         return;
     };

@@ -155,7 +155,9 @@ impl Datapath {
         state: userspace::RelayState,
     ) -> userspace::Relayed {
         match self {
-            Self::Ebpf(dp) => userspace::Relayed::Ended(dp.splice(meta, client, upstream, stop).await),
+            Self::Ebpf(dp) => {
+                userspace::Relayed::Ended(dp.splice(meta, client, upstream, stop).await)
+            }
             Self::Userspace(dp) => Box::pin(dp.relay(meta, client, upstream, stop, state)).await,
         }
     }

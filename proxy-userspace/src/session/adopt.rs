@@ -67,7 +67,10 @@ impl Parking {
 
     /// Stops collecting: a session parked from now on is resumed here.
     pub fn close(&self) {
-        self.tx.lock().unwrap_or_else(PoisonError::into_inner).take();
+        self.tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 
     fn give(&self, session: ParkedSession) -> Result<(), ParkedSession> {
@@ -80,7 +83,12 @@ impl Parking {
 
 /// A relay parked by a handover: gives it to the collecting handover, or
 /// (none collecting any more) resumes it in this agent.
-pub(super) fn park(services: &Arc<Services>, meta: &SessionMeta, admitted: &Admitted, parked: Parked) {
+pub(super) fn park(
+    services: &Arc<Services>,
+    meta: &SessionMeta,
+    admitted: &Admitted,
+    parked: Parked,
+) {
     let session = ParkedSession {
         handed: HandedSession {
             id: meta.id,

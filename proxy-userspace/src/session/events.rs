@@ -68,7 +68,13 @@ impl Ending<'_> {
         );
         drop(admission);
         release_grant(services, self.admitted);
-        let mut event = close_event(self.meta, self.target, self.admitted, &outcome, self.elapsed);
+        let mut event = close_event(
+            self.meta,
+            self.target,
+            self.admitted,
+            &outcome,
+            self.elapsed,
+        );
         event.handover = self.handover;
         services.audit.record(event);
         tracing::debug!(session = %format_args!("{:016x}", self.meta.id), reason = outcome.reason.as_str(), "session ended");

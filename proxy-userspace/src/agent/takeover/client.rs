@@ -49,7 +49,9 @@ pub fn request(path: &Path, timeout: Duration) -> Attempt {
                     "state versions differ: nothing is adopted, every live session drains in the old agent"
                 );
             } else {
-                tracing::info!("user-space sessions are adopted; kernel-path ones drain in the old agent");
+                tracing::info!(
+                    "user-space sessions are adopted; kernel-path ones drain in the old agent"
+                );
             }
             attempt.predecessor = Some(predecessor);
         }

@@ -183,7 +183,10 @@ pub fn receive_all(
         adopt(pair_up(sessions, fds)?);
         adopted += count;
         if std::env::var(STALL_ENV).is_ok_and(|v| v == "adopt") {
-            tracing::warn!(adopted, "{STALL_ENV}=adopt: not answering the old agent (test hook)");
+            tracing::warn!(
+                adopted,
+                "{STALL_ENV}=adopt: not answering the old agent (test hook)"
+            );
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
             }
@@ -193,7 +196,10 @@ pub fn receive_all(
 }
 
 /// Each session with its two descriptors.
-fn pair_up(sessions: Vec<HandedSession>, fds: Vec<OwnedFd>) -> Result<Vec<Received>, TakeoverError> {
+fn pair_up(
+    sessions: Vec<HandedSession>,
+    fds: Vec<OwnedFd>,
+) -> Result<Vec<Received>, TakeoverError> {
     if fds.len() != 2 * sessions.len() {
         return Err(TakeoverError::SessionFds {
             sessions: sessions.len(),
