@@ -28,46 +28,94 @@ pub struct Received {
 }
 
 /// The old agent's side, once taken over by a successor that asked to
-/// adopt (`adopt`): parks every user-space session and sends them. The
-/// sessions the successor did not take go on here, and drain. Returns the
+/// adopt (`adopt`): parks the user-space sessions a batch at a time (a
+/// session pauses only while its own batch crosses) and sends each batch.
+/// Those the successor did not take go on here, and drain. Returns the
 /// link, to follow the successor's revocations on.
 pub async fn hand_over_sessions(
     services: &Arc<Services>,
-    link: UnixStream,
+    mut link: UnixStream,
     adopt: bool,
     timeout: Duration,
 ) -> Option<UnixStream> {
     if !adopt {
         return Some(link);
     }
-    let parked = if services.datapath.kind() == DatapathKind::Userspace {
-        park_all(services, timeout).await
+    // Preamble sessions are not asked: their grant is not handed over.
+    let ids: Vec<u64> = if services.datapath.kind() == DatapathKind::Userspace {
+        services
+            .registry
+            .snapshot()
+            .iter()
+            .filter(|m| m.auth_method != AUTH_PREAMBLE)
+            .map(|m| m.id)
+            .collect()
     } else {
         Vec::new()
     };
-    let count = parked.len();
-    let (link, kept) = match tokio::task::spawn_blocking(move || {
-        let kept = send_all(&link, parked);
-        (link, kept)
-    })
-    .await
-    {
-        Ok(done) => done,
-        Err(e) => {
-            tracing::error!(error = %e, "the session handover task failed; its sessions are lost");
-            return None;
+    let mut rx = services.parking.open();
+    let (mut adopted, mut kept, mut complete) = (0, Vec::new(), true);
+    for chunk in ids.chunks(BATCH) {
+        let batch = park(services, &mut rx, chunk, timeout).await;
+        if batch.is_empty() {
+            continue;
         }
+        let sent = tokio::task::spawn_blocking(move || {
+            let result = send_batch(&link, &batch);
+            (link, batch, result)
+        })
+        .await;
+        let Ok((back, batch, result)) = sent else {
+            tracing::error!("the session handover task failed; its batch is lost");
+            return None;
+        };
+        link = back;
+        match result {
+            // The successor holds its own descriptors: ours close here.
+            Ok(()) => adopted += batch.len(),
+            Err(failed) => {
+                tracing::warn!(
+                    error = %crate::error_chain(&failed.error),
+                    lost = if failed.delivered { batch.len() } else { 0 },
+                    "the successor did not take every session; the rest stay here"
+                );
+                if !failed.delivered {
+                    kept.extend(batch);
+                }
+                complete = false;
+                break;
+            }
+        }
+    }
+    services.parking.close();
+    while let Ok(late) = rx.try_recv() {
+        kept.push(late);
+    }
+    let link = if complete {
+        finish(link).await
+    } else {
+        Some(link)
     };
     tracing::info!(
-        parked = count,
-        adopted = count - kept.len(),
-        kept = kept.len(),
-        "live sessions handed over"
+        adopted,
+        resumed = kept.len(),
+        "live sessions handed over; the rest stay here"
     );
     for session in kept {
         tokio::spawn(resume(Arc::clone(services), session, Resumed::Kept));
     }
-    Some(link)
+    link
+}
+
+/// Tells the successor no more sessions come.
+async fn finish(link: UnixStream) -> Option<UnixStream> {
+    let done = tokio::task::spawn_blocking(move || {
+        if let Err(e) = wire::send(&link, &Message::SessionsDone, &[]) {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot end the session handover");
+        }
+        link
+    });
+    done.await.ok()
 }
 
 /// The successor's side: goes on with one received session.
@@ -93,57 +141,30 @@ pub async fn adopt(services: Arc<Services>, received: Received) {
     }
 }
 
-/// Asks every user-space session to park and collects them. Preamble
-/// sessions are not asked: their grant is not handed over.
-async fn park_all(services: &Services, timeout: Duration) -> Vec<ParkedSession> {
-    let mut rx = services.parking.open();
-    let ids: Vec<u64> = services
-        .registry
-        .stop_listed(EndReason::HandedOver, |m| m.auth_method != AUTH_PREAMBLE)
-        .into_iter()
-        .map(|s| s.session)
-        .collect();
+/// Asks the sessions `ids` to park and collects them (a session that
+/// ended meanwhile is not there).
+async fn park(
+    services: &Services,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<ParkedSession>,
+    ids: &[u64],
+    timeout: Duration,
+) -> Vec<ParkedSession> {
+    for id in ids {
+        services.registry.stop_one(*id, EndReason::HandedOver);
+    }
     // A parked session leaves the registry right after it is collected.
-    let left = services.registry.wait_ended(&ids, timeout).await;
+    let left = services.registry.wait_ended(ids, timeout).await;
     if !left.is_empty() {
         tracing::warn!(
             sessions = left.len(),
             "sessions did not park in time; they stay here"
         );
     }
-    services.parking.close();
-    let mut parked = Vec::with_capacity(ids.len());
+    let mut batch = Vec::with_capacity(ids.len());
     while let Ok(session) = rx.try_recv() {
-        parked.push(session);
+        batch.push(session);
     }
-    parked
-}
-
-/// Sends the sessions batch by batch; returns those not taken.
-fn send_all(link: &UnixStream, mut parked: Vec<ParkedSession>) -> Vec<ParkedSession> {
-    while !parked.is_empty() {
-        let rest = parked.split_off(parked.len().min(BATCH));
-        let batch = std::mem::replace(&mut parked, rest);
-        match send_batch(link, &batch) {
-            Ok(()) => {}
-            Err(failed) => {
-                tracing::warn!(
-                    error = %crate::error_chain(&failed.error),
-                    lost = if failed.delivered { batch.len() } else { 0 },
-                    kept = parked.len() + if failed.delivered { 0 } else { batch.len() },
-                    "the successor did not take every session; the rest stay here"
-                );
-                if !failed.delivered {
-                    parked.extend(batch);
-                }
-                return parked;
-            }
-        }
-    }
-    if let Err(e) = wire::send(link, &Message::SessionsDone, &[]) {
-        tracing::warn!(error = %crate::error_chain(&e), "cannot end the session handover");
-    }
-    Vec::new()
+    batch
 }
 
 fn send_batch(link: &UnixStream, batch: &[ParkedSession]) -> Result<(), wire::SendFailed> {
