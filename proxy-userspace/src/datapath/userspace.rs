@@ -360,3 +360,7 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+#[path = "userspace_tests.rs"]
+mod tests;

@@ -185,6 +185,15 @@ mod tests {
     }
 
     #[test]
+    fn taken_without_adopt_reads_as_a_version_1_agent_wrote_it() {
+        let plain = serde_json::to_string(&Message::Taken { adopt: false }).expect("json");
+        assert_eq!(plain, r#"{"type":"taken"}"#, "a version 1 agent reads it");
+        let asked: Message =
+            serde_json::from_str(r#"{"type":"taken","adopt":true}"#).expect("parse");
+        assert!(matches!(asked, Message::Taken { adopt: true }));
+    }
+
+    #[test]
     fn silence_is_a_timeout() {
         let (_a, b) = UnixStream::pair().expect("pair");
         b.set_read_timeout(Some(std::time::Duration::from_millis(50)))
