@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use super::events::Ending;
 use super::{Admitted, Services, Target};
 use crate::datapath::SessionMeta;
+use crate::registry::Admission;
 use crate::datapath::userspace::{Parked, RelayState, Relayed};
 
 /// What a successor needs to go on with a session, besides its sockets.
@@ -123,14 +124,24 @@ pub enum Resumed {
 
 /// Goes on with a parked session to its end: same id, same grant and
 /// deadline (expiry and revocation end it as any session), counters that
-/// go on from the handed-over ones.
-pub async fn resume(services: Arc<Services>, session: ParkedSession, how: Resumed) {
+/// go on from the handed-over ones. The session counts as live from this
+/// call on, before the returned future first runs (an old agent waiting
+/// for its sessions to end must not miss one it resumes).
+pub fn resume(
+    services: Arc<Services>,
+    session: ParkedSession,
+    how: Resumed,
+) -> impl Future<Output = ()> + Send + 'static {
+    let admission = services.registry.admit_adopted(session.handed.id);
+    run(services, session, how, admission)
+}
+
+async fn run(services: Arc<Services>, session: ParkedSession, how: Resumed, mut admission: Admission) {
     let ParkedSession {
         handed,
         client,
         upstream,
     } = session;
-    let mut admission = services.registry.admit_adopted(handed.id);
     let meta = SessionMeta {
         id: handed.id,
         grant_id: handed.grant_id,
