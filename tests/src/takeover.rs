@@ -48,6 +48,30 @@ pub fn listed_sessions(dir: &Path) -> Result<Vec<serde_json::Value>> {
     doc.as_array().cloned().context("a sessions array")
 }
 
+/// The first line of `agent`'s log containing `needle`, without its
+/// colour codes (fields then read `name=value`).
+pub fn log_line(agent: &Agent, needle: &str) -> Option<String> {
+    let logs = agent.logs();
+    let line = logs.lines().find(|l| l.contains(needle))?;
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    Some(plain)
+}
+
+/// The value of field `name` in a [`log_line`].
+#[must_use]
+pub fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let at = line.find(&format!(" {name}="))? + name.len() + 2;
+    line[at..].split_whitespace().next()
+}
+
 /// Starts `tcpgate run --takeover` in `ns` with the configuration at
 /// `config` (a running agent's: its pin directory, audit file and takeover
 /// socket), plus `args`, and waits for it to be ready: it then accepts on

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use tcpgate_tests::auth_fixture::{AuthFixture, Launch, policy, streamer};
 use tcpgate_tests::takeover::{
-    admin_lines, agent_lines, listed_sessions, successor, wait_taken_over,
+    admin_lines, agent_lines, listed_sessions, log_field, log_line, successor, wait_taken_over,
 };
 use tcpgate_tests::tokens::{claims_with, unix_now};
 use tcpgate_tests::{
@@ -171,27 +171,10 @@ fn peer_ended(client: &TcpStream) -> Result<bool> {
 
 /// The pid of the successor `old` logged as asking to take over.
 fn successor_pid(old: &Agent) -> Result<i32> {
-    let logs = old.logs();
-    let line = logs
-        .lines()
-        .find(|l| l.contains("a successor asks to take over"))
-        .context("no successor asked")?;
-    // Drop the colour codes, then read `successor=<pid>`.
-    let mut plain = String::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            chars.by_ref().find(|c| *c == 'm');
-        } else {
-            plain.push(c);
-        }
-    }
-    let at = plain.find("successor=").context("successor=")? + "successor=".len();
-    let digits: String = plain[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    Ok(digits.parse()?)
+    let line = log_line(old, "a successor asks to take over").context("no successor asked")?;
+    Ok(log_field(&line, "successor")
+        .context(line.clone())?
+        .parse()?)
 }
 
 const SESSIONS: usize = 80;

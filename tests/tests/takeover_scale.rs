@@ -7,7 +7,9 @@ use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use tcpgate_tests::takeover::{agent_lines, echo_once, successor, wait_taken_over};
+use tcpgate_tests::takeover::{
+    agent_lines, echo_once, log_field, log_line, successor, wait_taken_over,
+};
 use tcpgate_tests::{
     DataPath, ForwardFixture, Payload, accept_loop, read_to_end_hashed, write_payload,
 };
@@ -112,6 +114,13 @@ fn a_thousand_idle_sessions_survive_a_takeover(path: DataPath) -> Result<()> {
          (sessions handed over first on the user-space path); longest pause in the stream from its start to the end of the takeover: {longest:?}",
         path.flag()
     );
+    if let Some(line) = log_line(&next, "took over") {
+        eprintln!(
+            "the successor: adopted={} in took_ms={}",
+            log_field(&line, "adopted").unwrap_or("?"),
+            log_field(&line, "took_ms").unwrap_or("?")
+        );
+    }
     for client in &clients {
         client.shutdown(Shutdown::Write)?;
     }

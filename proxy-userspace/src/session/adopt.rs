@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 use super::events::Ending;
 use super::{Admitted, Services, Target};
 use crate::datapath::SessionMeta;
-use crate::registry::Admission;
 use crate::datapath::userspace::{Parked, RelayState, Relayed};
+use crate::registry::Admission;
 
 /// What a successor needs to go on with a session, besides its sockets.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -136,7 +136,12 @@ pub fn resume(
     run(services, session, how, admission)
 }
 
-async fn run(services: Arc<Services>, session: ParkedSession, how: Resumed, mut admission: Admission) {
+async fn run(
+    services: Arc<Services>,
+    session: ParkedSession,
+    how: Resumed,
+    mut admission: Admission,
+) {
     let ParkedSession {
         handed,
         client,
