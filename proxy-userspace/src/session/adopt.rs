@@ -55,12 +55,12 @@ pub struct ParkedSession {
 /// them. Closed outside a handover.
 #[derive(Debug, Default)]
 pub struct Parking {
-    tx: Mutex<Option<mpsc::UnboundedSender<ParkedSession>>>,
+    tx: Mutex<Option<mpsc::UnboundedSender<Box<ParkedSession>>>>,
 }
 
 impl Parking {
     /// Starts collecting parked sessions.
-    pub fn open(&self) -> mpsc::UnboundedReceiver<ParkedSession> {
+    pub fn open(&self) -> mpsc::UnboundedReceiver<Box<ParkedSession>> {
         let (tx, rx) = mpsc::unbounded_channel();
         *self.tx.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
         rx
@@ -74,7 +74,7 @@ impl Parking {
             .take();
     }
 
-    fn give(&self, session: ParkedSession) -> Result<(), ParkedSession> {
+    fn give(&self, session: Box<ParkedSession>) -> Result<(), Box<ParkedSession>> {
         match &*self.tx.lock().unwrap_or_else(PoisonError::into_inner) {
             Some(tx) => tx.send(session).map_err(|e| e.0),
             None => Err(session),
@@ -90,7 +90,7 @@ pub(super) fn park(
     admitted: &Admitted,
     parked: Parked,
 ) {
-    let session = ParkedSession {
+    let session = Box::new(ParkedSession {
         handed: HandedSession {
             id: meta.id,
             grant_id: meta.grant_id,
@@ -107,9 +107,9 @@ pub(super) fn park(
         },
         client: parked.client,
         upstream: parked.upstream,
-    };
+    });
     if let Err(session) = services.parking.give(session) {
-        tokio::spawn(resume(Arc::clone(services), session, Resumed::Kept));
+        tokio::spawn(resume(Arc::clone(services), *session, Resumed::Kept));
     }
 }
 

@@ -89,7 +89,7 @@ pub async fn hand_over_sessions(
     }
     services.parking.close();
     while let Ok(late) = rx.try_recv() {
-        kept.push(late);
+        kept.push(*late);
     }
     let link = if complete {
         finish(link).await
@@ -145,7 +145,7 @@ pub async fn adopt(services: Arc<Services>, received: Received) {
 /// ended meanwhile is not there).
 async fn park(
     services: &Services,
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<ParkedSession>,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Box<ParkedSession>>,
     ids: &[u64],
     timeout: Duration,
 ) -> Vec<ParkedSession> {
@@ -162,7 +162,7 @@ async fn park(
     }
     let mut batch = Vec::with_capacity(ids.len());
     while let Ok(session) = rx.try_recv() {
-        batch.push(session);
+        batch.push(*session);
     }
     batch
 }
