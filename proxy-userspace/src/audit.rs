@@ -108,6 +108,8 @@ pub struct AuditEvent {
 pub enum Handover {
     /// The old agent kept it until it ended; the successor never saw it.
     Drained,
+    /// A successor adopted it (its sockets and relay state) and ended it.
+    Adopted,
 }
 
 impl AuditEvent {
@@ -299,6 +301,7 @@ impl AuditLog {
         bound(&mut event);
         event.bastion.clone_from(&self.bastion);
         if event.event == EventKind::SessionClose
+            && event.handover.is_none()
             && self.handed_over.load(std::sync::atomic::Ordering::Acquire)
         {
             event.handover = Some(Handover::Drained);

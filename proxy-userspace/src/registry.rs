@@ -90,6 +90,17 @@ impl Registry {
         })
     }
 
+    /// A slot for a session adopted from a predecessor, with its id. It
+    /// was admitted there under the same limit, so it is not refused here.
+    pub fn admit_adopted(self: &Arc<Self>, id: u64) -> Admission {
+        self.admitted.fetch_add(1, Ordering::AcqRel);
+        Admission {
+            registry: Arc::clone(self),
+            id,
+            registered: false,
+        }
+    }
+
     /// Sessions admitted and not yet ended.
     #[must_use]
     pub fn len(&self) -> usize {

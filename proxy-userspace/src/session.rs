@@ -13,6 +13,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::auth::preamble::{Status, encode_response};
 use crate::auth::{DenyReason, GrantId};
+use crate::datapath::userspace::{RelayState, Relayed};
 use crate::datapath::{Datapath, EndReason, SessionMeta, SpliceOutcome};
 use crate::gate::{Gate, Refusal};
 use crate::registry::Registry;
@@ -23,8 +24,9 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub use crate::gate::Admitted;
 
+pub mod adopt;
 mod events;
-use events::{base_event, close_event, duration_ms, record_open};
+use events::{Ending, base_event, duration_ms, record_open};
 
 /// What every session needs from the agent.
 pub struct Services {
@@ -42,6 +44,8 @@ pub struct Services {
     /// admitted unauthenticated.
     pub gate: Option<Arc<Gate>>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Where sessions parked for a successor go (see [`adopt`]).
+    pub parking: adopt::Parking,
 }
 
 /// Where an accepted connection goes.
@@ -290,35 +294,30 @@ pub async fn serve(
     record_open(&services, &meta, &target, &admitted);
     tracing::debug!(session = %format_args!("{:016x}", meta.id), client = %peer, upstream = %target.upstream, "session spliced");
 
-    let mut outcome = services
+    let relayed = services
         .datapath
-        .splice(&meta, client, upstream, stop)
+        .relay(&meta, client, upstream, stop, RelayState::default())
         .await;
     if let Some(interceptor) = &services.interceptor {
         interceptor.session_ended(meta.id);
     }
-    revoked_outside(&services, &meta, &mut outcome);
-    outcome.down.userspace_bytes += admitted.relayed_down;
-    // Before the slot is released, so a scrape never misses these bytes
-    // for long (see `Metrics::render`).
-    services.metrics.session_closed(
-        outcome.reason.as_str(),
-        &outcome.up,
-        &outcome.down,
-        (outcome.reason == EndReason::GrantExpired)
-            .then_some(meta.expires)
-            .flatten(),
-    );
-    drop(admission);
-    release_grant(&services, &admitted);
-    services.audit.record(close_event(
-        &meta,
-        &target,
-        &admitted,
-        &outcome,
-        clock.elapsed(),
-    ));
-    tracing::debug!(session = %format_args!("{:016x}", meta.id), reason = outcome.reason.as_str(), "session ended");
+    let outcome = match relayed {
+        Relayed::Ended(outcome) => outcome,
+        Relayed::Parked(parked) => {
+            // Handed over: the successor writes its close line (or this
+            // agent, if it resumes the session after all).
+            adopt::park(&services, &meta, &admitted, *parked);
+            return;
+        }
+    };
+    let ending = Ending {
+        meta: &meta,
+        target: &target,
+        admitted: &admitted,
+        elapsed: clock.elapsed(),
+        handover: None,
+    };
+    ending.record(&services, outcome, admission);
 }
 
 /// See [`Gate::settle_opening`].

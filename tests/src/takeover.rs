@@ -27,6 +27,51 @@ pub fn agent_lines(dir: &Path) -> String {
     )
 }
 
+/// An `[admin]` section with an operator socket in `dir`: every agent
+/// sharing the configuration binds it in turn (the last one answers).
+pub fn admin_lines(dir: &Path) -> String {
+    format!(
+        "\n[admin]\nsocket = {:?}\n",
+        dir.join("admin.sock").display().to_string()
+    )
+}
+
+/// `GET /v1/sessions` on the operator socket in `dir` (see
+/// [`admin_lines`]): the live sessions of the agent answering there.
+pub fn listed_sessions(dir: &Path) -> Result<Vec<serde_json::Value>> {
+    let answer = crate::metrics::get_unix(&dir.join("admin.sock"), "/v1/sessions")?;
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no HTTP header end: {answer:?}"))?;
+    ensure!(head.starts_with("HTTP/1.1 200"), "{head}: {body}");
+    let doc: serde_json::Value = serde_json::from_str(body).with_context(|| body.to_owned())?;
+    doc.as_array().cloned().context("a sessions array")
+}
+
+/// The first line of `agent`'s log containing `needle`, without its
+/// colour codes (fields then read `name=value`).
+pub fn log_line(agent: &Agent, needle: &str) -> Option<String> {
+    let logs = agent.logs();
+    let line = logs.lines().find(|l| l.contains(needle))?;
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    Some(plain)
+}
+
+/// The value of field `name` in a [`log_line`].
+#[must_use]
+pub fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let at = line.find(&format!(" {name}="))? + name.len() + 2;
+    line[at..].split_whitespace().next()
+}
+
 /// Starts `tcpgate run --takeover` in `ns` with the configuration at
 /// `config` (a running agent's: its pin directory, audit file and takeover
 /// socket), plus `args`, and waits for it to be ready: it then accepts on

@@ -1,6 +1,7 @@
 //! Takeover (`tcpgate run --takeover`): the running agent hands its
-//! listeners, grants, pins and interception to a successor and drains its
-//! live sessions; nothing is refused and no byte is lost.
+//! listeners, grants, pins and interception to a successor; the successor
+//! adopts the user-space sessions and the old agent drains the kernel-path
+//! ones; nothing is refused and no byte is lost.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -11,8 +12,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use tcpgate_tests::operator::{self as op, open_session, sized_server};
 use tcpgate_tests::takeover::{
-    SteppedTransfer, agent_lines, check_digest, duplex_upstream, echo_once, successor,
-    wait_taken_over,
+    SteppedTransfer, admin_lines, agent_lines, check_digest, duplex_upstream, echo_once,
+    listed_sessions, successor, wait_taken_over,
 };
 use tcpgate_tests::topology::BASTION_RUNNER_V4;
 use tcpgate_tests::{
@@ -29,15 +30,18 @@ tcpgate_tests::on_both_paths!(
     new_connections_during_takeovers_are_all_accepted,
 );
 
-/// Starts a forward fixture whose agent has its own takeover socket.
+/// Starts a forward fixture whose agent has its own takeover and
+/// operator sockets.
 fn fixture(path: DataPath, dir: &Path) -> Result<ForwardFixture> {
-    ForwardFixture::start_tuned(path, &agent_lines(dir), "")
+    ForwardFixture::start_tuned(path, &agent_lines(dir), &admin_lines(dir))
 }
 
 /// A 1 GiB transfer each way stops at three checkpoints; at each one the
-/// agent is replaced. The session stays with the agent that accepted it
-/// (drained), which exits once it ends; both SHA-256 match, and the audit
-/// line proves the path (the eBPF map's counters on the kernel path).
+/// agent is replaced. On the kernel path the session stays with the agent
+/// that accepted it (drained), which exits once it ends; on the user-space
+/// path each successor adopts it (same id, counters going on). Both
+/// SHA-256 match, and the audit line proves the path (the eBPF map's
+/// counters on the kernel path).
 fn a_transfer_each_way_survives_three_takeovers(path: DataPath) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut fx = fixture(path, dir.path())?;
@@ -46,6 +50,7 @@ fn a_transfer_each_way_survives_three_takeovers(path: DataPath) -> Result<()> {
     let transfer = SteppedTransfer::start(fx.dial()?, up, GIB, 4)?;
     let mut agents: Vec<Agent> = Vec::new();
     let mut listed: Option<(u64, u64)> = None;
+    let mut id: Option<String> = None;
     for round in 0..3 {
         transfer.wait_checkpoint().with_context(|| fx.dump())?;
         let prev = agents.last().unwrap_or(&fx.agent);
@@ -57,25 +62,34 @@ fn a_transfer_each_way_survives_three_takeovers(path: DataPath) -> Result<()> {
         )?;
         wait_taken_over(prev).with_context(|| format!("round {round}"))?;
         agents.push(next);
-        if path == DataPath::Ebpf {
-            // `tcpgate sessions` still lists it, draining in the first
-            // agent, with counters grown by the last leg.
-            let counters = drained_counters(&fx)?;
-            if let Some(before) = listed {
-                ensure!(
-                    counters.0 > before.0 && counters.1 > before.1,
-                    "counters grow: {before:?} then {counters:?}"
-                );
-            }
-            listed = Some(counters);
+        // `tcpgate sessions` still lists it, draining in the first agent
+        // (kernel path), or the successor's operator socket lists it as
+        // its own (user-space path), with counters grown by the last leg.
+        let counters = match path {
+            DataPath::Ebpf => drained_counters(&fx)?,
+            DataPath::Userspace => adopted_counters(dir.path(), &mut id)?,
+        };
+        if let Some(before) = listed {
+            ensure!(
+                counters.0 > before.0 && counters.1 > before.1,
+                "counters grow: {before:?} then {counters:?}"
+            );
         }
+        listed = Some(counters);
         transfer.resume();
     }
     let (read, digest) = transfer.finish().with_context(|| fx.dump())?;
     check_digest("download", (read, digest), &Payload::new(12, GIB))?;
     check_digest("upload", server.join()??, &up)?;
     let close = tcpgate_tests::wait_events(&fx.agent, "session_close", 1)?;
-    ensure!(close[0]["handover"] == "drained", "{}", close[0]);
+    let handover = match path {
+        DataPath::Ebpf => "drained",
+        DataPath::Userspace => "adopted",
+    };
+    ensure!(close[0]["handover"] == handover, "{}", close[0]);
+    if let Some(id) = &id {
+        ensure!(close[0]["session_id"] == id.as_str(), "{}", close[0]);
+    }
     assert_bytes_with(path, &close[0], GIB, GIB, true)?;
     // Each replaced agent exits by itself once its sessions are gone.
     let status = fx
@@ -112,6 +126,20 @@ fn drained_counters(fx: &ForwardFixture) -> Result<(u64, u64)> {
         .filter(|s| s["draining_agent_pid"].as_u64() == Some(pid))
         .collect();
     ensure!(rows.len() == 1, "one session draining in pid {pid}: {doc}");
+    let field = |name: &str| rows[0][name].as_u64().context("counter");
+    Ok((field("bytes_up")?, field("bytes_down")?))
+}
+
+/// The one session the operator socket in `dir` lists (the agent that
+/// adopted it last): its (bytes up, bytes down). Its id never changes.
+fn adopted_counters(dir: &Path, id: &mut Option<String>) -> Result<(u64, u64)> {
+    let rows = listed_sessions(dir)?;
+    ensure!(rows.len() == 1, "one adopted session: {rows:?}");
+    let listed_id = rows[0]["session_id"].as_str().context("session_id")?;
+    ensure!(
+        id.get_or_insert_with(|| listed_id.to_owned()) == listed_id,
+        "the adopted session keeps its id: {id:?} then {listed_id}"
+    );
     let field = |name: &str| rows[0][name].as_u64().context("counter");
     Ok((field("bytes_up")?, field("bytes_down")?))
 }

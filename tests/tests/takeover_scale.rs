@@ -1,12 +1,15 @@
-//! 1,000 idle sessions survive a takeover: they stay with the old agent,
-//! which drains them, and each still answers byte-exact afterwards.
+//! 1,000 idle sessions survive a takeover: on the kernel path they stay
+//! with the old agent, which drains them; on the user-space path the
+//! successor adopts them. Each still answers byte-exact afterwards.
 
 use std::io::Read;
 use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use tcpgate_tests::takeover::{agent_lines, echo_once, successor, wait_taken_over};
+use tcpgate_tests::takeover::{
+    agent_lines, echo_once, log_field, log_line, successor, wait_taken_over,
+};
 use tcpgate_tests::{
     DataPath, ForwardFixture, Payload, accept_loop, read_to_end_hashed, write_payload,
 };
@@ -107,10 +110,17 @@ fn a_thousand_idle_sessions_survive_a_takeover(path: DataPath) -> Result<()> {
         .map_err(|_| anyhow::anyhow!("reader panicked"))??;
     eprintln!(
         "takeover with {SESSIONS} idle sessions and one stream on the {} path: \
-         {took:?} from starting the successor to the old agent draining; \
-         longest pause in the stream from its start to the end of the takeover: {longest:?}",
+         {took:?} from starting the successor to the old agent draining \
+         (sessions handed over first on the user-space path); longest pause in the stream from its start to the end of the takeover: {longest:?}",
         path.flag()
     );
+    if let Some(line) = log_line(&next, "took over") {
+        eprintln!(
+            "the successor: adopted={} in took_ms={}",
+            log_field(&line, "adopted").unwrap_or("?"),
+            log_field(&line, "took_ms").unwrap_or("?")
+        );
+    }
     for client in &clients {
         client.shutdown(Shutdown::Write)?;
     }
@@ -126,8 +136,12 @@ fn a_thousand_idle_sessions_survive_a_takeover(path: DataPath) -> Result<()> {
     }
     echo.stop()?.into_iter().collect::<Result<Vec<()>>>()?;
     let closes = fx.wait_closed(SESSIONS + 1)?;
+    let handover = match path {
+        DataPath::Ebpf => "drained",
+        DataPath::Userspace => "adopted",
+    };
     for event in &closes {
-        ensure!(event["handover"] == "drained", "{event}");
+        ensure!(event["handover"] == handover, "{event}");
         if event["bytes_up"] != 1 {
             fx.assert_bytes(event, SIZE + 1, SIZE + 1)?;
         }

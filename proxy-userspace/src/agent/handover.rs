@@ -1,16 +1,19 @@
 //! The agent's side of a takeover: wait for a successor while serving,
 //! take over a predecessor's grants, and drain once taken over.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
 
 use super::StartupError;
 use super::takeover::{self, Handover, Outcome, Predecessor};
 use crate::cluster::record::GrantRecord;
 use crate::config::Config;
+use crate::datapath::DatapathKind;
 use crate::gate::Gate;
 use crate::session::Services;
 
@@ -87,22 +90,49 @@ pub fn spawn_successor() {
     }
 }
 
-/// Tells the predecessor this agent accepts now, so it stops.
-pub fn taken(predecessor: Option<Predecessor>, gate: Option<&Gate>) {
+/// Tells the predecessor this agent accepts now, so it stops, and adopts
+/// its live user-space sessions when both the state versions and the data
+/// paths allow (else they drain there).
+pub async fn taken(
+    predecessor: Option<Predecessor>,
+    services: &Arc<Services>,
+    tasks: &TaskTracker,
+) {
     let Some(predecessor) = predecessor else {
         return;
     };
     let pid = predecessor.pid;
-    match predecessor.taken(gate) {
-        Ok(()) => tracing::info!(
-            predecessor = pid,
-            "took over: the old agent drains its sessions"
-        ),
-        Err(e) => tracing::error!(
+    let adopt = predecessor.compatible() && services.datapath.kind() == DatapathKind::Userspace;
+    if predecessor.compatible() && !adopt {
+        tracing::info!("this agent is on the eBPF data path: the old agent's sessions drain there");
+    }
+    let clock = std::time::Instant::now();
+    let runtime = tokio::runtime::Handle::current();
+    let (services_, tasks_) = (Arc::clone(services), tasks.clone());
+    let on_batch = move |batch: Vec<takeover::Received>| {
+        for received in batch {
+            tasks_.spawn_on(takeover::adopt(Arc::clone(&services_), received), &runtime);
+        }
+    };
+    let done = tokio::task::spawn_blocking(move || predecessor.taken(adopt, on_batch)).await;
+    match done {
+        Ok(Ok((link, adopted))) => {
+            tracing::info!(
+                predecessor = pid,
+                adopted,
+                took_ms = clock.elapsed().as_millis(),
+                "took over: sessions adopted; the old agent drains the rest"
+            );
+            if let Some(gate) = &services.gate {
+                takeover::forward_revocations(link, gate, pid);
+            }
+        }
+        Ok(Err(e)) => tracing::error!(
             predecessor = pid,
             error = %crate::error_chain(&e),
-            "cannot tell the old agent it was taken over; it keeps accepting too until stopped"
+            "the takeover did not finish; the old agent keeps what it did not hand over"
         ),
+        Err(e) => tracing::error!(predecessor = pid, error = %e, "the takeover task failed"),
     }
 }
 
@@ -125,30 +155,37 @@ pub fn install_grants(gate: &Gate, records: &[GrantRecord]) {
     );
 }
 
-/// After a takeover: live sessions go on until they end, or their grants
-/// expire or are revoked (the gate's timers still run here). SIGTERM or
+/// After a takeover: hands the live sessions over when the successor
+/// adopts them; those left go on here until they end, or their grants
+/// expire or are revoked (the gate's timers still run here, and the
+/// successor's revocations come over the takeover connection). SIGTERM or
 /// SIGINT then ends the drain as a normal stop would, after `grace`.
 pub async fn drain(
-    services: &Services,
-    outcome: &Outcome,
+    services: &Arc<Services>,
+    outcome: Outcome,
     grace: Duration,
+    timeout: Duration,
 ) -> Result<(), StartupError> {
+    let successor = outcome.successor;
+    let link = takeover::hand_over_sessions(services, outcome.link, outcome.adopt, timeout).await;
+    if let Some(link) = link {
+        takeover::follow_revocations(link, services.gate.clone(), successor);
+    }
     let live = services.registry.len();
     tracing::info!(
-        successor = outcome.successor,
+        successor,
         live,
         "taken over: no new connections here; live sessions drain until they end"
     );
     // systemd follows the successor this agent started (it is in the
     // unit's cgroup); one started by hand is not the unit's.
-    let main_pid = if SPAWNED.load(Ordering::Acquire) == outcome.successor {
-        format!("MAINPID={}\n", outcome.successor)
+    let main_pid = if SPAWNED.load(Ordering::Acquire) == successor {
+        format!("MAINPID={successor}\n")
     } else {
         String::new()
     };
     crate::notify::status(&format!(
-        "{main_pid}STATUS=taken over by pid {}; draining {live} sessions",
-        outcome.successor
+        "{main_pid}STATUS=taken over by pid {successor}; draining {live} sessions"
     ));
     let mut term = signal(SignalKind::terminate()).map_err(StartupError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(StartupError::Signals)?;

@@ -105,6 +105,7 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
             .map(|_| config.agent.upstream_mark),
         interceptor: started.interceptor.clone(),
         metrics: Arc::clone(&metrics),
+        parking: crate::session::adopt::Parking::default(),
     });
 
     let mut listeners: Vec<(TcpListener, Resolver)> = Vec::new();
@@ -180,7 +181,7 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
             pin_dir: started.pin_dir(),
         },
     );
-    handover::taken(predecessor, gate.as_deref());
+    handover::taken(predecessor, &services, &tasks).await;
     let stop = if proceed {
         serve(
             &config_path,
@@ -198,7 +199,8 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
     api_state
         .ready
         .store(false, std::sync::atomic::Ordering::Release);
-    match &stop {
+    let taken_over = matches!(stop, Stop::TakenOver(_));
+    match stop {
         Stop::Signal => {
             crate::notify::status("STOPPING=1\nSTATUS=draining sessions");
             drain(&services, config.agent.shutdown_grace).await;
@@ -208,7 +210,8 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
             if let Some(interceptor) = &services.interceptor {
                 interceptor.hand_over();
             }
-            handover::drain(&services, outcome, config.agent.shutdown_grace).await?;
+            let (grace, timeout) = (config.agent.shutdown_grace, config.agent.takeover_timeout);
+            handover::drain(&services, outcome, grace, timeout).await?;
         }
     }
     tasks.close();
@@ -216,9 +219,10 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
     audit.flush().await;
     let _ = stop_background.send(true);
     drop(services);
-    match stop {
-        Stop::Signal => started.cleanup(),
-        Stop::TakenOver(_) => started.abandon(),
+    if taken_over {
+        started.abandon();
+    } else {
+        started.cleanup();
     }
     tracing::info!("tcpgate agent stopped");
     Ok(())

@@ -349,8 +349,10 @@ async fn list_sessions(State(state): State<Arc<ApiState>>) -> Response {
                 upstream: m.upstream.to_string(),
                 started_at: m.started,
                 expires_at: m.expires,
-                bytes_up: up.live_bytes(),
-                bytes_down: down.live_bytes(),
+                // A live record's user-space bytes are 0 on the kernel
+                // path; on the user-space path they are all there is.
+                bytes_up: up.live_bytes() + up.userspace_bytes,
+                bytes_down: down.live_bytes() + down.userspace_bytes,
             }
         })
         .collect();

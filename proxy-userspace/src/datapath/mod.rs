@@ -55,6 +55,9 @@ pub enum EndReason {
     AgentShutdown,
     /// The agent itself failed (a map update, say); the detail says how.
     InternalError,
+    /// Not an end: the session was parked for a successor agent, which
+    /// goes on with it (see `agent::takeover`).
+    HandedOver,
 }
 
 impl EndReason {
@@ -69,6 +72,7 @@ impl EndReason {
             Self::AuthFailed => "auth_failed",
             Self::AgentShutdown => "agent_shutdown",
             Self::InternalError => "internal_error",
+            Self::HandedOver => "handed_over",
         }
     }
 }
@@ -137,6 +141,25 @@ impl Datapath {
             Self::Ebpf(dp) => dp.splice(meta, client, upstream, stop).await,
             // Boxed so the eBPF sessions' futures are not sized by this one.
             Self::Userspace(dp) => Box::pin(dp.splice(meta, client, upstream, stop)).await,
+        }
+    }
+
+    /// Like [`Self::splice`], from a relay state (a session a predecessor
+    /// parked) and parking when handed over. Only the user-space path
+    /// parks; an eBPF agent's sessions always end here.
+    pub async fn relay(
+        &self,
+        meta: &SessionMeta,
+        client: TcpStream,
+        upstream: TcpStream,
+        stop: StopSignal,
+        state: userspace::RelayState,
+    ) -> userspace::Relayed {
+        match self {
+            Self::Ebpf(dp) => {
+                userspace::Relayed::Ended(dp.splice(meta, client, upstream, stop).await)
+            }
+            Self::Userspace(dp) => Box::pin(dp.relay(meta, client, upstream, stop, state)).await,
         }
     }
 

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use proxy_common::session::DirectionCounters;
+use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
@@ -49,48 +50,137 @@ enum HalfEnd {
     Error(&'static str, std::io::Error),
 }
 
+/// One direction's relay state, kept outside the copy future: dropping
+/// that future at any await (a handover) loses no byte and writes none
+/// twice, because every await in it is cancel-safe and this state is
+/// updated right after each read and each write.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HalfState {
+    /// Bytes read from the source and not yet written to the destination.
+    #[serde(default)]
+    pub pending: Vec<u8>,
+    /// The source reached EOF and the destination was shut down for
+    /// writing: nothing more goes this way.
+    #[serde(default)]
+    pub closed: bool,
+    /// Bytes written to the destination so far (across agents).
+    #[serde(default)]
+    pub bytes: u64,
+    /// Bytes of `pending` already written (0 once handed over).
+    #[serde(skip)]
+    written: usize,
+}
+
+/// Both directions of a relay: what a successor needs to go on where this
+/// agent stopped.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayState {
+    /// Client to upstream.
+    pub up: HalfState,
+    /// Upstream to client.
+    pub down: HalfState,
+}
+
+/// A relay stopped at a write boundary for a successor: its sockets,
+/// untouched, and its state.
+#[derive(Debug)]
+pub struct Parked {
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+    pub relay: RelayState,
+}
+
+/// How a relay ended: the session is over, or it was parked for a
+/// successor ([`EndReason::HandedOver`]).
+#[derive(Debug)]
+pub enum Relayed {
+    Ended(SpliceOutcome),
+    Parked(Box<Parked>),
+}
+
+impl HalfState {
+    /// What is left to write, for a successor.
+    fn handed(mut self) -> Self {
+        self.pending.drain(..self.written);
+        self.written = 0;
+        self.pending.shrink_to_fit();
+        self
+    }
+}
+
+/// Writes what is pending; `Err` names the failure.
+async fn flush(
+    to: &mut WriteHalf<'_>,
+    half: &mut HalfState,
+    count: &AtomicU64,
+    stall_timeout: Duration,
+) -> std::io::Result<()> {
+    while half.written < half.pending.len() {
+        // A slow reader takes each write well within the limit; a stalled
+        // one (a zero window that never opens) does not.
+        match tokio::time::timeout(stall_timeout, to.write(&half.pending[half.written..])).await {
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => {
+                half.written += n;
+                half.bytes += n as u64;
+                count.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "stopped reading: no progress for {}s",
+                        stall_timeout.as_secs()
+                    ),
+                ));
+            }
+        }
+    }
+    half.pending.clear();
+    half.written = 0;
+    Ok(())
+}
+
+/// Copies one direction until it ends. Its state lives in `half`, so a
+/// handover may drop this future at any await: what was read and not yet
+/// written is still in `half.pending[half.written..]`.
 async fn copy_direction(
     from: &mut ReadHalf<'_>,
     to: &mut WriteHalf<'_>,
+    half: &mut HalfState,
     count: &AtomicU64,
     names: (&'static str, &'static str),
     stall_timeout: Duration,
 ) -> HalfEnd {
     loop {
-        if let Err(e) = from.readable().await {
-            return HalfEnd::Error(names.0, e);
+        // First what a predecessor (or the last read) left unwritten.
+        if let Err(e) = flush(to, half, count, stall_timeout).await {
+            return HalfEnd::Error(names.1, e);
         }
-        let mut buf = vec![0u8; BURST_BUFFER];
-        loop {
-            match from.try_read(&mut buf) {
-                Ok(0) => {
-                    return match to.shutdown().await {
-                        Ok(()) => HalfEnd::Eof,
-                        Err(e) => HalfEnd::Error(names.1, e),
-                    };
-                }
-                Ok(n) => {
-                    // A slow reader drains one buffer well within the limit;
-                    // a stalled one (a zero window that never opens) does not.
-                    match tokio::time::timeout(stall_timeout, to.write_all(&buf[..n])).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => return HalfEnd::Error(names.1, e),
-                        Err(_) => {
-                            let stalled = std::io::Error::new(
-                                std::io::ErrorKind::TimedOut,
-                                format!(
-                                    "stopped reading: no progress for {}s",
-                                    stall_timeout.as_secs()
-                                ),
-                            );
-                            return HalfEnd::Error(names.1, stalled);
-                        }
-                    }
-                    count.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return HalfEnd::Error(names.0, e),
+        if half.closed {
+            return HalfEnd::Eof;
+        }
+        if half.pending.capacity() == 0 {
+            half.pending.reserve_exact(BURST_BUFFER);
+        }
+        match from.try_read_buf(&mut half.pending) {
+            Ok(0) => {
+                half.closed = true;
+                return match to.shutdown().await {
+                    Ok(()) => HalfEnd::Eof,
+                    Err(e) => HalfEnd::Error(names.1, e),
+                };
             }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Idle: no buffer held while waiting.
+                half.pending = Vec::new();
+                if let Err(e) = from.readable().await {
+                    return HalfEnd::Error(names.0, e);
+                }
+            }
+            Err(e) => return HalfEnd::Error(names.0, e),
         }
     }
 }
@@ -115,14 +205,61 @@ impl UserspaceDatapath {
         })
     }
 
+    /// The session no longer shows live counters here: it ended or was
+    /// parked for a successor.
+    fn forget_live(&self, session_id: u64) {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&session_id);
+    }
+
+    /// Copies the session's bytes until it ends. A session parked for a
+    /// successor cannot happen here (only [`Self::relay`] parks): it ends
+    /// as an agent shutdown.
     pub async fn splice(
+        &self,
+        meta: &SessionMeta,
+        client: TcpStream,
+        upstream: TcpStream,
+        stop: StopSignal,
+    ) -> SpliceOutcome {
+        match self
+            .relay(meta, client, upstream, stop, RelayState::default())
+            .await
+        {
+            Relayed::Ended(outcome) => outcome,
+            Relayed::Parked(parked) => {
+                let _ = sockopt::set_linger_zero(parked.client.as_fd());
+                let _ = sockopt::set_linger_zero(parked.upstream.as_fd());
+                SpliceOutcome {
+                    reason: EndReason::AgentShutdown,
+                    detail: Some("parked without a successor".into()),
+                    up: counters(parked.relay.up.bytes),
+                    down: counters(parked.relay.down.bytes),
+                    queued_at_splice: None,
+                    datapath: super::DatapathKind::Userspace,
+                }
+            }
+        }
+    }
+
+    /// Copies the session's bytes from `state` on (a fresh session, or one
+    /// a predecessor parked) until it ends, or until it is stopped with
+    /// [`EndReason::HandedOver`]: then it parks at a write boundary and
+    /// gives back both sockets untouched.
+    pub async fn relay(
         &self,
         meta: &SessionMeta,
         mut client: TcpStream,
         mut upstream: TcpStream,
         stop: StopSignal,
-    ) -> SpliceOutcome {
-        let live = Arc::new(LiveCounters::default());
+        mut state: RelayState,
+    ) -> Relayed {
+        let live = Arc::new(LiveCounters {
+            up: AtomicU64::new(state.up.bytes),
+            down: AtomicU64::new(state.down.bytes),
+        });
         self.live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -138,6 +275,7 @@ impl UserspaceDatapath {
             let up = copy_direction(
                 &mut client_read,
                 &mut upstream_write,
+                &mut state.up,
                 &live.up,
                 ("client", "upstream"),
                 self.stall_timeout,
@@ -145,6 +283,7 @@ impl UserspaceDatapath {
             let down = copy_direction(
                 &mut upstream_read,
                 &mut client_write,
+                &mut state.down,
                 &live.down,
                 ("upstream", "client"),
                 self.stall_timeout,
@@ -185,6 +324,17 @@ impl UserspaceDatapath {
         };
         let (reason, detail) = match result {
             Ok(reason) => (reason, None),
+            Err((EndReason::HandedOver, _)) => {
+                self.forget_live(meta.id);
+                return Relayed::Parked(Box::new(Parked {
+                    client,
+                    upstream,
+                    relay: RelayState {
+                        up: state.up.handed(),
+                        down: state.down.handed(),
+                    },
+                }));
+            }
             Err((reason, detail)) => {
                 let _ = sockopt::set_linger_zero(client.as_fd());
                 let _ = sockopt::set_linger_zero(upstream.as_fd());
@@ -198,18 +348,15 @@ impl UserspaceDatapath {
         if detail.is_some() {
             tokio::task::yield_now().await;
         }
-        self.live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&meta.id);
-        SpliceOutcome {
+        self.forget_live(meta.id);
+        Relayed::Ended(SpliceOutcome {
             reason,
             detail,
             up: counters(live.up.load(Ordering::Relaxed)),
             down: counters(live.down.load(Ordering::Relaxed)),
             queued_at_splice: None,
             datapath: super::DatapathKind::Userspace,
-        }
+        })
     }
 }
 
@@ -227,3 +374,7 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+#[path = "userspace_tests.rs"]
+mod tests;

@@ -35,7 +35,53 @@ pub(super) fn record_open(
     services.audit.record(open);
 }
 
-pub(super) fn close_event(
+/// A session that ended, for its metrics and its close line.
+pub(super) struct Ending<'a> {
+    pub meta: &'a SessionMeta,
+    pub target: &'a Target,
+    pub admitted: &'a Admitted,
+    pub elapsed: Duration,
+    /// Set by a successor that adopted the session.
+    pub handover: Option<crate::audit::Handover>,
+}
+
+impl Ending<'_> {
+    /// Counts the session's bytes, frees its slot and writes its close
+    /// line.
+    pub fn record(
+        &self,
+        services: &Services,
+        mut outcome: SpliceOutcome,
+        admission: crate::registry::Admission,
+    ) {
+        revoked_outside(services, self.meta, &mut outcome);
+        outcome.down.userspace_bytes += self.admitted.relayed_down;
+        // Before the slot is released, so a scrape never misses these
+        // bytes for long (see `Metrics::render`).
+        services.metrics.session_closed(
+            outcome.reason.as_str(),
+            &outcome.up,
+            &outcome.down,
+            (outcome.reason == EndReason::GrantExpired)
+                .then_some(self.meta.expires)
+                .flatten(),
+        );
+        drop(admission);
+        release_grant(services, self.admitted);
+        let mut event = close_event(
+            self.meta,
+            self.target,
+            self.admitted,
+            &outcome,
+            self.elapsed,
+        );
+        event.handover = self.handover;
+        services.audit.record(event);
+        tracing::debug!(session = %format_args!("{:016x}", self.meta.id), reason = outcome.reason.as_str(), "session ended");
+    }
+}
+
+fn close_event(
     meta: &SessionMeta,
     target: &Target,
     admitted: &Admitted,

@@ -92,6 +92,7 @@ impl Harness {
             interceptor: None,
             gate: Some(Arc::clone(&gate)),
             metrics,
+            parking: Default::default(),
         });
         let target = Target {
             destination: listen,

@@ -49,7 +49,9 @@ pub fn request(path: &Path, timeout: Duration) -> Attempt {
                     "state versions differ: nothing is adopted, every live session drains in the old agent"
                 );
             } else {
-                tracing::info!("live sessions stay with the old agent until they end (drain)");
+                tracing::info!(
+                    "user-space sessions are adopted; kernel-path ones drain in the old agent"
+                );
             }
             attempt.predecessor = Some(predecessor);
         }
@@ -127,13 +129,21 @@ impl Predecessor {
     }
 
     /// This agent accepts on the inherited listeners: the old one may stop
-    /// accepting and drain. The connection stays open: this agent's
-    /// revocations go through it to the old agent's draining sessions.
-    pub fn taken(self, gate: Option<&crate::gate::Gate>) -> Result<(), TakeoverError> {
-        wire::send(&self.stream, &Message::Taken, &[])?;
-        if let Some(gate) = gate {
-            super::forward_revocations(self.stream, gate, self.pid);
-        }
-        Ok(())
+    /// accepting. With `adopt`, the old agent then sends its live
+    /// sessions, each batch given to `on_batch` as it comes. Returns the
+    /// connection (kept open while the old agent drains: this agent's
+    /// revocations go through it) and how many sessions were adopted.
+    pub fn taken(
+        self,
+        adopt: bool,
+        on_batch: impl FnMut(Vec<super::Received>),
+    ) -> Result<(UnixStream, usize), TakeoverError> {
+        wire::send(&self.stream, &Message::Taken { adopt }, &[])?;
+        let adopted = if adopt {
+            super::sessions::receive_all(&self.stream, on_batch)?
+        } else {
+            0
+        };
+        Ok((self.stream, adopted))
     }
 }

@@ -13,21 +13,32 @@
 //! 4. the successor starts on the inherited listeners (both agents now
 //!    accept from the same kernel queues, so no SYN is refused), replaces
 //!    the pins and the sk_lookup link in place, and sends `taken`;
-//! 5. the old agent stops accepting and drains: its live sessions keep
-//!    their sockets, maps and programs until they end, then it exits
-//!    without removing anything (the pins, link and routes are the
-//!    successor's now);
-//! 6. the connection stays open while the old agent drains: the successor
+//! 5. the old agent stops accepting. When the successor asked to adopt
+//!    (`taken` with `adopt`: same state version, and both agents on the
+//!    user-space data path), the old agent parks its user-space sessions
+//!    at a write boundary and sends them in batches (`sessions`, two
+//!    descriptors per session, see [`sessions`]); the successor answers
+//!    each batch (`adopted`) before the next one goes, and `sessions_done`
+//!    ends the exchange. A batch not acknowledged (the successor died or
+//!    stalled) and those after it stay with the old agent;
+//! 6. the old agent drains what it kept: its live sessions keep their
+//!    sockets, maps and programs until they end, then it exits without
+//!    removing anything (the pins, link and routes are the successor's
+//!    now);
+//! 7. the connection stays open while the old agent drains: the successor
 //!    sends it every grant revoked (`revoke`), so a revocation ends the
 //!    sessions draining there too.
 //!
-//! Live sessions are not adopted yet, whatever the versions: they drain.
-//! The state version names the handed-over state and the pinned maps'
-//! layout, which adoption will depend on.
+//! Kernel-path (sockmap) sessions always drain: adopting them would mean
+//! handing over the pinned maps, the verdict program's counters and the
+//! per-session barrier state in flight, which this build does not do.
+//! Sessions still being admitted, and preamble-token sessions (their
+//! one-connection grant is not part of the handed-over grants), drain too.
 
 mod client;
 mod forward;
 mod server;
+mod sessions;
 mod wire;
 
 use std::net::SocketAddr;
@@ -43,17 +54,20 @@ use crate::intercept::RoutingParams;
 pub use client::{Attempt, Predecessor, request};
 pub use forward::{follow_revocations, forward_revocations};
 pub use server::{Handover, Outcome, Waiting, listen};
+pub use sessions::{BATCH, Received, adopt, hand_over_sessions};
 
 /// Version of the handed-over state and of the pinned maps' layout. Bump
 /// it whenever either changes.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 
 /// Test-only: the state version a successor advertises instead of
 /// [`STATE_VERSION`], to exercise a takeover between differing builds.
 pub const STATE_VERSION_ENV: &str = "TCPGATE_TEST_TAKEOVER_STATE_VERSION";
 
 /// Test-only: set to `offer` on the running agent, it stops answering
-/// after its offer (an agent hung mid-takeover).
+/// after its offer (an agent hung mid-takeover); set to `adopt` on a
+/// successor, it stops answering after adopting the first batch of
+/// sessions (a successor hung mid-handover).
 pub const STALL_ENV: &str = "TCPGATE_TEST_TAKEOVER_STALL";
 
 /// The state version this build advertises.
@@ -91,6 +105,8 @@ pub enum TakeoverError {
     Unexpected { expected: &'static str, got: String },
     #[error("the offer names {listeners} listeners but carries {fds} descriptors")]
     FdCount { listeners: usize, fds: usize },
+    #[error("a batch names {sessions} sessions but carries {fds} descriptors")]
+    SessionFds { sessions: usize, fds: usize },
     #[error("cannot create the takeover socket {}", .path.display())]
     Bind {
         path: std::path::PathBuf,
@@ -150,7 +166,23 @@ pub enum Message {
     },
     Take,
     Released,
-    Taken,
+    Taken {
+        /// The successor adopts live sessions: the old agent sends them
+        /// (or `sessions_done` at once) before anything else.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        adopt: bool,
+    },
+    /// Old agent to successor: parked sessions, with each one's client
+    /// and upstream descriptors, in order.
+    Sessions {
+        sessions: Vec<crate::session::adopt::HandedSession>,
+    },
+    /// Successor to old agent: the last batch is adopted.
+    Adopted {
+        count: usize,
+    },
+    /// Old agent to successor: no more sessions come.
+    SessionsDone,
     /// After `taken`, successor to old agent: grant `grant` was revoked
     /// (its sessions draining there end too).
     Revoke {
@@ -168,7 +200,10 @@ impl Message {
             Self::Offer { .. } => "offer",
             Self::Take => "take",
             Self::Released => "released",
-            Self::Taken => "taken",
+            Self::Taken { .. } => "taken",
+            Self::Sessions { .. } => "sessions",
+            Self::Adopted { .. } => "adopted",
+            Self::SessionsDone => "sessions_done",
             Self::Revoke { .. } => "revoke",
             Self::RevokeSubject(_) => "revoke_subject",
         }

@@ -38,6 +38,10 @@ pub struct Handover {
 #[derive(Debug)]
 pub struct Outcome {
     pub successor: u32,
+    /// The successor adopts live sessions (it waits for them).
+    pub adopt: bool,
+    /// The takeover connection, kept open while this agent drains.
+    pub link: UnixStream,
 }
 
 /// Why one takeover attempt failed, and whether the locks were let go.
@@ -85,14 +89,15 @@ impl Waiting {
             };
             let shared = Arc::clone(&handover);
             match tokio::task::spawn_blocking(move || {
-                handshake(&stream, &shared).map(|outcome| (outcome, stream))
+                handshake(&stream, &shared).map(|(successor, adopt)| Outcome {
+                    successor,
+                    adopt,
+                    link: stream,
+                })
             })
             .await
             {
-                Ok(Ok((outcome, stream))) => {
-                    super::follow_revocations(stream, handover.gate.clone(), outcome.successor);
-                    return outcome;
-                }
+                Ok(Ok(outcome)) => return outcome,
                 Ok(Err(failed)) => give_up(&handover, failed),
                 Err(e) => tracing::error!(error = %e, "takeover task failed"),
             }
@@ -190,7 +195,8 @@ fn bind(path: &Path) -> Result<(UnixListener, SocketFile), TakeoverError> {
     Ok((listener, file))
 }
 
-fn handshake(stream: &UnixStream, handover: &Handover) -> Result<Outcome, Failed> {
+/// The successor's pid, and whether it adopts sessions.
+fn handshake(stream: &UnixStream, handover: &Handover) -> Result<(u32, bool), Failed> {
     let mut released = false;
     let result = steps(stream, handover, &mut released);
     result.map_err(|error| Failed { error, released })
@@ -200,7 +206,7 @@ fn steps(
     stream: &UnixStream,
     handover: &Handover,
     released: &mut bool,
-) -> Result<Outcome, TakeoverError> {
+) -> Result<(u32, bool), TakeoverError> {
     set_timeouts(stream, handover.timeout).map_err(TakeoverError::Io)?;
     let (hello, _) = wire::recv(stream)?;
     let Message::Hello { state_version, pid } = hello else {
@@ -245,7 +251,9 @@ fn steps(
         "locks released; waiting for the successor to accept"
     );
     match wire::recv(stream)?.0 {
-        Message::Taken => Ok(Outcome { successor: pid }),
+        // A successor of another state version cannot read our sessions:
+        // it does not ask, but check anyway.
+        Message::Taken { adopt } => Ok((pid, adopt && state_version == STATE_VERSION)),
         other => Err(unexpected("taken", &other)),
     }
 }

@@ -21,7 +21,28 @@ pub fn send(
     message: &Message,
     fds: &[BorrowedFd<'_>],
 ) -> Result<(), TakeoverError> {
-    let frame = frame(message)?;
+    send_fds(stream, message, fds).map_err(|failed| failed.error)
+}
+
+/// A send that failed, and whether its descriptors reached the peer
+/// anyway (they ride with the first byte).
+#[derive(Debug)]
+pub struct SendFailed {
+    pub error: TakeoverError,
+    pub delivered: bool,
+}
+
+/// Like [`send`], telling whether the descriptors went when it fails.
+pub fn send_fds(
+    stream: &UnixStream,
+    message: &Message,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), SendFailed> {
+    let undelivered = |error| SendFailed {
+        error,
+        delivered: false,
+    };
+    let frame = frame(message).map_err(undelivered)?;
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     let rights = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
@@ -32,8 +53,13 @@ pub fn send(
         MsgFlags::MSG_NOSIGNAL,
         None,
     )
-    .map_err(|e| io_error(e.into()))?;
-    (&*stream).write_all(&frame[sent..]).map_err(io_error)
+    .map_err(|e| undelivered(io_error(e.into())))?;
+    (&*stream)
+        .write_all(&frame[sent..])
+        .map_err(|e| SendFailed {
+            error: io_error(e),
+            delivered: true,
+        })
 }
 
 /// A message's frame: its length, then its JSON.
@@ -156,6 +182,15 @@ mod tests {
         let (a, b) = UnixStream::pair().expect("pair");
         (&a).write_all(&[0xff, 0xff, 0xff, 0xff]).expect("write");
         assert!(matches!(recv(&b), Err(TakeoverError::TooLarge(_))));
+    }
+
+    #[test]
+    fn taken_without_adopt_reads_as_a_version_1_agent_wrote_it() {
+        let plain = serde_json::to_string(&Message::Taken { adopt: false }).expect("json");
+        assert_eq!(plain, r#"{"type":"taken"}"#, "a version 1 agent reads it");
+        let asked: Message =
+            serde_json::from_str(r#"{"type":"taken","adopt":true}"#).expect("parse");
+        assert!(matches!(asked, Message::Taken { adopt: true }));
     }
 
     #[test]
