@@ -81,6 +81,18 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
     )
     .await?
     .with_bastion(cluster.as_ref().map(|c| c.name()));
+    let routed = match (&started.router, &gate) {
+        (Some(router), Some(gate)) => {
+            let watch = crate::routed::flows::FlowWatch::new(
+                Arc::clone(router),
+                Arc::clone(gate),
+                audit.clone(),
+                config.agent.upstream_mark,
+            );
+            Some(tokio::spawn(watch.run(background.clone())))
+        }
+        _ => None,
+    };
     if let (Some(gate), Some(predecessor)) = (&gate, &predecessor) {
         gate.restore_revocations(&predecessor.state.revocations);
         handover::install_grants(gate, &predecessor.state.grants);
@@ -215,6 +227,11 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
     let _ = tokio::time::timeout(TEARDOWN_BOUND, tasks.wait()).await;
     audit.flush().await;
     let _ = stop_background.send(true);
+    if let Some(routed) = routed {
+        // It ends every routed flow left, with RSTs and close lines.
+        let _ = routed.await;
+        audit.flush().await;
+    }
     drop(services);
     match stop {
         Stop::Signal => started.cleanup(),

@@ -3,6 +3,7 @@ use crate::config::test_set;
 
 fn params(interfaces: Option<&[&str]>) -> MarkingParams {
     MarkingParams {
+        routed_mark: None,
         mark: 0x7447,
         upstream_mark: 0x7467,
         interfaces: interfaces.map(|list| list.iter().map(|s| (*s).to_owned()).collect()),
