@@ -76,6 +76,7 @@ fn classify(segment: &Segment) -> Verdict {
         // program runs; concurrent writers only add to counters.
         let flow = unsafe { &mut *flow };
         if !still_open(flow, now) {
+            flow.dropped += 1;
             return Verdict::Ended;
         }
         track_up(flow, segment, now);
@@ -88,12 +89,13 @@ fn classify(segment: &Segment) -> Verdict {
 }
 
 /// Counts a runner -> target segment: bytes only past the highest sequence
-/// number seen, so retransmissions count once.
+/// number seen, so retransmissions count once; empty segments never (an
+/// ACK after the FIN sits one past the last byte).
 fn track_up(flow: &mut FlowValue, segment: &Segment, now: u64) {
     flow.packets_up += 1;
     flow.last_mono_ns = now;
     let end = segment.data_end();
-    if seq_after(end, flow.next_seq_up) {
+    if segment.payload > 0 && seq_after(end, flow.next_seq_up) {
         flow.bytes_up += u64::from(end.wrapping_sub(flow.next_seq_up));
         flow.next_seq_up = end;
     }

@@ -64,7 +64,7 @@ fn track_down(flow: &mut FlowValue, segment: &Segment, now: u64) {
         }
     } else if flow.flags & FLOW_SEEN_DOWN != 0 {
         let end = segment.data_end();
-        if seq_after(end, flow.next_seq_down) {
+        if segment.payload > 0 && seq_after(end, flow.next_seq_down) {
             flow.bytes_down += u64::from(end.wrapping_sub(flow.next_seq_down));
             flow.next_seq_down = end;
         }

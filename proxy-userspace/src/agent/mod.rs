@@ -83,6 +83,8 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
     .with_bastion(cluster.as_ref().map(|c| c.name()));
     let routed = match (&started.router, &gate) {
         (Some(router), Some(gate)) => {
+            let hooked = Arc::clone(router);
+            gate.on_grants_changed(Box::new(move |grants| hooked.sync_grants(grants)));
             let watch = crate::routed::flows::FlowWatch::new(
                 Arc::clone(router),
                 Arc::clone(gate),

@@ -196,7 +196,10 @@ async fn start_locked(
             Some(routed) => {
                 let interfaces = section.interfaces.as_deref().unwrap_or_default();
                 let router = crate::routed::Router::start(loaded, routed, interfaces)?;
-                tracing::info!(?interfaces, "routing granted flows (intercept.routed_grants)");
+                tracing::info!(
+                    ?interfaces,
+                    "routing granted flows (intercept.routed_grants)"
+                );
                 Some(Arc::new(router))
             }
             None => None,

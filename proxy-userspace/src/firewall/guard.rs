@@ -212,7 +212,10 @@ mod tests {
         let rules = guard(&[], &[]).with_routed(Some(0x7452)).ruleset();
         let (forward, rest) = rules.split_once("chain output").expect("chains");
         let accept = forward.find("meta mark 0x7452 accept").expect("accepted");
-        assert!(accept < forward.find("jump protected").expect("drop"), "{rules}");
+        assert!(
+            accept < forward.find("jump protected").expect("drop"),
+            "{rules}"
+        );
         assert!(!rest.contains("0x7452"), "{rules}");
         assert!(!guard(&[], &[]).ruleset().contains("0x7452"));
     }

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use super::Router;
 use super::rst::RstSender;
-use super::sources::{clock_offset, monotonic_ns, wanted};
+use super::sources::monotonic_ns;
 use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::auth::{Grant, GrantId};
 use crate::datapath::EndReason;
@@ -40,7 +40,6 @@ pub struct FlowWatch {
     gate: Arc<Gate>,
     audit: AuditLog,
     rst: Option<RstSender>,
-    offset: u64,
     known: HashMap<FlowKey, Known>,
 }
 
@@ -48,14 +47,15 @@ impl FlowWatch {
     #[must_use]
     pub fn new(router: Arc<Router>, gate: Arc<Gate>, audit: AuditLog, upstream_mark: u32) -> Self {
         let rst = RstSender::new(upstream_mark)
-            .inspect_err(|e| tracing::error!(error = %e, "no raw socket: routed flows end without RSTs"))
+            .inspect_err(
+                |e| tracing::error!(error = %e, "no raw socket: routed flows end without RSTs"),
+            )
             .ok();
         Self {
             router,
             gate,
             audit,
             rst,
-            offset: clock_offset(),
             known: HashMap::new(),
         }
     }
@@ -83,11 +83,13 @@ impl FlowWatch {
         } else {
             self.gate.grants()
         };
-        if let Err(e) = self.router.sync_sources(&wanted(&grants, now, self.offset)) {
-            tracing::error!(error = %e, "cannot update ROUTED_SOURCES");
-        }
+        self.router.sync_grants(&grants);
         let flows: Vec<(FlowKey, FlowValue)> = {
-            let map = self.router.flows.lock().unwrap_or_else(PoisonError::into_inner);
+            let map = self
+                .router
+                .flows
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             map.iter().filter_map(Result::ok).collect()
         };
         let linger = if shutdown {
@@ -168,7 +170,11 @@ impl FlowWatch {
     /// Removes a finished flow and writes its close line.
     fn remove(&mut self, key: FlowKey) {
         let flow = {
-            let mut map = self.router.flows.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut map = self
+                .router
+                .flows
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             let flow = map.get(&key, 0).ok();
             let _ = map.remove(&key);
             flow

@@ -64,6 +64,8 @@ pub struct Router {
     pub(crate) section: RoutedGrantsSection,
     interfaces: Vec<String>,
     flows_pin: PathBuf,
+    /// [`sources::clock_offset`] at start.
+    offset: u64,
 }
 
 impl Router {
@@ -100,6 +102,7 @@ impl Router {
             section: section.clone(),
             interfaces: interfaces.to_vec(),
             flows_pin,
+            offset: sources::clock_offset(),
         };
         for (name, attach_type) in [
             (program_names::ROUTED_IN, TcAttachType::Ingress),

@@ -93,7 +93,12 @@ pub fn segment(from: SocketAddrV4, to: SocketAddrV4, seq: u32) -> [u8; IP_HEADER
     tcp[12] = ((TCP_HEADER / 4) as u8) << 4;
     tcp[13] = TCP_RST;
     let mut pseudo = 0u32;
-    for chunk in from.ip().octets().chunks(2).chain(to.ip().octets().chunks(2)) {
+    for chunk in from
+        .ip()
+        .octets()
+        .chunks(2)
+        .chain(to.ip().octets().chunks(2))
+    {
         pseudo += u32::from(u16::from_be_bytes([chunk[0], chunk[1]]));
     }
     pseudo += u32::from(libc::IPPROTO_TCP as u16) + TCP_HEADER as u32;

@@ -84,6 +84,14 @@ fn record(grant: &Grant, offset: u64) -> Option<RoutedSource> {
 }
 
 impl Router {
+    /// Routes exactly the sources `grants` allow from now on.
+    pub fn sync_grants(&self, grants: &[Grant]) {
+        let wanted = wanted(grants, SystemTime::now(), self.offset);
+        if let Err(e) = self.sync_sources(&wanted) {
+            tracing::error!(error = %e, "cannot update ROUTED_SOURCES");
+        }
+    }
+
     /// Makes `ROUTED_SOURCES` hold `wanted`: removals first, so a grant
     /// that ended stops admitting before anything else changes.
     pub fn sync_sources(
