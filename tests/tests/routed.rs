@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use serde_json::{Value, json};
 use tcpgate_tests::auth_fixture::{AuthFixture, Launch, echo_service, policy};
+use tcpgate_tests::metrics::{parse, scrape_unix};
 use tcpgate_tests::tokens::{claims_with, unix_now};
 use tcpgate_tests::topology::{BASTION_RUNNER_IF, RUNNER_V4};
 use tcpgate_tests::{
@@ -306,7 +307,81 @@ fn max_flows_bounds_the_map() -> Result<()> {
         pinned_entries(fx.agent.pin_dir(), "flows")?.len() == 3,
         "FLOWS holds 3"
     );
+    eventually(
+        Duration::from_secs(10),
+        "the bound in the metrics",
+        || -> Result<bool> {
+            let m = parse(&scrape_unix(&fx.admin_socket())?)?;
+            Ok(m.count("tcpgate_routed_flows_full_total", &[]) >= 2.0
+                && m.count("tcpgate_routed_flows", &[]) == 3.0
+                && m.count("tcpgate_routed_flows_capacity", &[]) == 3.0)
+        },
+    )?;
     drop(streams);
     server.stop()?;
+    Ok(())
+}
+
+/// 1,000 routed flows live at once, each with its own payload echoed back
+/// byte-exact, each counted in FLOWS and closed with its own audit line.
+#[test]
+fn thousand_concurrent_routed_flows() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    const FLOWS: usize = 1000;
+    const SIZE: u64 = 16 * 1024;
+    tcpgate_tests::raise_nofile();
+    let fx = routed_fixture("")?;
+    fx.grant_from_runner(&fx.token(), &["--allow", "192.0.2.10=9000"])?;
+    let echo = tcpgate_tests::accept_loop(
+        &fx.topo.target,
+        AuthFixture::target(PORT),
+        FLOWS,
+        |mut stream, peer| -> Result<SocketAddr> {
+            let mut data = Vec::new();
+            stream.read_to_end(&mut data)?;
+            stream.write_all(&data)?;
+            stream.shutdown(Shutdown::Write)?;
+            Ok(peer)
+        },
+    )?;
+    let mut clients = Vec::with_capacity(FLOWS);
+    for i in 0..FLOWS {
+        let mut client = fx.dial_from_runner(AuthFixture::target(PORT))?;
+        write_payload(&mut client, &Payload::new(i as u64, SIZE))?;
+        clients.push(client);
+    }
+    let opened = wait_events(&fx.agent, "session_open", FLOWS)?;
+    ensure!(
+        opened.iter().all(|e| e["datapath"] == "routed"),
+        "every flow routed"
+    );
+    ensure!(
+        pinned_entries(fx.agent.pin_dir(), "flows")?.len() == FLOWS,
+        "all live together in FLOWS"
+    );
+    for client in &clients {
+        client.shutdown(Shutdown::Write)?;
+    }
+    for (i, client) in clients.iter_mut().enumerate() {
+        let (len, digest) = read_to_end_hashed(client)?;
+        ensure!(
+            len == SIZE && digest == Payload::new(i as u64, SIZE).digest(),
+            "flow {i} corrupted"
+        );
+    }
+    let peers = echo.stop()?.into_iter().collect::<Result<Vec<_>>>()?;
+    ensure!(
+        peers.iter().all(|p| p.ip() == IpAddr::V4(RUNNER_V4)),
+        "not terminated"
+    );
+    let closed = wait_events(&fx.agent, "session_close", FLOWS)?;
+    for event in &closed {
+        ensure!(
+            event["kernel_bytes_up"] == SIZE && event["kernel_bytes_down"] == SIZE,
+            "{event}"
+        );
+    }
     Ok(())
 }

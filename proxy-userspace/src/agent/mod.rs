@@ -74,6 +74,10 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
     if let Some(gate) = &gate {
         gate.register_metrics(metrics.registry_mut());
     }
+    let routed_metrics = crate::routed::metrics::RoutedMetrics::default();
+    if let Some(router) = &started.router {
+        routed_metrics.register(metrics.registry_mut(), router.section.max_flows);
+    }
     let metrics = Arc::new(metrics);
     let audit = AuditLog::open(
         &AuditTarget::parse(&config.audit.path),
@@ -90,6 +94,7 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
                 Arc::clone(gate),
                 audit.clone(),
                 config.agent.upstream_mark,
+                routed_metrics,
             );
             Some(tokio::spawn(watch.run(background.clone())))
         }

@@ -28,6 +28,8 @@ pub const DATAPATH: &str = "routed";
 /// A flow the agent has written a `session_open` for.
 struct Known {
     session_id: u64,
+    /// The grant the tc program admitted the SYN under.
+    grant_id: u64,
     opened: SystemTime,
     grant: Option<Grant>,
     /// When and why it ended; removed `linger` later.
@@ -40,12 +42,19 @@ pub struct FlowWatch {
     gate: Arc<Gate>,
     audit: AuditLog,
     rst: Option<RstSender>,
+    metrics: super::metrics::RoutedMetrics,
     known: HashMap<FlowKey, Known>,
 }
 
 impl FlowWatch {
     #[must_use]
-    pub fn new(router: Arc<Router>, gate: Arc<Gate>, audit: AuditLog, upstream_mark: u32) -> Self {
+    pub fn new(
+        router: Arc<Router>,
+        gate: Arc<Gate>,
+        audit: AuditLog,
+        upstream_mark: u32,
+        metrics: super::metrics::RoutedMetrics,
+    ) -> Self {
         let rst = RstSender::new(upstream_mark)
             .inspect_err(
                 |e| tracing::error!(error = %e, "no raw socket: routed flows end without RSTs"),
@@ -56,6 +65,7 @@ impl FlowWatch {
             gate,
             audit,
             rst,
+            metrics,
             known: HashMap::new(),
         }
     }
@@ -97,6 +107,7 @@ impl FlowWatch {
         } else {
             self.router.section.linger
         };
+        self.metrics.update(&self.router.stats(), flows.len());
         for (key, flow) in flows {
             self.observe(key, flow, now, shutdown);
             let done = self
@@ -116,6 +127,7 @@ impl FlowWatch {
             let grant = self.gate.grant(GrantId(flow.grant_id));
             let known = Known {
                 session_id: rand::random(),
+                grant_id: flow.grant_id,
                 opened: now,
                 grant,
                 ended: None,
@@ -225,8 +237,10 @@ fn event(kind: EventKind, key: FlowKey, known: &Known, flow: Option<&FlowValue>)
     event.upstream = Some(target.to_string());
     event.session_id = Some(format!("{:016x}", known.session_id));
     event.datapath = Some(DATAPATH);
+    // The grant may be gone already (revoked before the first poll): its
+    // id is still the flow's.
+    event.grant_id = Some(GrantId(known.grant_id).to_string());
     if let Some(grant) = &known.grant {
-        event.grant_id = Some(grant.id.to_string());
         event.subject = Some(grant.subject.clone());
         event.claims = grant.audit_claims.as_ref().clone();
     }

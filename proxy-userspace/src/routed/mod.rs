@@ -14,11 +14,12 @@
 //! Only IPv4 over Ethernet: anything else takes the intercepting path.
 
 pub mod flows;
+pub mod metrics;
 pub mod rst;
 pub mod sources;
 
 use std::path::PathBuf;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::tc::{self, NlOptions, TcAttachOptions};
@@ -129,13 +130,6 @@ impl Router {
             }
         }
         total
-    }
-
-    /// Flows in `FLOWS` now.
-    #[must_use]
-    pub fn flow_count(&self) -> usize {
-        let flows = self.flows.lock().unwrap_or_else(PoisonError::into_inner);
-        flows.keys().filter(Result::is_ok).count()
     }
 
     /// Detaches the programs and removes the pin (after [`flows::FlowWatch`]
