@@ -1,7 +1,7 @@
 //! The few header fields the routed programs read: Ethernet, IPv4 without
 //! fragments, TCP. Anything else is "not ours" and left to the normal path.
 use aya_ebpf::programs::TcContext;
-use proxy_common::routed::FlowKey;
+use proxy_common::routed::{FLOW_RST, FlowKey};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -106,4 +106,30 @@ pub fn parse(ctx: &TcContext) -> Option<Segment> {
         flags,
         payload,
     })
+}
+
+/// Adds what `segment` carries past `next` to `bytes`, and moves `next`:
+/// retransmissions count once, empty segments never (an ACK after the FIN
+/// sits one past the last byte).
+#[inline(always)]
+pub fn count_bytes(next: &mut u32, bytes: &mut u64, segment: &Segment) {
+    let end = segment.data_end();
+    if segment.payload > 0 && seq_after(end, *next) {
+        *bytes += u64::from(end.wrapping_sub(*next));
+        *next = end;
+    }
+}
+
+/// The flow flags a segment sets: `fin` for its direction's FIN, and
+/// `FLOW_RST` for a reset.
+#[inline(always)]
+pub fn close_flags(segment: &Segment, fin: u32) -> u32 {
+    let mut flags = 0;
+    if segment.has(TCP_FIN) {
+        flags |= fin;
+    }
+    if segment.has(TCP_RST) {
+        flags |= FLOW_RST;
+    }
+    flags
 }

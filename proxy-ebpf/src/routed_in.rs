@@ -14,11 +14,11 @@ use aya_ebpf::{
 };
 use proxy_common::{
     addr::v4_mapped,
-    routed::{FLOW_FIN_UP, FLOW_OPEN, FLOW_RST, FlowValue, MAX_ROUTED_DESTINATIONS},
+    routed::{FLOW_FIN_UP, FLOW_OPEN, FlowValue, MAX_ROUTED_DESTINATIONS},
 };
 
 use crate::maps::{FLOWS, INTERCEPT, ROUTED_CONFIG, ROUTED_SOURCES, bump_routed};
-use crate::packet::{Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse, seq_after};
+use crate::packet::{Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, close_flags, count_bytes, parse};
 use crate::routed_out::still_open;
 
 #[classifier]
@@ -88,23 +88,12 @@ fn classify(segment: &Segment) -> Verdict {
     admit(segment, now)
 }
 
-/// Counts a runner -> target segment: bytes only past the highest sequence
-/// number seen, so retransmissions count once; empty segments never (an
-/// ACK after the FIN sits one past the last byte).
+/// Counts a runner -> target segment (see [`count_bytes`]).
 fn track_up(flow: &mut FlowValue, segment: &Segment, now: u64) {
     flow.packets_up += 1;
     flow.last_mono_ns = now;
-    let end = segment.data_end();
-    if segment.payload > 0 && seq_after(end, flow.next_seq_up) {
-        flow.bytes_up += u64::from(end.wrapping_sub(flow.next_seq_up));
-        flow.next_seq_up = end;
-    }
-    if segment.has(TCP_FIN) {
-        flow.flags |= FLOW_FIN_UP;
-    }
-    if segment.has(TCP_RST) {
-        flow.flags |= FLOW_RST;
-    }
+    count_bytes(&mut flow.next_seq_up, &mut flow.bytes_up, segment);
+    flow.flags |= close_flags(segment, FLOW_FIN_UP);
 }
 
 /// Records a new flow when the source's one grant covers the destination

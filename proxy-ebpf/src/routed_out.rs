@@ -8,12 +8,10 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::routed::{
-    FLOW_EXPIRED, FLOW_FIN_DOWN, FLOW_OPEN, FLOW_RST, FLOW_SEEN_DOWN, FlowValue,
-};
+use proxy_common::routed::{FLOW_EXPIRED, FLOW_FIN_DOWN, FLOW_OPEN, FLOW_SEEN_DOWN, FlowValue};
 
 use crate::maps::{FLOWS, bump_routed};
-use crate::packet::{Segment, TCP_FIN, TCP_RST, TCP_SYN, parse, seq_after};
+use crate::packet::{Segment, TCP_RST, TCP_SYN, close_flags, count_bytes, parse};
 
 #[classifier]
 pub fn tcpgate_routed_out(ctx: TcContext) -> i32 {
@@ -63,16 +61,7 @@ fn track_down(flow: &mut FlowValue, segment: &Segment, now: u64) {
             flow.flags |= FLOW_SEEN_DOWN;
         }
     } else if flow.flags & FLOW_SEEN_DOWN != 0 {
-        let end = segment.data_end();
-        if segment.payload > 0 && seq_after(end, flow.next_seq_down) {
-            flow.bytes_down += u64::from(end.wrapping_sub(flow.next_seq_down));
-            flow.next_seq_down = end;
-        }
+        count_bytes(&mut flow.next_seq_down, &mut flow.bytes_down, segment);
     }
-    if segment.has(TCP_FIN) {
-        flow.flags |= FLOW_FIN_DOWN;
-    }
-    if segment.has(TCP_RST) {
-        flow.flags |= FLOW_RST;
-    }
+    flow.flags |= close_flags(segment, FLOW_FIN_DOWN);
 }
