@@ -20,6 +20,7 @@ extern crate std;
 pub mod addr;
 pub mod grant;
 pub mod intercept;
+pub mod routed;
 pub mod session;
 pub mod stats;
 
@@ -46,6 +47,14 @@ pub mod map_names {
     pub const LISTENERS: &str = "LISTENERS";
     /// Grant id -> [`crate::grant::GrantRecord`].
     pub const GRANTS: &str = "GRANTS";
+    /// Routed flows: [`crate::routed::FlowKey`] -> [`crate::routed::FlowValue`].
+    pub const FLOWS: &str = "FLOWS";
+    /// Routed sources: IPv4 octets -> [`crate::routed::RoutedSource`].
+    pub const ROUTED_SOURCES: &str = "ROUTED_SOURCES";
+    /// Single-slot [`crate::routed::RoutedConfig`].
+    pub const ROUTED_CONFIG: &str = "ROUTED_CONFIG";
+    /// Single-slot per-CPU [`crate::routed::RoutedStats`].
+    pub const ROUTED_STATS: &str = "ROUTED_STATS";
 }
 
 /// Program names, as the eBPF object exports them.
@@ -54,4 +63,9 @@ pub mod program_names {
     pub const VERDICT: &str = "tcpgate_verdict";
     /// `sk_lookup`: steers intercepted SYNs to the agent's listener.
     pub const LOOKUP: &str = "tcpgate_lookup";
+    /// tc ingress on the runner-facing interfaces: routes granted SYNs'
+    /// flows and counts runner -> target.
+    pub const ROUTED_IN: &str = "tcpgate_routed_in";
+    /// tc egress on the runner-facing interfaces: counts target -> runner.
+    pub const ROUTED_OUT: &str = "tcpgate_routed_out";
 }

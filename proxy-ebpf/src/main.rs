@@ -10,6 +10,12 @@ mod maps;
 #[cfg(target_arch = "bpf")]
 mod overlap;
 #[cfg(target_arch = "bpf")]
+mod packet;
+#[cfg(target_arch = "bpf")]
+mod routed_in;
+#[cfg(target_arch = "bpf")]
+mod routed_out;
+#[cfg(target_arch = "bpf")]
 mod verdict;
 
 #[cfg(target_arch = "bpf")]

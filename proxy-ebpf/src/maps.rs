@@ -7,6 +7,7 @@ use aya_ebpf::{
 use proxy_common::{
     grant::GrantRecord,
     intercept::InterceptValue,
+    routed::{FlowKey, FlowValue, RoutedConfig, RoutedSource, RoutedStats},
     session::{DirectionMode, SessionRecord, SocketEntry, WakeEvent},
     stats::GlobalStats,
 };
@@ -71,5 +72,33 @@ pub fn add(field: impl FnOnce(&mut GlobalStats) -> &mut u64, amount: u64) {
         // is only used on this CPU while the program runs.
         let stats = unsafe { &mut *stats };
         *field(stats) += amount;
+    }
+}
+
+/// Routed flows by 5-tuple (see `routed_in`). Sized from
+/// `intercept.routed_grants.max_flows` at load time.
+#[btf_map]
+pub static FLOWS: HashMap<FlowKey, FlowValue, 4096> = HashMap::new();
+
+/// Sources whose SYNs may be routed: written by the agent only.
+#[btf_map]
+pub static ROUTED_SOURCES: HashMap<[u8; 4], RoutedSource, 16384> = HashMap::new();
+
+/// The routed mark (slot 0), written by the agent.
+#[btf_map]
+pub static ROUTED_CONFIG: Array<RoutedConfig, 1> = Array::new();
+
+/// The routed programs' counters.
+#[btf_map]
+pub static ROUTED_STATS: PerCpuArray<RoutedStats, 1> = PerCpuArray::new();
+
+/// Adds one to a field of this CPU's routed stats slot.
+#[inline(always)]
+pub fn bump_routed(field: impl FnOnce(&mut RoutedStats) -> &mut u64) {
+    if let Some(stats) = ROUTED_STATS.get_ptr_mut(0) {
+        // SAFETY: the pointer comes from a successful per-CPU array lookup and
+        // is only used on this CPU while the program runs.
+        let stats = unsafe { &mut *stats };
+        *field(stats) += 1;
     }
 }

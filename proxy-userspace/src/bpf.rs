@@ -79,6 +79,8 @@ pub struct MapSizes {
     /// unknown (the verdict then cannot see TCP sequence numbers; see
     /// [`crate::kernel_btf`]).
     pub skb_cb_offset: u32,
+    /// Entries of `FLOWS` (`intercept.routed_grants.max_flows`; 1 when off).
+    pub flows: u32,
 }
 
 /// The loaded object. Dropping it detaches every program it attached.
@@ -181,6 +183,7 @@ impl LoadedBpf {
             .map_max_entries(map_names::SOCKHASH, sockets)
             .map_max_entries(map_names::DIRECTION_MODES, sockets)
             .map_max_entries(map_names::STREAM_SEQ, sockets)
+            .map_max_entries(map_names::FLOWS, sizes.flows.max(1))
             .override_global("SKB_CB_OFFSET", &sizes.skb_cb_offset, true)
             .load(object)
             .map_err(BpfError::Load)?;
@@ -204,6 +207,15 @@ impl LoadedBpf {
                 .map_err(|source| BpfError::Pin { name, path, source })?;
         }
         Ok(())
+    }
+
+    /// Pins one more map at `file` in the pin directory, replacing a stale pin.
+    pub fn pin_map(&mut self, name: &'static str, file: &str) -> Result<(), BpfError> {
+        let path = self.pin_dir.join(file);
+        let _ = std::fs::remove_file(&path);
+        let map = self.ebpf.map(name).ok_or(BpfError::MissingMap(name))?;
+        map.pin(&path)
+            .map_err(|source| BpfError::Pin { name, path, source })
     }
 
     /// Takes a map out of the object, for a typed handle.
@@ -292,7 +304,8 @@ pub fn open_pinned(pin_dir: &Path, file: &str) -> Result<MapData, aya::maps::Map
 /// the running agent holds its lock on). Returns what was removed.
 pub fn remove_pin_files(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    for (_, file) in PINNED {
+    let routed = [crate::routed::FLOWS_PIN];
+    for file in PINNED.iter().map(|(_, file)| *file).chain(routed) {
         let path = pin_dir.join(file);
         match std::fs::remove_file(&path) {
             Ok(()) => removed.push(path),

@@ -52,7 +52,14 @@ pub struct Gate {
     /// Subject revocations made here, for an agent draining after a
     /// takeover (its preamble grants are not this store's).
     subject_revocations: tokio::sync::broadcast::Sender<SubjectRevocation>,
+    /// Called with the live grants after a source grant is created or
+    /// revoked (routed grants keep the kernel's sources in step with it
+    /// before the API answers).
+    grants_changed: std::sync::OnceLock<GrantsChanged>,
 }
+
+/// See [`Gate::on_grants_changed`].
+pub type GrantsChanged = Box<dyn Fn(&[Grant]) + Send + Sync>;
 
 /// A subject revoked here, with the deny holds it left (what another
 /// agent applies with [`Gate::revoke_subject_held`]).
@@ -162,6 +169,19 @@ impl Gate {
             mirror,
             outside_revocations: std::sync::Mutex::default(),
             subject_revocations: tokio::sync::broadcast::channel(SUBJECT_EVENTS).0,
+            grants_changed: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Registers the one hook called after grants change (see
+    /// [`Gate::grants_changed`]); a second registration is ignored.
+    pub fn on_grants_changed(&self, hook: GrantsChanged) {
+        let _ = self.grants_changed.set(hook);
+    }
+
+    fn grants_changed(&self) {
+        if let Some(hook) = self.grants_changed.get() {
+            hook(&self.store.list());
         }
     }
 

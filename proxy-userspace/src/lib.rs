@@ -47,6 +47,7 @@ pub mod metrics;
 pub mod notify;
 pub mod pinned;
 pub mod registry;
+pub mod routed;
 pub mod session;
 pub mod sockdiag;
 pub mod sockopt;

@@ -446,7 +446,7 @@ pub fn sum_cpus<'a>(slots: impl Iterator<Item = &'a GlobalStats>) -> GlobalStats
 /// Raises a counter to `total`. A total can dip for a moment (a session's
 /// map entry is gone before its final counters are added to the closed
 /// sums); the counter then waits instead of going backwards.
-fn advance(counter: &Counter, total: u64) {
+pub(crate) fn advance(counter: &Counter, total: u64) {
     let current = counter.get();
     if total > current {
         counter.inc_by(total - current);

@@ -70,6 +70,8 @@ pub struct Launch {
     pub discovery: bool,
     /// Tables appended to the config (e.g. `[cluster]`).
     pub sections: String,
+    /// Lines added to `[intercept]` (e.g. `interfaces`).
+    pub intercept_extra: String,
     /// Lines added to `[agent]` (e.g. a takeover socket).
     pub agent_extra: String,
     /// Use this topology (prepared, say, with a link to etcd) instead of a
@@ -154,7 +156,7 @@ impl AuthFixture {
         };
         let config = format!(
             "[agent]\npin_dir = {pin:?}\n{agent_extra}\n[audit]\npath = {audit:?}\n\n\
-             [intercept]\n[[intercept.prefix]]\nprefix = \"192.0.2.0/24\"\nports = [{ports}]\n\
+             [intercept]\n{intercept_extra}\n[[intercept.prefix]]\nprefix = \"192.0.2.0/24\"\nports = [{ports}]\n\
              [[intercept.prefix]]\nprefix = \"2001:db8:2::/64\"\nports = [{ports}]\n\n\
              [auth]\npreamble_timeout = \"2s\"\naudit_claims = [\"project_path\", \"ref\", \"job_id\"]\n\
              [[auth.issuer]]\nissuer = {issuer:?}\naudience = {AUDIENCE:?}\n{keys_from}\
@@ -173,6 +175,7 @@ impl AuthFixture {
             api_extra = launch.api_extra,
             admin_extra = launch.admin_extra,
             sections = launch.sections,
+            intercept_extra = launch.intercept_extra,
             agent_extra = launch.agent_extra,
         );
         let builder = builder.config(config).args(args);

@@ -50,13 +50,21 @@ impl Keys {
 
     /// The `[auth]`, `[[policy]]` and `[api]` sections.
     pub fn agent_sections(&self) -> String {
+        self.agent_sections_with(&[])
+    }
+
+    /// [`Keys::agent_sections`] with `extra` ports allowed too.
+    pub fn agent_sections_with(&self, extra: &[u16]) -> String {
         let auth_ports = [
             ports::CONN_PREAMBLE,
             ports::CONN_GRANT,
             ports::IDLE,
             ports::TEARDOWN,
         ]
+        .iter()
+        .chain(extra)
         .map(|p| format!("\"{p}\""))
+        .collect::<Vec<_>>()
         .join(", ");
         format!(
             "\n[auth]\naudit_claims = [\"project_path\"]\n\n[[auth.issuer]]\nissuer = \"{ISSUER}\"\n\
@@ -106,16 +114,22 @@ pub struct Grant {
 
 /// The `POST /v1/grants` body narrowing a grant to `port` on the target and
 /// to `lifetime` (humantime, "3s").
-fn grant_body(port: u16, lifetime: &str) -> serde_json::Value {
+fn grant_body(ports: &[u16], lifetime: &str) -> serde_json::Value {
+    let ports: Vec<String> = ports.iter().map(ToString::to_string).collect();
     json!({
-        "destinations": [{ "prefix": format!("{TARGET_V4}/32"), "ports": [port.to_string()] }],
+        "destinations": [{ "prefix": format!("{TARGET_V4}/32"), "ports": ports }],
         "lifetime": lifetime,
     })
 }
 
 /// `POST /v1/grants` from the calling thread's namespace (the runner's).
 pub fn request_grant(token: &str, port: u16, lifetime: &str) -> Result<Grant> {
-    let body = grant_body(port, lifetime).to_string();
+    request_grant_for(token, &[port], lifetime)
+}
+
+/// [`request_grant`] for several ports.
+pub fn request_grant_for(token: &str, ports: &[u16], lifetime: &str) -> Result<Grant> {
+    let body = grant_body(ports, lifetime).to_string();
     let reply = tcpgate_tests::http::post_json(API, "/v1/grants", token, &body)?;
     ensure!(
         reply.status == 200 || reply.status == 201,
@@ -172,7 +186,7 @@ mod tests {
     #[test]
     fn grant_request_body_is_what_the_api_parses() {
         let request: tcpgate::auth::api_types::GrantRequest =
-            serde_json::from_value(grant_body(ports::CONN_GRANT, "3s"))
+            serde_json::from_value(grant_body(&[ports::CONN_GRANT], "3s"))
                 .expect("the API's request type");
         let parsed = request.parse().expect("valid");
         assert_eq!(parsed.lifetime, Some(std::time::Duration::from_secs(3)));

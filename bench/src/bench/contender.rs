@@ -28,15 +28,19 @@ pub enum Contender {
     TcpgateEbpf,
     /// tcpgate with `--datapath userspace` (the agent copies bytes).
     TcpgateUserspace,
+    /// tcpgate with `[intercept.routed_grants]`: a granted runner's flows
+    /// are forwarded, not terminated (see `routed.rs`).
+    TcpgateRouted,
     Haproxy,
     Socat,
 }
 
 impl Contender {
-    pub const ALL: [Contender; 5] = [
+    pub const ALL: [Contender; 6] = [
         Contender::Direct,
         Contender::TcpgateEbpf,
         Contender::TcpgateUserspace,
+        Contender::TcpgateRouted,
         Contender::Haproxy,
         Contender::Socat,
     ];
@@ -46,6 +50,7 @@ impl Contender {
             Contender::Direct => "direct",
             Contender::TcpgateEbpf => "tcpgate-ebpf",
             Contender::TcpgateUserspace => "tcpgate-userspace",
+            Contender::TcpgateRouted => "tcpgate-routed",
             Contender::Haproxy => "haproxy",
             Contender::Socat => "socat",
         }
@@ -56,7 +61,7 @@ impl Contender {
         let (plain, intercepted, proxied) = service.ports();
         match self {
             Contender::Direct => SocketAddr::from((TARGET_V4, plain)),
-            Contender::TcpgateEbpf | Contender::TcpgateUserspace => {
+            Contender::TcpgateEbpf | Contender::TcpgateUserspace | Contender::TcpgateRouted => {
                 SocketAddr::from((TARGET_V4, intercepted))
             }
             Contender::Haproxy | Contender::Socat => SocketAddr::from((BASTION_RUNNER_V4, proxied)),
@@ -93,6 +98,8 @@ pub struct Env<'a> {
     pub agent_binary: &'a Path,
     pub cgroup: Option<&'a BenchCgroup>,
     pub work_dir: &'a Path,
+    /// Present when the agent supports `[auth]` (routed grants need a grant).
+    pub keys: Option<&'a super::auth::Keys>,
 }
 
 /// A contender running for its turn; dropping it stops it.
@@ -128,6 +135,7 @@ pub fn start(contender: Contender, env: &Env<'_>) -> Result<Running> {
         }
         Contender::TcpgateUserspace => start_agent(env, "userspace", &agent_config_extra(None))
             .map(|a| Running::Agent(Box::new(a))),
+        Contender::TcpgateRouted => super::routed::start(env).map(|a| Running::Agent(Box::new(a))),
         Contender::Haproxy => start_haproxy(env).map(|c| Running::Processes { guards: vec![c] }),
         Contender::Socat => start_socat(env).map(|c| Running::Processes { guards: c }),
     }
@@ -398,7 +406,7 @@ pub fn stop_and_check(contender: Contender, running: Running) -> Result<PathRepo
     // designed (the receiver was slower than the sender); anything else
     // copied means a session fell back to user space.
     let designed_share = share(check.kernel_bytes + check.backpressure_bytes);
-    let expected_kernel = contender == Contender::TcpgateEbpf;
+    let expected_kernel = matches!(contender, Contender::TcpgateEbpf | Contender::TcpgateRouted);
     let odd = check.sessions == 0
         || (expected_kernel && designed_share < 0.99)
         || (!expected_kernel && kernel_share > 0.0);

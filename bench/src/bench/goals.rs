@@ -110,7 +110,11 @@ impl Goal {
 
 /// tcpgate's data paths; a goal on "tcpgate's fastest path" takes the best
 /// of them, and says which one it was.
-const TCPGATE_PATHS: [Contender; 2] = [Contender::TcpgateEbpf, Contender::TcpgateUserspace];
+const TCPGATE_PATHS: [Contender; 3] = [
+    Contender::TcpgateEbpf,
+    Contender::TcpgateUserspace,
+    Contender::TcpgateRouted,
+];
 
 /// The best tcpgate path's median for `metric` (highest or lowest, as the
 /// metric prefers), with the path's label.
@@ -128,6 +132,7 @@ fn best_path(results: &Results, metric: Metric) -> Option<(f64, &'static str)> {
 fn path_label(c: Contender) -> &'static str {
     match c {
         Contender::TcpgateUserspace => "user space",
+        Contender::TcpgateRouted => "routed",
         _ => "eBPF",
     }
 }

@@ -20,6 +20,7 @@ mod machine;
 mod phases;
 mod report;
 mod results;
+mod routed;
 mod servers;
 mod sessions;
 mod settings;
@@ -195,14 +196,15 @@ fn measure_all(
             (contender::target_bind(ports::TEARDOWN), Behaviour::Observe),
         ],
     )?;
+    let keys = auth::Keys::generate(work.path())?;
+    let keys = auth_supported(agent_binary, work.path(), &keys, results)?.then_some(&keys);
     let env = contender::Env {
         topo: &topo,
         agent_binary,
         cgroup: cgroup.as_ref(),
         work_dir: work.path(),
+        keys,
     };
-    let keys = auth::Keys::generate(work.path())?;
-    let keys = auth_supported(agent_binary, work.path(), &keys, results)?.then_some(&keys);
     let bench = phases::Bench {
         env,
         settings,

@@ -74,6 +74,10 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
     if let Some(gate) = &gate {
         gate.register_metrics(metrics.registry_mut());
     }
+    let routed_metrics = crate::routed::metrics::RoutedMetrics::default();
+    if let Some(router) = &started.router {
+        routed_metrics.register(metrics.registry_mut(), router.section.max_flows);
+    }
     let metrics = Arc::new(metrics);
     let audit = AuditLog::open(
         &AuditTarget::parse(&config.audit.path),
@@ -81,6 +85,21 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
     )
     .await?
     .with_bastion(cluster.as_ref().map(|c| c.name()));
+    let routed = match (&started.router, &gate) {
+        (Some(router), Some(gate)) => {
+            let hooked = Arc::clone(router);
+            gate.on_grants_changed(Box::new(move |grants| hooked.sync_grants(grants)));
+            let watch = crate::routed::flows::FlowWatch::new(
+                Arc::clone(router),
+                Arc::clone(gate),
+                audit.clone(),
+                config.agent.upstream_mark,
+                routed_metrics,
+            );
+            Some(tokio::spawn(watch.run(background.clone())))
+        }
+        _ => None,
+    };
     if let (Some(gate), Some(predecessor)) = (&gate, &predecessor) {
         gate.restore_revocations(&predecessor.state.revocations);
         handover::install_grants(gate, &predecessor.state.grants);
@@ -218,6 +237,11 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
     let _ = tokio::time::timeout(TEARDOWN_BOUND, tasks.wait()).await;
     audit.flush().await;
     let _ = stop_background.send(true);
+    if let Some(routed) = routed {
+        // It ends every routed flow left, with RSTs and close lines.
+        let _ = routed.await;
+        audit.flush().await;
+    }
     drop(services);
     if taken_over {
         started.abandon();

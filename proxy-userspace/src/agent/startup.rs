@@ -40,6 +40,8 @@ pub enum StartupError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot route granted flows (intercept.routed_grants)")]
+    Routed(#[from] crate::routed::RoutedError),
     #[error("cannot install interception")]
     Intercept(#[from] InterceptError),
     #[error("interception needs eBPF (the sk_lookup program), which cannot load")]
@@ -66,6 +68,8 @@ pub enum StartupError {
 pub struct Started {
     pub datapath: Datapath,
     pub interceptor: Option<Arc<Interceptor>>,
+    /// `[intercept.routed_grants]`, when enabled.
+    pub router: Option<Arc<crate::routed::Router>>,
     intercept_listeners: Vec<TcpListener>,
     /// Keeps programs attached and maps alive.
     bpf: Option<LoadedBpf>,
@@ -187,6 +191,21 @@ async fn start_locked(
         (Some(_), None, Some(e)) => return Err(StartupError::InterceptNeedsBpf(e)),
         _ => (None, Vec::new()),
     };
+    let router = match (&config.intercept, &mut bpf) {
+        (Some(section), Some(loaded)) => match section.routed() {
+            Some(routed) => {
+                let interfaces = section.interfaces.as_deref().unwrap_or_default();
+                let router = crate::routed::Router::start(loaded, routed, interfaces)?;
+                tracing::info!(
+                    ?interfaces,
+                    "routing granted flows (intercept.routed_grants)"
+                );
+                Some(Arc::new(router))
+            }
+            None => None,
+        },
+        _ => None,
+    };
     if bpf.is_none() && pin_lock.is_some() {
         let _ = crate::bpf::remove_pins(pin_dir);
         pin_lock = None;
@@ -194,6 +213,7 @@ async fn start_locked(
     Ok(Started {
         datapath,
         interceptor,
+        router,
         intercept_listeners,
         bpf,
         keep_pins: config.agent.keep_pins,
@@ -228,6 +248,11 @@ fn load_object(config: &Config) -> Result<LoadedObject, EbpfSetupError> {
             .saturating_add(u32::try_from(grant_room).unwrap_or(u32::MAX))
             .saturating_add(1),
         skb_cb_offset: crate::kernel_btf::skb_cb_offset(),
+        flows: config
+            .intercept
+            .as_ref()
+            .and_then(|i| i.routed())
+            .map_or(1, |r| r.max_flows),
     };
     let mut bpf = LoadedBpf::load(sizes, &config.agent.pin_dir)?;
     let logger = spawn_ebpf_logger(&mut bpf);
@@ -340,6 +365,9 @@ impl Started {
 
     /// Removes routing, detaches programs and removes pins.
     pub fn cleanup(self) {
+        if let Some(router) = &self.router {
+            router.shutdown();
+        }
         if let Some(interceptor) = &self.interceptor {
             interceptor.shutdown();
         }

@@ -47,6 +47,17 @@ pub struct InterceptSection {
     /// The intercepted destinations.
     #[serde(default, rename = "prefix")]
     pub prefixes: Vec<InterceptPrefix>,
+    /// `[intercept.routed_grants]`: opt-in routing of granted flows.
+    #[serde(default)]
+    pub routed_grants: Option<super::routed::RoutedGrantsSection>,
+}
+
+impl InterceptSection {
+    /// The routed-grants section when it is enabled.
+    #[must_use]
+    pub fn routed(&self) -> Option<&super::routed::RoutedGrantsSection> {
+        self.routed_grants.as_ref().filter(|r| r.enabled)
+    }
 }
 
 const fn default_listen_port() -> u16 {
@@ -334,6 +345,7 @@ pub(crate) fn test_section(entries: &[(&str, &[&str])]) -> InterceptSection {
                 upstream: None,
             })
             .collect(),
+        routed_grants: None,
     }
 }
 

@@ -6,6 +6,7 @@
 mod cluster;
 mod http;
 mod intercept;
+mod routed;
 pub mod trie;
 mod validate;
 
@@ -23,6 +24,7 @@ pub use intercept::{
 };
 #[cfg(test)]
 pub(crate) use intercept::{test_section, test_set};
+pub use routed::RoutedGrantsSection;
 pub use validate::{FieldError, GroupError, resolve_group};
 
 /// Exit status for configuration and usage errors (`EX_USAGE`).

@@ -149,6 +149,15 @@ impl Config {
                 "must differ from agent.upstream_mark: the agent's own upstream packets are never intercepted",
             ));
         }
+        if let Some(intercept) = &self.intercept
+            && let Some(routed) = &intercept.routed_grants
+        {
+            routed.check(
+                [intercept.mark, agent.upstream_mark],
+                intercept.interfaces.is_some(),
+                &mut errors,
+            );
+        }
         if let Some(group) = &agent.operator_group
             && let Err(e) = resolve_group(group)
         {

@@ -34,6 +34,9 @@ pub struct Guard {
     pub upstream_mark: u32,
     /// `intercept.mark`.
     pub intercept_mark: u32,
+    /// `intercept.routed_grants.mark`: forwarded packets of flows the tc
+    /// program admitted (it clears the mark on every other packet).
+    pub routed_mark: Option<u32>,
 }
 
 impl Guard {
@@ -44,7 +47,15 @@ impl Guard {
             pass: set.pass.clone(),
             upstream_mark,
             intercept_mark,
+            routed_mark: None,
         }
+    }
+
+    /// The guard with routed grants on (see [`Guard::routed_mark`]).
+    #[must_use]
+    pub fn with_routed(mut self, mark: Option<u32>) -> Self {
+        self.routed_mark = mark;
+        self
     }
 
     /// The table's body, in nft syntax.
@@ -72,9 +83,14 @@ impl Guard {
             };
             let _ = writeln!(pass, "\t\tmeta l4proto {proto} accept");
         }
+        let routed = self
+            .routed_mark
+            .map(|m| format!("\t\tmeta mark {m:#x} accept\n"))
+            .unwrap_or_default();
         format!(
             "\tchain forward {{\n\
              \t\ttype filter hook forward priority filter; policy accept;\n\
+             {routed}\
              {forward}\
              \t}}\n\
              \tchain output {{\n\
@@ -189,6 +205,19 @@ mod tests {
             ),
             "{rules}"
         );
+    }
+
+    #[test]
+    fn routed_mark_is_accepted_in_the_forward_path_only() {
+        let rules = guard(&[], &[]).with_routed(Some(0x7452)).ruleset();
+        let (forward, rest) = rules.split_once("chain output").expect("chains");
+        let accept = forward.find("meta mark 0x7452 accept").expect("accepted");
+        assert!(
+            accept < forward.find("jump protected").expect("drop"),
+            "{rules}"
+        );
+        assert!(!rest.contains("0x7452"), "{rules}");
+        assert!(!guard(&[], &[]).ruleset().contains("0x7452"));
     }
 
     #[test]

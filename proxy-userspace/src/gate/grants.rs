@@ -94,6 +94,9 @@ impl Gate {
             tracing::warn!(grant = %grant.id, error = %e, "grant refused: the pinned grants map is full");
             return Err(e.into());
         }
+        if grant.source().is_some() {
+            self.grants_changed();
+        }
         Ok(grant)
     }
 
@@ -118,12 +121,15 @@ impl Gate {
     /// Revokes one grant; the store's revocation event removes it from the
     /// pinned map and ends its sessions.
     pub fn revoke(&self, id: GrantId) -> Option<Grant> {
-        self.store.revoke(id)
+        let revoked = self.store.revoke(id);
+        self.grants_changed();
+        revoked
     }
 
     /// Revokes every grant of a token subject (see [`Self::revoke`]).
     pub fn revoke_subject(&self, subject: &str) -> Vec<Grant> {
         let revoked = self.store.revoke_subject(subject);
+        self.grants_changed();
         let _ = self.subject_revocations.send(super::SubjectRevocation {
             subject: subject.to_owned(),
             holds: self.store.holds_of(subject),

@@ -44,6 +44,9 @@ pub struct MarkingParams {
     pub upstream_mark: u32,
     /// `intercept.interfaces`; `None`: all but `lo`.
     pub interfaces: Option<Vec<String>>,
+    /// `intercept.routed_grants.mark` when routed grants are on: packets
+    /// the tc program marked are forwarded, never intercepted.
+    pub routed_mark: Option<u32>,
 }
 
 /// One live session kept intercepted after its prefix left the set.
@@ -124,11 +127,16 @@ pub fn ruleset(set: &InterceptSet, params: &MarkingParams, pins: &[Pin]) -> Stri
             format!("\t\tiifname != {{ {} }} return\n", quoted.join(", "))
         }
     };
+    let routed = params
+        .routed_mark
+        .map(|m| format!("\t\tmeta mark {m:#x} return\n"))
+        .unwrap_or_default();
     let _ = write!(
         out,
         "\tchain prerouting {{\n\
          \t\ttype filter hook prerouting priority mangle; policy accept;\n\
          {origin}\
+         {routed}\
          \t\tjump select\n\
          \t}}\n\
          \tchain output {{\n\

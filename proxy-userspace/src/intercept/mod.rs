@@ -136,7 +136,8 @@ impl Interceptor {
         // First: whatever fails below, the protected prefixes stay dropped.
         guard::install(
             &NftCommand,
-            &guard::Guard::new(&set, upstream_mark, section.mark),
+            &guard::Guard::new(&set, upstream_mark, section.mark)
+                .with_routed(section.routed().map(|r| r.mark)),
         )
         .map_err(InterceptError::Guard)?;
         let params = RoutingParams {
@@ -196,6 +197,7 @@ impl Interceptor {
                 mark: section.mark,
                 upstream_mark,
                 interfaces: section.interfaces.clone(),
+                routed_mark: section.routed().map(|r| r.mark),
             }),
             pins: Mutex::default(),
             link_pin: bpf.pin_dir.join(LINK_PIN),
@@ -263,7 +265,8 @@ impl Interceptor {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let guard = guard::Guard::new(&set, params.upstream_mark, params.mark);
+        let guard = guard::Guard::new(&set, params.upstream_mark, params.mark)
+            .with_routed(params.routed_mark);
         let mut report = ReloadReport {
             prefixes: entries.len(),
             protected: guard.protected.len(),

@@ -3,6 +3,7 @@ use crate::config::test_set;
 
 fn params(interfaces: Option<&[&str]>) -> MarkingParams {
     MarkingParams {
+        routed_mark: None,
         mark: 0x7447,
         upstream_mark: 0x7467,
         interfaces: interfaces.map(|list| list.iter().map(|s| (*s).to_owned()).collect()),
@@ -137,4 +138,22 @@ fn pinned_sessions_stay_marked_until_unpinned() {
         calls[1],
         "table inet tcpgate_intercept {}\ndelete table inet tcpgate_intercept\n"
     );
+}
+
+#[test]
+fn routed_packets_are_never_marked_for_interception() {
+    let mut with_routed = params(Some(&["eth1"]));
+    with_routed.routed_mark = Some(0x7452);
+    let rules = ruleset(&test_set(&[("192.0.2.0/24", &["80"])]), &with_routed, &[]);
+    assert_eq!(
+        chain(&rules, "prerouting"),
+        [
+            "type filter hook prerouting priority mangle; policy accept;",
+            "iifname != { \"eth1\" } return",
+            "meta mark 0x7452 return",
+            "jump select",
+        ]
+    );
+    // The bastion's own processes cannot use the routed mark to skip it.
+    assert!(!chain(&rules, "output").iter().any(|l| l.contains("0x7452")));
 }

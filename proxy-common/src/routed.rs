@@ -1,0 +1,163 @@
+//! Routed grants: SYNs from a source holding one live source grant are
+//! forwarded as plain routing does, and tracked per flow in the pinned
+//! `FLOWS` map (see `docs/routed.md`). IPv4 only: other packets take the
+//! intercepting path.
+
+/// Destinations one routed source may reach; a grant with more (prefix,
+/// port range) pairs is not routed and takes the intercepting path.
+pub const MAX_ROUTED_DESTINATIONS: usize = 8;
+
+/// `FlowValue::state`: forwarded and counted.
+pub const FLOW_OPEN: u32 = 1;
+/// `FlowValue::state`: ended by the agent (expiry, revocation, shutdown);
+/// the programs drop everything of the flow but RSTs.
+pub const FLOW_ENDED: u32 = 2;
+/// `FlowValue::state`: the program found the deadline passed and ended
+/// the flow itself (the agent may be gone); dropped like `FLOW_ENDED`.
+pub const FLOW_EXPIRED: u32 = 3;
+
+/// `FlowValue::flags`: a FIN went from the runner to the target.
+pub const FLOW_FIN_UP: u32 = 1;
+/// `FlowValue::flags`: a FIN went from the target to the runner.
+pub const FLOW_FIN_DOWN: u32 = 2;
+/// `FlowValue::flags`: either end sent an RST.
+pub const FLOW_RST: u32 = 4;
+/// `FlowValue::flags`: the target answered (its sequence numbers are known).
+pub const FLOW_SEEN_DOWN: u32 = 8;
+
+/// Value of the single-slot `ROUTED_CONFIG` array, written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoutedConfig {
+    /// The mark routed packets carry (`intercept.routed_grants.mark`); 0
+    /// turns the programs into a pass-through that clears nothing.
+    pub mark: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(size_of::<RoutedConfig>() == 8);
+
+/// One (prefix, port range) a routed source may reach. IPv4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoutedDestination {
+    /// Network order octets, masked to `prefix_len`.
+    pub addr: [u8; 4],
+    pub prefix_len: u32,
+    pub port_first: u16,
+    pub port_last: u16,
+}
+
+const _: () = assert!(size_of::<RoutedDestination>() == 12);
+
+impl RoutedDestination {
+    /// Whether `addr:port` is inside.
+    #[inline(always)]
+    #[must_use]
+    pub fn covers(&self, addr: [u8; 4], port: u16) -> bool {
+        if port < self.port_first || port > self.port_last || self.prefix_len > 32 {
+            return false;
+        }
+        let mask = if self.prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.prefix_len)
+        };
+        u32::from_be_bytes(addr) & mask == u32::from_be_bytes(self.addr) & mask
+    }
+}
+
+/// Value of `ROUTED_SOURCES`, keyed by the source's IPv4 octets: present
+/// only while the source holds exactly one live source grant.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoutedSource {
+    pub grant_id: u64,
+    /// The grant's expiry on `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`), so the
+    /// kernel enforces it without the agent and without wall-clock steps.
+    pub deadline_mono_ns: u64,
+    /// Entries of `destinations` in use.
+    pub count: u32,
+    pub _pad: u32,
+    pub destinations: [RoutedDestination; MAX_ROUTED_DESTINATIONS],
+}
+
+const _: () = assert!(size_of::<RoutedSource>() == 24 + 12 * MAX_ROUTED_DESTINATIONS);
+
+/// Key of `FLOWS`: the 5-tuple as the runner sends it (TCP implied).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub runner_addr: [u8; 4],
+    pub target_addr: [u8; 4],
+    /// Host order.
+    pub runner_port: u16,
+    /// Host order.
+    pub target_port: u16,
+}
+
+const _: () = assert!(size_of::<FlowKey>() == 12);
+
+/// Value of `FLOWS`. The programs update it in place; the agent marks it
+/// ended and deletes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub grant_id: u64,
+    pub deadline_mono_ns: u64,
+    /// When the SYN was seen, `CLOCK_MONOTONIC`.
+    pub opened_mono_ns: u64,
+    /// Last packet either way, `CLOCK_MONOTONIC`.
+    pub last_mono_ns: u64,
+    /// Payload bytes runner -> target, counted once each (retransmissions
+    /// do not count again: only sequence space beyond `next_seq_up` does).
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// Packets, retransmissions included.
+    pub packets_up: u64,
+    pub packets_down: u64,
+    /// The runner's next sequence number (after its highest byte or FIN).
+    pub next_seq_up: u32,
+    /// The target's next sequence number (valid with `FLOW_SEEN_DOWN`).
+    pub next_seq_down: u32,
+    /// `FLOW_OPEN`, `FLOW_ENDED` or `FLOW_EXPIRED`.
+    pub state: u32,
+    /// `FLOW_FIN_UP` | `FLOW_FIN_DOWN` | `FLOW_RST` | `FLOW_SEEN_DOWN`.
+    pub flags: u32,
+    /// Packets dropped because the flow had ended.
+    pub dropped: u64,
+}
+
+const _: () = assert!(size_of::<FlowValue>() == 8 * 8 + 16 + 8);
+
+/// Value of the single-slot per-CPU `ROUTED_STATS` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoutedStats {
+    /// SYNs recorded as routed flows.
+    pub flows_opened: u64,
+    /// Granted SYNs left to the intercepting path because `FLOWS` was full.
+    pub flows_full: u64,
+    /// Packets carrying the routed mark from elsewhere: the mark was cleared.
+    pub forged_marks: u64,
+    /// Packets of ended flows dropped.
+    pub dropped: u64,
+}
+
+const _: () = assert!(size_of::<RoutedStats>() == 32);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::{FlowKey, FlowValue, RoutedConfig, RoutedSource, RoutedStats};
+    // SAFETY: each is repr(C), integers and arrays only, and its padding is
+    // spelled out as fields (sizes checked above).
+    unsafe impl aya::Pod for RoutedConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RoutedSource {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RoutedStats {}
+}

@@ -1,0 +1,261 @@
+//! The agent's side of routed flows: every `poll_interval` it syncs the
+//! routed sources, reads `FLOWS`, writes each new flow's `session_open`,
+//! ends flows whose grant expired or was revoked (mark ended, RSTs both
+//! ways), and after `linger` removes finished flows with their
+//! `session_close` line and kernel counters.
+
+use std::collections::HashMap;
+use std::net::SocketAddrV4;
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use proxy_common::routed::{
+    FLOW_ENDED, FLOW_FIN_DOWN, FLOW_FIN_UP, FLOW_OPEN, FLOW_RST, FLOW_SEEN_DOWN, FlowKey, FlowValue,
+};
+use tokio::sync::watch;
+
+use super::Router;
+use super::rst::RstSender;
+use super::sources::monotonic_ns;
+use crate::audit::{AuditEvent, AuditLog, EventKind};
+use crate::auth::{Grant, GrantId};
+use crate::datapath::EndReason;
+use crate::gate::Gate;
+
+/// The `datapath` of routed sessions' audit lines.
+pub const DATAPATH: &str = "routed";
+
+/// A flow the agent has written a `session_open` for.
+struct Known {
+    session_id: u64,
+    /// The grant the tc program admitted the SYN under.
+    grant_id: u64,
+    opened: SystemTime,
+    grant: Option<Grant>,
+    /// When and why it ended; removed `linger` later.
+    ended: Option<(Instant, EndReason)>,
+}
+
+/// Polls `FLOWS` until `stop`, then ends every flow left.
+pub struct FlowWatch {
+    router: Arc<Router>,
+    gate: Arc<Gate>,
+    audit: AuditLog,
+    rst: Option<RstSender>,
+    metrics: super::metrics::RoutedMetrics,
+    known: HashMap<FlowKey, Known>,
+}
+
+impl FlowWatch {
+    #[must_use]
+    pub fn new(
+        router: Arc<Router>,
+        gate: Arc<Gate>,
+        audit: AuditLog,
+        upstream_mark: u32,
+        metrics: super::metrics::RoutedMetrics,
+    ) -> Self {
+        let rst = RstSender::new(upstream_mark)
+            .inspect_err(
+                |e| tracing::error!(error = %e, "no raw socket: routed flows end without RSTs"),
+            )
+            .ok();
+        Self {
+            router,
+            gate,
+            audit,
+            rst,
+            metrics,
+            known: HashMap::new(),
+        }
+    }
+
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.router.section.poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.poll(false),
+                _ = stop.changed() => break,
+            }
+            if *stop.borrow() {
+                break;
+            }
+        }
+        self.poll(true);
+    }
+
+    /// One round; `shutdown` ends every flow now and removes it.
+    fn poll(&mut self, shutdown: bool) {
+        let now = SystemTime::now();
+        let grants = if shutdown {
+            Vec::new()
+        } else {
+            self.gate.grants()
+        };
+        self.router.sync_grants(&grants);
+        let flows: Vec<(FlowKey, FlowValue)> = {
+            let map = self
+                .router
+                .flows
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            map.iter().filter_map(Result::ok).collect()
+        };
+        let linger = if shutdown {
+            Duration::ZERO
+        } else {
+            self.router.section.linger
+        };
+        self.metrics.update(&self.router.stats(), flows.len());
+        for (key, flow) in flows {
+            self.observe(key, flow, now, shutdown);
+            let done = self
+                .known
+                .get(&key)
+                .and_then(|k| k.ended)
+                .is_some_and(|(at, _)| at.elapsed() >= linger);
+            if done {
+                self.remove(key);
+            }
+        }
+    }
+
+    /// Writes the open line of a new flow, and notes when and why it ends.
+    fn observe(&mut self, key: FlowKey, flow: FlowValue, now: SystemTime, shutdown: bool) {
+        let known = self.known.entry(key).or_insert_with(|| {
+            let grant = self.gate.grant(GrantId(flow.grant_id));
+            let known = Known {
+                session_id: rand::random(),
+                grant_id: flow.grant_id,
+                opened: now,
+                grant,
+                ended: None,
+            };
+            self.audit
+                .record(event(EventKind::SessionOpen, key, &known, None));
+            known
+        });
+        if known.ended.is_some() {
+            return;
+        }
+        let grant_live = self
+            .gate
+            .grant(GrantId(flow.grant_id))
+            .is_some_and(|g| g.expires_at > now);
+        let reason = if flow.state != FLOW_OPEN {
+            Some(EndReason::GrantExpired)
+        } else if shutdown {
+            Some(EndReason::AgentShutdown)
+        } else if !grant_live {
+            let expired = known.grant.as_ref().is_some_and(|g| g.expires_at <= now);
+            Some(if expired {
+                EndReason::GrantExpired
+            } else {
+                EndReason::Revoked
+            })
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            known.ended = Some((Instant::now(), reason));
+            end(&self.router, self.rst.as_ref(), key);
+            return;
+        }
+        let closed = flow.flags & FLOW_RST != 0
+            || flow.flags & (FLOW_FIN_UP | FLOW_FIN_DOWN) == FLOW_FIN_UP | FLOW_FIN_DOWN;
+        let unanswered = flow.flags & FLOW_SEEN_DOWN == 0
+            && monotonic_ns().saturating_sub(flow.opened_mono_ns)
+                > u64::try_from(self.router.section.linger.as_nanos()).unwrap_or(u64::MAX);
+        if closed || unanswered {
+            let reason = if flow.flags & FLOW_SEEN_DOWN == 0 {
+                EndReason::UpstreamUnreachable
+            } else if flow.flags & FLOW_FIN_UP != 0 {
+                EndReason::ClientClosed
+            } else {
+                EndReason::UpstreamClosed
+            };
+            known.ended = Some((Instant::now(), reason));
+        }
+    }
+
+    /// Removes a finished flow and writes its close line.
+    fn remove(&mut self, key: FlowKey) {
+        let flow = {
+            let mut map = self
+                .router
+                .flows
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let flow = map.get(&key, 0).ok();
+            let _ = map.remove(&key);
+            flow
+        };
+        if let Some(known) = self.known.remove(&key) {
+            self.audit
+                .record(event(EventKind::SessionClose, key, &known, flow.as_ref()));
+        }
+    }
+}
+
+/// Marks a flow ended (the programs drop what follows) and resets both
+/// ends with the sequence numbers the programs tracked.
+fn end(router: &Router, rst: Option<&RstSender>, key: FlowKey) {
+    let flow = {
+        let mut map = router.flows.lock().unwrap_or_else(PoisonError::into_inner);
+        let Ok(mut flow) = map.get(&key, 0) else {
+            return;
+        };
+        if flow.state == FLOW_OPEN {
+            flow.state = FLOW_ENDED;
+            if let Err(e) = map.insert(key, flow, 0) {
+                tracing::error!(error = %e, "cannot mark a routed flow ended");
+            }
+        }
+        flow
+    };
+    let Some(rst) = rst else { return };
+    let runner = SocketAddrV4::new(key.runner_addr.into(), key.runner_port);
+    let target = SocketAddrV4::new(key.target_addr.into(), key.target_port);
+    let fin = |flag| u32::from(flow.flags & flag != 0);
+    let up = flow.next_seq_up.wrapping_add(fin(FLOW_FIN_UP));
+    if let Err(e) = rst.send(runner, target, up) {
+        tracing::warn!(error = %e, "cannot reset a routed flow's target");
+    }
+    if flow.flags & FLOW_SEEN_DOWN != 0 {
+        let down = flow.next_seq_down.wrapping_add(fin(FLOW_FIN_DOWN));
+        if let Err(e) = rst.send(target, runner, down) {
+            tracing::warn!(error = %e, "cannot reset a routed flow's runner");
+        }
+    }
+}
+
+fn event(kind: EventKind, key: FlowKey, known: &Known, flow: Option<&FlowValue>) -> AuditEvent {
+    let runner = SocketAddrV4::new(key.runner_addr.into(), key.runner_port);
+    let target = SocketAddrV4::new(key.target_addr.into(), key.target_port);
+    let mut event = AuditEvent::new(kind, runner.to_string(), target.to_string());
+    event.upstream = Some(target.to_string());
+    event.session_id = Some(format!("{:016x}", known.session_id));
+    event.datapath = Some(DATAPATH);
+    // The grant may be gone already (revoked before the first poll): its
+    // id is still the flow's.
+    event.grant_id = Some(GrantId(known.grant_id).to_string());
+    if let Some(grant) = &known.grant {
+        event.subject = Some(grant.subject.clone());
+        event.claims = grant.audit_claims.as_ref().clone();
+    }
+    if kind == EventKind::SessionClose {
+        let flow = flow.copied().unwrap_or_default();
+        event.bytes_up = Some(flow.bytes_up);
+        event.bytes_down = Some(flow.bytes_down);
+        event.kernel_bytes_up = Some(flow.bytes_up);
+        event.kernel_bytes_down = Some(flow.bytes_down);
+        event.duration_ms = known
+            .opened
+            .elapsed()
+            .ok()
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        event.reason = known.ended.map(|(_, r)| r.as_str().to_owned());
+    }
+    event
+}

@@ -1,0 +1,60 @@
+//! Routed grants' metrics, updated by the flow watch at each poll.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use proxy_common::routed::RoutedStats;
+
+#[derive(Debug, Default, Clone)]
+pub struct RoutedMetrics {
+    flows: Gauge,
+    capacity: Gauge,
+    opened: Counter,
+    full: Counter,
+    forged: Counter,
+    dropped: Counter,
+}
+
+impl RoutedMetrics {
+    pub fn register(&self, registry: &mut Registry, max_flows: u32) {
+        self.capacity.set(i64::from(max_flows));
+        registry.register(
+            "routed_flows",
+            "Routed flows in the pinned FLOWS map",
+            self.flows.clone(),
+        );
+        registry.register(
+            "routed_flows_capacity",
+            "intercept.routed_grants.max_flows",
+            self.capacity.clone(),
+        );
+        registry.register(
+            "routed_flows_opened",
+            "Granted SYNs the tc program started a routed flow for",
+            self.opened.clone(),
+        );
+        registry.register(
+            "routed_flows_full",
+            "Granted SYNs left to the intercepting path because FLOWS was full",
+            self.full.clone(),
+        );
+        registry.register(
+            "routed_forged_marks",
+            "Packets that arrived carrying the routed mark (cleared)",
+            self.forged.clone(),
+        );
+        registry.register(
+            "routed_dropped_packets",
+            "Packets of ended routed flows dropped by the tc programs",
+            self.dropped.clone(),
+        );
+    }
+
+    pub fn update(&self, stats: &RoutedStats, flows: usize) {
+        crate::metrics::advance(&self.opened, stats.flows_opened);
+        crate::metrics::advance(&self.full, stats.flows_full);
+        crate::metrics::advance(&self.forged, stats.forged_marks);
+        crate::metrics::advance(&self.dropped, stats.dropped);
+        self.flows.set(i64::try_from(flows).unwrap_or(i64::MAX));
+    }
+}
