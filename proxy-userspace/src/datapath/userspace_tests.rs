@@ -27,7 +27,7 @@ fn meta() -> SessionMeta {
         destination: addr,
         upstream: addr,
         auth_method: 0,
-        subject: String::new(),
+        subject: "".into(),
     }
 }
 

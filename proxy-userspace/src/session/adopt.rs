@@ -100,7 +100,7 @@ pub(super) fn park(
             destination: meta.destination,
             upstream: meta.upstream,
             auth_method: meta.auth_method,
-            subject: meta.subject.clone(),
+            subject: meta.subject.to_string(),
             claims: admitted.claims.as_ref().clone(),
             relayed_down: admitted.relayed_down,
             relay: parked.relay,
@@ -156,7 +156,7 @@ async fn run(
         destination: handed.destination,
         upstream: handed.upstream,
         auth_method: handed.auth_method,
-        subject: handed.subject,
+        subject: handed.subject.into(),
     };
     let admitted = Admitted {
         grant_id: meta.grant_id,

@@ -2,19 +2,25 @@
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 use tcpgate::auth::grants::GrantEvent;
 use tcpgate::auth::{
     Decision, Destination, DestinationSpec, GrantId, GrantKind, GrantStore, ValidatedToken,
+    Verified,
 };
 use tokio::sync::broadcast::error::TryRecvError;
 use tokio::time::Instant;
 
 use crate::support::*;
 
-fn token(sub: &str) -> ValidatedToken {
+fn token(sub: &str) -> Arc<Verified> {
+    Verified::new(raw_token(sub))
+}
+
+fn raw_token(sub: &str) -> ValidatedToken {
     let claims = claims_with(&[("sub", json!(sub))])
         .as_object()
         .expect("object")
@@ -65,7 +71,7 @@ fn audit_claims_are_paths_like_rule_claims() {
         "aws.account".into(),
         "aws.missing".into(),
     ]);
-    let mut t = token("arn:aws:sts::123456789012:assumed-role/ci-deploy/job-1");
+    let mut t = raw_token("arn:aws:sts::123456789012:assumed-role/ci-deploy/job-1");
     t.claims.insert(
         "aws".into(),
         json!({ "account": "123456789012", "role": "ci-deploy" }),
@@ -426,10 +432,12 @@ fn revoking_one_grant_denies_its_token_by_jti_only() {
     let store = audit_store();
     let now = SystemTime::now();
     let d = decision(now, 600);
-    let mut first = token("carol");
+    let mut first = raw_token("carol");
     first.claims.insert("jti".into(), json!("jti-1"));
-    let mut second = token("carol");
+    let first = Verified::new(first);
+    let mut second = raw_token("carol");
     second.claims.insert("jti".into(), json!("jti-2"));
+    let second = Verified::new(second);
     let g = store
         .create(source("198.51.100.1"), &first, &d, now)
         .expect("grant");
