@@ -6,7 +6,6 @@
 //! old agent itself, which then drains it.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Instant, SystemTime};
 
@@ -23,16 +22,9 @@ use crate::registry::Admission;
 /// What a successor needs to go on with a session, besides its sockets.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HandedSession {
-    pub id: u64,
-    pub grant_id: u64,
-    pub started: SystemTime,
-    pub expires: Option<SystemTime>,
-    pub client: SocketAddr,
-    pub destination: SocketAddr,
-    pub upstream: SocketAddr,
-    /// `proxy_common::session::AUTH_*`.
-    pub auth_method: u16,
-    pub subject: String,
+    /// Id, grant, subject, addresses, start and expiry.
+    #[serde(flatten)]
+    pub meta: SessionMeta,
     /// The audit context every line of the session repeats.
     #[serde(default)]
     pub claims: BTreeMap<String, serde_json::Value>,
@@ -92,15 +84,7 @@ pub(super) fn park(
 ) {
     let session = Box::new(ParkedSession {
         handed: HandedSession {
-            id: meta.id,
-            grant_id: meta.grant_id,
-            started: meta.started,
-            expires: meta.expires,
-            client: meta.client,
-            destination: meta.destination,
-            upstream: meta.upstream,
-            auth_method: meta.auth_method,
-            subject: meta.subject.clone(),
+            meta: meta.clone(),
             claims: admitted.claims.as_ref().clone(),
             relayed_down: admitted.relayed_down,
             relay: parked.relay,
@@ -132,7 +116,7 @@ pub fn resume(
     session: ParkedSession,
     how: Resumed,
 ) -> impl Future<Output = ()> + Send + 'static {
-    let admission = services.registry.admit_adopted(session.handed.id);
+    let admission = services.registry.admit_adopted(session.handed.meta.id);
     run(services, session, how, admission)
 }
 
@@ -147,17 +131,7 @@ async fn run(
         client,
         upstream,
     } = session;
-    let meta = SessionMeta {
-        id: handed.id,
-        grant_id: handed.grant_id,
-        started: handed.started,
-        expires: handed.expires,
-        client: handed.client,
-        destination: handed.destination,
-        upstream: handed.upstream,
-        auth_method: handed.auth_method,
-        subject: handed.subject,
-    };
+    let meta = handed.meta;
     let admitted = Admitted {
         grant_id: meta.grant_id,
         subject: meta.subject.clone(),

@@ -120,7 +120,7 @@ async fn finish(link: UnixStream) -> Option<UnixStream> {
 
 /// The successor's side: goes on with one received session.
 pub async fn adopt(services: Arc<Services>, received: Received) {
-    let id = received.handed.id;
+    let id = received.handed.meta.id;
     let stream = |fd: OwnedFd| {
         let stream = std::net::TcpStream::from(fd);
         stream.set_nonblocking(true)?;
