@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 
 use super::events::Ending;
 use super::{Admitted, Services, Target};
-use crate::datapath::SessionMeta;
 use crate::datapath::userspace::{Parked, RelayState, Relayed};
+use crate::datapath::{SessionMeta, StopSignal};
 use crate::registry::Admission;
 
 /// What a successor needs to go on with a session, besides its sockets.
@@ -108,30 +108,24 @@ pub enum Resumed {
 
 /// Goes on with a parked session to its end: same id, same grant and
 /// deadline (expiry and revocation end it as any session), counters that
-/// go on from the handed-over ones. The session counts as live from this
-/// call on, before the returned future first runs (an old agent waiting
-/// for its sessions to end must not miss one it resumes).
+/// go on from the handed-over ones. The session is registered by this
+/// call, before the returned future first runs: an old agent waiting for
+/// its sessions to end must not miss one it resumes, and a successor lists
+/// (and revokes) what it adopted from the moment it says so.
 pub fn resume(
     services: Arc<Services>,
     session: ParkedSession,
     how: Resumed,
 ) -> impl Future<Output = ()> + Send + 'static {
-    let admission = services.registry.admit_adopted(session.handed.meta.id);
-    run(services, session, how, admission)
-}
-
-async fn run(
-    services: Arc<Services>,
-    session: ParkedSession,
-    how: Resumed,
-    mut admission: Admission,
-) {
     let ParkedSession {
         handed,
         client,
         upstream,
     } = session;
     let meta = handed.meta;
+    let mut admission = services.registry.admit_adopted(meta.id);
+    let stop = admission.register(meta.clone());
+    super::recheck_grant(&services, &meta);
     let admitted = Admitted {
         grant_id: meta.grant_id,
         subject: meta.subject.clone(),
@@ -142,16 +136,47 @@ async fn run(
         opening_unseen: false,
         relayed_down: handed.relayed_down,
     };
+    let relay = Relay {
+        meta,
+        admitted,
+        client,
+        upstream,
+        state: handed.relay,
+    };
+    run(services, relay, how, admission, stop)
+}
+
+/// A resumed session's relay, before it runs.
+struct Relay {
+    meta: SessionMeta,
+    admitted: Admitted,
+    client: TcpStream,
+    upstream: TcpStream,
+    state: RelayState,
+}
+
+async fn run(
+    services: Arc<Services>,
+    relay: Relay,
+    how: Resumed,
+    admission: Admission,
+    stop: StopSignal,
+) {
+    let Relay {
+        meta,
+        admitted,
+        client,
+        upstream,
+        state,
+    } = relay;
     let target = Target {
         destination: meta.destination,
         upstream: meta.upstream,
     };
     let clock = Instant::now();
-    let stop = admission.register(meta.clone());
-    super::recheck_grant(&services, &meta);
     let relayed = services
         .datapath
-        .relay(&meta, client, upstream, stop, handed.relay)
+        .relay(&meta, client, upstream, stop, state)
         .await;
     let outcome = match relayed {
         Relayed::Ended(outcome) => outcome,
