@@ -72,6 +72,55 @@ pub fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     line[at..].split_whitespace().next()
 }
 
+/// A runner's streaming session through an authenticating agent (started
+/// with `args` and a takeover socket of its own), admitted by a grant
+/// expiring at `exp`, and a successor (same `args`) that took over.
+pub struct GrantedTakeover {
+    pub fx: crate::auth_fixture::AuthFixture,
+    pub dir: tempfile::TempDir,
+    pub server: crate::AcceptLoop<u64>,
+    pub token: String,
+    pub grant: String,
+    /// The session's client end; it has read a first chunk.
+    pub stream: TcpStream,
+    pub next: Agent,
+}
+
+impl GrantedTakeover {
+    pub fn start(args: &[&str], exp: u64, jti: &str) -> Result<Self> {
+        use crate::auth_fixture::{AuthFixture, Launch, policy, streamer};
+        let dir = tempfile::tempdir()?;
+        let fx = AuthFixture::start_launched(
+            &policy("15m"),
+            args,
+            Launch {
+                agent_extra: agent_lines(dir.path()),
+                ..Launch::default()
+            },
+        )?;
+        let server = streamer(&fx, Duration::from_secs(90))?;
+        let token = fx.keys.rsa.sign(&crate::tokens::claims_with(&[
+            ("exp", serde_json::json!(exp)),
+            ("jti", serde_json::json!(jti)),
+        ]));
+        let grant = fx.grant_from_runner(&token, &[])?;
+        let mut stream = fx.dial_from_runner(AuthFixture::target(5432))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        stream.read_exact(&mut buf)?;
+        let next = successor(&fx.topo.bastion, fx.agent.config_path(), args, &[])?;
+        wait_taken_over(&fx.agent)?;
+        Ok(Self {
+            fx,
+            dir,
+            server,
+            token,
+            grant,
+            stream,
+            next,
+        })
+    }
+}
+
 /// Starts `tcpgate run --takeover` in `ns` with the configuration at
 /// `config` (a running agent's: its pin directory, audit file and takeover
 /// socket), plus `args`, and waits for it to be ready: it then accepts on

@@ -18,7 +18,7 @@ use tcpgate_tests::takeover::{
 use tcpgate_tests::topology::BASTION_RUNNER_V4;
 use tcpgate_tests::{
     Agent, DataPath, ForwardFixture, LISTEN_PORT, Payload, Signal, Topology, accept_loop,
-    assert_bytes_with, require_root, routing_leftovers, sk_lookup_links,
+    assert_bytes_with, eventually, require_root, routing_leftovers, sk_lookup_links,
 };
 
 const GIB: u64 = 1 << 30;
@@ -67,7 +67,16 @@ fn a_transfer_each_way_survives_three_takeovers(path: DataPath) -> Result<()> {
         // its own (user-space path), with counters grown by the last leg.
         let counters = match path {
             DataPath::Ebpf => drained_counters(&fx)?,
-            DataPath::Userspace => adopted_counters(dir.path(), &mut id)?,
+            // Listed from the adoption on; its counters from when its
+            // relay runs again.
+            DataPath::Userspace => eventually(
+                Duration::from_secs(20),
+                "the successor lists the adopted session's counters",
+                || -> Result<Option<(u64, u64)>> {
+                    let counters = adopted_counters(dir.path(), &mut id)?;
+                    Ok((counters.0 > 0).then_some(counters))
+                },
+            )?,
         };
         if let Some(before) = listed {
             ensure!(

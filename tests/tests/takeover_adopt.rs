@@ -12,12 +12,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, ensure};
-use serde_json::{Value, json};
-use tcpgate_tests::auth_fixture::{AuthFixture, Launch, policy, streamer};
+use serde_json::Value;
+use tcpgate_tests::auth_fixture::AuthFixture;
 use tcpgate_tests::takeover::{
-    admin_lines, agent_lines, listed_sessions, log_field, log_line, successor, wait_taken_over,
+    GrantedTakeover, admin_lines, agent_lines, listed_sessions, log_field, log_line, successor,
+    wait_taken_over,
 };
-use tcpgate_tests::tokens::{claims_with, unix_now};
+use tcpgate_tests::tokens::unix_now;
 use tcpgate_tests::{
     AcceptLoop, Agent, DataPath, ForwardFixture, accept_loop, eventually, require_root,
     wait_events, wait_events_within,
@@ -44,39 +45,21 @@ struct Adopted {
 }
 
 fn adopted_session(exp: u64) -> Result<Adopted> {
-    let dir = tempfile::tempdir()?;
-    let mut fx = AuthFixture::start_launched(
-        &policy("15m"),
-        &USERSPACE,
-        Launch {
-            agent_extra: agent_lines(dir.path()),
-            ..Launch::default()
-        },
-    )?;
-    let server = streamer(&fx, Duration::from_secs(90))?;
-    let token = fx.keys.rsa.sign(&claims_with(&[
-        ("exp", json!(exp)),
-        ("jti", json!("job-adopted")),
-    ]));
-    let grant = fx.grant_from_runner(&token, &[])?;
-    let mut stream = fx.dial_from_runner(AuthFixture::target(5432))?;
-    let mut buf = vec![0u8; 64 * 1024];
-    stream.read_exact(&mut buf)?;
-    let next = successor(&fx.topo.bastion, fx.agent.config_path(), &USERSPACE, &[])?;
-    wait_taken_over(&fx.agent)?;
+    let mut t = GrantedTakeover::start(&USERSPACE, exp, "job-adopted")?;
     // Nothing was left to drain: the old agent exits by itself.
-    let status = fx
-        .agent
-        .wait_exit(Duration::from_secs(60))?
-        .context("the old agent exits once its session is handed over")?;
-    ensure!(status.success(), "{status:?}\n{}", fx.agent.logs_tail(20));
+    let status =
+        t.fx.agent
+            .wait_exit(Duration::from_secs(60))?
+            .context("the old agent exits once its session is handed over")?;
+    ensure!(status.success(), "{status:?}\n{}", t.fx.agent.logs_tail(20));
+    let mut stream = t.stream;
     Ok(Adopted {
         reader: std::thread::spawn(move || tcpgate_tests::payload::read_until_end(&mut stream)),
-        fx,
-        _dir: dir,
-        _server: server,
-        grant,
-        next,
+        fx: t.fx,
+        _dir: t.dir,
+        _server: t.server,
+        grant: t.grant,
+        next: t.next,
     })
 }
 

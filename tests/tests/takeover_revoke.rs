@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use tcpgate_tests::auth_fixture::{AuthFixture, Launch, authenticate, policy, streamer};
-use tcpgate_tests::takeover::{agent_lines, successor, wait_taken_over};
+use tcpgate_tests::takeover::{GrantedTakeover, agent_lines, successor, wait_taken_over};
 use tcpgate_tests::tokens::{claims_with, unix_now};
 use tcpgate_tests::{AcceptLoop, Agent, Signal, eventually, require_root, wait_events_within};
 
@@ -55,34 +55,15 @@ struct Drained {
 /// A runner's session through the agent (grant expiring at `exp`), then a
 /// successor that took over: the session drains in the old agent.
 fn drained_session(exp: u64) -> Result<Drained> {
-    let dir = tempfile::tempdir()?;
-    let fx = AuthFixture::start_launched(
-        &policy("15m"),
-        &[],
-        Launch {
-            agent_extra: agent_lines(dir.path()),
-            ..Launch::default()
-        },
-    )?;
-    let server = streamer(&fx, Duration::from_secs(90))?;
-    let token = fx.keys.rsa.sign(&claims_with(&[
-        ("exp", json!(exp)),
-        ("jti", json!("job-drained")),
-    ]));
-    let grant = fx.grant_from_runner(&token, &[])?;
-    let mut stream = fx.dial_from_runner(AuthFixture::target(5432))?;
-    let mut buf = vec![0u8; 64 * 1024];
-    stream.read_exact(&mut buf)?;
-    let next = successor(&fx.topo.bastion, fx.agent.config_path(), &[], &[])?;
-    wait_taken_over(&fx.agent)?;
+    let t = GrantedTakeover::start(&[], exp, "job-drained")?;
     Ok(Drained {
-        reader: read_until_end(stream),
-        fx,
-        _dir: dir,
-        _server: server,
-        token,
-        grant,
-        next,
+        reader: read_until_end(t.stream),
+        fx: t.fx,
+        _dir: t.dir,
+        _server: t.server,
+        token: t.token,
+        grant: t.grant,
+        next: t.next,
     })
 }
 

@@ -110,8 +110,11 @@ pub async fn taken(
     let runtime = tokio::runtime::Handle::current();
     let (services_, tasks_) = (Arc::clone(services), tasks.clone());
     let on_batch = move |batch: Vec<takeover::Received>| {
+        let _context = runtime.enter();
         for received in batch {
-            tasks_.spawn_on(takeover::adopt(Arc::clone(&services_), received), &runtime);
+            if let Some(session) = takeover::adopt(Arc::clone(&services_), received) {
+                tasks_.spawn_on(session, &runtime);
+            }
         }
     };
     let done = tokio::task::spawn_blocking(move || predecessor.taken(adopt, on_batch)).await;

@@ -77,8 +77,9 @@ impl EndReason {
     }
 }
 
-/// What the data path needs to know about a session.
-#[derive(Debug, Clone)]
+/// What the data path needs to know about a session (also what a
+/// successor agent gets of it, see `session::adopt`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SessionMeta {
     pub id: u64,
     pub grant_id: u64,

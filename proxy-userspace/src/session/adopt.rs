@@ -6,7 +6,6 @@
 //! old agent itself, which then drains it.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Instant, SystemTime};
 
@@ -16,23 +15,16 @@ use tokio::sync::mpsc;
 
 use super::events::Ending;
 use super::{Admitted, Services, Target};
-use crate::datapath::SessionMeta;
 use crate::datapath::userspace::{Parked, RelayState, Relayed};
+use crate::datapath::{SessionMeta, StopSignal};
 use crate::registry::Admission;
 
 /// What a successor needs to go on with a session, besides its sockets.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HandedSession {
-    pub id: u64,
-    pub grant_id: u64,
-    pub started: SystemTime,
-    pub expires: Option<SystemTime>,
-    pub client: SocketAddr,
-    pub destination: SocketAddr,
-    pub upstream: SocketAddr,
-    /// `proxy_common::session::AUTH_*`.
-    pub auth_method: u16,
-    pub subject: String,
+    /// Id, grant, subject, addresses, start and expiry.
+    #[serde(flatten)]
+    pub meta: SessionMeta,
     /// The audit context every line of the session repeats.
     #[serde(default)]
     pub claims: BTreeMap<String, serde_json::Value>,
@@ -92,15 +84,7 @@ pub(super) fn park(
 ) {
     let session = Box::new(ParkedSession {
         handed: HandedSession {
-            id: meta.id,
-            grant_id: meta.grant_id,
-            started: meta.started,
-            expires: meta.expires,
-            client: meta.client,
-            destination: meta.destination,
-            upstream: meta.upstream,
-            auth_method: meta.auth_method,
-            subject: meta.subject.to_string(),
+            meta: meta.clone(),
             claims: admitted.claims.as_ref().clone(),
             relayed_down: admitted.relayed_down,
             relay: parked.relay,
@@ -124,40 +108,24 @@ pub enum Resumed {
 
 /// Goes on with a parked session to its end: same id, same grant and
 /// deadline (expiry and revocation end it as any session), counters that
-/// go on from the handed-over ones. The session counts as live from this
-/// call on, before the returned future first runs (an old agent waiting
-/// for its sessions to end must not miss one it resumes).
+/// go on from the handed-over ones. The session is registered by this
+/// call, before the returned future first runs: an old agent waiting for
+/// its sessions to end must not miss one it resumes, and a successor lists
+/// (and revokes) what it adopted from the moment it says so.
 pub fn resume(
     services: Arc<Services>,
     session: ParkedSession,
     how: Resumed,
 ) -> impl Future<Output = ()> + Send + 'static {
-    let admission = services.registry.admit_adopted(session.handed.id);
-    run(services, session, how, admission)
-}
-
-async fn run(
-    services: Arc<Services>,
-    session: ParkedSession,
-    how: Resumed,
-    mut admission: Admission,
-) {
     let ParkedSession {
         handed,
         client,
         upstream,
     } = session;
-    let meta = SessionMeta {
-        id: handed.id,
-        grant_id: handed.grant_id,
-        started: handed.started,
-        expires: handed.expires,
-        client: handed.client,
-        destination: handed.destination,
-        upstream: handed.upstream,
-        auth_method: handed.auth_method,
-        subject: handed.subject.into(),
-    };
+    let meta = handed.meta;
+    let mut admission = services.registry.admit_adopted(meta.id);
+    let stop = admission.register(meta.clone());
+    super::recheck_grant(&services, &meta);
     let admitted = Admitted {
         grant_id: meta.grant_id,
         subject: meta.subject.clone(),
@@ -168,16 +136,47 @@ async fn run(
         opening_unseen: false,
         relayed_down: handed.relayed_down,
     };
+    let relay = Relay {
+        meta,
+        admitted,
+        client,
+        upstream,
+        state: handed.relay,
+    };
+    run(services, relay, how, admission, stop)
+}
+
+/// A resumed session's relay, before it runs.
+struct Relay {
+    meta: SessionMeta,
+    admitted: Admitted,
+    client: TcpStream,
+    upstream: TcpStream,
+    state: RelayState,
+}
+
+async fn run(
+    services: Arc<Services>,
+    relay: Relay,
+    how: Resumed,
+    admission: Admission,
+    stop: StopSignal,
+) {
+    let Relay {
+        meta,
+        admitted,
+        client,
+        upstream,
+        state,
+    } = relay;
     let target = Target {
         destination: meta.destination,
         upstream: meta.upstream,
     };
     let clock = Instant::now();
-    let stop = admission.register(meta.clone());
-    super::recheck_grant(&services, &meta);
     let relayed = services
         .datapath
-        .relay(&meta, client, upstream, stop, handed.relay)
+        .relay(&meta, client, upstream, stop, state)
         .await;
     let outcome = match relayed {
         Relayed::Ended(outcome) => outcome,

@@ -118,9 +118,15 @@ async fn finish(link: UnixStream) -> Option<UnixStream> {
     done.await.ok()
 }
 
-/// The successor's side: goes on with one received session.
-pub async fn adopt(services: Arc<Services>, received: Received) {
-    let id = received.handed.id;
+/// The successor's side: registers one received session (it is listed
+/// and can be revoked from now on) and returns the task going on with it;
+/// `None` when its sockets cannot be used (they close). Call it within the
+/// runtime's context.
+pub fn adopt(
+    services: Arc<Services>,
+    received: Received,
+) -> Option<impl Future<Output = ()> + Send + 'static> {
+    let id = received.handed.meta.id;
     let stream = |fd: OwnedFd| {
         let stream = std::net::TcpStream::from(fd);
         stream.set_nonblocking(true)?;
@@ -133,10 +139,11 @@ pub async fn adopt(services: Arc<Services>, received: Received) {
                 client,
                 upstream,
             };
-            resume(services, session, Resumed::Adopted).await;
+            Some(resume(services, session, Resumed::Adopted))
         }
         (Err(e), _) | (_, Err(e)) => {
             tracing::error!(session = %format_args!("{id:016x}"), error = %e, "cannot adopt a session's sockets; it ends");
+            None
         }
     }
 }
