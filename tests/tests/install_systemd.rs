@@ -195,6 +195,7 @@ fn systemd_runs_the_installed_unit() -> Result<()> {
     upgrade::failed_takeover_keeps_the_old_agent(&container)?;
     std::fs::write(&config, &good)?;
     upgrade::install_upgrades_under_a_live_session(&topo, &container, &keys)?;
+    upgrade::pre_supervise_unit_is_told_to_restart(&container)?;
 
     container.run(&["systemctl", "stop", "tcpgate.service"])?;
     upgrade::stopped_cleanly(&container)?;
