@@ -292,7 +292,7 @@ fn operator_sees_the_session(container: &Container) -> Result<()> {
         "tcpgate-operators",
         "tgop",
     ])?;
-    let listed = container.run(&[
+    let as_operator = [
         "setpriv",
         "--reuid=tgop",
         "--regid=tgop",
@@ -300,15 +300,8 @@ fn operator_sees_the_session(container: &Container) -> Result<()> {
         "--inh-caps=-all",
         "--bounding-set=-all",
         "--",
-        "/usr/local/bin/tcpgate",
-        "sessions",
-        "--json",
-        "--sample",
-        "0s",
-    ])?;
-    let doc: serde_json::Value =
-        serde_json::from_str(&listed).with_context(|| format!("sessions JSON: {listed}"))?;
-    let sessions = doc["sessions"].as_array().context("sessions array")?;
+    ];
+    let (sessions, listed) = upgrade::sessions(container, &as_operator)?;
     ensure!(
         sessions.len() == 1 && sessions[0]["destination"] == "192.0.2.10:22",
         "the operator sees the one live session: {listed}"

@@ -53,17 +53,36 @@ pub fn failed_takeover_keeps_the_old_agent(container: &Container) -> Result<()> 
     Ok(())
 }
 
+/// `tcpgate sessions --json` run after `prefix` (e.g. setpriv ... --):
+/// the sessions, and the output for messages.
+pub fn sessions(
+    container: &Container,
+    prefix: &[&str],
+) -> Result<(Vec<serde_json::Value>, String)> {
+    let command = [
+        prefix,
+        &[
+            "/usr/local/bin/tcpgate",
+            "sessions",
+            "--json",
+            "--sample",
+            "0s",
+        ],
+    ]
+    .concat();
+    let listed = container.run(&command)?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&listed).with_context(|| format!("sessions JSON: {listed}"))?;
+    let sessions = doc["sessions"]
+        .as_array()
+        .context("sessions array")?
+        .clone();
+    Ok((sessions, listed))
+}
+
 /// The session's live byte count (both ways), from `tcpgate sessions`.
 fn counted(container: &Container) -> Result<u64> {
-    let listed = container.run(&[
-        "/usr/local/bin/tcpgate",
-        "sessions",
-        "--json",
-        "--sample",
-        "0s",
-    ])?;
-    let doc: serde_json::Value = serde_json::from_str(&listed)?;
-    let sessions = doc["sessions"].as_array().context("sessions array")?;
+    let (sessions, listed) = sessions(container, &[])?;
     ensure!(sessions.len() == 1, "one live session: {listed}");
     let bytes = |key: &str| sessions[0][key].as_u64().unwrap_or_default();
     Ok(bytes("bytes_up") + bytes("bytes_down"))
