@@ -24,7 +24,10 @@
 //! 6. `api` (grant API, operator endpoints) on `gate`, `registry`,
 //!    `datapath` and `metrics`.
 //! 7. `agent` (startup, accept loops, signals) on everything above.
-//! 8. `cli` (one module per verb) on `agent` and the operator views.
+//! 8. `supervise` (`run --supervise`: the agents' parent, systemd's main
+//!    process) on `agent` (its environment variable) and `notify`.
+//! 9. `cli` (one module per verb) on `agent`, `supervise` and the operator
+//!    views.
 
 pub mod agent;
 pub mod api;

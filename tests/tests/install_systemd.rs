@@ -195,6 +195,7 @@ fn systemd_runs_the_installed_unit() -> Result<()> {
     upgrade::failed_takeover_keeps_the_old_agent(&container)?;
     std::fs::write(&config, &good)?;
     upgrade::install_upgrades_under_a_live_session(&topo, &container, &keys)?;
+    upgrade::pre_supervise_unit_is_told_to_restart(&container)?;
 
     container.run(&["systemctl", "stop", "tcpgate.service"])?;
     upgrade::stopped_cleanly(&container)?;
@@ -291,7 +292,7 @@ fn operator_sees_the_session(container: &Container) -> Result<()> {
         "tcpgate-operators",
         "tgop",
     ])?;
-    let listed = container.run(&[
+    let as_operator = [
         "setpriv",
         "--reuid=tgop",
         "--regid=tgop",
@@ -299,15 +300,8 @@ fn operator_sees_the_session(container: &Container) -> Result<()> {
         "--inh-caps=-all",
         "--bounding-set=-all",
         "--",
-        "/usr/local/bin/tcpgate",
-        "sessions",
-        "--json",
-        "--sample",
-        "0s",
-    ])?;
-    let doc: serde_json::Value =
-        serde_json::from_str(&listed).with_context(|| format!("sessions JSON: {listed}"))?;
-    let sessions = doc["sessions"].as_array().context("sessions array")?;
+    ];
+    let (sessions, listed) = upgrade::sessions(container, &as_operator)?;
     ensure!(
         sessions.len() == 1 && sessions[0]["destination"] == "192.0.2.10:22",
         "the operator sees the one live session: {listed}"

@@ -35,6 +35,24 @@ impl Drop for Started {
     }
 }
 
+/// The transfer ends byte-exact both ways, drained in the old agent, every
+/// byte counted by the kernel path.
+fn drained_byte_exact(
+    fx: &ForwardFixture,
+    transfer: SteppedTransfer,
+    server: tcpgate_tests::OneShot<Result<(u64, tcpgate_tests::Digest)>>,
+    up: Payload,
+    down: Payload,
+) -> Result<()> {
+    let read = transfer.finish()?;
+    check_digest("download", read, &down)?;
+    check_digest("upload", server.join()??, &up)?;
+    let close = tcpgate_tests::wait_events(&fx.agent, "session_close", 1)?;
+    ensure!(close[0]["handover"] == "drained", "{}", close[0]);
+    assert_bytes_with(DataPath::Ebpf, &close[0], up.len, down.len, true)?;
+    Ok(())
+}
+
 #[test]
 fn sigusr2_starts_a_successor_that_takes_over_while_a_session_drains() -> Result<()> {
     if !require_root() {
@@ -66,12 +84,7 @@ fn sigusr2_starts_a_successor_that_takes_over_while_a_session_drains() -> Result
         pid != i32::try_from(fx.agent.pid())?,
         "the main pid moved to the successor"
     );
-    let read = transfer.finish()?;
-    check_digest("download", read, &down)?;
-    check_digest("upload", server.join()??, &up)?;
-    let close = tcpgate_tests::wait_events(&fx.agent, "session_close", 1)?;
-    ensure!(close[0]["handover"] == "drained", "{}", close[0]);
-    assert_bytes_with(DataPath::Ebpf, &close[0], up.len, down.len, true)?;
+    drained_byte_exact(&fx, transfer, server, up, down)?;
     let status = fx
         .agent
         .wait_exit(Duration::from_secs(60))?
@@ -92,6 +105,17 @@ fn agents_of(supervisor: u32) -> Result<Vec<u32>> {
         .split_whitespace()
         .filter_map(|p| p.parse().ok())
         .collect())
+}
+
+/// Once the log says `why`, `serving` is still the supervisor's only agent.
+fn still_serving(fx: &ForwardFixture, serving: &[u32], why: &str) -> Result<()> {
+    fx.agent.wait_for_log(why, Duration::from_secs(30))?;
+    let agents = agents_of(fx.agent.pid())?;
+    ensure!(
+        agents == serving,
+        "{why}: agents {agents:?}, not {serving:?}"
+    );
+    Ok(())
 }
 
 /// What the supervisor relayed to the service manager so far.
@@ -143,12 +167,7 @@ fn sigusr2_under_the_supervisor_keeps_it_the_main_process() -> Result<()> {
                 .is_some_and(|r| new[r..].iter().any(|m| m.lines().any(|l| l == "READY=1")))
         },
     )?;
-    let read = transfer.finish()?;
-    check_digest("download", read, &down)?;
-    check_digest("upload", server.join()??, &up)?;
-    let close = tcpgate_tests::wait_events(&fx.agent, "session_close", 1)?;
-    ensure!(close[0]["handover"] == "drained", "{}", close[0]);
-    assert_bytes_with(DataPath::Ebpf, &close[0], up.len, down.len, true)?;
+    drained_byte_exact(&fx, transfer, server, up, down)?;
     let successor = eventually(Duration::from_secs(60), "the old agent exits", || {
         agents_of(supervisor)
             .ok()
@@ -161,14 +180,11 @@ fn sigusr2_under_the_supervisor_keeps_it_the_main_process() -> Result<()> {
     let good = std::fs::read_to_string(&config)?;
     std::fs::write(&config, format!("{good}\n[agent.typo]\n"))?;
     fx.agent.signal(Signal::SIGUSR2)?;
-    fx.agent.wait_for_log(
+    still_serving(
+        &fx,
+        &successor,
         "takeover failed: the successor exited before it was ready",
-        Duration::from_secs(30),
     )?;
-    ensure!(
-        agents_of(supervisor)? == successor,
-        "the serving agent stays"
-    );
     ensure!(
         relayed(&fx)
             .iter()
@@ -177,6 +193,9 @@ fn sigusr2_under_the_supervisor_keeps_it_the_main_process() -> Result<()> {
     );
     echo_once(&fx, b"still").with_context(|| fx.agent.logs_tail(30))?;
     std::fs::write(&config, good)?;
+    // SIGUSR2 to the agent itself: successors are the supervisor's to start.
+    kill(Pid::from_raw(i32::try_from(successor[0])?), Signal::SIGUSR2)?;
+    still_serving(&fx, &successor, "SIGUSR2 ignored: this agent is supervised")?;
     ensure!(
         !relayed(&fx).iter().any(|m| m.contains("MAINPID=")),
         "the supervisor stays the main process: {:?}",

@@ -60,6 +60,8 @@ impl Keys {
             ports::CONN_GRANT,
             ports::IDLE,
             ports::TEARDOWN,
+            // The takeover measure's streams (an echo).
+            ports::ECHO_INTERCEPTED,
         ]
         .iter()
         .chain(extra)

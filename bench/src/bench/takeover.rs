@@ -54,20 +54,23 @@ pub fn measure(bench: &Bench<'_>, results: &mut Results) -> Result<()> {
         let preamble = bench.keys.map(|keys| preamble::encode(&keys.token(3600)));
         let load = Load::start(&bench.env.topo.runner, preamble, s.takeover_idle)?;
         std::thread::sleep(BEFORE);
+        load.takeover_starts();
         let started = Instant::now();
         let successor = start_successor(bench, &agent)?;
         let took = started.elapsed().as_secs_f64() * 1e3;
         std::thread::sleep(AFTER);
         let pauses = load.finish()?;
-        let longest = pauses.iter().copied().fold(0.0, f64::max);
+        let longest = pauses.iter().map(|p| p.during).fold(0.0, f64::max);
+        let baseline = pauses.iter().map(|p| p.before).fold(0.0, f64::max);
         results.add(Metric::TakeoverTime, SUBJECT, took);
         results.add(Metric::TakeoverPause, SUBJECT, longest);
         bench.progress(&format!(
             "run {}/{} takeover with {} idle + {STREAMS} streaming sessions: ready in {took:.0} ms, \
-             longest stream pause {longest:.1} ms",
+             longest stream pause {longest:.1} ms (in the {} ms before: {baseline:.1} ms)",
             rep + 1,
             s.takeover_runs,
             s.takeover_idle,
+            BEFORE.as_millis(),
         ));
         drop(successor);
         drop(agent);
@@ -98,41 +101,61 @@ fn start_successor(bench: &Bench<'_>, agent: &Agent) -> Result<Agent> {
 /// namespace, on one current-thread runtime.
 struct Load {
     stop: Arc<AtomicBool>,
-    thread: tcpgate_tests::netns::NsThread<Result<Vec<f64>>>,
+    /// Set when the successor starts: gaps before it are the baseline.
+    during: Arc<AtomicBool>,
+    thread: tcpgate_tests::netns::NsThread<Result<Vec<Pauses>>>,
 }
 
 impl Load {
     fn start(runner: &Netns, preamble: Option<Vec<u8>>, idle: u32) -> Result<Load> {
         let stop = Arc::new(AtomicBool::new(false));
+        let during = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel::<()>();
-        let stopping = Arc::clone(&stop);
-        let thread = runner.spawn_thread(move || -> Result<Vec<f64>> {
+        let flags = (Arc::clone(&stop), Arc::clone(&during));
+        let thread = runner.spawn_thread(move || -> Result<Vec<Pauses>> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(run_load(preamble, idle, stopping, ready_tx))
+            runtime.block_on(run_load(preamble, idle, flags, ready_tx))
         })?;
         if ready_rx.recv_timeout(Duration::from_secs(120)).is_err() {
             stop.store(true, Ordering::Release);
             thread.join().context("opening the sessions")?;
             bail!("opening the sessions took over 120 s");
         }
-        Ok(Load { stop, thread })
+        Ok(Load {
+            stop,
+            during,
+            thread,
+        })
     }
 
-    /// Stops the streams; each one's longest pause, in milliseconds.
-    fn finish(self) -> Result<Vec<f64>> {
+    /// From now on, gaps count as during the takeover.
+    fn takeover_starts(&self) {
+        self.during.store(true, Ordering::Release);
+    }
+
+    /// Stops the streams; each one's longest pauses.
+    fn finish(self) -> Result<Vec<Pauses>> {
         self.stop.store(true, Ordering::Release);
         self.thread.join()
     }
 }
 
+/// One stream's longest gap between two reads, in milliseconds, before
+/// the successor started (the baseline) and from then on.
+#[derive(Debug, Clone, Copy, Default)]
+struct Pauses {
+    before: f64,
+    during: f64,
+}
+
 async fn run_load(
     preamble: Option<Vec<u8>>,
     idle: u32,
-    stop: Arc<AtomicBool>,
+    (stop, during): (Arc<AtomicBool>, Arc<AtomicBool>),
     ready: mpsc::Sender<()>,
-) -> Result<Vec<f64>> {
+) -> Result<Vec<Pauses>> {
     let held = sessions::open_all(target_bind(ports::IDLE), preamble.clone(), idle, |_| {
         b"i".to_vec()
     })
@@ -141,7 +164,8 @@ async fn run_load(
     let mut streams = Vec::with_capacity(STREAMS);
     for _ in 0..STREAMS {
         let stream = sessions::open(echo, preamble.as_deref(), b"s").await?;
-        streams.push(tokio::spawn(stream_until(stream, Arc::clone(&stop))));
+        let flags = (Arc::clone(&stop), Arc::clone(&during));
+        streams.push(tokio::spawn(stream_until(stream, flags)));
     }
     let _ = ready.send(());
     let mut pauses = Vec::with_capacity(STREAMS);
@@ -152,12 +176,15 @@ async fn run_load(
     Ok(pauses)
 }
 
-/// Echo ping-pong of [`CHUNK`] bytes until `stop`; the longest time
-/// between two reads, in milliseconds. Every echoed byte is checked.
-async fn stream_until(mut stream: TcpStream, stop: Arc<AtomicBool>) -> Result<f64> {
+/// Echo ping-pong of [`CHUNK`] bytes until `stop`; the longest times
+/// between two reads. Every echoed byte is checked.
+async fn stream_until(
+    mut stream: TcpStream,
+    (stop, during): (Arc<AtomicBool>, Arc<AtomicBool>),
+) -> Result<Pauses> {
     let mut buf = vec![0u8; CHUNK];
     let mut last = Instant::now();
-    let mut longest = Duration::ZERO;
+    let mut pauses = Pauses::default();
     let mut round = 0u8;
     while !stop.load(Ordering::Acquire) {
         round = round.wrapping_add(1);
@@ -169,9 +196,15 @@ async fn stream_until(mut stream: TcpStream, stop: Arc<AtomicBool>) -> Result<f6
             ensure!(buf[..n].iter().all(|b| *b == round), "echo altered");
             got += n;
             let now = Instant::now();
-            longest = longest.max(now - last);
+            let gap = (now - last).as_secs_f64() * 1e3;
+            let longest = if during.load(Ordering::Acquire) {
+                &mut pauses.during
+            } else {
+                &mut pauses.before
+            };
+            *longest = longest.max(gap);
             last = now;
         }
     }
-    Ok(longest.as_secs_f64() * 1e3)
+    Ok(pauses)
 }

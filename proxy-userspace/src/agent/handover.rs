@@ -50,6 +50,10 @@ impl Successor {
     }
 }
 
+/// Set by `tcpgate run --supervise` in its agents' environment (its pid):
+/// such an agent leaves starting successors to the supervisor.
+pub const SUPERVISOR_ENV: &str = "TCPGATE_SUPERVISOR_PID";
+
 /// The successor this agent started on SIGUSR2 (0: none), which it hands
 /// the systemd unit to once taken over.
 static SPAWNED: AtomicU32 = AtomicU32::new(0);
@@ -59,6 +63,16 @@ static SPAWNED: AtomicU32 = AtomicU32::new(0);
 /// this agent's arguments plus `--takeover`, in its cgroup and sandbox.
 /// The child is reaped (and its failure logged) while this agent runs.
 pub fn spawn_successor() {
+    // Under `run --supervise` the supervisor starts successors: one started
+    // here would not be its child, and it would stop the service once this
+    // agent drained.
+    if let Some(supervisor) = std::env::var_os(SUPERVISOR_ENV) {
+        tracing::warn!(
+            supervisor = %supervisor.to_string_lossy(),
+            "SIGUSR2 ignored: this agent is supervised; send it to the supervisor (systemctl reload tcpgate)"
+        );
+        return;
+    }
     let mut args = std::env::args_os();
     let Some(program) = args.next() else {
         return;

@@ -139,6 +139,7 @@ impl Supervisor {
         }
         command
             .env("NOTIFY_SOCKET", self.inbox.address())
+            .env(crate::agent::SUPERVISOR_ENV, std::process::id().to_string())
             .stdin(std::process::Stdio::null());
         // SAFETY: prctl(2) is async-signal-safe and touches no memory of
         // this process; the closure runs in the child between fork and exec.

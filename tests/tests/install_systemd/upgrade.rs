@@ -53,17 +53,36 @@ pub fn failed_takeover_keeps_the_old_agent(container: &Container) -> Result<()> 
     Ok(())
 }
 
+/// `tcpgate sessions --json` run after `prefix` (e.g. setpriv ... --):
+/// the sessions, and the output for messages.
+pub fn sessions(
+    container: &Container,
+    prefix: &[&str],
+) -> Result<(Vec<serde_json::Value>, String)> {
+    let command = [
+        prefix,
+        &[
+            "/usr/local/bin/tcpgate",
+            "sessions",
+            "--json",
+            "--sample",
+            "0s",
+        ],
+    ]
+    .concat();
+    let listed = container.run(&command)?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&listed).with_context(|| format!("sessions JSON: {listed}"))?;
+    let sessions = doc["sessions"]
+        .as_array()
+        .context("sessions array")?
+        .clone();
+    Ok((sessions, listed))
+}
+
 /// The session's live byte count (both ways), from `tcpgate sessions`.
 fn counted(container: &Container) -> Result<u64> {
-    let listed = container.run(&[
-        "/usr/local/bin/tcpgate",
-        "sessions",
-        "--json",
-        "--sample",
-        "0s",
-    ])?;
-    let doc: serde_json::Value = serde_json::from_str(&listed)?;
-    let sessions = doc["sessions"].as_array().context("sessions array")?;
+    let (sessions, listed) = sessions(container, &[])?;
     ensure!(sessions.len() == 1, "one live session: {listed}");
     let bytes = |key: &str| sessions[0][key].as_u64().unwrap_or_default();
     Ok(bytes("bytes_up") + bytes("bytes_down"))
@@ -95,17 +114,7 @@ pub fn install_upgrades_under_a_live_session(
     transfer.wait_checkpoint()?;
     let before = counted(container)?;
 
-    let next = container.path("/var/tmp/tcpgate-next");
-    let mut build = std::fs::read(container.path("/var/tmp/tcpgate"))?;
-    build.extend_from_slice(b"\0another build\0");
-    std::fs::write(&next, build)?;
-    std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o755))?;
-    let installed = container.run(&[
-        "/var/tmp/xtask",
-        "install",
-        "--binary",
-        "/var/tmp/tcpgate-next",
-    ])?;
+    let installed = install_build(container, b"another build")?;
     ensure!(
         installed.contains("tcpgate.service reloaded: the new agent"),
         "install reloads the running service:\n{installed}\n{}",
@@ -138,17 +147,55 @@ pub fn install_upgrades_under_a_live_session(
             .ok()
             .filter(|a| a.len() == 1 && a[0] != old[0])
     })?;
-    let again = container.run(&[
-        "/var/tmp/xtask",
-        "install",
-        "--binary",
-        "/var/tmp/tcpgate-next",
-    ])?;
+    let again = install_build(container, b"another build")?;
     ensure!(again.contains("not reloaded"), "{again}");
     ensure!(
         agents(container, &main)? == new,
         "a no-op install keeps the agent"
     );
+    Ok(())
+}
+
+/// `cargo xtask install` of the tested binary plus `mark` at its end (a
+/// new build as far as the install can tell; still a valid ELF).
+fn install_build(container: &Container, mark: &[u8]) -> Result<String> {
+    let next = container.path("/var/tmp/tcpgate-next");
+    let mut build = std::fs::read(container.path("/var/tmp/tcpgate"))?;
+    build.extend_from_slice(mark);
+    std::fs::write(&next, build)?;
+    std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o755))?;
+    container.run(&[
+        "/var/tmp/xtask",
+        "install",
+        "--binary",
+        "/var/tmp/tcpgate-next",
+    ])
+}
+
+/// A service still running a unit from before `run --supervise` (here a
+/// drop-in with the old ExecStart) is not reloaded by an install: the
+/// agent is told to restart once, and keeps running meanwhile.
+pub fn pre_supervise_unit_is_told_to_restart(container: &Container) -> Result<()> {
+    let dropin = container.path("/etc/systemd/system/tcpgate.service.d/old-unit.conf");
+    std::fs::create_dir_all(dropin.parent().context("drop-in directory")?)?;
+    std::fs::write(
+        &dropin,
+        "[Service]\nExecStart=\n\
+         ExecStart=/usr/local/bin/tcpgate run --config /etc/tcpgate/tcpgate.toml\n",
+    )?;
+    container.run(&["systemctl", "daemon-reload"])?;
+    container.run(&["systemctl", "restart", UNIT])?;
+    let main = container.property(UNIT, "MainPID")?;
+    let installed = install_build(container, b"a third build")?;
+    std::fs::remove_file(&dropin)?;
+    container.run(&["systemctl", "daemon-reload"])?;
+    ensure!(
+        installed.contains("still runs the unit from before `run --supervise`")
+            && installed.contains("systemctl restart tcpgate.service"),
+        "{installed}"
+    );
+    ensure!(container.property(UNIT, "MainPID")? == main, "not reloaded");
+    ensure!(container.property(UNIT, "ActiveState")? == "active");
     Ok(())
 }
 
