@@ -252,6 +252,22 @@ pub fn read_until_end(stream: &mut impl Read) -> (u64, std::time::SystemTime) {
     }
 }
 
+/// Half-closes every client, then checks that client `i` got its own
+/// payload (`Payload::new(i, size)`) echoed back whole.
+pub fn check_echoed(clients: &mut [std::net::TcpStream], size: u64) -> anyhow::Result<()> {
+    for client in clients.iter() {
+        client.shutdown(std::net::Shutdown::Write)?;
+    }
+    for (i, client) in clients.iter_mut().enumerate() {
+        let (len, digest) = read_to_end_hashed(client)?;
+        anyhow::ensure!(
+            len == size && digest == Payload::new(i as u64, size).digest(),
+            "connection {i} corrupted ({len} bytes back)"
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -335,16 +335,7 @@ fn thousand_concurrent_sessions(path: DataPath) -> Result<()> {
         fx.wait_closed(0)?.is_empty(),
         "no session may have closed yet"
     );
-    for client in &clients {
-        client.shutdown(Shutdown::Write)?;
-    }
-    for (i, client) in clients.iter_mut().enumerate() {
-        let (len, digest) = read_to_end_hashed(client)?;
-        ensure!(
-            len == SIZE && digest == Payload::new(i as u64, SIZE).digest(),
-            "session {i} corrupted"
-        );
-    }
+    tcpgate_tests::payload::check_echoed(&mut clients, SIZE)?;
     echo.stop()?.into_iter().collect::<Result<Vec<()>>>()?;
     for event in fx.wait_closed(SESSIONS)? {
         fx.assert_bytes(&event, SIZE, SIZE)?;

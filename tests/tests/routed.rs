@@ -361,16 +361,7 @@ fn thousand_concurrent_routed_flows() -> Result<()> {
         pinned_entries(fx.agent.pin_dir(), "flows")?.len() == FLOWS,
         "all live together in FLOWS"
     );
-    for client in &clients {
-        client.shutdown(Shutdown::Write)?;
-    }
-    for (i, client) in clients.iter_mut().enumerate() {
-        let (len, digest) = read_to_end_hashed(client)?;
-        ensure!(
-            len == SIZE && digest == Payload::new(i as u64, SIZE).digest(),
-            "flow {i} corrupted"
-        );
-    }
+    tcpgate_tests::payload::check_echoed(&mut clients, SIZE)?;
     let peers = echo.stop()?.into_iter().collect::<Result<Vec<_>>>()?;
     ensure!(
         peers.iter().all(|p| p.ip() == IpAddr::V4(RUNNER_V4)),

@@ -113,3 +113,75 @@ impl Router {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::auth::{GrantId, GrantKind};
+    use crate::dest::{Destination, PortRange};
+
+    fn grant(id: u64, source: &str, destinations: &[(&str, u16)], left: Duration) -> Grant {
+        let now = SystemTime::now();
+        Grant {
+            id: GrantId(id),
+            kind: GrantKind::Source {
+                source: source.parse().expect("address"),
+            },
+            subject: "s".into(),
+            issuer: "i".into(),
+            rule: "r".into(),
+            created_at: now,
+            expires_at: now + left,
+            destinations: destinations
+                .iter()
+                .map(|(prefix, port)| Destination {
+                    prefix: prefix.parse().expect("prefix"),
+                    ports: vec![PortRange {
+                        first: *port,
+                        last: *port,
+                    }],
+                })
+                .collect(),
+            audit_claims: std::sync::Arc::default(),
+            jti: None,
+            token_expires_at: now + left,
+        }
+    }
+
+    #[test]
+    fn only_a_source_with_exactly_one_live_ipv4_grant_is_routed() {
+        let hour = Duration::from_secs(3600);
+        let grants = [
+            grant(1, "198.51.100.2", &[("192.0.2.0/24", 9000)], hour),
+            grant(2, "198.51.100.3", &[("192.0.2.10/32", 22)], hour),
+            grant(3, "198.51.100.3", &[("192.0.2.10/32", 80)], hour),
+            grant(4, "2001:db8:100::2", &[("2001:db8:2::/64", 22)], hour),
+            grant(5, "198.51.100.4", &[("192.0.2.0/24", 22)], Duration::ZERO),
+        ];
+        let offset = clock_offset();
+        let wanted = wanted(&grants, SystemTime::now(), offset);
+        assert_eq!(wanted.keys().collect::<Vec<_>>(), [&[198, 51, 100, 2]]);
+        let record = wanted[&[198, 51, 100, 2]];
+        assert_eq!((record.grant_id, record.count), (1, 1));
+        assert!(record.destinations[0].covers([192, 0, 2, 77], 9000));
+        assert!(!record.destinations[0].covers([192, 0, 2, 77], 9001));
+        assert!(!record.destinations[0].covers([192, 0, 3, 1], 9000));
+        // The deadline is the grant's expiry on the monotonic clock.
+        let left = record.deadline_mono_ns.saturating_sub(monotonic_ns());
+        assert!(
+            left > 3500 * 1_000_000_000 && left <= 3600 * 1_000_000_000,
+            "{left}"
+        );
+    }
+
+    #[test]
+    fn a_grant_too_wide_for_the_record_is_left_to_the_intercepting_path() {
+        let many: Vec<(&str, u16)> = (0..=MAX_ROUTED_DESTINATIONS as u16)
+            .map(|i| ("192.0.2.0/24", 1000 + i))
+            .collect();
+        let grants = [grant(1, "198.51.100.2", &many, Duration::from_secs(60))];
+        assert!(wanted(&grants, SystemTime::now(), clock_offset()).is_empty());
+    }
+}
