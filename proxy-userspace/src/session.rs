@@ -96,6 +96,10 @@ pub async fn connect_upstream(
 }
 
 /// Admits (or refuses) one accepted connection, then serves it.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in every live session"
+)]
 pub fn handle(
     services: Arc<Services>,
     mut client: TcpStream,
@@ -204,6 +208,10 @@ pub fn deny(
 }
 
 /// Serves one admitted connection to its end.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in every live session"
+)]
 pub fn serve(
     services: Arc<Services>,
     mut client: TcpStream,

@@ -17,9 +17,9 @@ use proxy_common::session::{
     MODE_REDIRECT, MODE_RESUME, SessionRecord, SocketEntry,
 };
 
+use super::SessionMeta;
 use super::mode_slots::{ModeSlots, mode_index};
 use super::watcher::Watcher;
-use super::SessionMeta;
 use crate::bpf::{BpfError, LoadedBpf, typed};
 
 #[derive(Debug, thiserror::Error)]
