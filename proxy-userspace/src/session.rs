@@ -100,40 +100,49 @@ pub async fn connect_upstream(
 }
 
 /// Admits (or refuses) one accepted connection, then serves it.
-pub async fn handle(
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in every live session"
+)]
+pub fn handle(
     services: Arc<Services>,
     mut client: TcpStream,
     peer: SocketAddr,
     target: Target,
-) {
-    let admitted = match &services.gate {
-        None => Admitted::unauthenticated(),
-        Some(gate) => {
-            let clock = Instant::now();
-            let (slot, hit) = gate.pending.enter(peer.ip());
-            for bound in hit {
-                services.metrics.limit_hit(bound.as_str());
-            }
-            // Boxed: its state is dropped once decided instead of sizing every
-            // live session's future.
-            let decision = tokio::select! {
-                decision = Box::pin(gate.admit(&mut client, peer, target.destination)) => decision,
-                bound = slot.shed() => Err(Refusal::shed(bound)),
-            };
-            drop(slot);
-            services
-                .metrics
-                .authenticated(decision.is_ok(), clock.elapsed());
-            match decision {
-                Ok(admitted) => admitted,
-                Err(refusal) => {
-                    refuse(&services, client, peer, &target, refusal).await;
-                    return;
+) -> impl Future<Output = ()> {
+    // An `async move` block, not an `async fn`: an `async fn` moves its
+    // arguments into locals and keeps both copies for the session's life.
+    async move {
+        let admitted = match &services.gate {
+            None => Admitted::unauthenticated(),
+            Some(gate) => {
+                let clock = Instant::now();
+                let (slot, hit) = gate.pending.enter(peer.ip());
+                for bound in hit {
+                    services.metrics.limit_hit(bound.as_str());
+                }
+                // Boxed: its state is dropped once decided instead of sizing every
+                // live session's future.
+                let decision = tokio::select! {
+                    decision = Box::pin(gate.admit(&mut client, peer, target.destination)) => decision,
+                    bound = slot.shed() => Err(Refusal::shed(bound)),
+                };
+                drop(slot);
+                services
+                    .metrics
+                    .authenticated(decision.is_ok(), clock.elapsed());
+                match decision {
+                    Ok(admitted) => admitted,
+                    Err(refusal) => {
+                        // Boxed: a rare path, kept out of every live session's future.
+                        Box::pin(refuse(&services, client, peer, &target, refusal)).await;
+                        return;
+                    }
                 }
             }
-        }
-    };
-    serve(services, client, peer, target, admitted).await;
+        };
+        serve(services, client, peer, target, admitted).await;
+    }
 }
 
 /// Refuses an authenticated-path connection: tell the client why when it
@@ -203,121 +212,129 @@ pub fn deny(
 }
 
 /// Serves one admitted connection to its end.
-pub async fn serve(
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in every live session"
+)]
+pub fn serve(
     services: Arc<Services>,
     mut client: TcpStream,
     peer: SocketAddr,
     target: Target,
     admitted: Admitted,
-) {
-    let Some(mut admission) = services.registry.admit() else {
-        let limit = services.registry.capacity();
-        deny(
-            &services,
-            &client,
-            peer,
-            &target,
-            DenyReason::SessionLimit,
-            format!("{limit} sessions already live"),
-        );
-        release_grant(&services, &admitted);
-        return;
-    };
-    services.metrics.accepted();
-    let started = SystemTime::now();
-    let clock = Instant::now();
-    let connected = connect_upstream(
-        target.upstream,
-        services.upstream_mark,
-        services.connect_timeout,
-        services.stall_timeout,
-    )
-    .await;
-    services
-        .metrics
-        .upstream_connected(connected.is_ok(), clock.elapsed());
-    let upstream = match connected {
-        Ok(stream) => stream,
-        Err(e) => {
-            let detail = crate::error_chain(&e);
-            tracing::warn!(client = %peer, upstream = %target.upstream, error = %detail, "upstream unreachable");
-            if admitted.answer_preamble {
-                // The detail (address, errno) stays in the audit line.
-                answer_and_close(&mut client, Status::Error, "upstream unreachable").await;
-            } else {
-                let _ = sockopt::set_linger_zero(client.as_fd());
-            }
-            let mut event = base_event(EventKind::SessionClose, peer, &target, &admitted);
-            event.session_id = Some(format!("{:016x}", admission.id()));
-            event.reason = Some(EndReason::UpstreamUnreachable.as_str().to_owned());
-            event.detail = Some(detail);
-            event.duration_ms = Some(duration_ms(clock.elapsed()));
-            services.metrics.session_closed(
-                EndReason::UpstreamUnreachable.as_str(),
-                &DirectionCounters::default(),
-                &DirectionCounters::default(),
-                None,
+) -> impl Future<Output = ()> {
+    // An `async move` block for the same reason as `handle`.
+    async move {
+        let Some(mut admission) = services.registry.admit() else {
+            let limit = services.registry.capacity();
+            deny(
+                &services,
+                &client,
+                peer,
+                &target,
+                DenyReason::SessionLimit,
+                format!("{limit} sessions already live"),
             );
-            services.audit.record(event);
             release_grant(&services, &admitted);
             return;
-        }
-    };
-    let admitted = match settle_opening(&services, &mut client, &upstream, &target, admitted).await
-    {
-        Ok(admitted) => admitted,
-        Err(refusal) => {
-            refuse(&services, client, peer, &target, refusal).await;
-            return;
-        }
-    };
-    if admitted.answer_preamble {
-        // Written before the splice, so it precedes any upstream byte.
-        let frame = encode_response(Status::Ok, "connected");
-        if let Err(e) = client.write_all(&frame).await {
-            tracing::debug!(client = %peer, error = %e, "client left before the answer");
-        }
-    }
-    let meta = SessionMeta {
-        id: admission.id(),
-        grant_id: admitted.grant_id,
-        started,
-        expires: admitted.expires,
-        client: peer,
-        destination: target.destination,
-        upstream: target.upstream,
-        auth_method: admitted.auth_method,
-        subject: std::sync::Arc::clone(&admitted.subject),
-    };
-    let stop = admission.register(meta.clone());
-    recheck_grant(&services, &meta);
-    record_open(&services, &meta, &target, &admitted);
-    tracing::debug!(session = %format_args!("{:016x}", meta.id), client = %peer, upstream = %target.upstream, "session spliced");
-
-    let relayed = services
-        .datapath
-        .relay(&meta, client, upstream, stop, RelayState::default())
+        };
+        services.metrics.accepted();
+        let started = SystemTime::now();
+        let clock = Instant::now();
+        let connected = connect_upstream(
+            target.upstream,
+            services.upstream_mark,
+            services.connect_timeout,
+            services.stall_timeout,
+        )
         .await;
-    if let Some(interceptor) = &services.interceptor {
-        interceptor.session_ended(meta.id);
-    }
-    let outcome = match relayed {
-        Relayed::Ended(outcome) => outcome,
-        Relayed::Parked(parked) => {
-            // Handed over: the successor writes its close line (or this
-            // agent, if it resumes the session after all).
-            adopt::park(&services, &meta, &admitted, *parked);
-            return;
+        services
+            .metrics
+            .upstream_connected(connected.is_ok(), clock.elapsed());
+        let upstream = match connected {
+            Ok(stream) => stream,
+            Err(e) => {
+                let detail = crate::error_chain(&e);
+                tracing::warn!(client = %peer, upstream = %target.upstream, error = %detail, "upstream unreachable");
+                if admitted.answer_preamble {
+                    // The detail (address, errno) stays in the audit line.
+                    answer_and_close(&mut client, Status::Error, "upstream unreachable").await;
+                } else {
+                    let _ = sockopt::set_linger_zero(client.as_fd());
+                }
+                let mut event = base_event(EventKind::SessionClose, peer, &target, &admitted);
+                event.session_id = Some(format!("{:016x}", admission.id()));
+                event.reason = Some(EndReason::UpstreamUnreachable.as_str().to_owned());
+                event.detail = Some(detail);
+                event.duration_ms = Some(duration_ms(clock.elapsed()));
+                services.metrics.session_closed(
+                    EndReason::UpstreamUnreachable.as_str(),
+                    &DirectionCounters::default(),
+                    &DirectionCounters::default(),
+                    None,
+                );
+                services.audit.record(event);
+                release_grant(&services, &admitted);
+                return;
+            }
+        };
+        let admitted =
+            match settle_opening(&services, &mut client, &upstream, &target, admitted).await {
+                Ok(admitted) => admitted,
+                Err(refusal) => {
+                    // Boxed: a rare path, kept out of every live session's future.
+                    Box::pin(refuse(&services, client, peer, &target, refusal)).await;
+                    return;
+                }
+            };
+        if admitted.answer_preamble {
+            // Written before the splice, so it precedes any upstream byte.
+            let frame = encode_response(Status::Ok, "connected");
+            if let Err(e) = client.write_all(&frame).await {
+                tracing::debug!(client = %peer, error = %e, "client left before the answer");
+            }
         }
-    };
-    let ending = Ending {
-        meta: &meta,
-        target: &target,
-        admitted: &admitted,
-        elapsed: clock.elapsed(),
-        handover: None,
-    };
-    ending.record(&services, outcome, admission);
+        let meta = SessionMeta {
+            id: admission.id(),
+            grant_id: admitted.grant_id,
+            started,
+            expires: admitted.expires,
+            client: peer,
+            destination: target.destination,
+            upstream: target.upstream,
+            auth_method: admitted.auth_method,
+            subject: std::sync::Arc::clone(&admitted.subject),
+        };
+        let stop = admission.register(meta.clone());
+        recheck_grant(&services, &meta);
+        record_open(&services, &meta, &target, &admitted);
+        tracing::debug!(session = %format_args!("{:016x}", meta.id), client = %peer, upstream = %target.upstream, "session spliced");
+
+        let relayed = services
+            .datapath
+            .relay(&meta, client, upstream, stop, RelayState::default())
+            .await;
+        if let Some(interceptor) = &services.interceptor {
+            interceptor.session_ended(meta.id);
+        }
+        let outcome = match relayed {
+            Relayed::Ended(outcome) => outcome,
+            Relayed::Parked(parked) => {
+                // Handed over: the successor writes its close line (or this
+                // agent, if it resumes the session after all).
+                adopt::park(&services, &meta, &admitted, *parked);
+                return;
+            }
+        };
+        let ending = Ending {
+            meta: &meta,
+            target: &target,
+            admitted: &admitted,
+            elapsed: clock.elapsed(),
+            handover: None,
+        };
+        ending.record(&services, outcome, admission);
+    }
 }
 
 /// See [`Gate::settle_opening`].

@@ -17,9 +17,9 @@ use proxy_common::session::{
     MODE_REDIRECT, MODE_RESUME, SessionRecord, SocketEntry,
 };
 
+use super::SessionMeta;
 use super::mode_slots::{ModeSlots, mode_index};
 use super::watcher::Watcher;
-use super::{SessionMeta, SpliceOutcome, StopSignal};
 use crate::bpf::{BpfError, LoadedBpf, typed};
 
 #[derive(Debug, thiserror::Error)]
@@ -324,17 +324,6 @@ impl EbpfDatapath {
             .get(&session_id, 0)
             .ok()
             .map(|r| (r.up, r.down))
-    }
-
-    /// Runs one session on the kernel path until it ends.
-    pub async fn splice(
-        &self,
-        meta: &SessionMeta,
-        client: tokio::net::TcpStream,
-        upstream: tokio::net::TcpStream,
-        stop: StopSignal,
-    ) -> SpliceOutcome {
-        super::kernel_session::run(self, meta, client, upstream, stop).await
     }
 }
 

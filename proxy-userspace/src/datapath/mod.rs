@@ -23,6 +23,7 @@ use std::time::SystemTime;
 use proxy_common::session::DirectionCounters;
 use serde::Serialize;
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
 /// Which path moves a session's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -129,38 +130,32 @@ impl Datapath {
         }
     }
 
-    /// Moves the session's bytes until it ends; never panics, always
-    /// closes both sockets before returning.
-    pub async fn splice(
-        &self,
-        meta: &SessionMeta,
-        client: TcpStream,
-        upstream: TcpStream,
-        stop: StopSignal,
-    ) -> SpliceOutcome {
-        match self {
-            Self::Ebpf(dp) => dp.splice(meta, client, upstream, stop).await,
-            // Boxed so the eBPF sessions' futures are not sized by this one.
-            Self::Userspace(dp) => Box::pin(dp.splice(meta, client, upstream, stop)).await,
-        }
-    }
-
-    /// Like [`Self::splice`], from a relay state (a session a predecessor
-    /// parked) and parking when handed over. Only the user-space path
-    /// parks; an eBPF agent's sessions always end here.
-    pub async fn relay(
-        &self,
-        meta: &SessionMeta,
+    /// Moves the session's bytes until it ends or (user-space path only)
+    /// is parked for a successor; never panics, and closes both sockets
+    /// unless it parks them. A session a predecessor parked resumes from
+    /// its relay state.
+    ///
+    /// A plain function returning the path's own future, not an `async fn`:
+    /// each `async fn` layer keeps its arguments for the session's whole
+    /// life (about 90 bytes per live session and layer).
+    pub fn relay<'a>(
+        &'a self,
+        meta: &'a SessionMeta,
         client: TcpStream,
         upstream: TcpStream,
         stop: StopSignal,
         state: userspace::RelayState,
-    ) -> userspace::Relayed {
+    ) -> impl Future<Output = userspace::Relayed> + 'a {
         match self {
-            Self::Ebpf(dp) => {
-                userspace::Relayed::Ended(dp.splice(meta, client, upstream, stop).await)
+            Self::Ebpf(dp) => Either::Left(async move {
+                userspace::Relayed::Ended(
+                    kernel_session::run(dp, meta, client, upstream, stop).await,
+                )
+            }),
+            // Boxed so the eBPF sessions' futures are not sized by this one.
+            Self::Userspace(dp) => {
+                Either::Right(Box::pin(dp.relay(meta, client, upstream, stop, state)))
             }
-            Self::Userspace(dp) => Box::pin(dp.relay(meta, client, upstream, stop, state)).await,
         }
     }
 

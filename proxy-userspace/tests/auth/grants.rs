@@ -2,7 +2,6 @@
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
@@ -16,11 +15,7 @@ use tokio::time::Instant;
 
 use crate::support::*;
 
-fn token(sub: &str) -> Arc<Verified> {
-    Verified::new(raw_token(sub))
-}
-
-fn raw_token(sub: &str) -> ValidatedToken {
+fn validated(sub: &str) -> ValidatedToken {
     let claims = claims_with(&[("sub", json!(sub))])
         .as_object()
         .expect("object")
@@ -31,6 +26,11 @@ fn raw_token(sub: &str) -> ValidatedToken {
         expires_at: UNIX_EPOCH + Duration::from_secs(claims["exp"].as_u64().expect("exp")),
         claims,
     }
+}
+
+/// A verified token as the gate hands it to the store.
+fn token(sub: &str) -> std::sync::Arc<Verified> {
+    Verified::new(validated(sub))
 }
 
 fn decision(now: SystemTime, secs: u64) -> Decision {
@@ -71,7 +71,7 @@ fn audit_claims_are_paths_like_rule_claims() {
         "aws.account".into(),
         "aws.missing".into(),
     ]);
-    let mut t = raw_token("arn:aws:sts::123456789012:assumed-role/ci-deploy/job-1");
+    let mut t = validated("arn:aws:sts::123456789012:assumed-role/ci-deploy/job-1");
     t.claims.insert(
         "aws".into(),
         json!({ "account": "123456789012", "role": "ci-deploy" }),
@@ -432,10 +432,10 @@ fn revoking_one_grant_denies_its_token_by_jti_only() {
     let store = audit_store();
     let now = SystemTime::now();
     let d = decision(now, 600);
-    let mut first = raw_token("carol");
+    let mut first = validated("carol");
     first.claims.insert("jti".into(), json!("jti-1"));
     let first = Verified::new(first);
-    let mut second = raw_token("carol");
+    let mut second = validated("carol");
     second.claims.insert("jti".into(), json!("jti-2"));
     let second = Verified::new(second);
     let g = store

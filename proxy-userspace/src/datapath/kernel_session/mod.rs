@@ -174,7 +174,7 @@ impl<'a> Session<'a> {
         let mut stall_tick =
             tokio::time::interval(super::stall::check_interval(self.dp.timeouts.stall));
         stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let ending = loop {
+        loop {
             if let Some(reason) = stop.reason() {
                 break Ending::Abort(reason, format!("stopped: {}", reason.as_str()));
             }
@@ -225,8 +225,7 @@ impl<'a> Session<'a> {
             if self.dirs.iter().all(|d| d.shut) {
                 break Ending::Graceful(self.first_close.unwrap_or(EndReason::ClientClosed));
             }
-        };
-        ending
+        }
     }
 
     /// Ends the session when one socket has had unacknowledged data and no

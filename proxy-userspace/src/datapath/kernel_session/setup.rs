@@ -101,28 +101,32 @@ pub(in crate::datapath) async fn run(
     }
     let kicked = hold(client.as_fd(), 1).and_then(|()| hold(upstream.as_fd(), 1));
     let stall = StallWatch::new(Instant::now());
-    let mut session = Session {
-        dp,
-        id: meta.id,
-        client,
-        upstream,
-        baselines,
-        queued,
-        dirs: PerDir::new(Direction::new(), Direction::new()),
-        first_close: None,
-        attempt: 0,
-        stalls: PerSide::new(stall, stall),
-        cookies,
-        registered: PerSide::default(),
-        queue: QueueWatch::new(Instant::now()),
-        // Look early: a fast sender can queue gigabytes within a second.
-        queue_at: tokio::time::Instant::now() + std::time::Duration::from_millis(5),
+    // In a block: the session's storage ends before the yield below, so
+    // the yield's state does not add to the future's size.
+    let closed = {
+        let mut session = Session {
+            dp,
+            id: meta.id,
+            client,
+            upstream,
+            baselines,
+            queued,
+            dirs: PerDir::new(Direction::new(), Direction::new()),
+            first_close: None,
+            attempt: 0,
+            stalls: PerSide::new(stall, stall),
+            cookies,
+            registered: PerSide::default(),
+            queue: QueueWatch::new(Instant::now()),
+            // Look early: a fast sender can queue gigabytes within a second.
+            queue_at: tokio::time::Instant::now() + std::time::Duration::from_millis(5),
+        };
+        let ending = match kicked {
+            Ok(()) => Box::pin(session.watch(meta, stop)).await,
+            Err(e) => Ending::internal(format!("cannot release held bytes: {e}")),
+        };
+        session.close(ending)
     };
-    let ending = match kicked {
-        Ok(()) => Box::pin(session.watch(meta, stop)).await,
-        Err(e) => Ending::internal(format!("cannot release held bytes: {e}")),
-    };
-    let closed = session.close(ending);
     if closed.aborted() {
         // The sessions one expiry or revocation ends wake together: each
         // closes its sockets, then lets the others close theirs before
