@@ -11,6 +11,7 @@ use std::os::fd::AsFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
@@ -52,30 +53,77 @@ pub struct PinDirLock {
 }
 
 impl PinDirLock {
-    /// Creates the directory if missing and locks it.
+    /// Creates the directory if missing and locks it. Called with the
+    /// namespace lock held, so a holder in this namespace is an agent that
+    /// is exiting (its files close one by one): that one gets
+    /// [`EXIT_WAIT`] to let go.
     pub fn acquire(dir: &Path) -> Result<Self, LockError> {
-        lock_dir(dir).map(|lock| Self { _lock: lock })
+        let since = Instant::now();
+        loop {
+            match lock_dir(dir) {
+                Err(LockError::PinDirTaken(_)) if since.elapsed() < EXIT_WAIT => {
+                    std::thread::sleep(RETRY);
+                }
+                locked => return locked.map(|lock| Self { _lock: lock }),
+            }
+        }
     }
 }
 
+/// How long a lock held by an exiting agent may take to be released: a
+/// successor whose takeover failed because its predecessor was killed sees
+/// the takeover connection close before the dying agent's other files do.
+const EXIT_WAIT: Duration = Duration::from_secs(2);
+const RETRY: Duration = Duration::from_millis(10);
+
+/// `PF_EXITING` in `/proc/<pid>/stat`'s flags: the task is in `do_exit`.
+const PF_EXITING: u64 = 0x4;
+
+/// Whether `pid` is exiting, or gone (its files are closing or closed).
+fn exiting(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    // The command name, in parentheses, may hold spaces: fields count from
+    // the last ')'. After it: state, ppid, pgrp, session, tty, tpgid, flags.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first().copied().unwrap_or("");
+    let flags = fields
+        .get(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .unwrap_or(0);
+    matches!(state, "Z" | "X" | "x") || flags & PF_EXITING != 0
+}
+
 impl NamespaceLock {
-    /// Fails if another agent runs in this network namespace.
+    /// Fails if another agent runs in this network namespace. An agent
+    /// that is exiting gets [`EXIT_WAIT`] to let go of it.
     pub fn acquire() -> Result<Self, LockError> {
         let addr = SocketAddr::from_abstract_name(ABSTRACT_NAME).map_err(LockError::Io)?;
-        let listener = match UnixListener::bind_addr(&addr) {
-            Ok(listener) => listener,
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                let pid = UnixStream::connect_addr(&addr)
-                    .ok()
-                    .and_then(|s| getsockopt(&s.as_fd(), PeerCredentials).ok())
-                    .map(|cred| cred.pid());
-                return Err(LockError::NamespaceTaken { pid });
+        let since = Instant::now();
+        loop {
+            match UnixListener::bind_addr(&addr) {
+                Ok(listener) => {
+                    return Ok(Self {
+                        _listener: listener,
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    let pid = UnixStream::connect_addr(&addr)
+                        .ok()
+                        .and_then(|s| getsockopt(&s.as_fd(), PeerCredentials).ok())
+                        .map(|cred| cred.pid());
+                    if since.elapsed() >= EXIT_WAIT || !pid.is_some_and(exiting) {
+                        return Err(LockError::NamespaceTaken { pid });
+                    }
+                    std::thread::sleep(RETRY);
+                }
+                Err(e) => return Err(LockError::Io(e)),
             }
-            Err(e) => return Err(LockError::Io(e)),
-        };
-        Ok(Self {
-            _listener: listener,
-        })
+        }
     }
 }
 
@@ -153,4 +201,17 @@ fn lock_dir(dir: &Path) -> Result<Flock<File>, LockError> {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exiting;
+
+    #[test]
+    fn a_running_process_is_not_exiting_and_a_gone_one_is() {
+        let me = i32::try_from(std::process::id()).expect("pid");
+        assert!(!exiting(me));
+        // Above the kernel's pid_max limit (4,194,304): never a process.
+        assert!(exiting(i32::MAX));
+    }
 }

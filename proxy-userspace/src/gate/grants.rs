@@ -239,13 +239,18 @@ impl Gate {
 
     /// Whether `id` was revoked through the pinned map (flag seen now or
     /// earlier).
+    ///
+    /// The flag first, the set second: [`Self::apply_outside_revocation`]
+    /// adds to the set before the revocation removes the flagged record,
+    /// so a check racing it sees one or the other. The other order could
+    /// miss both (the set read just before the insert, the map just after
+    /// the removal).
     #[must_use]
     pub fn revoked_outside(&self, id: u64) -> bool {
-        self.lock_revoked().contains(&id)
-            || self
-                .mirror
-                .as_ref()
-                .is_some_and(|mirror| mirror.is_flagged_revoked(GrantId(id)))
+        self.mirror
+            .as_ref()
+            .is_some_and(|mirror| mirror.is_flagged_revoked(GrantId(id)))
+            || self.lock_revoked().contains(&id)
     }
 
     fn lock_revoked(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
