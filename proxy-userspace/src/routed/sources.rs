@@ -99,14 +99,14 @@ impl Router {
         wanted: &HashMap<[u8; 4], RoutedSource>,
     ) -> Result<(), aya::maps::MapError> {
         let mut map = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
-        let present: Vec<([u8; 4], RoutedSource)> = map.iter().filter_map(Result::ok).collect();
+        let present: HashMap<[u8; 4], RoutedSource> = map.iter().filter_map(Result::ok).collect();
         for (source, record) in &present {
             if wanted.get(source) != Some(record) {
                 map.remove(source)?;
             }
         }
         for (source, record) in wanted {
-            if !present.iter().any(|(s, r)| s == source && r == record) {
+            if present.get(source) != Some(record) {
                 map.insert(source, record, 0)?;
             }
         }
