@@ -219,11 +219,7 @@ fn upstream_down_is_refused_promptly() -> Result<()> {
             .is_some_and(|d| d.contains("refused")),
         "{event}"
     );
-    ensure!(
-        agent.logs().contains("upstream unreachable"),
-        "{}",
-        agent.logs_tail(10)
-    );
+    agent.wait_for_log("upstream unreachable", Duration::from_secs(10))?;
     Ok(())
 }
 

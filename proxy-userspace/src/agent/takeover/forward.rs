@@ -78,6 +78,8 @@ pub fn follow_revocations(stream: StdStream, gate: Option<Arc<Gate>>, successor:
                     }
                 }
                 Ok(Message::RevokeSubject(revoked)) => {
+                    // Said before the sessions end, so the line precedes their close lines.
+                    tracing::warn!(subject = %revoked.subject, "subject revoked by the successor; its draining sessions end");
                     let ended = gate.as_ref().map_or(0, |gate| {
                         gate.revoke_subject_held(
                             &revoked.subject,
@@ -86,7 +88,7 @@ pub fn follow_revocations(stream: StdStream, gate: Option<Arc<Gate>>, successor:
                         )
                         .len()
                     });
-                    tracing::warn!(subject = %revoked.subject, grants = ended, "subject revoked by the successor; its draining sessions end");
+                    tracing::info!(subject = %revoked.subject, grants = ended, "grants of the revoked subject ended");
                 }
                 Ok(other) => {
                     let e = unexpected("revoke", &other);
