@@ -24,6 +24,11 @@ pub mod routed;
 pub mod session;
 pub mod stats;
 
+/// The first four bytes of a token preamble (`docs/protocol.md`). The
+/// agent reads them; the routed program refuses a flow that starts with
+/// them, so a token never crosses the bastion unread.
+pub const PREAMBLE_MAGIC: [u8; 4] = *b"TCPG";
+
 /// Map names, shared so user space finds what the eBPF object declares.
 pub mod map_names {
     /// SOCKHASH of spliced sockets, keyed by socket cookie.

@@ -16,6 +16,16 @@ pub const FLOW_ENDED: u32 = 2;
 /// the flow itself (the agent may be gone); dropped like `FLOW_ENDED`.
 pub const FLOW_EXPIRED: u32 = 3;
 
+/// `FlowValue::state`: the runner's first bytes were a token preamble's
+/// magic; the program dropped them, and the agent resets the flow. A
+/// routed flow is never read by the agent, so the token would reach the
+/// target otherwise.
+pub const FLOW_TOKEN: u32 = 4;
+
+/// `FlowValue::screen_up` once the runner's first bytes are known not to
+/// be a preamble: the flow's bytes pass unread from then on.
+pub const SCREEN_CLEAR: u32 = u32::MAX;
+
 /// `FlowValue::flags`: a FIN went from the runner to the target.
 pub const FLOW_FIN_UP: u32 = 1;
 /// `FlowValue::flags`: a FIN went from the target to the runner.
@@ -120,15 +130,20 @@ pub struct FlowValue {
     pub next_seq_up: u32,
     /// The target's next sequence number (valid with `FLOW_SEEN_DOWN`).
     pub next_seq_down: u32,
-    /// `FLOW_OPEN`, `FLOW_ENDED` or `FLOW_EXPIRED`.
+    /// `FLOW_OPEN`, `FLOW_ENDED`, `FLOW_EXPIRED` or `FLOW_TOKEN`.
     pub state: u32,
     /// `FLOW_FIN_UP` | `FLOW_FIN_DOWN` | `FLOW_RST` | `FLOW_SEEN_DOWN`.
     pub flags: u32,
     /// Packets dropped because the flow had ended.
     pub dropped: u64,
+    /// The runner's first sequence number (its SYN's plus one).
+    pub first_seq_up: u32,
+    /// How many of the runner's first bytes matched
+    /// [`crate::PREAMBLE_MAGIC`] so far, or [`SCREEN_CLEAR`].
+    pub screen_up: u32,
 }
 
-const _: () = assert!(size_of::<FlowValue>() == 8 * 8 + 16 + 8);
+const _: () = assert!(size_of::<FlowValue>() == 8 * 8 + 16 + 8 + 8);
 
 /// Value of the single-slot per-CPU `ROUTED_STATS` array.
 #[repr(C)]
@@ -142,9 +157,11 @@ pub struct RoutedStats {
     pub forged_marks: u64,
     /// Packets of ended flows dropped.
     pub dropped: u64,
+    /// Flows refused because the runner sent a token preamble on them.
+    pub preambles: u64,
 }
 
-const _: () = assert!(size_of::<RoutedStats>() == 32);
+const _: () = assert!(size_of::<RoutedStats>() == 40);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -21,6 +21,8 @@ pub struct Segment {
     pub seq: u32,
     pub flags: u8,
     pub payload: u32,
+    /// Offset of the first payload byte in the packet.
+    pub payload_at: u32,
 }
 
 impl Segment {
@@ -105,6 +107,7 @@ pub fn parse(ctx: &TcContext) -> Option<Segment> {
         seq,
         flags,
         payload,
+        payload_at: ETH_HLEN as u32 + headers,
     })
 }
 

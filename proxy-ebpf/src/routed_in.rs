@@ -4,6 +4,8 @@
 //! flows are counted and marked, so the intercept table skips them and the
 //! guard lets them through. Packets of ended flows are dropped; packets of
 //! unknown flows are left unmarked, to the intercepting (fail-closed) path.
+//! A flow whose runner starts with a token preamble is refused (see
+//! [`crate::screen`]): the token never reaches the target.
 //! The routed mark is set here only: a packet arriving with it loses it.
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
@@ -20,6 +22,7 @@ use proxy_common::{
 use crate::maps::{FLOWS, INTERCEPT, ROUTED_CONFIG, ROUTED_SOURCES, bump_routed};
 use crate::packet::{Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, close_flags, count_bytes, parse};
 use crate::routed_out::still_open;
+use crate::screen::{Screen, screen_up};
 
 #[classifier]
 pub fn tcpgate_routed_in(ctx: TcContext) -> i32 {
@@ -34,6 +37,10 @@ enum Verdict {
     Routed,
     /// An ended flow's: dropped.
     Ended,
+    /// A segment held back while the flow's first bytes are checked.
+    Held,
+    /// The segment that made the flow a preamble's: dropped.
+    Token,
 }
 
 fn try_in(ctx: &TcContext) -> i32 {
@@ -51,7 +58,7 @@ fn try_in(ctx: &TcContext) -> i32 {
         bump_routed(|s| &mut s.forged_marks);
     }
     let verdict = match parse(ctx) {
-        Some(segment) => classify(&segment),
+        Some(segment) => classify(ctx, &segment),
         None => Verdict::NotOurs,
     };
     match verdict {
@@ -64,10 +71,15 @@ fn try_in(ctx: &TcContext) -> i32 {
             bump_routed(|s| &mut s.dropped);
             TC_ACT_SHOT
         }
+        Verdict::Held => TC_ACT_SHOT,
+        Verdict::Token => {
+            bump_routed(|s| &mut s.preambles);
+            TC_ACT_SHOT
+        }
     }
 }
 
-fn classify(segment: &Segment) -> Verdict {
+fn classify(ctx: &TcContext, segment: &Segment) -> Verdict {
     let key = segment.key_up();
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -79,10 +91,20 @@ fn classify(segment: &Segment) -> Verdict {
             flow.dropped += 1;
             return Verdict::Ended;
         }
+        match screen_up(ctx, flow, segment) {
+            Screen::Pass => {}
+            Screen::Hold => return Verdict::Held,
+            Screen::Token => {
+                flow.dropped += 1;
+                return Verdict::Token;
+            }
+        }
         track_up(flow, segment, now);
         return Verdict::Routed;
     }
-    if segment.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
+    // A SYN with data (TCP Fast Open) would carry bytes before the first
+    // bytes can be checked: the intercepting path takes it.
+    if segment.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN || segment.payload != 0 {
         return Verdict::NotOurs;
     }
     admit(segment, now)
@@ -126,6 +148,7 @@ fn admit(segment: &Segment, now: u64) -> Verdict {
         last_mono_ns: now,
         packets_up: 1,
         next_seq_up: segment.seq.wrapping_add(1),
+        first_seq_up: segment.seq.wrapping_add(1),
         state: FLOW_OPEN,
         ..FlowValue::default()
     };

@@ -45,6 +45,7 @@ pub mod poll;
 pub mod preamble;
 pub mod privileged;
 pub mod process;
+pub mod routed;
 pub mod servers;
 pub mod takeover;
 pub mod tls;

@@ -5,16 +5,17 @@
 //! grant and forged marks, the kernel deadline without the agent, and the
 //! `max_flows` bound.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use serde_json::{Value, json};
-use tcpgate_tests::auth_fixture::{AuthFixture, Launch, echo_service, policy};
+use tcpgate_tests::auth_fixture::{AuthFixture, echo_service};
 use tcpgate_tests::metrics::{parse, scrape_unix};
+use tcpgate_tests::routed::{ends_in_reset, routed_fixture};
 use tcpgate_tests::tokens::{claims_with, unix_now};
-use tcpgate_tests::topology::{BASTION_RUNNER_IF, RUNNER_V4};
+use tcpgate_tests::topology::RUNNER_V4;
 use tcpgate_tests::{
     Payload, Signal, eventually, pinned_entries, read_to_end_hashed, require_root, serve_once,
     wait_events, write_payload,
@@ -23,20 +24,6 @@ use tcpgate_tests::{
 const PORT: u16 = 9000;
 /// The routed mark the fixture configures (the default).
 const ROUTED_MARK: u32 = 0x7452;
-
-fn routed_fixture(extra: &str) -> Result<AuthFixture> {
-    AuthFixture::start_launched(
-        &policy("15m"),
-        &[],
-        Launch {
-            intercept_extra: format!("interfaces = [{BASTION_RUNNER_IF:?}]"),
-            sections: format!(
-                "\n[intercept.routed_grants]\nenabled = true\nlinger = \"300ms\"\n{extra}"
-            ),
-            ..Launch::default()
-        },
-    )
-}
 
 /// A grant for the runner whose token expires at `exp` (unix seconds).
 fn grant_until(fx: &AuthFixture, exp: u64) -> Result<String> {
@@ -49,18 +36,6 @@ fn flow_value(fx: &AuthFixture) -> Result<Value> {
     let entries = pinned_entries(fx.agent.pin_dir(), "flows")?;
     ensure!(entries.len() == 1, "one routed flow: {entries:?}");
     Ok(entries[0]["formatted"]["value"].clone())
-}
-
-/// Whether a read ends in a reset (as an endpoint sees the agent's RST).
-fn reset(stream: &mut TcpStream) -> bool {
-    let mut buf = [0u8; 4096];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => return false,
-            Ok(_) => {}
-            Err(e) => return e.kind() == ErrorKind::ConnectionReset,
-        }
-    }
 }
 
 #[test]
@@ -157,7 +132,7 @@ fn expiry_and_revocation_reset_both_ends() -> Result<()> {
         let grant = fx.grant_from_runner(&token, &["--allow", "192.0.2.10=9000"])?;
         let server = serve_once(&fx.topo.target, AuthFixture::target(PORT), |mut s, _| {
             let _ = s.write_all(b"up");
-            reset(&mut s)
+            ends_in_reset(&mut s)
         })?;
         let mut stream = fx.dial_from_runner(AuthFixture::target(PORT))?;
         let mut first = [0u8; 2];
@@ -167,7 +142,10 @@ fn expiry_and_revocation_reset_both_ends() -> Result<()> {
                 fx.cli(&fx.topo.bastion, &["revoke", "--admin", &admin, &grant])?;
             ensure!(status == 0, "revoke: {out} {err}");
         }
-        ensure!(reset(&mut stream), "round {round}: the runner sees an RST");
+        ensure!(
+            ends_in_reset(&mut stream),
+            "round {round}: the runner sees an RST"
+        );
         ensure!(server.join()?, "round {round}: the target sees an RST");
         let closed = &wait_events(&fx.agent, "session_close", round)?[round - 1];
         let reason = if revoke { "revoked" } else { "grant_expired" };

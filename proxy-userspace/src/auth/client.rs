@@ -65,6 +65,14 @@ pub enum ClientError {
         #[source]
         source: PreambleError,
     },
+    /// The bastion routed the connection (the runner holds a source grant
+    /// and `[intercept.routed_grants]` is on) and refused the preamble
+    /// before it reached the target.
+    #[error(
+        "{target} reset the connection before any answer; if this runner holds a source grant \
+         on a bastion with routed grants, connect without a token (the grant admits it, see docs/routed.md)"
+    )]
+    ResetBeforeAnswer { target: SocketAddr },
     #[error("the token cannot be sent")]
     Token(#[source] PreambleError),
     #[error("access denied by the agent: {message}")]
@@ -248,7 +256,12 @@ pub async fn connect_with_preamble(
         .map_err(|source| ClientError::Send { target, source })?;
     let answer = read_response(&mut stream, timeout)
         .await
-        .map_err(|source| ClientError::Answer { target, source })?;
+        .map_err(|source| match &source {
+            PreambleError::Io(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                ClientError::ResetBeforeAnswer { target }
+            }
+            _ => ClientError::Answer { target, source },
+        })?;
     match answer.status {
         Status::Ok => Ok(stream),
         Status::Denied => Err(ClientError::Denied {

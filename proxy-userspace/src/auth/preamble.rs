@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-pub const MAGIC: [u8; 4] = *b"TCPG";
+pub const MAGIC: [u8; 4] = proxy_common::PREAMBLE_MAGIC;
 pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 8;
 /// Upper bound of a whole request preamble, header included.

@@ -10,7 +10,8 @@ use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use proxy_common::routed::{
-    FLOW_ENDED, FLOW_FIN_DOWN, FLOW_FIN_UP, FLOW_OPEN, FLOW_RST, FLOW_SEEN_DOWN, FlowKey, FlowValue,
+    FLOW_ENDED, FLOW_FIN_DOWN, FLOW_FIN_UP, FLOW_OPEN, FLOW_RST, FLOW_SEEN_DOWN, FLOW_TOKEN,
+    FlowKey, FlowValue,
 };
 use tokio::sync::watch;
 
@@ -24,6 +25,9 @@ use crate::gate::Gate;
 
 /// The `datapath` of routed sessions' audit lines.
 pub const DATAPATH: &str = "routed";
+
+/// The close line's `detail` of a flow refused for its preamble.
+pub const TOKEN_DETAIL: &str = "token preamble on a routed flow: the runner holds a source grant, so it must connect without a preamble; the token was dropped before the target";
 
 /// A flow the agent has written a `session_open` for.
 struct Known {
@@ -143,7 +147,10 @@ impl FlowWatch {
             .gate
             .grant(GrantId(flow.grant_id))
             .is_some_and(|g| g.expires_at > now);
-        let reason = if flow.state != FLOW_OPEN {
+        let reason = if flow.state == FLOW_TOKEN {
+            tracing::warn!(runner = %SocketAddrV4::new(key.runner_addr.into(), key.runner_port), "a token preamble on a routed flow: reset, the token did not reach the target");
+            Some(EndReason::AuthFailed)
+        } else if flow.state != FLOW_OPEN {
             Some(EndReason::GrantExpired)
         } else if shutdown {
             Some(EndReason::AgentShutdown)
@@ -256,6 +263,9 @@ fn event(kind: EventKind, key: FlowKey, known: &Known, flow: Option<&FlowValue>)
             .ok()
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         event.reason = known.ended.map(|(_, r)| r.as_str().to_owned());
+        if flow.state == FLOW_TOKEN {
+            event.detail = Some(TOKEN_DETAIL.to_owned());
+        }
     }
     event
 }

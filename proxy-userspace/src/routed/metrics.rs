@@ -13,6 +13,7 @@ pub struct RoutedMetrics {
     full: Counter,
     forged: Counter,
     dropped: Counter,
+    preambles: Counter,
 }
 
 impl RoutedMetrics {
@@ -48,6 +49,11 @@ impl RoutedMetrics {
             "Packets of ended routed flows dropped by the tc programs",
             self.dropped.clone(),
         );
+        registry.register(
+            "routed_preambles_refused",
+            "Routed flows reset because the runner sent a token preamble on them",
+            self.preambles.clone(),
+        );
     }
 
     pub fn update(&self, stats: &RoutedStats, flows: usize) {
@@ -55,6 +61,7 @@ impl RoutedMetrics {
         crate::metrics::advance(&self.full, stats.flows_full);
         crate::metrics::advance(&self.forged, stats.forged_marks);
         crate::metrics::advance(&self.dropped, stats.dropped);
+        crate::metrics::advance(&self.preambles, stats.preambles);
         self.flows.set(i64::try_from(flows).unwrap_or(i64::MAX));
     }
 }

@@ -127,6 +127,7 @@ impl Router {
                 total.flows_full += s.flows_full;
                 total.forged_marks += s.forged_marks;
                 total.dropped += s.dropped;
+                total.preambles += s.preambles;
             }
         }
         total

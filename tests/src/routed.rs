@@ -1,0 +1,45 @@
+//! Routed grants (`[intercept.routed_grants]`): the fixture and the checks
+//! the routed suites share.
+
+use std::io::{ErrorKind, Read};
+use std::net::TcpStream;
+
+use anyhow::Result;
+
+use crate::auth_fixture::{AuthFixture, Launch, policy};
+use crate::topology::BASTION_RUNNER_IF;
+
+/// An agent with routed grants on the runner-facing interface, flows
+/// lingering 300 ms after they end; `extra` adds lines to the section.
+pub fn routed_fixture(extra: &str) -> Result<AuthFixture> {
+    AuthFixture::start_launched(
+        &policy("15m"),
+        &[],
+        Launch {
+            intercept_extra: format!("interfaces = [{BASTION_RUNNER_IF:?}]"),
+            sections: format!(
+                "\n[intercept.routed_grants]\nenabled = true\nlinger = \"300ms\"\n{extra}"
+            ),
+            ..Launch::default()
+        },
+    )
+}
+
+/// Reads to the end; whether the stream ended in a reset (as an endpoint
+/// sees the agent's RST), not a FIN.
+pub fn ends_in_reset(stream: &mut TcpStream) -> bool {
+    read_until_end(stream).1
+}
+
+/// Everything read until the end, and whether the end was a reset.
+pub fn read_until_end(stream: &mut TcpStream) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return (got, false),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return (got, e.kind() == ErrorKind::ConnectionReset),
+        }
+    }
+}
