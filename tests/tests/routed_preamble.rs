@@ -2,8 +2,8 @@
 //! the agent never reads a routed flow, so the tc program checks the
 //! runner's first bytes and refuses a flow that starts with the preamble
 //! magic. The token never reaches the target, whether the preamble comes
-//! in one segment or split; a stream that only starts like the magic is
-//! forwarded byte-exact.
+//! in one segment, split, or in a fast-open SYN; a stream that only starts
+//! like the magic is forwarded byte-exact.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use serde_json::Value;
-use tcpgate_tests::auth_fixture::AuthFixture;
+use tcpgate_tests::auth_fixture::{AuthFixture, echo_service};
 use tcpgate_tests::metrics::{parse, scrape_unix};
-use tcpgate_tests::preamble::encode;
+use tcpgate_tests::preamble::{encode, read_answer};
 use tcpgate_tests::routed::{read_until_end, routed_fixture};
 use tcpgate_tests::{OneShot, eventually, pinned_entries, require_root, serve_once, wait_events};
 
@@ -192,4 +192,83 @@ fn tcpgate_connect_with_a_token_on_a_routed_grant_says_to_drop_the_token() -> Re
     );
     refused(&fx)?;
     Ok(())
+}
+
+/// A preamble in the SYN itself (TCP Fast Open without a cookie): the
+/// program cannot check bytes that come before the flow exists, so such a
+/// SYN is not routed. The intercepting path reads the preamble, and the
+/// echoing target never sees it.
+#[test]
+fn a_preamble_in_a_fast_open_syn_takes_the_intercepting_path() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let fx = routed_fixture("")?;
+    let server = echo_service(&fx, b"")?;
+    let token = fx.token();
+    fx.grant_from_runner(&token, &["--allow", "192.0.2.10=9000"])?;
+    // Client fast open, data in the SYN without a cookie.
+    fx.topo.runner.sysctl("net.ipv4.tcp_fastopen", "5")?;
+    let preamble = encode(&token);
+    let target = AuthFixture::target(PORT);
+    let (mut stream, syn_data) = fx.topo.runner.run(|| fast_open(target, &preamble))?;
+    ensure!(syn_data > 0, "the SYN carried the preamble's first bytes");
+    let (status, message) = read_answer(&mut stream)?;
+    ensure!(status == 0, "the agent admits the preamble: {message}");
+    stream.write_all(b"ping")?;
+    let mut back = [0u8; 4];
+    stream.read_exact(&mut back)?;
+    ensure!(
+        &back == b"ping",
+        "the echo holds no preamble byte: {back:?}"
+    );
+    drop(stream);
+    let closed = &wait_events(&fx.agent, "session_close", 1)?[0];
+    ensure!(
+        closed["datapath"] != "routed" && closed["bytes_up"] == 4,
+        "intercepted, the preamble read by the agent: {closed}"
+    );
+    let m = parse(&scrape_unix(&fx.admin_socket())?)?;
+    let opened = m.count("tcpgate_routed_flows_opened_total", &[]);
+    ensure!(opened == 0.0, "routed_flows_opened_total = {opened}");
+    server.stop()?;
+    Ok(())
+}
+
+/// Connects with `MSG_FASTOPEN`, so the SYN carries `data`'s first bytes;
+/// writes the rest. Returns the stream and how many bytes the SYN took.
+fn fast_open(target: std::net::SocketAddr, data: &[u8]) -> std::io::Result<(TcpStream, usize)> {
+    use std::os::fd::FromRawFd;
+    let std::net::SocketAddr::V4(v4) = target else {
+        return Err(std::io::Error::other("IPv4 only"));
+    };
+    // SAFETY: plain socket(2); the descriptor is owned by the stream below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket nothing else owns.
+    let mut stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*v4.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `data` and `addr` outlive the call; the lengths are theirs.
+    let sent = unsafe {
+        libc::sendto(
+            fd,
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_FASTOPEN,
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    let sent = usize::try_from(sent).map_err(|_| std::io::Error::last_os_error())?;
+    stream.write_all(&data[sent..])?;
+    Ok((stream, sent))
 }
