@@ -12,17 +12,18 @@ use crate::topology::BASTION_RUNNER_IF;
 /// An agent with routed grants on the runner-facing interface, flows
 /// lingering 300 ms after they end; `extra` adds lines to the section.
 pub fn routed_fixture(extra: &str) -> Result<AuthFixture> {
-    AuthFixture::start_launched(
-        &policy("15m"),
-        &[],
-        Launch {
-            intercept_extra: format!("interfaces = [{BASTION_RUNNER_IF:?}]"),
-            sections: format!(
-                "\n[intercept.routed_grants]\nenabled = true\nlinger = \"300ms\"\n{extra}"
-            ),
-            ..Launch::default()
-        },
-    )
+    AuthFixture::start_launched(&policy("15m"), &[], routed_launch(extra))
+}
+
+/// [`routed_fixture`]'s launch, for callers that add to it.
+pub fn routed_launch(extra: &str) -> Launch {
+    Launch {
+        intercept_extra: format!("interfaces = [{BASTION_RUNNER_IF:?}]"),
+        sections: format!(
+            "\n[intercept.routed_grants]\nenabled = true\nlinger = \"300ms\"\n{extra}"
+        ),
+        ..Launch::default()
+    }
 }
 
 /// Reads to the end; whether the stream ended in a reset (as an endpoint

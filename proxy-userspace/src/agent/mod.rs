@@ -227,6 +227,9 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
         }
         Stop::TakenOver(outcome) => {
             audit.mark_handed_over();
+            if let Some(router) = &started.router {
+                router.hand_over();
+            }
             if let Some(interceptor) = &services.interceptor {
                 interceptor.hand_over();
             }

@@ -121,7 +121,13 @@ async fn start_locked(
             Err(e) => load_error = Some(BpfUnavailable::PinDir(e)),
         }
     }
+    let mut previous_flows = None;
     if pin_lock.is_some() {
+        // Open before the stale pins go: its flows are carried over.
+        if config.intercept.as_ref().and_then(|i| i.routed()).is_some() {
+            previous_flows =
+                crate::routed::handover::Previous::open(&pin_dir.join(crate::routed::FLOWS_PIN));
+        }
         let removed =
             crate::bpf::remove_pin_files(pin_dir).map_err(|source| StartupError::StalePins {
                 dir: pin_dir.clone(),
@@ -195,7 +201,8 @@ async fn start_locked(
         (Some(section), Some(loaded)) => match section.routed() {
             Some(routed) => {
                 let interfaces = section.interfaces.as_deref().unwrap_or_default();
-                let router = crate::routed::Router::start(loaded, routed, interfaces)?;
+                let router =
+                    crate::routed::Router::start(loaded, routed, interfaces, previous_flows)?;
                 tracing::info!(
                     ?interfaces,
                     "routing granted flows (intercept.routed_grants)"

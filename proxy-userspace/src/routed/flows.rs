@@ -36,6 +36,8 @@ struct Known {
     grant_id: u64,
     opened: SystemTime,
     grant: Option<Grant>,
+    /// Opened under a previous agent and carried over at start.
+    adopted: bool,
     /// When and why it ended; removed `linger` later.
     ended: Option<(Instant, EndReason)>,
 }
@@ -79,12 +81,22 @@ impl FlowWatch {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.poll(false),
+                _ = tick.tick() => {}
                 _ = stop.changed() => break,
             }
-            if *stop.borrow() {
+            if *stop.borrow() || self.router.is_handed_over() {
                 break;
             }
+            self.poll(false);
+        }
+        if self.router.is_handed_over() {
+            // The successor carried the flows over; ending them here would
+            // reset connections it serves.
+            tracing::info!(
+                flows = self.known.len(),
+                "routed flows handed over to the successor"
+            );
+            return;
         }
         self.poll(true);
     }
@@ -134,6 +146,7 @@ impl FlowWatch {
                 grant_id: flow.grant_id,
                 opened: now,
                 grant,
+                adopted: self.router.take_carried(&key),
                 ended: None,
             };
             self.audit
@@ -244,6 +257,9 @@ fn event(kind: EventKind, key: FlowKey, known: &Known, flow: Option<&FlowValue>)
     event.upstream = Some(target.to_string());
     event.session_id = Some(format!("{:016x}", known.session_id));
     event.datapath = Some(DATAPATH);
+    if known.adopted {
+        event.handover = Some(crate::audit::Handover::Adopted);
+    }
     // The grant may be gone already (revoked before the first poll): its
     // id is still the flow's.
     event.grant_id = Some(GrantId(known.grant_id).to_string());

@@ -14,12 +14,15 @@
 //! Only IPv4 over Ethernet: anything else takes the intercepting path.
 
 pub mod flows;
+pub mod handover;
 pub mod metrics;
 pub mod rst;
 pub mod sources;
 
+use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::tc::{self, NlOptions, TcAttachOptions};
@@ -67,15 +70,23 @@ pub struct Router {
     flows_pin: PathBuf,
     /// [`sources::clock_offset`] at start.
     offset: u64,
+    /// Flows a previous agent opened, carried over at start (their audit
+    /// lines say `handover: adopted`); taken by the flow watch.
+    carried: Mutex<HashSet<FlowKey>>,
+    /// A successor took this agent over: its programs track the flows now.
+    handed_over: AtomicBool,
 }
 
 impl Router {
     /// Writes the mark, pins `FLOWS` and attaches both programs to every
     /// interface, replacing a previous agent's filters.
+    /// `previous`: the pinned `FLOWS` a previous agent left (see
+    /// [`handover`]), opened before the stale pins were removed.
     pub fn start(
         bpf: &mut LoadedBpf,
         section: &RoutedGrantsSection,
         interfaces: &[String],
+        previous: Option<handover::Previous>,
     ) -> Result<Self, RoutedError> {
         let mut config: Array<MapData, RoutedConfig> = typed(
             map_names::ROUTED_CONFIG,
@@ -86,10 +97,14 @@ impl Router {
             _pad: 0,
         };
         config.set(0, value, 0).map_err(RoutedError::Config)?;
-        bpf.pin_map(map_names::FLOWS, FLOWS_PIN)?;
-        let flows: HashMap<MapData, FlowKey, FlowValue> =
-            typed(map_names::FLOWS, bpf.take_map(map_names::FLOWS)?)?;
         let flows_pin = bpf.pin_dir.join(FLOWS_PIN);
+        bpf.pin_map(map_names::FLOWS, FLOWS_PIN)?;
+        let mut flows: HashMap<MapData, FlowKey, FlowValue> =
+            typed(map_names::FLOWS, bpf.take_map(map_names::FLOWS)?)?;
+        let mut carried = previous
+            .as_ref()
+            .map(|p| p.carry(&mut flows))
+            .unwrap_or_default();
         let router = Self {
             flows: Mutex::new(flows),
             sources: Mutex::new(typed(
@@ -104,6 +119,8 @@ impl Router {
             interfaces: interfaces.to_vec(),
             flows_pin,
             offset: sources::clock_offset(),
+            carried: Mutex::new(HashSet::new()),
+            handed_over: AtomicBool::new(false),
         };
         for (name, attach_type) in [
             (program_names::ROUTED_IN, TcAttachType::Ingress),
@@ -114,7 +131,40 @@ impl Router {
                 attach(program, name, interface, attach_type)?;
             }
         }
+        if let Some(previous) = previous {
+            // Flows the old programs opened while ours were being attached.
+            carried.extend(
+                previous.carry(&mut router.flows.lock().unwrap_or_else(PoisonError::into_inner)),
+            );
+            tracing::info!(
+                flows = carried.len(),
+                "routed flows of the previous agent carried over"
+            );
+        }
+        *router
+            .carried
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = carried;
         Ok(router)
+    }
+
+    /// Whether `key` is a flow a previous agent opened (asked once per flow).
+    pub(crate) fn take_carried(&self, key: &FlowKey) -> bool {
+        self.carried
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key)
+    }
+
+    /// A successor took over: its programs and `FLOWS` track the flows from
+    /// now on, so this agent neither ends nor reports them any more.
+    pub fn hand_over(&self) {
+        self.handed_over.store(true, Ordering::Release);
+    }
+
+    #[must_use]
+    pub fn is_handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::Acquire)
     }
 
     /// The programs' counters, summed over the CPUs.
