@@ -74,9 +74,14 @@ pub enum Command {
     /// grants revoked in the pinned map and destroys their sessions'
     /// sockets directly (root, in the agent's network namespace).
     Revoke(revoke::RevokeArgs),
-    /// List live sessions from the pinned maps (no call to the agent).
+    /// List every live session: kernel-path and pinned user-space ones from
+    /// the pinned `sessions` map, routed flows from the pinned `flows` map,
+    /// and a forward-only agent's user-space sessions from its operator
+    /// socket (`GET /v1/sessions`).
     ///
-    /// Works for members of `[agent] operator_group` without root.
+    /// The pinned maps answer without the agent, for members of `[agent]
+    /// operator_group` without root; an operator socket that does not
+    /// answer is noted, not an error.
     Sessions(sessions::SessionsArgs),
     /// List live grants, from the agent's API or else the pinned map.
     Grants(grants::GrantsArgs),
