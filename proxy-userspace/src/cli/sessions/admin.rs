@@ -105,8 +105,8 @@ mod tests {
             "client":"198.51.100.7:40000","destination":"192.0.2.10:9000",
             "upstream":"192.0.2.10:9000","started_at":"2026-01-01T00:00:00Z",
             "expires_at":null,"bytes_up":10,"bytes_down":20,"auth":"preamble"}]"#;
-        let now = humantime::parse_rfc3339("2026-01-01T00:01:00Z").unwrap();
-        let rows = parse(body, now).unwrap();
+        let now = humantime::parse_rfc3339("2026-01-01T00:01:00Z").expect("a time");
+        let rows = parse(body, now).expect("a list");
         assert_eq!(rows.len(), 1);
         let row = &rows[0];
         assert_eq!(row.session_id, "00000000000000aa");

@@ -150,11 +150,10 @@ mod tests {
             Some((&earlier, start)),
             start + Duration::from_secs(2),
         );
-        let a = now.iter().find(|r| r.session_id == "a").unwrap();
+        let a = now.iter().find(|r| r.session_id == "a").expect("a");
         assert_eq!(a.rate_up_bytes_per_second, Some(1000.0));
         assert_eq!(a.rate_down_bytes_per_second, Some(250.0));
-        let new = now.iter().find(|r| r.session_id == "new").unwrap();
+        let new = now.iter().find(|r| r.session_id == "new").expect("new");
         assert!(new.rate_up_bytes_per_second.is_none());
-        set_rates(&mut now, None, start);
     }
 }
