@@ -34,6 +34,16 @@ pub fn config(builder: &AgentBuilder<'_>, agent_extra: &str) -> String {
     )
 }
 
+/// An intercepting agent on the eBPF path ([`config`]), started.
+pub fn start(topo: &Topology, agent_extra: &str) -> Result<crate::Agent> {
+    let builder = crate::Agent::builder(&topo.bastion)?;
+    let config = config(&builder, agent_extra);
+    Ok(builder
+        .config(config)
+        .args(["--datapath", "ebpf"])
+        .spawn()?)
+}
+
 /// The operator socket of an agent whose directory is `dir`.
 pub fn admin_socket(dir: &Path) -> std::path::PathBuf {
     dir.join("admin.sock")

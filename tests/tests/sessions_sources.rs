@@ -32,6 +32,30 @@ fn rows(doc: &Value) -> Result<&Vec<Value>> {
     doc["sessions"].as_array().context("sessions array")
 }
 
+/// `tcpgate sessions --json --sample 200ms` with `args`: the one session's
+/// rate each way, measured between two readings of its counters (idle
+/// here, so 0, but a number only if both readings listed it).
+fn sampled_rates<S: AsRef<std::ffi::OsStr>>(agent: &Agent, args: &[S]) -> Result<(f64, f64)> {
+    let mut command = agent.cli_command();
+    command
+        .args(["sessions", "--json", "--sample", "200ms"])
+        .args(args);
+    let (code, stdout, stderr) = run(command)?;
+    ensure!(code == 0, "sessions --sample ({code}): {stderr}");
+    let doc: Value = serde_json::from_str(&stdout).with_context(|| stdout.clone())?;
+    let listed = rows(&doc)?;
+    ensure!(listed.len() == 1, "{doc:#}");
+    let rate = |key: &str| {
+        listed[0][key]
+            .as_f64()
+            .with_context(|| format!("{key}: {doc:#}"))
+    };
+    Ok((
+        rate("rate_up_bytes_per_second")?,
+        rate("rate_down_bytes_per_second")?,
+    ))
+}
+
 /// A routed flow is listed (datapath `routed`, the grant, the session id
 /// of its audit lines) with the bytes the tc programs counted, equal to
 /// the payload each way; once both ends close it is gone from the list,
@@ -83,6 +107,11 @@ fn a_routed_flow_is_listed_with_its_payload_and_its_audit_id() -> Result<()> {
         status(&doc, "routed_flows") == "answered" && status(&doc, "operator_socket") == "answered",
         "{doc:#}"
     );
+    let rates = sampled_rates(
+        &fx.agent,
+        &[std::ffi::OsStr::new("--config"), config.as_os_str()],
+    )?;
+    ensure!(rates.0 < 1.0 && rates.1 < 1.0, "an idle flow: {rates:?}");
     op::close(stream);
     eventually(
         Duration::from_secs(20),
@@ -155,6 +184,8 @@ fn a_forward_only_agents_session_comes_from_its_operator_socket() -> Result<()> 
             && status(&doc, "operator_socket") == "answered",
         "{doc:#}"
     );
+    let rates = sampled_rates(&fx.agent, &args)?;
+    ensure!(rates.0 < 1.0 && rates.1 < 1.0, "an idle session: {rates:?}");
     op::close(stream);
     fx.wait_closed(1)?;
     fx.agent.stop()?;
@@ -185,12 +216,7 @@ fn a_stopped_agents_pinned_sessions_are_listed_without_its_socket() -> Result<()
     }
     let topo = Topology::new()?;
     let server = sized_server(&topo)?;
-    let builder = Agent::builder(&topo.bastion)?;
-    let config = op::config(&builder, "");
-    let mut agent = builder
-        .config(config)
-        .args(["--datapath", "ebpf"])
-        .spawn()?;
+    let mut agent = op::start(&topo, "")?;
     let stream = open_session(&topo, 5_000, 80_000)?;
     let client = stream.local_addr()?.to_string();
     let config = agent.config_path().to_owned();

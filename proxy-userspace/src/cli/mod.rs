@@ -128,16 +128,17 @@ pub fn block_on<F: std::future::Future<Output = i32>>(future: F) -> i32 {
 /// Runs a future on a small runtime; `None` (after saying why) if the
 /// runtime cannot start.
 pub fn block_on_value<T, F: std::future::Future<Output = T>>(future: F) -> Option<T> {
-    match tokio::runtime::Builder::new_current_thread()
+    current_thread_runtime().map(|runtime| runtime.block_on(future))
+}
+
+/// A current-thread runtime for a command; `None`, with the reason on
+/// stderr, when it cannot start.
+pub fn current_thread_runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(runtime) => Some(runtime.block_on(future)),
-        Err(e) => {
-            eprintln!("tcpgate: cannot start the async runtime: {e}");
-            None
-        }
-    }
+        .inspect_err(|e| eprintln!("tcpgate: cannot start the async runtime: {e}"))
+        .ok()
 }
 
 /// Where the configuration comes from.

@@ -80,15 +80,8 @@ pub fn run(args: &SessionsArgs) -> i32 {
             return crate::config::EXIT_CONFIG;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("tcpgate: cannot start the async runtime: {e}");
-            return 1;
-        }
+    let Some(runtime) = super::current_thread_runtime() else {
+        return 1;
     };
     let sources = Sources {
         pin_dir: view::pin_dir(args.pin_dir.as_deref(), &args.admin.config, "sessions"),
