@@ -149,3 +149,38 @@ impl SourceReport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(source: Source, status: Status, detail: &str) -> SourceReport {
+        SourceReport::new(source, "here".to_owned(), status, Some(detail.to_owned()))
+    }
+
+    fn reading(sources: Vec<SourceReport>) -> Reading {
+        Reading {
+            at: Instant::now(),
+            rows: Vec::new(),
+            sources,
+        }
+    }
+
+    #[test]
+    fn one_answering_source_is_enough_and_none_names_every_attempt() {
+        let socket_down = report(Source::OperatorSocket, Status::Failed, "refused");
+        let pinned = |status| report(Source::PinnedSessions, status, "no pin dir");
+        let routed = report(Source::RoutedFlows, Status::Absent, "no pin dir");
+        let some = reading(vec![
+            pinned(Status::Answered),
+            routed.clone(),
+            socket_down.clone(),
+        ]);
+        assert_eq!(some.nothing_answered(), None);
+        let none = reading(vec![pinned(Status::Absent), routed, socket_down]);
+        assert_eq!(
+            none.nothing_answered().as_deref(),
+            Some("no pin dir; and the operator socket here did not answer (refused)")
+        );
+    }
+}
