@@ -26,15 +26,27 @@ pub enum AdminReadError {
 /// The operator endpoint and a client for it (made once, reused by every
 /// refresh of `--watch`).
 pub struct AdminSource {
-    pub endpoint: AdminEndpoint,
+    /// The endpoint, or where it was to be read from.
+    pub location: String,
     client: Result<AdminClient, String>,
 }
 
 impl AdminSource {
+    /// `endpoint` is `Err((where, why))` when the configuration naming it
+    /// cannot be used (an operator who may not read it): this source then
+    /// fails at each reading, and the pinned maps still answer.
     #[must_use]
-    pub fn new(endpoint: AdminEndpoint, timeout: Duration) -> Self {
-        let client = endpoint.client(timeout).map_err(|e| crate::error_chain(&e));
-        Self { endpoint, client }
+    pub fn new(endpoint: Result<AdminEndpoint, (String, String)>, timeout: Duration) -> Self {
+        match endpoint {
+            Ok(endpoint) => Self {
+                location: endpoint.to_string(),
+                client: endpoint.client(timeout).map_err(|e| crate::error_chain(&e)),
+            },
+            Err((location, why)) => Self {
+                location,
+                client: Err(why),
+            },
+        }
     }
 
     /// The listed sessions, or why there are none (the message of a

@@ -74,11 +74,17 @@ fn next(sources: &Sources, before: Option<&Reading>) -> Result<Reading, String> 
 
 pub fn run(args: &SessionsArgs) -> i32 {
     let endpoint = match args.admin.endpoint() {
-        Ok(endpoint) => endpoint,
-        Err(e) => {
+        Ok(endpoint) => Ok(endpoint),
+        // A bad --admin is the caller's mistake.
+        Err(e @ super::AdminError::BadEndpoint(_)) => {
             eprintln!("tcpgate sessions: {}", crate::error_chain(&e));
             return crate::config::EXIT_CONFIG;
         }
+        // An unusable configuration only costs the operator socket.
+        Err(e) => Err((
+            format!("[admin] of {}", args.admin.config.display()),
+            crate::error_chain(&e),
+        )),
     };
     let Some(runtime) = super::current_thread_runtime() else {
         return 1;

@@ -116,7 +116,7 @@ impl Sources {
         let answer = self.runtime.block_on(self.admin.read(now));
         let (found, report) = report(
             Source::OperatorSocket,
-            self.admin.endpoint.to_string(),
+            self.admin.location.clone(),
             answer.map(Some).map_err(|why| (Status::Failed, why)),
         );
         rows.extend(found);
