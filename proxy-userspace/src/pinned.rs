@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use nix::unistd::AccessFlags;
 use proxy_common::grant::GrantRecord;
+use proxy_common::routed::{FlowKey, FlowValue};
 use proxy_common::session::{SessionRecord, SocketEntry};
 use proxy_common::stats::GlobalStats;
 
@@ -73,6 +74,9 @@ pub enum PinnedError {
         source: aya::maps::MapError,
     },
 }
+
+/// The routed path's `FLOWS` pin in the agent's pin directory.
+pub const FLOWS_PIN: &str = "flows";
 
 /// How a pinned map is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,11 +135,11 @@ impl PinnedMaps {
         Ok((path, map))
     }
 
-    fn hash_map<V: aya::Pod>(
+    fn hash_map<K: aya::Pod, V: aya::Pod>(
         &self,
         file: &str,
         mode: Mode,
-    ) -> Result<(PathBuf, HashMap<MapData, u64, V>), PinnedError> {
+    ) -> Result<(PathBuf, HashMap<MapData, K, V>), PinnedError> {
         let (path, map) = self.map(file, mode)?;
         let typed = HashMap::try_from(map).map_err(|source| PinnedError::Layout {
             path: path.clone(),
@@ -144,8 +148,8 @@ impl PinnedMaps {
         Ok((path, typed))
     }
 
-    fn entries<V: aya::Pod>(&self, file: &str) -> Result<Vec<(u64, V)>, PinnedError> {
-        let (path, map) = self.hash_map::<V>(file, Mode::ReadOnly)?;
+    fn entries<K: aya::Pod, V: aya::Pod>(&self, file: &str) -> Result<Vec<(K, V)>, PinnedError> {
+        let (path, map) = self.hash_map::<K, V>(file, Mode::ReadOnly)?;
         let mut out = Vec::new();
         for entry in map.iter() {
             match entry {
@@ -166,7 +170,7 @@ impl PinnedMaps {
     /// Every session record.
     pub fn sessions(&self) -> Result<Vec<SessionRecord>, PinnedError> {
         Ok(self
-            .entries::<SessionRecord>("sessions")?
+            .entries::<u64, SessionRecord>("sessions")?
             .into_iter()
             .map(|(_, record)| record)
             .collect())
@@ -175,7 +179,7 @@ impl PinnedMaps {
     /// Every grant record (not the revocations-pending marker).
     pub fn grants(&self) -> Result<Vec<GrantRecord>, PinnedError> {
         Ok(self
-            .entries::<GrantRecord>("grants")?
+            .entries::<u64, GrantRecord>("grants")?
             .into_iter()
             .filter(|(id, _)| *id != proxy_common::grant::REVOCATIONS_PENDING_KEY)
             .map(|(_, record)| record)
@@ -184,7 +188,12 @@ impl PinnedMaps {
 
     /// Every spliced socket: (cookie, entry).
     pub fn sockets(&self) -> Result<Vec<(u64, SocketEntry)>, PinnedError> {
-        self.entries::<SocketEntry>("sockets")
+        self.entries::<u64, SocketEntry>("sockets")
+    }
+
+    /// Every routed flow (`[intercept.routed_grants]`), ended ones included.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, PinnedError> {
+        self.entries::<FlowKey, FlowValue>(FLOWS_PIN)
     }
 
     /// The eBPF programs' counters, summed over the CPUs.
@@ -204,7 +213,7 @@ impl PinnedMaps {
     /// Leaves the marker that tells the agent to look for revocation flags
     /// (root only).
     pub fn mark_revocations_pending(&self) -> Result<(), PinnedError> {
-        let (path, mut map) = self.hash_map::<GrantRecord>("grants", Mode::ReadWrite)?;
+        let (path, mut map) = self.hash_map::<u64, GrantRecord>("grants", Mode::ReadWrite)?;
         let mut marker = grant_marker();
         marker.flags = proxy_common::grant::GRANT_FLAG_REVOKED;
         map.insert(proxy_common::grant::REVOCATIONS_PENDING_KEY, marker, 0)
@@ -214,7 +223,7 @@ impl PinnedMaps {
     /// Sets `flags` on a grant's record (root only: opens the map for
     /// writing). Returns false when the grant has no record.
     pub fn flag_grant(&self, grant_id: u64, flags: u32) -> Result<bool, PinnedError> {
-        let (path, mut map) = self.hash_map::<GrantRecord>("grants", Mode::ReadWrite)?;
+        let (path, mut map) = self.hash_map::<u64, GrantRecord>("grants", Mode::ReadWrite)?;
         let mut record = match map.get(&grant_id, 0) {
             Ok(record) => record,
             Err(aya::maps::MapError::KeyNotFound) => return Ok(false),

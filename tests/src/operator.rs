@@ -34,6 +34,16 @@ pub fn config(builder: &AgentBuilder<'_>, agent_extra: &str) -> String {
     )
 }
 
+/// An intercepting agent on the eBPF path ([`config`]), started.
+pub fn start(topo: &Topology, agent_extra: &str) -> Result<crate::Agent> {
+    let builder = crate::Agent::builder(&topo.bastion)?;
+    let config = config(&builder, agent_extra);
+    Ok(builder
+        .config(config)
+        .args(["--datapath", "ebpf"])
+        .spawn()?)
+}
+
 /// The operator socket of an agent whose directory is `dir`.
 pub fn admin_socket(dir: &Path) -> std::path::PathBuf {
     dir.join("admin.sock")
@@ -142,10 +152,23 @@ pub fn run(mut command: Command) -> Result<(i32, String, String)> {
 
 /// `tcpgate sessions --json --sample 0 --pin-dir <dir>`, parsed.
 pub fn sessions_json(binary: &Path, pin_dir: &Path) -> Result<Value> {
+    sessions_json_with(
+        binary,
+        [std::ffi::OsStr::new("--pin-dir"), pin_dir.as_os_str()],
+    )
+}
+
+/// `tcpgate sessions --json --sample 0` with `args` (where to look:
+/// `--config`, `--admin`, `--pin-dir`); fails unless it exits 0.
+pub fn sessions_json_with<I, S>(binary: &Path, args: I) -> Result<Value>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
     let mut command = Command::new(binary);
     command
-        .args(["sessions", "--json", "--sample", "0", "--pin-dir"])
-        .arg(pin_dir);
+        .args(["sessions", "--json", "--sample", "0"])
+        .args(args);
     let (status, stdout, stderr) = run(command)?;
     ensure!(status == 0, "tcpgate sessions failed ({status}): {stderr}");
     let doc: Value = serde_json::from_str(&stdout).with_context(|| stdout.clone())?;

@@ -11,19 +11,10 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use tcpgate_tests::auth_fixture::AuthFixture;
 use tcpgate_tests::operator::{
-    self as op, Continue, TempGroup, cli_in, open_session, run, sessions_json, sized_server,
+    self as op, Continue, TempGroup, cli_in, open_session, run, sessions_json, sized_server, start,
 };
 use tcpgate_tests::wait_events;
 use tcpgate_tests::{Agent, Signal, Topology, require_root};
-
-fn start(topo: &Topology, agent_extra: &str) -> Result<Agent> {
-    let builder = Agent::builder(&topo.bastion)?;
-    let config = op::config(&builder, agent_extra);
-    Ok(builder
-        .config(config)
-        .args(["--datapath", "ebpf"])
-        .spawn()?)
-}
 
 /// Client address -> (bytes_up, bytes_down) of every listed session.
 fn listed(doc: &Value) -> Result<BTreeMap<String, (u64, u64)>> {

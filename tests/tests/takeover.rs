@@ -3,6 +3,7 @@
 //! adopts the user-space sessions and the old agent drains the kernel-path
 //! ones; nothing is refused and no byte is lost.
 
+use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -12,8 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use tcpgate_tests::operator::{self as op, open_session, sized_server};
 use tcpgate_tests::takeover::{
-    SteppedTransfer, admin_lines, agent_lines, check_digest, duplex_upstream, echo_once,
-    listed_sessions, successor, wait_taken_over,
+    SteppedTransfer, admin_lines, agent_lines, check_digest, duplex_upstream, echo_once, successor,
+    wait_taken_over,
 };
 use tcpgate_tests::topology::BASTION_RUNNER_V4;
 use tcpgate_tests::{
@@ -62,22 +63,27 @@ fn a_transfer_each_way_survives_three_takeovers(path: DataPath) -> Result<()> {
         )?;
         wait_taken_over(prev).with_context(|| format!("round {round}"))?;
         agents.push(next);
-        // `tcpgate sessions` still lists it, draining in the first agent
-        // (kernel path), or the successor's operator socket lists it as
-        // its own (user-space path), with counters grown by the last leg.
-        let counters = match path {
+        // `tcpgate sessions` still lists it under the same id, draining in
+        // the first agent (kernel path: the pinned map), or as the
+        // successor's own (user-space path: its operator socket), with
+        // counters grown by the last leg.
+        let (listed_id, counters) = match path {
             DataPath::Ebpf => drained_counters(&fx)?,
             // Listed from the adoption on; its counters from when its
             // relay runs again.
             DataPath::Userspace => eventually(
                 Duration::from_secs(20),
                 "the successor lists the adopted session's counters",
-                || -> Result<Option<(u64, u64)>> {
-                    let counters = adopted_counters(dir.path(), &mut id)?;
-                    Ok((counters.0 > 0).then_some(counters))
+                || -> Result<Option<(String, (u64, u64))>> {
+                    let (listed_id, counters) = adopted_counters(&fx)?;
+                    Ok((counters.0 > 0).then_some((listed_id, counters)))
                 },
             )?,
         };
+        ensure!(
+            id.get_or_insert_with(|| listed_id.clone()) == &listed_id,
+            "round {round}: the session keeps its id: {id:?} then {listed_id}"
+        );
         if let Some(before) = listed {
             ensure!(
                 counters.0 > before.0 && counters.1 > before.1,
@@ -96,9 +102,11 @@ fn a_transfer_each_way_survives_three_takeovers(path: DataPath) -> Result<()> {
         DataPath::Userspace => "adopted",
     };
     ensure!(close[0]["handover"] == handover, "{}", close[0]);
-    if let Some(id) = &id {
-        ensure!(close[0]["session_id"] == id.as_str(), "{}", close[0]);
-    }
+    ensure!(
+        id.as_deref().is_some_and(|id| close[0]["session_id"] == id),
+        "the listed id is the audit line's: {id:?} {}",
+        close[0]
+    );
     assert_bytes_with(path, &close[0], GIB, GIB, true)?;
     // Each replaced agent exits by itself once its sessions are gone.
     let status = fx
@@ -124,8 +132,8 @@ fn a_transfer_each_way_survives_three_takeovers(path: DataPath) -> Result<()> {
 }
 
 /// The one session `tcpgate sessions` lists as draining in the fixture's
-/// (first) agent: its (bytes up, bytes down).
-fn drained_counters(fx: &ForwardFixture) -> Result<(u64, u64)> {
+/// (first) agent: its id and (bytes up, bytes down).
+fn drained_counters(fx: &ForwardFixture) -> Result<(String, (u64, u64))> {
     let doc = op::sessions_json(fx.agent.binary(), fx.agent.pin_dir())?;
     let pid = u64::from(fx.agent.pid());
     let rows: Vec<&serde_json::Value> = doc["sessions"]
@@ -135,22 +143,32 @@ fn drained_counters(fx: &ForwardFixture) -> Result<(u64, u64)> {
         .filter(|s| s["draining_agent_pid"].as_u64() == Some(pid))
         .collect();
     ensure!(rows.len() == 1, "one session draining in pid {pid}: {doc}");
-    let field = |name: &str| rows[0][name].as_u64().context("counter");
-    Ok((field("bytes_up")?, field("bytes_down")?))
+    id_and_counters(rows[0])
 }
 
-/// The one session the operator socket in `dir` lists (the agent that
-/// adopted it last): its (bytes up, bytes down). Its id never changes.
-fn adopted_counters(dir: &Path, id: &mut Option<String>) -> Result<(u64, u64)> {
-    let rows = listed_sessions(dir)?;
-    ensure!(rows.len() == 1, "one adopted session: {rows:?}");
-    let listed_id = rows[0]["session_id"].as_str().context("session_id")?;
+/// The one session `tcpgate sessions` lists for a forward-only user-space
+/// agent (nothing pinned): the operator socket of the agent that adopted
+/// it last, which every agent sharing the configuration binds in turn.
+fn adopted_counters(fx: &ForwardFixture) -> Result<(String, (u64, u64))> {
+    let config = fx.agent.config_path();
+    let doc = op::sessions_json_with(
+        fx.agent.binary(),
+        [OsStr::new("--config"), config.as_os_str()],
+    )?;
+    let rows = doc["sessions"].as_array().context("sessions")?;
+    ensure!(rows.len() == 1, "one adopted session: {doc}");
     ensure!(
-        id.get_or_insert_with(|| listed_id.to_owned()) == listed_id,
-        "the adopted session keeps its id: {id:?} then {listed_id}"
+        rows[0]["datapath"] == "userspace"
+            && rows[0]["listed_by"] == serde_json::json!(["operator_socket"]),
+        "{doc}"
     );
-    let field = |name: &str| rows[0][name].as_u64().context("counter");
-    Ok((field("bytes_up")?, field("bytes_down")?))
+    id_and_counters(&rows[0])
+}
+
+fn id_and_counters(row: &serde_json::Value) -> Result<(String, (u64, u64))> {
+    let field = |name: &str| row[name].as_u64().context("counter");
+    let id = row["session_id"].as_str().context("session_id")?;
+    Ok((id.to_owned(), (field("bytes_up")?, field("bytes_down")?)))
 }
 
 /// A successor whose state version differs adopts nothing: the live

@@ -331,6 +331,8 @@ pub struct SessionView {
     pub expires_at: Option<std::time::SystemTime>,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// `none`, `preamble` or `source_grant`.
+    pub auth: &'static str,
 }
 
 async fn list_sessions(State(state): State<Arc<ApiState>>) -> Response {
@@ -353,6 +355,7 @@ async fn list_sessions(State(state): State<Arc<ApiState>>) -> Response {
                 // path; on the user-space path they are all there is.
                 bytes_up: up.live_bytes() + up.userspace_bytes,
                 bytes_down: down.live_bytes() + down.userspace_bytes,
+                auth: crate::datapath::auth_name(m.auth_method),
             }
         })
         .collect();

@@ -74,9 +74,14 @@ pub enum Command {
     /// grants revoked in the pinned map and destroys their sessions'
     /// sockets directly (root, in the agent's network namespace).
     Revoke(revoke::RevokeArgs),
-    /// List live sessions from the pinned maps (no call to the agent).
+    /// List every live session: kernel-path and pinned user-space ones from
+    /// the pinned `sessions` map, routed flows from the pinned `flows` map,
+    /// and a forward-only agent's user-space sessions from its operator
+    /// socket (`GET /v1/sessions`).
     ///
-    /// Works for members of `[agent] operator_group` without root.
+    /// The pinned maps answer without the agent, for members of `[agent]
+    /// operator_group` without root; an operator socket that does not
+    /// answer is noted, not an error.
     Sessions(sessions::SessionsArgs),
     /// List live grants, from the agent's API or else the pinned map.
     Grants(grants::GrantsArgs),
@@ -123,16 +128,17 @@ pub fn block_on<F: std::future::Future<Output = i32>>(future: F) -> i32 {
 /// Runs a future on a small runtime; `None` (after saying why) if the
 /// runtime cannot start.
 pub fn block_on_value<T, F: std::future::Future<Output = T>>(future: F) -> Option<T> {
-    match tokio::runtime::Builder::new_current_thread()
+    current_thread_runtime().map(|runtime| runtime.block_on(future))
+}
+
+/// A current-thread runtime for a command; `None`, with the reason on
+/// stderr, when it cannot start.
+pub fn current_thread_runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(runtime) => Some(runtime.block_on(future)),
-        Err(e) => {
-            eprintln!("tcpgate: cannot start the async runtime: {e}");
-            None
-        }
-    }
+        .inspect_err(|e| eprintln!("tcpgate: cannot start the async runtime: {e}"))
+        .ok()
 }
 
 /// Where the configuration comes from.

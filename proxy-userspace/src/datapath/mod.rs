@@ -95,6 +95,17 @@ pub struct SessionMeta {
     pub subject: std::sync::Arc<str>,
 }
 
+/// The name of a `SessionMeta::auth_method` (`AUTH_*`), as operators see
+/// it: `none`, `preamble` or `source_grant`.
+#[must_use]
+pub const fn auth_name(method: u16) -> &'static str {
+    match method {
+        proxy_common::session::AUTH_PREAMBLE => "preamble",
+        proxy_common::session::AUTH_SOURCE_GRANT => "source_grant",
+        _ => "none",
+    }
+}
+
 /// How a session ended.
 #[derive(Debug, Clone)]
 pub struct SpliceOutcome {

@@ -29,6 +29,30 @@ pub const DATAPATH: &str = "routed";
 /// The close line's `detail` of a flow refused for its preamble.
 pub const TOKEN_DETAIL: &str = "token preamble on a routed flow: the runner holds a source grant, so it must connect without a preamble; the token was dropped before the target";
 
+/// A routed flow's session id: derived from what the pinned `FLOWS` entry
+/// holds for its whole life (its 5-tuple and the monotonic time of its
+/// SYN), so `tcpgate sessions` computes the id the audit lines carry
+/// without asking the agent. A reused 5-tuple has another SYN time. FNV-1a
+/// over the fields, then the splitmix64 finalizer; never 0. Not a secret:
+/// operators see every session id.
+#[must_use]
+pub fn session_id(key: &FlowKey, opened_mono_ns: u64) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut bytes = [0u8; 20];
+    bytes[..4].copy_from_slice(&key.runner_addr);
+    bytes[4..8].copy_from_slice(&key.target_addr);
+    bytes[8..10].copy_from_slice(&key.runner_port.to_be_bytes());
+    bytes[10..12].copy_from_slice(&key.target_port.to_be_bytes());
+    bytes[12..].copy_from_slice(&opened_mono_ns.to_be_bytes());
+    for byte in bytes {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^= hash >> 31;
+    hash.max(1)
+}
+
 /// A flow the agent has written a `session_open` for.
 struct Known {
     session_id: u64,
@@ -142,7 +166,7 @@ impl FlowWatch {
         let known = self.known.entry(key).or_insert_with(|| {
             let grant = self.gate.grant(GrantId(flow.grant_id));
             let known = Known {
-                session_id: rand::random(),
+                session_id: session_id(&key, flow.opened_mono_ns),
                 grant_id: flow.grant_id,
                 opened: now,
                 grant,
@@ -284,4 +308,29 @@ fn event(kind: EventKind, key: FlowKey, known: &Known, flow: Option<&FlowValue>)
         }
     }
     event
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flow_session_id_depends_on_the_tuple_and_the_syn_time_only() {
+        let key = FlowKey {
+            runner_addr: [198, 51, 100, 7],
+            target_addr: [192, 0, 2, 10],
+            runner_port: 40_000,
+            target_port: 5432,
+        };
+        let id = session_id(&key, 1_000);
+        assert_eq!(id, session_id(&key, 1_000), "deterministic");
+        // Pinned: the CLI of another build must compute the same id.
+        assert_eq!(format!("{id:016x}"), "8cd2722a5e8eb6b9");
+        assert_ne!(id, session_id(&key, 1_001), "a reused tuple");
+        let other = FlowKey {
+            runner_port: 40_001,
+            ..key
+        };
+        assert_ne!(id, session_id(&other, 1_000));
+    }
 }

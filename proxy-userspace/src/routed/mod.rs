@@ -34,7 +34,7 @@ use crate::bpf::{BpfError, LoadedBpf, typed};
 use crate::config::RoutedGrantsSection;
 
 /// `FLOWS`' pin in the agent's pin directory.
-pub const FLOWS_PIN: &str = "flows";
+pub const FLOWS_PIN: &str = crate::pinned::FLOWS_PIN;
 
 /// tc filter priority of both programs: before filters at the default.
 const TC_PRIORITY: u16 = 1;
