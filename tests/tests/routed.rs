@@ -157,8 +157,11 @@ fn expiry_and_revocation_reset_both_ends() -> Result<()> {
     Ok(())
 }
 
-/// Without a grant, a SYN is intercepted (and refused without a
-/// preamble), also when it carries the routed mark.
+/// Without a grant, a runner's SYN is intercepted (and refused without a
+/// preamble). A mark set by a runner never reaches the bastion (it is
+/// cleared crossing into another namespace, as on a wire); what can carry
+/// the routed mark is a socket on the bastion itself, and the guard's
+/// output chain does not honour it: that connection is intercepted too.
 #[test]
 fn no_grant_or_a_forged_mark_is_intercepted() -> Result<()> {
     if !require_root() {
@@ -168,7 +171,12 @@ fn no_grant_or_a_forged_mark_is_intercepted() -> Result<()> {
     let server = echo_service(&fx, b"")?;
     for (round, forged) in [(1, false), (2, true)] {
         let target = AuthFixture::target(PORT);
-        let mut stream = fx.topo.runner.run(move || dial_marked(target, forged))?;
+        let from = if forged {
+            &fx.topo.bastion
+        } else {
+            &fx.topo.runner
+        };
+        let mut stream = from.run(move || dial_marked(target, forged))?;
         stream.set_read_timeout(Some(Duration::from_secs(20)))?;
         stream.write_all(b"not a preamble")?;
         let mut rest = Vec::new();
