@@ -85,8 +85,23 @@ impl ForwardFixture {
     /// As [`Self::start_tuned`], with more `tcpgate run` arguments (e.g.
     /// `--supervise`).
     pub fn start_run(path: DataPath, agent: &str, extra: &str, args: &[&str]) -> Result<Self> {
+        Self::start_run_env(path, agent, extra, args, &[])
+    }
+
+    /// As [`Self::start_run`], with environment variables for the agent
+    /// (test hooks).
+    pub fn start_run_env(
+        path: DataPath,
+        agent: &str,
+        extra: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<Self> {
         let topo = Topology::new()?;
-        let builder = Agent::builder(&topo.bastion)?;
+        let mut builder = Agent::builder(&topo.bastion)?;
+        for (key, value) in envs {
+            builder = builder.env(key, value);
+        }
         let config = format!(
             "auth = \"none\"\n[agent]\npin_dir = {pin:?}\ndrain_timeout = \"20s\"\n{agent}\n\n[audit]\npath = {audit:?}\n\n\
              [[forward]]\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\n{extra}",

@@ -211,3 +211,67 @@ fn sigusr2_under_the_supervisor_keeps_it_the_main_process() -> Result<()> {
     ensure!(!pin_dir.exists(), "the agent removed its pins on stop");
     Ok(())
 }
+
+/// A successor that took the listeners and then died before it was ready
+/// (here: held before READY by a test hook, then SIGKILLed) leaves no agent
+/// serving, while the old one drains a kernel-path session. The supervisor
+/// stops the taken-over agent and exits with the successor's status, so
+/// systemd's `Restart=on-failure` brings the service back, instead of
+/// waiting for a drain while nothing accepts.
+#[test]
+fn a_successor_dying_after_it_took_over_stops_the_service_with_a_failure() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let agent = format!(
+        "takeover_socket = {:?}\ntakeover_timeout = \"2s\"\nshutdown_grace = \"1s\"\n",
+        dir.path().join("takeover.sock").display().to_string()
+    );
+    let mut fx = ForwardFixture::start_run_env(
+        DataPath::Ebpf,
+        &agent,
+        "",
+        &["--supervise"],
+        &[("TCPGATE_TEST_TAKEOVER_STALL", "ready")],
+    )?;
+    let supervisor = fx.agent.pid();
+    let first = agents_of(supervisor)?;
+    let (up, down) = (Payload::new(51, 8 << 20), Payload::new(52, 8 << 20));
+    let _server = duplex_upstream(&fx, down)?;
+    let transfer = SteppedTransfer::start(fx.dial()?, up, down.len, 2)?;
+    transfer.wait_checkpoint()?;
+    fx.agent.signal(Signal::SIGUSR2)?;
+    wait_taken_over(&fx.agent)?;
+    fx.agent
+        .wait_for_log("never reporting ready", Duration::from_secs(30))?;
+    let successor = eventually(Duration::from_secs(10), "the successor", || {
+        agents_of(supervisor)
+            .ok()
+            .and_then(|a| a.into_iter().find(|p| !first.contains(p)))
+    })?;
+    kill(Pid::from_raw(i32::try_from(successor)?), Signal::SIGKILL)?;
+    let status = fx
+        .agent
+        .wait_exit(Duration::from_secs(60))?
+        .context("the supervisor exits once no agent serves")?;
+    ensure!(
+        status.code() == Some(128 + 9),
+        "the successor's status, a failure: {status:?}\n{}",
+        fx.agent.logs_tail(20)
+    );
+    ensure!(
+        relayed(&fx).iter().any(|m| m.contains("no agent serves")),
+        "the unit's status says why: {:?}",
+        relayed(&fx)
+    );
+    ensure!(
+        first
+            .iter()
+            .all(|p| kill(Pid::from_raw(*p as i32), None).is_err()),
+        "the taken-over agent stopped too"
+    );
+    transfer.resume();
+    let _ = transfer.finish();
+    Ok(())
+}

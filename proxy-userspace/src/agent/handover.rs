@@ -54,6 +54,12 @@ impl Successor {
 /// such an agent leaves starting successors to the supervisor.
 pub const SUPERVISOR_ENV: &str = "TCPGATE_SUPERVISOR_PID";
 
+/// The notify key a supervised agent sends once a successor took its
+/// listeners: from then on it serves nothing new, so should the successor
+/// die before it is ready, no agent serves and the supervisor must stop
+/// the service (and systemd restart it) rather than wait for the drain.
+pub const TAKEN_OVER_KEY: &str = "X_TCPGATE_TAKEN_OVER";
+
 /// The successor this agent started on SIGUSR2 (0: none), which it hands
 /// the systemd unit to once taken over.
 static SPAWNED: AtomicU32 = AtomicU32::new(0);
@@ -151,6 +157,13 @@ pub async fn taken(
         ),
         Err(e) => tracing::error!(predecessor = pid, error = %e, "the takeover task failed"),
     }
+    if std::env::var(takeover::STALL_ENV).is_ok_and(|v| v == "ready") {
+        tracing::warn!(
+            "{}=ready: never reporting ready after the takeover (test hook)",
+            takeover::STALL_ENV
+        );
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Installs the predecessor's live source grants.
@@ -201,8 +214,13 @@ pub async fn drain(
     } else {
         String::new()
     };
+    let supervised = if std::env::var_os(SUPERVISOR_ENV).is_some() {
+        format!("{TAKEN_OVER_KEY}={successor}\n")
+    } else {
+        String::new()
+    };
     crate::notify::status(&format!(
-        "{main_pid}STATUS=taken over by pid {successor}; draining {live} sessions"
+        "{main_pid}{supervised}STATUS=taken over by pid {successor}; draining {live} sessions"
     ));
     let mut term = signal(SignalKind::terminate()).map_err(StartupError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(StartupError::Signals)?;

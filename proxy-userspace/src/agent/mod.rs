@@ -27,7 +27,7 @@ use crate::datapath::EndReason;
 use crate::session::{Services, Target};
 use takeover::{ListenerRole, ListenerSet};
 
-pub use handover::SUPERVISOR_ENV;
+pub use handover::{SUPERVISOR_ENV, TAKEN_OVER_KEY};
 pub use lock::LockError;
 pub use startup::StartupError;
 // The pieces `run` wires together, for assembling an agent in-process

@@ -9,7 +9,8 @@ pub enum Role {
     Starting,
     /// Ready; the agent signals are forwarded to.
     Serving,
-    /// Taken over by a successor that became ready: drains its sessions.
+    /// Taken over by a successor (which took its listeners, or became
+    /// ready): drains its sessions.
     Draining,
 }
 
@@ -26,6 +27,9 @@ pub enum Exited {
     /// A draining agent is done (or a process that was not ours).
     Drained,
 }
+
+/// Sent by an agent a successor took over (see `agent::TAKEN_OVER_KEY`).
+const TAKEN_OVER_KEY: &str = crate::agent::TAKEN_OVER_KEY;
 
 /// Keys a child may set in the service manager: never `MAINPID=` (the
 /// supervisor stays the main process) nor file-descriptor store requests.
@@ -82,6 +86,16 @@ impl Children {
     pub fn notified(&mut self, pid: u32, message: &str) -> Option<String> {
         let role = self.role(pid)?;
         let ready = message.lines().any(|l| l == "READY=1");
+        let taken_over = message
+            .lines()
+            .any(|l| l.split_once('=').is_some_and(|(k, _)| k == TAKEN_OVER_KEY));
+        if role == Role::Serving && taken_over {
+            // It accepts nothing new: a successor that dies before it is
+            // ready leaves no agent serving.
+            self.set(pid, Role::Draining);
+            let relayed = relayable(message);
+            return (!relayed.is_empty()).then_some(relayed);
+        }
         let speaks = match role {
             Role::Serving => true,
             Role::Starting if ready => {
@@ -220,5 +234,32 @@ mod tests {
         let mut first = Children::default();
         first.started(20);
         assert_eq!(first.exited(20), Exited::NoneServing, "config error");
+    }
+
+    #[test]
+    fn a_successor_dying_after_it_took_the_listeners_leaves_none_serving() {
+        let mut children = serving_one();
+        children.started(11);
+        let taken =
+            format!("{TAKEN_OVER_KEY}=11\nSTATUS=taken over by pid 11; draining 1 sessions");
+        assert_eq!(
+            children.notified(10, &taken),
+            Some("STATUS=taken over by pid 11; draining 1 sessions".into()),
+            "relayed without the supervisor's own key"
+        );
+        assert_eq!(children.role(10), Some(Role::Draining));
+        assert_eq!(children.serving(), None);
+        assert_eq!(children.exited(11), Exited::NoneServing);
+        assert_eq!(children.exited(10), Exited::Drained);
+    }
+
+    #[test]
+    fn taken_over_then_ready_is_an_ordinary_takeover() {
+        let mut children = serving_one();
+        children.started(11);
+        children.notified(10, &format!("{TAKEN_OVER_KEY}=11"));
+        assert_eq!(children.notified(11, "READY=1"), Some("READY=1".into()));
+        assert_eq!(children.serving(), Some(11));
+        assert_eq!(children.exited(10), Exited::Drained);
     }
 }

@@ -257,9 +257,18 @@ impl Supervisor {
             }
             Exited::Drained => tracing::warn!(pid, code, "a taken-over agent exited with an error"),
             Exited::NoneServing => {
-                self.code = code;
+                // An agent ending on its own is a failure even with status
+                // 0, so that `Restart=on-failure` brings the service back.
+                self.code = if self.stopping || code != 0 { code } else { 1 };
                 if !self.stopping {
-                    tracing::error!(pid, code, "the serving agent exited; stopping the service");
+                    tracing::error!(
+                        pid,
+                        code,
+                        "no agent serves any more (the serving agent, or a successor that had taken over, exited); stopping the service"
+                    );
+                    crate::notify::status(&format!(
+                        "STATUS=pid {pid} exited with status {code} and no agent serves; stopping (systemd restarts the service)"
+                    ));
                     self.stop(Signal::SIGTERM);
                 }
             }

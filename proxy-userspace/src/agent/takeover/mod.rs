@@ -67,7 +67,9 @@ pub const STATE_VERSION_ENV: &str = "TCPGATE_TEST_TAKEOVER_STATE_VERSION";
 /// Test-only: set to `offer` on the running agent, it stops answering
 /// after its offer (an agent hung mid-takeover); set to `adopt` on a
 /// successor, it stops answering after adopting the first batch of
-/// sessions (a successor hung mid-handover).
+/// sessions (a successor hung mid-handover); set to `ready` on a
+/// successor, it takes over and then never reports ready (a successor hung
+/// or dying between the two).
 pub const STALL_ENV: &str = "TCPGATE_TEST_TAKEOVER_STALL";
 
 /// The state version this build advertises.
