@@ -23,6 +23,7 @@ use proxy_common::stats::GlobalStats;
 use crate::auth::token_cache::TokenCacheStats;
 use crate::datapath::DatapathKind;
 
+mod register;
 mod token_cache;
 
 /// The eBPF programs' per-CPU counters.
@@ -92,17 +93,32 @@ pub struct Snapshot {
     pub token_cache: Option<TokenCacheStats>,
 }
 
-/// Index into [`Metrics::closed_bytes`].
+/// Index into [`Metrics::closed_bytes`] (the first four) and into the
+/// byte totals of a scrape.
 const KERNEL_UP: usize = 0;
 const KERNEL_DOWN: usize = 1;
 const USER_UP: usize = 2;
 const USER_DOWN: usize = 3;
-const BYTE_SERIES: [(usize, &str, &str); 4] = [
+const ROUTED_UP: usize = 4;
+const ROUTED_DOWN: usize = 5;
+const BYTE_SERIES: [(usize, &str, &str); 6] = [
     (KERNEL_UP, "up", "kernel"),
     (KERNEL_DOWN, "down", "kernel"),
     (USER_UP, "up", "userspace"),
     (USER_DOWN, "down", "userspace"),
+    (ROUTED_UP, "up", "routed"),
+    (ROUTED_DOWN, "down", "routed"),
 ];
+
+/// Routed flows (`[intercept.routed_grants]`) as the flow watch last saw
+/// them: the tc programs count their bytes, the agent never holds them.
+#[derive(Debug, Default)]
+struct RoutedFigures {
+    live: AtomicU64,
+    /// Every byte of every routed flow so far, ended ones included.
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
+}
 
 /// The agent's metrics; shared by the sessions and the admin endpoint.
 pub struct Metrics {
@@ -118,6 +134,7 @@ pub struct Metrics {
     bytes: Family<BytesLabels, Counter>,
     /// Final counters of ended sessions, added when each ends.
     closed_bytes: [AtomicU64; 4],
+    routed: RoutedFigures,
     limit_hits: Family<LimitLabels, Counter>,
     audit_dropped: Counter,
     ebpf_redirect_failures: Counter,
@@ -155,6 +172,7 @@ impl Metrics {
             grants_live: Gauge::default(),
             bytes: Family::default(),
             closed_bytes: Default::default(),
+            routed: RoutedFigures::default(),
             limit_hits: Family::default(),
             audit_dropped: Counter::default(),
             ebpf_redirect_failures: Counter::default(),
@@ -182,112 +200,6 @@ impl Metrics {
     /// For metrics kept elsewhere (the cluster's), added before sharing.
     pub fn registry_mut(&mut self) -> &mut Registry {
         &mut self.registry
-    }
-
-    fn register(&mut self, datapath: DatapathKind) {
-        let registry = &mut self.registry;
-        registry.register(
-            "sessions_live",
-            "Sessions admitted and not yet ended",
-            self.sessions_live.clone(),
-        );
-        registry.register(
-            "grants_live",
-            "Grants in the grant store",
-            self.grants_live.clone(),
-        );
-        registry.register(
-            "connections_accepted",
-            "Connections admitted (authenticated, under the session limit)",
-            self.accepted.clone(),
-        );
-        registry.register(
-            "connections_denied",
-            "Connections refused, by reason (no_rule_matched, token_expired, bad_magic, timeout, session_limit, not_intercepted, ...)",
-            self.denied.clone(),
-        );
-        registry.register(
-            "sessions_closed",
-            "Sessions ended, by reason (client_closed, grant_expired, revoked, agent_shutdown, ...)",
-            self.closed.clone(),
-        );
-        registry.register(
-            "bytes",
-            "Payload bytes moved, by direction (up: client to upstream) and path (kernel: the eBPF verdict's counters; userspace: the copy fallback)",
-            self.bytes.clone(),
-        );
-        registry.register(
-            "auth_duration_seconds",
-            "Time from accept to the admission decision, by result (admitted, denied)",
-            self.auth_seconds.clone(),
-        );
-        registry.register(
-            "upstream_connect_duration_seconds",
-            "Time to connect upstream, by result (ok, error)",
-            self.connect_seconds.clone(),
-        );
-        registry.register(
-            "expiry_teardown_seconds",
-            "From a grant's expiry to the teardown of each of its sessions",
-            self.expiry_teardown_seconds.clone(),
-        );
-        registry.register(
-            "limit_hits",
-            "Times a bound was hit, by its [auth.limits] field (pending_connections, pending_per_source, grants_per_subject, grants_per_source, max_grants, grants_map)",
-            self.limit_hits.clone(),
-        );
-        registry.register(
-            "audit_dropped",
-            "Audit lines dropped because the writer was behind (connection_denied lines only; session lines are never dropped)",
-            self.audit_dropped.clone(),
-        );
-        registry.register(
-            "ebpf_redirect_failures",
-            "Skbs the verdict program could not redirect (peer socket missing), all CPUs",
-            self.ebpf_redirect_failures.clone(),
-        );
-        registry.register(
-            "ebpf_redirected_skbs",
-            "Skbs the verdict program redirected to the peer socket, all CPUs",
-            self.ebpf_redirected_skbs.clone(),
-        );
-        registry.register(
-            "ebpf_lookups_steered",
-            "Intercepted SYNs the sk_lookup program steered to the agent",
-            self.ebpf_lookups_steered.clone(),
-        );
-        registry.register(
-            "ebpf_lookups_no_listener",
-            "Intercepted SYNs that found no agent listener",
-            self.ebpf_lookups_no_listener.clone(),
-        );
-        registry.register(
-            "ebpf_retransmit_overlap_bytes",
-            "Retransmitted bytes TCP handed to the verdict a second time, trimmed before they could reach the peer twice",
-            self.ebpf_retransmit_overlap_bytes.clone(),
-        );
-        registry.register(
-            "ebpf_retransmit_overlap_untrimmed",
-            "Retransmissions whose old bytes the verdict could not trim (they reached the peer twice); should stay 0",
-            self.ebpf_retransmit_overlap_untrimmed.clone(),
-        );
-        let paths: Family<DatapathLabels, Gauge> = Family::default();
-        for kind in [DatapathKind::Ebpf, DatapathKind::Userspace] {
-            paths
-                .get_or_create(&DatapathLabels {
-                    datapath: kind.as_str(),
-                })
-                .set(i64::from(kind == datapath));
-        }
-        registry.register(
-            "datapath",
-            "The data path in use (1) and the other (0)",
-            paths,
-        );
-        for (_, direction, path) in BYTE_SERIES {
-            // Present at zero from the start, so rates work from the first scrape.
-            let _ = self.bytes.get_or_create(&BytesLabels { direction, path });
-        }
     }
 
     /// A connection was admitted.
@@ -361,6 +273,17 @@ impl Metrics {
         }
     }
 
+    /// The routed flows' live count and byte totals (every flow so far,
+    /// from `FLOWS` and the ended ones), at each poll of the flow watch.
+    pub fn routed_progress(&self, live: usize, bytes_up: u64, bytes_down: u64) {
+        let routed = &self.routed;
+        routed
+            .live
+            .store(u64::try_from(live).unwrap_or(u64::MAX), Ordering::Relaxed);
+        routed.bytes_up.store(bytes_up, Ordering::Relaxed);
+        routed.bytes_down.store(bytes_down, Ordering::Relaxed);
+    }
+
     /// An HTTP server (`api`, `admin`) refused or cut a connection at
     /// `limit`.
     pub fn http_limit_hit(&self, server: &'static str, limit: &'static str) {
@@ -372,12 +295,18 @@ impl Metrics {
     /// Reads the scrape-time values and renders every metric.
     pub fn render(&self, snapshot: &Snapshot) -> String {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
+        let routed_live = self.routed.live.load(Ordering::Relaxed);
+        let live = u64::try_from(snapshot.live_sessions).unwrap_or(u64::MAX);
         self.sessions_live
-            .set(i64::try_from(snapshot.live_sessions).unwrap_or(i64::MAX));
+            .set(i64::try_from(live.saturating_add(routed_live)).unwrap_or(i64::MAX));
         self.grants_live
             .set(i64::try_from(snapshot.live_grants).unwrap_or(i64::MAX));
-        let mut totals: [u64; 4] =
-            std::array::from_fn(|i| self.closed_bytes[i].load(Ordering::Relaxed));
+        let mut totals = [0u64; BYTE_SERIES.len()];
+        for (total, closed) in totals.iter_mut().zip(&self.closed_bytes) {
+            *total = closed.load(Ordering::Relaxed);
+        }
+        totals[ROUTED_UP] = self.routed.bytes_up.load(Ordering::Relaxed);
+        totals[ROUTED_DOWN] = self.routed.bytes_down.load(Ordering::Relaxed);
         for (up, down) in &snapshot.live_counters {
             totals[KERNEL_UP] += up.kernel_bytes;
             totals[KERNEL_DOWN] += down.kernel_bytes;

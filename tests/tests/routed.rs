@@ -82,6 +82,28 @@ fn byte_exact_both_ways_half_close_counted_in_flows() -> Result<()> {
         pinned_entries(fx.agent.pin_dir(), "flows")?.is_empty(),
         "the flow is removed after linger"
     );
+    // The agent's session metrics count it like any session.
+    eventually(
+        Duration::from_secs(10),
+        "routed bytes in tcpgate_bytes_total",
+        || -> Result<bool> {
+            let m = parse(&scrape_unix(&fx.admin_socket())?)?;
+            let bytes = |d| {
+                m.count(
+                    "tcpgate_bytes_total",
+                    &[("direction", d), ("path", "routed")],
+                )
+            };
+            Ok(bytes("up") == up.len as f64
+                && bytes("down") == down.len as f64
+                && m.count("tcpgate_connections_accepted_total", &[]) == 1.0
+                && m.count(
+                    "tcpgate_sessions_closed_total",
+                    &[("reason", "client_closed")],
+                ) == 1.0
+                && m.count("tcpgate_sessions_live", &[]) == 0.0)
+        },
+    )?;
     Ok(())
 }
 
@@ -347,6 +369,14 @@ fn thousand_concurrent_routed_flows() -> Result<()> {
         pinned_entries(fx.agent.pin_dir(), "flows")?.len() == FLOWS,
         "all live together in FLOWS"
     );
+    eventually(
+        Duration::from_secs(10),
+        "tcpgate_sessions_live counts the routed flows",
+        || -> Result<bool> {
+            let m = parse(&scrape_unix(&fx.admin_socket())?)?;
+            Ok(m.count("tcpgate_sessions_live", &[]) == FLOWS as f64)
+        },
+    )?;
     tcpgate_tests::payload::check_echoed(&mut clients, SIZE)?;
     let peers = echo.stop()?.into_iter().collect::<Result<Vec<_>>>()?;
     ensure!(

@@ -80,6 +80,8 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
         routed_metrics.register(metrics.registry_mut(), router.section.max_flows);
     }
     let metrics = Arc::new(metrics);
+    let mut routed_metrics = routed_metrics;
+    routed_metrics.attach(Arc::clone(&metrics));
     let audit = AuditLog::open(
         &AuditTarget::parse(&config.audit.path),
         metrics.audit_dropped(),

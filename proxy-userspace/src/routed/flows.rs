@@ -74,6 +74,8 @@ pub struct FlowWatch {
     rst: Option<RstSender>,
     metrics: super::metrics::RoutedMetrics,
     known: HashMap<FlowKey, Known>,
+    /// Bytes of the flows removed so far (up, down), for the totals.
+    removed_bytes: (u64, u64),
 }
 
 impl FlowWatch {
@@ -97,6 +99,7 @@ impl FlowWatch {
             rst,
             metrics,
             known: HashMap::new(),
+            removed_bytes: (0, 0),
         }
     }
 
@@ -148,6 +151,7 @@ impl FlowWatch {
             self.router.section.linger
         };
         self.metrics.update(&self.router.stats(), flows.len());
+        let mut kept_bytes = (0u64, 0u64);
         for (key, flow) in flows {
             self.observe(key, flow, now, shutdown);
             let done = self
@@ -157,8 +161,15 @@ impl FlowWatch {
                 .is_some_and(|(at, _)| at.elapsed() >= linger);
             if done {
                 self.remove(key);
+            } else {
+                kept_bytes.0 += flow.bytes_up;
+                kept_bytes.1 += flow.bytes_down;
             }
         }
+        let live = self.known.values().filter(|k| k.ended.is_none()).count();
+        let (up, down) = self.removed_bytes;
+        self.metrics
+            .progress(live, up + kept_bytes.0, down + kept_bytes.1);
     }
 
     /// Writes the open line of a new flow, and notes when and why it ends.
@@ -175,6 +186,7 @@ impl FlowWatch {
             };
             self.audit
                 .record(event(EventKind::SessionOpen, key, &known, None));
+            self.metrics.opened();
             known
         });
         if known.ended.is_some() {
@@ -235,7 +247,16 @@ impl FlowWatch {
             let _ = map.remove(&key);
             flow
         };
+        if let Some(final_counts) = &flow {
+            self.removed_bytes.0 += final_counts.bytes_up;
+            self.removed_bytes.1 += final_counts.bytes_down;
+        }
         if let Some(known) = self.known.remove(&key) {
+            let reason = known.ended.map_or(EndReason::AgentShutdown, |(_, r)| r);
+            let expired_at = (reason == EndReason::GrantExpired)
+                .then(|| known.grant.as_ref().map(|g| g.expires_at))
+                .flatten();
+            self.metrics.closed(reason.as_str(), expired_at);
             self.audit
                 .record(event(EventKind::SessionClose, key, &known, flow.as_ref()));
         }

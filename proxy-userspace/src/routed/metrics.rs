@@ -1,4 +1,10 @@
-//! Routed grants' metrics, updated by the flow watch at each poll.
+//! Routed grants' metrics, updated by the flow watch at each poll: their
+//! own (`routed_*`), and the agent's session metrics, so routed flows
+//! count in `sessions_live`, `connections_accepted`, `sessions_closed`,
+//! `expiry_teardown_seconds` and `bytes{path="routed"}` like any session.
+
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -14,6 +20,8 @@ pub struct RoutedMetrics {
     forged: Counter,
     dropped: Counter,
     preambles: Counter,
+    /// The agent's metrics, once shared.
+    agent: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl RoutedMetrics {
@@ -54,6 +62,34 @@ impl RoutedMetrics {
             "Routed flows reset because the runner sent a token preamble on them",
             self.preambles.clone(),
         );
+    }
+
+    /// Routed flows count in the agent's session metrics from now on.
+    pub fn attach(&mut self, agent: Arc<crate::metrics::Metrics>) {
+        self.agent = Some(agent);
+    }
+
+    /// A routed flow was admitted (its SYN, seen at the next poll).
+    pub fn opened(&self) {
+        if let Some(agent) = &self.agent {
+            agent.accepted();
+        }
+    }
+
+    /// A routed flow ended for `reason`; `expired_at` is its grant's expiry
+    /// when that ended it (the teardown's lateness is measured from it).
+    pub fn closed(&self, reason: &str, expired_at: Option<SystemTime>) {
+        if let Some(agent) = &self.agent {
+            let none = proxy_common::session::DirectionCounters::default();
+            agent.session_closed(reason, &none, &none, expired_at);
+        }
+    }
+
+    /// The live routed flows and every routed byte so far.
+    pub fn progress(&self, live: usize, bytes_up: u64, bytes_down: u64) {
+        if let Some(agent) = &self.agent {
+            agent.routed_progress(live, bytes_up, bytes_down);
+        }
     }
 
     pub fn update(&self, stats: &RoutedStats, flows: usize) {
