@@ -334,9 +334,9 @@ impl AuditLog {
     }
 }
 
-/// Bytes of lines written at once: the lines already queued when the
-/// writer wakes go out in one write (for a file, one hand-off to tokio's
-/// blocking pool) instead of one each.
+/// Bytes of lines written at once: the lines queued when the writer wakes,
+/// and those the tasks already runnable then add, go out in one write (for
+/// a file, one hand-off to tokio's blocking pool) instead of one each.
 const MAX_BATCH: usize = 64 * 1024;
 
 async fn write_loop(
@@ -364,6 +364,10 @@ async fn write_loop(
             },
         };
         append_line(&mut batch, &event);
+        // Lets the tasks already runnable (sessions ending in the same
+        // burst) queue their lines first: one write, and for a file one
+        // hand-off to the blocking pool, then carries them all.
+        tokio::task::yield_now().await;
         take_queued(&mut sessions, &mut batch, MAX_BATCH);
         write_batch(&mut sink, &mut batch, &mut failures).await;
     }

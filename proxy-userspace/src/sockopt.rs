@@ -62,6 +62,8 @@ pub struct SendState {
     pub acked: u64,
     /// `SIOCOUTQ`: written but not yet acknowledged.
     pub queued: u64,
+    /// `tcpi_state` (`TCP_ESTABLISHED` = 1, ...), from the same read.
+    pub tcp_state: u8,
 }
 
 impl SendState {
@@ -86,6 +88,7 @@ pub fn send_state(fd: BorrowedFd<'_>) -> io::Result<SendState> {
     Ok(SendState {
         acked: info.tcpi_bytes_acked,
         queued: u64::try_from(queued).unwrap_or(0),
+        tcp_state: info.tcpi_state,
     })
 }
 

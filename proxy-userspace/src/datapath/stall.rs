@@ -50,7 +50,11 @@ mod tests {
     use super::*;
 
     fn state(acked: u64, queued: u64) -> SendState {
-        SendState { acked, queued }
+        SendState {
+            acked,
+            queued,
+            tcp_state: 1,
+        }
     }
 
     #[test]

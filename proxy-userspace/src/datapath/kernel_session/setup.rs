@@ -28,10 +28,29 @@ pub(in crate::datapath) async fn run(
             return failed(format!("cannot detach sockets from the runtime: {e}"));
         }
     };
+    // Held first, so that no byte arriving from here on runs a verdict
+    // whose peer is not in the SOCKHASH yet; then one TCP_INFO read per
+    // socket gives both its state and its bytes-sent baseline.
+    let hold = |fd: BorrowedFd<'_>, bytes| sockopt::set_rcvlowat(fd, bytes);
+    let prepared = hold(client.as_fd(), i32::MAX)
+        .and_then(|()| hold(upstream.as_fd(), i32::MAX))
+        .and_then(|()| {
+            Ok((
+                sockopt::send_state(client.as_fd())?,
+                sockopt::send_state(upstream.as_fd())?,
+            ))
+        });
+    let (client_state, upstream_state) = match prepared {
+        Ok(states) => states,
+        Err(e) => {
+            return abort_unspliced(&client, &upstream, format!("cannot prepare sockets: {e}"));
+        }
+    };
     // SOCKHASH takes only ESTABLISHED sockets: a peer that already sent its
     // FIN (a client that writes and half-closes at once) leaves its socket in
-    // CLOSE_WAIT, and the session is copied in user space instead.
-    if !established(&client) || !established(&upstream) {
+    // CLOSE_WAIT, and the session is copied in user space instead (which
+    // lowers SO_RCVLOWAT again).
+    if client_state.tcp_state != TCP_ESTABLISHED || upstream_state.tcp_state != TCP_ESTABLISHED {
         return Box::pin(copy_instead(
             dp,
             meta,
@@ -42,6 +61,7 @@ pub(in crate::datapath) async fn run(
         ))
         .await;
     }
+    let baselines = PerSide::new(client_state.handed_to_tcp(), upstream_state.handed_to_tcp());
     if dp.timeouts.sndbuf > 0 {
         for socket in [client.as_fd(), upstream.as_fd()] {
             if let Err(e) = sockopt::force_sndbuf(socket, dp.timeouts.sndbuf) {
@@ -49,21 +69,6 @@ pub(in crate::datapath) async fn run(
             }
         }
     }
-    let hold = |fd: BorrowedFd<'_>, bytes| sockopt::set_rcvlowat(fd, bytes);
-    let prepared = hold(client.as_fd(), i32::MAX)
-        .and_then(|()| hold(upstream.as_fd(), i32::MAX))
-        .and_then(|()| {
-            Ok(PerSide::new(
-                sockopt::bytes_sent(client.as_fd())?,
-                sockopt::bytes_sent(upstream.as_fd())?,
-            ))
-        });
-    let baselines = match prepared {
-        Ok(b) => b,
-        Err(e) => {
-            return abort_unspliced(&client, &upstream, format!("cannot prepare sockets: {e}"));
-        }
-    };
     // Only for the audit line: how much the kick below has to push through.
     let queued = (
         sockopt::queued_bytes(client.as_fd()).unwrap_or(0),
@@ -151,10 +156,6 @@ fn failed(detail: String) -> SpliceOutcome {
 
 /// `TCP_ESTABLISHED` from the kernel's `enum tcp_state`.
 const TCP_ESTABLISHED: u8 = 1;
-
-fn established(socket: &std::net::TcpStream) -> bool {
-    sockopt::tcp_state(socket.as_fd()).is_ok_and(|state| state == TCP_ESTABLISHED)
-}
 
 /// Runs a session that cannot be spliced on the user-space copy.
 async fn copy_instead(
