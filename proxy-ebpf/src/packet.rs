@@ -66,37 +66,74 @@ pub fn seq_after(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
 }
 
+/// The `T` at `offset`: read in place when the linear part of the packet
+/// holds it (the headers almost always are: a helper call per field cost
+/// as much as the rest of the program), copied with `bpf_skb_load_bytes`
+/// when not.
+#[inline(always)]
+fn field<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    let at = ctx.data() + offset;
+    if at + size_of::<T>() <= ctx.data_end() {
+        // SAFETY: `at..at + size_of::<T>()` lies between `data` and
+        // `data_end`, which the check above proves to the verifier; the
+        // read is unaligned-safe.
+        return Some(unsafe { core::ptr::read_unaligned(at as *const T) });
+    }
+    ctx.load(offset).ok()
+}
+
+/// Source port, destination port, sequence number, data offset byte and
+/// flags of the TCP header after an IPv4 header of `ihl` bytes.
+#[inline(always)]
+fn tcp_head(ctx: &TcContext, ihl: usize) -> Option<(u16, u16, u32, u8, u8)> {
+    if ihl == 20 {
+        // Constant offsets, so the verifier can bound each read in place;
+        // a header with IP options is rare enough for the helper.
+        const TCP: usize = ETH_HLEN + 20;
+        return Some((
+            u16::from_be(field(ctx, TCP)?),
+            u16::from_be(field(ctx, TCP + 2)?),
+            u32::from_be(field(ctx, TCP + 4)?),
+            field(ctx, TCP + 12)?,
+            field(ctx, TCP + 13)?,
+        ));
+    }
+    let tcp = ETH_HLEN + ihl;
+    Some((
+        u16::from_be(ctx.load(tcp).ok()?),
+        u16::from_be(ctx.load(tcp + 2).ok()?),
+        u32::from_be(ctx.load(tcp + 4).ok()?),
+        ctx.load(tcp + 12).ok()?,
+        ctx.load(tcp + 13).ok()?,
+    ))
+}
+
 /// Parses an Ethernet + IPv4 + TCP packet; `None` for anything else,
 /// fragments included.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Option<Segment> {
-    let proto: u16 = u16::from_be(ctx.load(12).ok()?);
+    let proto: u16 = u16::from_be(field(ctx, 12)?);
     if proto != ETH_P_IP {
         return None;
     }
-    let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+    let vihl: u8 = field(ctx, ETH_HLEN)?;
     let ihl = usize::from(vihl & 0x0f) * 4;
     if vihl >> 4 != 4 || ihl < 20 {
         return None;
     }
-    let total: u16 = u16::from_be(ctx.load(ETH_HLEN + 2).ok()?);
-    let frag: u16 = u16::from_be(ctx.load(ETH_HLEN + 6).ok()?);
+    let total: u16 = u16::from_be(field(ctx, ETH_HLEN + 2)?);
+    let frag: u16 = u16::from_be(field(ctx, ETH_HLEN + 6)?);
     // More fragments, or an offset: not a whole segment.
     if frag & 0x3fff != 0 {
         return None;
     }
-    let protocol: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+    let protocol: u8 = field(ctx, ETH_HLEN + 9)?;
     if protocol != IPPROTO_TCP {
         return None;
     }
-    let src: [u8; 4] = ctx.load(ETH_HLEN + 12).ok()?;
-    let dst: [u8; 4] = ctx.load(ETH_HLEN + 16).ok()?;
-    let tcp = ETH_HLEN + ihl;
-    let sport: u16 = u16::from_be(ctx.load(tcp).ok()?);
-    let dport: u16 = u16::from_be(ctx.load(tcp + 2).ok()?);
-    let seq: u32 = u32::from_be(ctx.load(tcp + 4).ok()?);
-    let doff: u8 = ctx.load(tcp + 12).ok()?;
-    let flags: u8 = ctx.load(tcp + 13).ok()?;
+    let src: [u8; 4] = field(ctx, ETH_HLEN + 12)?;
+    let dst: [u8; 4] = field(ctx, ETH_HLEN + 16)?;
+    let (sport, dport, seq, doff, flags) = tcp_head(ctx, ihl)?;
     let headers = ihl as u32 + u32::from(doff >> 4) * 4;
     let payload = u32::from(total).checked_sub(headers)?;
     Some(Segment {

@@ -19,7 +19,7 @@ use tcpgate_tests::{Agent, ChildGuard, Netns, Topology};
 use super::cpu::BenchCgroup;
 use super::ports;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Contender {
     /// Kernel forwarding through the bastion, no proxy: the limit.

@@ -55,7 +55,7 @@ pub fn datapath(bench: &Bench<'_>, results: &mut Results) -> Result<()> {
         return Ok(());
     }
     for rep in 0..s.runs {
-        for c in turn_order(&Contender::ALL, rep) {
+        for c in turn_order(&s.contenders, rep) {
             interrupt::check()?;
             let running = contender::start(c, &bench.env)
                 .with_context(|| format!("starting {}", c.name()))?;

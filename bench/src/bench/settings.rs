@@ -8,6 +8,7 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 
 use super::connrate::Load;
+use super::contender::Contender;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -21,6 +22,11 @@ pub struct BenchArgs {
     /// Run only these measures (repeat or comma-separate).
     #[arg(long, value_name = "NAME", value_enum, value_delimiter = ',')]
     pub only: Vec<Measure>,
+    /// Run the throughput and latency turns with these contenders only
+    /// (repeat or comma-separate): an A/B of two paths without the others'
+    /// turns in between. The goals then lack the anchors left out.
+    #[arg(long, value_name = "NAME", value_enum, value_delimiter = ',')]
+    pub contenders: Vec<Contender>,
     /// Where results.json, results.md and chart.svg go.
     #[arg(long, value_name = "DIR", default_value = "target/bench")]
     pub out: PathBuf,
@@ -54,6 +60,8 @@ pub enum Measure {
 pub struct Settings {
     pub mode: &'static str,
     pub only: Vec<Measure>,
+    /// The data-path contenders, in turn order.
+    pub contenders: Vec<Contender>,
     /// Repetitions of the data-path and connection-rate measures.
     pub runs: usize,
     pub iperf_seconds: u32,
@@ -98,9 +106,14 @@ impl Settings {
         let mut only = args.only.clone();
         only.sort();
         only.dedup();
+        let contenders: Vec<Contender> = Contender::ALL
+            .into_iter()
+            .filter(|c| args.contenders.is_empty() || args.contenders.contains(c))
+            .collect();
         let settings = Settings {
             mode: if quick { "quick" } else { "full" },
             only,
+            contenders,
             runs: runs.unwrap_or(if quick { 3 } else { 5 }),
             iperf_seconds: if quick { 1 } else { 4 },
             round_trips: if quick { 2_000 } else { 10_000 },
@@ -141,6 +154,7 @@ mod tests {
             quick,
             runs,
             only,
+            contenders: vec![],
             out: PathBuf::from("target/bench"),
         }
     }
@@ -170,5 +184,14 @@ mod tests {
         assert!(s.wants(Measure::Rss) && !s.wants(Measure::Throughput));
         let all = Settings::from_args(&args(true, None, vec![])).expect("valid");
         assert!(all.wants(Measure::Teardown));
+        assert_eq!(all.contenders, Contender::ALL);
+    }
+
+    #[test]
+    fn contenders_keep_the_turn_order() {
+        let mut a = args(true, None, vec![]);
+        a.contenders = vec![Contender::TcpgateRouted, Contender::Direct];
+        let s = Settings::from_args(&a).expect("valid");
+        assert_eq!(s.contenders, [Contender::Direct, Contender::TcpgateRouted]);
     }
 }

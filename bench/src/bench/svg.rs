@@ -201,6 +201,7 @@ mod tests {
                 quick: true,
                 runs: None,
                 only: vec![],
+                contenders: vec![],
                 out: "target/bench".into(),
             })
             .expect("settings");
