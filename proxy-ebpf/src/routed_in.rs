@@ -8,7 +8,7 @@
 //! [`crate::screen`]): the token never reaches the target.
 //! The routed mark is set here only: a packet arriving with it loses it.
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     btf_maps::lpm_trie::Key,
     helpers::bpf_ktime_get_ns,
     macros::classifier,
@@ -16,9 +16,10 @@ use aya_ebpf::{
 };
 use proxy_common::{
     addr::v4_mapped,
-    routed::{FLOW_FIN_UP, FLOW_OPEN, FlowValue, MAX_ROUTED_DESTINATIONS},
+    routed::{FLOW_FIN_DOWN, FLOW_FIN_UP, FLOW_OPEN, FLOW_RST, FlowValue, MAX_ROUTED_DESTINATIONS},
 };
 
+use crate::local_socket::holds_connection;
 use crate::maps::{FLOWS, INTERCEPT, ROUTED_CONFIG, ROUTED_SOURCES, bump_routed};
 use crate::packet::{Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, close_flags, count_bytes, parse};
 use crate::routed_out::still_open;
@@ -83,31 +84,67 @@ fn classify(ctx: &TcContext, segment: &Segment) -> Verdict {
     let key = segment.key_up();
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    let mut replace = false;
     if let Some(flow) = FLOWS.get_ptr_mut(&key) {
         // SAFETY: a successful lookup's value pointer, valid while the
         // program runs; concurrent writers only add to counters.
         let flow = unsafe { &mut *flow };
-        if !still_open(flow, now) {
-            flow.dropped += 1;
-            return Verdict::Ended;
+        // The entry may be a finished flow's, kept for its close line:
+        // a new SYN on its 4-tuple starts a new flow in it.
+        replace = reuses_finished(flow, segment);
+        if !replace {
+            return on_flow(ctx, flow, segment, now);
         }
-        match screen_up(ctx, flow, segment) {
-            Screen::Pass => {}
-            Screen::Hold => return Verdict::Held,
-            Screen::Token => {
-                flow.dropped += 1;
-                return Verdict::Token;
-            }
-        }
-        track_up(flow, segment, now);
-        return Verdict::Routed;
-    }
-    // A SYN with data (TCP Fast Open) would carry bytes before the first
-    // bytes can be checked: the intercepting path takes it.
-    if segment.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN || segment.payload != 0 {
+    } else if !pure_syn(segment) {
         return Verdict::NotOurs;
     }
-    admit(segment, now)
+    let flags = if replace { BPF_ANY } else { BPF_NOEXIST };
+    let verdict = admit(ctx, segment, now, flags);
+    if replace && matches!(verdict, Verdict::NotOurs) {
+        // Not routed any more: the stale entry must not catch the
+        // intercepted connection's packets.
+        let _ = FLOWS.remove(&key);
+    }
+    verdict
+}
+
+/// A packet of a known flow.
+#[inline(always)]
+fn on_flow(ctx: &TcContext, flow: &mut FlowValue, segment: &Segment, now: u64) -> Verdict {
+    if !still_open(flow, now) {
+        flow.dropped += 1;
+        return Verdict::Ended;
+    }
+    match screen_up(ctx, flow, segment) {
+        Screen::Pass => {}
+        Screen::Hold => return Verdict::Held,
+        Screen::Token => {
+            flow.dropped += 1;
+            return Verdict::Token;
+        }
+    }
+    track_up(flow, segment, now);
+    Verdict::Routed
+}
+
+/// A SYN without data (TCP Fast Open data would come before the first
+/// bytes can be checked: the intercepting path takes it).
+#[inline(always)]
+fn pure_syn(segment: &Segment) -> bool {
+    segment.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN && segment.payload == 0
+}
+
+/// A new SYN on the 4-tuple of a flow both ends finished (FINs both ways,
+/// or a reset) that still lingers in `FLOWS`; not a retransmission of the
+/// finished flow's own SYN.
+#[inline(always)]
+fn reuses_finished(flow: &FlowValue, segment: &Segment) -> bool {
+    let both_fins = FLOW_FIN_UP | FLOW_FIN_DOWN;
+    let finished = flow.flags & FLOW_RST != 0 || flow.flags & both_fins == both_fins;
+    flow.state == FLOW_OPEN
+        && finished
+        && pure_syn(segment)
+        && segment.seq.wrapping_add(1) != flow.first_seq_up
 }
 
 /// Counts a runner -> target segment (see [`count_bytes`]).
@@ -120,9 +157,12 @@ fn track_up(flow: &mut FlowValue, segment: &Segment, now: u64) {
 
 /// Records a new flow when the source's one grant covers the destination
 /// and tcpgate intercepts it; a full map leaves the SYN to the normal path.
-fn admit(segment: &Segment, now: u64) -> Verdict {
-    // SAFETY: the value is copied out before anything else touches the map.
-    let Some(source) = (unsafe { ROUTED_SOURCES.get(&segment.src) }).copied() else {
+/// `flags`: `BPF_NOEXIST`, or `BPF_ANY` to replace a finished flow.
+fn admit(ctx: &TcContext, segment: &Segment, now: u64, flags: u32) -> Verdict {
+    // SAFETY: a map value, valid while the program runs; read in place
+    // (a copy would not fit the stack beside the flow's value). The agent
+    // replaces a source's record whole, as it would under a copy.
+    let Some(source) = (unsafe { ROUTED_SOURCES.get(&segment.src) }) else {
         return Verdict::NotOurs;
     };
     if now >= source.deadline_mono_ns {
@@ -138,7 +178,7 @@ fn admit(segment: &Segment, now: u64) -> Verdict {
             break;
         }
     }
-    if !covered || !intercepted(segment) {
+    if !covered || !intercepted(segment) || holds_connection(ctx, segment) {
         return Verdict::NotOurs;
     }
     let flow = FlowValue {
@@ -152,7 +192,7 @@ fn admit(segment: &Segment, now: u64) -> Verdict {
         state: FLOW_OPEN,
         ..FlowValue::default()
     };
-    match FLOWS.insert(&segment.key_up(), &flow, u64::from(BPF_NOEXIST)) {
+    match FLOWS.insert(&segment.key_up(), &flow, u64::from(flags)) {
         Ok(()) => {
             bump_routed(|s| &mut s.flows_opened);
             Verdict::Routed

@@ -64,6 +64,9 @@ struct Known {
     adopted: bool,
     /// When and why it ended; removed `linger` later.
     ended: Option<(Instant, EndReason)>,
+    /// Its entry as last read: its SYN's time tells it from a new flow on
+    /// the same 4-tuple, and its counters close it if one replaced it.
+    last: FlowValue,
 }
 
 /// Polls `FLOWS` until `stop`, then ends every flow left.
@@ -153,6 +156,14 @@ impl FlowWatch {
         self.metrics.update(&self.router.stats(), flows.len());
         let mut kept_bytes = (0u64, 0u64);
         for (key, flow) in flows {
+            let replaced = self
+                .known
+                .get(&key)
+                .is_some_and(|k| k.last.opened_mono_ns != flow.opened_mono_ns);
+            if replaced {
+                // A new SYN on a finished flow's 4-tuple took its entry.
+                self.close(key, None);
+            }
             self.observe(key, flow, now, shutdown);
             let done = self
                 .known
@@ -183,12 +194,14 @@ impl FlowWatch {
                 grant,
                 adopted: self.router.take_carried(&key),
                 ended: None,
+                last: flow,
             };
             self.audit
                 .record(event(EventKind::SessionOpen, key, &known, None));
             self.metrics.opened();
             known
         });
+        known.last = flow;
         if known.ended.is_some() {
             return;
         }
@@ -237,29 +250,50 @@ impl FlowWatch {
 
     /// Removes a finished flow and writes its close line.
     fn remove(&mut self, key: FlowKey) {
+        let opened = self.known.get(&key).map(|k| k.last.opened_mono_ns);
         let flow = {
             let mut map = self
                 .router
                 .flows
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            let flow = map.get(&key, 0).ok();
-            let _ = map.remove(&key);
+            // Not a new flow that took the 4-tuple since the last read.
+            let flow = map
+                .get(&key, 0)
+                .ok()
+                .filter(|f| Some(f.opened_mono_ns) == opened);
+            if flow.is_some() {
+                let _ = map.remove(&key);
+            }
             flow
         };
-        if let Some(final_counts) = &flow {
-            self.removed_bytes.0 += final_counts.bytes_up;
-            self.removed_bytes.1 += final_counts.bytes_down;
-        }
-        if let Some(known) = self.known.remove(&key) {
-            let reason = known.ended.map_or(EndReason::AgentShutdown, |(_, r)| r);
-            let expired_at = (reason == EndReason::GrantExpired)
-                .then(|| known.grant.as_ref().map(|g| g.expires_at))
-                .flatten();
-            self.metrics.closed(reason.as_str(), expired_at);
-            self.audit
-                .record(event(EventKind::SessionClose, key, &known, flow.as_ref()));
-        }
+        self.close(key, flow);
+    }
+
+    /// Writes the close line of `key`'s known flow, with its final entry
+    /// (else the last one read), and forgets it.
+    fn close(&mut self, key: FlowKey, flow: Option<FlowValue>) {
+        let Some(known) = self.known.remove(&key) else {
+            return;
+        };
+        let flow = flow.unwrap_or(known.last);
+        self.removed_bytes.0 += flow.bytes_up;
+        self.removed_bytes.1 += flow.bytes_down;
+        // Replaced before a poll saw it finish: its flags say who closed.
+        let reason = known.ended.map_or(
+            if flow.flags & FLOW_FIN_UP != 0 {
+                EndReason::ClientClosed
+            } else {
+                EndReason::UpstreamClosed
+            },
+            |(_, r)| r,
+        );
+        let expired_at = (reason == EndReason::GrantExpired)
+            .then(|| known.grant.as_ref().map(|g| g.expires_at))
+            .flatten();
+        self.metrics.closed(reason.as_str(), expired_at);
+        self.audit
+            .record(event(EventKind::SessionClose, key, &known, Some(&flow)));
     }
 }
 
