@@ -65,6 +65,9 @@ impl Keys {
         ]
         .iter()
         .chain(extra)
+        // Each once, whatever `extra` repeats.
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
         .map(|p| format!("\"{p}\""))
         .collect::<Vec<_>>()
         .join(", ");

@@ -162,6 +162,7 @@ pub fn intercepted_ports() -> Vec<u16> {
         ports::ECHO_INTERCEPTED,
         ports::CONN_PREAMBLE,
         ports::CONN_GRANT,
+        ports::CONN_ROUTED,
         ports::IDLE,
         ports::TEARDOWN,
     ]

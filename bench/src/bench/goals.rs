@@ -212,14 +212,27 @@ fn latency_goals(results: &Results, goals: &mut Vec<Goal>) {
 fn connection_goals(results: &Results, goals: &mut Vec<Goal>) {
     let metric = Metric::ConnectionsPerSecond;
     let haproxy = results.median(metric, Contender::Haproxy.name());
-    for (subject, limit) in [("preamble", 1.0), ("grant", 1.5)] {
-        let figure = results
-            .median(metric, subject)
+    // A grant's connections take tcpgate's faster grant path: terminated
+    // by the agent (`grant`) or routed (`grant-routed`).
+    let subjects: [(&str, &[&str], f64); 2] = [
+        ("preamble", &["preamble"], 1.0),
+        ("grant", &["grant", "grant-routed"], 1.5),
+    ];
+    for (subject, measured, limit) in subjects {
+        let best = measured
+            .iter()
+            .filter_map(|m| Some((results.median(metric, m)?, *m)))
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        let figure = best
             .zip(haproxy)
             .filter(|&(_, h)| h > 0.0)
-            .map(|(v, h)| Figure {
+            .map(|((v, which), h)| Figure {
                 value: v / h,
-                shown: format!("{:.2}× ({v:.0} vs {h:.0}/s)", v / h),
+                shown: if measured.len() > 1 {
+                    format!("{:.2}× ({which} {v:.0} vs {h:.0}/s)", v / h)
+                } else {
+                    format!("{:.2}× ({v:.0} vs {h:.0}/s)", v / h)
+                },
             });
         goals.push(Goal {
             name: format!("new connections/s, {subject}, vs HAProxy plain TCP"),

@@ -8,6 +8,7 @@
 //! `target/bench/` (results.json, results.md, chart.svg).
 
 mod auth;
+mod conn_phase;
 mod connrate;
 mod contender;
 mod cpu;
@@ -56,6 +57,10 @@ pub mod ports {
     pub const TEARDOWN: u16 = 8003;
     /// One-byte echo, then close: admitted by a source-bound grant.
     pub const CONN_GRANT: u16 = 8004;
+    /// One-byte echo, then close: a source grant's routed flows. A port of
+    /// its own: a 4-tuple the bastion still holds in TIME_WAIT from the
+    /// terminated `CONN_GRANT` cycles would take the intercepting path.
+    pub const CONN_ROUTED: u16 = 8006;
     /// One-byte echo, then close, on a port tcpgate does not intercept:
     /// plain TCP directly and behind HAProxy (a stopped agent's pinned
     /// programs still steer its intercepted ports).
@@ -192,6 +197,10 @@ fn measure_all(
                 contender::target_bind(ports::CONN_PLAIN),
                 Behaviour::OneByteThenClose,
             ),
+            (
+                contender::target_bind(ports::CONN_ROUTED),
+                Behaviour::OneByteThenClose,
+            ),
             (contender::target_bind(ports::IDLE), Behaviour::Hold),
             (contender::target_bind(ports::TEARDOWN), Behaviour::Observe),
         ],
@@ -213,7 +222,7 @@ fn measure_all(
         started,
     };
     phases::datapath(&bench, results)?;
-    phases::connrate(&bench, results)?;
+    conn_phase::connrate(&bench, results)?;
     phases::rss(&bench, results)?;
     phases::teardown(&bench, results)?;
     takeover::measure(&bench, results)?;

@@ -1,0 +1,194 @@
+//! The connection-rate measure: plain TCP directly and through HAProxy
+//! (the anchors), the no-auth baselines, per-connection preambles and a
+//! source-bound grant on one authenticating agent (eBPF path), and a
+//! source grant on an agent with routed grants (the SYN decided by the tc
+//! program, the flow forwarded).
+
+use anyhow::{Context as _, Result};
+use tcpgate_tests::preamble;
+
+use super::auth::request_grant;
+use super::connrate;
+use super::contender::{self, Contender, Service};
+use super::interrupt;
+use super::phases::{Bench, turn_order};
+use super::ports;
+use super::results::{Metric, Results};
+use super::routed;
+use super::settings::Measure;
+
+/// The subject of connections a routed source grant admits.
+pub const GRANT_ROUTED: &str = "grant-routed";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ConnTurn {
+    /// Plain TCP connects to the target, the bastion only routing: the
+    /// limit.
+    Direct,
+    /// Plain TCP connects through HAProxy on the bastion: the anchor of
+    /// the connection-rate goals.
+    Haproxy,
+    /// No `[auth]`: every connection admitted (eBPF path).
+    NoAuth,
+    /// No `[auth]`, user-space copy: what a connection costs without the
+    /// sockmap setup and teardown.
+    NoAuthUserspace,
+    /// `[auth]`: per-connection preambles, then a source-bound grant.
+    Authenticated,
+    /// `[auth]` with routed grants: the runner's source grant routes its
+    /// flows (subject `grant-routed`).
+    Routed,
+}
+
+/// Connection rate: plain TCP directly and through HAProxy, the no-auth
+/// baselines, then per-connection preambles and a source-bound grant on
+/// one authenticating agent (eBPF path).
+pub fn connrate(bench: &Bench<'_>, results: &mut Results) -> Result<()> {
+    let s = bench.settings;
+    if !s.wants(Measure::Connrate) {
+        return Ok(());
+    }
+    let mut turns = vec![
+        ConnTurn::Direct,
+        ConnTurn::Haproxy,
+        ConnTurn::NoAuth,
+        ConnTurn::NoAuthUserspace,
+    ];
+    if bench.keys.is_some() {
+        turns.push(ConnTurn::Authenticated);
+        turns.push(ConnTurn::Routed);
+    }
+    for rep in 0..s.runs {
+        for turn in turn_order(&turns, rep) {
+            interrupt::check()?;
+            let mut line = format!("run {}/{} connections/s", rep + 1, s.runs);
+            let events = conn_turn(bench, turn, results, &mut line)?;
+            for (end, count) in contender::abnormal_ends(&events) {
+                results.note(format!("{count} session(s) ended abnormally: {end}"));
+            }
+            bench.progress(&line);
+        }
+    }
+    Ok(())
+}
+
+/// One turn of the connection-rate measure; returns the agent's audit
+/// events (none for the contenders without an agent).
+fn conn_turn(
+    bench: &Bench<'_>,
+    turn: ConnTurn,
+    results: &mut Results,
+    line: &mut String,
+) -> Result<Vec<serde_json::Value>> {
+    match (turn, bench.keys) {
+        (ConnTurn::Direct | ConnTurn::Haproxy, _) => {
+            let c = if turn == ConnTurn::Direct {
+                Contender::Direct
+            } else {
+                Contender::Haproxy
+            };
+            let running = contender::start(c, &bench.env)
+                .with_context(|| format!("starting {}", c.name()))?;
+            let addr = c.dial(Service::Connect);
+            rate_of(bench, &running.pids(), c.name(), addr, None, results, line)?;
+            Ok(Vec::new())
+        }
+        (ConnTurn::Authenticated, Some(keys)) => {
+            let sections = keys.agent_sections();
+            let agent = contender::start_agent(
+                &bench.env,
+                "ebpf",
+                &contender::agent_config_extra(Some(&sections)),
+            )?;
+            let pids = [agent.pid()];
+            let token = keys.token(3600);
+            let preamble = preamble::encode(&token);
+            let addr = contender::target_bind(ports::CONN_PREAMBLE);
+            rate_of(
+                bench,
+                &pids,
+                "preamble",
+                addr,
+                Some(preamble),
+                results,
+                line,
+            )?;
+            let runner = &bench.env.topo.runner;
+            runner.try_run(|| request_grant(&token, ports::CONN_GRANT, "10m"))??;
+            let addr = contender::target_bind(ports::CONN_GRANT);
+            rate_of(bench, &pids, "grant", addr, None, results, line)?;
+            contender::stop_agent(agent)
+        }
+        (ConnTurn::Routed, Some(_)) => {
+            let agent = routed::start_for(&bench.env, &[ports::CONN_ROUTED], routed::CONN_SECTION)?;
+            let addr = contender::target_bind(ports::CONN_ROUTED);
+            rate_of(
+                bench,
+                &[agent.pid()],
+                GRANT_ROUTED,
+                addr,
+                None,
+                results,
+                line,
+            )?;
+            contender::stop_agent(agent)
+        }
+        (turn, _) => {
+            let (datapath, subject) = if turn == ConnTurn::NoAuthUserspace {
+                ("userspace", "no-auth-userspace")
+            } else {
+                ("ebpf", "no-auth")
+            };
+            let agent =
+                contender::start_agent(&bench.env, datapath, &contender::agent_config_extra(None))?;
+            let addr = contender::target_bind(ports::CONN_PREAMBLE);
+            rate_of(bench, &[agent.pid()], subject, addr, None, results, line)?;
+            contender::stop_agent(agent)
+        }
+    }
+}
+
+/// CPU seconds the processes `pids` have used so far.
+fn cpu_of(pids: &[u32]) -> Result<f64> {
+    pids.iter()
+        .map(|&pid| contender::process_cpu_seconds(pid))
+        .sum()
+}
+
+/// One connection-rate measure, with the CPU per connection of the
+/// processes `pids` (the agent, HAProxy; none for direct).
+fn rate_of(
+    bench: &Bench<'_>,
+    pids: &[u32],
+    subject: &str,
+    addr: std::net::SocketAddr,
+    preamble: Option<Vec<u8>>,
+    results: &mut Results,
+    line: &mut String,
+) -> Result<()> {
+    let cpu_before = cpu_of(pids)?;
+    let rate = connrate::measure(
+        &bench.env.topo.runner,
+        addr,
+        preamble,
+        bench.settings.conn_load,
+    )
+    .with_context(|| format!("connection rate, {subject}"))?;
+    let cpu = cpu_of(pids)? - cpu_before;
+    results.add(Metric::ConnectionsPerSecond, subject, rate.per_second);
+    line.push_str(&format!(" {subject} {:.0}", rate.per_second));
+    if !pids.is_empty() {
+        let cpu_us = cpu * 1e6 / rate.cycles_started.max(1) as f64;
+        results.add(Metric::AgentCpuPerConnection, subject, cpu_us);
+        line.push_str(&format!(" ({cpu_us:.0} µs CPU)"));
+    }
+    if rate.failed > 0 {
+        results.note(format!(
+            "{subject}: {} of {} connection cycles failed; first error: {}",
+            rate.failed,
+            rate.failed + rate.completed,
+            rate.first_error.as_deref().unwrap_or("?")
+        ));
+    }
+    Ok(())
+}
