@@ -2,7 +2,7 @@
 //! the routed suites share.
 
 use std::io::{ErrorKind, Read};
-use std::net::TcpStream;
+use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 
 use anyhow::Result;
 
@@ -43,4 +43,39 @@ pub fn read_until_end(stream: &mut TcpStream) -> (Vec<u8>, bool) {
             Err(e) => return (got, e.kind() == ErrorKind::ConnectionReset),
         }
     }
+}
+
+/// How [`dial_v4`] sets its socket up.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DialOptions {
+    /// `SO_MARK` (a forged routed mark).
+    pub mark: Option<u32>,
+    /// Bound before connecting (with `SO_REUSEADDR`): a fixed source.
+    pub local: Option<SocketAddrV4>,
+}
+
+/// An IPv4 connection from the calling thread's namespace to `target`.
+pub fn dial_v4(target: SocketAddr, options: DialOptions) -> Result<TcpStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let SocketAddr::V4(v4) = target else {
+        anyhow::bail!("IPv4 only")
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )?;
+    if let Some(mark) = options.mark {
+        setsockopt(&fd, sockopt::Mark, &mark)?;
+    }
+    if let Some(local) = options.local {
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        bind(fd.as_raw_fd(), &SockaddrIn::from(local))?;
+    }
+    connect(fd.as_raw_fd(), &SockaddrIn::from(v4))?;
+    Ok(TcpStream::from(fd))
 }

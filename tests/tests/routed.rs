@@ -13,7 +13,7 @@ use anyhow::{Result, ensure};
 use serde_json::{Value, json};
 use tcpgate_tests::auth_fixture::{AuthFixture, echo_service};
 use tcpgate_tests::metrics::{parse, scrape_unix};
-use tcpgate_tests::routed::{ends_in_reset, routed_fixture};
+use tcpgate_tests::routed::{DialOptions, dial_v4, ends_in_reset, routed_fixture};
 use tcpgate_tests::tokens::{claims_with, unix_now};
 use tcpgate_tests::topology::RUNNER_V4;
 use tcpgate_tests::{
@@ -219,23 +219,8 @@ fn no_grant_or_a_forged_mark_is_intercepted() -> Result<()> {
 
 /// A connection from a socket carrying the routed mark when `forged`.
 fn dial_marked(target: SocketAddr, forged: bool) -> Result<TcpStream> {
-    use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrIn, connect, setsockopt, socket, sockopt,
-    };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::empty(),
-        None,
-    )?;
-    if forged {
-        setsockopt(&fd, sockopt::Mark, &ROUTED_MARK)?;
-    }
-    let SocketAddr::V4(v4) = target else {
-        anyhow::bail!("IPv4 only")
-    };
-    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4))?;
-    Ok(TcpStream::from(fd))
+    let mark = forged.then_some(ROUTED_MARK);
+    dial_v4(target, DialOptions { mark, local: None })
 }
 
 /// The agent dies: the programs stay, and end the flow at its deadline.

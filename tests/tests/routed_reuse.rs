@@ -5,12 +5,13 @@
 //! are byte-exact, each with its own audit lines and counts.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use tcpgate_tests::auth_fixture::AuthFixture;
-use tcpgate_tests::routed::routed_fixture;
+use tcpgate_tests::routed::{DialOptions, dial_v4, routed_fixture};
+use tcpgate_tests::topology::RUNNER_V4;
 use tcpgate_tests::{accept_loop, require_root, wait_events};
 
 const PORT: u16 = 9000;
@@ -18,26 +19,14 @@ const SOURCE_PORT: u16 = 40_123;
 
 /// A connection from the runner's fixed `SOURCE_PORT`.
 fn dial_from_source_port(target: SocketAddr) -> Result<TcpStream> {
-    use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
-    };
-    let SocketAddr::V4(v4) = target else {
-        anyhow::bail!("IPv4 only")
-    };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::empty(),
-        None,
-    )?;
-    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    let local = std::net::SocketAddrV4::new(tcpgate_tests::topology::RUNNER_V4, SOURCE_PORT);
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrIn::from(local),
-    )?;
-    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4))?;
-    Ok(TcpStream::from(fd))
+    let local = SocketAddrV4::new(RUNNER_V4, SOURCE_PORT);
+    dial_v4(
+        target,
+        DialOptions {
+            mark: None,
+            local: Some(local),
+        },
+    )
 }
 
 #[test]
