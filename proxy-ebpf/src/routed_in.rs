@@ -95,8 +95,6 @@ fn classify(ctx: &TcContext, segment: &Segment) -> Verdict {
         if !replace {
             return on_flow(ctx, flow, segment, now);
         }
-    } else if !pure_syn(segment) {
-        return Verdict::NotOurs;
     }
     let flags = if replace { BPF_ANY } else { BPF_NOEXIST };
     let verdict = admit(ctx, segment, now, flags);
@@ -134,16 +132,17 @@ fn pure_syn(segment: &Segment) -> bool {
     segment.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN && segment.payload == 0
 }
 
-/// A new SYN on the 4-tuple of a flow both ends finished (FINs both ways,
-/// or a reset) that still lingers in `FLOWS`; not a retransmission of the
-/// finished flow's own SYN.
+/// A new SYN (with data or not) on the 4-tuple of a flow both ends
+/// finished (FINs both ways, or a reset) that still lingers in `FLOWS`;
+/// not a retransmission of the finished flow's own SYN. [`admit`] decides
+/// it like any SYN: one with data is not routed, and the stale entry goes.
 #[inline(always)]
 fn reuses_finished(flow: &FlowValue, segment: &Segment) -> bool {
     let both_fins = FLOW_FIN_UP | FLOW_FIN_DOWN;
     let finished = flow.flags & FLOW_RST != 0 || flow.flags & both_fins == both_fins;
     flow.state == FLOW_OPEN
         && finished
-        && pure_syn(segment)
+        && segment.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
         && segment.seq.wrapping_add(1) != flow.first_seq_up
 }
 
@@ -157,8 +156,12 @@ fn track_up(flow: &mut FlowValue, segment: &Segment, now: u64) {
 
 /// Records a new flow when the source's one grant covers the destination
 /// and tcpgate intercepts it; a full map leaves the SYN to the normal path.
-/// `flags`: `BPF_NOEXIST`, or `BPF_ANY` to replace a finished flow.
+/// Only a SYN without data is routed. `flags`: `BPF_NOEXIST`, or
+/// `BPF_ANY` to replace a finished flow.
 fn admit(ctx: &TcContext, segment: &Segment, now: u64, flags: u32) -> Verdict {
+    if !pure_syn(segment) {
+        return Verdict::NotOurs;
+    }
     // SAFETY: a map value, valid while the program runs; read in place
     // (a copy would not fit the stack beside the flow's value). The agent
     // replaces a source's record whole, as it would under a copy.
