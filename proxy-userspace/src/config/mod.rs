@@ -24,7 +24,7 @@ pub use intercept::{
 };
 #[cfg(test)]
 pub(crate) use intercept::{test_section, test_set};
-pub use routed::RoutedGrantsSection;
+pub use routed::{RoutedGrantsSection, TargetSees};
 pub use validate::{FieldError, GroupError, resolve_group};
 
 /// Exit status for configuration and usage errors (`EX_USAGE`).

@@ -35,6 +35,23 @@ pub struct RoutedGrantsSection {
     /// How often the agent reads `FLOWS` and syncs the routed sources.
     #[serde(default = "default_poll", with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// Whose address the target sees as the flow's source.
+    #[serde(default)]
+    pub target_sees: TargetSees,
+}
+
+/// `intercept.routed_grants.target_sees`: the source address a routed
+/// flow reaches its target with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetSees {
+    /// The runner's own address, untouched: the target's replies must be
+    /// routed back through the bastion.
+    #[default]
+    Runner,
+    /// The bastion's address on the target-facing interface (source NAT
+    /// by the kernel's connection tracking): no return route needed.
+    Bastion,
 }
 
 const fn default_mark() -> u32 {
@@ -130,5 +147,17 @@ mod tests {
     fn disabled_checks_nothing() {
         let s = section("mark = 0");
         assert!(fields(&s, false).is_empty());
+    }
+
+    #[test]
+    fn target_sees_the_runner_unless_told_otherwise() {
+        assert_eq!(section("").target_sees, TargetSees::Runner);
+        assert_eq!(
+            section("target_sees = \"bastion\"").target_sees,
+            TargetSees::Bastion
+        );
+        let err = toml::from_str::<RoutedGrantsSection>("target_sees = \"nobody\"")
+            .expect_err("not a choice");
+        assert!(err.to_string().contains("target_sees"), "{err}");
     }
 }

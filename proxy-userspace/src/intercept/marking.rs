@@ -29,6 +29,7 @@ use std::net::SocketAddr;
 use ipnet::IpNet;
 
 use crate::config::InterceptSet;
+use crate::config::TargetSees;
 use crate::dest::PortRange;
 use crate::firewall::{FirewallError, NftRunner, remove_table, replace_script};
 
@@ -44,9 +45,31 @@ pub struct MarkingParams {
     pub upstream_mark: u32,
     /// `intercept.interfaces`; `None`: all but `lo`.
     pub interfaces: Option<Vec<String>>,
-    /// `intercept.routed_grants.mark` when routed grants are on: packets
-    /// the tc program marked are forwarded, never intercepted.
-    pub routed_mark: Option<u32>,
+    /// Routed grants, when on: packets the tc program marked are
+    /// forwarded, never intercepted.
+    pub routed: Option<RoutedMarking>,
+}
+
+/// What the intercept table does for routed grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoutedMarking {
+    /// `intercept.routed_grants.mark`.
+    pub mark: u32,
+    /// `intercept.routed_grants.target_sees`: with `bastion`, a
+    /// `postrouting` NAT chain masquerades the flows' first packets
+    /// (connection tracking rewrites the rest, both ways).
+    pub target_sees: TargetSees,
+}
+
+impl RoutedMarking {
+    /// From the section, when routed grants are on.
+    #[must_use]
+    pub fn of(section: &crate::config::InterceptSection) -> Option<Self> {
+        section.routed().map(|r| Self {
+            mark: r.mark,
+            target_sees: r.target_sees,
+        })
+    }
 }
 
 /// One live session kept intercepted after its prefix left the set.
@@ -128,8 +151,8 @@ pub fn ruleset(set: &InterceptSet, params: &MarkingParams, pins: &[Pin]) -> Stri
         }
     };
     let routed = params
-        .routed_mark
-        .map(|m| format!("\t\tmeta mark {m:#x} return\n"))
+        .routed
+        .map(|r| format!("\t\tmeta mark {:#x} return\n", r.mark))
         .unwrap_or_default();
     let _ = write!(
         out,
@@ -162,6 +185,22 @@ pub fn ruleset(set: &InterceptSet, params: &MarkingParams, pins: &[Pin]) -> Stri
         );
     }
     out.push_str("\t}\n");
+    if let Some(r) = params
+        .routed
+        .filter(|r| r.target_sees == TargetSees::Bastion)
+    {
+        // A nat chain sees a connection's first packet only (the SYN the
+        // tc program marked): connection tracking rewrites the rest, both
+        // ways, and the agent's RSTs toward the target too.
+        let _ = write!(
+            out,
+            "\tchain routed_snat {{\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tmeta mark {:#x} masquerade\n\
+             \t}}\n",
+            r.mark
+        );
+    }
     out
 }
 

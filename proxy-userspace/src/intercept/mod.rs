@@ -43,7 +43,7 @@ use crate::bpf::{BpfError, LoadedBpf, typed};
 use crate::config::{InterceptEntry, InterceptSection, InterceptSet};
 use crate::datapath::SessionMeta;
 use crate::firewall::{FirewallError, NftCommand, guard};
-use marking::{Marking, MarkingParams, Pin};
+use marking::{Marking, MarkingParams, Pin, RoutedMarking};
 pub use routing::RoutingParams;
 use routing::{IpCommand, Routing, RoutingError};
 
@@ -197,7 +197,7 @@ impl Interceptor {
                 mark: section.mark,
                 upstream_mark,
                 interfaces: section.interfaces.clone(),
-                routed_mark: section.routed().map(|r| r.mark),
+                routed: RoutedMarking::of(section),
             }),
             pins: Mutex::default(),
             link_pin: bpf.pin_dir.join(LINK_PIN),
@@ -266,7 +266,7 @@ impl Interceptor {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         let guard = guard::Guard::new(&set, params.upstream_mark, params.mark)
-            .with_routed(params.routed_mark);
+            .with_routed(params.routed.map(|r| r.mark));
         let mut report = ReloadReport {
             prefixes: entries.len(),
             protected: guard.protected.len(),

@@ -3,7 +3,7 @@ use crate::config::test_set;
 
 fn params(interfaces: Option<&[&str]>) -> MarkingParams {
     MarkingParams {
-        routed_mark: None,
+        routed: None,
         mark: 0x7447,
         upstream_mark: 0x7467,
         interfaces: interfaces.map(|list| list.iter().map(|s| (*s).to_owned()).collect()),
@@ -143,7 +143,10 @@ fn pinned_sessions_stay_marked_until_unpinned() {
 #[test]
 fn routed_packets_are_never_marked_for_interception() {
     let mut with_routed = params(Some(&["eth1"]));
-    with_routed.routed_mark = Some(0x7452);
+    with_routed.routed = Some(RoutedMarking {
+        mark: 0x7452,
+        target_sees: TargetSees::Runner,
+    });
     let rules = ruleset(&test_set(&[("192.0.2.0/24", &["80"])]), &with_routed, &[]);
     assert_eq!(
         chain(&rules, "prerouting"),
@@ -156,4 +159,29 @@ fn routed_packets_are_never_marked_for_interception() {
     );
     // The bastion's own processes cannot use the routed mark to skip it.
     assert!(!chain(&rules, "output").iter().any(|l| l.contains("0x7452")));
+}
+
+#[test]
+fn a_nat_chain_exists_only_when_the_target_sees_the_bastion() {
+    let set = test_set(&[("192.0.2.0/24", &["80"])]);
+    let mut p = params(Some(&["eth1"]));
+    for target_sees in [None, Some(TargetSees::Runner)] {
+        p.routed = target_sees.map(|target_sees| RoutedMarking {
+            mark: 0x7452,
+            target_sees,
+        });
+        assert!(!ruleset(&set, &p, &[]).contains("nat"), "{target_sees:?}");
+    }
+    p.routed = Some(RoutedMarking {
+        mark: 0x7452,
+        target_sees: TargetSees::Bastion,
+    });
+    let rules = ruleset(&set, &p, &[]);
+    assert_eq!(
+        chain(&rules, "routed_snat"),
+        [
+            "type nat hook postrouting priority srcnat; policy accept;",
+            "meta mark 0x7452 masquerade",
+        ]
+    );
 }
