@@ -61,3 +61,32 @@ where
     let output = run_checked(Command::new(program).args(args))?;
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
+
+/// Writes an executable file (a script, a copied binary) so that this
+/// process never holds it open for writing. Tests run on parallel threads:
+/// one that forks while another writes a file hands the write descriptor
+/// to its child until that child execs, and running the file in that window
+/// fails with ETXTBSY ("Text file busy"). A short-lived `sh` writes the file
+/// instead, so the only writer has exited before anyone runs it.
+pub fn write_executable(path: &std::path::Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new("sh")
+        .args(["-c", "cat > \"$1\" && chmod \"$2\" \"$1\"", "sh"])
+        .arg(path)
+        .arg(format!("{mode:o}"))
+        .stdin(Stdio::piped())
+        .spawn()?;
+    let written = match child.stdin.take() {
+        Some(mut stdin) => stdin.write_all(contents),
+        None => Err(io::Error::other("sh has no stdin pipe")),
+    };
+    let status = child.wait()?;
+    written?;
+    if !status.success() {
+        return Err(io::Error::other(format!(
+            "writing {} failed ({status})",
+            path.display()
+        )));
+    }
+    Ok(())
+}

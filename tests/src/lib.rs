@@ -58,7 +58,7 @@ pub use agent::{Agent, AgentBuilder, AgentError};
 pub use audit::{AuditError, read_audit, wait_for_audit};
 pub use bpffs::PinDir;
 pub use clients::{HttpServer, curl, dial_from};
-pub use cmd::CommandError;
+pub use cmd::{CommandError, write_executable};
 pub use fixture::{
     DataPath, ForwardFixture, LISTEN_PORT, UPSTREAM_PORT, assert_bytes, assert_bytes_with,
     intercept_config, intercept_prefixes, wait_events, wait_events_within,

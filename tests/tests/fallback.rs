@@ -5,9 +5,6 @@
 //! (CAP_BPF, CAP_SYS_ADMIN, CAP_PERFMON dropped from its bounding set), the
 //! situation of an unprivileged agent or a kernel without BPF.
 
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
-
 use anyhow::{Context, Result, ensure};
 use tcpgate_tests::topology::{BASTION_RUNNER_V4, TARGET_V4};
 use tcpgate_tests::{
@@ -19,14 +16,11 @@ use tcpgate_tests::{DataPath, LISTEN_PORT, UPSTREAM_PORT};
 fn unprivileged_wrapper(dir: &std::path::Path) -> Result<std::path::PathBuf> {
     let agent = tcpgate_tests::agent::agent_binary()?;
     let path = dir.join("tcpgate-without-bpf");
-    let mut file = std::fs::File::create(&path)?;
-    writeln!(
-        file,
-        "#!/bin/sh\nexec setpriv --bounding-set=-bpf,-sys_admin,-perfmon --inh-caps=-bpf,-sys_admin,-perfmon {} \"$@\"",
+    let script = format!(
+        "#!/bin/sh\nexec setpriv --bounding-set=-bpf,-sys_admin,-perfmon --inh-caps=-bpf,-sys_admin,-perfmon {} \"$@\"\n",
         agent.display()
-    )?;
-    drop(file);
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    );
+    tcpgate_tests::write_executable(&path, script.as_bytes(), 0o755)?;
     Ok(path)
 }
 

@@ -7,7 +7,6 @@
 //! guard kills the namespace.
 
 use std::ffi::OsStr;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -80,8 +79,7 @@ impl Container {
         let id = crate::unique_name("tgsd");
         let script_dir = tempfile::Builder::new().prefix("tg-systemd-").tempdir()?;
         let script = script_dir.path().join("boot.sh");
-        std::fs::write(&script, BOOT_SCRIPT)?;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700))?;
+        crate::write_executable(&script, BOOT_SCRIPT.as_bytes(), 0o700)?;
         let workdir = PathBuf::from(format!("/run/{id}"));
         std::fs::create_dir(&workdir)?;
         // systemd manages a cgroup v2 subtree of its own (the host runs

@@ -4,8 +4,6 @@
 //! umask, through util-linux's setpriv.
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -67,9 +65,7 @@ impl Wrapper {
         } else {
             ""
         };
-        let mut file = std::fs::File::create(&path)?;
-        writeln!(
-            file,
+        let script = format!(
             "#!/bin/sh\nset -eu\n\
              # systemd's notify socket accepts every service; the test's lives in a\n\
              # private directory, so open it to the agent's user.\n\
@@ -78,14 +74,13 @@ impl Wrapper {
              umask 0027\n\
              exec setpriv --reuid={uid} --regid={gid} --groups={extra} {no_new_privs}\\\n\
              \x20 --inh-caps={ambient} --ambient-caps={ambient} --bounding-set={bounding} \\\n\
-             \x20 -- {binary} \"$@\"",
+             \x20 -- {binary} \"$@\"\n",
             uid = user.uid,
             gid = user.gid,
             extra = user.extra_gid,
             binary = binary.display(),
-        )?;
-        drop(file);
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        );
+        crate::write_executable(&path, script.as_bytes(), 0o755)?;
         Ok(Self { _dir: dir, path })
     }
 

@@ -1,7 +1,6 @@
 //! Upgrades of the running service: a failed takeover, and `cargo xtask
 //! install` of a new build under a live spliced session.
 
-use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -162,8 +161,7 @@ fn install_build(container: &Container, mark: &[u8]) -> Result<String> {
     let next = container.path("/var/tmp/tcpgate-next");
     let mut build = std::fs::read(container.path("/var/tmp/tcpgate"))?;
     build.extend_from_slice(mark);
-    std::fs::write(&next, build)?;
-    std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o755))?;
+    tcpgate_tests::write_executable(&next, &build, 0o755)?;
     container.run(&[
         "/var/tmp/xtask",
         "install",

@@ -1,7 +1,6 @@
 //! The Agent guard, driven by a fake agent script (the real agent is tested
 //! elsewhere): spawning in the namespace, READY, logs, audit, cleanup.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,8 +13,8 @@ use crate::{not_running, ns_inode};
 /// Writes an executable shell script into `dir`.
 fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write script");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    tcpgate_tests::write_executable(&path, format!("#!/bin/sh\n{body}\n").as_bytes(), 0o755)
+        .expect("write script");
     path
 }
 

@@ -271,13 +271,28 @@ mod tests {
     }
 
     /// A stand-in bpf-linker: a shell script, so it links no libLLVM.
+    ///
+    /// A child `sh` writes it: had this process written it, a test on
+    /// another thread forking meanwhile would hold the write descriptor until
+    /// its exec, and running the script then fails with ETXTBSY.
     fn fake_linker(name: &str, script: &str) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt as _;
+        use std::io::Write as _;
+        use std::process::{Command, Stdio};
         let dir = std::env::temp_dir().join(format!("xtask-linker-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");
         let path = dir.join("bpf-linker");
-        std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).expect("write");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut writer = Command::new("sh")
+            .args(["-c", "cat > \"$1\" && chmod 755 \"$1\"", "sh"])
+            .arg(&path)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("spawn sh");
+        let mut stdin = writer.stdin.take().expect("piped stdin");
+        stdin
+            .write_all(format!("#!/bin/sh\n{script}\n").as_bytes())
+            .expect("write");
+        drop(stdin);
+        assert!(writer.wait().expect("wait").success(), "writing {path:?}");
         path
     }
 
