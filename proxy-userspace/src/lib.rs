@@ -46,6 +46,7 @@ pub mod gate;
 pub mod heap;
 pub mod intercept;
 pub mod kernel_btf;
+pub mod map_batch;
 pub mod metrics;
 pub mod notify;
 pub mod pinned;

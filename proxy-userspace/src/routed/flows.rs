@@ -146,7 +146,10 @@ impl FlowWatch {
                 .flows
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            map.iter().filter_map(Result::ok).collect()
+            crate::map_batch::entries(&*map).unwrap_or_else(|e| {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot read the routed flows map");
+                Vec::new()
+            })
         };
         let linger = if shutdown {
             Duration::ZERO
