@@ -56,26 +56,12 @@ pub struct DialOptions {
 
 /// An IPv4 connection from the calling thread's namespace to `target`.
 pub fn dial_v4(target: SocketAddr, options: DialOptions) -> Result<TcpStream> {
-    use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
-    };
+    use nix::sys::socket::{SockaddrIn, connect};
     use std::os::fd::AsRawFd;
     let SocketAddr::V4(v4) = target else {
         anyhow::bail!("IPv4 only")
     };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::empty(),
-        None,
-    )?;
-    if let Some(mark) = options.mark {
-        setsockopt(&fd, sockopt::Mark, &mark)?;
-    }
-    if let Some(local) = options.local {
-        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-        bind(fd.as_raw_fd(), &SockaddrIn::from(local))?;
-    }
+    let fd = socket_v4(options)?;
     connect(fd.as_raw_fd(), &SockaddrIn::from(v4))?;
     Ok(TcpStream::from(fd))
 }
@@ -90,27 +76,12 @@ pub fn fast_open_v4(
     data: &[u8],
     options: DialOptions,
 ) -> Result<(TcpStream, usize)> {
-    use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrIn, bind, setsockopt, socket, sockopt,
-    };
     use std::io::Write;
     use std::os::fd::AsRawFd;
     let SocketAddr::V4(v4) = target else {
         anyhow::bail!("IPv4 only")
     };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::empty(),
-        None,
-    )?;
-    if let Some(mark) = options.mark {
-        setsockopt(&fd, sockopt::Mark, &mark)?;
-    }
-    if let Some(local) = options.local {
-        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-        bind(fd.as_raw_fd(), &SockaddrIn::from(local))?;
-    }
+    let fd = socket_v4(options)?;
     let addr = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: v4.port().to_be(),
@@ -135,4 +106,26 @@ pub fn fast_open_v4(
     let mut stream = TcpStream::from(fd);
     stream.write_all(&data[sent..])?;
     Ok((stream, sent))
+}
+
+/// A TCP/IPv4 socket set up as `options` say, not yet connected.
+fn socket_v4(options: DialOptions) -> Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, setsockopt, socket, sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )?;
+    if let Some(mark) = options.mark {
+        setsockopt(&fd, sockopt::Mark, &mark)?;
+    }
+    if let Some(local) = options.local {
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        bind(fd.as_raw_fd(), &SockaddrIn::from(local))?;
+    }
+    Ok(fd)
 }

@@ -13,7 +13,7 @@ use tcpgate_tests::auth_fixture::AuthFixture;
 use tcpgate_tests::preamble::{encode, read_answer};
 use tcpgate_tests::routed::{DialOptions, dial_v4, fast_open_v4, routed_fixture};
 use tcpgate_tests::topology::RUNNER_V4;
-use tcpgate_tests::{accept_loop, require_root, wait_events};
+use tcpgate_tests::{AcceptLoop, accept_loop, require_root, wait_events};
 
 const PORT: u16 = 9000;
 const SOURCE_PORT: u16 = 40_123;
@@ -30,15 +30,10 @@ fn dial_from_source_port(target: SocketAddr) -> Result<TcpStream> {
     )
 }
 
-#[test]
-fn a_reused_source_port_starts_a_new_routed_flow() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    let fx = routed_fixture("")?;
-    // Echoes three bytes and closes first, so the runner keeps no
-    // TIME_WAIT and can reuse its port at once.
-    let _server = accept_loop(
+/// A target that echoes three bytes and closes first, so the runner keeps
+/// no TIME_WAIT and can reuse its port at once.
+fn three_byte_echo(fx: &AuthFixture) -> Result<AcceptLoop<()>> {
+    accept_loop(
         &fx.topo.target,
         AuthFixture::target(PORT),
         10,
@@ -48,7 +43,19 @@ fn a_reused_source_port_starts_a_new_routed_flow() -> Result<()> {
                 let _ = s.write_all(&b);
             }
         },
-    )?;
+    )
+    .map_err(Into::into)
+}
+
+#[test]
+fn a_reused_source_port_starts_a_new_routed_flow() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let fx = routed_fixture("")?;
+    // Echoes three bytes and closes first, so the runner keeps no
+    // TIME_WAIT and can reuse its port at once.
+    let _server = three_byte_echo(&fx)?;
     fx.grant_from_runner(&fx.token(), &["--allow", "192.0.2.10=9000"])?;
     let target = AuthFixture::target(PORT);
     for (round, message) in [(1, b"one"), (2, b"two")] {
@@ -96,17 +103,7 @@ fn a_fast_open_syn_on_a_lingering_routed_tuple_takes_the_intercepting_path() -> 
         return Ok(());
     }
     let fx = routed_fixture("")?;
-    let _server = accept_loop(
-        &fx.topo.target,
-        AuthFixture::target(PORT),
-        10,
-        |mut s, _| {
-            let mut b = [0u8; 3];
-            if s.read_exact(&mut b).is_ok() {
-                let _ = s.write_all(&b);
-            }
-        },
-    )?;
+    let _server = three_byte_echo(&fx)?;
     let token = fx.token();
     fx.grant_from_runner(&token, &["--allow", "192.0.2.10=9000"])?;
     fx.topo.runner.sysctl("net.ipv4.tcp_fastopen", "5")?;
