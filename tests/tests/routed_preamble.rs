@@ -14,7 +14,7 @@ use serde_json::Value;
 use tcpgate_tests::auth_fixture::{AuthFixture, echo_service};
 use tcpgate_tests::metrics::{parse, scrape_unix};
 use tcpgate_tests::preamble::{encode, read_answer};
-use tcpgate_tests::routed::{read_until_end, routed_fixture};
+use tcpgate_tests::routed::{DialOptions, fast_open_v4, read_until_end, routed_fixture};
 use tcpgate_tests::{OneShot, eventually, pinned_entries, require_root, serve_once, wait_events};
 
 const PORT: u16 = 9000;
@@ -211,7 +211,10 @@ fn a_preamble_in_a_fast_open_syn_takes_the_intercepting_path() -> Result<()> {
     fx.topo.runner.sysctl("net.ipv4.tcp_fastopen", "5")?;
     let preamble = encode(&token);
     let target = AuthFixture::target(PORT);
-    let (mut stream, syn_data) = fx.topo.runner.run(|| fast_open(target, &preamble))?;
+    let (mut stream, syn_data) = fx
+        .topo
+        .runner
+        .run(|| fast_open_v4(target, &preamble, DialOptions::default()))?;
     ensure!(syn_data > 0, "the SYN carried the preamble's first bytes");
     let (status, message) = read_answer(&mut stream)?;
     ensure!(status == 0, "the agent admits the preamble: {message}");
@@ -233,42 +236,4 @@ fn a_preamble_in_a_fast_open_syn_takes_the_intercepting_path() -> Result<()> {
     ensure!(opened == 0.0, "routed_flows_opened_total = {opened}");
     server.stop()?;
     Ok(())
-}
-
-/// Connects with `MSG_FASTOPEN`, so the SYN carries `data`'s first bytes;
-/// writes the rest. Returns the stream and how many bytes the SYN took.
-fn fast_open(target: std::net::SocketAddr, data: &[u8]) -> std::io::Result<(TcpStream, usize)> {
-    use std::os::fd::FromRawFd;
-    let std::net::SocketAddr::V4(v4) = target else {
-        return Err(std::io::Error::other("IPv4 only"));
-    };
-    // SAFETY: plain socket(2); the descriptor is owned by the stream below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh socket nothing else owns.
-    let mut stream = unsafe { TcpStream::from_raw_fd(fd) };
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: v4.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*v4.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: `data` and `addr` outlive the call; the lengths are theirs.
-    let sent = unsafe {
-        libc::sendto(
-            fd,
-            data.as_ptr().cast(),
-            data.len(),
-            libc::MSG_FASTOPEN,
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    let sent = usize::try_from(sent).map_err(|_| std::io::Error::last_os_error())?;
-    stream.write_all(&data[sent..])?;
-    Ok((stream, sent))
 }

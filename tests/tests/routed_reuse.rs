@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use tcpgate_tests::auth_fixture::AuthFixture;
-use tcpgate_tests::routed::{DialOptions, dial_v4, routed_fixture};
+use tcpgate_tests::preamble::{encode, read_answer};
+use tcpgate_tests::routed::{DialOptions, dial_v4, fast_open_v4, routed_fixture};
 use tcpgate_tests::topology::RUNNER_V4;
-use tcpgate_tests::{accept_loop, require_root, wait_events};
+use tcpgate_tests::{AcceptLoop, accept_loop, require_root, wait_events};
 
 const PORT: u16 = 9000;
 const SOURCE_PORT: u16 = 40_123;
@@ -29,15 +30,10 @@ fn dial_from_source_port(target: SocketAddr) -> Result<TcpStream> {
     )
 }
 
-#[test]
-fn a_reused_source_port_starts_a_new_routed_flow() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    let fx = routed_fixture("")?;
-    // Echoes three bytes and closes first, so the runner keeps no
-    // TIME_WAIT and can reuse its port at once.
-    let _server = accept_loop(
+/// A target that echoes three bytes and closes first, so the runner keeps
+/// no TIME_WAIT and can reuse its port at once.
+fn three_byte_echo(fx: &AuthFixture) -> Result<AcceptLoop<()>> {
+    accept_loop(
         &fx.topo.target,
         AuthFixture::target(PORT),
         10,
@@ -47,7 +43,19 @@ fn a_reused_source_port_starts_a_new_routed_flow() -> Result<()> {
                 let _ = s.write_all(&b);
             }
         },
-    )?;
+    )
+    .map_err(Into::into)
+}
+
+#[test]
+fn a_reused_source_port_starts_a_new_routed_flow() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let fx = routed_fixture("")?;
+    // Echoes three bytes and closes first, so the runner keeps no
+    // TIME_WAIT and can reuse its port at once.
+    let _server = three_byte_echo(&fx)?;
     fx.grant_from_runner(&fx.token(), &["--allow", "192.0.2.10=9000"])?;
     let target = AuthFixture::target(PORT);
     for (round, message) in [(1, b"one"), (2, b"two")] {
@@ -82,5 +90,76 @@ fn a_reused_source_port_starts_a_new_routed_flow() -> Result<()> {
             "each counted on its own: {event}"
         );
     }
+    Ok(())
+}
+
+/// A fast-open SYN carrying a token preamble on the 4-tuple of a finished
+/// routed flow that still lingers in `FLOWS` is decided like any SYN: not
+/// routed (the program cannot screen bytes in a SYN), so the intercepting
+/// path reads the preamble, and the echoing target never sees a byte of it.
+#[test]
+fn a_fast_open_syn_on_a_lingering_routed_tuple_takes_the_intercepting_path() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let fx = routed_fixture("")?;
+    let _server = three_byte_echo(&fx)?;
+    let token = fx.token();
+    fx.grant_from_runner(&token, &["--allow", "192.0.2.10=9000"])?;
+    fx.topo.runner.sysctl("net.ipv4.tcp_fastopen", "5")?;
+    let target = AuthFixture::target(PORT);
+    let mut routed = fx.topo.runner.run(move || dial_from_source_port(target))?;
+    routed.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // The agent's poll sees the routed flow open.
+    let opened = &wait_events(&fx.agent, "session_open", 1)?[0];
+    ensure!(
+        opened["datapath"] == "routed",
+        "first flow routed: {opened}"
+    );
+    routed.write_all(b"one")?;
+    let mut back = [0u8; 3];
+    routed.read_exact(&mut back)?;
+    ensure!(&back == b"one", "routed echo");
+    let mut rest = Vec::new();
+    routed.read_to_end(&mut rest)?;
+    drop(routed);
+    // The poll that sees the flow end writes its close line; the entry
+    // lingers on (300 ms). Reuse within the same poll loses the line (the
+    // audit gap docs/routed.md names), so wait for it, then at once.
+    let closed = &wait_events(&fx.agent, "session_close", 1)?[0];
+    ensure!(closed["kernel_bytes_up"] == 3, "routed close: {closed}");
+    let preamble = encode(&token);
+    let local = SocketAddrV4::new(RUNNER_V4, SOURCE_PORT);
+    let options = DialOptions {
+        mark: None,
+        local: Some(local),
+    };
+    let (mut stream, syn_data) = fx
+        .topo
+        .runner
+        .run(move || fast_open_v4(target, &preamble, options))?;
+    ensure!(syn_data > 0, "the SYN carried the preamble's first bytes");
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let (status, message) = read_answer(&mut stream)?;
+    ensure!(status == 0, "the agent admits the preamble: {message}");
+    stream.write_all(b"two")?;
+    stream.read_exact(&mut back)?;
+    ensure!(&back == b"two", "the echo holds no preamble byte: {back:?}");
+    drop(stream);
+    let opened = wait_events(&fx.agent, "session_open", 2)?;
+    ensure!(
+        opened[1]["datapath"] != "routed",
+        "the fast-open SYN is intercepted: {:?}",
+        opened[1]
+    );
+    let closed = wait_events(&fx.agent, "session_close", 2)?;
+    let intercepted = closed
+        .iter()
+        .find(|e| e["datapath"] != "routed")
+        .ok_or_else(|| anyhow::anyhow!("no intercepted close: {closed:?}"))?;
+    ensure!(
+        intercepted["bytes_up"] == 3,
+        "only the payload reached the target: {intercepted}"
+    );
     Ok(())
 }
