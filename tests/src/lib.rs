@@ -42,6 +42,7 @@ pub mod moto;
 pub mod netns;
 pub mod notify;
 pub mod operator;
+pub mod pacing;
 pub mod payload;
 pub mod poll;
 pub mod preamble;
