@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use tcpgate_tests::operator::{self as op, open_session, sized_server};
 use tcpgate_tests::takeover::{
-    SteppedTransfer, admin_lines, agent_lines, check_digest, duplex_upstream, echo_once, successor,
-    wait_taken_over,
+    SteppedTransfer, admin_lines, agent_lines, check_digest, duplex_upstream, echo_once,
+    exits_by_itself, stops_cleanly, successor, wait_taken_over,
 };
 use tcpgate_tests::topology::BASTION_RUNNER_V4;
 use tcpgate_tests::{
@@ -109,16 +109,9 @@ fn a_transfer_each_way_survives_three_takeovers(path: DataPath) -> Result<()> {
     );
     assert_bytes_with(path, &close[0], GIB, GIB, true)?;
     // Each replaced agent exits by itself once its sessions are gone.
-    let status = fx
-        .agent
-        .wait_exit(EXIT_WAIT)?
-        .context("first agent still running")?;
-    ensure!(status.success(), "{status:?}\n{}", fx.agent.logs_tail(20));
+    exits_by_itself(&mut fx.agent, "first agent still running")?;
     for old in &mut agents[..2] {
-        let status = old
-            .wait_exit(EXIT_WAIT)?
-            .context("replaced agent still running")?;
-        ensure!(status.success(), "{status:?}\n{}", old.logs_tail(20));
+        exits_by_itself(old, "replaced agent still running")?;
     }
     // The last successor serves, on the same path.
     echo_once(&fx, b"after")?;
@@ -330,8 +323,7 @@ fn sigkill_of_the_old_agent_mid_takeover_leaves_a_working_agent_and_nothing_behi
     ensure!(op::ended(&mut stranded), "the killed agent's session ends");
     let fresh = open_session(&topo, 2_000, 3_000).with_context(|| next.logs_tail(30))?;
     op::close(fresh);
-    let status = next.stop()?;
-    ensure!(status.success(), "{status:?}\n{}", next.logs_tail(20));
+    stops_cleanly(&mut next)?;
     let mut left = routing_leftovers(&topo.bastion)?;
     let links = sk_lookup_links(&topo.bastion)?;
     if links > 0 {
