@@ -15,13 +15,13 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use tcpgate_tests::auth_fixture::AuthFixture;
 use tcpgate_tests::takeover::{
-    GrantedTakeover, admin_lines, agent_lines, exits_by_itself, listed_sessions, log_field,
-    log_line, stops_cleanly, successor, wait_taken_over,
+    GrantedTakeover, exits_by_itself, forward_fixture, listed_sessions, log_field, log_line,
+    stops_cleanly, successor, wait_taken_over,
 };
 use tcpgate_tests::tokens::unix_now;
 use tcpgate_tests::{
-    AcceptLoop, Agent, DataPath, ForwardFixture, accept_loop, eventually, require_root,
-    wait_events, wait_events_within,
+    AcceptLoop, Agent, DataPath, accept_loop, eventually, require_root, wait_events,
+    wait_events_within,
 };
 
 /// The successor's takeover hook (`agent::takeover::STALL_ENV`).
@@ -166,11 +166,7 @@ fn a_successor_killed_mid_handover_leaves_the_rest_with_the_old_agent() -> Resul
     }
     tcpgate_tests::raise_nofile();
     let dir = tempfile::tempdir()?;
-    let mut fx = ForwardFixture::start_tuned(
-        DataPath::Userspace,
-        &agent_lines(dir.path()),
-        &admin_lines(dir.path()),
-    )?;
+    let mut fx = forward_fixture(DataPath::Userspace, dir.path())?;
     let echo = accept_loop(&fx.topo.target, fx.upstream_addr(), SESSIONS, |mut s, _| {
         let mut buf = [0u8; 256];
         while let Ok(n @ 1..) = s.read(&mut buf) {

@@ -36,6 +36,12 @@ pub fn admin_lines(dir: &Path) -> String {
     )
 }
 
+/// A forward fixture whose agent (on `path`) has its own takeover and
+/// operator sockets in `dir`.
+pub fn forward_fixture(path: crate::DataPath, dir: &Path) -> Result<crate::ForwardFixture> {
+    crate::ForwardFixture::start_tuned(path, &agent_lines(dir), &admin_lines(dir))
+}
+
 /// `GET /v1/sessions` on the operator socket in `dir` (see
 /// [`admin_lines`]): the live sessions of the agent answering there.
 pub fn listed_sessions(dir: &Path) -> Result<Vec<serde_json::Value>> {
