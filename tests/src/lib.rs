@@ -1,6 +1,7 @@
 //! Test support for the privileged integration tests (and the fixtures
 //! they share: [`fixture`], [`auth_fixture`], [`operator`], [`firewall`],
-//! [`inspect`], [`clients`], [`install`]; waits go through [`eventually`]).
+//! [`inspect`], [`intercept`], [`clients`], [`install`]; waits go through
+//! [`eventually`]).
 //!
 //! Every resource here is an RAII guard: network namespaces, child processes,
 //! the agent, its bpffs pin directory. Guards clean up in `Drop`, also while a
@@ -34,12 +35,14 @@ pub mod fixture;
 pub mod http;
 pub mod inspect;
 pub mod install;
+pub mod intercept;
 pub mod jwks_server;
 pub mod metrics;
 pub mod moto;
 pub mod netns;
 pub mod notify;
 pub mod operator;
+pub mod pacing;
 pub mod payload;
 pub mod poll;
 pub mod preamble;

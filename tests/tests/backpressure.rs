@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
+use tcpgate_tests::pacing::{Bursty, Counting};
 use tcpgate_tests::{DataPath, ForwardFixture};
 use tcpgate_tests::{Payload, accept_loop, read_to_end_hashed, serve_once, write_payload};
 
@@ -259,58 +260,6 @@ fn bursty<W: Write>(inner: W) -> Bursty<W> {
     Bursty::new(inner, MIB / 4, Duration::from_millis(4))
 }
 
-/// A reader or writer that pauses after every `burst` bytes, for at most
-/// 300 ms in all, so a test is never slowed without bound.
-struct Bursty<T> {
-    inner: T,
-    burst: u64,
-    pause: Duration,
-    since_pause: u64,
-    sleep_budget: Duration,
-}
-
-impl<T> Bursty<T> {
-    fn new(inner: T, burst: u64, pause: Duration) -> Self {
-        Self {
-            inner,
-            burst,
-            pause,
-            since_pause: 0,
-            sleep_budget: Duration::from_millis(300),
-        }
-    }
-
-    fn moved(&mut self, n: usize) {
-        self.since_pause += n as u64;
-        if self.since_pause >= self.burst && !self.sleep_budget.is_zero() {
-            let pause = self.pause.min(self.sleep_budget);
-            self.sleep_budget -= pause;
-            self.since_pause = 0;
-            std::thread::sleep(pause);
-        }
-    }
-}
-
-impl<R: Read> Read for Bursty<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.moved(n);
-        Ok(n)
-    }
-}
-
-impl<W: Write> Write for Bursty<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.moved(n);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// Largest TCP buffers (`tcp_rmem`, `tcp_wmem`) in the test's namespaces:
 /// the host's may be autotuned up to tens of MiB, which would let a sender
 /// run ahead that far with or without backpressure.
@@ -389,22 +338,4 @@ fn check(event: &Value, direction: &str, during_stall: u64) -> Result<()> {
          caught up: {event}"
     );
     Ok(())
-}
-
-/// A writer that publishes how many bytes it has written.
-struct Counting<'a, W> {
-    inner: &'a mut W,
-    written: &'a AtomicU64,
-}
-
-impl<W: Write> Write for Counting<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.written.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
 }

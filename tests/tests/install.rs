@@ -15,12 +15,9 @@ use anyhow::{Context, Result, ensure};
 use tcpgate_tests::install::tree::{
     changes, check_completions_and_man_pages, files_under, mode, staged_files,
 };
-use tcpgate_tests::install::{HostOperatorsGroup, PREFIX, Staged, Unit, install, xtask};
+use tcpgate_tests::install::unit::{check_bpffs_unit, check_service_unit};
+use tcpgate_tests::install::{HostOperatorsGroup, PREFIX, Staged, install, xtask};
 use tcpgate_tests::require_root;
-
-/// The capabilities the unit must grant, no more (see the unit's comments
-/// for why each is needed; the tests below show it).
-const UNIT_CAPABILITIES: [&str; 3] = ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"];
 
 /// The tree holds exactly the expected files with their modes, the unit says
 /// what it must, and the staged example config passes check-config.
@@ -67,109 +64,8 @@ fn staged_tree_holds_the_files_modes_and_unit_settings() -> Result<()> {
         "the staged binary is the one given"
     );
 
-    let unit = staged.unit()?;
-    let service = |key: &str| unit.one("Service", key);
-    ensure!(service("Type")? == "notify" && service("NotifyAccess")? == "main");
-    ensure!(
-        service("ExecStart")?
-            == "/usr/local/bin/tcpgate run --supervise --config /etc/tcpgate/tcpgate.toml"
-    );
-    ensure!(service("ExecReload")? == "/bin/kill -USR2 $MAINPID");
-    ensure!(service("User")? == "tcpgate" && service("Group")? == "tcpgate");
-    ensure!(service("SupplementaryGroups")? == "tcpgate-operators");
-    let wanted: BTreeSet<String> = UNIT_CAPABILITIES.map(str::to_owned).into();
-    ensure!(
-        unit.set("Service", "AmbientCapabilities")? == wanted,
-        "ambient capabilities"
-    );
-    ensure!(
-        unit.set("Service", "CapabilityBoundingSet")? == wanted,
-        "bounding set"
-    );
-    for cap in &wanted {
-        let known = Command::new("capsh")
-            .arg(format!("--supports={}", cap.to_ascii_lowercase()))
-            .status()?;
-        ensure!(
-            known.success(),
-            "{cap} is not a capability this kernel knows"
-        );
-    }
-    for (key, value) in [
-        ("NoNewPrivileges", "yes"),
-        ("ProtectSystem", "strict"),
-        ("ReadWritePaths", "-/sys/fs/bpf/tcpgate"),
-        ("LogsDirectory", "tcpgate"),
-        ("LogsDirectoryMode", "0750"),
-        ("PrivateTmp", "yes"),
-        ("ProtectHome", "yes"),
-        ("PrivateDevices", "yes"),
-        ("ProtectKernelTunables", "yes"),
-        ("ProtectKernelModules", "yes"),
-        ("ProtectControlGroups", "yes"),
-        ("RestrictNamespaces", "yes"),
-        ("LockPersonality", "yes"),
-        ("MemoryDenyWriteExecute", "yes"),
-        ("SystemCallArchitectures", "native"),
-        ("UMask", "0027"),
-        ("KillMode", "mixed"),
-        ("ProtectProc", "invisible"),
-        ("ProcSubset", "pid"),
-        ("SystemCallFilter", "@system-service bpf"),
-        ("SystemCallErrorNumber", "EPERM"),
-    ] {
-        ensure!(
-            service(key)? == value,
-            "{key}={}, want {value}",
-            service(key)?
-        );
-    }
-    let families: BTreeSet<String> = ["AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"]
-        .map(str::to_owned)
-        .into();
-    ensure!(unit.set("Service", "RestrictAddressFamilies")? == families);
-    ensure!(
-        unit.all("Service", "ExecStartPre").contains(
-            &"+/usr/bin/install -d -o tcpgate -g tcpgate-operators -m 0750 /sys/fs/bpf/tcpgate"
-        ),
-        "the unit makes the pin directory as root"
-    );
-    // Every program the unit runs exists (systemd-analyze verify checks
-    // ExecStart only).
-    for key in ["ExecStartPre", "ExecStart", "ExecReload"] {
-        for line in unit.all("Service", key) {
-            let program = line.trim_start_matches(['+', '-', '!', '@', ':']);
-            let program = program.split_whitespace().next().unwrap_or_default();
-            let on_disk = if program.starts_with(PREFIX) {
-                staged.path(program)
-            } else {
-                program.into()
-            };
-            ensure!(
-                mode(&on_disk)? & 0o111 != 0,
-                "{key}: {program} is not executable"
-            );
-        }
-    }
-    ensure!(unit.one("Install", "WantedBy")? == "multi-user.target");
-    ensure!(unit.one("Unit", "Requires")? == "tcpgate-bpffs.service");
-
-    // bpffs is mounted by a plain service (systemd refuses a .mount unit
-    // for it), only where it is missing.
-    let bpffs = Unit::parse(&std::fs::read_to_string(staged.path(&format!(
-        "{PREFIX}/lib/systemd/system/tcpgate-bpffs.service"
-    )))?)?;
-    ensure!(bpffs.one("Unit", "ConditionPathIsMountPoint")? == "!/sys/fs/bpf");
-    ensure!(
-        bpffs
-            .one("Unit", "Before")?
-            .split_whitespace()
-            .any(|u| u == "tcpgate.service")
-    );
-    ensure!(
-        bpffs.one("Service", "ExecStart")?
-            == "/bin/mount -t bpf -o nosuid,nodev,noexec,mode=0700 bpf /sys/fs/bpf"
-    );
+    check_service_unit(&staged)?;
+    check_bpffs_unit(&staged)?;
 
     // The config and the unit agree on where things are.
     let config_path = staged.path("/etc/tcpgate/tcpgate.toml");

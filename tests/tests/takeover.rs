@@ -1,25 +1,25 @@
 //! Takeover (`tcpgate run --takeover`): the running agent hands its
 //! listeners, grants, pins and interception to a successor; the successor
 //! adopts the user-space sessions and the old agent drains the kernel-path
-//! ones; nothing is refused and no byte is lost.
+//! ones; nothing is refused and no byte is lost. A takeover gone wrong is
+//! in takeover_faults.rs.
 
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use tcpgate_tests::operator::{self as op, open_session, sized_server};
+use tcpgate_tests::operator as op;
 use tcpgate_tests::takeover::{
-    SteppedTransfer, admin_lines, agent_lines, check_digest, duplex_upstream, echo_once, successor,
-    wait_taken_over,
+    SteppedTransfer, check_digest, duplex_upstream, echo_once, exits_by_itself, forward_fixture,
+    successor, wait_taken_over,
 };
 use tcpgate_tests::topology::BASTION_RUNNER_V4;
 use tcpgate_tests::{
-    Agent, DataPath, ForwardFixture, LISTEN_PORT, Payload, Signal, Topology, accept_loop,
-    assert_bytes_with, eventually, require_root, routing_leftovers, sk_lookup_links,
+    Agent, DataPath, ForwardFixture, LISTEN_PORT, Payload, accept_loop, assert_bytes_with,
+    eventually,
 };
 
 const GIB: u64 = 1 << 30;
@@ -31,12 +31,6 @@ tcpgate_tests::on_both_paths!(
     new_connections_during_takeovers_are_all_accepted,
 );
 
-/// Starts a forward fixture whose agent has its own takeover and
-/// operator sockets.
-fn fixture(path: DataPath, dir: &Path) -> Result<ForwardFixture> {
-    ForwardFixture::start_tuned(path, &agent_lines(dir), &admin_lines(dir))
-}
-
 /// A 1 GiB transfer each way stops at three checkpoints; at each one the
 /// agent is replaced. On the kernel path the session stays with the agent
 /// that accepted it (drained), which exits once it ends; on the user-space
@@ -45,7 +39,7 @@ fn fixture(path: DataPath, dir: &Path) -> Result<ForwardFixture> {
 /// counters on the kernel path).
 fn a_transfer_each_way_survives_three_takeovers(path: DataPath) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut fx = fixture(path, dir.path())?;
+    let mut fx = forward_fixture(path, dir.path())?;
     let (up, down) = (Payload::new(11, GIB), Payload::new(12, GIB));
     let server = duplex_upstream(&fx, down)?;
     let transfer = SteppedTransfer::start(fx.dial()?, up, GIB, 4)?;
@@ -109,16 +103,9 @@ fn a_transfer_each_way_survives_three_takeovers(path: DataPath) -> Result<()> {
     );
     assert_bytes_with(path, &close[0], GIB, GIB, true)?;
     // Each replaced agent exits by itself once its sessions are gone.
-    let status = fx
-        .agent
-        .wait_exit(EXIT_WAIT)?
-        .context("first agent still running")?;
-    ensure!(status.success(), "{status:?}\n{}", fx.agent.logs_tail(20));
+    exits_by_itself(&mut fx.agent, "first agent still running")?;
     for old in &mut agents[..2] {
-        let status = old
-            .wait_exit(EXIT_WAIT)?
-            .context("replaced agent still running")?;
-        ensure!(status.success(), "{status:?}\n{}", old.logs_tail(20));
+        exits_by_itself(old, "replaced agent still running")?;
     }
     // The last successor serves, on the same path.
     echo_once(&fx, b"after")?;
@@ -175,7 +162,7 @@ fn id_and_counters(row: &serde_json::Value) -> Result<(String, (u64, u64))> {
 /// session drains in the old agent, byte-exact, and both logs say why.
 fn a_differing_state_version_drains(path: DataPath) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut fx = fixture(path, dir.path())?;
+    let mut fx = forward_fixture(path, dir.path())?;
     let (up, down) = (Payload::new(21, 64 << 20), Payload::new(22, 64 << 20));
     let server = duplex_upstream(&fx, down)?;
     let transfer = SteppedTransfer::start(fx.dial()?, up, down.len, 2)?;
@@ -217,7 +204,7 @@ fn a_differing_state_version_drains(path: DataPath) -> Result<()> {
 fn new_connections_during_takeovers_are_all_accepted(path: DataPath) -> Result<()> {
     const MAX_DIALS: u64 = 20_000;
     let dir = tempfile::tempdir()?;
-    let fx = fixture(path, dir.path())?;
+    let fx = forward_fixture(path, dir.path())?;
     let upstream = accept_loop(
         &fx.topo.target,
         fx.upstream_addr(),
@@ -287,123 +274,5 @@ fn replace_three_times(
     tcpgate_tests::eventually(Duration::from_secs(30), "the last agent answers", || {
         dials.load(Ordering::Acquire) > before + 10
     })?;
-    Ok(())
-}
-
-/// The old agent stops answering after its offer (a test hook) and is
-/// then killed: the successor gives up on it, cleans up what it left as
-/// after any crash, and serves; stopped, it leaves nothing behind.
-#[test]
-fn sigkill_of_the_old_agent_mid_takeover_leaves_a_working_agent_and_nothing_behind() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    let topo = Topology::new()?;
-    let server = sized_server(&topo)?;
-    let dir = tempfile::tempdir()?;
-    let builder = Agent::builder(&topo.bastion)?;
-    let config = op::config(&builder, &agent_lines(dir.path()));
-    let pin_dir = builder.pin_dir().to_owned();
-    let mut old = builder
-        .config(config)
-        .args(["--datapath", "ebpf"])
-        .env("TCPGATE_TEST_TAKEOVER_STALL", "offer")
-        .spawn()?;
-    let config_path = old.config_path().to_owned();
-    let mut stranded = open_session(&topo, 1_000, 1_000)?;
-    let mut next = std::thread::scope(|scope| -> Result<Agent> {
-        let starting =
-            scope.spawn(|| successor(&topo.bastion, &config_path, &["--datapath", "ebpf"], &[]));
-        let stalled = old.wait_for_log("not answering the successor", Duration::from_secs(30));
-        old.signal(Signal::SIGKILL)?;
-        old.wait_exit(EXIT_WAIT)?.context("SIGKILL")?;
-        stalled?;
-        starting
-            .join()
-            .map_err(|_| anyhow::anyhow!("successor thread panicked"))?
-    })?;
-    ensure!(
-        next.logs().contains("takeover failed; starting afresh"),
-        "{}",
-        next.logs_tail(20)
-    );
-    ensure!(op::ended(&mut stranded), "the killed agent's session ends");
-    let fresh = open_session(&topo, 2_000, 3_000).with_context(|| next.logs_tail(30))?;
-    op::close(fresh);
-    let status = next.stop()?;
-    ensure!(status.success(), "{status:?}\n{}", next.logs_tail(20));
-    let mut left = routing_leftovers(&topo.bastion)?;
-    let links = sk_lookup_links(&topo.bastion)?;
-    if links > 0 {
-        left.push(format!("{links} sk_lookup link(s)"));
-    }
-    if pin_dir.exists() {
-        left.push(format!("pin directory {}", pin_dir.display()));
-    }
-    ensure!(left.is_empty(), "left behind: {left:?}");
-    server.stop()?;
-    Ok(())
-}
-
-/// A local user other than root (or the agent's own) cannot take over:
-/// the socket's mode refuses the connection, and with the mode opened up
-/// the agent itself checks the peer's uid and sends no descriptor.
-#[test]
-fn a_local_unprivileged_user_cannot_take_over() -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    if !require_root() {
-        return Ok(());
-    }
-    let dir = tempfile::tempdir()?;
-    // Like /run/tcpgate under systemd: anyone may traverse the directory.
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
-    let fx = fixture(DataPath::Userspace, dir.path())?;
-    let socket = dir.path().join("takeover.sock");
-    let as_nobody = |args: &[&str], stdin: std::process::Stdio| {
-        std::process::Command::new("setpriv")
-            .args([
-                "--reuid",
-                "65534",
-                "--regid",
-                "65534",
-                "--clear-groups",
-                "socat",
-            ])
-            .args(args)
-            .stdin(stdin)
-            .output()
-    };
-    let target = format!("UNIX-CONNECT:{}", socket.display());
-    let refused = as_nobody(&["-u", &target, "-"], std::process::Stdio::null())?;
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    ensure!(
-        !refused.status.success() && stderr.contains("Permission denied"),
-        "{refused:?}"
-    );
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))?;
-    let hello = br#"{"type":"hello","state_version":1,"pid":1}"#;
-    let frame = dir.path().join("hello.bin");
-    let mut bytes = u32::try_from(hello.len())?.to_be_bytes().to_vec();
-    bytes.extend_from_slice(hello);
-    std::fs::write(&frame, bytes)?;
-    let answered = as_nobody(
-        &["-t", "5", "-", &target],
-        std::fs::File::open(&frame)?.into(),
-    )?;
-    ensure!(
-        answered.stdout.is_empty(),
-        "nobody got an answer: {answered:?}"
-    );
-    fx.agent.wait_for_log(
-        "refused a takeover request from a user",
-        Duration::from_secs(30),
-    )?;
-    // Still the one serving.
-    echo_once(&fx, b"still")?;
-    ensure!(
-        !fx.agent.logs().contains("taken over"),
-        "{}",
-        fx.agent.logs_tail(20)
-    );
     Ok(())
 }

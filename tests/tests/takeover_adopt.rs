@@ -15,13 +15,13 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use tcpgate_tests::auth_fixture::AuthFixture;
 use tcpgate_tests::takeover::{
-    GrantedTakeover, admin_lines, agent_lines, listed_sessions, log_field, log_line, successor,
-    wait_taken_over,
+    GrantedTakeover, exits_by_itself, forward_fixture, listed_sessions, log_field, log_line,
+    stops_cleanly, successor, wait_taken_over,
 };
 use tcpgate_tests::tokens::unix_now;
 use tcpgate_tests::{
-    AcceptLoop, Agent, DataPath, ForwardFixture, accept_loop, eventually, require_root,
-    wait_events, wait_events_within,
+    AcceptLoop, Agent, DataPath, accept_loop, eventually, require_root, wait_events,
+    wait_events_within,
 };
 
 /// The successor's takeover hook (`agent::takeover::STALL_ENV`).
@@ -47,11 +47,10 @@ struct Adopted {
 fn adopted_session(exp: u64) -> Result<Adopted> {
     let mut t = GrantedTakeover::start(&USERSPACE, exp, "job-adopted")?;
     // Nothing was left to drain: the old agent exits by itself.
-    let status =
-        t.fx.agent
-            .wait_exit(Duration::from_secs(60))?
-            .context("the old agent exits once its session is handed over")?;
-    ensure!(status.success(), "{status:?}\n{}", t.fx.agent.logs_tail(20));
+    exits_by_itself(
+        &mut t.fx.agent,
+        "the old agent exits once its session is handed over",
+    )?;
     let mut stream = t.stream;
     Ok(Adopted {
         reader: std::thread::spawn(move || tcpgate_tests::payload::read_until_end(&mut stream)),
@@ -104,8 +103,7 @@ fn an_adopted_session_ends_at_its_grant_expiry_in_the_successor() -> Result<()> 
         close["bytes_down"].as_u64() >= Some(bytes),
         "the close line counts every byte, across both agents: {close}"
     );
-    let status = a.next.stop()?;
-    ensure!(status.success(), "{status:?}\n{}", a.next.logs_tail(20));
+    stops_cleanly(&mut a.next)?;
     Ok(())
 }
 
@@ -124,8 +122,7 @@ fn a_revocation_after_the_takeover_ends_the_adopted_session() -> Result<()> {
     ensure!(bytes > 64 * 1024, "the adopted session streamed before");
     let close = adopted_close(&a.fx, ENDS_WITHIN)?;
     ensure!(close["reason"] == "revoked", "{close}");
-    let status = a.next.stop()?;
-    ensure!(status.success(), "{status:?}\n{}", a.next.logs_tail(20));
+    stops_cleanly(&mut a.next)?;
     Ok(())
 }
 
@@ -169,11 +166,7 @@ fn a_successor_killed_mid_handover_leaves_the_rest_with_the_old_agent() -> Resul
     }
     tcpgate_tests::raise_nofile();
     let dir = tempfile::tempdir()?;
-    let mut fx = ForwardFixture::start_tuned(
-        DataPath::Userspace,
-        &agent_lines(dir.path()),
-        &admin_lines(dir.path()),
-    )?;
+    let mut fx = forward_fixture(DataPath::Userspace, dir.path())?;
     let echo = accept_loop(&fx.topo.target, fx.upstream_addr(), SESSIONS, |mut s, _| {
         let mut buf = [0u8; 256];
         while let Ok(n @ 1..) = s.read(&mut buf) {
@@ -254,11 +247,7 @@ fn a_successor_killed_mid_handover_leaves_the_rest_with_the_old_agent() -> Resul
     for event in &closes {
         ensure!(event["handover"] == "drained", "{event}");
     }
-    let status = fx
-        .agent
-        .wait_exit(Duration::from_secs(60))?
-        .context("the old agent exits once drained")?;
-    ensure!(status.success(), "{status:?}\n{}", fx.agent.logs_tail(20));
+    exits_by_itself(&mut fx.agent, "the old agent exits once drained")?;
     // No agent process is left behind, and every upstream connection
     // ended.
     ensure!(

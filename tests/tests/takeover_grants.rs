@@ -8,9 +8,9 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::json;
-use tcpgate_tests::auth_fixture::{AuthFixture, Launch, policy, streamer};
+use tcpgate_tests::auth_fixture::{AuthFixture, streamer};
 use tcpgate_tests::payload::read_until_end;
-use tcpgate_tests::takeover::{agent_lines, successor, wait_taken_over};
+use tcpgate_tests::takeover::{AuthTakeover, exits_by_itself, stops_cleanly};
 use tcpgate_tests::tokens::{claims_with, unix_now};
 use tcpgate_tests::{require_root, wait_events};
 
@@ -19,16 +19,9 @@ fn a_grant_expiring_during_the_handover_still_ends_its_session() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let dir = tempfile::tempdir()?;
-    let mut fx = AuthFixture::start_launched(
-        &policy("15m"),
-        &[],
-        Launch {
-            agent_extra: agent_lines(dir.path()),
-            ..Launch::default()
-        },
-    )?;
-    let server = streamer(&fx, Duration::from_secs(90))?;
+    let mut t = AuthTakeover::start()?;
+    let fx = &t.fx;
+    let server = streamer(fx, Duration::from_secs(90))?;
     // Long enough for the takeover to be over before it.
     let exp = unix_now() + 15;
     let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(exp);
@@ -37,8 +30,8 @@ fn a_grant_expiring_during_the_handover_still_ends_its_session() -> Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut drained = fx.dial_from_runner(AuthFixture::target(5432))?;
     drained.read_exact(&mut buf)?;
-    let mut next = successor(&fx.topo.bastion, fx.agent.config_path(), &[], &[])?;
-    wait_taken_over(&fx.agent)?;
+    let mut next = t.take_over()?;
+    let fx = &mut t.fx;
     // Routes, rules and link were taken over in place, not cleaned up as
     // after a crash.
     ensure!(
@@ -64,11 +57,7 @@ fn a_grant_expiring_during_the_handover_still_ends_its_session() -> Result<()> {
     ensure!(old.len() == 1 && new.len() == 1, "{closes:?}");
     ensure!(old[0]["reason"] == "grant_expired", "{}", old[0]);
     ensure!(new[0]["reason"] == "grant_expired", "{}", new[0]);
-    let status = fx
-        .agent
-        .wait_exit(Duration::from_secs(60))?
-        .context("the old agent exits once drained")?;
-    ensure!(status.success(), "{status:?}\n{}", fx.agent.logs_tail(20));
+    exits_by_itself(&mut fx.agent, "the old agent exits once drained")?;
     // The old agent left the interception to the successor: a fresh grant
     // is issued by the successor's API and admits.
     let token = fx
@@ -79,8 +68,7 @@ fn a_grant_expiring_during_the_handover_still_ends_its_session() -> Result<()> {
     let mut fresh = fx.dial_from_runner(AuthFixture::target(5432))?;
     fresh.read_exact(&mut buf)?;
     drop(fresh);
-    let status = next.stop()?;
-    ensure!(status.success(), "{status:?}\n{}", next.logs_tail(20));
+    stops_cleanly(&mut next)?;
     drop(server);
     Ok(())
 }
@@ -93,15 +81,8 @@ fn a_token_revoked_before_the_takeover_stays_refused() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let dir = tempfile::tempdir()?;
-    let fx = AuthFixture::start_launched(
-        &policy("15m"),
-        &[],
-        Launch {
-            agent_extra: agent_lines(dir.path()),
-            ..Launch::default()
-        },
-    )?;
+    let t = AuthTakeover::start()?;
+    let fx = &t.fx;
     let admin = fx.admin_socket().display().to_string();
     let revoked = fx.keys.rsa.sign(&claims_with(&[("jti", json!("job-1"))]));
     let grant = fx.grant_from_runner(&revoked, &[])?;
@@ -112,8 +93,7 @@ fn a_token_revoked_before_the_takeover_stays_refused() -> Result<()> {
         fx.grant_from_runner(&revoked, &[]).is_err(),
         "the old agent refuses the revoked token"
     );
-    let mut next = successor(&fx.topo.bastion, fx.agent.config_path(), &[], &[])?;
-    wait_taken_over(&fx.agent)?;
+    let mut next = t.take_over()?;
     let refused = fx.grant_from_runner(&revoked, &[]);
     ensure!(
         refused.is_err(),
@@ -123,7 +103,6 @@ fn a_token_revoked_before_the_takeover_stays_refused() -> Result<()> {
     let other = fx.keys.rsa.sign(&claims_with(&[("jti", json!("job-2"))]));
     fx.grant_from_runner(&other, &[])
         .context("another job's token is granted by the successor")?;
-    let status = next.stop()?;
-    ensure!(status.success(), "{status:?}\n{}", next.logs_tail(20));
+    stops_cleanly(&mut next)?;
     Ok(())
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
-use tcpgate_tests::auth_fixture::{AuthFixture, Launch, authenticate, policy, streamer};
-use tcpgate_tests::takeover::{GrantedTakeover, agent_lines, successor, wait_taken_over};
+use tcpgate_tests::auth_fixture::{AuthFixture, authenticate, streamer};
+use tcpgate_tests::takeover::{AuthTakeover, GrantedTakeover, exits_by_itself, stops_cleanly};
 use tcpgate_tests::tokens::{claims_with, unix_now};
 use tcpgate_tests::{AcceptLoop, Agent, Signal, eventually, require_root, wait_events_within};
 
@@ -89,13 +89,8 @@ fn a_revocation_after_the_takeover_ends_the_drained_session() -> Result<()> {
     let refused = d.fx.grant_from_runner(&d.token, &[]);
     ensure!(refused.is_err(), "a revoked token got a grant: {refused:?}");
     // Nothing left to drain: the old agent exits.
-    let status =
-        d.fx.agent
-            .wait_exit(Duration::from_secs(60))?
-            .context("the old agent exits once drained")?;
-    ensure!(status.success(), "{status:?}\n{}", d.fx.agent.logs_tail(20));
-    let status = d.next.stop()?;
-    ensure!(status.success(), "{status:?}\n{}", d.next.logs_tail(20));
+    exits_by_itself(&mut d.fx.agent, "the old agent exits once drained")?;
+    stops_cleanly(&mut d.next)?;
     Ok(())
 }
 
@@ -131,11 +126,7 @@ fn without_an_api_a_revocation_reaches_the_drained_session_through_its_pins() ->
     ended(d.reader, ENDS_WITHIN).with_context(|| format!("{stdout}\n{stderr}"))?;
     let close = drained_close(&d.fx.agent, ENDS_WITHIN)?;
     ensure!(close["reason"] == "revoked", "{close}");
-    let status =
-        d.fx.agent
-            .wait_exit(Duration::from_secs(60))?
-            .context("the old agent exits once drained")?;
-    ensure!(status.success(), "{status:?}\n{}", d.fx.agent.logs_tail(20));
+    exits_by_itself(&mut d.fx.agent, "the old agent exits once drained")?;
     Ok(())
 }
 
@@ -175,16 +166,9 @@ fn a_subject_revoked_after_the_takeover_ends_a_drained_preamble_session() -> Res
         return Ok(());
     }
     const SUBJECT: &str = "project_path:group/drained:ref_type:branch:ref:main";
-    let dir = tempfile::tempdir()?;
-    let mut fx = AuthFixture::start_launched(
-        &policy("15m"),
-        &[],
-        Launch {
-            agent_extra: agent_lines(dir.path()),
-            ..Launch::default()
-        },
-    )?;
-    let _server = streamer(&fx, Duration::from_secs(90))?;
+    let mut t = AuthTakeover::start()?;
+    let fx = &t.fx;
+    let _server = streamer(fx, Duration::from_secs(90))?;
     let token = fx.keys.rsa.sign(&claims_with(&[
         ("exp", json!(unix_now() + 600)),
         ("sub", json!(SUBJECT)),
@@ -194,8 +178,8 @@ fn a_subject_revoked_after_the_takeover_ends_a_drained_preamble_session() -> Res
     ensure!(status == 0, "preamble: {status} {message}");
     let mut buf = vec![0u8; 64 * 1024];
     stream.read_exact(&mut buf)?;
-    let mut next = successor(&fx.topo.bastion, fx.agent.config_path(), &[], &[])?;
-    wait_taken_over(&fx.agent)?;
+    let mut next = t.take_over()?;
+    let fx = &mut t.fx;
     let reader = read_until_end(stream);
     let admin = fx.admin_socket().display().to_string();
     let (status, stdout, stderr) = fx.cli(
@@ -213,12 +197,7 @@ fn a_subject_revoked_after_the_takeover_ends_a_drained_preamble_session() -> Res
     let mut again = fx.dial_from_runner(AuthFixture::target(5432))?;
     let (status, message) = authenticate(&mut again, &token)?;
     ensure!(status != 0, "a revoked subject was admitted: {message}");
-    let status = fx
-        .agent
-        .wait_exit(Duration::from_secs(60))?
-        .context("the old agent exits once drained")?;
-    ensure!(status.success(), "{status:?}\n{}", fx.agent.logs_tail(20));
-    let status = next.stop()?;
-    ensure!(status.success(), "{status:?}\n{}", next.logs_tail(20));
+    exits_by_itself(&mut fx.agent, "the old agent exits once drained")?;
+    stops_cleanly(&mut next)?;
     Ok(())
 }

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use tcpgate_tests::takeover::{
-    agent_lines, echo_once, log_field, log_line, successor, wait_taken_over,
+    agent_lines, echo_once, exits_by_itself, log_field, log_line, stops_cleanly, successor,
+    wait_taken_over,
 };
 use tcpgate_tests::{
     DataPath, ForwardFixture, Payload, accept_loop, read_to_end_hashed, write_payload,
@@ -146,13 +147,8 @@ fn a_thousand_idle_sessions_survive_a_takeover(path: DataPath) -> Result<()> {
             fx.assert_bytes(event, SIZE + 1, SIZE + 1)?;
         }
     }
-    let status = fx
-        .agent
-        .wait_exit(Duration::from_secs(60))?
-        .context("the old agent exits once drained")?;
-    ensure!(status.success(), "{status:?}\n{}", fx.agent.logs_tail(20));
+    exits_by_itself(&mut fx.agent, "the old agent exits once drained")?;
     echo_once(&fx, b"next").with_context(|| next.logs_tail(20))?;
-    let status = next.stop()?;
-    ensure!(status.success(), "{status:?}\n{}", next.logs_tail(20));
+    stops_cleanly(&mut next)?;
     Ok(())
 }

@@ -9,7 +9,8 @@ use anyhow::{Context, Result, ensure};
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
 use tcpgate_tests::takeover::{
-    SteppedTransfer, agent_lines, check_digest, duplex_upstream, echo_once, wait_taken_over,
+    SteppedTransfer, agent_lines, check_digest, duplex_upstream, echo_once, exits_by_itself,
+    stops_cleanly, wait_taken_over,
 };
 use tcpgate_tests::{
     DataPath, ForwardFixture, Payload, Signal, assert_bytes_with, eventually, require_root,
@@ -85,11 +86,7 @@ fn sigusr2_starts_a_successor_that_takes_over_while_a_session_drains() -> Result
         "the main pid moved to the successor"
     );
     drained_byte_exact(&fx, transfer, server, up, down)?;
-    let status = fx
-        .agent
-        .wait_exit(Duration::from_secs(60))?
-        .context("the old agent exits once drained")?;
-    ensure!(status.success(), "{status:?}\n{}", fx.agent.logs_tail(20));
+    exits_by_itself(&mut fx.agent, "the old agent exits once drained")?;
     // The successor serves, then stops cleanly and removes its pins.
     echo_once(&fx, b"after").with_context(|| fx.agent.logs_tail(30))?;
     successor.stop()?;
@@ -202,8 +199,7 @@ fn sigusr2_under_the_supervisor_keeps_it_the_main_process() -> Result<()> {
         relayed(&fx)
     );
 
-    let status = fx.agent.stop()?;
-    ensure!(status.success(), "{status:?}\n{}", fx.agent.logs_tail(20));
+    stops_cleanly(&mut fx.agent)?;
     ensure!(
         kill(Pid::from_raw(i32::try_from(successor[0])?), None).is_err(),
         "the agent stopped with its supervisor"

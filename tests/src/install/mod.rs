@@ -1,17 +1,19 @@
 //! Support for the install tests: staging with `cargo xtask install`, a
-//! reader for systemd unit files, and a temporary system user.
+//! reader for systemd unit files and the checks on them ([`unit`]), and a
+//! temporary system user.
 
 pub mod session;
 pub mod systemd;
 pub mod tree;
+pub mod unit;
 pub mod unprivileged;
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use tempfile::TempDir;
+pub use unit::Unit;
 
 /// Env var naming the xtask binary; default `<workspace>/target/debug/xtask`.
 pub const XTASK_ENV: &str = "TCPGATE_XTASK_BIN";
@@ -97,78 +99,6 @@ pub fn install(destdir: &Path, extra: &[&str]) -> Result<String> {
     ];
     args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
     xtask(&args)
-}
-
-/// The `key=value` lines of a unit file, by section, in order.
-#[derive(Debug)]
-pub struct Unit {
-    entries: Vec<(String, String, String)>,
-}
-
-impl Unit {
-    pub fn parse(text: &str) -> Result<Self> {
-        let mut section = None;
-        let mut entries = Vec::new();
-        for (number, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
-                continue;
-            }
-            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-                section = Some(name.to_owned());
-                continue;
-            }
-            ensure!(
-                !line.ends_with('\\'),
-                "line {}: continuation lines are not expected",
-                number + 1
-            );
-            let Some((key, value)) = line.split_once('=') else {
-                bail!("line {}: not key=value: {line}", number + 1);
-            };
-            let Some(section) = &section else {
-                bail!("line {}: {key} outside any section", number + 1);
-            };
-            entries.push((
-                section.clone(),
-                key.trim().to_owned(),
-                value.trim().to_owned(),
-            ));
-        }
-        Ok(Self { entries })
-    }
-
-    /// Every value of `key` in `section` (keys may repeat).
-    pub fn all(&self, section: &str, key: &str) -> Vec<&str> {
-        self.entries
-            .iter()
-            .filter(|(s, k, _)| s == section && k == key)
-            .map(|(_, _, v)| v.as_str())
-            .collect()
-    }
-
-    /// The single value of `key` in `section`.
-    pub fn one(&self, section: &str, key: &str) -> Result<&str> {
-        match self.all(section, key).as_slice() {
-            [value] => Ok(value),
-            values => bail!("[{section}] {key}: expected one value, found {values:?}"),
-        }
-    }
-
-    /// A space-separated list setting as a set.
-    pub fn set(&self, section: &str, key: &str) -> Result<BTreeSet<String>> {
-        Ok(self
-            .one(section, key)?
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect())
-    }
-
-    /// The capabilities the unit gives the agent (ambient = bounding set,
-    /// which the staging test checks).
-    pub fn capabilities(&self) -> Result<BTreeSet<String>> {
-        self.set("Service", "AmbientCapabilities")
-    }
 }
 
 /// A system user and its group, plus an extra group it belongs to, created
@@ -313,29 +243,4 @@ fn getent_gid(group: &str) -> Result<u32> {
         .nth(2)
         .and_then(|gid| gid.trim().parse().ok())
         .with_context(|| format!("getent group {group}: {line}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unit_reader_keeps_sections_repeats_and_skips_comments() -> Result<()> {
-        let unit = Unit::parse(
-            "# comment\n[Unit]\nAfter=a.target\n\n[Service]\nExecStartPre=+/bin/true\n\
-             ExecStartPre=/bin/false\nAmbientCapabilities=CAP_BPF  CAP_NET_ADMIN\n",
-        )?;
-        assert_eq!(unit.one("Unit", "After")?, "a.target");
-        assert_eq!(
-            unit.all("Service", "ExecStartPre"),
-            ["+/bin/true", "/bin/false"]
-        );
-        assert!(unit.one("Service", "ExecStartPre").is_err());
-        assert_eq!(
-            unit.capabilities()?.into_iter().collect::<Vec<_>>(),
-            ["CAP_BPF", "CAP_NET_ADMIN"]
-        );
-        assert!(Unit::parse("Key=outside\n").is_err());
-        Ok(())
-    }
 }

@@ -1,11 +1,9 @@
-//! Takeover fixtures: a successor of a running agent (`tcpgate run
-//! --takeover` with the same configuration), and a transfer each way that
-//! stops at checkpoints, so a takeover provably happens while both
-//! directions still have bytes to move.
+//! A transfer each way that stops at checkpoints, so a takeover provably
+//! happens while both directions still have bytes to move, and the
+//! one-shot servers the takeover tests stream to.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::path::Path;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -13,138 +11,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, ensure};
 use sha2::{Digest as _, Sha256};
 
-use crate::{Agent, Digest, ForwardFixture, Netns, Payload};
+use crate::{Digest, ForwardFixture, Netns, Payload};
 
 /// Bound on one leg of a transfer between two checkpoints.
 const LEG_BOUND: Duration = Duration::from_secs(600);
 const CHUNK: usize = 256 * 1024;
-
-/// `[agent]` lines giving an agent a takeover socket of its own in `dir`.
-pub fn agent_lines(dir: &Path) -> String {
-    format!(
-        "takeover_socket = {:?}\ntakeover_timeout = \"20s\"\n",
-        dir.join("takeover.sock").display().to_string()
-    )
-}
-
-/// An `[admin]` section with an operator socket in `dir`: every agent
-/// sharing the configuration binds it in turn (the last one answers).
-pub fn admin_lines(dir: &Path) -> String {
-    format!(
-        "\n[admin]\nsocket = {:?}\n",
-        dir.join("admin.sock").display().to_string()
-    )
-}
-
-/// `GET /v1/sessions` on the operator socket in `dir` (see
-/// [`admin_lines`]): the live sessions of the agent answering there.
-pub fn listed_sessions(dir: &Path) -> Result<Vec<serde_json::Value>> {
-    let answer = crate::metrics::get_unix(&dir.join("admin.sock"), "/v1/sessions")?;
-    let (head, body) = answer
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("no HTTP header end: {answer:?}"))?;
-    ensure!(head.starts_with("HTTP/1.1 200"), "{head}: {body}");
-    let doc: serde_json::Value = serde_json::from_str(body).with_context(|| body.to_owned())?;
-    doc.as_array().cloned().context("a sessions array")
-}
-
-/// The first line of `agent`'s log containing `needle`, without its
-/// colour codes (fields then read `name=value`).
-pub fn log_line(agent: &Agent, needle: &str) -> Option<String> {
-    let logs = agent.logs();
-    let line = logs.lines().find(|l| l.contains(needle))?;
-    let mut plain = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            chars.by_ref().find(|c| *c == 'm');
-        } else {
-            plain.push(c);
-        }
-    }
-    Some(plain)
-}
-
-/// The value of field `name` in a [`log_line`].
-#[must_use]
-pub fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    let at = line.find(&format!(" {name}="))? + name.len() + 2;
-    line[at..].split_whitespace().next()
-}
-
-/// A runner's streaming session through an authenticating agent (started
-/// with `args` and a takeover socket of its own), admitted by a grant
-/// expiring at `exp`, and a successor (same `args`) that took over.
-pub struct GrantedTakeover {
-    pub fx: crate::auth_fixture::AuthFixture,
-    pub dir: tempfile::TempDir,
-    pub server: crate::AcceptLoop<u64>,
-    pub token: String,
-    pub grant: String,
-    /// The session's client end; it has read a first chunk.
-    pub stream: TcpStream,
-    pub next: Agent,
-}
-
-impl GrantedTakeover {
-    pub fn start(args: &[&str], exp: u64, jti: &str) -> Result<Self> {
-        use crate::auth_fixture::{AuthFixture, Launch, policy, streamer};
-        let dir = tempfile::tempdir()?;
-        let fx = AuthFixture::start_launched(
-            &policy("15m"),
-            args,
-            Launch {
-                agent_extra: agent_lines(dir.path()),
-                ..Launch::default()
-            },
-        )?;
-        let server = streamer(&fx, Duration::from_secs(90))?;
-        let token = fx.keys.rsa.sign(&crate::tokens::claims_with(&[
-            ("exp", serde_json::json!(exp)),
-            ("jti", serde_json::json!(jti)),
-        ]));
-        let grant = fx.grant_from_runner(&token, &[])?;
-        let mut stream = fx.dial_from_runner(AuthFixture::target(5432))?;
-        let mut buf = vec![0u8; 64 * 1024];
-        stream.read_exact(&mut buf)?;
-        let next = successor(&fx.topo.bastion, fx.agent.config_path(), args, &[])?;
-        wait_taken_over(&fx.agent)?;
-        Ok(Self {
-            fx,
-            dir,
-            server,
-            token,
-            grant,
-            stream,
-            next,
-        })
-    }
-}
-
-/// Starts `tcpgate run --takeover` in `ns` with the configuration at
-/// `config` (a running agent's: its pin directory, audit file and takeover
-/// socket), plus `args`, and waits for it to be ready: it then accepts on
-/// the inherited listeners.
-pub fn successor(ns: &Netns, config: &Path, args: &[&str], envs: &[(&str, &str)]) -> Result<Agent> {
-    let config = std::fs::read_to_string(config)?;
-    let mut builder = Agent::builder(ns)?
-        .config(config)
-        .arg("--takeover")
-        .args(args)
-        .ready_timeout(Duration::from_secs(60));
-    for (key, value) in envs {
-        builder = builder.env(key, value);
-    }
-    Ok(builder.spawn()?)
-}
-
-/// Waits until `old` says it was taken over.
-pub fn wait_taken_over(old: &Agent) -> Result<()> {
-    Ok(old.wait_for_log(
-        "taken over: no new connections here",
-        Duration::from_secs(30),
-    )?)
-}
 
 /// A transfer of `up` (client → server) and `down` (server → client)
 /// bytes in `legs` legs: after each but the last, both directions stop
