@@ -256,6 +256,11 @@ impl GrantStore {
         self.state().grants.get(&id).map(|e| Grant::clone(&e.grant))
     }
 
+    /// When `id` expires, if it is live (no copy of the grant).
+    pub fn expires_at(&self, id: GrantId) -> Option<SystemTime> {
+        self.state().grants.get(&id).map(|e| e.grant.expires_at)
+    }
+
     /// Whether `id` is live (cheaper than [`GrantStore::get`]).
     pub fn contains(&self, id: GrantId) -> bool {
         self.state().grants.contains_key(&id)

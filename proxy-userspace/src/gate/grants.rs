@@ -159,6 +159,13 @@ impl Gate {
         self.store.get(id)
     }
 
+    /// When grant `id` expires, if it is live: a check on every poll of
+    /// every routed flow, so it copies nothing.
+    #[must_use]
+    pub fn grant_expires_at(&self, id: GrantId) -> Option<SystemTime> {
+        self.store.expires_at(id)
+    }
+
     /// Whether grant `id` is live.
     #[must_use]
     pub fn holds(&self, id: GrantId) -> bool {

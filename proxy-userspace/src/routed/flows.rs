@@ -210,8 +210,8 @@ impl FlowWatch {
         }
         let grant_live = self
             .gate
-            .grant(GrantId(flow.grant_id))
-            .is_some_and(|g| g.expires_at > now);
+            .grant_expires_at(GrantId(flow.grant_id))
+            .is_some_and(|expires_at| expires_at > now);
         let reason = if flow.state == FLOW_TOKEN {
             tracing::warn!(runner = %SocketAddrV4::new(key.runner_addr.into(), key.runner_port), "a token preamble on a routed flow: reset, the token did not reach the target");
             Some(EndReason::AuthFailed)
