@@ -204,8 +204,17 @@ impl Gate {
 
     /// Removes an ended grant from the pinned map (on the store's expiry
     /// and revocation events).
+    ///
+    /// An operator's revoked flag outlives the record: `tcpgate revoke`
+    /// falls back to the pinned map when the API does not answer, but its
+    /// API request may still be served once the agent runs again, and
+    /// revoke the grant here before a session sees its destroyed socket.
+    /// That session still ends `revoked` (see [`Self::revoked_outside`]).
     pub fn forget(&self, id: GrantId) {
         if let Some(mirror) = &self.mirror {
+            if mirror.is_flagged_revoked(id) {
+                self.lock_revoked().insert(id.0);
+            }
             mirror.remove(id);
         }
     }
