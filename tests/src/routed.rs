@@ -7,7 +7,7 @@ use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 use anyhow::Result;
 
 use crate::auth_fixture::{AuthFixture, Launch, policy};
-use crate::topology::BASTION_RUNNER_IF;
+use crate::topology::{BASTION_RUNNER_IF, RUNNER_V4};
 
 /// An agent with routed grants on the runner-facing interface, flows
 /// lingering 300 ms after they end; `extra` adds lines to the section.
@@ -128,4 +128,49 @@ fn socket_v4(options: DialOptions) -> Result<std::os::fd::OwnedFd> {
         bind(fd.as_raw_fd(), &SockaddrIn::from(local))?;
     }
     Ok(fd)
+}
+
+/// A connection from the runner's fixed source `port` (call it inside the
+/// runner's namespace).
+pub fn dial_from_runner_port(port: u16, target: SocketAddr) -> Result<TcpStream> {
+    let local = SocketAddrV4::new(RUNNER_V4, port);
+    dial_v4(
+        target,
+        DialOptions {
+            mark: None,
+            local: Some(local),
+        },
+    )
+}
+
+/// A target on `port` that echoes three bytes and closes first, so the
+/// runner keeps no TIME_WAIT and can reuse its port at once.
+pub fn three_byte_echo(fx: &AuthFixture, port: u16) -> Result<crate::AcceptLoop<()>> {
+    use std::io::Write;
+    crate::accept_loop(
+        &fx.topo.target,
+        AuthFixture::target(port),
+        10,
+        |mut s, _| {
+            let mut b = [0u8; 3];
+            if s.read_exact(&mut b).is_ok() {
+                let _ = s.write_all(&b);
+            }
+        },
+    )
+    .map_err(Into::into)
+}
+
+/// Sends `message` to a [`three_byte_echo`] target; checks its echo and
+/// its close (a FIN, nothing more).
+pub fn echo_three(stream: &mut TcpStream, message: &[u8; 3]) -> Result<()> {
+    use std::io::Write;
+    stream.write_all(message)?;
+    let mut back = [0u8; 3];
+    stream.read_exact(&mut back)?;
+    anyhow::ensure!(&back == message, "echo of {message:?}: {back:?}");
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest)?;
+    anyhow::ensure!(rest.is_empty(), "the target's close, not {rest:?}");
+    Ok(())
 }

@@ -8,43 +8,21 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use tcpgate_tests::auth_fixture::AuthFixture;
 use tcpgate_tests::preamble::{encode, read_answer};
-use tcpgate_tests::routed::{DialOptions, dial_v4, fast_open_v4, routed_fixture};
+use tcpgate_tests::routed::{
+    DialOptions, dial_from_runner_port, echo_three, fast_open_v4, routed_fixture, three_byte_echo,
+};
 use tcpgate_tests::topology::RUNNER_V4;
-use tcpgate_tests::{AcceptLoop, accept_loop, require_root, wait_events};
+use tcpgate_tests::{require_root, wait_events};
 
 const PORT: u16 = 9000;
 const SOURCE_PORT: u16 = 40_123;
 
 /// A connection from the runner's fixed `SOURCE_PORT`.
 fn dial_from_source_port(target: SocketAddr) -> Result<TcpStream> {
-    let local = SocketAddrV4::new(RUNNER_V4, SOURCE_PORT);
-    dial_v4(
-        target,
-        DialOptions {
-            mark: None,
-            local: Some(local),
-        },
-    )
-}
-
-/// A target that echoes three bytes and closes first, so the runner keeps
-/// no TIME_WAIT and can reuse its port at once.
-fn three_byte_echo(fx: &AuthFixture) -> Result<AcceptLoop<()>> {
-    accept_loop(
-        &fx.topo.target,
-        AuthFixture::target(PORT),
-        10,
-        |mut s, _| {
-            let mut b = [0u8; 3];
-            if s.read_exact(&mut b).is_ok() {
-                let _ = s.write_all(&b);
-            }
-        },
-    )
-    .map_err(Into::into)
+    dial_from_runner_port(SOURCE_PORT, target)
 }
 
 #[test]
@@ -55,7 +33,7 @@ fn a_reused_source_port_starts_a_new_routed_flow() -> Result<()> {
     let fx = routed_fixture("")?;
     // Echoes three bytes and closes first, so the runner keeps no
     // TIME_WAIT and can reuse its port at once.
-    let _server = three_byte_echo(&fx)?;
+    let _server = three_byte_echo(&fx, PORT)?;
     fx.grant_from_runner(&fx.token(), &["--allow", "192.0.2.10=9000"])?;
     let target = AuthFixture::target(PORT);
     for (round, message) in [(1, b"one"), (2, b"two")] {
@@ -66,13 +44,7 @@ fn a_reused_source_port_starts_a_new_routed_flow() -> Result<()> {
         // 2 this also waits past the first flow's linger, when its entry
         // would be removed if the agent took the new flow for the old one.
         std::thread::sleep(Duration::from_millis(if round == 1 { 400 } else { 1000 }));
-        stream.write_all(message)?;
-        let mut back = [0u8; 3];
-        stream.read_exact(&mut back)?;
-        ensure!(&back == message, "round {round}: echo");
-        let mut rest = Vec::new();
-        stream.read_to_end(&mut rest)?;
-        ensure!(rest.is_empty(), "round {round}: the target's close");
+        echo_three(&mut stream, message).with_context(|| format!("round {round}"))?;
         // A poll reads the finished flow's final counters before the
         // reuse replaces its entry (docs/routed.md).
         std::thread::sleep(Duration::from_millis(300));
@@ -103,7 +75,7 @@ fn a_fast_open_syn_on_a_lingering_routed_tuple_takes_the_intercepting_path() -> 
         return Ok(());
     }
     let fx = routed_fixture("")?;
-    let _server = three_byte_echo(&fx)?;
+    let _server = three_byte_echo(&fx, PORT)?;
     let token = fx.token();
     fx.grant_from_runner(&token, &["--allow", "192.0.2.10=9000"])?;
     fx.topo.runner.sysctl("net.ipv4.tcp_fastopen", "5")?;
