@@ -104,3 +104,17 @@ pub fn sk_lookup_links(ns: &crate::Netns) -> Result<usize> {
         .filter(|l| l["type"] == "netns" && l["netns_ino"] == inode)
         .count())
 }
+
+/// What a stopped agent left in its namespace and on bpffs: its ip rules
+/// and routes, sk_lookup links, and its pin directory.
+pub fn agent_leftovers(ns: &crate::Netns, pin_dir: &Path) -> Result<Vec<String>> {
+    let mut left = routing_leftovers(ns)?;
+    let links = sk_lookup_links(ns)?;
+    if links > 0 {
+        left.push(format!("{links} sk_lookup link(s)"));
+    }
+    if pin_dir.exists() {
+        left.push(format!("pin directory {}", pin_dir.display()));
+    }
+    Ok(left)
+}

@@ -67,7 +67,8 @@ pub use fixture::{
     intercept_config, intercept_prefixes, wait_events, wait_events_within,
 };
 pub use inspect::{
-    assert_maps_empty, pinned_entries, raise_nofile, routing_leftovers, rss_bytes, sk_lookup_links,
+    agent_leftovers, assert_maps_empty, pinned_entries, raise_nofile, routing_leftovers, rss_bytes,
+    sk_lookup_links,
 };
 pub use netns::{Netns, NetnsError, NsThread};
 pub use nix::sys::signal::Signal;

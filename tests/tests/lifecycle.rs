@@ -3,29 +3,16 @@
 //! for inspection; after SIGKILL the next start cleans up and serves.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use tcpgate_tests::operator::{self as op, open_session, sessions_json, sized_server};
 use tcpgate_tests::{Agent, Signal, Topology, require_root};
-use tcpgate_tests::{routing_leftovers, sk_lookup_links, wait_events};
+use tcpgate_tests::{agent_leftovers, routing_leftovers, sk_lookup_links, wait_events};
 
 const EXIT_WAIT: Duration = Duration::from_secs(30);
 
 /// Routing rules and routes, sk_lookup links, and the pin directory.
-fn leftovers(topo: &Topology, pin_dir: &Path) -> Result<Vec<String>> {
-    let mut left = routing_leftovers(&topo.bastion)?;
-    let links = sk_lookup_links(&topo.bastion)?;
-    if links > 0 {
-        left.push(format!("{links} sk_lookup link(s)"));
-    }
-    if pin_dir.exists() {
-        left.push(format!("pin directory {}", pin_dir.display()));
-    }
-    Ok(left)
-}
-
 #[test]
 fn sigterm_ends_live_sessions_with_agent_shutdown_and_leaves_nothing() -> Result<()> {
     if !require_root() {
@@ -65,7 +52,7 @@ fn sigterm_ends_live_sessions_with_agent_shutdown_and_leaves_nothing() -> Result
     for close in &closes {
         ensure!(close["reason"] == "agent_shutdown", "{close}");
     }
-    let left = leftovers(&topo, agent.pin_dir())?;
+    let left = agent_leftovers(&topo.bastion, agent.pin_dir())?;
     ensure!(left.is_empty(), "left behind: {left:?}");
     server.stop()?;
     Ok(())
@@ -127,7 +114,7 @@ fn keep_pins_leaves_the_maps_and_the_next_start_removes_them() -> Result<()> {
     op::close(open_session(&topo, 2_000, 2_000)?);
     let status = next.stop()?;
     ensure!(status.success(), "{status:?}: {}", next.logs_tail(20));
-    let left = leftovers(&topo, &pin_dir)?;
+    let left = agent_leftovers(&topo.bastion, &pin_dir)?;
     ensure!(left.is_empty(), "left behind: {left:?}");
     server.stop()?;
     Ok(())
@@ -188,7 +175,7 @@ fn sigkill_then_restart_cleans_up_and_serves() -> Result<()> {
     );
     op::close(fresh);
     drop(restarted);
-    let left = leftovers(&topo, &pin_dir)?;
+    let left = agent_leftovers(&topo.bastion, &pin_dir)?;
     ensure!(left.is_empty(), "left behind: {left:?}");
     drop(killed);
     server.stop()?;

@@ -8,9 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use tcpgate_tests::operator::{self as op, open_session, sized_server};
 use tcpgate_tests::takeover::{agent_lines, echo_once, forward_fixture, stops_cleanly, successor};
-use tcpgate_tests::{
-    Agent, DataPath, Signal, Topology, require_root, routing_leftovers, sk_lookup_links,
-};
+use tcpgate_tests::{Agent, DataPath, Signal, Topology, agent_leftovers, require_root};
 
 const EXIT_WAIT: Duration = Duration::from_secs(60);
 
@@ -55,14 +53,7 @@ fn sigkill_of_the_old_agent_mid_takeover_leaves_a_working_agent_and_nothing_behi
     let fresh = open_session(&topo, 2_000, 3_000).with_context(|| next.logs_tail(30))?;
     op::close(fresh);
     stops_cleanly(&mut next)?;
-    let mut left = routing_leftovers(&topo.bastion)?;
-    let links = sk_lookup_links(&topo.bastion)?;
-    if links > 0 {
-        left.push(format!("{links} sk_lookup link(s)"));
-    }
-    if pin_dir.exists() {
-        left.push(format!("pin directory {}", pin_dir.display()));
-    }
+    let left = agent_leftovers(&topo.bastion, &pin_dir)?;
     ensure!(left.is_empty(), "left behind: {left:?}");
     server.stop()?;
     Ok(())
