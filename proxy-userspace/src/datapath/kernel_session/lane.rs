@@ -107,6 +107,11 @@ impl Lane {
         self.emptied && self.start == self.end
     }
 
+    /// Bytes read and not yet written.
+    pub fn holds_bytes(&self) -> bool {
+        self.start < self.end
+    }
+
     /// Makes the next step wait briefly before it reads.
     pub fn read_again_later(&mut self) {
         self.pause = true;

@@ -22,6 +22,7 @@ mod drain;
 mod lane;
 mod pressure;
 mod setup;
+mod watchdog;
 
 pub(in crate::datapath) use setup::run;
 
@@ -49,6 +50,8 @@ struct Direction {
     /// Since when a lane has read EOF while bytes the verdict passed were
     /// still on their way to the socket's queue.
     eof_short_since: Option<Instant>,
+    /// Progress while under backpressure (see [`watchdog`]).
+    progress: watchdog::Progress,
 }
 
 impl Direction {
@@ -61,12 +64,18 @@ impl Direction {
             barrier: None,
             shut: false,
             eof_short_since: None,
+            progress: watchdog::Progress::new(),
         }
     }
 
     /// Bytes the agent has written toward the peer.
     fn copied_total(&self) -> u64 {
         self.copied + self.lane.as_ref().map_or(0, |lane| lane.copied)
+    }
+
+    /// The lane has read bytes it has not written yet.
+    fn lane_holds_bytes(&self) -> bool {
+        self.lane.as_ref().is_some_and(Lane::holds_bytes)
     }
 
     /// Drops the lane (deregistering it), keeping the count of what it copied.

@@ -49,6 +49,7 @@ impl Session<'_> {
             // The peer is working through its backlog, or the verdict may
             // hand a copied direction back: look again soon.
             next = next.min(std::time::Duration::from_millis(20));
+            self.watch_progress();
         }
         self.queue_at = tokio::time::Instant::now() + next;
         None
