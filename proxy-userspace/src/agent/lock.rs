@@ -100,7 +100,8 @@ fn exiting(pid: i32) -> bool {
 
 impl NamespaceLock {
     /// Fails if another agent runs in this network namespace. An agent
-    /// that is exiting gets [`EXIT_WAIT`] to let go of it.
+    /// that is exiting, or a holder that does not answer, gets
+    /// [`EXIT_WAIT`] to let go of it.
     pub fn acquire() -> Result<Self, LockError> {
         let addr = SocketAddr::from_abstract_name(ABSTRACT_NAME).map_err(LockError::Io)?;
         let since = Instant::now();
@@ -116,10 +117,16 @@ impl NamespaceLock {
                         .ok()
                         .and_then(|s| getsockopt(&s.as_fd(), PeerCredentials).ok())
                         .map(|cred| cred.pid());
-                    if since.elapsed() >= EXIT_WAIT || !pid.is_some_and(exiting) {
+                    // No pid: the holder would not answer (a listener
+                    // being torn down by its dying owner refuses before its
+                    // name is free). Only a live holder fails at once.
+                    let alive = pid.is_some_and(|pid| !exiting(pid));
+                    if since.elapsed() >= EXIT_WAIT || alive {
                         return Err(LockError::NamespaceTaken { pid });
                     }
-                    std::thread::sleep(RETRY);
+                    // Each look is a connection the holder never accepts,
+                    // queued in its backlog: look less often without a pid.
+                    std::thread::sleep(if pid.is_some() { RETRY } else { RETRY * 5 });
                 }
                 Err(e) => return Err(LockError::Io(e)),
             }
