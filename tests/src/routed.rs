@@ -3,6 +3,7 @@
 
 use std::io::{ErrorKind, Read};
 use std::net::{SocketAddr, SocketAddrV4, TcpStream};
+use std::time::Duration;
 
 use anyhow::Result;
 
@@ -173,4 +174,60 @@ pub fn echo_three(stream: &mut TcpStream, message: &[u8; 3]) -> Result<()> {
     stream.read_to_end(&mut rest)?;
     anyhow::ensure!(rest.is_empty(), "the target's close, not {rest:?}");
     Ok(())
+}
+
+/// The flow watch's reads of `FLOWS` so far (`tcpgate_routed_polls_total`).
+pub fn routed_polls(fx: &AuthFixture) -> Result<f64> {
+    let metrics = crate::metrics::parse(&crate::metrics::scrape_unix(&fx.admin_socket())?)?;
+    Ok(metrics.count("tcpgate_routed_polls_total", &[]))
+}
+
+/// Waits until the flow watch has read `FLOWS` twice more: the second read
+/// began after this call, so it saw whatever happened before it.
+pub fn wait_whole_poll(fx: &AuthFixture) -> Result<()> {
+    let start = routed_polls(fx)?;
+    crate::eventually(Duration::from_secs(30), "two more routed polls", || {
+        routed_polls(fx).map(|now| now >= start + 2.0)
+    })
+}
+
+/// [`dial_from_runner_port`], waiting (bounded) while the port's previous
+/// connection still waits for the target's last ACK (`LAST_ACK` holds the
+/// 4-tuple: `EADDRNOTAVAIL`).
+pub fn redial_from_runner_port(
+    fx: &AuthFixture,
+    port: u16,
+    target: SocketAddr,
+) -> Result<TcpStream> {
+    crate::eventually(
+        Duration::from_secs(10),
+        "the runner's source port to be free",
+        || match fx
+            .topo
+            .runner
+            .run(move || dial_from_runner_port(port, target))
+        {
+            Ok(stream) => Ok(Some(stream)),
+            Err(e) if port_busy(&e) => Ok(None),
+            Err(e) => Err(e),
+        },
+    )
+}
+
+fn port_busy(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                ErrorKind::AddrNotAvailable | ErrorKind::AddrInUse
+            )
+        }) || cause
+            .downcast_ref::<nix::errno::Errno>()
+            .is_some_and(|errno| {
+                matches!(
+                    errno,
+                    nix::errno::Errno::EADDRNOTAVAIL | nix::errno::Errno::EADDRINUSE
+                )
+            })
+    })
 }

@@ -5,25 +5,21 @@
 //! are byte-exact, each with its own audit lines and counts.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpStream};
+use std::net::SocketAddrV4;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use tcpgate_tests::auth_fixture::AuthFixture;
 use tcpgate_tests::preamble::{encode, read_answer};
 use tcpgate_tests::routed::{
-    DialOptions, dial_from_runner_port, echo_three, fast_open_v4, routed_fixture, three_byte_echo,
+    DialOptions, echo_three, fast_open_v4, redial_from_runner_port, routed_fixture,
+    three_byte_echo, wait_whole_poll,
 };
 use tcpgate_tests::topology::RUNNER_V4;
 use tcpgate_tests::{require_root, wait_events};
 
 const PORT: u16 = 9000;
 const SOURCE_PORT: u16 = 40_123;
-
-/// A connection from the runner's fixed `SOURCE_PORT`.
-fn dial_from_source_port(target: SocketAddr) -> Result<TcpStream> {
-    dial_from_runner_port(SOURCE_PORT, target)
-}
 
 #[test]
 fn a_reused_source_port_starts_a_new_routed_flow() -> Result<()> {
@@ -37,17 +33,21 @@ fn a_reused_source_port_starts_a_new_routed_flow() -> Result<()> {
     fx.grant_from_runner(&fx.token(), &["--allow", "192.0.2.10=9000"])?;
     let target = AuthFixture::target(PORT);
     for (round, message) in [(1, b"one"), (2, b"two")] {
-        let mut stream = fx.topo.runner.run(move || dial_from_source_port(target))?;
+        let mut stream = redial_from_runner_port(&fx, SOURCE_PORT, target)?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        // The agent's poll (100 ms) sees each flow open: a flow opened and
-        // replaced within one poll is never seen (docs/routed.md). In round
-        // 2 this also waits past the first flow's linger, when its entry
-        // would be removed if the agent took the new flow for the old one.
-        std::thread::sleep(Duration::from_millis(if round == 1 { 400 } else { 1000 }));
+        // The agent's poll sees each flow open: a flow opened and replaced
+        // within one poll is never seen (docs/routed.md).
+        wait_events(&fx.agent, "session_open", round)?;
+        if round == 2 {
+            // Past the first flow's linger, when its entry would be removed
+            // if the agent took the new flow for the old one.
+            std::thread::sleep(Duration::from_millis(1000));
+        }
         echo_three(&mut stream, message).with_context(|| format!("round {round}"))?;
-        // A poll reads the finished flow's final counters before the
-        // reuse replaces its entry (docs/routed.md).
-        std::thread::sleep(Duration::from_millis(300));
+        drop(stream);
+        // A poll reads the finished flow's final counters before the reuse
+        // replaces its entry (docs/routed.md).
+        wait_whole_poll(&fx)?;
     }
     let opened = wait_events(&fx.agent, "session_open", 2)?;
     let closed = wait_events(&fx.agent, "session_close", 2)?;
@@ -80,7 +80,7 @@ fn a_fast_open_syn_on_a_lingering_routed_tuple_takes_the_intercepting_path() -> 
     fx.grant_from_runner(&token, &["--allow", "192.0.2.10=9000"])?;
     fx.topo.runner.sysctl("net.ipv4.tcp_fastopen", "5")?;
     let target = AuthFixture::target(PORT);
-    let mut routed = fx.topo.runner.run(move || dial_from_source_port(target))?;
+    let mut routed = redial_from_runner_port(&fx, SOURCE_PORT, target)?;
     routed.set_read_timeout(Some(Duration::from_secs(10)))?;
     // The agent's poll sees the routed flow open.
     let opened = &wait_events(&fx.agent, "session_open", 1)?[0];

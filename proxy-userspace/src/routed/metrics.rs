@@ -20,6 +20,7 @@ pub struct RoutedMetrics {
     forged: Counter,
     dropped: Counter,
     preambles: Counter,
+    polls: Counter,
     /// The agent's metrics, once shared.
     agent: Option<Arc<crate::metrics::Metrics>>,
 }
@@ -62,6 +63,11 @@ impl RoutedMetrics {
             "Routed flows reset because the runner sent a token preamble on them",
             self.preambles.clone(),
         );
+        registry.register(
+            "routed_polls",
+            "Reads of the FLOWS map by the agent's flow watch (one per poll_interval)",
+            self.polls.clone(),
+        );
     }
 
     /// Routed flows count in the agent's session metrics from now on.
@@ -99,5 +105,6 @@ impl RoutedMetrics {
         crate::metrics::advance(&self.dropped, stats.dropped);
         crate::metrics::advance(&self.preambles, stats.preambles);
         self.flows.set(i64::try_from(flows).unwrap_or(i64::MAX));
+        self.polls.inc();
     }
 }
