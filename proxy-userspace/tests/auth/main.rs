@@ -4,10 +4,12 @@
 mod client;
 mod config;
 mod discovery;
+mod grant_limits;
 mod grants;
 mod identity;
 mod jwks_https;
 mod policy;
+mod policy_claims;
 mod preamble;
 mod support;
 mod test_server;
