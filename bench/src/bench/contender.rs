@@ -79,11 +79,11 @@ pub enum Service {
 }
 
 impl Service {
-    const ALL: [Service; 3] = [Service::Iperf, Service::Echo, Service::Connect];
+    pub(super) const ALL: [Service; 3] = [Service::Iperf, Service::Echo, Service::Connect];
 
     /// (target port dialled directly, target port tcpgate intercepts,
     /// bastion port HAProxy and socat listen on).
-    fn ports(self) -> (u16, u16, u16) {
+    pub(super) fn ports(self) -> (u16, u16, u16) {
         match self {
             Service::Iperf => (ports::IPERF, ports::IPERF_INTERCEPTED, ports::IPERF_PROXIED),
             Service::Echo => (ports::ECHO, ports::ECHO_INTERCEPTED, ports::ECHO_PROXIED),
@@ -136,8 +136,12 @@ pub fn start(contender: Contender, env: &Env<'_>) -> Result<Running> {
         Contender::TcpgateUserspace => start_agent(env, "userspace", &agent_config_extra(None))
             .map(|a| Running::Agent(Box::new(a))),
         Contender::TcpgateRouted => super::routed::start(env).map(|a| Running::Agent(Box::new(a))),
-        Contender::Haproxy => start_haproxy(env).map(|c| Running::Processes { guards: vec![c] }),
-        Contender::Socat => start_socat(env).map(|c| Running::Processes { guards: c }),
+        Contender::Haproxy => {
+            super::baselines::start_haproxy(env).map(|c| Running::Processes { guards: vec![c] })
+        }
+        Contender::Socat => {
+            super::baselines::start_socat(env).map(|c| Running::Processes { guards: c })
+        }
     }
 }
 
@@ -214,70 +218,6 @@ pub fn start_agent_tuned(env: &Env<'_>, datapath: &str, agent: &str, extra: &str
         cgroup.adopt(agent.pid())?;
     }
     Ok(agent)
-}
-
-fn haproxy_config() -> String {
-    let mut text = String::from(
-        "global\n    nbthread 2\n    maxconn 4000\n\n\
-         defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    \
-         timeout server 60s\n    option splice-auto\n",
-    );
-    for service in Service::ALL {
-        let (plain, _, proxied) = service.ports();
-        text.push_str(&format!(
-            "\nlisten svc{proxied}\n    bind {BASTION_RUNNER_V4}:{proxied}\n    \
-             server target {TARGET_V4}:{plain}\n"
-        ));
-    }
-    text
-}
-
-fn start_haproxy(env: &Env<'_>) -> Result<ChildGuard> {
-    let path = env.work_dir.join("haproxy.cfg");
-    std::fs::write(&path, haproxy_config())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    let mut command = env.topo.bastion.command("haproxy");
-    // -db: stay in the foreground; -f: our config only.
-    command.arg("-db").arg("-f").arg(&path);
-    let child = ChildGuard::spawn_logged(&mut command, env.work_dir, "haproxy")?;
-    if let Some(cgroup) = env.cgroup {
-        cgroup.adopt(child.pid())?;
-    }
-    let mut child = child;
-    let binds: Vec<SocketAddr> = proxied_ports()
-        .into_iter()
-        .map(|p| SocketAddr::from((BASTION_RUNNER_V4, p)))
-        .collect();
-    wait_listening(&env.topo.bastion, &binds, &mut child)?;
-    Ok(child)
-}
-
-fn start_socat(env: &Env<'_>) -> Result<Vec<ChildGuard>> {
-    let mut children = Vec::new();
-    for service in Service::ALL {
-        let (plain, _, proxied) = service.ports();
-        let mut command = env.topo.bastion.command("socat");
-        command.args([
-            format!("TCP4-LISTEN:{proxied},bind={BASTION_RUNNER_V4},fork,reuseaddr,backlog=1024"),
-            format!("TCP4:{TARGET_V4}:{plain}"),
-        ]);
-        let mut child =
-            ChildGuard::spawn_logged(&mut command, env.work_dir, &format!("socat-{proxied}"))?;
-        if let Some(cgroup) = env.cgroup {
-            cgroup.adopt(child.pid())?;
-        }
-        wait_listening(
-            &env.topo.bastion,
-            &[SocketAddr::from((BASTION_RUNNER_V4, proxied))],
-            &mut child,
-        )?;
-        children.push(child);
-    }
-    Ok(children)
-}
-
-fn proxied_ports() -> Vec<u16> {
-    Service::ALL.iter().map(|s| s.ports().2).collect()
 }
 
 /// Waits (bounded) until `child` listens on every address of `binds` in

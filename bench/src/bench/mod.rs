@@ -8,6 +8,7 @@
 //! `target/bench/` (results.json, results.md, chart.svg).
 
 mod auth;
+mod baselines;
 mod conn_phase;
 mod connrate;
 mod contender;
