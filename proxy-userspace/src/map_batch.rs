@@ -44,15 +44,127 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Every entry of a hash map. Falls back to the entry-by-entry iterator
-/// where the kernel has no batch lookup for the map (`EINVAL`, `ENOTSUPP`).
-pub fn entries<T: Borrow<MapData>, K: Pod, V: Pod>(
-    map: &HashMap<T, K, V>,
-) -> Result<Vec<(K, V)>, BatchError> {
-    let fd = map.map().fd().as_fd();
-    match read_all::<K, V>(fd) {
-        Err(BatchError::Lookup(e)) if unsupported(&e) => iterate(map),
-        other => other,
+/// Reads every entry of a hash map, in batches, into buffers it keeps:
+/// once they have grown to the map's size, a read allocates nothing (the
+/// routed poll reads `FLOWS` whole ten times a second). Falls back to the
+/// entry-by-entry iterator where the kernel has no batch lookup for the map
+/// (`EINVAL`, `ENOTSUPP`).
+pub struct BatchReader<K, V> {
+    keys: Vec<K>,
+    values: Vec<V>,
+    /// Entries of the last read: the first `len` of `keys` and `values`.
+    len: usize,
+}
+
+impl<K: Pod, V: Pod> Default for BatchReader<K, V> {
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            values: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<K: Pod, V: Pod> BatchReader<K, V> {
+    /// Reads the whole map; its entries stay here until the next read. On
+    /// an error, no entry is left.
+    pub fn read<T: Borrow<MapData>>(&mut self, map: &HashMap<T, K, V>) -> Result<usize, BatchError> {
+        self.len = 0;
+        let fd = map.map().fd().as_fd();
+        let read = match self.read_batches(fd) {
+            Err(BatchError::Lookup(e)) if unsupported(&e) => self.iterate(map),
+            other => other,
+        };
+        if read.is_err() {
+            self.len = 0;
+        }
+        read
+    }
+
+    /// The entries of the last read.
+    pub fn entries(&self) -> impl Iterator<Item = (K, V)> + '_ {
+        let (keys, values) = (&self.keys[..self.len], &self.values[..self.len]);
+        keys.iter().copied().zip(values.iter().copied())
+    }
+
+    fn iterate<T: Borrow<MapData>>(&mut self, map: &HashMap<T, K, V>) -> Result<usize, BatchError> {
+        // aya's iterator skips keys removed between their read and their lookup.
+        for entry in map.iter() {
+            let (key, value) = entry.map_err(BatchError::Iterate)?;
+            self.push(key, value);
+        }
+        Ok(self.len)
+    }
+
+    fn push(&mut self, key: K, value: V) {
+        self.room_for(1);
+        self.keys[self.len] = key;
+        self.values[self.len] = value;
+        self.len += 1;
+    }
+
+    /// Grows the buffers (zeroed) to hold `more` entries after `len`.
+    fn room_for(&mut self, more: usize) {
+        let want = self.len + more;
+        if self.keys.len() < want {
+            self.keys.resize(want, zeroed());
+            self.values.resize(want, zeroed());
+        }
+    }
+
+    fn read_batches(&mut self, fd: BorrowedFd<'_>) -> Result<usize, BatchError> {
+        // As many as the last read found, in one call when the map holds
+        // about as many as then.
+        let mut chunk = self.keys.len().clamp(FIRST_CHUNK, MAX_CHUNK);
+        // The hash table's cursor is a bucket index (u32); 0 before the first call.
+        let mut cursor: Option<u64> = None;
+        loop {
+            self.room_for(chunk);
+            let mut next = 0u64;
+            let mut attr = BatchAttr {
+                in_batch: cursor.as_ref().map_or(0, |c| std::ptr::from_ref(c) as u64),
+                out_batch: std::ptr::from_mut(&mut next) as u64,
+                keys: self.keys[self.len..].as_mut_ptr() as u64,
+                values: self.values[self.len..].as_mut_ptr() as u64,
+                count: u32::try_from(chunk).unwrap_or(u32::MAX),
+                map_fd: fd.as_raw_fd() as u32,
+                ..BatchAttr::default()
+            };
+            // SAFETY: `attr` is a valid `batch` member of `union bpf_attr`, and
+            // its size is passed; `keys` and `values` have room for `count`
+            // elements of the map's key and value sizes after `len` (aya checked
+            // them against K and V when the map was typed); `next` and `cursor`
+            // outlive the call.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_LOOKUP_BATCH,
+                    std::ptr::from_mut(&mut attr),
+                    size_of::<BatchAttr>(),
+                )
+            };
+            let err = (rc < 0).then(io::Error::last_os_error);
+            match err.as_ref().and_then(io::Error::raw_os_error) {
+                // A bucket holds more entries than asked for: ask for more.
+                Some(libc::ENOSPC) if chunk < MAX_CHUNK => {
+                    chunk *= 2;
+                    continue;
+                }
+                None | Some(libc::ENOENT) => {}
+                _ => {
+                    return Err(BatchError::Lookup(
+                        err.unwrap_or_else(io::Error::last_os_error),
+                    ));
+                }
+            }
+            self.len += (attr.count as usize).min(chunk);
+            // ENOENT: the last bucket was read (its entries still returned).
+            if err.is_some() {
+                return Ok(self.len);
+            }
+            cursor = Some(next);
+        }
     }
 }
 
@@ -63,71 +175,6 @@ fn unsupported(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
     )
-}
-
-fn iterate<T: Borrow<MapData>, K: Pod, V: Pod>(
-    map: &HashMap<T, K, V>,
-) -> Result<Vec<(K, V)>, BatchError> {
-    // aya's iterator skips keys removed between their read and their lookup.
-    map.iter()
-        .collect::<Result<_, _>>()
-        .map_err(BatchError::Iterate)
-}
-
-fn read_all<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> Result<Vec<(K, V)>, BatchError> {
-    let mut out = Vec::new();
-    let mut chunk = FIRST_CHUNK;
-    let mut keys: Vec<K> = Vec::new();
-    let mut values: Vec<V> = Vec::new();
-    // The hash table's cursor is a bucket index (u32); 0 before the first call.
-    let mut cursor: Option<u64> = None;
-    loop {
-        keys.resize(chunk, zeroed());
-        values.resize(chunk, zeroed());
-        let mut next = 0u64;
-        let mut attr = BatchAttr {
-            in_batch: cursor.as_ref().map_or(0, |c| std::ptr::from_ref(c) as u64),
-            out_batch: std::ptr::from_mut(&mut next) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: u32::try_from(chunk).unwrap_or(u32::MAX),
-            map_fd: fd.as_raw_fd() as u32,
-            ..BatchAttr::default()
-        };
-        // SAFETY: `attr` is a valid `batch` member of `union bpf_attr`, and
-        // its size is passed; `keys` and `values` hold `count` elements of the
-        // map's key and value sizes (aya checked them against K and V when
-        // the map was typed); `next` and `cursor` outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                std::ptr::from_mut(&mut attr),
-                size_of::<BatchAttr>(),
-            )
-        };
-        let err = (rc < 0).then(io::Error::last_os_error);
-        match err.as_ref().and_then(io::Error::raw_os_error) {
-            // A bucket holds more entries than asked for: ask for more.
-            Some(libc::ENOSPC) if chunk < MAX_CHUNK => {
-                chunk *= 2;
-                continue;
-            }
-            None | Some(libc::ENOENT) => {}
-            _ => {
-                return Err(BatchError::Lookup(
-                    err.unwrap_or_else(io::Error::last_os_error),
-                ));
-            }
-        }
-        let got = (attr.count as usize).min(chunk);
-        out.extend(keys.drain(..got).zip(values.drain(..got)));
-        // ENOENT: the last bucket was read (its entries still returned).
-        if err.is_some() {
-            return Ok(out);
-        }
-        cursor = Some(next);
-    }
 }
 
 fn zeroed<T: Pod>() -> T {

@@ -79,6 +79,8 @@ pub struct FlowWatch {
     known: HashMap<FlowKey, Known>,
     /// Bytes of the flows removed so far (up, down), for the totals.
     removed_bytes: (u64, u64),
+    /// Reads `FLOWS`, keeping its buffers from one poll to the next.
+    reader: crate::map_batch::BatchReader<FlowKey, FlowValue>,
 }
 
 impl FlowWatch {
@@ -103,6 +105,7 @@ impl FlowWatch {
             metrics,
             known: HashMap::new(),
             removed_bytes: (0, 0),
+            reader: crate::map_batch::BatchReader::default(),
         }
     }
 
@@ -140,15 +143,18 @@ impl FlowWatch {
             self.gate.grants()
         };
         self.router.sync_grants(&grants);
-        let flows: Vec<(FlowKey, FlowValue)> = {
+        // Taken out for the round, so its entries can be walked while the
+        // watch changes; put back with its buffers after it.
+        let mut flows = std::mem::take(&mut self.reader);
+        let count = {
             let map = self
                 .router
                 .flows
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            crate::map_batch::entries(&*map).unwrap_or_else(|e| {
+            flows.read(&*map).unwrap_or_else(|e| {
                 tracing::warn!(error = %crate::error_chain(&e), "cannot read the routed flows map");
-                Vec::new()
+                0
             })
         };
         let linger = if shutdown {
@@ -156,9 +162,9 @@ impl FlowWatch {
         } else {
             self.router.section.linger
         };
-        self.metrics.update(&self.router.stats(), flows.len());
+        self.metrics.update(&self.router.stats(), count);
         let mut kept_bytes = (0u64, 0u64);
-        for (key, flow) in flows {
+        for (key, flow) in flows.entries() {
             let replaced = self
                 .known
                 .get(&key)
@@ -180,6 +186,7 @@ impl FlowWatch {
                 kept_bytes.1 += flow.bytes_down;
             }
         }
+        self.reader = flows;
         let live = self.known.values().filter(|k| k.ended.is_none()).count();
         let (up, down) = self.removed_bytes;
         self.metrics
