@@ -69,7 +69,10 @@ impl<K: Pod, V: Pod> Default for BatchReader<K, V> {
 impl<K: Pod, V: Pod> BatchReader<K, V> {
     /// Reads the whole map; its entries stay here until the next read. On
     /// an error, no entry is left.
-    pub fn read<T: Borrow<MapData>>(&mut self, map: &HashMap<T, K, V>) -> Result<usize, BatchError> {
+    pub fn read<T: Borrow<MapData>>(
+        &mut self,
+        map: &HashMap<T, K, V>,
+    ) -> Result<usize, BatchError> {
         self.len = 0;
         let fd = map.map().fd().as_fd();
         let read = match self.read_batches(fd) {
