@@ -164,11 +164,17 @@ fn expiry_and_revocation_reset_both_ends() -> Result<()> {
                 fx.cli(&fx.topo.bastion, &["revoke", "--admin", &admin, &grant])?;
             ensure!(status == 0, "revoke: {out} {err}");
         }
+        // The agent's log says whether it sent the RSTs (or failed to).
         ensure!(
             ends_in_reset(&mut stream),
-            "round {round}: the runner sees an RST"
+            "round {round}: the runner sees an RST\n{}",
+            fx.agent.logs_tail(20)
         );
-        ensure!(server.join()?, "round {round}: the target sees an RST");
+        ensure!(
+            server.join()?,
+            "round {round}: the target sees an RST\n{}",
+            fx.agent.logs_tail(20)
+        );
         let closed = &wait_events(&fx.agent, "session_close", round)?[round - 1];
         let reason = if revoke { "revoked" } else { "grant_expired" };
         ensure!(
