@@ -117,8 +117,9 @@ impl<K: Pod, V: Pod> BatchReader<K, V> {
     }
 
     fn read_batches(&mut self, fd: BorrowedFd<'_>) -> Result<usize, BatchError> {
-        // As many as the last read found, in one call when the map holds
-        // about as many as then.
+        // As many as the buffers hold (the largest read so far and one chunk
+        // more, so bounded by the map's size): one call while the map holds
+        // no more than then.
         let mut chunk = self.keys.len().clamp(FIRST_CHUNK, MAX_CHUNK);
         // The hash table's cursor is a bucket index (u32); 0 before the first call.
         let mut cursor: Option<u64> = None;

@@ -238,7 +238,8 @@ impl<'a> Session<'a> {
     }
 
     /// Ends the session when one socket has had unacknowledged data and no
-    /// progress for the stall timeout (a peer that stopped reading).
+    /// progress for the stall timeout (a peer that stopped reading); reports
+    /// a direction stuck inside the bastion (see [`watchdog`]).
     fn check_stalls(&mut self) -> Option<Ending> {
         let now = Instant::now();
         let limit = self.dp.timeouts.stall;
@@ -261,6 +262,7 @@ impl<'a> Session<'a> {
                 ));
             }
         }
+        self.watch_progress();
         None
     }
 

@@ -14,11 +14,15 @@ impl Session<'_> {
     /// Bytes moved toward the peer of `dir` (redirected or copied) that its
     /// TCP has not taken yet.
     fn backlog(&self, dir: Dir, kernel_bytes: u64) -> Result<u64, Ending> {
-        let peer = dir.peer();
-        let handed = sockopt::bytes_sent(self.socket(peer))
+        let handed = sockopt::bytes_sent(self.socket(dir.peer()))
             .map_err(|e| Ending::internal(format!("peer state: {e}")))?;
+        Ok(self.backlog_given(dir, kernel_bytes, handed))
+    }
+
+    /// [`Self::backlog`] with the peer's bytes handed to TCP already read.
+    pub(super) fn backlog_given(&self, dir: Dir, kernel_bytes: u64, handed: u64) -> u64 {
         let moved = kernel_bytes + self.dirs[dir].copied_total();
-        Ok(moved.saturating_sub(handed.saturating_sub(self.baselines[peer])))
+        moved.saturating_sub(handed.saturating_sub(self.baselines[dir.peer()]))
     }
 
     pub(super) fn check_queues(&mut self) -> Option<Ending> {
@@ -49,7 +53,6 @@ impl Session<'_> {
             // The peer is working through its backlog, or the verdict may
             // hand a copied direction back: look again soon.
             next = next.min(std::time::Duration::from_millis(20));
-            self.watch_progress();
         }
         self.queue_at = tokio::time::Instant::now() + next;
         None

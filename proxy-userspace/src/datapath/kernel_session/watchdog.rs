@@ -65,7 +65,9 @@ impl Progress {
 impl Session<'_> {
     /// Reports a direction in pass mode that has had bytes to move, and
     /// moved none, for half the stall timeout, while its peer had nothing
-    /// unacknowledged (so the peer is not the one holding it back).
+    /// unacknowledged (so the peer is not the one holding it back). Runs at
+    /// the stall watch's pace, not the backlog checks' (every 20 ms in pass
+    /// mode): its bound is seconds.
     pub(super) fn watch_progress(&mut self) {
         let after = self.dp.timeouts.stall / 2;
         let now = Instant::now();
@@ -79,8 +81,7 @@ impl Session<'_> {
             let handed = peer.map_or(0, sockopt::SendState::handed_to_tcp);
             let copied = self.dirs[dir].copied_total();
             let waiting = sockopt::queued_bytes(self.socket(dir.source())).unwrap_or(0);
-            let backlog = (live.kernel_bytes + copied)
-                .saturating_sub(handed.saturating_sub(self.baselines[dir.peer()]));
+            let backlog = self.backlog_given(dir, live.kernel_bytes, handed);
             let peer_slow = peer.is_some_and(|p| p.queued > 0);
             let idle = waiting == 0 && backlog == 0 && !self.dirs[dir].lane_holds_bytes();
             // A peer with unacknowledged bytes is the stall watch's case.
