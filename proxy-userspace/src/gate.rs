@@ -19,6 +19,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use proxy_common::session::{AUTH_PREAMBLE, AUTH_SOURCE_GRANT};
+use std::os::fd::AsFd as _;
+
 use tokio::net::TcpStream;
 
 use crate::auth::limits::AuthLimits;
@@ -27,6 +29,7 @@ use crate::auth::token_cache::TokenCache;
 use crate::auth::{
     DenyReason, Grant, GrantKind, GrantStore, Policy, TokenValidator, ValidatedToken,
 };
+use crate::datapath::PartlyRead;
 pub use mirror::{GrantMirror, MirrorFull, grant_record};
 use opening::FirstBytes;
 
@@ -130,6 +133,7 @@ fn admitted(grant: &Grant, method: u16) -> Admitted {
         answer_preamble: method == AUTH_PREAMBLE,
         opening_unseen: false,
         relayed_down: 0,
+        partly_read: PartlyRead::No,
     }
 }
 
@@ -298,6 +302,12 @@ impl Gate {
             )),
             _ => Ok(Admitted {
                 relayed_down: greeting.relayed,
+                // The relay's last read may have cut an upstream segment.
+                partly_read: if greeting.relayed > 0 {
+                    PartlyRead::Maybe
+                } else {
+                    PartlyRead::No
+                },
                 ..admitted
             }),
         }
@@ -313,6 +323,10 @@ impl Gate {
         let request = preamble::read_preamble(client, self.preamble_timeout, max_token)
             .await
             .map_err(|e| preamble_refusal(&e))?;
+        // Looked at before the answer: a client that waits for it has sent
+        // nothing more, one that sent its data along may have left the
+        // rest of a segment the agent read part of.
+        let partly_read = PartlyRead::if_queued(client.as_fd());
         let token = self
             .validate(&request.token)
             .await
@@ -345,7 +359,10 @@ impl Gate {
                         .answered(Status::Error, "the agent is at capacity; retry later")
                 }
             })?;
-        Ok(admitted(&grant, AUTH_PREAMBLE))
+        Ok(Admitted {
+            partly_read,
+            ..admitted(&grant, AUTH_PREAMBLE)
+        })
     }
 
     /// A denial of a valid token, with who it named for the audit line.

@@ -312,7 +312,14 @@ pub fn serve(
 
         let relayed = services
             .datapath
-            .relay(&meta, client, upstream, stop, RelayState::default())
+            .relay(
+                &meta,
+                client,
+                upstream,
+                stop,
+                RelayState::default(),
+                admitted.partly_read,
+            )
             .await;
         if let Some(interceptor) = &services.interceptor {
             interceptor.session_ended(meta.id);

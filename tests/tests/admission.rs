@@ -313,3 +313,65 @@ fn revocation_storm_leaves_no_survivor() -> Result<()> {
     drop(server);
     Ok(())
 }
+
+/// A client that sends its preamble and its first bytes in one write
+/// (one segment): the agent reads the preamble alone, and the kernel path
+/// must not hand the rest of that segment, preamble and all, to the
+/// target. The target sees exactly the client's bytes.
+#[test]
+fn a_preamble_sent_with_its_data_never_reaches_the_target() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    const RUNS: usize = 20;
+    let fx = AuthFixture::start()?;
+    let server = accept_loop(
+        &fx.topo.target,
+        AuthFixture::target(9000),
+        RUNS,
+        |mut stream, _| {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                seen.extend_from_slice(&buf[..n]);
+            }
+            seen
+        },
+    )?;
+    let token = fx.token();
+    for run in 0..RUNS {
+        let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
+        let mut first = tcpgate_tests::preamble::encode(&token);
+        first.extend_from_slice(b"ping");
+        stream.write_all(&first)?;
+        let (status, message) = tcpgate_tests::auth_fixture::read_answer(&mut stream)?;
+        ensure!(status == 0, "run {run}: {status} {message}");
+        let mut back = [0u8; 4];
+        stream.read_exact(&mut back)?;
+        ensure!(
+            &back == b"ping",
+            "run {run}: {:?}",
+            String::from_utf8_lossy(&back)
+        );
+    }
+    let received = server.stop()?;
+    for (run, bytes) in received.iter().enumerate() {
+        ensure!(
+            bytes == b"ping",
+            "run {run}: the target received {:?}",
+            String::from_utf8_lossy(bytes)
+        );
+    }
+    // The agent copied what came with the preambles, the kernel the rest.
+    let closed = wait_events(&fx.agent, "session_close", RUNS)?;
+    for event in &closed {
+        ensure!(
+            event["datapath"] == "ebpf" && event["bytes_up"] == 4 && event["bytes_down"] == 4,
+            "{event}"
+        );
+    }
+    Ok(())
+}

@@ -165,6 +165,7 @@ async fn start_locked(
                 stall: config.agent.stall_timeout,
                 sndbuf: config.agent.splice_sndbuf,
                 queue_limit: config.agent.splice_queue_limit,
+                splice_after: config.agent.splice_after_bytes,
             },
         ) {
             Ok(dp) => Datapath::Ebpf(Arc::new(dp)),

@@ -143,6 +143,14 @@ pub struct AgentSection {
     /// backpressure; past this limit the direction's bytes wait in the
     /// sender's socket (its TCP window closes) and the agent copies them.
     pub splice_queue_limit: u64,
+    /// Bytes (both directions together) the agent copies itself before a
+    /// session goes to the kernel path; 0 (the default) splices at once.
+    /// Entering and leaving the kernel's splice costs more than copying a
+    /// few bytes, so a short session that ends within this budget (a
+    /// health check, one query) is cheaper copied: see
+    /// docs/bench/notes-issue-17.md. Such a session's audit line says
+    /// `"datapath":"userspace"`.
+    pub splice_after_bytes: u64,
     /// `SO_MARK` on the agent's upstream sockets.
     pub upstream_mark: u32,
     /// Group (name or numeric gid) whose members may read the pinned maps
@@ -174,6 +182,7 @@ impl Default for AgentSection {
             stall_timeout: Duration::from_secs(120),
             splice_sndbuf: 8 << 20,
             splice_queue_limit: 16 << 20,
+            splice_after_bytes: 0,
             upstream_mark: 0x7467,
             operator_group: None,
             keep_pins: false,

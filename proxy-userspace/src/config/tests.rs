@@ -387,3 +387,17 @@ fn takeover_settings_default_and_are_checked() {
     let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
     assert_eq!(paths, ["agent.takeover_socket", "agent.takeover_timeout"]);
 }
+
+#[test]
+fn splice_after_bytes_defaults_to_at_once_and_is_bounded() {
+    let forward = "[[forward]]\nlisten = \"127.0.0.1:7000\"\nupstream = \"192.0.2.1:1\"\n";
+    let config = parse(&format!("auth = \"none\"\n{forward}")).expect("defaults");
+    assert_eq!(config.agent.splice_after_bytes, 0, "splices at once");
+    let tuned = format!("auth = \"none\"\n[agent]\nsplice_after_bytes = 65536\n{forward}");
+    assert_eq!(
+        parse(&tuned).expect("valid").agent.splice_after_bytes,
+        65536
+    );
+    let over = format!("auth = \"none\"\n[agent]\nsplice_after_bytes = 1073741825\n{forward}");
+    assert_eq!(error_paths(&over), ["agent.splice_after_bytes"]);
+}

@@ -118,6 +118,12 @@ impl Config {
                 "must be between 65536 and 1073741824 bytes",
             ));
         }
+        if agent.splice_after_bytes > 1 << 30 {
+            errors.push(FieldError::new(
+                "agent.splice_after_bytes",
+                "must be at most 1073741824 bytes (0 splices at once)",
+            ));
+        }
         if !agent.pin_dir.is_absolute() {
             errors.push(FieldError::new("agent.pin_dir", "must be an absolute path"));
         }

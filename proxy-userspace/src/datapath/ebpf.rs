@@ -79,6 +79,9 @@ pub struct Timeouts {
     /// `agent.splice_queue_limit`: bytes a direction may queue in the
     /// kernel for a peer that cannot keep up before it gets backpressure.
     pub queue_limit: u64,
+    /// `agent.splice_after_bytes`: bytes the agent copies itself before a
+    /// session goes to the kernel; 0 splices at once.
+    pub splice_after: u64,
 }
 
 pub struct EbpfDatapath {
@@ -316,14 +319,25 @@ impl EbpfDatapath {
         counters
     }
 
-    /// The kernel's counters for a live session.
+    /// A live session's counters: the kernel's, plus what the agent
+    /// copied itself before the splice or instead of it.
     #[must_use]
     pub fn live_counters(&self, session_id: u64) -> Option<(DirectionCounters, DirectionCounters)> {
-        self.maps()
+        let kernel = self
+            .maps()
             .sessions
             .get(&session_id, 0)
             .ok()
-            .map(|r| (r.up, r.down))
+            .map(|r| (r.up, r.down));
+        let copied = self.fallback.live_counters(session_id);
+        match (kernel, copied) {
+            (Some((mut up, mut down)), Some((copied_up, copied_down))) => {
+                up.userspace_bytes += copied_up.userspace_bytes;
+                down.userspace_bytes += copied_down.userspace_bytes;
+                Some((up, down))
+            }
+            (kernel, copied) => kernel.or(copied),
+        }
     }
 }
 

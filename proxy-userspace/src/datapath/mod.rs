@@ -7,10 +7,12 @@
 //! the fallback when eBPF cannot load.
 
 pub mod barrier;
+mod copy;
 pub mod ebpf;
 mod kernel_session;
 mod mailbox;
 mod mode_slots;
+mod splice_after;
 mod stall;
 mod stop;
 pub mod userspace;
@@ -39,6 +41,35 @@ impl DatapathKind {
         match self {
             Self::Ebpf => "ebpf",
             Self::Userspace => "userspace",
+        }
+    }
+}
+
+/// Whether the agent may have read part of an skb still queued on one of
+/// the session's sockets: a preamble is read to its last byte and no
+/// further, a relayed greeting is cut at its limit. The kernel path hands
+/// a queued skb to the verdict whole (`tcp_read_skb` does not skip what
+/// an ordinary read took), so the bytes the agent read would reach the
+/// peer a second time (a preamble, token and all, would reach the
+/// target). The agent copies such a session's queued bytes itself before
+/// the splice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PartlyRead {
+    /// The agent read nothing from either socket, or all that was queued.
+    #[default]
+    No,
+    /// The agent read from a socket that still holds bytes.
+    Maybe,
+}
+
+impl PartlyRead {
+    /// `Maybe` when `socket` holds unread bytes (or cannot tell), right
+    /// after the agent read from it.
+    #[must_use]
+    pub fn if_queued(socket: std::os::fd::BorrowedFd<'_>) -> Self {
+        match crate::sockopt::queued_bytes(socket) {
+            Ok(0) => Self::No,
+            _ => Self::Maybe,
         }
     }
 }
@@ -144,7 +175,7 @@ impl Datapath {
     /// Moves the session's bytes until it ends or (user-space path only)
     /// is parked for a successor; never panics, and closes both sockets
     /// unless it parks them. A session a predecessor parked resumes from
-    /// its relay state.
+    /// its relay state. `partly_read`: see [`PartlyRead`].
     ///
     /// A plain function returning the path's own future, not an `async fn`:
     /// each `async fn` layer keeps its arguments for the session's whole
@@ -156,11 +187,12 @@ impl Datapath {
         upstream: TcpStream,
         stop: StopSignal,
         state: userspace::RelayState,
+        partly_read: PartlyRead,
     ) -> impl Future<Output = userspace::Relayed> + 'a {
         match self {
             Self::Ebpf(dp) => Either::Left(async move {
                 userspace::Relayed::Ended(
-                    kernel_session::run(dp, meta, client, upstream, stop).await,
+                    splice_after::run(dp, meta, (client, upstream), stop, partly_read).await,
                 )
             }),
             // Boxed so the eBPF sessions' futures are not sized by this one.

@@ -13,21 +13,12 @@ use std::time::Duration;
 
 use proxy_common::session::DirectionCounters;
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 
+pub use super::copy::HalfState;
+use super::copy::{Budget, Half, HalfEnd, LiveCounters, Way};
 use super::{EndReason, SessionMeta, SpliceOutcome, StopSignal};
 use crate::sockopt;
-
-/// Size of the buffer a direction borrows for one burst.
-const BURST_BUFFER: usize = 64 * 1024;
-
-#[derive(Default)]
-struct LiveCounters {
-    up: AtomicU64,
-    down: AtomicU64,
-}
 
 /// Sessions copied by the agent.
 pub struct UserspaceDatapath {
@@ -41,34 +32,6 @@ fn counters(bytes: u64) -> DirectionCounters {
         userspace_bytes: bytes,
         ..DirectionCounters::default()
     }
-}
-
-/// How one direction ended.
-enum HalfEnd {
-    /// EOF from the source, and the FIN passed on to the destination.
-    Eof,
-    Error(&'static str, std::io::Error),
-}
-
-/// One direction's relay state, kept outside the copy future: dropping
-/// that future at any await (a handover) loses no byte and writes none
-/// twice, because every await in it is cancel-safe and this state is
-/// updated right after each read and each write.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HalfState {
-    /// Bytes read from the source and not yet written to the destination.
-    #[serde(default)]
-    pub pending: Vec<u8>,
-    /// The source reached EOF and the destination was shut down for
-    /// writing: nothing more goes this way.
-    #[serde(default)]
-    pub closed: bool,
-    /// Bytes written to the destination so far (across agents).
-    #[serde(default)]
-    pub bytes: u64,
-    /// Bytes of `pending` already written (0 once handed over).
-    #[serde(skip)]
-    written: usize,
 }
 
 /// Both directions of a relay: what a successor needs to go on where this
@@ -98,91 +61,29 @@ pub enum Relayed {
     Parked(Box<Parked>),
 }
 
-impl HalfState {
-    /// What is left to write, for a successor.
-    fn handed(mut self) -> Self {
-        self.pending.drain(..self.written);
-        self.written = 0;
-        self.pending.shrink_to_fit();
-        self
-    }
+/// How a copy with a budget ([`UserspaceDatapath::copy_first`]) came out.
+#[derive(Debug)]
+pub enum CopyFirst {
+    /// The session ended while the agent copied it.
+    Ended(SpliceOutcome),
+    /// The budget is spent: both sockets, open both ways, holding no byte
+    /// the agent read and did not write, and the bytes copied each way.
+    /// The session's live counters stay until [`UserspaceDatapath::forget_live`].
+    Spent {
+        client: TcpStream,
+        upstream: TcpStream,
+        copied: (u64, u64),
+    },
 }
 
-/// Writes what is pending; `Err` names the failure.
-async fn flush(
-    to: &mut WriteHalf<'_>,
-    half: &mut HalfState,
-    count: &AtomicU64,
-    stall_timeout: Duration,
-) -> std::io::Result<()> {
-    while half.written < half.pending.len() {
-        // A slow reader takes each write well within the limit; a stalled
-        // one (a zero window that never opens) does not.
-        match tokio::time::timeout(stall_timeout, to.write(&half.pending[half.written..])).await {
-            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(Ok(n)) => {
-                half.written += n;
-                half.bytes += n as u64;
-                count.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "stopped reading: no progress for {}s",
-                        stall_timeout.as_secs()
-                    ),
-                ));
-            }
-        }
-    }
-    half.pending.clear();
-    half.written = 0;
-    Ok(())
-}
-
-/// Copies one direction until it ends. Its state lives in `half`, so a
-/// handover may drop this future at any await: what was read and not yet
-/// written is still in `half.pending[half.written..]`.
-async fn copy_direction(
-    from: &mut ReadHalf<'_>,
-    to: &mut WriteHalf<'_>,
-    half: &mut HalfState,
-    count: &AtomicU64,
-    names: (&'static str, &'static str),
-    stall_timeout: Duration,
-) -> HalfEnd {
-    loop {
-        // First what a predecessor (or the last read) left unwritten.
-        if let Err(e) = flush(to, half, count, stall_timeout).await {
-            return HalfEnd::Error(names.1, e);
-        }
-        if half.closed {
-            return HalfEnd::Eof;
-        }
-        if half.pending.capacity() == 0 {
-            half.pending.reserve_exact(BURST_BUFFER);
-        }
-        match from.try_read_buf(&mut half.pending) {
-            Ok(0) => {
-                half.closed = true;
-                return match to.shutdown().await {
-                    Ok(()) => HalfEnd::Eof,
-                    Err(e) => HalfEnd::Error(names.1, e),
-                };
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                // Idle: no buffer held while waiting.
-                half.pending = Vec::new();
-                if let Err(e) = from.readable().await {
-                    return HalfEnd::Error(names.0, e);
-                }
-            }
-            Err(e) => return HalfEnd::Error(names.0, e),
-        }
-    }
+/// How a copy stopped.
+enum Copied {
+    /// Both directions reached EOF; the reason names the first.
+    Over(EndReason),
+    /// Asked to stop (expiry, revocation, shutdown, handover) or failed.
+    Stopped(EndReason, String),
+    /// The budget is spent and both directions are open and hold nothing.
+    Spent,
 }
 
 impl UserspaceDatapath {
@@ -205,13 +106,26 @@ impl UserspaceDatapath {
         })
     }
 
-    /// The session no longer shows live counters here: it ended or was
-    /// parked for a successor.
-    fn forget_live(&self, session_id: u64) {
+    /// The session no longer shows live counters here: it ended, was
+    /// parked for a successor, or (after [`CopyFirst::Spent`]) the kernel
+    /// path's session ended.
+    pub fn forget_live(&self, session_id: u64) {
         self.live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&session_id);
+    }
+
+    fn register(&self, session_id: u64, state: &RelayState) -> Arc<LiveCounters> {
+        let live = Arc::new(LiveCounters {
+            up: AtomicU64::new(state.up.bytes),
+            down: AtomicU64::new(state.down.bytes),
+        });
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(session_id, Arc::clone(&live));
+        live
     }
 
     /// Copies the session's bytes until it ends. A session parked for a
@@ -229,18 +143,7 @@ impl UserspaceDatapath {
             .await
         {
             Relayed::Ended(outcome) => outcome,
-            Relayed::Parked(parked) => {
-                let _ = sockopt::set_linger_zero(parked.client.as_fd());
-                let _ = sockopt::set_linger_zero(parked.upstream.as_fd());
-                SpliceOutcome {
-                    reason: EndReason::AgentShutdown,
-                    detail: Some("parked without a successor".into()),
-                    up: counters(parked.relay.up.bytes),
-                    down: counters(parked.relay.down.bytes),
-                    queued_at_splice: None,
-                    datapath: super::DatapathKind::Userspace,
-                }
-            }
+            Relayed::Parked(parked) => unparked(*parked),
         }
     }
 
@@ -256,75 +159,100 @@ impl UserspaceDatapath {
         stop: StopSignal,
         mut state: RelayState,
     ) -> Relayed {
-        let live = Arc::new(LiveCounters {
-            up: AtomicU64::new(state.up.bytes),
-            down: AtomicU64::new(state.down.bytes),
-        });
-        self.live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(meta.id, Arc::clone(&live));
+        let live = self.register(meta.id, &state);
+        let sockets = (&mut client, &mut upstream);
+        let copied = self
+            .copy(meta, sockets, &mut state, &live, &stop, None)
+            .await;
+        self.end(meta, client, upstream, state, &live, copied).await
+    }
+
+    /// Copies the session's first `limit` bytes (both directions together)
+    /// and gives the sockets back for the kernel path
+    /// (`agent.splice_after_bytes`); a session that ends sooner ends here.
+    /// A session half-closed by then is copied to its end.
+    pub async fn copy_first(
+        &self,
+        meta: &SessionMeta,
+        mut client: TcpStream,
+        mut upstream: TcpStream,
+        stop: &StopSignal,
+        limit: u64,
+    ) -> CopyFirst {
+        let mut state = RelayState::default();
+        let live = self.register(meta.id, &state);
+        let sockets = (&mut client, &mut upstream);
+        let copied = self
+            .copy(meta, sockets, &mut state, &live, stop, Some(limit))
+            .await;
+        if let Copied::Spent = copied {
+            return CopyFirst::Spent {
+                client,
+                upstream,
+                copied: (state.up.bytes, state.down.bytes),
+            };
+        }
+        match self.end(meta, client, upstream, state, &live, copied).await {
+            Relayed::Ended(outcome) => CopyFirst::Ended(outcome),
+            Relayed::Parked(parked) => CopyFirst::Ended(unparked(*parked)),
+        }
+    }
+
+    /// Copies until the session ends, is stopped, or spends `limit`.
+    async fn copy(
+        &self,
+        meta: &SessionMeta,
+        (client, upstream): (&mut TcpStream, &mut TcpStream),
+        state: &mut RelayState,
+        live: &LiveCounters,
+        stop: &StopSignal,
+        mut limit: Option<u64>,
+    ) -> Copied {
         let deadline = meta.expires.map(|at| {
             tokio::time::Instant::now()
                 + at.duration_since(std::time::SystemTime::now())
                     .unwrap_or_default()
         });
-        let result = {
-            let (mut client_read, mut client_write) = client.split();
-            let (mut upstream_read, mut upstream_write) = upstream.split();
-            let up = copy_direction(
-                &mut client_read,
-                &mut upstream_write,
-                &mut state.up,
-                &live.up,
-                ("client", "upstream"),
-                self.stall_timeout,
-            );
-            let down = copy_direction(
-                &mut upstream_read,
-                &mut client_write,
-                &mut state.down,
-                &live.down,
-                ("upstream", "client"),
-                self.stall_timeout,
-            );
-            tokio::pin!(up, down);
-            let (mut up_done, mut down_done) = (false, false);
-            let mut first_close = None;
-            loop {
-                if let Some(reason) = stop.reason() {
-                    break Err((reason, format!("stopped: {}", reason.as_str())));
-                }
-                tokio::select! {
-                    end = &mut up, if !up_done => {
-                        up_done = true;
-                        first_close.get_or_insert(EndReason::ClientClosed);
-                        if let HalfEnd::Error(side, e) = end {
-                            break Err((side_reason(side), format!("{side} socket error: {e}")));
-                        }
-                    }
-                    end = &mut down, if !down_done => {
-                        down_done = true;
-                        first_close.get_or_insert(EndReason::UpstreamClosed);
-                        if let HalfEnd::Error(side, e) = end {
-                            break Err((side_reason(side), format!("{side} socket error: {e}")));
-                        }
-                    }
-                    reason = stop.stopped() => {
-                        break Err((reason, format!("stopped: {}", reason.as_str())));
-                    }
-                    () = sleep_until(deadline) => {
-                        break Err((EndReason::GrantExpired, "grant expired".into()));
-                    }
-                }
-                if up_done && down_done {
-                    break Ok(first_close.unwrap_or(EndReason::ClientClosed));
-                }
+        let mut first_close = None;
+        loop {
+            let budget = limit.map(|limit| Budget::new(limit, live));
+            let (client_read, client_write) = client.split();
+            let (upstream_read, upstream_write) = upstream.split();
+            let half = |way, from, to, count| Half {
+                way,
+                from,
+                to,
+                count,
+                budget: budget.as_ref(),
+                stall_timeout: self.stall_timeout,
+            };
+            let mut up = half(Way::Up, client_read, upstream_write, &live.up);
+            let mut down = half(Way::Down, upstream_read, client_write, &live.down);
+            let copies = (up.copy(&mut state.up), down.copy(&mut state.down));
+            let copied = both(copies, stop, deadline, &mut first_close).await;
+            match copied {
+                // A half-closed session stays here: the kernel path takes
+                // only sockets open both ways.
+                Copied::Spent if state.up.closed || state.down.closed => limit = None,
+                copied => return copied,
             }
-        };
-        let (reason, detail) = match result {
-            Ok(reason) => (reason, None),
-            Err((EndReason::HandedOver, _)) => {
+        }
+    }
+
+    /// Closes or parks the sockets after a copy that did not spend its
+    /// budget, and reports.
+    async fn end(
+        &self,
+        meta: &SessionMeta,
+        client: TcpStream,
+        upstream: TcpStream,
+        state: RelayState,
+        live: &LiveCounters,
+        copied: Copied,
+    ) -> Relayed {
+        let (reason, detail) = match copied {
+            Copied::Over(reason) => (reason, None),
+            Copied::Stopped(EndReason::HandedOver, _) | Copied::Spent => {
                 self.forget_live(meta.id);
                 return Relayed::Parked(Box::new(Parked {
                     client,
@@ -335,7 +263,7 @@ impl UserspaceDatapath {
                     },
                 }));
             }
-            Err((reason, detail)) => {
+            Copied::Stopped(reason, detail) => {
                 let _ = sockopt::set_linger_zero(client.as_fd());
                 let _ = sockopt::set_linger_zero(upstream.as_fd());
                 (reason, Some(detail))
@@ -357,6 +285,73 @@ impl UserspaceDatapath {
             queued_at_splice: None,
             datapath: super::DatapathKind::Userspace,
         })
+    }
+}
+
+/// Runs both directions' copies until both end, one fails, the session is
+/// stopped or its grant expires.
+async fn both(
+    (up, down): (impl Future<Output = HalfEnd>, impl Future<Output = HalfEnd>),
+    stop: &StopSignal,
+    deadline: Option<tokio::time::Instant>,
+    first_close: &mut Option<EndReason>,
+) -> Copied {
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done, mut spent) = (false, false, false);
+    loop {
+        if let Some(reason) = stop.reason() {
+            return Copied::Stopped(reason, format!("stopped: {}", reason.as_str()));
+        }
+        let (way, end) = tokio::select! {
+            end = &mut up, if !up_done => {
+                up_done = true;
+                (Way::Up, end)
+            }
+            end = &mut down, if !down_done => {
+                down_done = true;
+                (Way::Down, end)
+            }
+            reason = stop.stopped() => {
+                return Copied::Stopped(reason, format!("stopped: {}", reason.as_str()));
+            }
+            () = sleep_until(deadline) => {
+                return Copied::Stopped(EndReason::GrantExpired, "grant expired".into());
+            }
+        };
+        match end {
+            HalfEnd::Eof => {
+                first_close.get_or_insert(match way {
+                    Way::Up => EndReason::ClientClosed,
+                    Way::Down => EndReason::UpstreamClosed,
+                });
+            }
+            HalfEnd::Spent => spent = true,
+            HalfEnd::Error(side, e) => {
+                return Copied::Stopped(side_reason(side), format!("{side} socket error: {e}"));
+            }
+        }
+        if up_done && down_done {
+            return if spent {
+                Copied::Spent
+            } else {
+                Copied::Over(first_close.unwrap_or(EndReason::ClientClosed))
+            };
+        }
+    }
+}
+
+/// A relay parked where no successor takes it: it ends as an agent
+/// shutdown, its peers reset.
+fn unparked(parked: Parked) -> SpliceOutcome {
+    let _ = sockopt::set_linger_zero(parked.client.as_fd());
+    let _ = sockopt::set_linger_zero(parked.upstream.as_fd());
+    SpliceOutcome {
+        reason: EndReason::AgentShutdown,
+        detail: Some("parked without a successor".into()),
+        up: counters(parked.relay.up.bytes),
+        down: counters(parked.relay.down.bytes),
+        queued_at_splice: None,
+        datapath: super::DatapathKind::Userspace,
     }
 }
 

@@ -125,3 +125,106 @@ fn handed_state_keeps_only_what_is_unwritten() {
     let back: HalfState = serde_json::from_str(&wire).expect("deserialize");
     assert_eq!(back, handed);
 }
+
+/// A copy with a budget stops once it is spent and both sockets are read
+/// to their last queued byte, and hands them back: what it wrote plus what
+/// is still queued is the whole stream, in order.
+#[tokio::test]
+async fn a_spent_budget_hands_the_sockets_back_between_two_bytes() {
+    const SENT: usize = 200 * 1024;
+    const BUDGET: u64 = 64 * 1024;
+    let dp = UserspaceDatapath::new(Duration::from_secs(10));
+    let (client, mut client_peer) = pair().await;
+    let (upstream, mut upstream_peer) = pair().await;
+    let chunk: Vec<u8> = (0..SENT).map(pattern).collect();
+    client_peer.write_all(&chunk).await.expect("write");
+    let (_stop, signal) = stop_pair();
+    let meta = meta();
+    let copying = dp.copy_first(&meta, client, upstream, &signal, BUDGET);
+    let reading = async {
+        let mut got = vec![0u8; SENT];
+        let mut at = 0;
+        // The copy stops somewhere; read what it wrote, until it returns.
+        while at < SENT {
+            match tokio::time::timeout(
+                Duration::from_millis(200),
+                upstream_peer.read(&mut got[at..]),
+            )
+            .await
+            {
+                Ok(Ok(n)) if n > 0 => at += n,
+                _ => break,
+            }
+        }
+        got.truncate(at);
+        got
+    };
+    let (first, mut copied_part) = tokio::join!(copying, reading);
+    let CopyFirst::Spent {
+        mut client,
+        upstream: _,
+        copied,
+    } = first
+    else {
+        panic!("a session open both ways is handed back once the budget is spent");
+    };
+    assert!(copied.0 >= BUDGET, "the budget was spent: {copied:?}");
+    assert_eq!(
+        copied.0,
+        copied_part.len() as u64,
+        "every copied byte arrived"
+    );
+    assert_eq!(
+        dp.live_counters(7).map(|(up, _)| up.userspace_bytes),
+        Some(copied.0)
+    );
+    // The rest waits in the client socket, untouched.
+    drop(client_peer);
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).await.expect("rest");
+    copied_part.extend_from_slice(&rest);
+    assert_eq!(copied_part, chunk, "no byte lost, repeated or reordered");
+    dp.forget_live(7);
+    assert!(dp.live_counters(7).is_none());
+}
+
+/// A session that ends within the budget ends in the copy.
+#[tokio::test]
+async fn a_session_ending_within_the_budget_ends_in_the_copy() {
+    let dp = UserspaceDatapath::new(Duration::from_secs(10));
+    let (client, mut client_peer) = pair().await;
+    let (upstream, mut upstream_peer) = pair().await;
+    let (_stop, signal) = stop_pair();
+    let peers = async {
+        client_peer.write_all(b"ping").await.expect("write");
+        client_peer.shutdown().await.expect("shutdown");
+        let mut got = Vec::new();
+        upstream_peer.read_to_end(&mut got).await.expect("read");
+        upstream_peer.write_all(b"pong").await.expect("write");
+        drop(upstream_peer);
+        let mut back = Vec::new();
+        client_peer.read_to_end(&mut back).await.expect("read");
+        (got, back)
+    };
+    let meta = meta();
+    let (first, (got, back)) = tokio::join!(
+        dp.copy_first(&meta, client, upstream, &signal, 1 << 20),
+        peers
+    );
+    assert_eq!(
+        (got.as_slice(), back.as_slice()),
+        (&b"ping"[..], &b"pong"[..])
+    );
+    let CopyFirst::Ended(outcome) = first else {
+        panic!("the session ended within the budget");
+    };
+    assert_eq!(
+        (
+            outcome.up.userspace_bytes,
+            outcome.down.userspace_bytes,
+            outcome.reason
+        ),
+        (4, 4, EndReason::ClientClosed)
+    );
+    assert!(dp.live_counters(7).is_none());
+}

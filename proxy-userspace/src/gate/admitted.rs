@@ -5,6 +5,8 @@ use std::time::SystemTime;
 
 use proxy_common::session::AUTH_NONE;
 
+use crate::datapath::PartlyRead;
+
 /// Who the connection was admitted as.
 #[derive(Debug, Clone, Default)]
 pub struct Admitted {
@@ -25,6 +27,9 @@ pub struct Admitted {
     /// Upstream bytes the agent relayed to the client before the splice
     /// (a server-first greeting to a granted client not yet judged).
     pub relayed_down: u64,
+    /// The agent read a preamble or a greeting from a socket that still
+    /// holds bytes: the splice must not take them as they are.
+    pub partly_read: PartlyRead,
 }
 
 impl Admitted {

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use super::events::Ending;
 use super::{Admitted, Services, Target};
 use crate::datapath::userspace::{Parked, RelayState, Relayed};
-use crate::datapath::{SessionMeta, StopSignal};
+use crate::datapath::{PartlyRead, SessionMeta, StopSignal};
 use crate::registry::Admission;
 
 /// What a successor needs to go on with a session, besides its sockets.
@@ -135,6 +135,7 @@ pub fn resume(
         answer_preamble: false,
         opening_unseen: false,
         relayed_down: handed.relayed_down,
+        partly_read: PartlyRead::No,
     };
     let relay = Relay {
         meta,
@@ -176,7 +177,7 @@ async fn run(
     let clock = Instant::now();
     let relayed = services
         .datapath
-        .relay(&meta, client, upstream, stop, state)
+        .relay(&meta, client, upstream, stop, state, PartlyRead::No)
         .await;
     let outcome = match relayed {
         Relayed::Ended(outcome) => outcome,

@@ -1,0 +1,48 @@
+//! Copy first, splice after: on the kernel path, the agent copies a
+//! session's first bytes itself and hands the session to the kernel once
+//! they have passed (`agent.splice_after_bytes`), or once it has copied
+//! what was queued behind bytes it read (see [`PartlyRead`]). Entering and
+//! leaving the SOCKHASH costs more than copying a few bytes: a short
+//! session (a health check, one query) that ends within the budget never
+//! pays for it.
+
+use tokio::net::TcpStream;
+
+use super::ebpf::EbpfDatapath;
+use super::userspace::CopyFirst;
+use super::{PartlyRead, SessionMeta, SpliceOutcome, StopSignal, kernel_session};
+
+/// Moves the session's bytes on the kernel path, after the agent copied
+/// the first `agent.splice_after_bytes` of them (none when it is 0), and
+/// at least what is queued when `partly_read`.
+pub(super) async fn run(
+    dp: &EbpfDatapath,
+    meta: &SessionMeta,
+    (client, upstream): (TcpStream, TcpStream),
+    stop: StopSignal,
+    partly_read: PartlyRead,
+) -> SpliceOutcome {
+    let limit = dp.timeouts.splice_after;
+    if limit == 0 && partly_read == PartlyRead::No {
+        return kernel_session::run(dp, meta, client, upstream, stop).await;
+    }
+    // Boxed: the copy's future is large and only lives for the first bytes.
+    // A budget of 0 copies what is queued, up to the first empty read of
+    // each socket (from there on, every queued skb is whole).
+    let first = Box::pin(dp.fallback.copy_first(meta, client, upstream, &stop, limit)).await;
+    let (client, upstream, copied) = match first {
+        CopyFirst::Ended(outcome) => return outcome,
+        CopyFirst::Spent {
+            client,
+            upstream,
+            copied,
+        } => (client, upstream, copied),
+    };
+    let mut outcome = kernel_session::run(dp, meta, client, upstream, stop).await;
+    // The live view counted the copied bytes until here (see
+    // `EbpfDatapath::live_counters`); the outcome adds them to the rest.
+    dp.fallback.forget_live(meta.id);
+    outcome.up.userspace_bytes += copied.0;
+    outcome.down.userspace_bytes += copied.1;
+    outcome
+}
