@@ -35,6 +35,10 @@ enum ConnTurn {
     NoAuthUserspace,
     /// `[auth]`: per-connection preambles, then a source-bound grant.
     Authenticated,
+    /// As `Authenticated`, with `agent.splice_after_bytes` (subjects
+    /// `preamble-copy-first`, `grant-copy-first`): each connection's first
+    /// bytes copied by the agent, the splice only for longer sessions.
+    AuthenticatedCopyFirst,
     /// `[auth]` with routed grants: the runner's source grant routes its
     /// flows (subject `grant-routed`).
     Routed,
@@ -56,6 +60,7 @@ pub fn connrate(bench: &Bench<'_>, results: &mut Results) -> Result<()> {
     ];
     if bench.keys.is_some() {
         turns.push(ConnTurn::Authenticated);
+        turns.push(ConnTurn::AuthenticatedCopyFirst);
         turns.push(ConnTurn::Routed);
     }
     for rep in 0..s.runs {
@@ -93,31 +98,9 @@ fn conn_turn(
             rate_of(bench, &running.pids(), c.name(), addr, None, results, line)?;
             Ok(Vec::new())
         }
-        (ConnTurn::Authenticated, Some(keys)) => {
-            let sections = keys.agent_sections();
-            let agent = contender::start_agent(
-                &bench.env,
-                "ebpf",
-                &contender::agent_config_extra(Some(&sections)),
-            )?;
-            let pids = [agent.pid()];
-            let token = keys.token(3600);
-            let preamble = preamble::encode(&token);
-            let addr = contender::target_bind(ports::CONN_PREAMBLE);
-            rate_of(
-                bench,
-                &pids,
-                "preamble",
-                addr,
-                Some(preamble),
-                results,
-                line,
-            )?;
-            let runner = &bench.env.topo.runner;
-            runner.try_run(|| request_grant(&token, ports::CONN_GRANT, "10m"))??;
-            let addr = contender::target_bind(ports::CONN_GRANT);
-            rate_of(bench, &pids, "grant", addr, None, results, line)?;
-            contender::stop_agent(agent)
+        (ConnTurn::Authenticated, Some(keys)) => authenticated(bench, keys, None, results, line),
+        (ConnTurn::AuthenticatedCopyFirst, Some(keys)) => {
+            authenticated(bench, keys, Some(COPY_FIRST), results, line)
         }
         (ConnTurn::Routed, Some(_)) => {
             let agent = routed::start_for(&bench.env, &[ports::CONN_ROUTED], routed::CONN_SECTION)?;
@@ -146,6 +129,52 @@ fn conn_turn(
             contender::stop_agent(agent)
         }
     }
+}
+
+/// `agent.splice_after_bytes` of the copy-first subjects: a connection
+/// cycle's few bytes stay within it, a bulk transfer leaves it at once.
+const COPY_FIRST: u64 = 64 << 10;
+
+/// Preambles, then a source-bound grant, on one authenticating agent (eBPF
+/// path), which copies each session's first `copy_first` bytes itself when
+/// given (subjects suffixed `-copy-first`).
+fn authenticated(
+    bench: &Bench<'_>,
+    keys: &super::auth::Keys,
+    copy_first: Option<u64>,
+    results: &mut Results,
+    line: &mut String,
+) -> Result<Vec<serde_json::Value>> {
+    let (tuning, suffix) = match copy_first {
+        Some(bytes) => (format!("splice_after_bytes = {bytes}"), "-copy-first"),
+        None => (String::new(), ""),
+    };
+    let sections = keys.agent_sections();
+    let agent = contender::start_agent_tuned(
+        &bench.env,
+        "ebpf",
+        &tuning,
+        &contender::agent_config_extra(Some(&sections)),
+    )?;
+    let pids = [agent.pid()];
+    let token = keys.token(3600);
+    let preamble = preamble::encode(&token);
+    let addr = contender::target_bind(ports::CONN_PREAMBLE);
+    let subject = format!("preamble{suffix}");
+    rate_of(bench, &pids, &subject, addr, Some(preamble), results, line)?;
+    let runner = &bench.env.topo.runner;
+    runner.try_run(|| request_grant(&token, ports::CONN_GRANT, "10m"))??;
+    let addr = contender::target_bind(ports::CONN_GRANT);
+    rate_of(
+        bench,
+        &pids,
+        &format!("grant{suffix}"),
+        addr,
+        None,
+        results,
+        line,
+    )?;
+    contender::stop_agent(agent)
 }
 
 /// CPU seconds the processes `pids` have used so far.

@@ -124,6 +124,14 @@ fn connection_rates_are_anchored_on_haproxys_plain_tcp_rate() {
     let grant = find(&goals, "new connections/s, grant, vs HAProxy plain TCP");
     assert_eq!(grant.met(), Some(true), "16,000 ≥ 1.5 × 8,000");
     assert_eq!(grant.shown(), "2.00× (grant-routed 16000 vs 8000/s)");
+    // So does copying first (`agent.splice_after_bytes`), named as such.
+    r.add(Metric::ConnectionsPerSecond, "preamble-copy-first", 9_200.0);
+    let goals = evaluate(&r);
+    let preamble = find(&goals, "new connections/s, preamble, vs HAProxy plain TCP");
+    assert_eq!(
+        preamble.shown(),
+        "1.15× (preamble-copy-first 9200 vs 8000/s)"
+    );
     // Without the anchor there is no verdict, whatever the rate.
     let mut unanchored = Results::default();
     unanchored.add(Metric::ConnectionsPerSecond, "grant", 50_000.0);

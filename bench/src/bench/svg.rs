@@ -22,6 +22,8 @@ fn color(subject: &str) -> &'static str {
         "haproxy" => "#d62728",
         "socat" => "#ff7f0e",
         "grant" => "#2ca02c",
+        "preamble-copy-first" => "#6baed6",
+        "grant-copy-first" => "#74c476",
         _ => "#555555",
     }
 }
@@ -31,6 +33,8 @@ fn label(subject: &str) -> &str {
         "tcpgate-ebpf" => "eBPF",
         "tcpgate-userspace" => "userspace",
         "no-auth-userspace" => "no-auth us",
+        "preamble-copy-first" => "preamble cf",
+        "grant-copy-first" => "grant cf",
         "haproxy" => "HAProxy",
         other => other,
     }
