@@ -302,9 +302,10 @@ impl Gate {
             )),
             _ => Ok(Admitted {
                 relayed_down: greeting.relayed,
-                // The relay's last read may have cut an upstream segment.
+                // The relay's last read may have cut an upstream segment
+                // (at the greeting's limit) when more is queued behind it.
                 partly_read: if greeting.relayed > 0 {
-                    PartlyRead::Maybe
+                    PartlyRead::if_queued(upstream.as_fd())
                 } else {
                     PartlyRead::No
                 },
