@@ -2,6 +2,7 @@
 //! copy of a session the kernel takes over (`agent.splice_after_bytes`).
 
 use std::future::poll_fn;
+use std::os::fd::AsFd as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
@@ -12,6 +13,14 @@ use tokio::net::tcp::ReadHalf;
 
 /// Size of the buffer a direction borrows for one burst.
 const BURST_BUFFER: usize = 64 * 1024;
+/// Once the budget is spent, a read offers room for all that is queued
+/// plus this, so that it empties the queue (a read shorter than its room
+/// took every queued byte, so no skb is left partly read) even while the
+/// sender goes on.
+const DRAIN_SLACK: usize = 64 * 1024;
+/// The largest such read: above the kernel's default receive buffer limit
+/// (`tcp_rmem` max, 6 MiB), so one read can empty any default queue.
+const DRAIN_MAX: usize = 8 << 20;
 
 /// Bytes written so far, by direction; read by the operator endpoint.
 #[derive(Default)]
@@ -70,11 +79,15 @@ impl<'a> Budget<'a> {
         }
     }
 
+    fn spent(&self) -> bool {
+        self.live.total() >= self.limit
+    }
+
     /// Whether `way` stops here: the budget is spent and the other
     /// direction holds nothing (else it goes on copying, so that neither
     /// direction waits for the other to be read).
     fn stops(&self, way: Way) -> bool {
-        self.live.total() >= self.limit && !self.busy[way.other().index()].load(Ordering::Relaxed)
+        self.spent() && !self.busy[way.other().index()].load(Ordering::Relaxed)
     }
 
     fn set_busy(&self, way: Way, busy: bool) {
@@ -178,6 +191,20 @@ impl Half<'_, '_> {
         self.budget.is_some_and(|b| b.stops(self.way))
     }
 
+    /// The room the next read offers: a burst, or once the budget is
+    /// spent, enough to empty the source's queue in one read.
+    fn read_size(&self) -> usize {
+        if !self.budget.is_some_and(Budget::spent) {
+            return BURST_BUFFER;
+        }
+        let stream: &tokio::net::TcpStream = self.from.as_ref();
+        let queued = crate::sockopt::queued_bytes(stream.as_fd()).unwrap_or(0);
+        usize::try_from(queued)
+            .unwrap_or(DRAIN_MAX)
+            .saturating_add(DRAIN_SLACK)
+            .min(DRAIN_MAX)
+    }
+
     fn set_busy(&self, busy: bool) {
         if let Some(budget) = self.budget {
             budget.set_busy(self.way, busy);
@@ -190,6 +217,8 @@ impl Half<'_, '_> {
     /// `half.pending[half.written..]`.
     pub async fn copy(&mut self, half: &mut HalfState) -> HalfEnd {
         let names = self.names();
+        // The last read took every queued byte: a short read, or none.
+        let mut drained = false;
         loop {
             // First what a predecessor (or the last read) left unwritten.
             if let Err(e) = flush(&mut self.to, half, self.count, self.stall_timeout).await {
@@ -199,9 +228,17 @@ impl Half<'_, '_> {
             if half.closed {
                 return HalfEnd::Eof;
             }
-            if half.pending.capacity() == 0 {
-                half.pending.reserve_exact(BURST_BUFFER);
+            // Only where no skb is partly read may the budget stop this
+            // direction: the kernel path would hand such an skb to the
+            // verdict whole, and the bytes already copied would go twice.
+            if drained && self.stops() {
+                return HalfEnd::Spent;
             }
+            let size = self.read_size();
+            if half.pending.capacity() < size {
+                half.pending.reserve_exact(size);
+            }
+            let room = half.pending.capacity() - half.pending.len();
             match self.from.try_read_buf(&mut half.pending) {
                 Ok(0) => {
                     half.closed = true;
@@ -210,13 +247,14 @@ impl Half<'_, '_> {
                         Err(e) => HalfEnd::Error(names.1, e),
                     };
                 }
-                Ok(_) => self.set_busy(true),
+                Ok(n) => {
+                    drained = n < room;
+                    self.set_busy(true);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    // Idle: no buffer held while waiting. Only from here may
-                    // the budget stop this direction: the source's queue was
-                    // empty at the last read, so no skb in it is partly read
-                    // (the kernel path would hand such an skb to the verdict
-                    // whole, and the bytes already copied would go twice).
+                    // Idle: no buffer held while waiting. (tokio answers
+                    // this without a read only after a read found nothing.)
+                    drained = true;
                     half.pending = Vec::new();
                     match self.idle().await {
                         Ok(true) => {}
