@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use tcpgate_tests::auth_fixture::{AuthFixture, Launch, policy, streamer};
+use tcpgate_tests::operator::sessions_json_with;
 use tcpgate_tests::payload::read_until_end;
 use tcpgate_tests::tokens::{claims_with, unix_now};
 use tcpgate_tests::{DataPath, ForwardFixture, wait_events};
@@ -191,6 +192,14 @@ fn expiry_and_revocation_end_a_session_still_copied() -> Result<()> {
         let mut first = [0u8; 1024];
         stream.read_exact(&mut first)?;
         if exp.is_none() {
+            // Listed with live counters while the agent copies it (the
+            // operator endpoint; it has no record in the pinned maps yet).
+            let doc = sessions_json_with(fx.agent.binary(), ["--admin", admin.as_str()])?;
+            let rows = doc["sessions"].as_array().context("sessions")?;
+            ensure!(
+                rows.len() == 1 && rows[0]["bytes_down"].as_u64() >= Some(1024),
+                "{doc:#}"
+            );
             let (status, stdout, stderr) =
                 fx.cli(&fx.topo.bastion, &["revoke", "--admin", &admin, &grant])?;
             ensure!(status == 0, "revoke: {status} {stdout} {stderr}");

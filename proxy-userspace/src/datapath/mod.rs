@@ -191,9 +191,14 @@ impl Datapath {
     ) -> impl Future<Output = userspace::Relayed> + 'a {
         match self {
             Self::Ebpf(dp) => Either::Left(async move {
-                userspace::Relayed::Ended(
-                    splice_after::run(dp, meta, (client, upstream), stop, partly_read).await,
-                )
+                userspace::Relayed::Ended(if splice_after::at_once(dp, partly_read) {
+                    kernel_session::run(dp, meta, client, upstream, stop).await
+                } else {
+                    // Boxed: the copy's future is large, and a session
+                    // spliced at once should not be sized by it.
+                    let sockets = (client, upstream);
+                    Box::pin(splice_after::run(dp, meta, sockets, stop)).await
+                })
             }),
             // Boxed so the eBPF sessions' futures are not sized by this one.
             Self::Userspace(dp) => {

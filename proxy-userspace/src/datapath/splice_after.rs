@@ -12,24 +12,27 @@ use super::ebpf::EbpfDatapath;
 use super::userspace::CopyFirst;
 use super::{PartlyRead, SessionMeta, SpliceOutcome, StopSignal, kernel_session};
 
+/// Whether the session goes to the kernel path at once: nothing to copy
+/// first.
+pub(super) fn at_once(dp: &EbpfDatapath, partly_read: PartlyRead) -> bool {
+    dp.timeouts.splice_after == 0 && partly_read == PartlyRead::No
+}
+
 /// Moves the session's bytes on the kernel path, after the agent copied
-/// the first `agent.splice_after_bytes` of them (none when it is 0), and
-/// at least what is queued when `partly_read`.
+/// the first `agent.splice_after_bytes` of them, and at least what is
+/// queued (a budget of 0 copies up to the first complete read of each
+/// socket: from there on, every queued skb is whole).
 pub(super) async fn run(
     dp: &EbpfDatapath,
     meta: &SessionMeta,
     (client, upstream): (TcpStream, TcpStream),
     stop: StopSignal,
-    partly_read: PartlyRead,
 ) -> SpliceOutcome {
     let limit = dp.timeouts.splice_after;
-    if limit == 0 && partly_read == PartlyRead::No {
-        return kernel_session::run(dp, meta, client, upstream, stop).await;
-    }
-    // Boxed: the copy's future is large and only lives for the first bytes.
-    // A budget of 0 copies what is queued, up to the first empty read of
-    // each socket (from there on, every queued skb is whole).
-    let first = Box::pin(dp.fallback.copy_first(meta, client, upstream, &stop, limit)).await;
+    let first = dp
+        .fallback
+        .copy_first(meta, client, upstream, &stop, limit)
+        .await;
     let (client, upstream, copied) = match first {
         CopyFirst::Ended(outcome) => return outcome,
         CopyFirst::Spent {

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -216,20 +217,25 @@ impl UserspaceDatapath {
         let mut first_close = None;
         loop {
             let budget = limit.map(|limit| Budget::new(limit, live));
-            let (client_read, client_write) = client.split();
-            let (upstream_read, upstream_write) = upstream.split();
-            let half = |way, from, to, count| Half {
-                way,
-                from,
-                to,
-                count,
-                budget: budget.as_ref(),
-                stall_timeout: self.stall_timeout,
+            let copied = {
+                let (client_read, client_write) = client.split();
+                let (upstream_read, upstream_write) = upstream.split();
+                let half = |way, from, to, count| Half {
+                    way,
+                    from,
+                    to,
+                    count,
+                    budget: budget.as_ref(),
+                    stall_timeout: self.stall_timeout,
+                };
+                let mut up = half(Way::Up, client_read, upstream_write, &live.up);
+                let mut down = half(Way::Down, upstream_read, client_write, &live.down);
+                // Pinned here and lent to `both`: futures passed by value
+                // would be kept twice in its state, for the session's life.
+                let (up, down) = (up.copy(&mut state.up), down.copy(&mut state.down));
+                tokio::pin!(up, down);
+                both((up, down), stop, deadline, &mut first_close).await
             };
-            let mut up = half(Way::Up, client_read, upstream_write, &live.up);
-            let mut down = half(Way::Down, upstream_read, client_write, &live.down);
-            let copies = (up.copy(&mut state.up), down.copy(&mut state.down));
-            let copied = both(copies, stop, deadline, &mut first_close).await;
             match copied {
                 // A half-closed session stays here: the kernel path takes
                 // only sockets open both ways.
@@ -291,12 +297,14 @@ impl UserspaceDatapath {
 /// Runs both directions' copies until both end, one fails, the session is
 /// stopped or its grant expires.
 async fn both(
-    (up, down): (impl Future<Output = HalfEnd>, impl Future<Output = HalfEnd>),
+    (mut up, mut down): (
+        Pin<&mut impl Future<Output = HalfEnd>>,
+        Pin<&mut impl Future<Output = HalfEnd>>,
+    ),
     stop: &StopSignal,
     deadline: Option<tokio::time::Instant>,
     first_close: &mut Option<EndReason>,
 ) -> Copied {
-    tokio::pin!(up, down);
     let (mut up_done, mut down_done, mut spent) = (false, false, false);
     loop {
         if let Some(reason) = stop.reason() {
