@@ -21,15 +21,21 @@ use tcpgate_tests::{accept_loop, require_root};
 
 const CONNECT_RUNS: usize = 200;
 
-/// A target service that speaks first (like ssh) and logs every byte it
-/// receives on each connection.
-fn logging_server(fx: &AuthFixture, conns: usize) -> Result<tcpgate_tests::AcceptLoop<Vec<u8>>> {
+/// A target service that echoes and logs every byte it receives on each
+/// connection; it speaks first (like ssh) when `greeting` is not empty.
+fn logging_server(
+    fx: &AuthFixture,
+    conns: usize,
+    greeting: &'static [u8],
+) -> Result<tcpgate_tests::AcceptLoop<Vec<u8>>> {
     Ok(accept_loop(
         &fx.topo.target,
         AuthFixture::target(9000),
         conns,
-        |mut stream, _| {
-            let _ = stream.write_all(b"HELLO\n");
+        move |mut stream, _| {
+            if !greeting.is_empty() {
+                let _ = stream.write_all(greeting);
+            }
             let mut seen = Vec::new();
             let mut buf = [0u8; 4096];
             while let Ok(n) = stream.read(&mut buf) {
@@ -52,7 +58,7 @@ fn a_granted_runner_using_connect_never_leaks_its_token() -> Result<()> {
         return Ok(());
     }
     let fx = AuthFixture::start()?;
-    let server = logging_server(&fx, CONNECT_RUNS)?;
+    let server = logging_server(&fx, CONNECT_RUNS, b"HELLO\n")?;
     let token = fx.token();
     fx.grant_from_runner(&token, &["--allow", "192.0.2.10=9000", "--lifetime", "10m"])?;
     let token_file = fx.token_file(&token)?;
@@ -230,7 +236,7 @@ fn revocation_storm_leaves_no_survivor() -> Result<()> {
     const WORKERS: usize = 12;
     const CHURNERS: usize = 6;
     let fx = Arc::new(AuthFixture::start()?);
-    let server = logging_server(&fx, 100_000)?;
+    let server = logging_server(&fx, 100_000, b"HELLO\n")?;
     let token = Arc::new(fx.token());
     let stop = Arc::new(AtomicBool::new(false));
     let refused = Arc::new(AtomicUsize::new(0));
@@ -325,22 +331,7 @@ fn a_preamble_sent_with_its_data_never_reaches_the_target() -> Result<()> {
     }
     const RUNS: usize = 20;
     let fx = AuthFixture::start()?;
-    let server = accept_loop(
-        &fx.topo.target,
-        AuthFixture::target(9000),
-        RUNS,
-        |mut stream, _| {
-            let mut seen = Vec::new();
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stream.read(&mut buf) {
-                if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-                seen.extend_from_slice(&buf[..n]);
-            }
-            seen
-        },
-    )?;
+    let server = logging_server(&fx, RUNS, b"")?;
     let token = fx.token();
     for run in 0..RUNS {
         let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
