@@ -323,7 +323,9 @@ fn revocation_storm_leaves_no_survivor() -> Result<()> {
 /// A client that sends its preamble and its first bytes in one write
 /// (one segment): the agent reads the preamble alone, and the kernel path
 /// must not hand the rest of that segment, preamble and all, to the
-/// target. The target sees exactly the client's bytes.
+/// target. The target sees exactly the client's bytes, with no grant and
+/// with the runner's source grant held (the preamble is then read after
+/// the first bytes were judged).
 #[test]
 fn a_preamble_sent_with_its_data_never_reaches_the_target() -> Result<()> {
     if !require_root() {
@@ -331,9 +333,12 @@ fn a_preamble_sent_with_its_data_never_reaches_the_target() -> Result<()> {
     }
     const RUNS: usize = 20;
     let fx = AuthFixture::start()?;
-    let server = logging_server(&fx, RUNS, b"")?;
+    let server = logging_server(&fx, 2 * RUNS, b"")?;
     let token = fx.token();
-    for run in 0..RUNS {
+    for run in 0..2 * RUNS {
+        if run == RUNS {
+            fx.grant_from_runner(&token, &["--allow", "192.0.2.10=9000", "--lifetime", "10m"])?;
+        }
         let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
         let mut first = tcpgate_tests::preamble::encode(&token);
         first.extend_from_slice(b"ping");
@@ -356,8 +361,9 @@ fn a_preamble_sent_with_its_data_never_reaches_the_target() -> Result<()> {
             String::from_utf8_lossy(bytes)
         );
     }
-    // The agent copied what came with the preambles, the kernel the rest.
-    let closed = wait_events(&fx.agent, "session_close", RUNS)?;
+    // Every session counts exactly the client's bytes and was spliced
+    // once the agent had copied what came with its preamble.
+    let closed = wait_events(&fx.agent, "session_close", 2 * RUNS)?;
     for event in &closed {
         ensure!(
             event["datapath"] == "ebpf" && event["bytes_up"] == 4 && event["bytes_down"] == 4,

@@ -258,6 +258,9 @@ impl UserspaceDatapath {
     ) -> Relayed {
         let (reason, detail) = match copied {
             Copied::Over(reason) => (reason, None),
+            // `Spent` cannot come here (`copy_first` takes it first, and a
+            // copy without a budget never spends one); parked, it would
+            // still lose no byte.
             Copied::Stopped(EndReason::HandedOver, _) | Copied::Spent => {
                 self.forget_live(meta.id);
                 return Relayed::Parked(Box::new(Parked {
