@@ -114,8 +114,11 @@ async fn start_locked(
     if wants_bpf {
         match PinDirLock::acquire(pin_dir) {
             Ok(locked) => pin_lock = Some(locked),
-            // Someone else's pins: never touch them, whatever the data path.
-            Err(e @ LockError::PinDirTaken(_)) => return Err(e.into()),
+            // Someone else's pins, or a directory another user could
+            // change them in: never touch them, whatever the data path.
+            Err(e @ (LockError::PinDirTaken(_) | LockError::Untrusted { .. })) => {
+                return Err(e.into());
+            }
             // No permission to create or lock the directory: eBPF would not
             // load either; `auto` falls back below.
             Err(e) => load_error = Some(BpfUnavailable::PinDir(e)),

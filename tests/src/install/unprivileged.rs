@@ -51,13 +51,38 @@ impl Privileges {
 /// fixture's pid is the agent's.
 pub struct Wrapper {
     _dir: TempDir,
+    _runtime: RuntimeDir,
     pub path: PathBuf,
+}
+
+/// The unit's `RuntimeDirectory=`: a directory the agent's user owns,
+/// named to the agent in `$RUNTIME_DIRECTORY` (its locks live there).
+/// Removed with the wrapper.
+struct RuntimeDir(PathBuf);
+
+impl RuntimeDir {
+    fn new(user: &TestUser) -> Result<Self> {
+        let path = PathBuf::from(format!("/run/tcpgate-test-{}", user.uid));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
+        let dir = Self(path);
+        std::os::unix::fs::chown(&dir.0, Some(user.uid), Some(user.gid))?;
+        std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        Ok(dir)
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Wrapper {
     pub fn new(binary: &Path, user: &TestUser, privileges: &Privileges) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("tg-setpriv-").tempdir()?;
         let path = dir.path().join("tcpgate-as-service");
+        let runtime = RuntimeDir::new(user)?;
         let ambient = setpriv_set(&privileges.ambient);
         let bounding = setpriv_set(&privileges.bounding);
         let no_new_privs = if privileges.no_new_privs {
@@ -72,6 +97,7 @@ impl Wrapper {
              chmod 0711 \"$(dirname \"$NOTIFY_SOCKET\")\"\n\
              chown {uid} \"$NOTIFY_SOCKET\"\n\
              umask 0027\n\
+             export RUNTIME_DIRECTORY={runtime}\n\
              exec setpriv --reuid={uid} --regid={gid} --groups={extra} {no_new_privs}\\\n\
              \x20 --inh-caps={ambient} --ambient-caps={ambient} --bounding-set={bounding} \\\n\
              \x20 -- {binary} \"$@\"\n",
@@ -79,9 +105,14 @@ impl Wrapper {
             gid = user.gid,
             extra = user.extra_gid,
             binary = binary.display(),
+            runtime = runtime.0.display(),
         );
         crate::write_executable(&path, script.as_bytes(), 0o755)?;
-        Ok(Self { _dir: dir, path })
+        Ok(Self {
+            _dir: dir,
+            _runtime: runtime,
+            path,
+        })
     }
 
     /// Starts the fixture's agent through this wrapper. Like the unit, the

@@ -1,37 +1,47 @@
 //! One agent per network namespace, and one per pin directory.
 //!
-//! The namespace lock is a listening socket in the abstract unix namespace,
-//! which is per network namespace and vanishes when its owner dies, so a
-//! crashed agent never leaves a stale lock. A second agent connects to it
-//! to learn the owner's pid for the error message. The pin directory (bpffs
-//! is shared by all namespaces) is locked with `flock`.
+//! Both locks are `flock`s on files in the agent's runtime directory
+//! (`$RUNTIME_DIRECTORY`, as systemd's `RuntimeDirectory=` sets it, else
+//! /run/tcpgate), which only root or the agent's account may write: no
+//! other local user can take either lock first and keep the agent from
+//! starting (the namespace lock was an abstract unix socket, a name any
+//! user could bind). A `flock` goes with its holder's last descriptor, so
+//! a crashed agent never leaves a stale lock. The namespace's file is
+//! named by the namespace's inode, the pin directory's by its path (bpffs
+//! is shared by all namespaces).
 
-use std::fs::File;
-use std::os::fd::AsFd;
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+mod file;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{Flock, FlockArg};
-use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-
-const ABSTRACT_NAME: &[u8] = b"tcpgate-agent";
+use file::{LockFile, Locked, runtime_dir};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error("another tcpgate agent is already running in this network namespace{}", pid_note(*.pid))]
     NamespaceTaken { pid: Option<i32> },
-    #[error("cannot take the agent lock")]
-    Io(#[source] std::io::Error),
+    #[error("cannot tell which network namespace this is (/proc/self/ns/net)")]
+    Namespace(#[source] std::io::Error),
     #[error(
         "pin directory {0} is in use by another tcpgate agent (another namespace?); give each agent its own agent.pin_dir"
     )]
     PinDirTaken(PathBuf),
     #[error(transparent)]
     NotBpffs(#[from] crate::bpf::NotBpffs),
-    #[error("cannot create pin directory {path}")]
-    PinDir {
+    #[error("cannot create or read {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is {why}: another local user could take the agent's locks or replace its pins; \
+         remove it, or let root or the agent's user own it with mode 0755 (0750 for a pin directory)"
+    )]
+    Untrusted { path: PathBuf, why: String },
+    #[error("cannot take the lock {path}")]
+    LockFile {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -44,28 +54,49 @@ fn pid_note(pid: Option<i32>) -> String {
 
 /// The namespace lock, held for the agent's lifetime.
 pub struct NamespaceLock {
-    _listener: UnixListener,
+    _lock: LockFile,
 }
 
 /// The pin directory lock, held while the agent's maps are pinned there.
 pub struct PinDirLock {
-    _lock: Flock<File>,
+    _lock: LockFile,
 }
 
 impl PinDirLock {
-    /// Creates the directory if missing and locks it. Called with the
-    /// namespace lock held, so a holder in this namespace is an agent that
-    /// is exiting (its files close one by one): that one gets
+    /// Creates the directory if missing (mode 0750) and locks it. Called
+    /// with the namespace lock held, so a holder in this namespace is an
+    /// agent that is exiting (its files close one by one): that one gets
     /// [`EXIT_WAIT`] to let go.
     pub fn acquire(dir: &Path) -> Result<Self, LockError> {
-        let since = Instant::now();
-        loop {
-            match lock_dir(dir) {
-                Err(LockError::PinDirTaken(_)) if since.elapsed() < EXIT_WAIT => {
-                    std::thread::sleep(RETRY);
-                }
-                locked => return locked.map(|lock| Self { _lock: lock }),
+        crate::bpf::check_bpffs(dir)?;
+        file::trusted_dir(dir, 0o750)?;
+        let key = std::fs::canonicalize(dir).map_err(|source| LockError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let name = file::stable_name("pins", key.as_os_str().as_encoded_bytes());
+        let lock = retry(&name, |_| true).map_err(|taken| match taken {
+            Some(e) => e,
+            None => LockError::PinDirTaken(dir.to_owned()),
+        })?;
+        Ok(Self { _lock: lock })
+    }
+}
+
+/// Locks `name` in the runtime directory, trying again for [`EXIT_WAIT`]
+/// while `wait(holder pid)` says its holder may be letting go. `Err(None)`:
+/// held by another; `Err(Some(_))`: the lock could not be tried.
+fn retry(name: &str, wait: impl Fn(Option<i32>) -> bool) -> Result<LockFile, Option<LockError>> {
+    let dir = runtime_dir();
+    let meta = file::trusted_dir(&dir, 0o755).map_err(Some)?;
+    let since = Instant::now();
+    loop {
+        match file::lock(&dir, &meta, name).map_err(Some)? {
+            Locked::Held(lock) => return Ok(lock),
+            Locked::Busy { pid } if since.elapsed() < EXIT_WAIT && wait(pid) => {
+                std::thread::sleep(RETRY);
             }
+            Locked::Busy { .. } => return Err(None),
         }
     }
 }
@@ -100,37 +131,23 @@ fn exiting(pid: i32) -> bool {
 
 impl NamespaceLock {
     /// Fails if another agent runs in this network namespace. An agent
-    /// that is exiting, or a holder that does not answer, gets
+    /// that is exiting, or a holder whose pid /proc does not show, gets
     /// [`EXIT_WAIT`] to let go of it.
     pub fn acquire() -> Result<Self, LockError> {
-        let addr = SocketAddr::from_abstract_name(ABSTRACT_NAME).map_err(LockError::Io)?;
-        let since = Instant::now();
-        loop {
-            match UnixListener::bind_addr(&addr) {
-                Ok(listener) => {
-                    return Ok(Self {
-                        _listener: listener,
-                    });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                    let pid = UnixStream::connect_addr(&addr)
-                        .ok()
-                        .and_then(|s| getsockopt(&s.as_fd(), PeerCredentials).ok())
-                        .map(|cred| cred.pid());
-                    // No pid: the holder would not answer (a listener
-                    // being torn down by its dying owner refuses before its
-                    // name is free). Only a live holder fails at once.
-                    let alive = pid.is_some_and(|pid| !exiting(pid));
-                    if since.elapsed() >= EXIT_WAIT || alive {
-                        return Err(LockError::NamespaceTaken { pid });
-                    }
-                    // Each look is a connection the holder never accepts,
-                    // queued in its backlog: look less often without a pid.
-                    std::thread::sleep(if pid.is_some() { RETRY } else { RETRY * 5 });
-                }
-                Err(e) => return Err(LockError::Io(e)),
-            }
-        }
+        let netns = std::fs::metadata("/proc/self/ns/net").map_err(LockError::Namespace)?;
+        let name = format!("netns-{}.lock", std::os::unix::fs::MetadataExt::ino(&netns));
+        let holder = std::cell::Cell::new(None);
+        let lock = retry(&name, |pid| {
+            holder.set(pid);
+            pid.is_none_or(exiting)
+        })
+        .map_err(|taken| match taken {
+            Some(e) => e,
+            None => LockError::NamespaceTaken { pid: holder.get() },
+        })?;
+        // Lock files of killed agents (their namespaces may be gone).
+        file::sweep(&runtime_dir());
+        Ok(Self { _lock: lock })
     }
 }
 
@@ -186,28 +203,6 @@ impl LockSlot {
         });
         Ok(())
     }
-}
-
-fn lock_dir(dir: &Path) -> Result<Flock<File>, LockError> {
-    crate::bpf::check_bpffs(dir)?;
-    std::fs::create_dir_all(dir).map_err(|source| LockError::PinDir {
-        path: dir.to_owned(),
-        source,
-    })?;
-    let file = File::open(dir).map_err(|source| LockError::PinDir {
-        path: dir.to_owned(),
-        source,
-    })?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
-        if errno == nix::errno::Errno::EWOULDBLOCK {
-            LockError::PinDirTaken(dir.to_owned())
-        } else {
-            LockError::PinDir {
-                path: dir.to_owned(),
-                source: errno.into(),
-            }
-        }
-    })
 }
 
 #[cfg(test)]
