@@ -28,11 +28,24 @@ pub struct Received {
 }
 
 impl Inbox {
-    /// Binds `@tcpgate-supervise-<pid>`.
+    /// Binds `@tcpgate-supervise-<pid>-<random>`. The random part keeps
+    /// another local user from binding the name first (abstract names
+    /// have no owner) and so keeping the supervisor from starting; a name
+    /// taken anyway is drawn again.
     pub fn bind() -> io::Result<Self> {
-        let name = format!("tcpgate-supervise-{}", std::process::id());
-        let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
-        let socket = std::os::unix::net::UnixDatagram::bind_addr(&addr)?;
+        let mut tries = 0;
+        let (socket, name) = loop {
+            let name = format!(
+                "tcpgate-supervise-{}-{:016x}",
+                std::process::id(),
+                rand::random::<u64>()
+            );
+            let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
+            match std::os::unix::net::UnixDatagram::bind_addr(&addr) {
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse && tries < 8 => tries += 1,
+                bound => break (bound?, name),
+            }
+        };
         setsockopt(&socket, sockopt::PassCred, &true).map_err(io::Error::from)?;
         socket.set_nonblocking(true)?;
         Ok(Self {
@@ -108,5 +121,17 @@ mod tests {
         let received = inbox.recv().await.expect("recv");
         assert_eq!(received.pid, Some(std::process::id()));
         assert_eq!(received.message.as_deref(), Some("READY=1\nSTATUS=up"));
+    }
+
+    #[tokio::test]
+    async fn a_name_bound_first_by_someone_else_does_not_stop_the_inbox() {
+        // The name a pid alone would give, and the same pid's name twice.
+        let squatted = format!("tcpgate-supervise-{}", std::process::id());
+        let addr = SocketAddr::from_abstract_name(squatted.as_bytes()).expect("addr");
+        let _squatter = std::os::unix::net::UnixDatagram::bind_addr(&addr).expect("squat");
+        let first = Inbox::bind().expect("bind");
+        let second = Inbox::bind().expect("bind again");
+        assert_ne!(first.address(), format!("@{squatted}"));
+        assert_ne!(first.address(), second.address());
     }
 }
