@@ -179,20 +179,30 @@ fn cached_tokens_never_share_an_identity_and_revocation_ends_their_sessions() ->
         hits >= 2.0,
         "the last two admissions were cache hits: {hits}"
     );
+    // Each open line is consistent in itself, and each token opened two:
+    // the lines follow the sessions' setup, not the admissions' order.
     let opened = wait_events(&fx.agent, "session_open", 4)?;
-    for (i, event) in opened.iter().enumerate() {
-        let (subject, r#ref, job_id) = if i % 2 == 0 {
-            (&subject_a, "release/1.4", "1001")
-        } else {
-            (&subject_b, "release/2.0", "2002")
-        };
-        ensure!(
+    let mut per_subject = [0; 2];
+    for event in &opened {
+        let own = [
+            (&subject_a, "release/1.4", "1001"),
+            (&subject_b, "release/2.0", "2002"),
+        ]
+        .iter()
+        .position(|(subject, r#ref, job_id)| {
             event["subject"] == subject.as_str()
-                && event["claims"]["ref"] == r#ref
-                && event["claims"]["job_id"] == job_id,
-            "session {i} carries its own token's identity: {event}"
-        );
+                && event["claims"]["ref"] == *r#ref
+                && event["claims"]["job_id"] == *job_id
+        });
+        let Some(which) = own else {
+            anyhow::bail!("a session carries another token's identity: {event}");
+        };
+        per_subject[which] += 1;
     }
+    ensure!(
+        per_subject == [2, 2],
+        "two sessions per token: {per_subject:?}"
+    );
     let admin = fx.admin_socket().display().to_string();
     let (status, stdout, stderr) = fx.cli(
         &fx.topo.bastion,
