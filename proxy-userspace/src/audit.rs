@@ -9,8 +9,13 @@
 //! counted in `tcpgate_audit_dropped`. Strings a peer chooses (subject,
 //! claims, details quoting a token's `kid`) are cut to a few hundred bytes.
 
+mod bound;
+
+pub use bound::truncate;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use prometheus_client::metrics::counter::Counter;
@@ -49,8 +54,10 @@ pub struct AuditEvent {
     pub grant_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub claims: BTreeMap<String, serde_json::Value>,
+    /// Shared with the grant (or the token's cache entry): a session's
+    /// lines never copy them.
+    #[serde(skip_serializing_if = "no_claims")]
+    pub claims: Arc<BTreeMap<String, serde_json::Value>>,
     /// The client's address and port.
     pub source: String,
     /// The address the client dialled.
@@ -123,7 +130,7 @@ impl AuditEvent {
             session_id: None,
             grant_id: None,
             subject: None,
-            claims: BTreeMap::new(),
+            claims: Arc::default(),
             source,
             destination,
             upstream: None,
@@ -146,6 +153,10 @@ impl AuditEvent {
             handover: None,
         }
     }
+}
+
+fn no_claims(claims: &Arc<BTreeMap<String, serde_json::Value>>) -> bool {
+    claims.is_empty()
 }
 
 /// Where audit lines go.
@@ -206,46 +217,6 @@ impl std::fmt::Debug for AuditLog {
     }
 }
 
-/// Cuts `text` to at most `max` bytes at a character boundary, saying so.
-#[must_use]
-pub fn truncate(mut text: String, max: usize) -> String {
-    if text.len() <= max {
-        return text;
-    }
-    let total = text.len();
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text.truncate(end);
-    text.push_str(&format!("...[{total} bytes]"));
-    text
-}
-
-fn truncate_value(value: &mut serde_json::Value) {
-    match value {
-        serde_json::Value::String(s) => *s = truncate(std::mem::take(s), MAX_FIELD),
-        serde_json::Value::Array(_) | serde_json::Value::Object(_) => {
-            let text = value.to_string();
-            if text.len() > MAX_FIELD {
-                *value = serde_json::Value::String(truncate(text, MAX_FIELD));
-            }
-        }
-        _ => {}
-    }
-}
-
-/// Bounds the fields a peer chooses.
-fn bound(event: &mut AuditEvent) {
-    if let Some(subject) = event.subject.take() {
-        event.subject = Some(truncate(subject, MAX_FIELD));
-    }
-    if let Some(detail) = event.detail.take() {
-        event.detail = Some(truncate(detail, MAX_DETAIL));
-    }
-    event.claims.values_mut().for_each(truncate_value);
-}
-
 impl AuditLog {
     /// Opens the target and spawns the writer task on the current runtime;
     /// dropped denial lines are added to `dropped`.
@@ -298,7 +269,7 @@ impl AuditLog {
     /// Queues an event without waiting. A session line always gets in; a
     /// denial line is dropped and counted if the writer is far behind.
     pub fn record(&self, mut event: AuditEvent) {
-        bound(&mut event);
+        bound::bound(&mut event);
         event.bastion.clone_from(&self.bastion);
         if event.event == EventKind::SessionClose
             && event.handover.is_none()

@@ -91,13 +91,10 @@ async fn fields_a_peer_chooses_are_cut() {
     let mut denied = event(EventKind::ConnectionDenied);
     denied.detail = Some(format!("unknown_kid: no key with kid {kid:?}"));
     denied.subject = Some("s".repeat(5000));
-    denied
-        .claims
-        .insert("ref".into(), serde_json::json!("r".repeat(5000)));
-    denied
-        .claims
-        .insert("groups".into(), serde_json::json!(vec!["g"; 3000]));
-    denied.claims.insert("job_id".into(), serde_json::json!(42));
+    let claims = std::sync::Arc::make_mut(&mut denied.claims);
+    claims.insert("ref".into(), serde_json::json!("r".repeat(5000)));
+    claims.insert("groups".into(), serde_json::json!(vec!["g"; 3000]));
+    claims.insert("job_id".into(), serde_json::json!(42));
     log.record(denied);
     log.flush().await;
     drop(log);
@@ -183,4 +180,32 @@ async fn lines_queued_together_are_written_together_and_whole() {
     let writes = writes.load(std::sync::atomic::Ordering::Relaxed);
     // 200 lines of ~200 bytes fit one 64 KiB batch (a write may finish early).
     assert!(writes <= 2, "{writes} writes for 200 queued lines");
+}
+
+#[test]
+fn claims_are_shared_and_copied_only_to_cut_one() {
+    let mut short = BTreeMap::new();
+    short.insert("ref".to_owned(), serde_json::json!("main"));
+    let shared = std::sync::Arc::new(short);
+    let mut open = event(EventKind::SessionOpen);
+    open.claims = std::sync::Arc::clone(&shared);
+    super::bound::bound(&mut open);
+    assert!(
+        std::sync::Arc::ptr_eq(&open.claims, &shared),
+        "nothing to cut: not copied"
+    );
+
+    let mut long = BTreeMap::new();
+    long.insert("ref".to_owned(), serde_json::json!("r".repeat(5000)));
+    let shared = std::sync::Arc::new(long);
+    let mut open = event(EventKind::SessionOpen);
+    open.claims = std::sync::Arc::clone(&shared);
+    super::bound::bound(&mut open);
+    assert!(!std::sync::Arc::ptr_eq(&open.claims, &shared));
+    assert!(open.claims["ref"].as_str().is_some_and(|r| r.len() < 400));
+    assert_eq!(
+        shared["ref"].as_str().map(str::len),
+        Some(5000),
+        "the grant's own claims are untouched"
+    );
 }

@@ -354,7 +354,7 @@ fn event(kind: EventKind, key: FlowKey, known: &Known, flow: Option<&FlowValue>)
     event.grant_id = Some(GrantId(known.grant_id).to_string());
     if let Some(grant) = &known.grant {
         event.subject = Some(grant.subject.clone());
-        event.claims = grant.audit_claims.as_ref().clone();
+        event.claims = std::sync::Arc::clone(&grant.audit_claims);
     }
     if kind == EventKind::SessionClose {
         let flow = flow.copied().unwrap_or_default();

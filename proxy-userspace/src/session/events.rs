@@ -17,7 +17,7 @@ pub(super) fn base_event(
     if !admitted.subject.is_empty() {
         event.subject = Some(admitted.subject.to_string());
     }
-    event.claims = admitted.claims.as_ref().clone();
+    event.claims = std::sync::Arc::clone(&admitted.claims);
     event
 }
 
