@@ -115,3 +115,49 @@ fn a_pin_directory_another_user_owns_is_refused() -> Result<()> {
     }
     Ok(())
 }
+
+/// An agent of an older build held the namespace by binding the abstract
+/// name (as root): a newer agent started beside it is refused, naming its
+/// pid, and a newer agent that runs holds the name for older ones.
+#[test]
+fn an_older_agent_on_the_abstract_name_still_holds_the_namespace() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let topo = Topology::new()?;
+    let older = topo
+        .bastion
+        .command("socat")
+        .args(["ABSTRACT-LISTEN:tcpgate-agent,fork", "OPEN:/dev/null"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn socat")?;
+    let older = ChildGuard::new(older, "older agent's lock");
+    let bound = || {
+        topo.bastion
+            .exec_ok(&["cat", "/proc/net/unix"])
+            .map(|table| table.contains("@tcpgate-agent"))
+    };
+    eventually(Duration::from_secs(10), "the older agent's name", bound)?;
+    match start(&topo) {
+        Ok(_) => anyhow::bail!("an agent started beside an older one"),
+        Err(e) => ensure!(
+            format!("{e:?}").contains(&format!(
+                "already running in this network namespace (pid {})",
+                older.pid()
+            )),
+            "{e:?}"
+        ),
+    }
+    drop(older);
+    eventually(Duration::from_secs(10), "the name freed", || {
+        bound().map(|held| !held)
+    })?;
+    let _agent = start(&topo)?;
+    ensure!(
+        bound()?,
+        "the running agent holds the name for older builds"
+    );
+    Ok(())
+}

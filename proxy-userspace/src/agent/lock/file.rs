@@ -32,7 +32,7 @@ pub fn runtime_dir() -> PathBuf {
 }
 
 /// Root, this process's user, and (for root) the service account.
-fn trusted_owner(uid: u32) -> bool {
+pub fn trusted_owner(uid: u32) -> bool {
     let me = nix::unistd::geteuid();
     if uid == 0 || uid == me.as_raw() {
         return true;

@@ -8,9 +8,11 @@
 //! user could bind). A `flock` goes with its holder's last descriptor, so
 //! a crashed agent never leaves a stale lock. The namespace's file is
 //! named by the namespace's inode, the pin directory's by its path (bpffs
-//! is shared by all namespaces).
+//! is shared by all namespaces). The older builds' abstract name still
+//! counts when a trusted user holds it ([`legacy`]).
 
 mod file;
+mod legacy;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -55,6 +57,8 @@ fn pid_note(pid: Option<i32>) -> String {
 /// The namespace lock, held for the agent's lifetime.
 pub struct NamespaceLock {
     _lock: LockFile,
+    /// The older builds' lock name, held for them (see [`legacy`]).
+    _legacy: Option<std::os::unix::net::UnixListener>,
 }
 
 /// The pin directory lock, held while the agent's maps are pinned there.
@@ -145,9 +149,15 @@ impl NamespaceLock {
             Some(e) => e,
             None => LockError::NamespaceTaken { pid: holder.get() },
         })?;
+        if let Some(pid) = legacy::holder() {
+            return Err(LockError::NamespaceTaken { pid: Some(pid) });
+        }
         // Lock files of killed agents (their namespaces may be gone).
         file::sweep(&runtime_dir());
-        Ok(Self { _lock: lock })
+        Ok(Self {
+            _lock: lock,
+            _legacy: legacy::bind(),
+        })
     }
 }
 
