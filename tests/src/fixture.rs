@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::inspect::assert_maps_empty;
 use crate::topology::{BASTION_RUNNER_V4, TARGET_V4};
-use crate::{Agent, Topology, dial};
+use crate::{Agent, Payload, Topology, dial};
 
 /// The two data paths; every correctness test runs on both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +128,32 @@ impl ForwardFixture {
             &self.topo.runner,
             SocketAddr::from((BASTION_RUNNER_V4, LISTEN_PORT)),
         )?)
+    }
+
+    /// One request/reply exchange with a half-close: the target reads the
+    /// whole request, then answers `reply`; the client sends `request`,
+    /// shuts its write side and reads the reply to EOF. Both ends' SHA-256
+    /// are checked.
+    pub fn half_close_exchange(&self, request: Payload, reply: Payload) -> Result<()> {
+        let (up, down) = (request.len, reply.len);
+        let (sent, answer) = (request.digest(), reply.digest());
+        let server = crate::serve_once(
+            &self.topo.target,
+            self.upstream_addr(),
+            move |mut stream, _| -> Result<_> {
+                let got = crate::read_to_end_hashed(&mut stream)?;
+                crate::write_payload(&mut stream, &reply)?;
+                Ok(got)
+            },
+        )?;
+        let mut client = self.dial()?;
+        crate::write_payload(&mut client, &request)?;
+        client.shutdown(std::net::Shutdown::Write)?;
+        let got = crate::read_to_end_hashed(&mut client)?;
+        ensure!(got == (down, answer), "reply: {got:?}");
+        let received = server.join()??;
+        ensure!(received == (up, sent), "request: {received:?}");
+        Ok(())
     }
 
     /// Waits for the `n`-th `session_close` audit event and returns all of them.

@@ -127,29 +127,7 @@ fn a_session_half_closed_within_the_budget_is_copied_to_its_end() -> Result<()> 
     }
     let fx = fixture()?;
     let (up, down) = (KIB, 4 * MIB);
-    let request = Payload::new(7, up);
-    let reply = Payload::new(8, down);
-    let server = serve_once(
-        &fx.topo.target,
-        fx.upstream_addr(),
-        move |mut stream, _| -> Result<_> {
-            let got = read_to_end_hashed(&mut stream)?;
-            write_payload(&mut stream, &reply)?;
-            Ok(got)
-        },
-    )?;
-    let mut client = fx.dial()?;
-    write_payload(&mut client, &request)?;
-    client.shutdown(Shutdown::Write)?;
-    let (len, digest) = read_to_end_hashed(&mut client)?;
-    ensure!(
-        (len, digest) == (down, Payload::new(8, down).digest()),
-        "reply"
-    );
-    ensure!(
-        server.join()?? == (up, Payload::new(7, up).digest()),
-        "request"
-    );
+    fx.half_close_exchange(Payload::new(7, up), Payload::new(8, down))?;
     let closed = &fx.wait_closed(1)?[0];
     ensure!(
         closed["datapath"] == "userspace"

@@ -100,24 +100,8 @@ fn immediate_half_close_is_byte_exact(path: DataPath) -> Result<()> {
     for (i, (up, down)) in cases.iter().enumerate() {
         let request = Payload::new(900 + i as u64, *up);
         let reply = Payload::new(950 + i as u64, *down);
-        let server = serve_once(
-            &fx.topo.target,
-            fx.upstream_addr(),
-            move |mut stream, _| -> Result<_> {
-                let got = read_to_end_hashed(&mut stream)?;
-                write_payload(&mut stream, &reply)?;
-                Ok(got)
-            },
-        )?;
-        let mut client = fx.dial()?;
-        write_payload(&mut client, &request)?;
-        client.shutdown(Shutdown::Write)?;
-        let (len, digest) = read_to_end_hashed(&mut client)?;
-        ensure!((len, digest) == (*down, reply.digest()), "case {i}: reply");
-        ensure!(
-            server.join()?? == (*up, request.digest()),
-            "case {i}: request"
-        );
+        fx.half_close_exchange(request, reply)
+            .with_context(|| format!("case {i}"))?;
         let closed = &fx.wait_closed(i + 1)?[i];
         ensure!(
             closed["bytes_up"] == *up && closed["bytes_down"] == *down,

@@ -16,16 +16,37 @@ fn as_nobody(command: &mut std::process::Command) -> &mut std::process::Command 
     command.args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"])
 }
 
-/// Whether uid 65534 gets an exclusive `flock` on `path` (flock(1) opens
-/// the file, creating it if it may).
-fn nobody_can_lock(path: &std::path::Path) -> Result<bool> {
+/// Checks that uid 65534 cannot even open `path` to `flock` it (flock(1)
+/// opens the file, creating it if it may): a lock that is merely busy
+/// would also refuse, so the reason is checked, not just the failure.
+fn nobody_cannot_open(path: &std::path::Path) -> Result<()> {
     let output = as_nobody(&mut std::process::Command::new("setpriv"))
         .args(["flock", "--nonblock", "--exclusive"])
         .arg(path)
         .arg("true")
         .output()
         .context("run setpriv flock")?;
-    Ok(output.status.success())
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(
+        !output.status.success() && stderr.contains("Permission denied"),
+        "uid 65534 on {}: {output:?}",
+        path.display()
+    );
+    Ok(())
+}
+
+/// Checks that an agent's start failed because `pid` holds the namespace.
+fn refused_for(started: Result<Agent, impl std::fmt::Debug>, pid: u32) -> Result<()> {
+    match started {
+        Ok(_) => anyhow::bail!("an agent started while pid {pid} holds the namespace"),
+        Err(e) => ensure!(
+            format!("{e:?}").contains(&format!(
+                "already running in this network namespace (pid {pid})"
+            )),
+            "{e:?}"
+        ),
+    }
+    Ok(())
 }
 
 /// The agent's namespace lock file: named by the namespace's inode.
@@ -63,7 +84,10 @@ fn a_local_user_cannot_take_the_namespace_lock() -> Result<()> {
             .map(|table| table.contains("@tcpgate-agent"))
     })?;
     let lock = namespace_lock(&topo)?;
-    ensure!(!nobody_can_lock(&lock)?, "nobody locked {}", lock.display());
+    // The runtime directory as an agent makes it, so the attempt fails on
+    // permissions, not on a missing directory.
+    std::fs::create_dir_all(lock.parent().context("runtime dir")?)?;
+    nobody_cannot_open(&lock)?;
 
     let agent = start(&topo)?;
     let meta = std::fs::metadata(&lock).context("the agent's lock file")?;
@@ -72,19 +96,10 @@ fn a_local_user_cannot_take_the_namespace_lock() -> Result<()> {
         "root's, mode 0600: {:o}",
         meta.mode()
     );
-    ensure!(!nobody_can_lock(&lock)?, "nobody locked the held lock");
+    nobody_cannot_open(&lock)?;
     let second = Agent::builder(&topo.bastion)?;
     let config = intercept_config(&second, &[("192.0.2.0/24", &["80"])], "");
-    match second.config(config).spawn() {
-        Ok(_) => anyhow::bail!("a second agent started"),
-        Err(e) => ensure!(
-            format!("{e:?}").contains(&format!(
-                "already running in this network namespace (pid {})",
-                agent.pid()
-            )),
-            "{e:?}"
-        ),
-    }
+    refused_for(second.config(config).spawn(), agent.pid())?;
     drop(agent);
     ensure!(!lock.exists(), "the lock file is removed on exit");
     Ok(())
@@ -140,16 +155,7 @@ fn an_older_agent_on_the_abstract_name_still_holds_the_namespace() -> Result<()>
             .map(|table| table.contains("@tcpgate-agent"))
     };
     eventually(Duration::from_secs(10), "the older agent's name", bound)?;
-    match start(&topo) {
-        Ok(_) => anyhow::bail!("an agent started beside an older one"),
-        Err(e) => ensure!(
-            format!("{e:?}").contains(&format!(
-                "already running in this network namespace (pid {})",
-                older.pid()
-            )),
-            "{e:?}"
-        ),
-    }
+    refused_for(start(&topo), older.pid())?;
     drop(older);
     eventually(Duration::from_secs(10), "the name freed", || {
         bound().map(|held| !held)

@@ -79,28 +79,26 @@ impl PinDirLock {
             source,
         })?;
         let name = file::stable_name("pins", key.as_os_str().as_encoded_bytes());
-        let lock = retry(&name, |_| true).map_err(|taken| match taken {
-            Some(e) => e,
-            None => LockError::PinDirTaken(dir.to_owned()),
-        })?;
-        Ok(Self { _lock: lock })
+        match retry(&name, |_| true)? {
+            Locked::Held(lock) => Ok(Self { _lock: lock }),
+            Locked::Busy { .. } => Err(LockError::PinDirTaken(dir.to_owned())),
+        }
     }
 }
 
 /// Locks `name` in the runtime directory, trying again for [`EXIT_WAIT`]
-/// while `wait(holder pid)` says its holder may be letting go. `Err(None)`:
-/// held by another; `Err(Some(_))`: the lock could not be tried.
-fn retry(name: &str, wait: impl Fn(Option<i32>) -> bool) -> Result<LockFile, Option<LockError>> {
+/// while `wait(holder pid)` says its holder may be letting go; `Busy`
+/// names the holder that kept it.
+fn retry(name: &str, wait: impl Fn(Option<i32>) -> bool) -> Result<Locked, LockError> {
     let dir = runtime_dir();
-    let meta = file::trusted_dir(&dir, 0o755).map_err(Some)?;
+    let meta = file::trusted_dir(&dir, 0o755)?;
     let since = Instant::now();
     loop {
-        match file::lock(&dir, &meta, name).map_err(Some)? {
-            Locked::Held(lock) => return Ok(lock),
+        match file::lock(&dir, &meta, name)? {
             Locked::Busy { pid } if since.elapsed() < EXIT_WAIT && wait(pid) => {
                 std::thread::sleep(RETRY);
             }
-            Locked::Busy { .. } => return Err(None),
+            tried => return Ok(tried),
         }
     }
 }
@@ -140,15 +138,10 @@ impl NamespaceLock {
     pub fn acquire() -> Result<Self, LockError> {
         let netns = std::fs::metadata("/proc/self/ns/net").map_err(LockError::Namespace)?;
         let name = format!("netns-{}.lock", std::os::unix::fs::MetadataExt::ino(&netns));
-        let holder = std::cell::Cell::new(None);
-        let lock = retry(&name, |pid| {
-            holder.set(pid);
-            pid.is_none_or(exiting)
-        })
-        .map_err(|taken| match taken {
-            Some(e) => e,
-            None => LockError::NamespaceTaken { pid: holder.get() },
-        })?;
+        let lock = match retry(&name, |pid| pid.is_none_or(exiting))? {
+            Locked::Held(lock) => lock,
+            Locked::Busy { pid } => return Err(LockError::NamespaceTaken { pid }),
+        };
         if let Some(pid) = legacy::holder() {
             return Err(LockError::NamespaceTaken { pid: Some(pid) });
         }
