@@ -1,36 +1,74 @@
 //! The forward fixture (runner → bastion agent with one static forward →
-//! target) that the data path suites share, the two data paths every
-//! correctness test runs on, and checks of the agent's audit lines.
+//! target) that the data path suites share, the data paths every
+//! correctness test runs on, and waits for the agent's audit lines.
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, ensure};
+use anyhow::{Result, anyhow, ensure};
 use serde_json::Value;
 
 use crate::inspect::assert_maps_empty;
+use crate::moved::{assert_bytes, assert_bytes_with};
 use crate::topology::{BASTION_RUNNER_V4, TARGET_V4};
 use crate::{Agent, Payload, Topology, dial};
 
-/// The two data paths; every correctness test runs on both.
+/// The data paths; every correctness test runs on each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataPath {
+    /// The kernel path: the SOCKHASH splice from the first byte.
     Ebpf,
+    /// The agent copies every byte.
     Userspace,
+    /// The kernel path with `agent.splice_after_bytes` =
+    /// [`COPY_FIRST_BUDGET`]: the agent copies a session's first bytes and
+    /// splices only longer sessions.
+    CopyFirst,
 }
 
+/// The budget of [`DataPath::CopyFirst`] (both directions together).
+pub const COPY_FIRST_BUDGET: u64 = 64 * 1024;
+
 impl DataPath {
+    /// The agent's `--datapath` argument.
     pub fn flag(self) -> &'static str {
+        match self {
+            Self::Ebpf | Self::CopyFirst => "ebpf",
+            Self::Userspace => "userspace",
+        }
+    }
+
+    /// The `[agent]` lines the path needs besides `--datapath`.
+    pub fn agent_lines(self) -> String {
+        match self {
+            Self::Ebpf | Self::Userspace => String::new(),
+            Self::CopyFirst => format!("splice_after_bytes = {COPY_FIRST_BUDGET}"),
+        }
+    }
+
+    /// The path's name in messages.
+    pub fn name(self) -> &'static str {
         match self {
             Self::Ebpf => "ebpf",
             Self::Userspace => "userspace",
+            Self::CopyFirst => "copy-first",
+        }
+    }
+
+    /// Whether a session's audit `datapath` may be `datapath` on this
+    /// path: a copy-first session that ends (or half-closes) within its
+    /// budget is never spliced and says `userspace`.
+    pub fn may_say(self, datapath: &Value) -> bool {
+        match self {
+            Self::Ebpf | Self::Userspace => *datapath == self.flag(),
+            Self::CopyFirst => *datapath == "ebpf" || *datapath == "userspace",
         }
     }
 }
 
 /// Generates one `#[test]` per data path from a `fn(DataPath) -> Result<()>`.
 #[macro_export]
-macro_rules! on_both_paths {
+macro_rules! on_every_path {
     ($($name:ident),* $(,)?) => {
         $(
             mod $name {
@@ -47,6 +85,13 @@ macro_rules! on_both_paths {
                         return Ok(());
                     }
                     super::$name($crate::DataPath::Userspace)
+                }
+                #[test]
+                fn copy_first() -> anyhow::Result<()> {
+                    if !$crate::require_root() {
+                        return Ok(());
+                    }
+                    super::$name($crate::DataPath::CopyFirst)
                 }
             }
         )*
@@ -103,9 +148,10 @@ impl ForwardFixture {
             builder = builder.env(key, value);
         }
         let config = format!(
-            "auth = \"none\"\n[agent]\npin_dir = {pin:?}\ndrain_timeout = \"20s\"\n{agent}\n\n[audit]\npath = {audit:?}\n\n\
+            "auth = \"none\"\n[agent]\npin_dir = {pin:?}\ndrain_timeout = \"20s\"\n{path_lines}\n{agent}\n\n[audit]\npath = {audit:?}\n\n\
              [[forward]]\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\n{extra}",
             pin = builder.pin_dir().display().to_string(),
+            path_lines = path.agent_lines(),
             audit = builder.audit_path().display().to_string(),
             listen = SocketAddr::from((BASTION_RUNNER_V4, LISTEN_PORT)),
             upstream = SocketAddr::from((TARGET_V4, UPSTREAM_PORT)),
@@ -191,7 +237,7 @@ impl ForwardFixture {
 
     /// Asserts the pinned session and socket maps hold no entry.
     pub fn assert_maps_empty(&self) -> Result<()> {
-        if self.path == DataPath::Ebpf {
+        if self.path != DataPath::Userspace {
             assert_maps_empty(self.agent.pin_dir())?;
         }
         Ok(())
@@ -227,80 +273,6 @@ pub fn wait_events_within(
         ),
         Err(e) => e,
     })
-}
-
-fn field(event: &Value, name: &str) -> Result<u64> {
-    event[name]
-        .as_u64()
-        .with_context(|| format!("audit event lacks {name}: {event}"))
-}
-
-/// On the eBPF path every byte must have gone through the verdict program
-/// (its map counters) and none through user space; on the user-space path
-/// the reverse.
-pub fn assert_bytes(path: DataPath, event: &Value, up: u64, down: u64) -> Result<()> {
-    assert_bytes_with(path, event, up, down, false)
-}
-
-/// [`assert_bytes`] for transfers whose receiver may be slower than the
-/// sender: on the kernel path the agent then copies part of the stream
-/// under backpressure, and every byte it copied must be one the verdict
-/// program handed over (`userspace == backpressure`, from the map).
-pub fn assert_bytes_with(
-    path: DataPath,
-    event: &Value,
-    up: u64,
-    down: u64,
-    backpressure: bool,
-) -> Result<()> {
-    ensure!(field(event, "bytes_up")? == up, "bytes_up: {event}");
-    ensure!(field(event, "bytes_down")? == down, "bytes_down: {event}");
-    ensure!(event["datapath"] == path.flag(), "datapath: {event}");
-    let kernel = (
-        field(event, "kernel_bytes_up")?,
-        field(event, "kernel_bytes_down")?,
-    );
-    let user = (
-        field(event, "userspace_bytes_up")?,
-        field(event, "userspace_bytes_down")?,
-    );
-    match path {
-        DataPath::Userspace => {
-            ensure!(
-                kernel == (0, 0) && user == (up, down),
-                "user-space path moved bytes in the kernel: {event}"
-            );
-        }
-        DataPath::Ebpf => {
-            let handed = (
-                field(event, "backpressure_bytes_up")?,
-                field(event, "backpressure_bytes_down")?,
-            );
-            ensure!(
-                user == handed,
-                "the agent copied bytes the verdict program did not hand over under backpressure: {event}"
-            );
-            if !backpressure {
-                ensure!(
-                    user == (0, 0),
-                    "user space copied payload on the kernel path: {event}"
-                );
-            }
-            ensure!(
-                (kernel.0 + user.0, kernel.1 + user.1) == (up, down),
-                "kernel byte counters (from the eBPF session map) do not add up: {event}"
-            );
-            ensure!(
-                up == 0 || kernel.0 > 0,
-                "nothing went up through the kernel: {event}"
-            );
-            ensure!(
-                down == 0 || kernel.1 > 0,
-                "nothing went down through the kernel: {event}"
-            );
-        }
-    }
-    Ok(())
 }
 
 /// The agent's configuration with interception of `prefixes`

@@ -39,6 +39,7 @@ pub mod intercept;
 pub mod jwks_server;
 pub mod metrics;
 pub mod moto;
+pub mod moved;
 pub mod netns;
 pub mod notify;
 pub mod operator;
@@ -63,13 +64,14 @@ pub use bpffs::PinDir;
 pub use clients::{HttpServer, curl, dial_from};
 pub use cmd::{CommandError, write_executable};
 pub use fixture::{
-    DataPath, ForwardFixture, LISTEN_PORT, UPSTREAM_PORT, assert_bytes, assert_bytes_with,
-    intercept_config, intercept_prefixes, wait_events, wait_events_within,
+    COPY_FIRST_BUDGET, DataPath, ForwardFixture, LISTEN_PORT, UPSTREAM_PORT, intercept_config,
+    intercept_prefixes, wait_events, wait_events_within,
 };
 pub use inspect::{
     agent_leftovers, assert_maps_empty, pinned_entries, raise_nofile, routing_leftovers, rss_bytes,
     sk_lookup_links,
 };
+pub use moved::{assert_bytes, assert_bytes_with};
 pub use netns::{Netns, NetnsError, NsThread};
 pub use nix::sys::signal::Signal;
 pub use notify::{NotifyError, NotifyListener};

@@ -17,7 +17,7 @@ use tcpgate_tests::{
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
-tcpgate_tests::on_both_paths!(thousand_concurrent_sessions, slow_reader_gets_backpressure);
+tcpgate_tests::on_every_path!(thousand_concurrent_sessions, slow_reader_gets_backpressure);
 
 /// 1,000 sessions live at once, each with its own payload echoed back.
 fn thousand_concurrent_sessions(path: DataPath) -> Result<()> {
@@ -53,7 +53,7 @@ fn thousand_concurrent_sessions(path: DataPath) -> Result<()> {
         rss_idle / 1024,
         rss_busy / 1024,
         rss_busy.saturating_sub(rss_idle) / SESSIONS as u64,
-        path.flag()
+        path.name()
     );
     ensure!(
         fx.wait_closed(0)?.is_empty(),

@@ -12,7 +12,7 @@ use tcpgate_tests::{Payload, serve_once, write_payload};
 
 const MIB: u64 = 1024 * 1024;
 
-tcpgate_tests::on_both_paths!(upstream_refuses, upstream_resets_mid_stream);
+tcpgate_tests::on_every_path!(upstream_refuses, upstream_resets_mid_stream);
 
 /// No server: the agent's upstream connect is refused, and the client gets
 /// a reset instead of hanging.

@@ -25,7 +25,7 @@ use tcpgate_tests::{
 const GIB: u64 = 1 << 30;
 const EXIT_WAIT: Duration = Duration::from_secs(60);
 
-tcpgate_tests::on_both_paths!(
+tcpgate_tests::on_every_path!(
     a_transfer_each_way_survives_three_takeovers,
     a_differing_state_version_drains,
     new_connections_during_takeovers_are_all_accepted,
@@ -62,7 +62,8 @@ fn a_transfer_each_way_survives_three_takeovers(path: DataPath) -> Result<()> {
         // successor's own (user-space path: its operator socket), with
         // counters grown by the last leg.
         let (listed_id, counters) = match path {
-            DataPath::Ebpf => drained_counters(&fx)?,
+            // Long spliced on the copy-first path too.
+            DataPath::Ebpf | DataPath::CopyFirst => drained_counters(&fx)?,
             // Listed from the adoption on; its counters from when its
             // relay runs again.
             DataPath::Userspace => eventually(
@@ -92,7 +93,7 @@ fn a_transfer_each_way_survives_three_takeovers(path: DataPath) -> Result<()> {
     check_digest("upload", server.join()??, &up)?;
     let close = tcpgate_tests::wait_events(&fx.agent, "session_close", 1)?;
     let handover = match path {
-        DataPath::Ebpf => "drained",
+        DataPath::Ebpf | DataPath::CopyFirst => "drained",
         DataPath::Userspace => "adopted",
     };
     ensure!(close[0]["handover"] == handover, "{}", close[0]);

@@ -21,7 +21,7 @@ const SIZE: u64 = 4 * 1024;
 const STREAM: u8 = b'S';
 const ECHO: u8 = b'E';
 
-tcpgate_tests::on_both_paths!(a_thousand_idle_sessions_survive_a_takeover);
+tcpgate_tests::on_every_path!(a_thousand_idle_sessions_survive_a_takeover);
 
 fn a_thousand_idle_sessions_survive_a_takeover(path: DataPath) -> Result<()> {
     tcpgate_tests::raise_nofile();
@@ -113,7 +113,7 @@ fn a_thousand_idle_sessions_survive_a_takeover(path: DataPath) -> Result<()> {
         "takeover with {SESSIONS} idle sessions and one stream on the {} path: \
          {took:?} from starting the successor to the old agent draining \
          (sessions handed over first on the user-space path); longest pause in the stream from its start to the end of the takeover: {longest:?}",
-        path.flag()
+        path.name()
     );
     if let Some(line) = log_line(&next, "took over") {
         eprintln!(
@@ -138,7 +138,7 @@ fn a_thousand_idle_sessions_survive_a_takeover(path: DataPath) -> Result<()> {
     echo.stop()?.into_iter().collect::<Result<Vec<()>>>()?;
     let closes = fx.wait_closed(SESSIONS + 1)?;
     let handover = match path {
-        DataPath::Ebpf => "drained",
+        DataPath::Ebpf | DataPath::CopyFirst => "drained",
         DataPath::Userspace => "adopted",
     };
     for event in &closes {
