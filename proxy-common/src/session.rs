@@ -21,7 +21,9 @@ pub const MODE_RESUME: u32 = 2;
 
 /// `SessionRecord::datapath`: bytes are spliced by the verdict program.
 pub const DATAPATH_EBPF: u32 = 1;
-/// `SessionRecord::datapath`: bytes are copied by the agent.
+/// `SessionRecord::datapath`: bytes are copied by the agent (so far: a
+/// session copied before its splice gets a new record at the splice); the
+/// record's counters stay 0, the agent's operator endpoint has them.
 pub const DATAPATH_USERSPACE: u32 = 2;
 
 /// `SessionRecord::auth_method`: no authentication (static forward).
@@ -127,8 +129,9 @@ impl DirectionCounters {
 
 /// Value of the pinned `SESSIONS` map, keyed by session id.
 ///
-/// User space writes the whole record once, before the sockets enter the
-/// SOCKHASH; after that only the verdict program writes the kernel counters
+/// User space writes the whole record before the sockets enter the
+/// SOCKHASH (and may have written a copied session's record earlier, see
+/// [`DATAPATH_USERSPACE`]); after that only the verdict program writes the kernel counters
 /// (each direction from its own socket's receive path, which the kernel runs
 /// one skb at a time per socket).
 #[repr(C)]

@@ -6,6 +6,7 @@
 //! owner sees `ECONNABORTED`, as with `ss -K`.
 
 use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::socket::{
@@ -70,22 +71,34 @@ impl DiagSocket {
     /// Local and remote `ip:port`, for reports.
     #[must_use]
     pub fn describe(&self) -> String {
-        let port = |at: usize| u16::from_be_bytes([self.sockid[at], self.sockid[at + 1]]);
-        let addr = |at: usize| -> std::net::IpAddr {
-            let bytes = &self.sockid[at..at + 16];
-            if i32::from(self.family) == libc::AF_INET {
-                std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into()
-            } else {
-                let mut v6 = [0u8; 16];
-                v6.copy_from_slice(bytes);
-                std::net::IpAddr::from(v6).to_canonical()
-            }
-        };
-        format!(
-            "{} -> {}",
-            std::net::SocketAddr::new(addr(4), port(0)),
-            std::net::SocketAddr::new(addr(20), port(2))
-        )
+        format!("{} -> {}", self.local(), self.remote())
+    }
+
+    /// The local `ip:port` (an IPv4-mapped address as IPv4).
+    #[must_use]
+    pub fn local(&self) -> SocketAddr {
+        SocketAddr::new(self.addr(4), self.port(0))
+    }
+
+    /// The remote `ip:port` (an IPv4-mapped address as IPv4).
+    #[must_use]
+    pub fn remote(&self) -> SocketAddr {
+        SocketAddr::new(self.addr(20), self.port(2))
+    }
+
+    fn port(&self, at: usize) -> u16 {
+        u16::from_be_bytes([self.sockid[at], self.sockid[at + 1]])
+    }
+
+    fn addr(&self, at: usize) -> IpAddr {
+        let bytes = &self.sockid[at..at + 16];
+        if i32::from(self.family) == libc::AF_INET {
+            Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into()
+        } else {
+            let mut v6 = [0u8; 16];
+            v6.copy_from_slice(bytes);
+            IpAddr::from(v6).to_canonical()
+        }
     }
 }
 

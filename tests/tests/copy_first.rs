@@ -6,6 +6,7 @@
 //! ends and the audit line's counters (the kernel's come from the session
 //! map).
 
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::net::Shutdown;
 use std::time::Duration;
@@ -13,10 +14,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use tcpgate_tests::auth_fixture::{AuthFixture, Launch, policy, streamer};
-use tcpgate_tests::operator::sessions_json_with;
+use tcpgate_tests::operator::{self as op, sessions_json_with};
 use tcpgate_tests::payload::read_until_end;
 use tcpgate_tests::tokens::{claims_with, unix_now};
-use tcpgate_tests::{DataPath, ForwardFixture, wait_events};
+use tcpgate_tests::{DataPath, ForwardFixture, Signal, wait_events};
 use tcpgate_tests::{
     Digest, Payload, read_exact_hashed, read_to_end_hashed, require_root, serve_once, write_payload,
 };
@@ -171,7 +172,7 @@ fn expiry_and_revocation_end_a_session_still_copied() -> Result<()> {
         stream.read_exact(&mut first)?;
         if exp.is_none() {
             // Listed with live counters while the agent copies it (the
-            // operator endpoint; it has no record in the pinned maps yet).
+            // operator endpoint; its pinned record counts nothing yet).
             let doc = sessions_json_with(fx.agent.binary(), ["--admin", admin.as_str()])?;
             let rows = doc["sessions"].as_array().context("sessions")?;
             ensure!(
@@ -241,5 +242,83 @@ fn a_greeting_cut_at_the_relay_limit_arrives_once() -> Result<()> {
         closed["bytes_down"] == GREETING && closed["datapath"] == "ebpf",
         "{closed}"
     );
+    Ok(())
+}
+
+/// With the agent stopped (SIGSTOP: its API never answers), the sessions it
+/// is still copying are listed from the pinned map, and `tcpgate revoke`
+/// ends them there: their clients' sockets are destroyed at once, and the
+/// agent, running again, ends the upstream side and records them revoked.
+#[test]
+fn sessions_still_copied_are_listed_and_revoked_through_the_pinned_maps() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let launch = Launch {
+        agent_extra: "splice_after_bytes = 1073741824".into(),
+        ..Launch::default()
+    };
+    let mut fx = AuthFixture::start_launched(&policy("15m"), &[], launch)?;
+    let server = op::sized_server(&fx.topo)?;
+    let grant = fx.grant_from_runner(&fx.token(), &[])?;
+    let mut sessions = Vec::new();
+    for (up, down) in [(1_000, 2_000), (3_000, 4_000)] {
+        let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
+        op::exchange(&mut stream, up, down)?;
+        sessions.push(stream);
+    }
+    let clients: BTreeSet<String> = sessions
+        .iter()
+        .map(|s| Ok(s.local_addr()?.to_string()))
+        .collect::<Result<_>>()?;
+    let pin = fx.agent.pin_dir().to_str().context("utf-8")?.to_owned();
+    let admin = fx.admin_socket().display().to_string();
+    let offline = ["--admin", &admin, "--api-timeout", "1s", "--pin-dir", &pin];
+    fx.agent.signal(Signal::SIGSTOP)?;
+    let _resume = op::Continue(fx.agent.pid());
+
+    let doc = sessions_json_with(fx.agent.binary(), offline)?;
+    let rows = doc["sessions"].as_array().context("sessions")?;
+    let listed: BTreeSet<String> = rows
+        .iter()
+        .filter(|r| r["datapath"] == "userspace" && r["grant_id"] == grant.as_str())
+        .filter_map(|r| r["client"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(
+        rows.len() == 2 && listed == clients,
+        "both copied sessions listed from the pinned map: {doc:#}"
+    );
+    let mut args = vec!["revoke"];
+    args.extend(offline);
+    args.push(&grant);
+    let (status, stdout, stderr) =
+        op::run(op::cli_in(&fx.topo.bastion, fx.agent.binary(), &args)?)?;
+    ensure!(
+        status == 0
+            && stdout.contains("through the pinned map, 2 session(s) ended")
+            && stdout.contains("2 of 2 socket(s) destroyed")
+            && stdout.contains("2 of these session(s) the agent was copying"),
+        "revoke through the pinned maps ({status}):\n{stdout}\n{stderr}"
+    );
+    for stream in &mut sessions {
+        ensure!(
+            op::ended(stream),
+            "the client is cut off while the agent is stopped"
+        );
+    }
+
+    fx.agent.signal(Signal::SIGCONT)?;
+    let closed = wait_events(&fx.agent, "session_close", 2)?;
+    for event in &closed {
+        ensure!(
+            event["reason"] == "revoked"
+                && event["grant_id"] == grant.as_str()
+                && event["datapath"] == "userspace",
+            "{event}"
+        );
+    }
+    let ends = server.stop()?;
+    ensure!(ends.len() == 2, "the upstream sides ended too: {ends:?}");
+    tcpgate_tests::assert_maps_empty(fx.agent.pin_dir())?;
     Ok(())
 }

@@ -6,7 +6,9 @@
 //!    flagged grants in its store as soon as it runs again, so they admit
 //!    nothing new.
 //! 2. Find the grant's sessions in the `sessions` map and their sockets'
-//!    cookies in the `sockets` map.
+//!    cookies in the `sockets` map. A session the agent still copies
+//!    (`agent.splice_after_bytes`) has no cookies there: its client's
+//!    socket is found by the addresses in its record.
 //! 3. Find those cookies among this namespace's TCP sockets (sock_diag) and
 //!    destroy each socket (`SOCK_DESTROY`): both peers get a RST at once.
 //!
@@ -16,13 +18,15 @@
 //! in the agent's network namespace.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::path::Path;
 
 use proxy_common::addr::fill_str;
 use proxy_common::grant::GRANT_FLAG_REVOKED;
-use proxy_common::session::SUBJECT_LEN;
+use proxy_common::session::{DATAPATH_USERSPACE, SUBJECT_LEN, SessionRecord};
 
 use super::revoke::Target;
+use super::view;
 use crate::pinned::{PinnedError, PinnedMaps};
 use crate::sockdiag::{self, SockDiagError};
 
@@ -86,6 +90,52 @@ enum Outcome {
     },
 }
 
+/// The sockets `tcpgate revoke` destroys for a grant's sessions.
+struct Targets {
+    found: Vec<sockdiag::DiagSocket>,
+    /// How many there should be.
+    expected: usize,
+    /// Sessions the agent was still copying (their client's socket only).
+    copied: usize,
+}
+
+/// Both sockets of a spliced session, by their cookies in the `sockets`
+/// map; the client's of a session the agent still copies (it has no
+/// cookies there), by the addresses in its record. The agent ends the
+/// copy, upstream side included, when it sees the client's socket aborted.
+fn sockets_of(maps: &PinnedMaps, sessions: &[SessionRecord]) -> Result<Targets, RevokeError> {
+    let session_ids: HashSet<u64> = sessions.iter().map(|s| s.session_id).collect();
+    let cookies: HashSet<u64> = maps
+        .sockets()?
+        .into_iter()
+        .filter(|(_, entry)| session_ids.contains(&entry.session_id))
+        .map(|(cookie, _)| cookie)
+        .collect();
+    // The client's socket on the bastion: local is the address it dialed.
+    let clients: HashSet<(SocketAddr, SocketAddr)> = sessions
+        .iter()
+        .filter(|s| s.datapath == DATAPATH_USERSPACE)
+        .map(|s| {
+            (
+                view::socket_addr(s.dest_addr, s.dest_port),
+                view::socket_addr(s.client_addr, s.client_port),
+            )
+        })
+        .collect();
+    let mut targets = Targets {
+        found: Vec::new(),
+        expected: cookies.len() + clients.len(),
+        copied: clients.len(),
+    };
+    if targets.expected > 0 {
+        targets.found = sockdiag::tcp_sockets()?
+            .into_iter()
+            .filter(|s| cookies.contains(&s.cookie()) || clients.contains(&(s.local(), s.remote())))
+            .collect();
+    }
+    Ok(targets)
+}
+
 fn revoke(dir: &Path, target: &Target) -> Result<Outcome, RevokeError> {
     let maps = PinnedMaps::open(dir)?;
     let grants = maps.grants()?;
@@ -125,21 +175,11 @@ fn revoke(dir: &Path, target: &Target) -> Result<Outcome, RevokeError> {
         .into_iter()
         .filter(|s| ids.contains(&s.grant_id))
         .collect();
-    let session_ids: HashSet<u64> = sessions.iter().map(|s| s.session_id).collect();
-    let cookies: HashSet<u64> = maps
-        .sockets()?
-        .into_iter()
-        .filter(|(_, entry)| session_ids.contains(&entry.session_id))
-        .map(|(cookie, _)| cookie)
-        .collect();
-    let found: Vec<sockdiag::DiagSocket> = if cookies.is_empty() {
-        Vec::new()
-    } else {
-        sockdiag::tcp_sockets()?
-            .into_iter()
-            .filter(|s| cookies.contains(&s.cookie()))
-            .collect()
-    };
+    let Targets {
+        found,
+        expected,
+        copied,
+    } = sockets_of(&maps, &sessions)?;
     let mut destroyed = 0;
     let mut failed = 0;
     for socket in &found {
@@ -166,11 +206,16 @@ fn revoke(dir: &Path, target: &Target) -> Result<Outcome, RevokeError> {
         );
     }
     println!(
-        "{destroyed} of {} socket(s) destroyed with SOCK_DESTROY; the agent applies the revocation \
-         (no new connections, audit lines with reason revoked) as soon as it runs again",
-        cookies.len()
+        "{destroyed} of {expected} socket(s) destroyed with SOCK_DESTROY; the agent applies the revocation \
+         (no new connections, audit lines with reason revoked) as soon as it runs again"
     );
-    let missing = cookies.len() - found.len();
+    if copied > 0 {
+        println!(
+            "{copied} of these session(s) the agent was copying itself: their client side is destroyed, \
+             their upstream side closes when the agent runs again"
+        );
+    }
+    let missing = expected.saturating_sub(found.len());
     if missing > 0 {
         eprintln!(
             "tcpgate revoke: {missing} socket(s) of these sessions are not in this network namespace: \

@@ -13,8 +13,8 @@ use proxy_common::addr::{fill_str, ip_octets, unix_ns};
 use proxy_common::map_names;
 use proxy_common::program_names;
 use proxy_common::session::{
-    DATAPATH_EBPF, DIRECTION_DOWN, DIRECTION_UP, DirectionCounters, DirectionMode, MODE_PASS,
-    MODE_REDIRECT, MODE_RESUME, SessionRecord, SocketEntry,
+    DATAPATH_EBPF, DATAPATH_USERSPACE, DIRECTION_DOWN, DIRECTION_UP, DirectionCounters,
+    DirectionMode, MODE_PASS, MODE_REDIRECT, MODE_RESUME, SessionRecord, SocketEntry,
 };
 
 use super::SessionMeta;
@@ -297,6 +297,24 @@ impl EbpfDatapath {
                 map: map_names::DIRECTION_MODES,
                 source,
             })
+    }
+
+    /// Lists a session the agent copies before the splice in the pinned
+    /// `sessions` map (as copied: its counters stay 0 there), so that the
+    /// offline views and `tcpgate revoke` see it. The splice overwrites the
+    /// record; [`Self::unlist`] removes it. Best effort: a full map only
+    /// hides the session from those views.
+    pub(super) fn list_copied(&self, meta: &SessionMeta) {
+        let mut record = session_record(meta);
+        record.datapath = DATAPATH_USERSPACE;
+        if let Err(e) = self.maps().sessions.insert(meta.id, record, 0) {
+            tracing::debug!(error = %e, "cannot list a copied session in the pinned map");
+        }
+    }
+
+    /// Takes a session's record out of the pinned map if it is still there.
+    pub(super) fn unlist(&self, session_id: u64) {
+        let _ = self.maps().sessions.remove(&session_id);
     }
 
     /// Removes the records of a session whose sockets are closed (closing

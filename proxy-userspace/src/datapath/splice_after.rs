@@ -29,12 +29,16 @@ pub(super) async fn run(
     stop: StopSignal,
 ) -> SpliceOutcome {
     let limit = dp.timeouts.splice_after;
+    dp.list_copied(meta);
     let first = dp
         .fallback
         .copy_first(meta, client, upstream, &stop, limit)
         .await;
     let (client, upstream, copied) = match first {
-        CopyFirst::Ended(outcome) => return outcome,
+        CopyFirst::Ended(outcome) => {
+            dp.unlist(meta.id);
+            return outcome;
+        }
         CopyFirst::Spent {
             client,
             upstream,
@@ -42,6 +46,9 @@ pub(super) async fn run(
         } => (client, upstream, copied),
     };
     let mut outcome = kernel_session::run(dp, meta, client, upstream, stop).await;
+    // The kernel path removed the record it wrote over ours; one it could
+    // not take (a peer half-closed first) was copied under ours.
+    dp.unlist(meta.id);
     // The live view counted the copied bytes until here (see
     // `EbpfDatapath::live_counters`); the outcome adds them to the rest.
     dp.fallback.forget_live(meta.id);
