@@ -258,4 +258,34 @@ mod tests {
             format!("{local} -> {}", listener.local_addr().expect("addr"))
         );
     }
+
+    /// `tcpgate revoke` finds a copied session's client socket by its
+    /// addresses: the accepted socket's local and remote ends, IPv4 and
+    /// IPv4 mapped into a dual-stack listener's IPv6 alike.
+    #[test]
+    fn finds_an_accepted_socket_by_its_addresses() {
+        for (listen, dial) in [("127.0.0.1:0", "127.0.0.1"), ("[::]:0", "127.0.0.1")] {
+            let Ok(listener) = std::net::TcpListener::bind(listen) else {
+                continue; // no IPv6 here
+            };
+            let port = listener.local_addr().expect("addr").port();
+            let client = std::net::TcpStream::connect((dial, port)).expect("connect");
+            // The dual-stack listener sees the peer as `::ffff:127.0.0.1`;
+            // the dump gives it as IPv4, as the session record does.
+            let (accepted, _) = listener.accept().expect("accept");
+            let wanted = (
+                client.peer_addr().expect("peer"),
+                client.local_addr().expect("local"),
+            );
+            let cookie =
+                crate::sockopt::cookie(std::os::fd::AsFd::as_fd(&accepted)).expect("cookie");
+            let found: Vec<_> = tcp_sockets()
+                .expect("dump")
+                .into_iter()
+                .filter(|s| (s.local(), s.remote()) == wanted)
+                .collect();
+            assert_eq!(found.len(), 1, "{listen}: {found:?}");
+            assert_eq!(found[0].cookie(), cookie, "{listen}");
+        }
+    }
 }
