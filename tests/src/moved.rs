@@ -92,11 +92,11 @@ pub fn assert_bytes_with(
             copied_first == 0,
             "the agent copied bytes the verdict program did not hand over under backpressure: {event}"
         );
-        ensure!(
-            backpressure || moved.user == (0, 0),
-            "user space copied payload on the kernel path: {event}"
-        );
     }
+    ensure!(
+        backpressure || moved.handed == (0, 0),
+        "user space copied payload handed over under backpressure on the kernel path: {event}"
+    );
     let (kernel, user) = (moved.kernel, moved.user);
     ensure!(
         (kernel.0 + user.0, kernel.1 + user.1) == (up, down),

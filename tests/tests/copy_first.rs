@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
-use tcpgate_tests::auth_fixture::{AuthFixture, Launch, policy, streamer};
+use tcpgate_tests::auth_fixture::{AuthFixture, Launch, authenticate, policy, streamer};
 use tcpgate_tests::operator::{self as op, sessions_json_with};
 use tcpgate_tests::payload::read_until_end;
 use tcpgate_tests::tokens::{claims_with, unix_now};
@@ -246,9 +246,12 @@ fn a_greeting_cut_at_the_relay_limit_arrives_once() -> Result<()> {
 }
 
 /// With the agent stopped (SIGSTOP: its API never answers), the sessions it
-/// is still copying are listed from the pinned map, and `tcpgate revoke`
-/// ends them there: their clients' sockets are destroyed at once, and the
-/// agent, running again, ends the upstream side and records them revoked.
+/// is still copying are listed from the pinned map, and `tcpgate revoke
+/// --subject` ends them there: their clients' sockets are destroyed at
+/// once, and the agent, running again, ends the upstream side and records
+/// them revoked. One session came in with a preamble, the other with a
+/// source grant of the same subject, and a reload passed while both were
+/// copied.
 #[test]
 fn sessions_still_copied_are_listed_and_revoked_through_the_pinned_maps() -> Result<()> {
     if !require_root() {
@@ -260,17 +263,23 @@ fn sessions_still_copied_are_listed_and_revoked_through_the_pinned_maps() -> Res
     };
     let mut fx = AuthFixture::start_launched(&policy("15m"), &[], launch)?;
     let server = op::sized_server(&fx.topo)?;
-    let grant = fx.grant_from_runner(&fx.token(), &[])?;
-    let mut sessions = Vec::new();
-    for (up, down) in [(1_000, 2_000), (3_000, 4_000)] {
-        let mut stream = fx.dial_from_runner(AuthFixture::target(9000))?;
-        op::exchange(&mut stream, up, down)?;
-        sessions.push(stream);
-    }
+    let subject = claims_with(&[])["sub"].as_str().context("sub")?.to_owned();
+    let mut preambled = fx.dial_from_runner(AuthFixture::target(9000))?;
+    let (status, message) = authenticate(&mut preambled, &fx.token())?;
+    ensure!(status == 0, "preamble: {status} {message}");
+    op::exchange(&mut preambled, 1_000, 2_000)?;
+    let second = fx.keys.rsa.sign(&claims_with(&[("jti", json!("job-2"))]));
+    let grant = fx.grant_from_runner(&second, &[])?;
+    let mut granted = fx.dial_from_runner(AuthFixture::target(9000))?;
+    op::exchange(&mut granted, 3_000, 4_000)?;
+    let mut sessions = vec![preambled, granted];
     let clients: BTreeSet<String> = sessions
         .iter()
         .map(|s| Ok(s.local_addr()?.to_string()))
         .collect::<Result<_>>()?;
+    fx.agent.signal(Signal::SIGHUP)?;
+    fx.agent
+        .wait_for_log("reloaded the policy", Duration::from_secs(20))?;
     let pin = fx.agent.pin_dir().to_str().context("utf-8")?.to_owned();
     let admin = fx.admin_socket().display().to_string();
     let offline = ["--admin", &admin, "--api-timeout", "1s", "--pin-dir", &pin];
@@ -281,21 +290,26 @@ fn sessions_still_copied_are_listed_and_revoked_through_the_pinned_maps() -> Res
     let rows = doc["sessions"].as_array().context("sessions")?;
     let listed: BTreeSet<String> = rows
         .iter()
-        .filter(|r| r["datapath"] == "userspace" && r["grant_id"] == grant.as_str())
+        .filter(|r| r["datapath"] == "userspace" && r["subject"] == subject.as_str())
         .filter_map(|r| r["client"].as_str().map(str::to_owned))
         .collect();
     ensure!(
-        rows.len() == 2 && listed == clients,
+        rows.len() == 2
+            && listed == clients
+            && rows.iter().any(|r| r["grant_id"] == grant.as_str())
+            && rows.iter().any(|r| r["auth"] == "preamble"),
         "both copied sessions listed from the pinned map: {doc:#}"
     );
-    let mut args = vec!["revoke"];
+    let mut args = vec!["revoke", "--subject", &subject];
     args.extend(offline);
-    args.push(&grant);
     let (status, stdout, stderr) =
         op::run(op::cli_in(&fx.topo.bastion, fx.agent.binary(), &args)?)?;
     ensure!(
         status == 0
-            && stdout.contains("through the pinned map, 2 session(s) ended")
+            && stdout
+                .matches("through the pinned map, 1 session(s) ended")
+                .count()
+                == 2
             && stdout.contains("2 of 2 socket(s) destroyed")
             && stdout.contains("2 of these session(s) the agent was copying"),
         "revoke through the pinned maps ({status}):\n{stdout}\n{stderr}"
@@ -312,11 +326,15 @@ fn sessions_still_copied_are_listed_and_revoked_through_the_pinned_maps() -> Res
     for event in &closed {
         ensure!(
             event["reason"] == "revoked"
-                && event["grant_id"] == grant.as_str()
+                && event["subject"] == subject.as_str()
                 && event["datapath"] == "userspace",
             "{event}"
         );
     }
+    ensure!(
+        closed.iter().any(|e| e["grant_id"] == grant.as_str()),
+        "the source grant's session: {closed:?}"
+    );
     let ends = server.stop()?;
     ensure!(ends.len() == 2, "the upstream sides ended too: {ends:?}");
     tcpgate_tests::assert_maps_empty(fx.agent.pin_dir())?;
