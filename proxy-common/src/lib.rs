@@ -54,6 +54,8 @@ pub mod map_names {
     pub const GRANTS: &str = "GRANTS";
     /// Routed flows: [`crate::routed::FlowKey`] -> [`crate::routed::FlowValue`].
     pub const FLOWS: &str = "FLOWS";
+    /// Ring of routed flows' openings and changes, read by the agent.
+    pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
     /// Routed sources: IPv4 octets -> [`crate::routed::RoutedSource`].
     pub const ROUTED_SOURCES: &str = "ROUTED_SOURCES";
     /// Single-slot [`crate::routed::RoutedConfig`].

@@ -159,13 +159,36 @@ pub struct RoutedStats {
     pub dropped: u64,
     /// Flows refused because the runner sent a token preamble on them.
     pub preambles: u64,
+    /// Flow events `FLOW_EVENTS` had no room for: the agent then reads
+    /// `FLOWS` whole.
+    pub events_lost: u64,
 }
 
-const _: () = assert!(size_of::<RoutedStats>() == 40);
+const _: () = assert!(size_of::<RoutedStats>() == 48);
+
+/// `FlowEvent::kind`: the program started the flow at its SYN (or a new
+/// SYN took a finished flow's 4-tuple).
+pub const FLOW_EVENT_OPENED: u32 = 1;
+/// `FlowEvent::kind`: the flow's `state` or `flags` changed (the target
+/// answered, a FIN or RST passed, the deadline passed, a token preamble).
+pub const FLOW_EVENT_CHANGED: u32 = 2;
+
+/// One record of the `FLOW_EVENTS` ring: what the agent needs to learn of
+/// a flow without reading `FLOWS` whole, with its entry as it was then.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub key: FlowKey,
+    /// `FLOW_EVENT_OPENED` or `FLOW_EVENT_CHANGED`.
+    pub kind: u32,
+    pub flow: FlowValue,
+}
+
+const _: () = assert!(size_of::<FlowEvent>() == 16 + size_of::<FlowValue>());
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{FlowKey, FlowValue, RoutedConfig, RoutedSource, RoutedStats};
+    use super::{FlowEvent, FlowKey, FlowValue, RoutedConfig, RoutedSource, RoutedStats};
     // SAFETY: each is repr(C), integers and arrays only, and its padding is
     // spelled out as fields (sizes checked above).
     unsafe impl aya::Pod for RoutedConfig {}
@@ -177,4 +200,6 @@ mod pod {
     unsafe impl aya::Pod for FlowValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for RoutedStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowEvent {}
 }

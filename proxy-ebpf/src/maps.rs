@@ -1,13 +1,14 @@
 //! Maps shared by the programs. Sizes are defaults: the agent resizes them
 //! at load time from its configuration.
 use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP,
     btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, SockHash, SockMap},
     macros::btf_map,
 };
 use proxy_common::{
     grant::GrantRecord,
     intercept::InterceptValue,
-    routed::{FlowKey, FlowValue, RoutedConfig, RoutedSource, RoutedStats},
+    routed::{FlowEvent, FlowKey, FlowValue, RoutedConfig, RoutedSource, RoutedStats},
     session::{DirectionMode, SessionRecord, SocketEntry, WakeEvent},
     stats::GlobalStats,
 };
@@ -80,6 +81,11 @@ pub fn add(field: impl FnOnce(&mut GlobalStats) -> &mut u64, amount: u64) {
 #[btf_map]
 pub static FLOWS: HashMap<FlowKey, FlowValue, 4096> = HashMap::new();
 
+/// Routed flows' openings and changes, for the agent (see
+/// [`emit_flow`]). Sized from `max_flows` at load time.
+#[btf_map]
+pub static FLOW_EVENTS: RingBuf<FlowEvent, 65536> = RingBuf::new();
+
 /// Sources whose SYNs may be routed: written by the agent only.
 #[btf_map]
 pub static ROUTED_SOURCES: HashMap<[u8; 4], RoutedSource, 16384> = HashMap::new();
@@ -101,4 +107,26 @@ pub fn bump_routed(field: impl FnOnce(&mut RoutedStats) -> &mut u64) {
         let stats = unsafe { &mut *stats };
         *field(stats) += 1;
     }
+}
+
+/// Tells the agent of a flow's opening or change, with its entry as it is
+/// now. A full ring loses the event and counts it: the agent then reads
+/// `FLOWS` whole.
+#[inline(always)]
+pub fn emit_flow(kind: u32, key: &FlowKey, flow: &FlowValue) {
+    let Some(mut entry) = FLOW_EVENTS.reserve(0) else {
+        bump_routed(|s| &mut s.events_lost);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points at the reserved record, sized and aligned for
+    // a `FlowEvent` (the ring aligns to 8); every field is written before
+    // the record is submitted.
+    unsafe {
+        (*event).key = *key;
+        (*event).kind = kind;
+        (*event).flow = *flow;
+    }
+    // No wake-up: the agent takes the records in on its own timer.
+    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
 }

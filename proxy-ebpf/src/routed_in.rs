@@ -2,7 +2,8 @@
 //! one live source grant, to a destination and port the grant covers and
 //! tcpgate intercepts, starts a routed flow in `FLOWS`; packets of open
 //! flows are counted and marked, so the intercept table skips them and the
-//! guard lets them through. Packets of ended flows are dropped; packets of
+//! guard lets them through. A flow's start and every change of its state
+//! or flags are told to the agent through `FLOW_EVENTS`. Packets of ended flows are dropped; packets of
 //! unknown flows are left unmarked, to the intercepting (fail-closed) path.
 //! A flow whose runner starts with a token preamble is refused (see
 //! [`crate::screen`]): the token never reaches the target.
@@ -16,11 +17,14 @@ use aya_ebpf::{
 };
 use proxy_common::{
     addr::v4_mapped,
-    routed::{FLOW_FIN_DOWN, FLOW_FIN_UP, FLOW_OPEN, FLOW_RST, FlowValue, MAX_ROUTED_DESTINATIONS},
+    routed::{
+        FLOW_EVENT_CHANGED, FLOW_EVENT_OPENED, FLOW_FIN_DOWN, FLOW_FIN_UP, FLOW_OPEN, FLOW_RST,
+        FlowKey, FlowValue, MAX_ROUTED_DESTINATIONS,
+    },
 };
 
 use crate::local_socket::holds_connection;
-use crate::maps::{FLOWS, INTERCEPT, ROUTED_CONFIG, ROUTED_SOURCES, bump_routed};
+use crate::maps::{FLOWS, INTERCEPT, ROUTED_CONFIG, ROUTED_SOURCES, bump_routed, emit_flow};
 use crate::packet::{Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, close_flags, count_bytes, parse};
 use crate::routed_out::still_open;
 use crate::screen::{Screen, screen_up};
@@ -93,7 +97,7 @@ fn classify(ctx: &TcContext, segment: &Segment) -> Verdict {
         // a new SYN on its 4-tuple starts a new flow in it.
         replace = reuses_finished(flow, segment);
         if !replace {
-            return on_flow(ctx, flow, segment, now);
+            return on_flow(ctx, &key, flow, segment, now);
         }
     }
     let flags = if replace { BPF_ANY } else { BPF_NOEXIST };
@@ -106,9 +110,26 @@ fn classify(ctx: &TcContext, segment: &Segment) -> Verdict {
     verdict
 }
 
-/// A packet of a known flow.
+/// A packet of a known flow; a change of its state or flags is told to
+/// the agent.
 #[inline(always)]
-fn on_flow(ctx: &TcContext, flow: &mut FlowValue, segment: &Segment, now: u64) -> Verdict {
+fn on_flow(
+    ctx: &TcContext,
+    key: &FlowKey,
+    flow: &mut FlowValue,
+    segment: &Segment,
+    now: u64,
+) -> Verdict {
+    let before = (flow.state, flow.flags);
+    let verdict = forward_up(ctx, flow, segment, now);
+    if (flow.state, flow.flags) != before {
+        emit_flow(FLOW_EVENT_CHANGED, key, flow);
+    }
+    verdict
+}
+
+#[inline(always)]
+fn forward_up(ctx: &TcContext, flow: &mut FlowValue, segment: &Segment, now: u64) -> Verdict {
     if !still_open(flow, now) {
         flow.dropped += 1;
         return Verdict::Ended;
@@ -195,9 +216,11 @@ fn admit(ctx: &TcContext, segment: &Segment, now: u64, flags: u32) -> Verdict {
         state: FLOW_OPEN,
         ..FlowValue::default()
     };
-    match FLOWS.insert(&segment.key_up(), &flow, u64::from(flags)) {
+    let key = segment.key_up();
+    match FLOWS.insert(&key, &flow, u64::from(flags)) {
         Ok(()) => {
             bump_routed(|s| &mut s.flows_opened);
+            emit_flow(FLOW_EVENT_OPENED, &key, &flow);
             Verdict::Routed
         }
         Err(_) => {

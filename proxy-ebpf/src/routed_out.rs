@@ -1,16 +1,19 @@
 //! tc egress on the runner-facing interfaces: counts the target -> runner
 //! direction of routed flows and tracks its sequence numbers (for the
-//! agent's RSTs). Once a flow has ended only RSTs pass (the agent's, which
-//! tell the runner); everything else of it is dropped.
+//! agent's RSTs), telling the agent of each change of a flow's state or
+//! flags through `FLOW_EVENTS`. Once a flow has ended only RSTs pass (the
+//! agent's, which tell the runner); everything else of it is dropped.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::routed::{FLOW_EXPIRED, FLOW_FIN_DOWN, FLOW_OPEN, FLOW_SEEN_DOWN, FlowValue};
+use proxy_common::routed::{
+    FLOW_EVENT_CHANGED, FLOW_EXPIRED, FLOW_FIN_DOWN, FLOW_OPEN, FLOW_SEEN_DOWN, FlowValue,
+};
 
-use crate::maps::{FLOWS, bump_routed};
+use crate::maps::{FLOWS, bump_routed, emit_flow};
 use crate::packet::{Segment, TCP_RST, TCP_SYN, close_flags, count_bytes, parse};
 
 #[classifier]
@@ -18,16 +21,28 @@ pub fn tcpgate_routed_out(ctx: TcContext) -> i32 {
     let Some(segment) = parse(&ctx) else {
         return TC_ACT_OK;
     };
-    let Some(flow) = FLOWS.get_ptr_mut(&segment.key_down()) else {
+    let key = segment.key_down();
+    let Some(flow) = FLOWS.get_ptr_mut(&key) else {
         return TC_ACT_OK;
     };
     // SAFETY: a successful lookup's value pointer, valid while the program
     // runs; concurrent writers only add to counters.
     let flow = unsafe { &mut *flow };
+    let before = (flow.state, flow.flags);
+    let action = forward_down(flow, &segment);
+    if (flow.state, flow.flags) != before {
+        emit_flow(FLOW_EVENT_CHANGED, &key, flow);
+    }
+    action
+}
+
+/// Counts a segment of an open flow; drops one of an ended flow.
+#[inline(always)]
+fn forward_down(flow: &mut FlowValue, segment: &Segment) -> i32 {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if still_open(flow, now) {
-        track_down(flow, &segment, now);
+        track_down(flow, segment, now);
         return TC_ACT_OK;
     }
     if segment.has(TCP_RST) {

@@ -8,6 +8,11 @@ use aya::maps::{Map, MapData};
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::map_names;
 
+mod sizes;
+
+pub use sizes::MapSizes;
+use sizes::flow_events_bytes;
+
 /// Maps pinned under the pin directory, with the file name operators see.
 pub const PINNED: [(&str, &str); 5] = [
     (map_names::SESSIONS, "sessions"),
@@ -65,22 +70,6 @@ pub enum BpfError {
         #[source]
         source: aya::pin::PinError,
     },
-}
-
-/// Sizes of the maps, from the configuration.
-#[derive(Debug, Clone, Copy)]
-pub struct MapSizes {
-    pub max_sessions: u32,
-    /// Entries of the pinned `grants` map: one per preamble session, plus
-    /// every source grant the caps allow (a grant that does not fit is
-    /// refused, never hidden from operators).
-    pub grants: u32,
-    /// `offsetof(struct sk_buff, cb)` in the running kernel, or 0 when
-    /// unknown (the verdict then cannot see TCP sequence numbers; see
-    /// [`crate::kernel_btf`]).
-    pub skb_cb_offset: u32,
-    /// Entries of `FLOWS` (`intercept.routed_grants.max_flows`; 1 when off).
-    pub flows: u32,
 }
 
 /// The loaded object. Dropping it detaches every program it attached.
@@ -184,6 +173,7 @@ impl LoadedBpf {
             .map_max_entries(map_names::DIRECTION_MODES, sockets)
             .map_max_entries(map_names::STREAM_SEQ, sockets)
             .map_max_entries(map_names::FLOWS, sizes.flows.max(1))
+            .map_max_entries(map_names::FLOW_EVENTS, flow_events_bytes(sizes.flows))
             .override_global("SKB_CB_OFFSET", &sizes.skb_cb_offset, true)
             .load(object)
             .map_err(BpfError::Load)?;

@@ -1,5 +1,6 @@
 //! Reading a whole BPF hash map with `BPF_MAP_LOOKUP_BATCH`: one `bpf()`
-//! call per chunk of entries. aya 0.14 iterates with two calls per entry
+//! call per chunk of entries; deleting many keys with
+//! `BPF_MAP_DELETE_BATCH`. aya 0.14 iterates with two calls per entry
 //! (next key, then lookup) and has no batch operations; the routed poll
 //! reads `FLOWS` whole every `poll_interval`, where at thousands of flows
 //! those calls were a third of the agent's CPU (docs/bench/notes-issue-17.md).
@@ -7,7 +8,7 @@
 //! Like the iterator, a batch read is not a snapshot: entries inserted or
 //! removed meanwhile may be missed or seen, each entry is read whole.
 
-use std::borrow::Borrow;
+use std::borrow::{Borrow, BorrowMut};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
@@ -16,6 +17,8 @@ use aya::maps::{HashMap, IterableMap, MapData, MapError};
 
 /// `BPF_MAP_LOOKUP_BATCH` (include/uapi/linux/bpf.h).
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// `BPF_MAP_DELETE_BATCH`.
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// Entries asked for per call; grown when one hash bucket holds more.
 const FIRST_CHUNK: usize = 256;
@@ -26,6 +29,8 @@ const MAX_CHUNK: usize = 1 << 16;
 pub enum BatchError {
     #[error("cannot read the map in batches (BPF_MAP_LOOKUP_BATCH)")]
     Lookup(#[source] io::Error),
+    #[error("cannot delete map entries in batches (BPF_MAP_DELETE_BATCH)")]
+    Delete(#[source] io::Error),
     #[error("cannot read the map entry by entry")]
     Iterate(#[source] MapError),
 }
@@ -170,6 +175,54 @@ impl<K: Pod, V: Pod> BatchReader<K, V> {
             cursor = Some(next);
         }
     }
+}
+
+/// Deletes `keys` from a hash map, many per `bpf()` call (the routed poll
+/// removes every finished flow at once, where two calls per flow were a
+/// visible share of the agent's time). A key no longer in the map is
+/// skipped. Falls back to a call per key where the kernel has no batch
+/// delete.
+pub fn delete_all<T: BorrowMut<MapData>, K: Pod, V: Pod>(
+    map: &mut HashMap<T, K, V>,
+    keys: &[K],
+) -> Result<(), BatchError> {
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let mut attr = BatchAttr {
+            keys: rest.as_ptr() as u64,
+            count: u32::try_from(rest.len()).unwrap_or(u32::MAX),
+            map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` is a valid `batch` member of `union bpf_attr`, and
+        // its size is passed; `keys` holds `count` keys of the map's key
+        // size (aya checked it against K when the map was typed).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_DELETE_BATCH,
+                std::ptr::from_mut(&mut attr),
+                size_of::<BatchAttr>(),
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        // `count` says how many keys were deleted before the one that failed.
+        let done = (attr.count as usize).min(rest.len());
+        match e.raw_os_error() {
+            Some(libc::ENOENT) => rest = rest.get(done + 1..).unwrap_or_default(),
+            _ if done == 0 && unsupported(&e) => {
+                for key in rest {
+                    let _ = map.remove(key);
+                }
+                return Ok(());
+            }
+            _ => return Err(BatchError::Delete(e)),
+        }
+    }
+    Ok(())
 }
 
 fn unsupported(e: &io::Error) -> bool {

@@ -151,7 +151,7 @@ pub fn three_byte_echo(fx: &AuthFixture, port: u16) -> Result<crate::AcceptLoop<
     crate::accept_loop(
         &fx.topo.target,
         AuthFixture::target(port),
-        10,
+        64,
         |mut s, _| {
             let mut b = [0u8; 3];
             if s.read_exact(&mut b).is_ok() {
@@ -176,14 +176,14 @@ pub fn echo_three(stream: &mut TcpStream, message: &[u8; 3]) -> Result<()> {
     Ok(())
 }
 
-/// The flow watch's reads of `FLOWS` so far (`tcpgate_routed_polls_total`).
+/// The flow watch's rounds so far (`tcpgate_routed_polls_total`).
 pub fn routed_polls(fx: &AuthFixture) -> Result<f64> {
     let metrics = crate::metrics::parse(&crate::metrics::scrape_unix(&fx.admin_socket())?)?;
     Ok(metrics.count("tcpgate_routed_polls_total", &[]))
 }
 
-/// Waits until the flow watch has read `FLOWS` twice more: the second read
-/// began after this call, so it saw whatever happened before it.
+/// Waits until the flow watch has polled twice more: the second poll
+/// began after this call, so it took in whatever happened before it.
 pub fn wait_whole_poll(fx: &AuthFixture) -> Result<()> {
     let start = routed_polls(fx)?;
     crate::eventually(Duration::from_secs(30), "two more routed polls", || {

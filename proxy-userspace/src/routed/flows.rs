@@ -1,26 +1,26 @@
 //! The agent's side of routed flows: every `poll_interval` it syncs the
-//! routed sources, reads `FLOWS`, writes each new flow's `session_open`,
-//! ends flows whose grant expired or was revoked (mark ended, RSTs both
-//! ways), and after `linger` removes finished flows with their
-//! `session_close` line and kernel counters.
+//! routed sources, takes in the programs' events (and, now and then or
+//! when events were lost, every entry of `FLOWS`), writes each new flow's
+//! `session_open`, ends flows whose grant expired or was revoked (mark
+//! ended, RSTs both ways), and after `linger` removes finished flows with
+//! their `session_close` line and kernel counters.
 
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
 use std::sync::{Arc, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use proxy_common::routed::{
-    FLOW_ENDED, FLOW_FIN_DOWN, FLOW_FIN_UP, FLOW_OPEN, FLOW_RST, FLOW_SEEN_DOWN, FLOW_TOKEN,
-    FlowKey, FlowValue,
+    FLOW_ENDED, FLOW_FIN_DOWN, FLOW_FIN_UP, FLOW_OPEN, FLOW_SEEN_DOWN, FlowKey, FlowValue,
 };
 use tokio::sync::watch;
 
 use super::Router;
+use super::events::{FlowChange, FlowEvents};
+use super::known::{Known, Over};
 use super::rst::RstSender;
-use super::sources::monotonic_ns;
-use crate::audit::{AuditEvent, AuditLog, EventKind};
-use crate::auth::{Grant, GrantId};
-use crate::datapath::EndReason;
+use crate::audit::{AuditLog, EventKind};
+use crate::auth::GrantId;
 use crate::gate::Gate;
 
 /// The `datapath` of routed sessions' audit lines.
@@ -53,23 +53,13 @@ pub fn session_id(key: &FlowKey, opened_mono_ns: u64) -> u64 {
     hash.max(1)
 }
 
-/// A flow the agent has written a `session_open` for.
-struct Known {
-    session_id: u64,
-    /// The grant the tc program admitted the SYN under.
-    grant_id: u64,
-    opened: SystemTime,
-    grant: Option<Grant>,
-    /// Opened under a previous agent and carried over at start.
-    adopted: bool,
-    /// When and why it ended; removed `linger` later.
-    ended: Option<(Instant, EndReason)>,
-    /// Its entry as last read: its SYN's time tells it from a new flow on
-    /// the same 4-tuple, and its counters close it if one replaced it.
-    last: FlowValue,
-}
+/// Polls between whole reads of `FLOWS` when no event was lost: they
+/// refresh the byte counts of long flows (for the metrics) and are a
+/// safety net; at 100 ms polls, once a second.
+const READ_WHOLE_EVERY: u32 = 10;
 
-/// Polls `FLOWS` until `stop`, then ends every flow left.
+/// Learns of flows every `poll_interval` until `stop`, then ends every
+/// flow left.
 pub struct FlowWatch {
     router: Arc<Router>,
     gate: Arc<Gate>,
@@ -79,8 +69,14 @@ pub struct FlowWatch {
     known: HashMap<FlowKey, Known>,
     /// Bytes of the flows removed so far (up, down), for the totals.
     removed_bytes: (u64, u64),
-    /// Reads `FLOWS`, keeping its buffers from one poll to the next.
+    /// Reads `FLOWS` whole, keeping its buffers from one read to the next.
     reader: crate::map_batch::BatchReader<FlowKey, FlowValue>,
+    /// The programs' events; without them every poll reads `FLOWS` whole.
+    events: Option<FlowEvents>,
+    /// `events_lost` of the programs' counters at the last poll.
+    lost: u64,
+    /// Polls left before the next whole read (0: at the next poll).
+    until_whole: u32,
 }
 
 impl FlowWatch {
@@ -97,6 +93,7 @@ impl FlowWatch {
                 |e| tracing::error!(error = %e, "no raw socket: routed flows end without RSTs"),
             )
             .ok();
+        let events = router.take_events();
         Self {
             router,
             gate,
@@ -106,6 +103,9 @@ impl FlowWatch {
             known: HashMap::new(),
             removed_bytes: (0, 0),
             reader: crate::map_batch::BatchReader::default(),
+            events,
+            lost: 0,
+            until_whole: 0,
         }
     }
 
@@ -136,185 +136,190 @@ impl FlowWatch {
 
     /// One round; `shutdown` ends every flow now and removes it.
     fn poll(&mut self, shutdown: bool) {
-        let now = SystemTime::now();
         let grants = if shutdown {
             Vec::new()
         } else {
             self.gate.grants()
         };
         self.router.sync_grants(&grants);
-        // Taken out for the round, so its entries can be walked while the
+        let stats = self.router.stats();
+        let lost = std::mem::replace(&mut self.lost, stats.events_lost) != stats.events_lost;
+        self.take_events();
+        // Read after the lost count: a record lost since is caught by the
+        // next poll's read.
+        if shutdown || lost || self.events.is_none() || self.until_whole == 0 {
+            self.read_whole();
+            self.until_whole = READ_WHOLE_EVERY;
+        } else {
+            self.until_whole -= 1;
+        }
+        self.metrics.update(&stats, self.known.len());
+        self.settle(shutdown);
+    }
+
+    /// Takes in the programs' queued events.
+    fn take_events(&mut self) {
+        let Some(mut events) = self.events.take() else {
+            return;
+        };
+        events.drain(|change, key, flow| {
+            // A change of a flow not known is of one removed already (its
+            // last packets), or its opening was lost and a whole read
+            // follows: no open line from it.
+            if change == FlowChange::Opened || self.known.contains_key(&key) {
+                self.observe(key, flow);
+            }
+        });
+        self.events = Some(events);
+    }
+
+    /// Takes in every entry of `FLOWS`.
+    fn read_whole(&mut self) {
+        // Taken out for the read, so its entries can be walked while the
         // watch changes; put back with its buffers after it.
         let mut flows = std::mem::take(&mut self.reader);
-        let count = {
+        {
             let map = self
                 .router
                 .flows
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            flows.read(&*map).unwrap_or_else(|e| {
+            if let Err(e) = flows.read(&*map) {
                 tracing::warn!(error = %crate::error_chain(&e), "cannot read the routed flows map");
-                0
-            })
-        };
+            }
+        }
+        for (key, flow) in flows.entries() {
+            self.observe(key, flow);
+        }
+        self.reader = flows;
+    }
+
+    /// Takes in a look at a flow: a new flow gets its open line; a new SYN
+    /// on a known flow's 4-tuple closes the known one first.
+    fn observe(&mut self, key: FlowKey, flow: FlowValue) {
+        if let Some(known) = self.known.get_mut(&key) {
+            match flow.opened_mono_ns.cmp(&known.opened_mono_ns()) {
+                std::cmp::Ordering::Equal => return known.merge(&flow),
+                // A look at the flow this one replaced.
+                std::cmp::Ordering::Less => return,
+                std::cmp::Ordering::Greater => self.close(key),
+            }
+        }
+        let grant = self.gate.grant(GrantId(flow.grant_id));
+        let known = Known::new(&key, flow, grant, self.router.take_carried(&key));
+        self.audit.record(known.line(EventKind::SessionOpen, &key));
+        self.metrics.opened();
+        self.known.insert(key, known);
+    }
+
+    /// Ends the flows whose grant went or that the programs ended, notes
+    /// those both ends finished, and removes those ended `linger` ago.
+    fn settle(&mut self, shutdown: bool) {
+        let now = SystemTime::now();
+        let mut to_end = Vec::new();
+        let mut live = 0;
+        for (key, known) in &mut self.known {
+            if known.is_ended() {
+                continue;
+            }
+            let grant_live = self
+                .gate
+                .grant_expires_at(known.grant_id())
+                .is_some_and(|expires_at| expires_at > now);
+            match known.over(grant_live, shutdown, self.router.section.linger) {
+                Some(Over::End(reason)) => {
+                    known.end(reason);
+                    to_end.push(*key);
+                }
+                Some(Over::Finished(reason)) => known.end(reason),
+                None => live += 1,
+            }
+        }
+        for key in to_end {
+            let Some(known) = self.known.get_mut(&key) else {
+                continue;
+            };
+            if known.is_token() {
+                tracing::warn!(runner = %SocketAddrV4::new(key.runner_addr.into(), key.runner_port), "a token preamble on a routed flow: reset, the token did not reach the target");
+            }
+            // Its counters as it ended: the programs count nothing more.
+            let opened = known.opened_mono_ns();
+            if let Some(flow) = end(&self.router, self.rst.as_ref(), key, opened) {
+                known.merge(&flow);
+            }
+        }
+        self.remove_lingered(shutdown);
+        let (mut up, mut down) = self.removed_bytes;
+        for known in self.known.values() {
+            let (u, d) = known.bytes();
+            up += u;
+            down += d;
+        }
+        self.metrics.progress(live, up, down);
+    }
+
+    /// Removes the flows ended `linger` ago (all at a stop) from `FLOWS`,
+    /// at once, and writes their close lines with the counters last seen:
+    /// final, since the programs count nothing of an ended flow.
+    fn remove_lingered(&mut self, shutdown: bool) {
         let linger = if shutdown {
             Duration::ZERO
         } else {
             self.router.section.linger
         };
-        self.metrics.update(&self.router.stats(), count);
-        let mut kept_bytes = (0u64, 0u64);
-        for (key, flow) in flows.entries() {
-            let replaced = self
-                .known
-                .get(&key)
-                .is_some_and(|k| k.last.opened_mono_ns != flow.opened_mono_ns);
-            if replaced {
-                // A new SYN on a finished flow's 4-tuple took its entry.
-                self.close(key, None);
-            }
-            self.observe(key, flow, now, shutdown);
-            let done = self
-                .known
-                .get(&key)
-                .and_then(|k| k.ended)
-                .is_some_and(|(at, _)| at.elapsed() >= linger);
-            if done {
-                self.remove(key);
-            } else {
-                kept_bytes.0 += flow.bytes_up;
-                kept_bytes.1 += flow.bytes_down;
-            }
-        }
-        self.reader = flows;
-        let live = self.known.values().filter(|k| k.ended.is_none()).count();
-        let (up, down) = self.removed_bytes;
-        self.metrics
-            .progress(live, up + kept_bytes.0, down + kept_bytes.1);
-    }
-
-    /// Writes the open line of a new flow, and notes when and why it ends.
-    fn observe(&mut self, key: FlowKey, flow: FlowValue, now: SystemTime, shutdown: bool) {
-        let known = self.known.entry(key).or_insert_with(|| {
-            let grant = self.gate.grant(GrantId(flow.grant_id));
-            let known = Known {
-                session_id: session_id(&key, flow.opened_mono_ns),
-                grant_id: flow.grant_id,
-                opened: now,
-                grant,
-                adopted: self.router.take_carried(&key),
-                ended: None,
-                last: flow,
-            };
-            self.audit
-                .record(event(EventKind::SessionOpen, key, &known, None));
-            self.metrics.opened();
-            known
-        });
-        known.last = flow;
-        if known.ended.is_some() {
+        // A new flow that took a lingering 4-tuple since the poll began
+        // replaces it here, so its entry is not removed under it.
+        self.take_events();
+        let keys: Vec<FlowKey> = self
+            .known
+            .iter()
+            .filter(|(_, known)| known.lingered(linger))
+            .map(|(key, _)| *key)
+            .collect();
+        if keys.is_empty() {
             return;
         }
-        let grant_live = self
-            .gate
-            .grant_expires_at(GrantId(flow.grant_id))
-            .is_some_and(|expires_at| expires_at > now);
-        let reason = if flow.state == FLOW_TOKEN {
-            tracing::warn!(runner = %SocketAddrV4::new(key.runner_addr.into(), key.runner_port), "a token preamble on a routed flow: reset, the token did not reach the target");
-            Some(EndReason::AuthFailed)
-        } else if flow.state != FLOW_OPEN {
-            Some(EndReason::GrantExpired)
-        } else if shutdown {
-            Some(EndReason::AgentShutdown)
-        } else if !grant_live {
-            let expired = known.grant.as_ref().is_some_and(|g| g.expires_at <= now);
-            Some(if expired {
-                EndReason::GrantExpired
-            } else {
-                EndReason::Revoked
-            })
-        } else {
-            None
-        };
-        if let Some(reason) = reason {
-            known.ended = Some((Instant::now(), reason));
-            end(&self.router, self.rst.as_ref(), key);
-            return;
-        }
-        let closed = flow.flags & FLOW_RST != 0
-            || flow.flags & (FLOW_FIN_UP | FLOW_FIN_DOWN) == FLOW_FIN_UP | FLOW_FIN_DOWN;
-        let unanswered = flow.flags & FLOW_SEEN_DOWN == 0
-            && monotonic_ns().saturating_sub(flow.opened_mono_ns)
-                > u64::try_from(self.router.section.linger.as_nanos()).unwrap_or(u64::MAX);
-        if closed || unanswered {
-            let reason = if flow.flags & FLOW_SEEN_DOWN == 0 {
-                EndReason::UpstreamUnreachable
-            } else if flow.flags & FLOW_FIN_UP != 0 {
-                EndReason::ClientClosed
-            } else {
-                EndReason::UpstreamClosed
-            };
-            known.ended = Some((Instant::now(), reason));
-        }
-    }
-
-    /// Removes a finished flow and writes its close line.
-    fn remove(&mut self, key: FlowKey) {
-        let opened = self.known.get(&key).map(|k| k.last.opened_mono_ns);
-        let flow = {
+        {
             let mut map = self
                 .router
                 .flows
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            // Not a new flow that took the 4-tuple since the last read.
-            let flow = map
-                .get(&key, 0)
-                .ok()
-                .filter(|f| Some(f.opened_mono_ns) == opened);
-            if flow.is_some() {
-                let _ = map.remove(&key);
+            if let Err(e) = crate::map_batch::delete_all(&mut *map, &keys) {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot remove finished routed flows");
             }
-            flow
-        };
-        self.close(key, flow);
+        }
+        for key in keys {
+            self.close(key);
+        }
     }
 
-    /// Writes the close line of `key`'s known flow, with its final entry
-    /// (else the last one read), and forgets it.
-    fn close(&mut self, key: FlowKey, flow: Option<FlowValue>) {
-        let Some(known) = self.known.remove(&key) else {
+    /// Writes the close line of `key`'s known flow and forgets it.
+    fn close(&mut self, key: FlowKey) {
+        let Some(mut known) = self.known.remove(&key) else {
             return;
         };
-        let flow = flow.unwrap_or(known.last);
-        self.removed_bytes.0 += flow.bytes_up;
-        self.removed_bytes.1 += flow.bytes_down;
-        // Replaced before a poll saw it finish: its flags say who closed.
-        let reason = known.ended.map_or(
-            if flow.flags & FLOW_FIN_UP != 0 {
-                EndReason::ClientClosed
-            } else {
-                EndReason::UpstreamClosed
-            },
-            |(_, r)| r,
-        );
-        let expired_at = (reason == EndReason::GrantExpired)
-            .then(|| known.grant.as_ref().map(|g| g.expires_at))
-            .flatten();
+        let (up, down) = known.bytes();
+        self.removed_bytes.0 += up;
+        self.removed_bytes.1 += down;
+        let (reason, expired_at) = known.close_reason();
+        known.end(reason);
         self.metrics.closed(reason.as_str(), expired_at);
-        self.audit
-            .record(event(EventKind::SessionClose, key, &known, Some(&flow)));
+        self.audit.record(known.line(EventKind::SessionClose, &key));
     }
 }
 
 /// Marks a flow ended (the programs drop what follows) and resets both
-/// ends with the sequence numbers the programs tracked.
-fn end(router: &Router, rst: Option<&RstSender>, key: FlowKey) {
+/// ends with the sequence numbers the programs tracked; returns its entry
+/// as it ended. `opened`: its SYN's time (a new flow on the 4-tuple is
+/// left alone).
+fn end(router: &Router, rst: Option<&RstSender>, key: FlowKey, opened: u64) -> Option<FlowValue> {
     let flow = {
         let mut map = router.flows.lock().unwrap_or_else(PoisonError::into_inner);
-        let Ok(mut flow) = map.get(&key, 0) else {
-            return;
-        };
+        let mut flow = map
+            .get(&key, 0)
+            .ok()
+            .filter(|f| f.opened_mono_ns == opened)?;
         if flow.state == FLOW_OPEN {
             flow.state = FLOW_ENDED;
             if let Err(e) = map.insert(key, flow, 0) {
@@ -323,7 +328,9 @@ fn end(router: &Router, rst: Option<&RstSender>, key: FlowKey) {
         }
         flow
     };
-    let Some(rst) = rst else { return };
+    let Some(rst) = rst else {
+        return Some(flow);
+    };
     let runner = SocketAddrV4::new(key.runner_addr.into(), key.runner_port);
     let target = SocketAddrV4::new(key.target_addr.into(), key.target_port);
     let fin = |flag| u32::from(flow.flags & flag != 0);
@@ -337,42 +344,7 @@ fn end(router: &Router, rst: Option<&RstSender>, key: FlowKey) {
             tracing::warn!(error = %e, "cannot reset a routed flow's runner");
         }
     }
-}
-
-fn event(kind: EventKind, key: FlowKey, known: &Known, flow: Option<&FlowValue>) -> AuditEvent {
-    let runner = SocketAddrV4::new(key.runner_addr.into(), key.runner_port);
-    let target = SocketAddrV4::new(key.target_addr.into(), key.target_port);
-    let mut event = AuditEvent::new(kind, runner.to_string(), target.to_string());
-    event.upstream = Some(target.to_string());
-    event.session_id = Some(format!("{:016x}", known.session_id));
-    event.datapath = Some(DATAPATH);
-    if known.adopted {
-        event.handover = Some(crate::audit::Handover::Adopted);
-    }
-    // The grant may be gone already (revoked before the first poll): its
-    // id is still the flow's.
-    event.grant_id = Some(GrantId(known.grant_id).to_string());
-    if let Some(grant) = &known.grant {
-        event.subject = Some(grant.subject.clone());
-        event.claims = std::sync::Arc::clone(&grant.audit_claims);
-    }
-    if kind == EventKind::SessionClose {
-        let flow = flow.copied().unwrap_or_default();
-        event.bytes_up = Some(flow.bytes_up);
-        event.bytes_down = Some(flow.bytes_down);
-        event.kernel_bytes_up = Some(flow.bytes_up);
-        event.kernel_bytes_down = Some(flow.bytes_down);
-        event.duration_ms = known
-            .opened
-            .elapsed()
-            .ok()
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        event.reason = known.ended.map(|(_, r)| r.as_str().to_owned());
-        if flow.state == FLOW_TOKEN {
-            event.detail = Some(TOKEN_DETAIL.to_owned());
-        }
-    }
-    event
+    Some(flow)
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ pub struct RoutedMetrics {
     forged: Counter,
     dropped: Counter,
     preambles: Counter,
+    events_lost: Counter,
     polls: Counter,
     /// The agent's metrics, once shared.
     agent: Option<Arc<crate::metrics::Metrics>>,
@@ -64,8 +65,13 @@ impl RoutedMetrics {
             self.preambles.clone(),
         );
         registry.register(
+            "routed_events_lost",
+            "Flow events the tc programs had no room for in FLOW_EVENTS (the agent then reads FLOWS whole)",
+            self.events_lost.clone(),
+        );
+        registry.register(
             "routed_polls",
-            "Reads of the FLOWS map by the agent's flow watch (one per poll_interval)",
+            "Rounds of the agent's flow watch (one per poll_interval)",
             self.polls.clone(),
         );
     }
@@ -104,6 +110,7 @@ impl RoutedMetrics {
         crate::metrics::advance(&self.forged, stats.forged_marks);
         crate::metrics::advance(&self.dropped, stats.dropped);
         crate::metrics::advance(&self.preambles, stats.preambles);
+        crate::metrics::advance(&self.events_lost, stats.events_lost);
         self.flows.set(i64::try_from(flows).unwrap_or(i64::MAX));
         self.polls.inc();
     }

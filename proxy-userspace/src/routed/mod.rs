@@ -8,13 +8,16 @@
 //!   attached, and keep enforcing each flow's deadline, when the agent dies.
 //! - [`sources`] keeps `ROUTED_SOURCES` equal to "sources with exactly one
 //!   live source grant", each with its grant's destinations and expiry.
-//! - [`flows`] polls `FLOWS`: audit lines, expiry and revocation (RSTs both
-//!   ways from [`rst`], with the sequence numbers the programs tracked).
+//! - [`flows`] learns of flows from the programs' [`events`] ring (and reads
+//!   `FLOWS` whole now and then): audit lines, expiry and revocation (RSTs
+//!   both ways from [`rst`], with the sequence numbers the programs tracked).
 //!
 //! Only IPv4 over Ethernet: anything else takes the intercepting path.
 
+pub mod events;
 pub mod flows;
 pub mod handover;
+mod known;
 pub mod metrics;
 pub mod rst;
 pub mod sources;
@@ -24,7 +27,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::tc::{self, NlOptions, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType};
 use proxy_common::routed::{FlowKey, FlowValue, RoutedConfig, RoutedSource, RoutedStats};
@@ -64,6 +67,8 @@ pub enum RoutedError {
 pub struct Router {
     pub(crate) flows: Mutex<HashMap<MapData, FlowKey, FlowValue>>,
     pub(crate) sources: Mutex<HashMap<MapData, [u8; 4], RoutedSource>>,
+    /// `FLOW_EVENTS`, until the flow watch takes it.
+    events: Mutex<Option<RingBuf<MapData>>>,
     stats: PerCpuArray<MapData, RoutedStats>,
     pub(crate) section: RoutedGrantsSection,
     interfaces: Vec<String>,
@@ -111,6 +116,10 @@ impl Router {
                 map_names::ROUTED_SOURCES,
                 bpf.take_map(map_names::ROUTED_SOURCES)?,
             )?),
+            events: Mutex::new(Some(typed(
+                map_names::FLOW_EVENTS,
+                bpf.take_map(map_names::FLOW_EVENTS)?,
+            )?)),
             stats: typed(
                 map_names::ROUTED_STATS,
                 bpf.take_map(map_names::ROUTED_STATS)?,
@@ -156,6 +165,15 @@ impl Router {
             .remove(key)
     }
 
+    /// The programs' event ring, for the one flow watch.
+    pub(crate) fn take_events(&self) -> Option<events::FlowEvents> {
+        self.events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .map(events::FlowEvents::new)
+    }
+
     /// A successor took over: its programs and `FLOWS` track the flows from
     /// now on, so this agent neither ends nor reports them any more.
     pub fn hand_over(&self) {
@@ -178,6 +196,7 @@ impl Router {
                 total.forged_marks += s.forged_marks;
                 total.dropped += s.dropped;
                 total.preambles += s.preambles;
+                total.events_lost += s.events_lost;
             }
         }
         total
