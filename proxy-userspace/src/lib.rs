@@ -11,7 +11,7 @@
 //! the top-level modules has no cycle):
 //!
 //! 1. Leaves: `field_error`, `dest`, `sockopt`, `sockdiag`, `bpf`,
-//!    `kernel_btf`, `audit`, `notify`, `heap`.
+//!    `map_batch`, `kernel_btf`, `audit`, `notify`, `heap`.
 //! 2. `auth` (tokens, JWKS, policy, grants) on `dest` and `field_error`;
 //!    `config` (the file, every section) on `auth`'s `[auth]` schema.
 //! 3. The data path: `datapath` (SOCKHASH splice, user-space copy) on `bpf`
@@ -20,7 +20,10 @@
 //!    on `datapath`, `firewall` and `config`; `pinned` (operator views).
 //! 4. `gate` (admission: grants, preambles, revocations) on `auth`.
 //! 5. `session` (one connection end to end) on `gate`, `datapath`,
-//!    `intercept`, `registry`, `metrics` and `audit`.
+//!    `intercept`, `registry`, `metrics` and `audit`; `routed` (granted
+//!    flows the tc programs forward: their events, audit lines and RSTs)
+//!    on `gate`, `auth`, `config`, `datapath`, `pinned`, `bpf`,
+//!    `map_batch`, `metrics` and `audit`.
 //! 6. `api` (grant API, operator endpoints) on `gate`, `registry`,
 //!    `datapath` and `metrics`.
 //! 7. `agent` (startup, accept loops, signals) on everything above.
