@@ -32,8 +32,8 @@ pub struct RoutedGrantsSection {
     /// ACKs still pass) before the agent removes it and writes its audit line.
     #[serde(default = "default_linger", with = "humantime_serde")]
     pub linger: Duration,
-    /// How often the agent takes in the programs' flow events (reading
-    /// `FLOWS` whole every tenth time) and syncs the routed sources.
+    /// How often the agent takes in the programs' flow events and syncs
+    /// the routed sources (it reads `FLOWS` whole at most once a second).
     #[serde(default = "default_poll", with = "humantime_serde")]
     pub poll_interval: Duration,
     /// Whose address the target sees as the flow's source.

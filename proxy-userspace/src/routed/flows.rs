@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
 use std::sync::{Arc, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use proxy_common::routed::{
     FLOW_ENDED, FLOW_FIN_DOWN, FLOW_FIN_UP, FLOW_OPEN, FLOW_SEEN_DOWN, FlowKey, FlowValue,
@@ -53,10 +53,10 @@ pub fn session_id(key: &FlowKey, opened_mono_ns: u64) -> u64 {
     hash.max(1)
 }
 
-/// Polls between whole reads of `FLOWS` when no event was lost: they
+/// Time between whole reads of `FLOWS` when no record was lost: they
 /// refresh the byte counts of long flows (for the metrics) and are a
-/// safety net; at 100 ms polls, once a second.
-const READ_WHOLE_EVERY: u32 = 10;
+/// safety net. With the default 100 ms polls, one poll in ten reads it.
+const READ_WHOLE_EVERY: Duration = Duration::from_secs(1);
 
 /// Learns of flows every `poll_interval` until `stop`, then ends every
 /// flow left.
@@ -75,8 +75,8 @@ pub struct FlowWatch {
     events: Option<FlowEvents>,
     /// `events_lost` of the programs' counters at the last poll.
     lost: u64,
-    /// Polls left before the next whole read (0: at the next poll).
-    until_whole: u32,
+    /// When `FLOWS` was last read whole (never: at the next poll).
+    read_whole_at: Option<Instant>,
 }
 
 impl FlowWatch {
@@ -105,7 +105,7 @@ impl FlowWatch {
             reader: crate::map_batch::BatchReader::default(),
             events,
             lost: 0,
-            until_whole: 0,
+            read_whole_at: None,
         }
     }
 
@@ -147,11 +147,12 @@ impl FlowWatch {
         self.take_events();
         // Read after the lost count: a record lost since is caught by the
         // next poll's read.
-        if shutdown || lost || self.events.is_none() || self.until_whole == 0 {
+        let due = self
+            .read_whole_at
+            .is_none_or(|at| at.elapsed() >= READ_WHOLE_EVERY);
+        if shutdown || lost || due || self.events.is_none() {
             self.read_whole();
-            self.until_whole = READ_WHOLE_EVERY;
-        } else {
-            self.until_whole -= 1;
+            self.read_whole_at = Some(Instant::now());
         }
         self.metrics.update(&stats, self.known.len());
         self.settle(shutdown);
