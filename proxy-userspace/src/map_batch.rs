@@ -140,20 +140,11 @@ impl<K: Pod, V: Pod> BatchReader<K, V> {
                 map_fd: fd.as_raw_fd() as u32,
                 ..BatchAttr::default()
             };
-            // SAFETY: `attr` is a valid `batch` member of `union bpf_attr`, and
-            // its size is passed; `keys` and `values` have room for `count`
-            // elements of the map's key and value sizes after `len` (aya checked
-            // them against K and V when the map was typed); `next` and `cursor`
+            // SAFETY: `keys` and `values` have room for `count` elements of
+            // the map's key and value sizes after `len` (aya checked them
+            // against K and V when the map was typed); `next` and `cursor`
             // outlive the call.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_LOOKUP_BATCH,
-                    std::ptr::from_mut(&mut attr),
-                    size_of::<BatchAttr>(),
-                )
-            };
-            let err = (rc < 0).then(io::Error::last_os_error);
+            let err = unsafe { bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
             match err.as_ref().and_then(io::Error::raw_os_error) {
                 // A bucket holds more entries than asked for: ask for more.
                 Some(libc::ENOSPC) if chunk < MAX_CHUNK => {
@@ -194,21 +185,11 @@ pub fn delete_all<T: BorrowMut<MapData>, K: Pod, V: Pod>(
             map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        // SAFETY: `attr` is a valid `batch` member of `union bpf_attr`, and
-        // its size is passed; `keys` holds `count` keys of the map's key
-        // size (aya checked it against K when the map was typed).
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_DELETE_BATCH,
-                std::ptr::from_mut(&mut attr),
-                size_of::<BatchAttr>(),
-            )
-        };
-        if rc == 0 {
+        // SAFETY: `keys` holds `count` keys of the map's key size (aya
+        // checked it against K when the map was typed).
+        let Err(e) = (unsafe { bpf_batch(BPF_MAP_DELETE_BATCH, &mut attr) }) else {
             return Ok(());
-        }
-        let e = io::Error::last_os_error();
+        };
         // `count` says how many keys were deleted before the one that failed.
         let done = (attr.count as usize).min(rest.len());
         match e.raw_os_error() {
@@ -223,6 +204,31 @@ pub fn delete_all<T: BorrowMut<MapData>, K: Pod, V: Pod>(
         }
     }
     Ok(())
+}
+
+/// Runs the batch command `cmd` on `attr` (`attr.count` is updated).
+///
+/// # Safety
+///
+/// Every pointer in `attr` must be valid for the command: `keys` (and
+/// `values`) for `count` elements of the map's key (and value) sizes,
+/// `in_batch` and `out_batch` null or valid for the map's cursor.
+unsafe fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a valid `batch` member of `union bpf_attr` and its
+    // size is passed; the caller vouches for the pointers in it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 fn unsupported(e: &io::Error) -> bool {

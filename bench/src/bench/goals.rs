@@ -202,7 +202,8 @@ fn latency_goals(results: &Results, goals: &mut Vec<Goal>) {
             unit: "× HAProxy's".to_owned(),
             figure: r.map(|(e, h, path)| Figure {
                 value: e / h,
-                shown: format!("{:.2}× ({path} +{e:.1} vs +{h:.1} µs over direct)", e / h),
+                // Signed: a path faster than direct (noise) adds less than 0.
+                shown: format!("{:.2}× ({path} {e:+.1} vs {h:+.1} µs over direct)", e / h),
             }),
         });
     }

@@ -91,6 +91,16 @@ fn added_latency_is_over_direct_against_haproxys() {
         "added request/response latency p50, tcpgate vs haproxy",
     );
     assert_eq!((value(p50), p50.met()), (Some(0.4), Some(true)));
+    assert_eq!(p50.shown(), "0.40× (eBPF +20.0 vs +50.0 µs over direct)");
+    // A path that measured under direct (noise) shows a negative figure.
+    r.add(Metric::LatencyP50, "tcpgate-ebpf", 90.0);
+    r.add(Metric::LatencyP50, "tcpgate-ebpf", 90.0);
+    let goals = evaluate(&r);
+    let p50 = find(
+        &goals,
+        "added request/response latency p50, tcpgate vs haproxy",
+    );
+    assert_eq!(p50.shown(), "-0.20× (eBPF -10.0 vs +50.0 µs over direct)");
     let p99 = find(
         &goals,
         "added request/response latency p99, tcpgate vs haproxy",
