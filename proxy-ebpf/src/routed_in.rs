@@ -3,8 +3,9 @@
 //! tcpgate intercepts, starts a routed flow in `FLOWS`; packets of open
 //! flows are counted and marked, so the intercept table skips them and the
 //! guard lets them through. A flow's start and every change of its state
-//! or flags are told to the agent through `FLOW_EVENTS`. Packets of ended flows are dropped; packets of
-//! unknown flows are left unmarked, to the intercepting (fail-closed) path.
+//! or flags are told to the agent through `FLOW_EVENTS`. Packets of ended
+//! flows are dropped; packets of unknown flows are left unmarked, to the
+//! intercepting (fail-closed) path.
 //! A flow whose runner starts with a token preamble is refused (see
 //! [`crate::screen`]): the token never reaches the target.
 //! The routed mark is set here only: a packet arriving with it loses it.

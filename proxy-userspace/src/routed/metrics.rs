@@ -31,7 +31,7 @@ impl RoutedMetrics {
         self.capacity.set(i64::from(max_flows));
         registry.register(
             "routed_flows",
-            "Routed flows in the pinned FLOWS map",
+            "Routed flows in FLOWS as the agent last saw them (open, or ended and lingering)",
             self.flows.clone(),
         );
         registry.register(
