@@ -131,9 +131,9 @@ impl DirectionCounters {
 ///
 /// User space writes the whole record before the sockets enter the
 /// SOCKHASH (and may have written a copied session's record earlier, see
-/// [`DATAPATH_USERSPACE`]); after that only the verdict program writes the kernel counters
-/// (each direction from its own socket's receive path, which the kernel runs
-/// one skb at a time per socket).
+/// [`DATAPATH_USERSPACE`]); after that only the verdict program writes the
+/// kernel counters (each direction from its own socket's receive path,
+/// which the kernel runs one skb at a time per socket).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionRecord {

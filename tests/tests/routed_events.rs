@@ -4,18 +4,23 @@
 //! audit lines and exact counts (a whole read every poll missed it). A
 //! granted runner flooding the ring (reusing one 4-tuple as fast as it
 //! can) only costs records: they are counted, the agent reads `FLOWS`
-//! whole, every line it writes balances, and later flows are exact.
+//! whole, every line it writes balances, and later flows are exact. A
+//! flow lives through a reload, and its grant's expiry after it still ends
+//! it with its exact counts.
 
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tcpgate_tests::auth_fixture::AuthFixture;
 use tcpgate_tests::routed::{
-    echo_three, redial_from_runner_port, routed_fixture, routed_polls, three_byte_echo,
+    echo_three, ends_in_reset, redial_from_runner_port, routed_fixture, routed_polls,
+    three_byte_echo,
 };
+use tcpgate_tests::tokens::{claims_with, unix_now};
 use tcpgate_tests::topology::RUNNER_V4;
-use tcpgate_tests::{eventually, require_root};
+use tcpgate_tests::{Signal, eventually, require_root, serve_once, wait_events};
 
 const PORT: u16 = 9000;
 
@@ -137,6 +142,14 @@ fn a_granted_runner_flooding_the_ring_loses_records_not_the_gate() -> Result<()>
             "never more than the flow moved: {line}"
         );
     }
+    // The flows recorded before the ring filled, and the last one (found by
+    // the whole read), closed with their exact counts.
+    ensure!(
+        closed
+            .iter()
+            .any(|l| l["kernel_bytes_up"] == 3 && l["kernel_bytes_down"] == 3),
+        "exact counts from the records and the whole read: {closed:?}"
+    );
     // The gate goes on: the next flow (its slot free again) is routed,
     // with its lines and exact counts.
     let port = 40_301;
@@ -150,5 +163,48 @@ fn a_granted_runner_flooding_the_ring_loses_records_not_the_gate() -> Result<()>
         "exact after the flood: {}",
         closed[0]
     );
+    Ok(())
+}
+
+#[test]
+fn a_flow_lives_through_a_reload_and_its_grant_expiry_still_ends_it() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut fx = routed_fixture("")?;
+    let token = fx
+        .keys
+        .rsa
+        .sign(&claims_with(&[("exp", json!(unix_now() + 10))]));
+    let grant = fx.grant_from_runner(&token, &["--allow", "192.0.2.10=9000"])?;
+    let server = serve_once(&fx.topo.target, AuthFixture::target(PORT), |mut s, _| {
+        let _ = s.write_all(b"up");
+        ends_in_reset(&mut s)
+    })?;
+    let mut stream = fx.dial_from_runner(AuthFixture::target(PORT))?;
+    let mut first = [0u8; 2];
+    stream.read_exact(&mut first)?;
+    stream.write_all(b"ping")?;
+    fx.agent.signal(Signal::SIGHUP)?;
+    fx.agent
+        .wait_for_log("reloaded the policy", Duration::from_secs(20))?;
+    stream.write_all(b"pong")?;
+    ensure!(
+        ends_in_reset(&mut stream),
+        "the runner sees an RST at expiry\n{}",
+        fx.agent.logs_tail(20)
+    );
+    ensure!(server.join()?, "the target sees an RST at expiry");
+    let closed = &wait_events(&fx.agent, "session_close", 1)?[0];
+    ensure!(
+        closed["datapath"] == "routed"
+            && closed["reason"] == "grant_expired"
+            && closed["grant_id"] == grant.as_str()
+            && closed["kernel_bytes_up"] == 8
+            && closed["kernel_bytes_down"] == 2,
+        "one flow, ended by its grant, every byte counted: {closed}"
+    );
+    let opened = wait_events(&fx.agent, "session_open", 1)?;
+    ensure!(opened.len() == 1, "no second open line: {opened:?}");
     Ok(())
 }

@@ -18,17 +18,17 @@ pub fn truncate(mut text: String, max: usize) -> String {
     text
 }
 
+/// A claim [`too_long`] becomes a string cut to [`MAX_FIELD`] (an array or
+/// object as its JSON text).
 fn truncate_value(value: &mut serde_json::Value) {
-    match value {
-        serde_json::Value::String(s) => *s = truncate(std::mem::take(s), MAX_FIELD),
-        serde_json::Value::Array(_) | serde_json::Value::Object(_) => {
-            let text = value.to_string();
-            if text.len() > MAX_FIELD {
-                *value = serde_json::Value::String(truncate(text, MAX_FIELD));
-            }
-        }
-        _ => {}
+    if !too_long(value) {
+        return;
     }
+    let text = match std::mem::take(value) {
+        serde_json::Value::String(s) => s,
+        other => other.to_string(),
+    };
+    *value = serde_json::Value::String(truncate(text, MAX_FIELD));
 }
 
 /// Bounds the fields a peer chooses.
@@ -47,6 +47,8 @@ pub(super) fn bound(event: &mut AuditEvent) {
     }
 }
 
+/// Whether a claim is longer than [`MAX_FIELD`] (an array or object by
+/// its JSON text); numbers and booleans are short.
 fn too_long(value: &serde_json::Value) -> bool {
     match value {
         serde_json::Value::String(s) => s.len() > MAX_FIELD,
