@@ -75,4 +75,7 @@ pub mod program_names {
     pub const ROUTED_IN: &str = "tcpgate_routed_in";
     /// tc egress on the runner-facing interfaces: counts target -> runner.
     pub const ROUTED_OUT: &str = "tcpgate_routed_out";
+    /// A tc program never attached: the agent runs it (`BPF_PROG_TEST_RUN`)
+    /// to remove finished flows from `FLOWS` (see `routed::SweepEntry`).
+    pub const ROUTED_SWEEP: &str = "tcpgate_routed_sweep";
 }

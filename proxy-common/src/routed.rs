@@ -186,9 +186,61 @@ pub struct FlowEvent {
 
 const _: () = assert!(size_of::<FlowEvent>() == 16 + size_of::<FlowValue>());
 
+/// A finished flow the agent asks `tcpgate_routed_sweep` to remove from
+/// `FLOWS`: removed only while its entry is still the flow that SYN
+/// opened. A new SYN on the 4-tuple may have replaced it since the agent
+/// looked, and a delete by key alone would take the new flow's entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepEntry {
+    pub key: FlowKey,
+    pub _pad: u32,
+    /// The flow's `FlowValue::opened_mono_ns`.
+    pub opened_mono_ns: u64,
+}
+
+const _: () = assert!(size_of::<SweepEntry>() == 24);
+
+/// Bytes before the first [`SweepEntry`] in the sweep's input: the test
+/// run of a tc program takes an Ethernet frame, and these are its header.
+pub const SWEEP_HEADER: usize = 14;
+/// Entries per run of the sweep: the bound of its loop, and what fits the
+/// kernel's limit on a test run's frame (a page less the skb's head and
+/// tail room, 3,712 bytes with 4 KiB pages).
+pub const SWEEP_BATCH: usize = 128;
+
+const _: () = assert!(SWEEP_HEADER + SWEEP_BATCH * size_of::<SweepEntry>() <= 3712);
+
+impl SweepEntry {
+    #[must_use]
+    pub fn new(key: FlowKey, opened_mono_ns: u64) -> Self {
+        Self {
+            key,
+            _pad: 0,
+            opened_mono_ns,
+        }
+    }
+
+    /// The entry as the program reads it (native byte order, the layout
+    /// of this `repr(C)` struct), without `unsafe`.
+    #[must_use]
+    pub fn to_ne_bytes(&self) -> [u8; 24] {
+        let mut out = [0u8; 24];
+        out[0..4].copy_from_slice(&self.key.runner_addr);
+        out[4..8].copy_from_slice(&self.key.target_addr);
+        out[8..10].copy_from_slice(&self.key.runner_port.to_ne_bytes());
+        out[10..12].copy_from_slice(&self.key.target_port.to_ne_bytes());
+        out[12..16].copy_from_slice(&self._pad.to_ne_bytes());
+        out[16..24].copy_from_slice(&self.opened_mono_ns.to_ne_bytes());
+        out
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
-    use super::{FlowEvent, FlowKey, FlowValue, RoutedConfig, RoutedSource, RoutedStats};
+    use super::{
+        FlowEvent, FlowKey, FlowValue, RoutedConfig, RoutedSource, RoutedStats, SweepEntry,
+    };
     // SAFETY: each is repr(C), integers and arrays only, and its padding is
     // spelled out as fields (sizes checked above).
     unsafe impl aya::Pod for RoutedConfig {}
@@ -202,4 +254,40 @@ mod pod {
     unsafe impl aya::Pod for RoutedStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FlowEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SweepEntry {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::offset_of;
+
+    use super::{FlowKey, SweepEntry};
+
+    #[test]
+    fn a_sweep_entry_is_encoded_in_its_struct_layout() {
+        let key = FlowKey {
+            runner_addr: [192, 0, 2, 1],
+            target_addr: [198, 51, 100, 7],
+            runner_port: 40_123,
+            target_port: 5432,
+        };
+        let bytes = SweepEntry::new(key, 0x0102_0304_0506_0708).to_ne_bytes();
+        let at = |offset: usize, len: usize| &bytes[offset..offset + len];
+        assert_eq!(at(offset_of!(FlowKey, runner_addr), 4), [192, 0, 2, 1]);
+        assert_eq!(at(offset_of!(FlowKey, target_addr), 4), [198, 51, 100, 7]);
+        assert_eq!(
+            at(offset_of!(FlowKey, runner_port), 2),
+            40_123u16.to_ne_bytes()
+        );
+        assert_eq!(
+            at(offset_of!(FlowKey, target_port), 2),
+            5432u16.to_ne_bytes()
+        );
+        assert_eq!(at(offset_of!(SweepEntry, _pad), 4), [0; 4]);
+        assert_eq!(
+            at(offset_of!(SweepEntry, opened_mono_ns), 8),
+            0x0102_0304_0506_0708u64.to_ne_bytes()
+        );
+    }
 }

@@ -18,6 +18,8 @@ mod routed_in;
 #[cfg(target_arch = "bpf")]
 mod routed_out;
 #[cfg(target_arch = "bpf")]
+mod routed_sweep;
+#[cfg(target_arch = "bpf")]
 mod screen;
 #[cfg(target_arch = "bpf")]
 mod verdict;

@@ -11,7 +11,8 @@
 //! the top-level modules has no cycle):
 //!
 //! 1. Leaves: `field_error`, `dest`, `sockopt`, `sockdiag`, `bpf`,
-//!    `map_batch`, `kernel_btf`, `audit`, `notify`, `heap`.
+//!    `map_batch` (on `sys_bpf`), `sys_bpf`, `kernel_btf`, `audit`,
+//!    `notify`, `heap`.
 //! 2. `auth` (tokens, JWKS, policy, grants) on `dest` and `field_error`;
 //!    `config` (the file, every section) on `auth`'s `[auth]` schema.
 //! 3. The data path: `datapath` (SOCKHASH splice, user-space copy) on `bpf`
@@ -23,7 +24,7 @@
 //!    `intercept`, `registry`, `metrics` and `audit`; `routed` (granted
 //!    flows the tc programs forward: their events, audit lines and RSTs)
 //!    on `gate`, `auth`, `config`, `datapath`, `pinned`, `bpf`,
-//!    `map_batch`, `metrics` and `audit`.
+//!    `map_batch`, `sys_bpf`, `metrics` and `audit`.
 //! 6. `api` (grant API, operator endpoints) on `gate`, `registry`,
 //!    `datapath` and `metrics`.
 //! 7. `agent` (startup, accept loops, signals) on everything above.
@@ -59,6 +60,7 @@ pub mod session;
 pub mod sockdiag;
 pub mod sockopt;
 pub mod supervise;
+pub mod sys_bpf;
 
 /// The eBPF object, compiled by build.rs for the bpf target, with BTF.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpgate"));

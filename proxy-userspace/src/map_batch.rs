@@ -214,21 +214,9 @@ pub fn delete_all<T: BorrowMut<MapData>, K: Pod, V: Pod>(
 /// `values`) for `count` elements of the map's key (and value) sizes,
 /// `in_batch` and `out_batch` null or valid for the map's cursor.
 unsafe fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
-    // SAFETY: `attr` is a valid `batch` member of `union bpf_attr` and its
-    // size is passed; the caller vouches for the pointers in it.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            size_of::<BatchAttr>(),
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    // SAFETY: `BatchAttr` is the `batch` member of `union bpf_attr`; the
+    // caller vouches for the pointers in it.
+    unsafe { crate::sys_bpf::bpf(cmd, attr) }
 }
 
 fn unsupported(e: &io::Error) -> bool {

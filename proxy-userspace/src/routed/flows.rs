@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use proxy_common::routed::{
     FLOW_ENDED, FLOW_FIN_DOWN, FLOW_FIN_UP, FLOW_OPEN, FLOW_SEEN_DOWN, FlowKey, FlowValue,
+    SweepEntry,
 };
 use tokio::sync::watch;
 
@@ -261,26 +262,30 @@ impl FlowWatch {
 
     /// Removes the flows ended `linger` ago (all at a stop) from `FLOWS`,
     /// at once, and writes their close lines with the counters last seen:
-    /// final, since the programs count nothing of an ended flow.
+    /// final, since the programs count nothing of an ended flow. The sweep
+    /// program removes an entry only while it is still that flow: a new
+    /// SYN on the 4-tuple since the last look keeps its entry, and its
+    /// opening comes with the next poll's events.
     fn remove_lingered(&mut self, shutdown: bool) {
         let linger = if shutdown {
             Duration::ZERO
         } else {
             self.router.section.linger
         };
-        // A new flow that took a lingering 4-tuple since the poll began
-        // replaces it here, so its entry is not removed under it.
         self.take_events();
-        let keys: Vec<FlowKey> = self
+        let (keys, entries): (Vec<FlowKey>, Vec<SweepEntry>) = self
             .known
             .iter()
             .filter(|(_, known)| known.lingered(linger))
-            .map(|(key, _)| *key)
-            .collect();
+            .map(|(key, known)| (*key, SweepEntry::new(*key, known.opened_mono_ns())))
+            .unzip();
         if keys.is_empty() {
             return;
         }
-        {
+        if let Err(e) = self.router.sweeper.remove(&entries) {
+            // Removed by key instead: a flow that took a 4-tuple since the
+            // last look may lose its entry, but none lingers for ever.
+            tracing::warn!(error = %crate::error_chain(&e), "removing finished routed flows by key");
             let mut map = self
                 .router
                 .flows

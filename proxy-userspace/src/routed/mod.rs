@@ -21,6 +21,7 @@ mod known;
 pub mod metrics;
 pub mod rst;
 pub mod sources;
+pub mod sweep;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -54,6 +55,8 @@ pub enum RoutedError {
         #[source]
         source: tc::TcError,
     },
+    #[error(transparent)]
+    Sweep(#[from] sweep::SweepError),
     #[error("cannot attach {program} to {interface} (intercept.interfaces)")]
     Attach {
         program: &'static str,
@@ -66,6 +69,8 @@ pub enum RoutedError {
 /// The installed routed path, live until [`Router::shutdown`].
 pub struct Router {
     pub(crate) flows: Mutex<HashMap<MapData, FlowKey, FlowValue>>,
+    /// Removes finished flows from `FLOWS` (never one a new SYN replaced).
+    pub(crate) sweeper: sweep::Sweeper,
     pub(crate) sources: Mutex<HashMap<MapData, [u8; 4], RoutedSource>>,
     /// `FLOW_EVENTS`, until the flow watch takes it.
     events: Mutex<Option<RingBuf<MapData>>>,
@@ -110,8 +115,10 @@ impl Router {
             .as_ref()
             .map(|p| p.carry(&mut flows))
             .unwrap_or_default();
+        let sweeper = sweep::Sweeper::load(bpf)?;
         let router = Self {
             flows: Mutex::new(flows),
+            sweeper,
             sources: Mutex::new(typed(
                 map_names::ROUTED_SOURCES,
                 bpf.take_map(map_names::ROUTED_SOURCES)?,

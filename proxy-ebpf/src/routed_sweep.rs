@@ -1,0 +1,43 @@
+//! Never attached: the agent runs it with `BPF_PROG_TEST_RUN` to remove
+//! the routed flows it saw finish and linger. Its input frame carries, after
+//! an Ethernet header, up to `SWEEP_BATCH` entries of 4-tuple and SYN time.
+//! A flow is removed only while its `FLOWS` entry is still the one that
+//! SYN opened: a new SYN on the 4-tuple (a runner reusing its port) may
+//! have replaced it since the agent looked, and a delete by key from user
+//! space would remove the new flow, whose next packets the intercepting
+//! path then resets. The compare and the delete run back to back in the
+//! kernel instead of a poll apart.
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use proxy_common::routed::{SWEEP_BATCH, SWEEP_HEADER, SweepEntry};
+
+use crate::maps::FLOWS;
+
+/// Returns how many flows it removed (the test run's return value).
+#[classifier]
+pub fn tcpgate_routed_sweep(ctx: TcContext) -> i32 {
+    try_sweep(&ctx)
+}
+
+fn try_sweep(ctx: &TcContext) -> i32 {
+    let mut removed = 0;
+    for i in 0..SWEEP_BATCH {
+        // The frame ends after the last entry: a short read ends the run.
+        let Ok(entry) = ctx.load::<SweepEntry>(SWEEP_HEADER + i * size_of::<SweepEntry>()) else {
+            break;
+        };
+        if same_flow(&entry) && FLOWS.remove(&entry.key).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Whether `FLOWS` still holds the flow the entry names.
+#[inline(always)]
+fn same_flow(entry: &SweepEntry) -> bool {
+    FLOWS.get_ptr(&entry.key).is_some_and(|flow| {
+        // SAFETY: a successful lookup's value pointer, valid while the
+        // program runs; the SYN time is written once, when the entry is made.
+        unsafe { (*flow).opened_mono_ns == entry.opened_mono_ns }
+    })
+}
