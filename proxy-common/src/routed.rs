@@ -145,6 +145,15 @@ pub struct FlowValue {
 
 const _: () = assert!(size_of::<FlowValue>() == 8 * 8 + 16 + 8 + 8);
 
+impl FlowValue {
+    /// The entry is being removed ([`FLOW_REMOVED`]): every reader takes
+    /// it as gone.
+    #[must_use]
+    pub fn is_removed(&self) -> bool {
+        self.opened_mono_ns == FLOW_REMOVED
+    }
+}
+
 /// Value of the single-slot per-CPU `ROUTED_STATS` array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -185,6 +194,11 @@ pub struct FlowEvent {
 }
 
 const _: () = assert!(size_of::<FlowEvent>() == 16 + size_of::<FlowValue>());
+
+/// `FlowValue::opened_mono_ns` of an entry being removed: set by the
+/// sweep or by a SYN taking over the 4-tuple (whichever comes first, with
+/// a compare-and-set), so the other leaves it alone. Readers skip it.
+pub const FLOW_REMOVED: u64 = u64::MAX;
 
 /// A finished flow the agent asks `tcpgate_routed_sweep` to remove from
 /// `FLOWS`: removed only while its entry is still the flow that SYN

@@ -2,7 +2,11 @@
 //! live in [`maps`].
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
+#[cfg(target_arch = "bpf")]
+mod atomic;
 #[cfg(target_arch = "bpf")]
 mod local_socket;
 #[cfg(target_arch = "bpf")]

@@ -19,8 +19,8 @@ use aya_ebpf::{
 use proxy_common::{
     addr::v4_mapped,
     routed::{
-        FLOW_EVENT_CHANGED, FLOW_EVENT_OPENED, FLOW_FIN_DOWN, FLOW_FIN_UP, FLOW_OPEN, FLOW_RST,
-        FlowKey, FlowValue, MAX_ROUTED_DESTINATIONS,
+        FLOW_EVENT_CHANGED, FLOW_EVENT_OPENED, FLOW_FIN_DOWN, FLOW_FIN_UP, FLOW_OPEN, FLOW_REMOVED,
+        FLOW_RST, FlowKey, FlowValue, MAX_ROUTED_DESTINATIONS,
     },
 };
 
@@ -94,11 +94,19 @@ fn classify(ctx: &TcContext, segment: &Segment) -> Verdict {
         // SAFETY: a successful lookup's value pointer, valid while the
         // program runs; concurrent writers only add to counters.
         let flow = unsafe { &mut *flow };
+        if flow.is_removed() {
+            // Being removed (the sweep, or a SYN on another CPU): gone.
+            return Verdict::NotOurs;
+        }
         // The entry may be a finished flow's, kept for its close line:
-        // a new SYN on its 4-tuple starts a new flow in it.
+        // a new SYN on its 4-tuple starts a new flow in it, once it has
+        // taken the entry from the sweep (only one of them can).
         replace = reuses_finished(flow, segment);
         if !replace {
             return on_flow(ctx, &key, flow, segment, now);
+        }
+        if !take_over(flow) {
+            return Verdict::NotOurs;
         }
     }
     let flags = if replace { BPF_ANY } else { BPF_NOEXIST };
@@ -166,6 +174,15 @@ fn reuses_finished(flow: &FlowValue, segment: &Segment) -> bool {
         && finished
         && segment.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
         && segment.seq.wrapping_add(1) != flow.first_seq_up
+}
+
+/// Marks a finished flow's entry removed, unless the sweep (or another
+/// CPU) did first: whether this SYN may replace it.
+#[inline(always)]
+fn take_over(flow: &mut FlowValue) -> bool {
+    let seen = flow.opened_mono_ns;
+    seen != FLOW_REMOVED
+        && crate::atomic::compare_and_set(&raw mut flow.opened_mono_ns, seen, FLOW_REMOVED)
 }
 
 /// Counts a runner -> target segment (see [`count_bytes`]).

@@ -28,6 +28,10 @@ pub fn tcpgate_routed_out(ctx: TcContext) -> i32 {
     // SAFETY: a successful lookup's value pointer, valid while the program
     // runs; concurrent writers only add to counters.
     let flow = unsafe { &mut *flow };
+    if flow.is_removed() {
+        // Being removed: as if gone already.
+        return TC_ACT_OK;
+    }
     let before = (flow.state, flow.flags);
     let action = forward_down(flow, &segment);
     if (flow.state, flow.flags) != before {

@@ -8,7 +8,7 @@
 //! path then resets. The compare and the delete run back to back in the
 //! kernel instead of a poll apart.
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use proxy_common::routed::{SWEEP_BATCH, SWEEP_HEADER, SweepEntry};
+use proxy_common::routed::{FLOW_REMOVED, SWEEP_BATCH, SWEEP_HEADER, SweepEntry};
 
 use crate::maps::FLOWS;
 
@@ -25,19 +25,21 @@ fn try_sweep(ctx: &TcContext) -> i32 {
         let Ok(entry) = ctx.load::<SweepEntry>(SWEEP_HEADER + i * size_of::<SweepEntry>()) else {
             break;
         };
-        if same_flow(&entry) && FLOWS.remove(&entry.key).is_ok() {
+        if claim(&entry) && FLOWS.remove(&entry.key).is_ok() {
             removed += 1;
         }
     }
     removed
 }
 
-/// Whether `FLOWS` still holds the flow the entry names.
+/// Whether `FLOWS` still holds the flow the entry names; if so, marks it
+/// removed (its SYN time set to `FLOW_REMOVED`) in the same step.
 #[inline(always)]
-fn same_flow(entry: &SweepEntry) -> bool {
-    FLOWS.get_ptr(&entry.key).is_some_and(|flow| {
+fn claim(entry: &SweepEntry) -> bool {
+    FLOWS.get_ptr_mut(&entry.key).is_some_and(|flow| {
         // SAFETY: a successful lookup's value pointer, valid while the
-        // program runs; the SYN time is written once, when the entry is made.
-        unsafe { (*flow).opened_mono_ns == entry.opened_mono_ns }
+        // program runs.
+        let opened = unsafe { &raw mut (*flow).opened_mono_ns };
+        crate::atomic::compare_and_set(opened, entry.opened_mono_ns, FLOW_REMOVED)
     })
 }

@@ -18,10 +18,15 @@ pub fn routed_fixture(extra: &str) -> Result<AuthFixture> {
 
 /// [`routed_fixture`]'s launch, for callers that add to it.
 pub fn routed_launch(extra: &str) -> Launch {
+    routed_launch_lingering("300ms", extra)
+}
+
+/// [`routed_launch`] with finished flows lingering `linger`.
+pub fn routed_launch_lingering(linger: &str, extra: &str) -> Launch {
     Launch {
         intercept_extra: format!("interfaces = [{BASTION_RUNNER_IF:?}]"),
         sections: format!(
-            "\n[intercept.routed_grants]\nenabled = true\nlinger = \"300ms\"\n{extra}"
+            "\n[intercept.routed_grants]\nenabled = true\nlinger = {linger:?}\n{extra}"
         ),
         ..Launch::default()
     }
@@ -147,11 +152,20 @@ pub fn dial_from_runner_port(port: u16, target: SocketAddr) -> Result<TcpStream>
 /// A target on `port` that echoes three bytes and closes first, so the
 /// runner keeps no TIME_WAIT and can reuse its port at once.
 pub fn three_byte_echo(fx: &AuthFixture, port: u16) -> Result<crate::AcceptLoop<()>> {
+    three_byte_echoes(fx, port, 64)
+}
+
+/// [`three_byte_echo`] for up to `connections`.
+pub fn three_byte_echoes(
+    fx: &AuthFixture,
+    port: u16,
+    connections: usize,
+) -> Result<crate::AcceptLoop<()>> {
     use std::io::Write;
     crate::accept_loop(
         &fx.topo.target,
         AuthFixture::target(port),
-        64,
+        connections,
         |mut s, _| {
             let mut b = [0u8; 3];
             if s.read_exact(&mut b).is_ok() {

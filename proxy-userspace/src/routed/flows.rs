@@ -199,6 +199,10 @@ impl FlowWatch {
     /// Takes in a look at a flow: a new flow gets its open line; a new SYN
     /// on a known flow's 4-tuple closes the known one first.
     fn observe(&mut self, key: FlowKey, flow: FlowValue) {
+        if flow.is_removed() {
+            // A finished flow the sweep (or a new SYN) is taking out.
+            return;
+        }
         if let Some(known) = self.known.get_mut(&key) {
             match flow.opened_mono_ns.cmp(&known.opened_mono_ns()) {
                 std::cmp::Ordering::Equal => return known.merge(&flow),

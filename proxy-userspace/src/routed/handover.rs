@@ -38,7 +38,10 @@ impl Previous {
     pub fn carry(&self, into: &mut HashMap<MapData, FlowKey, FlowValue>) -> HashSet<FlowKey> {
         let mut carried = HashSet::new();
         for (key, flow) in self.map.iter().filter_map(Result::ok) {
-            if flow.state == FLOW_OPEN && into.insert(key, flow, NOEXIST).is_ok() {
+            if flow.state == FLOW_OPEN
+                && !flow.is_removed()
+                && into.insert(key, flow, NOEXIST).is_ok()
+            {
                 carried.insert(key);
             }
         }

@@ -56,9 +56,10 @@ pub fn read(maps: &PinnedMaps, now: SystemTime) -> Result<Option<Vec<SessionRow>
     ))
 }
 
-/// Open, and not closed by both ends or reset.
+/// Open, and not closed by both ends or reset (nor being removed).
 pub fn is_live(flow: &FlowValue) -> bool {
     flow.state == FLOW_OPEN
+        && !flow.is_removed()
         && flow.flags & FLOW_RST == 0
         && flow.flags & (FLOW_FIN_UP | FLOW_FIN_DOWN) != FLOW_FIN_UP | FLOW_FIN_DOWN
 }

@@ -2,7 +2,7 @@
 
 use aya::maps::HashMap;
 use aya::programs::SchedClassifier;
-use proxy_common::routed::{FlowKey, FlowValue, SWEEP_BATCH, SweepEntry};
+use proxy_common::routed::{FLOW_REMOVED, FlowKey, FlowValue, SWEEP_BATCH, SweepEntry};
 use proxy_common::{map_names, program_names};
 
 use super::Sweeper;
@@ -55,10 +55,12 @@ fn a_flow_is_removed_only_while_its_entry_is_that_flow() {
         HashMap::try_from(ebpf.map_mut(map_names::FLOWS).expect("FLOWS")).expect("typed");
 
     // Port 1: the flow the agent saw finish. Port 2: a new SYN replaced
-    // it (a later SYN time). Port 3: gone already. Ports 100..: more than
-    // one run's worth, all the flows the agent saw.
+    // it (a later SYN time). Port 3: gone already. Port 4: a SYN on
+    // another CPU is taking it over (marked removed). Ports 100..: more
+    // than one run's worth, all the flows the agent saw.
     flows.insert(key(1), flow(10), 0).expect("insert");
     flows.insert(key(2), flow(25), 0).expect("insert");
+    flows.insert(key(4), flow(FLOW_REMOVED), 0).expect("insert");
     let many = u16::try_from(2 * SWEEP_BATCH + 3).expect("fits");
     for port in 100..100 + many {
         flows
@@ -69,6 +71,7 @@ fn a_flow_is_removed_only_while_its_entry_is_that_flow() {
         SweepEntry::new(key(1), 10),
         SweepEntry::new(key(2), 20),
         SweepEntry::new(key(3), 30),
+        SweepEntry::new(key(4), 40),
     ];
     entries.extend((100..100 + many).map(|port| SweepEntry::new(key(port), u64::from(port))));
 
@@ -79,10 +82,11 @@ fn a_flow_is_removed_only_while_its_entry_is_that_flow() {
         1 + usize::from(many),
         "removed: the seen flows only"
     );
-    let left: Vec<(FlowKey, FlowValue)> = flows.iter().map(|e| e.expect("entry")).collect();
+    let mut left: Vec<(FlowKey, FlowValue)> = flows.iter().map(|e| e.expect("entry")).collect();
+    left.sort_by_key(|(key, _)| key.runner_port);
     assert_eq!(
         left,
-        vec![(key(2), flow(25))],
-        "the new flow keeps its entry"
+        vec![(key(2), flow(25)), (key(4), flow(FLOW_REMOVED))],
+        "the new flow keeps its entry; the one taken over is left to its taker"
     );
 }
