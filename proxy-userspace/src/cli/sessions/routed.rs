@@ -103,7 +103,7 @@ fn row(key: &FlowKey, flow: &FlowValue, clock: &Clock) -> SessionRow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proxy_common::routed::{FLOW_ENDED, FLOW_EXPIRED, FLOW_SEEN_DOWN};
+    use proxy_common::routed::{FLOW_ENDED, FLOW_EXPIRED, FLOW_REMOVED, FLOW_SEEN_DOWN};
 
     #[test]
     fn only_flows_neither_ended_nor_closed_by_both_ends_are_live() {
@@ -118,6 +118,11 @@ mod tests {
         assert!(!is_live(&flow(FLOW_OPEN, FLOW_RST)));
         assert!(!is_live(&flow(FLOW_ENDED, 0)));
         assert!(!is_live(&flow(FLOW_EXPIRED, 0)));
+        let being_removed = FlowValue {
+            opened_mono_ns: FLOW_REMOVED,
+            ..flow(FLOW_OPEN, FLOW_SEEN_DOWN)
+        };
+        assert!(!is_live(&being_removed));
     }
 
     #[test]
