@@ -78,4 +78,7 @@ pub mod program_names {
     /// A tc program never attached: the agent runs it (`BPF_PROG_TEST_RUN`)
     /// to remove finished flows from `FLOWS` (see `routed::SweepEntry`).
     pub const ROUTED_SWEEP: &str = "tcpgate_routed_sweep";
+    /// A tc program never attached: the agent runs it to end a flow whose
+    /// grant expired or was revoked, in place (see `routed::END_FRAME`).
+    pub const ROUTED_END: &str = "tcpgate_routed_end";
 }

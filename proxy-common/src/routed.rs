@@ -200,9 +200,9 @@ const _: () = assert!(size_of::<FlowEvent>() == 16 + size_of::<FlowValue>());
 /// a compare-and-set), so the other leaves it alone. Readers skip it.
 pub const FLOW_REMOVED: u64 = u64::MAX;
 
-/// A finished flow the agent asks `tcpgate_routed_sweep` to remove from
-/// `FLOWS`: removed only while its entry is still the flow that SYN
-/// opened. A new SYN on the 4-tuple may have replaced it since the agent
+/// A flow the agent asks `tcpgate_routed_sweep` to remove from `FLOWS`
+/// (or `tcpgate_routed_end` to end): changed only while its entry is
+/// still the flow that SYN opened. A new SYN on the 4-tuple may have replaced it since the agent
 /// looked, and a delete by key alone would take the new flow's entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -224,6 +224,11 @@ pub const SWEEP_HEADER: usize = 14;
 pub const SWEEP_BATCH: usize = 128;
 
 const _: () = assert!(SWEEP_HEADER + SWEEP_BATCH * size_of::<SweepEntry>() <= 3712);
+
+/// The frame of one run of `tcpgate_routed_end`: the header, the flow to
+/// end (a [`SweepEntry`]), then room where the program writes the flow's
+/// [`FlowValue`] as it ended.
+pub const END_FRAME: usize = SWEEP_HEADER + size_of::<SweepEntry>() + size_of::<FlowValue>();
 
 impl SweepEntry {
     #[must_use]

@@ -18,6 +18,8 @@ mod overlap;
 #[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]
+mod routed_end;
+#[cfg(target_arch = "bpf")]
 mod routed_in;
 #[cfg(target_arch = "bpf")]
 mod routed_out;

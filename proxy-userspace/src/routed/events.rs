@@ -52,10 +52,7 @@ impl FlowEvents {
 /// One record, or `None` for bytes that are not one (never written by our
 /// programs; skipped rather than trusted).
 fn decode(bytes: &[u8]) -> Option<(FlowChange, FlowKey, FlowValue)> {
-    let bytes = bytes.get(..size_of::<FlowEvent>())?;
-    // SAFETY: FlowEvent is plain data (integers only) of exactly these
-    // bytes; read_unaligned copes with any alignment.
-    let event: FlowEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let event: FlowEvent = crate::sys_bpf::read_pod(bytes)?;
     Some((FlowChange::from_kind(event.kind)?, event.key, event.flow))
 }
 

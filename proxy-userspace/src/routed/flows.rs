@@ -10,10 +10,7 @@ use std::net::SocketAddrV4;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use proxy_common::routed::{
-    FLOW_ENDED, FLOW_FIN_DOWN, FLOW_FIN_UP, FLOW_OPEN, FLOW_SEEN_DOWN, FlowKey, FlowValue,
-    SweepEntry,
-};
+use proxy_common::routed::{FlowKey, FlowValue, SweepEntry};
 use tokio::sync::watch;
 
 use super::Router;
@@ -250,7 +247,7 @@ impl FlowWatch {
             }
             // Its counters as it ended: the programs count nothing more.
             let opened = known.opened_mono_ns();
-            if let Some(flow) = end(&self.router, self.rst.as_ref(), key, opened) {
+            if let Some(flow) = super::ending::end(&self.router, self.rst.as_ref(), key, opened) {
                 known.merge(&flow);
             }
         }
@@ -286,7 +283,7 @@ impl FlowWatch {
         if keys.is_empty() {
             return;
         }
-        if let Err(e) = self.router.sweeper.remove(&entries) {
+        if let Err(e) = self.router.edits.remove(&entries) {
             // Removed by key instead: a flow that took a 4-tuple since the
             // last look may lose its entry, but none lingers for ever.
             tracing::warn!(error = %crate::error_chain(&e), "removing finished routed flows by key");
@@ -317,44 +314,6 @@ impl FlowWatch {
         self.metrics.closed(reason.as_str(), expired_at);
         self.audit.record(known.line(EventKind::SessionClose, &key));
     }
-}
-
-/// Marks a flow ended (the programs drop what follows) and resets both
-/// ends with the sequence numbers the programs tracked; returns its entry
-/// as it ended. `opened`: its SYN's time (a new flow on the 4-tuple is
-/// left alone).
-fn end(router: &Router, rst: Option<&RstSender>, key: FlowKey, opened: u64) -> Option<FlowValue> {
-    let flow = {
-        let mut map = router.flows.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut flow = map
-            .get(&key, 0)
-            .ok()
-            .filter(|f| f.opened_mono_ns == opened)?;
-        if flow.state == FLOW_OPEN {
-            flow.state = FLOW_ENDED;
-            if let Err(e) = map.insert(key, flow, 0) {
-                tracing::error!(error = %e, "cannot mark a routed flow ended");
-            }
-        }
-        flow
-    };
-    let Some(rst) = rst else {
-        return Some(flow);
-    };
-    let runner = SocketAddrV4::new(key.runner_addr.into(), key.runner_port);
-    let target = SocketAddrV4::new(key.target_addr.into(), key.target_port);
-    let fin = |flag| u32::from(flow.flags & flag != 0);
-    let up = flow.next_seq_up.wrapping_add(fin(FLOW_FIN_UP));
-    if let Err(e) = rst.send(runner, target, up) {
-        tracing::warn!(error = %e, "cannot reset a routed flow's target");
-    }
-    if flow.flags & FLOW_SEEN_DOWN != 0 {
-        let down = flow.next_seq_down.wrapping_add(fin(FLOW_FIN_DOWN));
-        if let Err(e) = rst.send(target, runner, down) {
-            tracing::warn!(error = %e, "cannot reset a routed flow's runner");
-        }
-    }
-    Some(flow)
 }
 
 #[cfg(test)]

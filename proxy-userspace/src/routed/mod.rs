@@ -11,9 +11,14 @@
 //! - [`flows`] learns of flows from the programs' [`events`] ring (and reads
 //!   `FLOWS` whole now and then): audit lines, expiry and revocation (RSTs
 //!   both ways from [`rst`], with the sequence numbers the programs tracked).
+//! - [`edits`] runs two never-attached programs that end and remove a
+//!   flow's entry only while it is still that flow (a runner may reuse the
+//!   4-tuple at any moment).
 //!
 //! Only IPv4 over Ethernet: anything else takes the intercepting path.
 
+pub mod edits;
+mod ending;
 pub mod events;
 pub mod flows;
 pub mod handover;
@@ -21,7 +26,6 @@ mod known;
 pub mod metrics;
 pub mod rst;
 pub mod sources;
-pub mod sweep;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -56,7 +60,7 @@ pub enum RoutedError {
         source: tc::TcError,
     },
     #[error(transparent)]
-    Sweep(#[from] sweep::SweepError),
+    Edit(#[from] edits::EditError),
     #[error("cannot attach {program} to {interface} (intercept.interfaces)")]
     Attach {
         program: &'static str,
@@ -69,8 +73,8 @@ pub enum RoutedError {
 /// The installed routed path, live until [`Router::shutdown`].
 pub struct Router {
     pub(crate) flows: Mutex<HashMap<MapData, FlowKey, FlowValue>>,
-    /// Removes finished flows from `FLOWS` (never one a new SYN replaced).
-    pub(crate) sweeper: sweep::Sweeper,
+    /// Ends and removes flows in `FLOWS` (never one a new SYN replaced).
+    pub(crate) edits: edits::FlowEdits,
     pub(crate) sources: Mutex<HashMap<MapData, [u8; 4], RoutedSource>>,
     /// `FLOW_EVENTS`, until the flow watch takes it.
     events: Mutex<Option<RingBuf<MapData>>>,
@@ -115,10 +119,10 @@ impl Router {
             .as_ref()
             .map(|p| p.carry(&mut flows))
             .unwrap_or_default();
-        let sweeper = sweep::Sweeper::load(bpf)?;
+        let edits = edits::FlowEdits::load(bpf)?;
         let router = Self {
             flows: Mutex::new(flows),
-            sweeper,
+            edits,
             sources: Mutex::new(typed(
                 map_names::ROUTED_SOURCES,
                 bpf.take_map(map_names::ROUTED_SOURCES)?,
