@@ -81,6 +81,24 @@ impl Known {
         }
         self.last.state = state;
         self.last.flags = flags;
+        self.revive_if_answered();
+    }
+
+    /// A flow taken as finished because its target had not answered
+    /// within `linger`, answered since (a retransmitted SYN, after the
+    /// target dropped the first as a full listen queue does), is live
+    /// again: its entry must stay, or the established connection's next
+    /// packet finds none and the intercepting path resets it. Nothing of
+    /// its end was written yet (that waits for the removal).
+    fn revive_if_answered(&mut self) {
+        let unanswered = matches!(self.ended, Some((_, EndReason::UpstreamUnreachable)));
+        if unanswered
+            && self.last.state == FLOW_OPEN
+            && self.last.flags & FLOW_SEEN_DOWN != 0
+            && !closed(&self.last)
+        {
+            self.ended = None;
+        }
     }
 
     /// Refused for a token preamble.
@@ -134,12 +152,10 @@ impl Known {
                 EndReason::Revoked
             }));
         }
-        let closed = flow.flags & FLOW_RST != 0
-            || flow.flags & (FLOW_FIN_UP | FLOW_FIN_DOWN) == FLOW_FIN_UP | FLOW_FIN_DOWN;
         let unanswered = flow.flags & FLOW_SEEN_DOWN == 0
             && super::sources::monotonic_ns().saturating_sub(flow.opened_mono_ns)
                 > u64::try_from(linger.as_nanos()).unwrap_or(u64::MAX);
-        (closed || unanswered).then(|| Over::Finished(self.finish_reason()))
+        (closed(flow) || unanswered).then(|| Over::Finished(self.finish_reason()))
     }
 
     /// Who finished the flow, by its flags.
@@ -206,5 +222,89 @@ impl Known {
             }
         }
         event
+    }
+}
+
+/// Both ends finished it: FINs both ways, or a reset.
+fn closed(flow: &FlowValue) -> bool {
+    flow.flags & FLOW_RST != 0
+        || flow.flags & (FLOW_FIN_UP | FLOW_FIN_DOWN) == FLOW_FIN_UP | FLOW_FIN_DOWN
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unanswered_flow() -> (FlowKey, FlowValue) {
+        let key = FlowKey {
+            runner_addr: [198, 51, 100, 7],
+            target_addr: [192, 0, 2, 10],
+            runner_port: 40_000,
+            target_port: 5432,
+        };
+        // Opened at boot: long past any linger.
+        let flow = FlowValue {
+            opened_mono_ns: 1,
+            state: FLOW_OPEN,
+            ..FlowValue::default()
+        };
+        (key, flow)
+    }
+
+    #[test]
+    fn an_unanswered_flow_answered_before_its_removal_is_live_again() {
+        let (key, flow) = unanswered_flow();
+        let mut known = Known::new(&key, flow, None, false);
+        let Some(Over::Finished(reason)) = known.over(true, false, Duration::ZERO) else {
+            panic!("an unanswered flow is finished after linger");
+        };
+        assert_eq!(reason, EndReason::UpstreamUnreachable);
+        known.end(reason);
+        assert!(known.lingered(Duration::ZERO), "due for removal");
+
+        // The target answers a retransmitted SYN.
+        known.merge(&FlowValue {
+            flags: FLOW_SEEN_DOWN,
+            packets_up: 2,
+            packets_down: 1,
+            ..flow
+        });
+
+        assert!(!known.is_ended(), "live again");
+        assert!(!known.lingered(Duration::ZERO), "its entry stays");
+        assert!(known.over(true, false, Duration::ZERO).is_none());
+    }
+
+    #[test]
+    fn a_flow_its_ends_closed_stays_finished_whatever_comes_after() {
+        let (key, flow) = unanswered_flow();
+        let closed = FlowValue {
+            flags: FLOW_SEEN_DOWN | FLOW_FIN_UP | FLOW_FIN_DOWN,
+            ..flow
+        };
+        let mut known = Known::new(&key, closed, None, false);
+        let Some(Over::Finished(reason)) = known.over(true, false, Duration::ZERO) else {
+            panic!("closed by both ends");
+        };
+        known.end(reason);
+        known.merge(&FlowValue {
+            packets_up: 9,
+            ..closed
+        });
+        assert!(known.is_ended() && known.lingered(Duration::ZERO));
+
+        // Reset before any answer: not revived by a late SYN-ACK either.
+        let (key, flow) = unanswered_flow();
+        let reset = FlowValue {
+            flags: FLOW_RST,
+            ..flow
+        };
+        let mut known = Known::new(&key, reset, None, false);
+        known.end(EndReason::UpstreamUnreachable);
+        known.merge(&FlowValue {
+            flags: FLOW_RST | FLOW_SEEN_DOWN,
+            ..reset
+        });
+        assert!(known.is_ended(), "a reset flow stays over");
     }
 }
