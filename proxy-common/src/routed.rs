@@ -208,10 +208,17 @@ pub const FLOW_REMOVED: u64 = u64::MAX;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SweepEntry {
     pub key: FlowKey,
-    pub _pad: u32,
+    /// `SWEEP_IF_UNANSWERED` or 0 (read by the sweep only).
+    pub condition: u32,
     /// The flow's `FlowValue::opened_mono_ns`.
     pub opened_mono_ns: u64,
 }
+
+/// [`SweepEntry::condition`]: remove the flow only while its target has
+/// not answered (no `FLOW_SEEN_DOWN`). The agent takes a flow whose SYN
+/// went unanswered for `linger` as finished, but the target may answer a
+/// retransmitted SYN until the sweep runs.
+pub const SWEEP_IF_UNANSWERED: u32 = 1;
 
 const _: () = assert!(size_of::<SweepEntry>() == 24);
 
@@ -235,8 +242,18 @@ impl SweepEntry {
     pub fn new(key: FlowKey, opened_mono_ns: u64) -> Self {
         Self {
             key,
-            _pad: 0,
+            condition: 0,
             opened_mono_ns,
+        }
+    }
+
+    /// The entry of a flow to remove only while its target has not
+    /// answered ([`SWEEP_IF_UNANSWERED`]).
+    #[must_use]
+    pub fn if_unanswered(self) -> Self {
+        Self {
+            condition: SWEEP_IF_UNANSWERED,
+            ..self
         }
     }
 
@@ -249,7 +266,7 @@ impl SweepEntry {
         out[4..8].copy_from_slice(&self.key.target_addr);
         out[8..10].copy_from_slice(&self.key.runner_port.to_ne_bytes());
         out[10..12].copy_from_slice(&self.key.target_port.to_ne_bytes());
-        out[12..16].copy_from_slice(&self._pad.to_ne_bytes());
+        out[12..16].copy_from_slice(&self.condition.to_ne_bytes());
         out[16..24].copy_from_slice(&self.opened_mono_ns.to_ne_bytes());
         out
     }
@@ -281,7 +298,7 @@ mod pod {
 mod tests {
     use core::mem::offset_of;
 
-    use super::{FlowKey, SweepEntry};
+    use super::{FlowKey, SWEEP_IF_UNANSWERED, SweepEntry};
 
     #[test]
     fn a_sweep_entry_is_encoded_in_its_struct_layout() {
@@ -303,10 +320,15 @@ mod tests {
             at(offset_of!(FlowKey, target_port), 2),
             5432u16.to_ne_bytes()
         );
-        assert_eq!(at(offset_of!(SweepEntry, _pad), 4), [0; 4]);
+        assert_eq!(at(offset_of!(SweepEntry, condition), 4), [0; 4]);
         assert_eq!(
             at(offset_of!(SweepEntry, opened_mono_ns), 8),
             0x0102_0304_0506_0708u64.to_ne_bytes()
+        );
+        let bytes = SweepEntry::new(key, 1).if_unanswered().to_ne_bytes();
+        assert_eq!(
+            bytes[offset_of!(SweepEntry, condition)..][..4],
+            SWEEP_IF_UNANSWERED.to_ne_bytes()
         );
     }
 }

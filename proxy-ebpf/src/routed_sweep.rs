@@ -8,7 +8,9 @@
 //! path then resets. The compare and the delete run back to back in the
 //! kernel instead of a poll apart.
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use proxy_common::routed::{FLOW_REMOVED, SWEEP_BATCH, SWEEP_HEADER, SweepEntry};
+use proxy_common::routed::{
+    FLOW_REMOVED, FLOW_SEEN_DOWN, SWEEP_BATCH, SWEEP_HEADER, SWEEP_IF_UNANSWERED, SweepEntry,
+};
 
 use crate::maps::FLOWS;
 
@@ -32,13 +34,20 @@ fn try_sweep(ctx: &TcContext) -> i32 {
     removed
 }
 
-/// Whether `FLOWS` still holds the flow the entry names; if so, marks it
-/// removed (its SYN time set to `FLOW_REMOVED`) in the same step.
+/// Whether `FLOWS` still holds the flow the entry names (and, for an
+/// entry `SWEEP_IF_UNANSWERED`, its target has still not answered); if so,
+/// marks it removed (its SYN time set to `FLOW_REMOVED`) in the same step.
 #[inline(always)]
 fn claim(entry: &SweepEntry) -> bool {
     FLOWS.get_ptr_mut(&entry.key).is_some_and(|flow| {
         // SAFETY: a successful lookup's value pointer, valid while the
-        // program runs.
+        // program runs; the flags are read once, as the egress program
+        // may set FLOW_SEEN_DOWN meanwhile.
+        let flags = unsafe { core::ptr::read_volatile(&raw const (*flow).flags) };
+        if entry.condition & SWEEP_IF_UNANSWERED != 0 && flags & FLOW_SEEN_DOWN != 0 {
+            return false;
+        }
+        // SAFETY: as above.
         let opened = unsafe { &raw mut (*flow).opened_mono_ns };
         crate::atomic::compare_and_set(opened, entry.opened_mono_ns, FLOW_REMOVED)
     })

@@ -266,7 +266,8 @@ impl FlowWatch {
     /// final, since the programs count nothing of an ended flow. The sweep
     /// program removes an entry only while it is still that flow: a new
     /// SYN on the 4-tuple since the last look keeps its entry, and its
-    /// opening comes with the next poll's events.
+    /// opening comes with the next poll's events. A flow taken as
+    /// unanswered goes only while its target still has not answered.
     fn remove_lingered(&mut self, shutdown: bool) {
         let linger = if shutdown {
             Duration::ZERO
@@ -274,31 +275,69 @@ impl FlowWatch {
             self.router.section.linger
         };
         self.take_events();
-        let (keys, entries): (Vec<FlowKey>, Vec<SweepEntry>) = self
+        let entries: Vec<SweepEntry> = self
             .known
             .iter()
             .filter(|(_, known)| known.lingered(linger))
-            .map(|(key, known)| (*key, SweepEntry::new(*key, known.opened_mono_ns())))
-            .unzip();
-        if keys.is_empty() {
+            .map(|(key, known)| {
+                let entry = SweepEntry::new(*key, known.opened_mono_ns());
+                // At a stop every flow goes, answered or not.
+                if known.is_unanswered() && !shutdown {
+                    entry.if_unanswered()
+                } else {
+                    entry
+                }
+            })
+            .collect();
+        if entries.is_empty() {
             return;
         }
-        if let Err(e) = self.router.edits.remove(&entries) {
-            // Removed by key instead: a flow that took a 4-tuple since the
-            // last look may lose its entry, but none lingers for ever.
-            tracing::warn!(error = %crate::error_chain(&e), "removing finished routed flows by key");
-            let mut map = self
+        let swept = match self.router.edits.remove(&entries) {
+            Ok(_) => true,
+            Err(e) => {
+                // Removed by key instead: a flow that took a 4-tuple since
+                // the last look may lose its entry, but none lingers for ever.
+                tracing::warn!(error = %crate::error_chain(&e), "removing finished routed flows by key");
+                let keys: Vec<FlowKey> = entries.iter().map(|e| e.key).collect();
+                let mut map = self
+                    .router
+                    .flows
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if let Err(e) = crate::map_batch::delete_all(&mut *map, &keys) {
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot remove finished routed flows");
+                }
+                false
+            }
+        };
+        for entry in entries {
+            if swept && entry.condition != 0 && self.answered_since(&entry) {
+                continue;
+            }
+            self.close(entry.key);
+        }
+    }
+
+    /// Whether the unanswered flow `entry` names is still in `FLOWS`,
+    /// answered since the last look (the sweep kept it); if so, takes
+    /// that look in, which makes it live again.
+    fn answered_since(&mut self, entry: &SweepEntry) -> bool {
+        let flow = {
+            let map = self
                 .router
                 .flows
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if let Err(e) = crate::map_batch::delete_all(&mut *map, &keys) {
-                tracing::warn!(error = %crate::error_chain(&e), "cannot remove finished routed flows");
-            }
-        }
-        for key in keys {
-            self.close(key);
-        }
+            map.get(&entry.key, 0).ok()
+        };
+        let Some(flow) = flow.filter(|f| f.opened_mono_ns == entry.opened_mono_ns) else {
+            return false;
+        };
+        let Some(known) = self.known.get_mut(&entry.key) else {
+            return false;
+        };
+        known.merge(&flow);
+        !known.is_ended()
     }
 
     /// Writes the close line of `key`'s known flow and forgets it.

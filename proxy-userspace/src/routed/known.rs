@@ -84,6 +84,15 @@ impl Known {
         self.revive_if_answered();
     }
 
+    /// Taken as finished because its target has not answered (and still
+    /// has not, as far as the agent knows).
+    #[must_use]
+    pub fn is_unanswered(&self) -> bool {
+        matches!(self.ended, Some((_, EndReason::UpstreamUnreachable)))
+            && self.last.flags & FLOW_SEEN_DOWN == 0
+            && !closed(&self.last)
+    }
+
     /// A flow taken as finished because its target had not answered
     /// within `linger`, answered since (a retransmitted SYN, after the
     /// target dropped the first as a full listen queue does), is live
@@ -261,6 +270,7 @@ mod tests {
         assert_eq!(reason, EndReason::UpstreamUnreachable);
         known.end(reason);
         assert!(known.lingered(Duration::ZERO), "due for removal");
+        assert!(known.is_unanswered(), "swept only while unanswered");
 
         // The target answers a retransmitted SYN.
         known.merge(&FlowValue {
@@ -271,6 +281,7 @@ mod tests {
         });
 
         assert!(!known.is_ended(), "live again");
+        assert!(!known.is_unanswered());
         assert!(!known.lingered(Duration::ZERO), "its entry stays");
         assert!(known.over(true, false, Duration::ZERO).is_none());
     }
@@ -306,5 +317,6 @@ mod tests {
             ..reset
         });
         assert!(known.is_ended(), "a reset flow stays over");
+        assert!(!known.is_unanswered(), "swept whatever its flags");
     }
 }

@@ -4,7 +4,8 @@
 use aya::maps::HashMap;
 use aya::programs::SchedClassifier;
 use proxy_common::routed::{
-    FLOW_ENDED, FLOW_EXPIRED, FLOW_OPEN, FLOW_REMOVED, FlowKey, FlowValue, SWEEP_BATCH, SweepEntry,
+    FLOW_ENDED, FLOW_EXPIRED, FLOW_OPEN, FLOW_REMOVED, FLOW_SEEN_DOWN, FlowKey, FlowValue,
+    SWEEP_BATCH, SweepEntry,
 };
 use proxy_common::{map_names, program_names};
 
@@ -114,6 +115,42 @@ fn a_flow_is_removed_only_while_its_entry_is_that_flow() {
         vec![(key(2), flow(25)), (key(4), flow(FLOW_REMOVED))],
         "the new flow keeps its entry; the one taken over is left to its taker"
     );
+}
+
+#[test]
+fn an_unanswered_flow_is_removed_only_while_its_target_has_not_answered() {
+    if !privileged() {
+        return;
+    }
+    let (edits, mut ebpf) = loaded();
+    let mut flows = flows(&mut ebpf);
+    // Port 1: still unanswered. Port 2: the target answered a retransmitted
+    // SYN since the agent's last look.
+    let answered = FlowValue {
+        flags: FLOW_SEEN_DOWN,
+        ..flow(20)
+    };
+    flows.insert(key(1), flow(10), 0).expect("insert");
+    flows.insert(key(2), answered, 0).expect("insert");
+    let entries = [
+        SweepEntry::new(key(1), 10).if_unanswered(),
+        SweepEntry::new(key(2), 20).if_unanswered(),
+    ];
+
+    assert_eq!(edits.remove(&entries).expect("the sweep runs"), 1);
+
+    assert!(flows.get(&key(1), 0).is_err(), "the unanswered flow went");
+    assert_eq!(
+        flows.get(&key(2), 0).expect("kept"),
+        answered,
+        "the answered flow stays, untouched"
+    );
+    // Without the condition, as at a stop: removed.
+    assert_eq!(
+        edits.remove(&[SweepEntry::new(key(2), 20)]).expect("runs"),
+        1
+    );
+    assert!(flows.get(&key(2), 0).is_err());
 }
 
 #[test]
