@@ -202,8 +202,9 @@ pub const FLOW_REMOVED: u64 = u64::MAX;
 
 /// A flow the agent asks `tcpgate_routed_sweep` to remove from `FLOWS`
 /// (or `tcpgate_routed_end` to end): changed only while its entry is
-/// still the flow that SYN opened. A new SYN on the 4-tuple may have replaced it since the agent
-/// looked, and a delete by key alone would take the new flow's entry.
+/// still the flow that SYN opened. A new SYN on the 4-tuple may have
+/// replaced it since the agent looked, and a delete by key alone would
+/// take the new flow's entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SweepEntry {

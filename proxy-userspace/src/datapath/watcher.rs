@@ -188,12 +188,10 @@ async fn dispatch(
 /// Hands every queued wake-up to its session.
 fn wake_sessions(ring: &mut RingBuf<MapData>, subscribers: &HashMap<u64, Arc<Mailbox>>) {
     while let Some(item) = ring.next() {
-        let Some(bytes) = item.get(..size_of::<WakeEvent>()) else {
+        // A short record is never written by the verdict program: skipped.
+        let Some(event) = crate::sys_bpf::read_pod::<WakeEvent>(&item) else {
             continue;
         };
-        // SAFETY: WakeEvent is plain data of exactly these bytes (the
-        // verdict program wrote one); read_unaligned copes with alignment.
-        let event: WakeEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
         if let Some(mailbox) = subscribers.get(&event.session_id) {
             let side = if event.direction == DIRECTION_UP {
                 Side::Client

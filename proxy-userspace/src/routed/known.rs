@@ -88,9 +88,12 @@ impl Known {
     /// has not, as far as the agent knows).
     #[must_use]
     pub fn is_unanswered(&self) -> bool {
-        matches!(self.ended, Some((_, EndReason::UpstreamUnreachable)))
-            && self.last.flags & FLOW_SEEN_DOWN == 0
-            && !closed(&self.last)
+        self.finished_unanswered() && self.last.flags & FLOW_SEEN_DOWN == 0
+    }
+
+    /// Finished for want of an answer, and not closed by either end since.
+    fn finished_unanswered(&self) -> bool {
+        matches!(self.ended, Some((_, EndReason::UpstreamUnreachable))) && !closed(&self.last)
     }
 
     /// A flow taken as finished because its target had not answered
@@ -100,11 +103,9 @@ impl Known {
     /// packet finds none and the intercepting path resets it. Nothing of
     /// its end was written yet (that waits for the removal).
     fn revive_if_answered(&mut self) {
-        let unanswered = matches!(self.ended, Some((_, EndReason::UpstreamUnreachable)));
-        if unanswered
+        if self.finished_unanswered()
             && self.last.state == FLOW_OPEN
             && self.last.flags & FLOW_SEEN_DOWN != 0
-            && !closed(&self.last)
         {
             self.ended = None;
         }
