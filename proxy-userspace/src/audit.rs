@@ -10,12 +10,14 @@
 //! claims, details quoting a token's `kid`) are cut to a few hundred bytes.
 
 mod bound;
+mod claims;
+mod text;
 
 pub use bound::truncate;
+pub use claims::AuditClaims;
+pub use text::{socket_addr, socket_addr_v4};
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use prometheus_client::metrics::counter::Counter;
@@ -55,9 +57,12 @@ pub struct AuditEvent {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
     /// Shared with the grant (or the token's cache entry): a session's
-    /// lines never copy them.
-    #[serde(skip_serializing_if = "no_claims")]
-    pub claims: Arc<BTreeMap<String, serde_json::Value>>,
+    /// lines never copy them, and write the JSON made with them.
+    #[serde(
+        skip_serializing_if = "no_claims",
+        serialize_with = "AuditClaims::serialize_line"
+    )]
+    pub claims: AuditClaims,
     /// The client's address and port.
     pub source: String,
     /// The address the client dialled.
@@ -130,7 +135,7 @@ impl AuditEvent {
             session_id: None,
             grant_id: None,
             subject: None,
-            claims: Arc::default(),
+            claims: AuditClaims::default(),
             source,
             destination,
             upstream: None,
@@ -155,7 +160,7 @@ impl AuditEvent {
     }
 }
 
-fn no_claims(claims: &Arc<BTreeMap<String, serde_json::Value>>) -> bool {
+fn no_claims(claims: &AuditClaims) -> bool {
     claims.is_empty()
 }
 

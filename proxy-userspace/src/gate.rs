@@ -129,7 +129,7 @@ fn admitted(grant: &Grant, method: u16) -> Admitted {
         subject: grant.subject.as_str().into(),
         expires: Some(grant.expires_at),
         auth_method: method,
-        claims: std::sync::Arc::clone(&grant.audit_claims),
+        claims: grant.audit_claims.clone(),
         answer_preamble: method == AUTH_PREAMBLE,
         opening_unseen: false,
         relayed_down: 0,

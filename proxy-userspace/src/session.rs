@@ -162,7 +162,7 @@ async fn refuse(
     );
     event.upstream = None;
     event.subject = refusal.subject;
-    event.claims = std::sync::Arc::new(refusal.claims);
+    event.claims = refusal.claims.into();
     event.reason = Some(EndReason::AuthFailed.as_str().to_owned());
     // The detail may quote what the peer sent (a `kid`): bounded here for
     // the log line too, not only in the audit line.

@@ -91,10 +91,11 @@ async fn fields_a_peer_chooses_are_cut() {
     let mut denied = event(EventKind::ConnectionDenied);
     denied.detail = Some(format!("unknown_kid: no key with kid {kid:?}"));
     denied.subject = Some("s".repeat(5000));
-    let claims = std::sync::Arc::make_mut(&mut denied.claims);
+    let mut claims = std::collections::BTreeMap::new();
     claims.insert("ref".into(), serde_json::json!("r".repeat(5000)));
     claims.insert("groups".into(), serde_json::json!(vec!["g"; 3000]));
     claims.insert("job_id".into(), serde_json::json!(42));
+    denied.claims = AuditClaims::new(claims);
     log.record(denied);
     log.flush().await;
     drop(log);
@@ -183,29 +184,40 @@ async fn lines_queued_together_are_written_together_and_whole() {
 }
 
 #[test]
-fn claims_are_shared_and_copied_only_to_cut_one() {
-    let mut short = BTreeMap::new();
-    short.insert("ref".to_owned(), serde_json::json!("main"));
-    let shared = std::sync::Arc::new(short);
+fn claims_are_shared_and_cut_only_in_the_line() {
+    let mut claims = std::collections::BTreeMap::new();
+    claims.insert("ref".to_owned(), serde_json::json!("r".repeat(5000)));
+    claims.insert("job_id".to_owned(), serde_json::json!(42));
+    claims.insert("project".to_owned(), serde_json::json!("a \"quoted\" name"));
+    let shared = AuditClaims::new(claims);
     let mut open = event(EventKind::SessionOpen);
-    open.claims = std::sync::Arc::clone(&shared);
+    open.claims = shared.clone();
     super::bound::bound(&mut open);
     assert!(
-        std::sync::Arc::ptr_eq(&open.claims, &shared),
-        "nothing to cut: not copied"
+        open.claims.ptr_eq(&shared),
+        "a line never copies the claims"
     );
 
-    let mut long = BTreeMap::new();
-    long.insert("ref".to_owned(), serde_json::json!("r".repeat(5000)));
-    let shared = std::sync::Arc::new(long);
-    let mut open = event(EventKind::SessionOpen);
-    open.claims = std::sync::Arc::clone(&shared);
-    super::bound::bound(&mut open);
-    assert!(!std::sync::Arc::ptr_eq(&open.claims, &shared));
-    assert!(open.claims["ref"].as_str().is_some_and(|r| r.len() < 400));
+    let line: serde_json::Value =
+        serde_json::from_slice(&serde_json::to_vec(&open).expect("line")).expect("json");
+    let cut = line["claims"]["ref"].as_str().expect("ref");
+    assert!(cut.len() < 400 && cut.ends_with("...[5000 bytes]"), "{cut}");
+    assert_eq!(line["claims"]["job_id"], 42);
+    assert_eq!(line["claims"]["project"], "a \"quoted\" name");
     assert_eq!(
         shared["ref"].as_str().map(str::len),
         Some(5000),
-        "the grant's own claims are untouched"
+        "the grant's own claims are whole"
     );
+    let whole: serde_json::Value =
+        serde_json::from_slice(&serde_json::to_vec(&shared).expect("claims")).expect("json");
+    assert_eq!(
+        whole["ref"].as_str().map(str::len),
+        Some(5000),
+        "and the grant API shows them whole"
+    );
+
+    let none = event(EventKind::SessionOpen);
+    let line = serde_json::to_string(&none).expect("line");
+    assert!(!line.contains("claims"), "no claims, no field: {line}");
 }

@@ -18,8 +18,7 @@ use serde_json::Value;
 
 use super::token::ValidatedToken;
 
-/// The audit claims of one token (claim path → value), shared.
-pub type AuditClaims = Arc<BTreeMap<String, Value>>;
+pub use crate::audit::AuditClaims;
 
 /// A verified token and its memoized derived values.
 #[derive(Debug)]
@@ -44,10 +43,9 @@ impl Verified {
         &self,
         compute: impl FnOnce(&ValidatedToken) -> BTreeMap<String, Value>,
     ) -> AuditClaims {
-        Arc::clone(
-            self.audit_claims
-                .get_or_init(|| Arc::new(compute(&self.token))),
-        )
+        self.audit_claims
+            .get_or_init(|| AuditClaims::new(compute(&self.token)))
+            .clone()
     }
 }
 
@@ -103,7 +101,7 @@ mod tests {
         });
         let second = token.audit_claims(|_| unreachable!("memoized"));
         assert_eq!(calls, 1);
-        assert!(Arc::ptr_eq(&first, &second), "one copy for all sessions");
+        assert!(first.ptr_eq(&second), "one copy for all sessions");
         assert_eq!(first["project_path"], json!("group/app"));
     }
 
@@ -113,7 +111,7 @@ mod tests {
         let theirs = verified("job-b", "group/b");
         let a = mine.audit_claims(project_of);
         let b = theirs.audit_claims(project_of);
-        assert!(!Arc::ptr_eq(&a, &b));
+        assert!(!a.ptr_eq(&b));
         assert_eq!(b["project_path"], json!("group/b"));
         assert_eq!(theirs.subject, "job-b");
     }

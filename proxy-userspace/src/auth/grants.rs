@@ -56,7 +56,7 @@ pub struct Grant {
     pub destinations: Vec<Destination>,
     /// The configured `audit_claims` present in the token; shared with the
     /// sessions under the grant.
-    pub audit_claims: std::sync::Arc<BTreeMap<String, Value>>,
+    pub audit_claims: crate::audit::AuditClaims,
     /// The token's `jti`, denied on revocation so the token cannot ask again.
     #[serde(skip)]
     pub jti: Option<String>,
@@ -228,7 +228,7 @@ impl GrantStore {
             token_expires_at: token.expires_at,
         };
         state.insert(Entry {
-            grant: Box::new(grant.clone()),
+            grant: std::sync::Arc::new(grant.clone()),
             deadline: Instant::now() + remaining,
         });
         drop(state);
@@ -254,6 +254,14 @@ impl GrantStore {
 
     pub fn get(&self, id: GrantId) -> Option<Grant> {
         self.state().grants.get(&id).map(|e| Grant::clone(&e.grant))
+    }
+
+    /// The live grant `id`, shared rather than copied.
+    pub fn get_shared(&self, id: GrantId) -> Option<std::sync::Arc<Grant>> {
+        self.state()
+            .grants
+            .get(&id)
+            .map(|e| std::sync::Arc::clone(&e.grant))
     }
 
     /// When `id` expires, if it is live (no copy of the grant).

@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -85,7 +84,7 @@ impl GrantRecord {
             created_at: from_unix_ms(self.created_unix_ms),
             expires_at: from_unix_ms(self.expires_unix_ms),
             destinations: self.destinations,
-            audit_claims: Arc::new(self.audit_claims),
+            audit_claims: self.audit_claims.into(),
             jti: self.jti,
             token_expires_at: from_unix_ms(self.token_expires_unix_ms),
         }
@@ -221,7 +220,7 @@ mod tests {
                 })
                 .expect("destination"),
             ],
-            audit_claims: Arc::new(BTreeMap::from([("job_id".into(), Value::from(7))])),
+            audit_claims: BTreeMap::from([("job_id".into(), Value::from(7))]).into(),
             jti: Some("j-1".into()),
             token_expires_at: from_unix_ms(3_600_000),
         }

@@ -1,6 +1,5 @@
 //! Who a connection was admitted as: what the gate hands the session.
 
-use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use proxy_common::session::AUTH_NONE;
@@ -17,7 +16,7 @@ pub struct Admitted {
     /// `proxy_common::session::AUTH_*`.
     pub auth_method: u16,
     /// Shared with the grant: sessions under one grant do not copy it.
-    pub claims: std::sync::Arc<BTreeMap<String, serde_json::Value>>,
+    pub claims: crate::audit::AuditClaims,
     /// The client sent a preamble and waits for the agent's answer.
     pub answer_preamble: bool,
     /// Admitted by a source grant before the client sent anything: its

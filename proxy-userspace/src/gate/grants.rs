@@ -159,6 +159,12 @@ impl Gate {
         self.store.get(id)
     }
 
+    /// The live grant `id`, shared: a routed flow keeps it for its lines.
+    #[must_use]
+    pub fn grant_shared(&self, id: GrantId) -> Option<std::sync::Arc<Grant>> {
+        self.store.get_shared(id)
+    }
+
     /// When grant `id` expires, if it is live: a check on every poll of
     /// every routed flow, so it copies nothing.
     #[must_use]

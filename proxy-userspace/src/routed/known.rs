@@ -3,6 +3,7 @@
 //! `FLOWS`, and the flow's audit lines.
 
 use std::net::SocketAddrV4;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use proxy_common::routed::{
@@ -10,7 +11,7 @@ use proxy_common::routed::{
 };
 
 use super::flows::{DATAPATH, TOKEN_DETAIL, session_id};
-use crate::audit::{AuditEvent, EventKind};
+use crate::audit::{AuditEvent, EventKind, socket_addr_v4};
 use crate::auth::{Grant, GrantId};
 use crate::datapath::EndReason;
 
@@ -20,7 +21,7 @@ pub(super) struct Known {
     /// The grant the tc program admitted the SYN under.
     grant_id: u64,
     opened: SystemTime,
-    grant: Option<Grant>,
+    grant: Option<Arc<Grant>>,
     /// Opened under a previous agent and carried over at start.
     adopted: bool,
     /// When and why it ended; removed `linger` later.
@@ -40,7 +41,7 @@ pub(super) enum Over {
 }
 
 impl Known {
-    pub fn new(key: &FlowKey, flow: FlowValue, grant: Option<Grant>, adopted: bool) -> Self {
+    pub fn new(key: &FlowKey, flow: FlowValue, grant: Option<Arc<Grant>>, adopted: bool) -> Self {
         Self {
             session_id: session_id(key, flow.opened_mono_ns),
             grant_id: flow.grant_id,
@@ -200,8 +201,8 @@ impl Known {
     #[must_use]
     pub fn line(&self, kind: EventKind, key: &FlowKey) -> AuditEvent {
         let runner = SocketAddrV4::new(key.runner_addr.into(), key.runner_port);
-        let target = SocketAddrV4::new(key.target_addr.into(), key.target_port).to_string();
-        let mut event = AuditEvent::new(kind, runner.to_string(), target.clone());
+        let target = socket_addr_v4(SocketAddrV4::new(key.target_addr.into(), key.target_port));
+        let mut event = AuditEvent::new(kind, socket_addr_v4(runner), target.clone());
         event.upstream = Some(target);
         event.session_id = Some(format!("{:016x}", self.session_id));
         event.datapath = Some(DATAPATH);
@@ -213,7 +214,7 @@ impl Known {
         event.grant_id = Some(self.grant_id().to_string());
         if let Some(grant) = &self.grant {
             event.subject = Some(grant.subject.clone());
-            event.claims = std::sync::Arc::clone(&grant.audit_claims);
+            event.claims = grant.audit_claims.clone();
         }
         if kind == EventKind::SessionClose {
             let flow = &self.last;

@@ -144,7 +144,7 @@ mod tests {
                     }],
                 })
                 .collect(),
-            audit_claims: std::sync::Arc::default(),
+            audit_claims: crate::audit::AuditClaims::default(),
             jti: None,
             token_expires_at: now + left,
         }

@@ -85,7 +85,7 @@ pub(super) fn park(
     let session = Box::new(ParkedSession {
         handed: HandedSession {
             meta: meta.clone(),
-            claims: admitted.claims.as_ref().clone(),
+            claims: (*admitted.claims).clone(),
             relayed_down: admitted.relayed_down,
             relay: parked.relay,
         },
@@ -131,7 +131,7 @@ pub fn resume(
         subject: meta.subject.clone(),
         expires: meta.expires,
         auth_method: meta.auth_method,
-        claims: Arc::new(handed.claims),
+        claims: handed.claims.into(),
         answer_preamble: false,
         opening_unseen: false,
         relayed_down: handed.relayed_down,

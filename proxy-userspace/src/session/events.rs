@@ -9,15 +9,19 @@ pub(super) fn base_event(
     target: &Target,
     admitted: &Admitted,
 ) -> AuditEvent {
-    let mut event = AuditEvent::new(kind, client.to_string(), target.destination.to_string());
-    event.upstream = Some(target.upstream.to_string());
+    let mut event = AuditEvent::new(
+        kind,
+        crate::audit::socket_addr(client),
+        crate::audit::socket_addr(target.destination),
+    );
+    event.upstream = Some(crate::audit::socket_addr(target.upstream));
     if admitted.grant_id != 0 {
         event.grant_id = Some(GrantId(admitted.grant_id).to_string());
     }
     if !admitted.subject.is_empty() {
         event.subject = Some(admitted.subject.to_string());
     }
-    event.claims = std::sync::Arc::clone(&admitted.claims);
+    event.claims = admitted.claims.clone();
     event
 }
 

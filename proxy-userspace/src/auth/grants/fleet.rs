@@ -51,7 +51,7 @@ impl GrantStore {
             return Err(CreateError::Limit(GrantLimit::Total));
         }
         state.insert(Entry {
-            grant: Box::new(grant),
+            grant: std::sync::Arc::new(grant),
             deadline: Instant::now() + remaining,
         });
         drop(state);
