@@ -17,8 +17,7 @@ use std::sync::{Arc, OnceLock};
 use serde_json::Value;
 
 use super::token::ValidatedToken;
-
-pub use crate::audit::AuditClaims;
+use crate::audit::AuditClaims;
 
 /// A verified token and its memoized derived values.
 #[derive(Debug)]
