@@ -89,12 +89,13 @@ fn a_late_answered_flow_is_ended_when_its_grant_expires() -> Result<()> {
     }
     let launch = routed_launch_lingering("800ms", "poll_interval = \"20ms\"");
     let fx = AuthFixture::start_launched(&policy("15m"), &[], launch)?;
-    // The grant ends with its token, 4 s from now: well after the late
-    // answer (about 1 s) and after the removal it escaped (about 1.6 s).
+    // The grant ends with its token, 5 to 6 s from now: well after the
+    // late answer (about 1 s after the dial) and after the removal it
+    // escaped (about 1.6 s after), with room for a slow grant call.
     let token = fx
         .keys
         .rsa
-        .sign(&claims_with(&[("exp", json!(unix_now() + 4))]));
+        .sign(&claims_with(&[("exp", json!(unix_now() + 6))]));
     fx.grant_from_runner(&token, &["--allow", "192.0.2.10=9000"])?;
     let server = serve_once(&fx.topo.target, AuthFixture::target(PORT), |mut s, _| {
         let _ = s.write_all(b"up");
