@@ -258,6 +258,12 @@ impl SweepEntry {
         }
     }
 
+    /// Whether the flow goes only while its target has not answered.
+    #[must_use]
+    pub const fn only_if_unanswered(&self) -> bool {
+        self.condition & SWEEP_IF_UNANSWERED != 0
+    }
+
     /// The entry as the program reads it (native byte order, the layout
     /// of this `repr(C)` struct), without `unsafe`.
     #[must_use]
@@ -326,7 +332,10 @@ mod tests {
             at(offset_of!(SweepEntry, opened_mono_ns), 8),
             0x0102_0304_0506_0708u64.to_ne_bytes()
         );
-        let bytes = SweepEntry::new(key, 1).if_unanswered().to_ne_bytes();
+        assert!(!SweepEntry::new(key, 1).only_if_unanswered());
+        let entry = SweepEntry::new(key, 1).if_unanswered();
+        assert!(entry.only_if_unanswered());
+        let bytes = entry.to_ne_bytes();
         assert_eq!(
             bytes[offset_of!(SweepEntry, condition)..][..4],
             SWEEP_IF_UNANSWERED.to_ne_bytes()

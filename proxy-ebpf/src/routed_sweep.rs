@@ -8,9 +8,7 @@
 //! path then resets. The compare and the delete run back to back in the
 //! kernel instead of a poll apart.
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use proxy_common::routed::{
-    FLOW_REMOVED, FLOW_SEEN_DOWN, SWEEP_BATCH, SWEEP_HEADER, SWEEP_IF_UNANSWERED, SweepEntry,
-};
+use proxy_common::routed::{FLOW_REMOVED, FLOW_SEEN_DOWN, SWEEP_BATCH, SWEEP_HEADER, SweepEntry};
 
 use crate::maps::FLOWS;
 
@@ -44,7 +42,7 @@ fn claim(entry: &SweepEntry) -> bool {
         // program runs; the flags are read once, as the egress program
         // may set FLOW_SEEN_DOWN meanwhile.
         let flags = unsafe { core::ptr::read_volatile(&raw const (*flow).flags) };
-        if entry.condition & SWEEP_IF_UNANSWERED != 0 && flags & FLOW_SEEN_DOWN != 0 {
+        if entry.only_if_unanswered() && flags & FLOW_SEEN_DOWN != 0 {
             return false;
         }
         // SAFETY: as above.

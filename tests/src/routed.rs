@@ -245,3 +245,36 @@ fn port_busy(e: &anyhow::Error) -> bool {
             })
     })
 }
+
+/// A target on `port` for one connection: it sends `up`, then reads to
+/// the end and reports whether that end was a reset.
+pub fn up_then_wait_for_reset(fx: &AuthFixture, port: u16) -> Result<crate::OneShot<bool>> {
+    use std::io::Write;
+    crate::serve_once(&fx.topo.target, AuthFixture::target(port), |mut s, _| {
+        let _ = s.write_all(b"up");
+        ends_in_reset(&mut s)
+    })
+    .map_err(Into::into)
+}
+
+/// Both ends of a routed connection see the agent's RSTs: the runner's
+/// `stream` and the [`up_then_wait_for_reset`] target. `when` names the
+/// moment for the message; the agent's log says whether it sent them.
+pub fn ensure_reset_both_ends(
+    fx: &AuthFixture,
+    stream: &mut TcpStream,
+    target: crate::OneShot<bool>,
+    when: &str,
+) -> Result<()> {
+    anyhow::ensure!(
+        ends_in_reset(stream),
+        "{when}: the runner sees an RST\n{}",
+        fx.agent.logs_tail(20)
+    );
+    anyhow::ensure!(
+        target.join()?,
+        "{when}: the target sees an RST\n{}",
+        fx.agent.logs_tail(20)
+    );
+    Ok(())
+}

@@ -13,7 +13,9 @@ use anyhow::{Result, ensure};
 use serde_json::{Value, json};
 use tcpgate_tests::auth_fixture::{AuthFixture, echo_service};
 use tcpgate_tests::metrics::{parse, scrape_unix};
-use tcpgate_tests::routed::{DialOptions, dial_v4, ends_in_reset, routed_fixture};
+use tcpgate_tests::routed::{
+    DialOptions, dial_v4, ensure_reset_both_ends, routed_fixture, up_then_wait_for_reset,
+};
 use tcpgate_tests::tokens::{claims_with, unix_now};
 use tcpgate_tests::topology::RUNNER_V4;
 use tcpgate_tests::{
@@ -152,10 +154,7 @@ fn expiry_and_revocation_reset_both_ends() -> Result<()> {
             ("jti", json!(format!("job-{round}"))),
         ]));
         let grant = fx.grant_from_runner(&token, &["--allow", "192.0.2.10=9000"])?;
-        let server = serve_once(&fx.topo.target, AuthFixture::target(PORT), |mut s, _| {
-            let _ = s.write_all(b"up");
-            ends_in_reset(&mut s)
-        })?;
+        let target = up_then_wait_for_reset(&fx, PORT)?;
         let mut stream = fx.dial_from_runner(AuthFixture::target(PORT))?;
         let mut first = [0u8; 2];
         stream.read_exact(&mut first)?;
@@ -164,17 +163,7 @@ fn expiry_and_revocation_reset_both_ends() -> Result<()> {
                 fx.cli(&fx.topo.bastion, &["revoke", "--admin", &admin, &grant])?;
             ensure!(status == 0, "revoke: {out} {err}");
         }
-        // The agent's log says whether it sent the RSTs (or failed to).
-        ensure!(
-            ends_in_reset(&mut stream),
-            "round {round}: the runner sees an RST\n{}",
-            fx.agent.logs_tail(20)
-        );
-        ensure!(
-            server.join()?,
-            "round {round}: the target sees an RST\n{}",
-            fx.agent.logs_tail(20)
-        );
+        ensure_reset_both_ends(&fx, &mut stream, target, &format!("round {round}"))?;
         let closed = &wait_events(&fx.agent, "session_close", round)?[round - 1];
         let reason = if revoke { "revoked" } else { "grant_expired" };
         ensure!(

@@ -15,12 +15,12 @@ use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use tcpgate_tests::auth_fixture::AuthFixture;
 use tcpgate_tests::routed::{
-    echo_three, ends_in_reset, redial_from_runner_port, routed_fixture, routed_polls,
-    three_byte_echo,
+    echo_three, ensure_reset_both_ends, redial_from_runner_port, routed_fixture, routed_polls,
+    three_byte_echo, up_then_wait_for_reset,
 };
 use tcpgate_tests::tokens::{claims_with, unix_now};
 use tcpgate_tests::topology::RUNNER_V4;
-use tcpgate_tests::{Signal, eventually, require_root, serve_once, wait_events};
+use tcpgate_tests::{Signal, eventually, require_root, wait_events};
 
 const PORT: u16 = 9000;
 
@@ -177,10 +177,7 @@ fn a_flow_lives_through_a_reload_and_its_grant_expiry_still_ends_it() -> Result<
         .rsa
         .sign(&claims_with(&[("exp", json!(unix_now() + 10))]));
     let grant = fx.grant_from_runner(&token, &["--allow", "192.0.2.10=9000"])?;
-    let server = serve_once(&fx.topo.target, AuthFixture::target(PORT), |mut s, _| {
-        let _ = s.write_all(b"up");
-        ends_in_reset(&mut s)
-    })?;
+    let target = up_then_wait_for_reset(&fx, PORT)?;
     let mut stream = fx.dial_from_runner(AuthFixture::target(PORT))?;
     let mut first = [0u8; 2];
     stream.read_exact(&mut first)?;
@@ -189,12 +186,7 @@ fn a_flow_lives_through_a_reload_and_its_grant_expiry_still_ends_it() -> Result<
     fx.agent
         .wait_for_log("reloaded the policy", Duration::from_secs(20))?;
     stream.write_all(b"pong")?;
-    ensure!(
-        ends_in_reset(&mut stream),
-        "the runner sees an RST at expiry\n{}",
-        fx.agent.logs_tail(20)
-    );
-    ensure!(server.join()?, "the target sees an RST at expiry");
+    ensure_reset_both_ends(&fx, &mut stream, target, "at expiry")?;
     let closed = &wait_events(&fx.agent, "session_close", 1)?[0];
     ensure!(
         closed["datapath"] == "routed"

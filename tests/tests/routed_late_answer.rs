@@ -5,7 +5,7 @@
 //! removed anyway, `linger` later, under the now established connection,
 //! and the intercepting path reset it.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -13,10 +13,11 @@ use anyhow::{Context, Result, ensure};
 use serde_json::json;
 use tcpgate_tests::auth_fixture::{AuthFixture, policy};
 use tcpgate_tests::routed::{
-    dial_from_runner_port, echo_three, ends_in_reset, routed_launch_lingering, three_byte_echo,
+    dial_from_runner_port, echo_three, ensure_reset_both_ends, routed_launch_lingering,
+    three_byte_echo, up_then_wait_for_reset,
 };
 use tcpgate_tests::tokens::{claims_with, unix_now};
-use tcpgate_tests::{require_root, serve_once, wait_events};
+use tcpgate_tests::{require_root, wait_events};
 
 const PORT: u16 = 9000;
 const SOURCE_PORT: u16 = 40_321;
@@ -97,25 +98,13 @@ fn a_late_answered_flow_is_ended_when_its_grant_expires() -> Result<()> {
         .rsa
         .sign(&claims_with(&[("exp", json!(unix_now() + 6))]));
     fx.grant_from_runner(&token, &["--allow", "192.0.2.10=9000"])?;
-    let server = serve_once(&fx.topo.target, AuthFixture::target(PORT), |mut s, _| {
-        let _ = s.write_all(b"up");
-        ends_in_reset(&mut s)
-    })?;
+    let target = up_then_wait_for_reset(&fx, PORT)?;
     let mut stream = dial_answered_late(&fx)?;
     let mut first = [0u8; 2];
     stream
         .read_exact(&mut first)
         .context("the late-answered connection")?;
-    ensure!(
-        ends_in_reset(&mut stream),
-        "the runner sees an RST at expiry\n{}",
-        fx.agent.logs_tail(20)
-    );
-    ensure!(
-        server.join()?,
-        "the target sees an RST at expiry\n{}",
-        fx.agent.logs_tail(20)
-    );
+    ensure_reset_both_ends(&fx, &mut stream, target, "at expiry")?;
     let closed = wait_events(&fx.agent, "session_close", 1)?;
     ensure!(
         closed.len() == 1

@@ -203,7 +203,11 @@ async fn revoke_grant(
     let Ok(id) = id.parse::<GrantId>() else {
         return error(&ApiError::bad_request(format!("{id:?} is not a grant id")));
     };
-    let known: Vec<Grant> = gate.grant(id).into_iter().collect();
+    let known: Vec<Grant> = gate
+        .grant(id)
+        .into_iter()
+        .map(std::sync::Arc::unwrap_or_clone)
+        .collect();
     let views = revoke_counting(&state, &known, || gate.revoke(id).into_iter().collect()).await;
     if !views.is_empty()
         && let Some(refused) = super::fleet::publish_grants_revoked(&state, &known).await

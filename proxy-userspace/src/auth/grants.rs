@@ -238,7 +238,12 @@ impl GrantStore {
 
     /// A live source-bound grant of `source` that includes `dest`; the one
     /// lasting longest when several do.
-    pub fn covering(&self, source: IpAddr, dest: SocketAddr, now: SystemTime) -> Option<Grant> {
+    pub fn covering(
+        &self,
+        source: IpAddr,
+        dest: SocketAddr,
+        now: SystemTime,
+    ) -> Option<std::sync::Arc<Grant>> {
         let source = source.to_canonical();
         let state = self.state();
         state
@@ -246,18 +251,14 @@ impl GrantStore {
             .get(&source)?
             .iter()
             .filter_map(|id| state.grants.get(id))
-            .map(|e| &*e.grant)
+            .map(|e| &e.grant)
             .filter(|g| g.expires_at > now && set_contains(&g.destinations, dest))
             .max_by_key(|g| g.expires_at)
-            .cloned()
-    }
-
-    pub fn get(&self, id: GrantId) -> Option<Grant> {
-        self.state().grants.get(&id).map(|e| Grant::clone(&e.grant))
+            .map(std::sync::Arc::clone)
     }
 
     /// The live grant `id`, shared rather than copied.
-    pub fn get_shared(&self, id: GrantId) -> Option<std::sync::Arc<Grant>> {
+    pub fn get(&self, id: GrantId) -> Option<std::sync::Arc<Grant>> {
         self.state()
             .grants
             .get(&id)

@@ -155,14 +155,8 @@ impl Gate {
 
     /// The live grant `id`, if any.
     #[must_use]
-    pub fn grant(&self, id: GrantId) -> Option<Grant> {
+    pub fn grant(&self, id: GrantId) -> Option<std::sync::Arc<Grant>> {
         self.store.get(id)
-    }
-
-    /// The live grant `id`, shared: a routed flow keeps it for its lines.
-    #[must_use]
-    pub fn grant_shared(&self, id: GrantId) -> Option<std::sync::Arc<Grant>> {
-        self.store.get_shared(id)
     }
 
     /// When grant `id` expires, if it is live: a check on every poll of

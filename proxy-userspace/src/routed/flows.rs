@@ -208,7 +208,7 @@ impl FlowWatch {
                 std::cmp::Ordering::Greater => self.close(key),
             }
         }
-        let grant = self.gate.grant_shared(GrantId(flow.grant_id));
+        let grant = self.gate.grant(GrantId(flow.grant_id));
         let known = Known::new(&key, flow, grant, self.router.take_carried(&key));
         self.audit.record(known.line(EventKind::SessionOpen, &key));
         self.metrics.opened();
@@ -311,7 +311,7 @@ impl FlowWatch {
             }
         };
         for entry in entries {
-            if swept && entry.condition != 0 && self.answered_since(&entry) {
+            if swept && entry.only_if_unanswered() && self.answered_since(&entry) {
                 continue;
             }
             self.close(entry.key);
