@@ -278,3 +278,35 @@ pub fn ensure_reset_both_ends(
     );
     Ok(())
 }
+
+/// One routed connection to a target on `port` that reads to the
+/// runner's FIN and then answers (a half-close): `up` one way, `down` the
+/// other, each checked by length and SHA-256. Returns the address the
+/// target saw.
+pub fn exchange_half_closed(
+    fx: &AuthFixture,
+    port: u16,
+    up: crate::Payload,
+    down: crate::Payload,
+) -> Result<SocketAddr> {
+    let server = crate::serve_once(
+        &fx.topo.target,
+        AuthFixture::target(port),
+        move |mut s, peer| {
+            let got = crate::read_to_end_hashed(&mut s)?;
+            crate::write_payload(&mut s, &down)?;
+            std::io::Result::Ok((got, peer))
+        },
+    )?;
+    let mut stream = fx.dial_from_runner(AuthFixture::target(port))?;
+    let sent = crate::write_payload(&mut stream, &up)?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let (n, got) = crate::read_to_end_hashed(&mut stream)?;
+    let ((server_n, server_got), peer) = server.join()??;
+    anyhow::ensure!(
+        server_n == up.len && server_got == sent,
+        "up: {server_n} bytes"
+    );
+    anyhow::ensure!(n == down.len && got == down.digest(), "down: {n} bytes");
+    Ok(peer)
+}

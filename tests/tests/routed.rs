@@ -14,13 +14,14 @@ use serde_json::{Value, json};
 use tcpgate_tests::auth_fixture::{AuthFixture, echo_service};
 use tcpgate_tests::metrics::{parse, scrape_unix};
 use tcpgate_tests::routed::{
-    DialOptions, dial_v4, ensure_reset_both_ends, routed_fixture, up_then_wait_for_reset,
+    DialOptions, dial_v4, ensure_reset_both_ends, exchange_half_closed, routed_fixture,
+    up_then_wait_for_reset,
 };
 use tcpgate_tests::tokens::{claims_with, unix_now};
 use tcpgate_tests::topology::RUNNER_V4;
 use tcpgate_tests::{
-    Payload, Signal, eventually, pinned_entries, read_to_end_hashed, require_root, serve_once,
-    wait_events, write_payload,
+    Payload, Signal, eventually, pinned_entries, require_root, serve_once, wait_events,
+    write_payload,
 };
 
 const PORT: u16 = 9000;
@@ -48,26 +49,7 @@ fn byte_exact_both_ways_half_close_counted_in_flows() -> Result<()> {
     let fx = routed_fixture("")?;
     fx.grant_from_runner(&fx.token(), &["--allow", "192.0.2.10=9000"])?;
     let (up, down) = (Payload::new(1, 8 << 20), Payload::new(2, 3 << 20));
-    let server = serve_once(
-        &fx.topo.target,
-        AuthFixture::target(PORT),
-        move |mut s, peer| {
-            // Reads to the runner's FIN, then answers: half-close.
-            let got = read_to_end_hashed(&mut s)?;
-            write_payload(&mut s, &down)?;
-            std::io::Result::Ok((got, peer))
-        },
-    )?;
-    let mut stream = fx.dial_from_runner(AuthFixture::target(PORT))?;
-    let sent = write_payload(&mut stream, &up)?;
-    stream.shutdown(Shutdown::Write)?;
-    let (n, got) = read_to_end_hashed(&mut stream)?;
-    let ((server_n, server_got), peer) = server.join()??;
-    ensure!(
-        server_n == up.len && server_got == sent,
-        "up: {server_n} bytes"
-    );
-    ensure!(n == down.len && got == down.digest(), "down: {n} bytes");
+    let peer = exchange_half_closed(&fx, PORT, up, down)?;
     // Routed, not terminated: the target sees the runner itself.
     ensure!(peer.ip() == IpAddr::V4(RUNNER_V4), "target saw {peer}");
     let open = &wait_events(&fx.agent, "session_open", 1)?[0];

@@ -7,18 +7,16 @@
 //! without a grant still gets nothing through.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Shutdown};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use serde_json::json;
 use tcpgate_tests::auth_fixture::{AuthFixture, echo_service};
-use tcpgate_tests::routed::{ends_in_reset, routed_fixture};
+use tcpgate_tests::routed::{ends_in_reset, exchange_half_closed, routed_fixture};
 use tcpgate_tests::tokens::{claims_with, unix_now};
 use tcpgate_tests::topology::BASTION_TARGET_V4;
-use tcpgate_tests::{
-    Payload, read_to_end_hashed, require_root, serve_once, wait_events, write_payload,
-};
+use tcpgate_tests::{Payload, require_root, serve_once, wait_events};
 
 const PORT: u16 = 9000;
 
@@ -38,30 +36,11 @@ fn the_target_sees_the_bastion_byte_exact_both_ways() -> Result<()> {
     let fx = nat_fixture()?;
     fx.grant_from_runner(&fx.token(), &["--allow", "192.0.2.10=9000"])?;
     let (up, down) = (Payload::new(11, 6 << 20), Payload::new(12, 2 << 20));
-    let server = serve_once(
-        &fx.topo.target,
-        AuthFixture::target(PORT),
-        move |mut s, peer| {
-            // Reads to the runner's FIN, then answers: half-close.
-            let got = read_to_end_hashed(&mut s)?;
-            write_payload(&mut s, &down)?;
-            std::io::Result::Ok((got, peer))
-        },
-    )?;
-    let mut stream = fx.dial_from_runner(AuthFixture::target(PORT))?;
-    let sent = write_payload(&mut stream, &up)?;
-    stream.shutdown(Shutdown::Write)?;
-    let (n, got) = read_to_end_hashed(&mut stream)?;
-    let ((server_n, server_got), peer) = server.join()??;
+    let peer = exchange_half_closed(&fx, PORT, up, down)?;
     ensure!(
         peer.ip() == IpAddr::V4(BASTION_TARGET_V4),
         "the target saw {peer}"
     );
-    ensure!(
-        server_n == up.len && server_got == sent,
-        "up: {server_n} bytes"
-    );
-    ensure!(n == down.len && got == down.digest(), "down: {n} bytes");
     let open = &wait_events(&fx.agent, "session_open", 1)?[0];
     ensure!(
         open["datapath"] == "routed",
