@@ -10,6 +10,7 @@ use tcpgate_tests::preamble;
 use super::auth::request_grant;
 use super::connrate;
 use super::contender::{self, Contender, Service};
+use super::cpu;
 use super::interrupt;
 use super::phases::{Bench, turn_order};
 use super::ports;
@@ -196,6 +197,10 @@ fn rate_of(
     line: &mut String,
 ) -> Result<()> {
     let cpu_before = cpu_of(pids)?;
+    // The load generator and the target's servers are this process's
+    // threads; the proxy is in the cgroup.
+    let own_before = contender::process_cpu_seconds(std::process::id())?;
+    let machine_before = cpu::mark(bench.env.cgroup)?;
     let rate = connrate::measure(
         &bench.env.topo.runner,
         addr,
@@ -204,8 +209,18 @@ fn rate_of(
     )
     .with_context(|| format!("connection rate, {subject}"))?;
     let cpu = cpu_of(pids)? - cpu_before;
+    let machine = cpu::since(&machine_before, bench.env.cgroup)?;
+    let own = contender::process_cpu_seconds(std::process::id())? - own_before;
     results.add(Metric::ConnectionsPerSecond, subject, rate.per_second);
     line.push_str(&format!(" {subject} {:.0}", rate.per_second));
+    // The whole cycle's cost: the load generator, the target, the proxy
+    // and the kernel threads (softirqs mostly run inside the syscalls of
+    // the first three). Less sensitive to other load on a shared machine
+    // than the rate itself.
+    if let Some(seconds) = machine.attributed_seconds {
+        let per_cycle_us = (seconds + own) * 1e6 / rate.cycles_started.max(1) as f64;
+        results.add(Metric::CpuPerConnectionAttributed, subject, per_cycle_us);
+    }
     if !pids.is_empty() {
         let cpu_us = cpu * 1e6 / rate.cycles_started.max(1) as f64;
         results.add(Metric::AgentCpuPerConnection, subject, cpu_us);

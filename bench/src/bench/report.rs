@@ -16,9 +16,15 @@ use super::stats::Summary;
 
 /// What each metric's ratios are taken against.
 fn references(metric: Metric) -> &'static [&'static str] {
-    // Connection rates have plain TCP, directly and through HAProxy, as
-    // anchors; the CPU per connection compares with the no-auth agent.
-    if metric.is_datapath() || metric == Metric::ConnectionsPerSecond {
+    // Connection rates and the whole cycle's CPU have plain TCP, directly
+    // and through HAProxy, as anchors; the proxy's own CPU per connection
+    // compares with the no-auth agent.
+    if metric.is_datapath()
+        || matches!(
+            metric,
+            Metric::ConnectionsPerSecond | Metric::CpuPerConnectionAttributed
+        )
+    {
         &["direct", "haproxy"]
     } else if metric == Metric::AgentCpuPerConnection {
         &["no-auth"]
@@ -271,6 +277,13 @@ mod tests {
         }
         r.add(Metric::AgentCpuPerConnection, "no-auth", 100.0);
         r.add(Metric::AgentCpuPerConnection, "haproxy", 50.0);
+        for (c, v) in [
+            ("direct", 80.0),
+            ("haproxy", 160.0),
+            ("grant-routed", 100.0),
+        ] {
+            r.add(Metric::CpuPerConnectionAttributed, c, v);
+        }
         r
     }
 
@@ -292,6 +305,12 @@ mod tests {
         assert_eq!((&*preamble[3], &*preamble[4]), ("0.38×", "1.50×"));
         let cpu = rows(&r, Metric::AgentCpuPerConnection);
         assert_eq!((&*cpu[1][0], &*cpu[1][3]), ("haproxy", "0.50×"));
+        let cycle = rows(&r, Metric::CpuPerConnectionAttributed);
+        let routed = cycle
+            .iter()
+            .find(|row| row[0] == "grant-routed")
+            .expect("row");
+        assert_eq!((&*routed[3], &*routed[4]), ("1.25×", "0.62×"));
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub enum Metric {
     LatencyP99,
     ConnectionsPerSecond,
     AgentCpuPerConnection,
+    CpuPerConnectionAttributed,
     RssIdleSessions,
     TeardownP50,
     TeardownP99,
@@ -28,7 +29,7 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 18] = [
+    pub const ALL: [Metric; 19] = [
         Metric::ThroughputOneStream,
         Metric::ThroughputEightStreams,
         Metric::CpuPerGib,
@@ -37,6 +38,7 @@ impl Metric {
         Metric::LatencyP99,
         Metric::ConnectionsPerSecond,
         Metric::AgentCpuPerConnection,
+        Metric::CpuPerConnectionAttributed,
         Metric::RssIdleSessions,
         Metric::TeardownP50,
         Metric::TeardownP99,
@@ -59,6 +61,9 @@ impl Metric {
             Metric::LatencyP99 => "64-byte request/response p99",
             Metric::ConnectionsPerSecond => "new connections per second",
             Metric::AgentCpuPerConnection => "proxy CPU per new connection (agent, HAProxy)",
+            Metric::CpuPerConnectionAttributed => {
+                "CPU per new connection, bench processes + kernel threads"
+            }
             Metric::RssIdleSessions => "agent RSS with idle sessions",
             Metric::TeardownP50 => "teardown after grant expiry p50",
             Metric::TeardownP99 => "teardown after grant expiry p99",
@@ -78,7 +83,7 @@ impl Metric {
             Metric::CpuPerGib | Metric::CpuPerGibAttributed => "CPU s/GiB",
             Metric::LatencyP50 | Metric::LatencyP99 => "µs",
             Metric::ConnectionsPerSecond => "conn/s",
-            Metric::AgentCpuPerConnection => "µs",
+            Metric::AgentCpuPerConnection | Metric::CpuPerConnectionAttributed => "µs",
             Metric::RssIdleSessions => "MiB",
             Metric::TeardownP50 | Metric::TeardownP99 => "ms",
             Metric::GrantApiP50 | Metric::GrantApiP99 => "ms",
