@@ -25,15 +25,20 @@ const SOURCE_PORT: u16 = 40_321;
 /// Drops SYNs to `PORT` in the target's namespace (removed with it).
 const DROP_SYNS: &str = "add table inet late; add chain inet late input { type filter hook input priority 0; }; add rule inet late input tcp dport 9000 tcp flags & (syn | ack) == syn drop";
 
+/// Routed grants whose flows are taken as unanswered after 800 ms and
+/// removed 800 ms after the agent saw that: the runner retransmits its SYN
+/// after 1 s, inside that window. Both tests' timing rests on it.
+fn late_answer_fixture() -> Result<AuthFixture> {
+    let launch = routed_launch_lingering("800ms", "poll_interval = \"20ms\"");
+    AuthFixture::start_launched(&policy("15m"), &[], launch)
+}
+
 #[test]
 fn a_flow_answered_after_it_was_taken_as_unanswered_is_kept() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    // Unanswered after 800 ms; removed 800 ms after the agent saw that.
-    // The runner retransmits its SYN after 1 s, inside that window.
-    let launch = routed_launch_lingering("800ms", "poll_interval = \"20ms\"");
-    let fx = AuthFixture::start_launched(&policy("15m"), &[], launch)?;
+    let fx = late_answer_fixture()?;
     let _server = three_byte_echo(&fx, PORT)?;
     fx.grant_from_runner(&fx.token(), &["--allow", "192.0.2.10=9000"])?;
     let mut stream = dial_answered_late(&fx)?;
@@ -88,8 +93,7 @@ fn a_late_answered_flow_is_ended_when_its_grant_expires() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let launch = routed_launch_lingering("800ms", "poll_interval = \"20ms\"");
-    let fx = AuthFixture::start_launched(&policy("15m"), &[], launch)?;
+    let fx = late_answer_fixture()?;
     // The grant ends with its token, 5 to 6 s from now: well after the
     // late answer (about 1 s after the dial) and after the removal it
     // escaped (about 1.6 s after), with room for a slow grant call.
