@@ -45,7 +45,13 @@ pub const ALONE: &str = "tcpgate";
 pub const WITH_ETCD: &str = "tcpgate + etcd";
 pub const FLEET: &str = "tcpgate fleet (revoke on B, reset on A)";
 
-fn bastion(binary: &Path, topo: Topology, cluster: String) -> Result<AuthFixture> {
+fn bastion(
+    binary: &Path,
+    topo: Topology,
+    cluster: String,
+    settings: &Settings,
+) -> Result<AuthFixture> {
+    settings.congestion_control.pin(&topo)?;
     let launch = Launch {
         binary: Some(binary.to_owned()),
         sections: format!("{LIMITS}{cluster}"),
@@ -56,11 +62,11 @@ fn bastion(binary: &Path, topo: Topology, cluster: String) -> Result<AuthFixture
 }
 
 /// A bastion in the fleet of `etcd`, named `name`.
-fn member(binary: &Path, etcd: &mut Etcd, name: &str) -> Result<AuthFixture> {
+fn member(binary: &Path, etcd: &mut Etcd, name: &str, settings: &Settings) -> Result<AuthFixture> {
     let topo = Topology::new()?;
     let link = etcd.link(&topo.bastion)?;
     let cluster = format!("[cluster]\netcd = {}\nname = {name:?}\n", link.toml_urls());
-    bastion(binary, topo, cluster)
+    bastion(binary, topo, cluster, settings)
 }
 
 /// One `POST /v1/grants` over a new TLS connection, from the calling
@@ -260,10 +266,11 @@ struct Fleet<'a> {
 }
 
 pub fn run(binary: &Path, settings: &Settings, results: &mut Results) -> Result<()> {
-    let alone = bastion(binary, Topology::new()?, String::new()).context("a lone bastion")?;
+    let alone =
+        bastion(binary, Topology::new()?, String::new(), settings).context("a lone bastion")?;
     let mut etcd = Etcd::start(1).context("etcd (Debian's etcd-server)")?;
-    let a = member(binary, &mut etcd, "bastion-a").context("bastion A")?;
-    let b = member(binary, &mut etcd, "bastion-b").context("bastion B")?;
+    let a = member(binary, &mut etcd, "bastion-a", settings).context("bastion A")?;
+    let b = member(binary, &mut etcd, "bastion-b", settings).context("bastion B")?;
     let sessions = settings.revocation_sessions;
     let _hold = accept_loop(
         &a.topo.target,

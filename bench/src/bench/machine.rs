@@ -14,6 +14,9 @@ pub struct Machine {
     pub load_before: String,
     pub load_after: String,
     pub tools: Vec<String>,
+    /// `net.ipv4.tcp_congestion_control` outside the bench's namespaces
+    /// (the bench sets its own in them, see `Settings`).
+    pub congestion_control_default: String,
 }
 
 impl Machine {
@@ -30,6 +33,7 @@ impl Machine {
                 .iter()
                 .map(|(tool, flag)| version(tool, flag))
                 .collect(),
+            congestion_control_default: super::congestion::machine_default(),
         }
     }
 

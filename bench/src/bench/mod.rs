@@ -9,6 +9,7 @@
 
 mod auth;
 mod baselines;
+mod congestion;
 mod conn_phase;
 mod connrate;
 mod contender;
@@ -122,14 +123,16 @@ pub fn run(tcpgate: &Path, args: &BenchArgs) -> Result<()> {
     let started = Instant::now();
     let mut machine = machine::Machine::describe();
     println!(
-        "bench: {} mode, {} runs; {} × {}, Linux {}, load average {}; pid {pid} \
-         (namespaces tg[rbt]{pid}-*)",
+        "bench: {} mode, {} runs; {} × {}, Linux {}, load average {}; TCP congestion control {} \
+         (machine default {}); pid {pid} (namespaces tg[rbt]{pid}-*)",
         settings.mode,
         settings.runs,
         machine.nproc,
         machine.cpu_model,
         machine.kernel,
         machine.load_before,
+        settings.congestion_control,
+        machine.congestion_control_default,
         pid = std::process::id(),
     );
     let outcome = measure_all(&settings, &agent_binary, &mut results, started);
@@ -166,6 +169,7 @@ fn measure_all(
     let work = contender::work_dir()?;
     let cgroup = cpu::BenchCgroup::create();
     let topo = Topology::new().context("creating the runner, bastion and target namespaces")?;
+    settings.congestion_control.pin(&topo)?;
     for ns in [&topo.runner, &topo.bastion] {
         tune_client_side(ns)?;
     }

@@ -141,8 +141,15 @@ pub fn markdown(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Measured {} ({} mode, {} runs per figure; median and min–max), load average {} before and {} after.\n",
-        machine.date, settings.mode, settings.runs, machine.load_before, machine.load_after
+        "Measured {} ({} mode, {} runs per figure; median and min–max), load average {} before and {} after; \
+         TCP congestion control {} in the bench's namespaces (machine default {}).\n",
+        machine.date,
+        settings.mode,
+        settings.runs,
+        machine.load_before,
+        machine.load_after,
+        settings.congestion_control,
+        machine.congestion_control_default
     );
     let _ = writeln!(
         out,

@@ -7,6 +7,7 @@ use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
+use super::congestion::CongestionControl;
 use super::connrate::Load;
 use super::contender::Contender;
 
@@ -30,6 +31,13 @@ pub struct BenchArgs {
     /// Where results.json, results.md and chart.svg go.
     #[arg(long, value_name = "DIR", default_value = "target/bench")]
     pub out: PathBuf,
+    /// TCP congestion control in the runner, bastion and target namespaces
+    /// (`net.ipv4.tcp_congestion_control`). Fixed so that machines with
+    /// other defaults measure the same thing; results.json records the
+    /// machine's own default beside it. BBR without the `fq` qdisc made the
+    /// bulk figures bimodal on 2-vCPU machines.
+    #[arg(long, value_name = "NAME", default_value = "cubic")]
+    pub congestion_control: CongestionControl,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize)]
@@ -92,6 +100,8 @@ pub struct Settings {
     pub grant_seconds: f64,
     /// Live sessions on bastion A that a revocation on B resets.
     pub revocation_sessions: usize,
+    /// Set in every namespace the bench makes (`--congestion-control`).
+    pub congestion_control: CongestionControl,
 }
 
 impl Settings {
@@ -133,6 +143,7 @@ impl Settings {
             grant_workers: 8,
             grant_seconds: if quick { 2.0 } else { 5.0 },
             revocation_sessions: 100,
+            congestion_control: args.congestion_control.clone(),
         };
         if settings.runs == 0 {
             bail!("--runs must be at least 1");
@@ -156,6 +167,7 @@ mod tests {
             only,
             contenders: vec![],
             out: PathBuf::from("target/bench"),
+            congestion_control: "cubic".parse().expect("valid"),
         }
     }
 

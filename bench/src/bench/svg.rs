@@ -84,10 +84,11 @@ pub fn chart(results: &Results, machine: &Machine, settings: &Settings) -> Strin
     );
     let _ = writeln!(
         svg,
-        "<text x=\"10\" y=\"42\" fill=\"#444\">{} × {}, Linux {}, load {} → {}, {} ({} mode)</text>",
+        "<text x=\"10\" y=\"42\" fill=\"#444\">{} × {}, Linux {}, TCP {}, load {} → {}, {} ({} mode)</text>",
         machine.nproc,
         escape(&machine.cpu_model),
         escape(&machine.kernel),
+        escape(&settings.congestion_control.to_string()),
         escape(&machine.load_before),
         escape(&machine.load_after),
         escape(&machine.date),
@@ -199,6 +200,7 @@ mod tests {
             load_before: "1.0 1.0 1.0".into(),
             load_after: "2.0 2.0 2.0".into(),
             tools: vec![],
+            congestion_control_default: "bbr".into(),
         };
         let settings =
             super::super::settings::Settings::from_args(&super::super::settings::BenchArgs {
@@ -207,12 +209,14 @@ mod tests {
                 only: vec![],
                 contenders: vec![],
                 out: "target/bench".into(),
+                congestion_control: "cubic".parse().expect("valid"),
             })
             .expect("settings");
         let svg = chart(&r, &machine, &settings);
         assert!(svg.starts_with("<svg"), "{svg}");
         assert_eq!(svg.matches("<rect x=").count(), 4, "{svg}");
         assert!(svg.contains("AMD &lt;EPYC&gt;"), "escaped: {svg}");
+        assert!(svg.contains("TCP cubic"), "the congestion control: {svg}");
         assert!(svg.contains(">eBPF<") && svg.contains(">12.5<"), "{svg}");
         assert!(
             !svg.contains("CPU per GiB"),
