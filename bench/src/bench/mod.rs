@@ -24,6 +24,7 @@ mod phases;
 mod report;
 mod results;
 mod routed;
+mod rps;
 mod servers;
 mod sessions;
 mod settings;
@@ -170,6 +171,12 @@ fn measure_all(
     let cgroup = cpu::BenchCgroup::create();
     let topo = Topology::new().context("creating the runner, bastion and target namespaces")?;
     settings.congestion_control.pin(&topo)?;
+    if settings.rps {
+        rps::spread(
+            &topo,
+            std::thread::available_parallelism().map_or(1, usize::from),
+        )?;
+    }
     for ns in [&topo.runner, &topo.bastion] {
         tune_client_side(ns)?;
     }

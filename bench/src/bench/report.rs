@@ -142,14 +142,19 @@ pub fn markdown(
     let _ = writeln!(
         out,
         "Measured {} ({} mode, {} runs per figure; median and min–max), load average {} before and {} after; \
-         TCP congestion control {} in the bench's namespaces (machine default {}).\n",
+         TCP congestion control {} in the bench's namespaces (machine default {}){}.\n",
         machine.date,
         settings.mode,
         settings.runs,
         machine.load_before,
         machine.load_after,
         settings.congestion_control,
-        machine.congestion_control_default
+        machine.congestion_control_default,
+        if settings.rps {
+            "; RPS over all CPUs on the bastion's links"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         out,

@@ -38,6 +38,12 @@ pub struct BenchArgs {
     /// bulk figures bimodal on 2-vCPU machines.
     #[arg(long, value_name = "NAME", default_value = "cubic")]
     pub congestion_control: CongestionControl,
+    /// Spread the receive processing of the bastion's two links over all
+    /// CPUs (RPS), as a multi-queue NIC would. veth has no receive-side
+    /// scaling, and the sockmap's backlog work runs on the receiving CPU.
+    /// Every contender is measured with it; off by default.
+    #[arg(long)]
+    pub rps: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize)]
@@ -102,6 +108,8 @@ pub struct Settings {
     pub revocation_sessions: usize,
     /// Set in every namespace the bench makes (`--congestion-control`).
     pub congestion_control: CongestionControl,
+    /// RPS over all CPUs on the bastion's links (`--rps`).
+    pub rps: bool,
 }
 
 impl Settings {
@@ -144,6 +152,7 @@ impl Settings {
             grant_seconds: if quick { 2.0 } else { 5.0 },
             revocation_sessions: 100,
             congestion_control: args.congestion_control.clone(),
+            rps: args.rps,
         };
         if settings.runs == 0 {
             bail!("--runs must be at least 1");
@@ -168,6 +177,7 @@ mod tests {
             contenders: vec![],
             out: PathBuf::from("target/bench"),
             congestion_control: "cubic".parse().expect("valid"),
+            rps: false,
         }
     }
 

@@ -210,6 +210,7 @@ mod tests {
                 contenders: vec![],
                 out: "target/bench".into(),
                 congestion_control: "cubic".parse().expect("valid"),
+                rps: false,
             })
             .expect("settings");
         let svg = chart(&r, &machine, &settings);
