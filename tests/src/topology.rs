@@ -101,6 +101,24 @@ impl Topology {
         Ok(topo)
     }
 
+    /// Spreads the receive processing of the bastion's two links over all
+    /// CPUs (receive packet steering), as a multi-queue NIC's RSS would.
+    /// A veth has none: a packet's receive path runs on the CPU that sent
+    /// it. With it, the bastion handles a flow's packets on another CPU
+    /// than the agent's, as on a real bastion.
+    pub fn spread_bastion_receive(&self) -> Result<(), NetnsError> {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let mask = cpu_mask(cpus);
+        for link in [BASTION_RUNNER_IF, BASTION_TARGET_IF] {
+            // `ip netns exec` mounts a /sys that shows the namespace's links.
+            let script = format!(
+                "for q in /sys/class/net/{link}/queues/rx-*; do echo {mask} > $q/rps_cpus; done"
+            );
+            self.bastion.exec_ok(&["sh", "-c", &script])?;
+        }
+        Ok(())
+    }
+
     fn all(&self) -> [&Netns; 3] {
         [&self.runner, &self.bastion, &self.target]
     }
@@ -209,5 +227,45 @@ fn wait_not_tentative(ns: &Netns) -> Result<(), TopologyError> {
             addrs: tentative.trim().to_owned(),
         }),
         other => other,
+    }
+}
+
+/// `rps_cpus` for the first `cpus` CPUs: hex, in comma-separated 32-bit
+/// groups, the highest group first (the kernel's cpumask format).
+fn cpu_mask(cpus: usize) -> String {
+    let cpus = cpus.max(1);
+    let groups = cpus.div_ceil(32);
+    (0..groups)
+        .rev()
+        .map(|g| {
+            let bits = (cpus - g * 32).min(32);
+            let group = if bits == 32 {
+                u32::MAX
+            } else {
+                (1u32 << bits) - 1
+            };
+            if g + 1 == groups {
+                format!("{group:x}")
+            } else {
+                format!("{group:08x}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_mask;
+
+    #[test]
+    fn masks_in_the_kernels_cpumask_format() {
+        assert_eq!(cpu_mask(1), "1");
+        assert_eq!(cpu_mask(2), "3");
+        assert_eq!(cpu_mask(8), "ff");
+        assert_eq!(cpu_mask(32), "ffffffff");
+        assert_eq!(cpu_mask(33), "1,ffffffff");
+        assert_eq!(cpu_mask(64), "ffffffff,ffffffff");
+        assert_eq!(cpu_mask(0), "1", "at least one CPU");
     }
 }

@@ -172,10 +172,7 @@ fn measure_all(
     let topo = Topology::new().context("creating the runner, bastion and target namespaces")?;
     settings.congestion_control.pin(&topo)?;
     if settings.rps {
-        rps::spread(
-            &topo,
-            std::thread::available_parallelism().map_or(1, usize::from),
-        )?;
+        rps::spread(&topo)?;
     }
     for ns in [&topo.runner, &topo.bastion] {
         tune_client_side(ns)?;
