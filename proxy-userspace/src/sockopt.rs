@@ -75,10 +75,14 @@ impl SendState {
     }
 }
 
+///
+/// Two reads, `TCP_INFO` then `SIOCOUTQ`: an acknowledgement processed
+/// between them (on another CPU) moves bytes out of the queue after the
+/// acknowledged count was read, so the sum can fall short, never exceed.
+/// Fine for a figure compared against later ones (it only waits longer);
+/// a baseline wants [`settled_send_state`].
 pub fn send_state(fd: BorrowedFd<'_>) -> io::Result<SendState> {
-    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    getsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)?;
+    let info = tcp_info(fd)?;
     let mut queued: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one c_int to the pointer we pass.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
@@ -90,6 +94,29 @@ pub fn send_state(fd: BorrowedFd<'_>) -> io::Result<SendState> {
         queued: u64::try_from(queued).unwrap_or(0),
         tcp_state: info.tcpi_state,
     })
+}
+
+/// How often [`settled_send_state`] reads again before giving up.
+const SETTLE_TRIES: usize = 16;
+
+/// [`send_state`] with both halves from the same moment: the queue is read
+/// between two `TCP_INFO` reads that agree on the acknowledged count, so no
+/// acknowledgement moved bytes between the reads. Only the socket's own
+/// writer adds to the queue, and a baseline is taken while nothing writes.
+/// A baseline that fell short would let a drain barrier pass before the
+/// peer holds every byte, and the shutdown would then cut them off.
+pub fn settled_send_state(fd: BorrowedFd<'_>) -> io::Result<SendState> {
+    let mut state = send_state(fd)?;
+    for _ in 0..SETTLE_TRIES {
+        let acked = tcp_info(fd)?.tcpi_bytes_acked;
+        if acked == state.acked {
+            return Ok(state);
+        }
+        state = send_state(fd)?;
+    }
+    Err(io::Error::other(format!(
+        "acknowledgements kept arriving over {SETTLE_TRIES} reads of the send state"
+    )))
 }
 
 /// `tcpi_bytes_acked + SIOCOUTQ`: see [`SendState::handed_to_tcp`].
@@ -129,10 +156,14 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 
 /// TCP state from `TCP_INFO` (`TCP_ESTABLISHED` = 1, ...).
 pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
+    tcp_info(fd).map(|info| info.tcpi_state)
+}
+
+fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
     // SAFETY: tcp_info is plain old data; all-zero is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     getsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)?;
-    Ok(info.tcpi_state)
+    Ok(info)
 }
 
 /// Sets `SO_RCVLOWAT`. Setting it also re-evaluates the socket's readiness
@@ -255,6 +286,8 @@ mod tests {
         client.write_all(&[7u8; 1000]).expect("write");
         let after = bytes_sent(client.as_fd()).expect("bytes_sent");
         assert_eq!(after - before, 1000);
+        let settled = settled_send_state(client.as_fd()).expect("settled");
+        assert_eq!(settled.handed_to_tcp() - before, 1000);
         assert_eq!(tcp_state(server.as_fd()).expect("state"), 1);
     }
 }

@@ -29,15 +29,18 @@ pub(in crate::datapath) async fn run(
         }
     };
     // Held first, so that no byte arriving from here on runs a verdict
-    // whose peer is not in the SOCKHASH yet; then one TCP_INFO read per
-    // socket gives both its state and its bytes-sent baseline.
+    // whose peer is not in the SOCKHASH yet; then a settled read per socket
+    // gives both its state and its bytes-sent baseline. Settled, because an
+    // acknowledgement of what the agent wrote before (a preamble's answer)
+    // can land between the read's two halves, and a baseline short by those
+    // bytes would let the drain barrier shut the peer down too early.
     let hold = |fd: BorrowedFd<'_>, bytes| sockopt::set_rcvlowat(fd, bytes);
     let prepared = hold(client.as_fd(), i32::MAX)
         .and_then(|()| hold(upstream.as_fd(), i32::MAX))
         .and_then(|()| {
             Ok((
-                sockopt::send_state(client.as_fd())?,
-                sockopt::send_state(upstream.as_fd())?,
+                sockopt::settled_send_state(client.as_fd())?,
+                sockopt::settled_send_state(upstream.as_fd())?,
             ))
         });
     let (client_state, upstream_state) = match prepared {
