@@ -75,6 +75,7 @@ impl SendState {
     }
 }
 
+/// What the socket has sent, from `TCP_INFO` and `SIOCOUTQ`.
 ///
 /// Two reads, `TCP_INFO` then `SIOCOUTQ`: an acknowledgement processed
 /// between them (on another CPU) moves bytes out of the queue after the

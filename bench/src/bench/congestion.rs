@@ -16,6 +16,8 @@ use anyhow::{Context as _, Result};
 use serde::Serialize;
 use tcpgate_tests::Topology;
 
+use super::machine::read_trimmed;
+
 /// A congestion-control algorithm's name, as
 /// `net.ipv4.tcp_congestion_control` takes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -77,15 +79,11 @@ impl CongestionControl {
 
 /// The machine's default algorithm, which new namespaces would take.
 pub fn machine_default() -> String {
-    read("/proc/sys/net/ipv4/tcp_congestion_control")
+    read_trimmed("/proc/sys/net/ipv4/tcp_congestion_control")
 }
 
 fn available() -> String {
-    read("/proc/sys/net/ipv4/tcp_available_congestion_control")
-}
-
-fn read(path: &str) -> String {
-    std::fs::read_to_string(path).map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned())
+    read_trimmed("/proc/sys/net/ipv4/tcp_available_congestion_control")
 }
 
 #[cfg(test)]

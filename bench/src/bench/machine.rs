@@ -42,7 +42,8 @@ impl Machine {
     }
 }
 
-fn read_trimmed(path: &str) -> String {
+/// A file's content, trimmed, or "unknown" when it cannot be read.
+pub(super) fn read_trimmed(path: &str) -> String {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown".into())

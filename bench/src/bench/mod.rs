@@ -24,7 +24,6 @@ mod phases;
 mod report;
 mod results;
 mod routed;
-mod rps;
 mod servers;
 mod sessions;
 mod settings;
@@ -172,7 +171,9 @@ fn measure_all(
     let topo = Topology::new().context("creating the runner, bastion and target namespaces")?;
     settings.congestion_control.pin(&topo)?;
     if settings.rps {
-        rps::spread(&topo)?;
+        // veth has no RSS; see `--rps` and notes-issue-17.md.
+        topo.spread_bastion_receive()
+            .context("--rps: setting rps_cpus on the bastion's links")?;
     }
     for ns in [&topo.runner, &topo.bastion] {
         tune_client_side(ns)?;
