@@ -8,6 +8,12 @@
 //! docs/bench/notes-issue-17.md) and tripled CPU per GiB against cubic, the
 //! kernel's own default. The bench sets one algorithm in every namespace it
 //! makes and records it beside the machine's default.
+//!
+//! A namespace other than the machine's own may only take an algorithm in
+//! `net.ipv4.tcp_allowed_congestion_control` (the kernel answers `EPERM`
+//! otherwise; the machine's default is always in that list). Where the
+//! chosen one is not, [`CongestionControl::allow`] adds it for the run and
+//! puts the list back when its guard drops.
 
 use std::fmt;
 use std::str::FromStr;
@@ -77,6 +83,64 @@ impl CongestionControl {
     }
 }
 
+const ALLOWED: &str = "/proc/sys/net/ipv4/tcp_allowed_congestion_control";
+
+impl CongestionControl {
+    /// Makes sure namespaces may take this algorithm: when the machine's
+    /// allowed list lacks it, adds it until the returned guard drops.
+    pub fn allow(&self) -> Result<Option<AllowedGuard>> {
+        let before =
+            std::fs::read_to_string(ALLOWED).with_context(|| format!("reading {ALLOWED}"))?;
+        let Some(extended) = with_name(before.trim(), &self.0) else {
+            return Ok(None);
+        };
+        std::fs::write(ALLOWED, &extended).with_context(|| {
+            format!(
+                "--congestion-control {self}: adding it to {ALLOWED} (available here: {})",
+                available()
+            )
+        })?;
+        println!(
+            "bench: added {self} to net.ipv4.tcp_allowed_congestion_control for this run, \
+             so the bench's namespaces may take it (put back to {:?} at the end)",
+            before.trim()
+        );
+        Ok(Some(AllowedGuard {
+            before: before.trim().to_owned(),
+        }))
+    }
+}
+
+/// The allowed list as it was before [`CongestionControl::allow`] added
+/// to it; written back on drop.
+#[derive(Debug)]
+pub struct AllowedGuard {
+    before: String,
+}
+
+impl Drop for AllowedGuard {
+    fn drop(&mut self) {
+        if let Err(err) = std::fs::write(ALLOWED, &self.before) {
+            eprintln!(
+                "bench: could not put {ALLOWED} back to {:?}: {err}",
+                self.before
+            );
+        }
+    }
+}
+
+/// The allowed list with `name` added, or `None` when it is already there.
+fn with_name(list: &str, name: &str) -> Option<String> {
+    if list.split_whitespace().any(|allowed| allowed == name) {
+        return None;
+    }
+    Some(if list.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{list} {name}")
+    })
+}
+
 /// The machine's default algorithm, which new namespaces would take.
 pub fn machine_default() -> String {
     read_trimmed("/proc/sys/net/ipv4/tcp_congestion_control")
@@ -96,6 +160,19 @@ mod tests {
             let cc: CongestionControl = name.parse().expect(name);
             assert_eq!(cc.to_string(), name);
         }
+    }
+
+    #[test]
+    fn an_algorithm_missing_from_the_allowed_list_is_added() {
+        assert_eq!(
+            with_name("reno bbr", "cubic").as_deref(),
+            Some("reno bbr cubic")
+        );
+        assert_eq!(with_name("", "cubic").as_deref(), Some("cubic"));
+        assert_eq!(with_name("reno cubic bbr", "cubic"), None);
+        assert_eq!(with_name("reno bbr", "bbr"), None);
+        // A name is matched whole, not as a part of another.
+        assert_eq!(with_name("bbr_2", "bbr").as_deref(), Some("bbr_2 bbr"));
     }
 
     #[test]

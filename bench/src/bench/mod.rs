@@ -167,6 +167,8 @@ fn measure_all(
     started: Instant,
 ) -> Result<()> {
     let work = contender::work_dir()?;
+    // Held to the end: the fleet's namespaces take the algorithm too.
+    let _allowed = settings.congestion_control.allow()?;
     let cgroup = cpu::BenchCgroup::create();
     let topo = Topology::new().context("creating the runner, bastion and target namespaces")?;
     settings.congestion_control.pin(&topo)?;
