@@ -175,6 +175,39 @@ mod tests {
         assert_eq!(with_name("bbr_2", "bbr").as_deref(), Some("bbr_2 bbr"));
     }
 
+    /// Whatever the machine allows, the bench's namespaces take cubic, and
+    /// the machine's allowed list is as it was afterwards (this test once
+    /// would have failed on machines allowing only `reno bbr`: `EPERM`).
+    #[test]
+    fn namespaces_take_the_algorithm_and_the_allowed_list_is_put_back() {
+        if !tcpgate_tests::require_root() {
+            return;
+        }
+        let before = read_trimmed(ALLOWED);
+        let cubic: CongestionControl = "cubic".parse().expect("valid");
+        let topo = Topology::new().expect("namespaces");
+        {
+            let guard = cubic.allow().expect("allowed");
+            let listed = before.split_whitespace().any(|name| name == "cubic");
+            assert_eq!(guard.is_some(), !listed, "allowed list was {before:?}");
+            assert!(
+                read_trimmed(ALLOWED)
+                    .split_whitespace()
+                    .any(|name| name == "cubic"),
+                "{}",
+                read_trimmed(ALLOWED)
+            );
+            cubic.pin(&topo).expect("pinned");
+        }
+        assert_eq!(read_trimmed(ALLOWED), before);
+        for ns in [&topo.runner, &topo.bastion, &topo.target] {
+            let set = ns
+                .exec_ok(&["sysctl", "-n", "net.ipv4.tcp_congestion_control"])
+                .expect("sysctl");
+            assert_eq!(set.trim(), "cubic", "namespace {}", ns.name());
+        }
+    }
+
     #[test]
     fn malformed_names_say_why() {
         assert_eq!("".parse::<CongestionControl>(), Err(NameError::Length(0)));
