@@ -223,3 +223,30 @@ fn the_takeover_pause_goal_is_the_p99_over_runs_not_the_median() {
     assert_eq!(takeover.met(), Some(false), "{}", takeover.shown());
     assert_eq!(takeover.target_text(), "≤ 100 ms");
 }
+
+#[test]
+fn a_ratio_that_rounds_onto_its_limit_shows_the_digits_that_decide() {
+    let mut r = Results::default();
+    for (c, v) in [("direct", 59.75), ("tcpgate-routed", 53.55)] {
+        r.add(Metric::ThroughputEightStreams, c, v);
+    }
+    for (c, v) in [("direct", 1.0), ("tcpgate-routed", 1.2004)] {
+        r.add(Metric::CpuPerGibAttributed, c, v);
+    }
+    let goals = evaluate(&r);
+    let eight = find(
+        &goals,
+        "throughput 8 streams, tcpgate's fastest path vs direct",
+    );
+    assert_eq!(eight.verdict(), "MISSED");
+    assert_eq!(eight.shown(), "0.896× (routed 53.55 vs 59.75 Gbit/s)");
+    let cpu = find(
+        &goals,
+        "CPU per GiB (bench processes + kernel threads) vs direct",
+    );
+    assert_eq!(cpu.verdict(), "MISSED");
+    assert_eq!(cpu.shown(), "1.2004× (routed 1.200 vs 1.000 s/GiB)");
+    // Two decimals where they already agree with the verdict.
+    assert_eq!(ratio_text(0.904, Target::AtLeast(0.9)), "0.90");
+    assert_eq!(ratio_text(0.8949, Target::AtLeast(0.9)), "0.89");
+}
