@@ -35,7 +35,9 @@ pub struct BenchArgs {
     /// (`net.ipv4.tcp_congestion_control`). Fixed so that machines with
     /// other defaults measure the same thing; results.json records the
     /// machine's own default beside it. BBR without the `fq` qdisc made the
-    /// bulk figures bimodal on 2-vCPU machines.
+    /// bulk figures bimodal on 2-vCPU machines. If the machine's
+    /// `net.ipv4.tcp_allowed_congestion_control` lacks NAME (namespaces may
+    /// only take an allowed one), it is added for the run and put back.
     #[arg(long, value_name = "NAME", default_value = "cubic")]
     pub congestion_control: CongestionControl,
     /// Spread the receive processing of the bastion's two links over all
