@@ -33,6 +33,9 @@ pub struct CongestionControl(String);
 /// `TCP_CA_NAME_MAX` is 16 bytes with the terminating NUL.
 const NAME_MAX: usize = 15;
 
+/// The algorithms a namespace other than the machine's may take.
+const ALLOWED: &str = "/proc/sys/net/ipv4/tcp_allowed_congestion_control";
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
     #[error("a congestion control name is 1 to {NAME_MAX} characters, not {0}")]
@@ -81,11 +84,7 @@ impl CongestionControl {
         }
         Ok(())
     }
-}
 
-const ALLOWED: &str = "/proc/sys/net/ipv4/tcp_allowed_congestion_control";
-
-impl CongestionControl {
     /// Makes sure namespaces may take this algorithm: when the machine's
     /// allowed list lacks it, adds it until the returned guard drops.
     pub fn allow(&self) -> Result<Option<AllowedGuard>> {
