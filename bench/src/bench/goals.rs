@@ -137,15 +137,21 @@ fn path_label(c: Contender) -> &'static str {
     }
 }
 
-/// A ratio to two decimals, or to as many more (up to four) as it takes for
-/// the figure shown to agree with the verdict: 0.8962 against `≥ 0.9` reads
-/// `0.896`, never a missed `0.90`.
+/// A ratio to two decimals; see [`decisive`].
 fn ratio_text(q: f64, target: Target) -> String {
-    let met = target.met_by(q);
-    (2..=4)
-        .map(|places| format!("{q:.places$}"))
+    decisive(q, target, 2)
+}
+
+/// `value` to `places` decimals, or to as many more (up to four more) as it
+/// takes for the figure shown to agree with the verdict: 0.8962 against
+/// `≥ 0.9` reads `0.896`, never a missed `0.90`.
+fn decisive(value: f64, target: Target, places: usize) -> String {
+    let met = target.met_by(value);
+    let most = places + 4;
+    (places..=most)
+        .map(|places| format!("{value:.places$}"))
         .find(|shown| shown.parse::<f64>().is_ok_and(|v| target.met_by(v) == met))
-        .unwrap_or_else(|| format!("{q:.4}"))
+        .unwrap_or_else(|| format!("{value:.most$}"))
 }
 
 /// `best / reference` with both medians, when both were measured.
@@ -276,13 +282,14 @@ fn absolute(name: &str, metric: Metric, results: &Results) -> Option<Goal> {
 /// [`absolute`] for the figure `contender` measured.
 fn absolute_of(name: &str, metric: Metric, contender: &str, results: &Results) -> Option<Goal> {
     let unit = metric.unit();
+    let target = absolute_target(metric)?;
     let figure = results.median(metric, contender).map(|v| Figure {
         value: v,
-        shown: format!("{v:.1} {unit}"),
+        shown: format!("{} {unit}", decisive(v, target, 1)),
     });
     Some(Goal {
         name: name.to_owned(),
-        target: absolute_target(metric)?,
+        target,
         unit: format!(" {unit}"),
         figure,
     })
@@ -320,6 +327,7 @@ pub fn evaluate(results: &Results) -> Vec<Goal> {
 /// takeover is what an operator notices).
 fn takeover_goal(results: &Results) -> Option<Goal> {
     let metric = Metric::TakeoverPause;
+    let target = absolute_target(metric)?;
     let figure = results
         .summary(metric, Contender::TcpgateEbpf.name())
         .and_then(|s| {
@@ -327,12 +335,16 @@ fn takeover_goal(results: &Results) -> Option<Goal> {
             let p99 = super::stats::percentile(&runs, 99.0)?;
             Some(Figure {
                 value: p99,
-                shown: format!("{p99:.1} ms (max of 8 streams, {} runs)", runs.len()),
+                shown: format!(
+                    "{} ms (max of 8 streams, {} runs)",
+                    decisive(p99, target, 1),
+                    runs.len()
+                ),
             })
         });
     Some(Goal {
         name: "longest stream pause during a takeover at 1,000 sessions, p99 (issue 15)".to_owned(),
-        target: absolute_target(metric)?,
+        target,
         unit: format!(" {}", metric.unit()),
         figure,
     })

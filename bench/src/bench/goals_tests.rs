@@ -249,4 +249,16 @@ fn a_ratio_that_rounds_onto_its_limit_shows_the_digits_that_decide() {
     // Two decimals where they already agree with the verdict.
     assert_eq!(ratio_text(0.904, Target::AtLeast(0.9)), "0.90");
     assert_eq!(ratio_text(0.8949, Target::AtLeast(0.9)), "0.89");
+
+    // Absolute goals likewise, from one decimal.
+    let mut r = Results::default();
+    r.add(Metric::TeardownP99, "tcpgate-ebpf", 50.04);
+    let goals = evaluate(&r);
+    let teardown = find(&goals, "teardown after grant expiry p99");
+    assert_eq!(
+        (teardown.verdict(), teardown.shown()),
+        ("MISSED", "50.04 ms")
+    );
+    assert_eq!(decisive(49.96, Target::AtMost(50.0), 1), "50.0");
+    assert_eq!(decisive(64.0001, Target::AtMost(64.0), 1), "64.0001");
 }
