@@ -97,11 +97,13 @@ fn the_targets_last_byte_survives_an_answer_acknowledged_during_the_splice() -> 
             })
         })
         .collect();
-    let mut first = None;
-    for runner in runners {
-        let outcome = runner.join().expect("runner thread")?;
-        first = first.or(outcome);
-    }
+    // Every runner is joined before any error is returned: a runner left
+    // running would hold the fixture, and its namespaces and agent would
+    // outlive the test.
+    let outcomes: Vec<Result<Option<String>>> = runners
+        .into_iter()
+        .map(|runner| runner.join().expect("runner thread"))
+        .collect();
     stop.store(true, Ordering::Relaxed);
     for _ in 0..RUNNERS {
         // A connection from the target's own namespace per server thread
@@ -110,6 +112,10 @@ fn the_targets_last_byte_survives_an_answer_acknowledged_during_the_splice() -> 
     }
     for server in servers {
         let _ = server.join();
+    }
+    let mut first = None;
+    for outcome in outcomes {
+        first = first.or(outcome?);
     }
     let (done, cut) = (done.load(Ordering::Relaxed), cut.load(Ordering::Relaxed));
     eprintln!("{done} preamble cycles, {cut} cut short");

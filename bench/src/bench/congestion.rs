@@ -88,9 +88,10 @@ impl CongestionControl {
     /// Makes sure namespaces may take this algorithm: when the machine's
     /// allowed list lacks it, adds it until the returned guard drops.
     pub fn allow(&self) -> Result<Option<AllowedGuard>> {
-        let before =
+        let read =
             std::fs::read_to_string(ALLOWED).with_context(|| format!("reading {ALLOWED}"))?;
-        let Some(extended) = with_name(before.trim(), &self.0) else {
+        let before = read.trim();
+        let Some(extended) = with_name(before, &self.0) else {
             return Ok(None);
         };
         std::fs::write(ALLOWED, &extended).with_context(|| {
@@ -101,11 +102,10 @@ impl CongestionControl {
         })?;
         println!(
             "bench: added {self} to net.ipv4.tcp_allowed_congestion_control for this run, \
-             so the bench's namespaces may take it (put back to {:?} at the end)",
-            before.trim()
+             so the bench's namespaces may take it (put back to {before:?} at the end)"
         );
         Ok(Some(AllowedGuard {
-            before: before.trim().to_owned(),
+            before: before.to_owned(),
         }))
     }
 }
