@@ -8,6 +8,7 @@ use aya::maps::{Map, MapData};
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::map_names;
 
+pub mod run_stats;
 mod sizes;
 
 pub use sizes::MapSizes;

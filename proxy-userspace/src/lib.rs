@@ -10,15 +10,16 @@
 //! Modules use only the layers below them (checked: the import graph of
 //! the top-level modules has no cycle):
 //!
-//! 1. Leaves: `field_error`, `dest`, `sockopt`, `sockdiag`, `bpf`,
-//!    `map_batch` (on `sys_bpf`), `sys_bpf`, `kernel_btf`, `audit`,
+//! 1. Leaves: `field_error`, `dest`, `sockopt`, `sockdiag`, `bpf` and
+//!    `map_batch` (both on `sys_bpf`), `sys_bpf`, `kernel_btf`, `audit`,
 //!    `notify`, `heap`.
 //! 2. `auth` (tokens, JWKS, policy, grants) on `dest` and `field_error`;
 //!    `config` (the file, every section) on `auth`'s `[auth]` schema.
 //! 3. The data path: `datapath` (SOCKHASH splice, user-space copy) on `bpf`
-//!    and `sockopt`; `registry` and `metrics` on `datapath`; `firewall`
-//!    (nftables guard) on `config`; `intercept` (sk_lookup, marks, routes)
-//!    on `datapath`, `firewall` and `config`; `pinned` (operator views).
+//!    and `sockopt`; `registry` and `metrics` on `datapath` (`metrics` also
+//!    on `bpf`, for the programs' run statistics); `firewall` (nftables
+//!    guard) on `config`; `intercept` (sk_lookup, marks, routes) on
+//!    `datapath`, `firewall` and `config`; `pinned` (operator views).
 //! 4. `gate` (admission: grants, preambles, revocations) on `auth`.
 //! 5. `session` (one connection end to end) on `gate`, `datapath`,
 //!    `intercept`, `registry`, `metrics` and `audit`; `routed` (granted

@@ -21,8 +21,10 @@ use proxy_common::session::DirectionCounters;
 use proxy_common::stats::GlobalStats;
 
 use crate::auth::token_cache::TokenCacheStats;
+use crate::bpf::run_stats::ProgramRunStats;
 use crate::datapath::DatapathKind;
 
+mod programs;
 mod register;
 mod token_cache;
 
@@ -148,6 +150,7 @@ pub struct Metrics {
     scrape: Mutex<()>,
     http_limit_hits: Family<HttpLimitLabels, Counter>,
     token_cache: token_cache::TokenCacheMetrics,
+    programs: programs::ProgramMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -158,9 +161,14 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     /// Metrics for an agent running `datapath`; `stats` is the eBPF
-    /// programs' counter map when eBPF is loaded.
+    /// programs' counter map and `programs` their run statistics, when
+    /// eBPF is loaded.
     #[must_use]
-    pub fn new(datapath: DatapathKind, stats: Option<StatsMap>) -> Self {
+    pub fn new(
+        datapath: DatapathKind,
+        stats: Option<StatsMap>,
+        programs: Option<ProgramRunStats>,
+    ) -> Self {
         let mut metrics = Self {
             accepted: Counter::default(),
             denied: Family::default(),
@@ -186,9 +194,11 @@ impl Metrics {
             registry: Registry::with_prefix("tcpgate"),
             http_limit_hits: Family::default(),
             token_cache: token_cache::TokenCacheMetrics::default(),
+            programs: programs::ProgramMetrics::new(programs),
         };
         metrics.register(datapath);
         metrics.token_cache.register(&mut metrics.registry);
+        metrics.programs.register(&mut metrics.registry);
         metrics.registry.register(
             "http_limit_hits",
             "HTTP connections cut by a bound, by server (api, admin) and limit (header_timeout, idle_timeout, max_body, max_header_bytes, max_connections, unauthorized)",
@@ -333,6 +343,7 @@ impl Metrics {
                 stats.overlap_untrimmed,
             );
         }
+        self.programs.update();
         let mut text = String::new();
         if let Err(e) =
             prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)

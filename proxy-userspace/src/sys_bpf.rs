@@ -3,7 +3,8 @@
 //! program by its descriptor. aya runs a program only through its
 //! `Ebpf` object, which the routed path does not hold after start; the
 //! flow watch runs `tcpgate_routed_sweep` every poll and
-//! `tcpgate_routed_end` at each expiry or revocation.
+//! `tcpgate_routed_end` at each expiry or revocation. A program's run
+//! statistics likewise: aya reads them only through the program object.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -84,4 +85,44 @@ pub fn read_pod<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
     // `bytes` holds at least `size_of::<T>()` bytes; `read_unaligned`
     // copes with any alignment.
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` (include/uapi/linux/bpf.h).
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// The `info` member of `union bpf_attr`.
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// How often a loaded program ran and for how long in all, as the kernel
+/// counts while its run statistics are on (`kernel.bpf_stats_enabled`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunCounts {
+    pub runs: u64,
+    pub run_time_ns: u64,
+}
+
+/// Reads a loaded program's [`RunCounts`] by its descriptor.
+pub fn program_run_counts(program: BorrowedFd<'_>) -> io::Result<RunCounts> {
+    // SAFETY: `bpf_prog_info` is integers and arrays of them only, for
+    // which all zeroes is a valid value (and what the kernel expects of
+    // the fields it does not fill).
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr = InfoAttr {
+        bpf_fd: u32::try_from(program.as_raw_fd()).map_err(|_| io::ErrorKind::InvalidInput)?,
+        info_len: u32::try_from(size_of_val(&info)).map_err(|_| io::ErrorKind::InvalidInput)?,
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    // SAFETY: `InfoAttr` is the `info` member's layout; `info` points at a
+    // zeroed `bpf_prog_info` of `info_len` bytes, which the kernel fills
+    // (its pointer fields are zero, so it writes through none of them).
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
+    Ok(RunCounts {
+        runs: info.run_cnt,
+        run_time_ns: info.run_time_ns,
+    })
 }

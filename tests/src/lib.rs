@@ -26,6 +26,7 @@
 pub mod agent;
 pub mod audit;
 pub mod auth_fixture;
+pub mod bpf_stats;
 pub mod bpffs;
 pub mod clients;
 pub mod cmd;

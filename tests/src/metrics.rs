@@ -4,7 +4,7 @@
 //! histograms must be consistent. Written from the format's specification,
 //! independently of the agent's encoder.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -71,6 +71,18 @@ impl Exposition {
     /// (Prometheus clients emit a label set only once it was used).
     pub fn count(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.value(name, labels).unwrap_or(0.0)
+    }
+
+    /// The values label `label` takes across the samples of `name`, once
+    /// each, in order.
+    pub fn label_values(&self, name: &str, label: &str) -> Vec<String> {
+        let values: BTreeSet<&String> = self
+            .samples
+            .iter()
+            .filter(|s| s.name == name)
+            .filter_map(|s| s.labels.get(label))
+            .collect();
+        values.into_iter().cloned().collect()
     }
 }
 

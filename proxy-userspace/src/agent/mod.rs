@@ -65,7 +65,11 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
         Some(section) => Some(Arc::new(Cluster::connect(section).await?)),
         None => None,
     };
-    let mut metrics = crate::metrics::Metrics::new(started.datapath.kind(), started.take_stats());
+    let mut metrics = crate::metrics::Metrics::new(
+        started.datapath.kind(),
+        started.take_stats(),
+        started.program_run_stats(),
+    );
     if let Some(cluster) = &cluster {
         cluster.health().register(metrics.registry_mut());
     }

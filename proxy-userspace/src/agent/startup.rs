@@ -330,6 +330,13 @@ impl Started {
         }
     }
 
+    /// The loaded programs' run statistics, for `/metrics`.
+    pub fn program_run_stats(&self) -> Option<crate::bpf::run_stats::ProgramRunStats> {
+        self.bpf
+            .as_ref()
+            .map(crate::bpf::run_stats::ProgramRunStats::of)
+    }
+
     /// The per-CPU `stats` map, for the metrics endpoint.
     pub fn take_stats(&mut self) -> Option<crate::metrics::StatsMap> {
         let bpf = self.bpf.as_mut()?;

@@ -10,7 +10,7 @@ fn counters(kernel: u64, user: u64) -> DirectionCounters {
 
 #[test]
 fn bytes_sum_closed_and_live_sessions_and_never_go_back() {
-    let metrics = Metrics::new(DatapathKind::Ebpf, None);
+    let metrics = Metrics::new(DatapathKind::Ebpf, None, None);
     metrics.session_closed("client_closed", &counters(100, 0), &counters(7, 0), None);
     let live = Snapshot {
         live_sessions: 1,
@@ -67,7 +67,7 @@ fn bytes_sum_closed_and_live_sessions_and_never_go_back() {
 
 #[test]
 fn denials_and_latencies_are_labelled() {
-    let metrics = Metrics::new(DatapathKind::Userspace, None);
+    let metrics = Metrics::new(DatapathKind::Userspace, None, None);
     metrics.denied("token_expired");
     metrics.denied("token_expired");
     metrics.denied("session_limit");
@@ -90,4 +90,33 @@ fn denials_and_latencies_are_labelled() {
         text.contains("tcpgate_upstream_connect_duration_seconds_count{result=\"error\"} 1\n"),
         "{text}"
     );
+}
+
+#[test]
+fn program_run_statistics_are_per_program_and_never_go_back() {
+    use crate::bpf::run_stats::ProgramRuns;
+    use crate::sys_bpf::RunCounts;
+    let metrics = Metrics::new(DatapathKind::Ebpf, None, None);
+    let figure = |program: &str, runs, run_time_ns| ProgramRuns {
+        program: program.to_owned(),
+        counts: RunCounts { runs, run_time_ns },
+    };
+    metrics.programs.record(&[
+        figure("tcpgate_routed_in", 4, 1_500_000_000),
+        figure("tcpgate_lookup", 2, 250_000_000),
+    ]);
+    // The kernel's counters never go back; neither do ours, whatever a
+    // read returns.
+    metrics
+        .programs
+        .record(&[figure("tcpgate_routed_in", 3, 1_000_000_000)]);
+    let text = metrics.render(&Snapshot::default());
+    for line in [
+        "tcpgate_ebpf_program_runs_total{program=\"tcpgate_routed_in\"} 4\n",
+        "tcpgate_ebpf_program_runs_total{program=\"tcpgate_lookup\"} 2\n",
+        "tcpgate_ebpf_program_run_seconds_total{program=\"tcpgate_routed_in\"} 1.5\n",
+        "tcpgate_ebpf_program_run_seconds_total{program=\"tcpgate_lookup\"} 0.25\n",
+    ] {
+        assert!(text.contains(line), "{line}: {text}");
+    }
 }

@@ -73,7 +73,7 @@ impl Harness {
             .await
             .expect("gate starts")
             .expect("[auth] is configured");
-        let metrics = Arc::new(Metrics::new(DatapathKind::Userspace, None));
+        let metrics = Arc::new(Metrics::new(DatapathKind::Userspace, None, None));
         let audit = AuditLog::open(
             &AuditTarget::parse(&config.audit.path),
             metrics.audit_dropped(),
