@@ -90,13 +90,14 @@ mod tests {
             "rss,latency",
             "--tcpgate",
             "/x/tcpgate",
+            "--bpf-stats",
         ])
         .expect("parses");
         assert_eq!(cli.tcpgate, Some(PathBuf::from("/x/tcpgate")));
         let Verb::Bench(args) = cli.verb else {
             panic!("parsed as {:?}", cli.verb);
         };
-        assert!(args.quick);
+        assert!(args.quick && args.bpf_stats);
         assert_eq!(args.only.len(), 2);
         let cli = Cli::try_parse_from(["tcpgate-bench", "demo", "--bytes", "1024", "--verbose"])
             .expect("parses");

@@ -4,7 +4,10 @@
 //! source grant on an agent with routed grants (the SYN decided by the tc
 //! program, the flow forwarded).
 
+use std::path::PathBuf;
+
 use anyhow::{Context as _, Result};
+use tcpgate_tests::agent::Agent;
 use tcpgate_tests::preamble;
 
 use super::auth::request_grant;
@@ -14,6 +17,7 @@ use super::cpu;
 use super::interrupt;
 use super::phases::{Bench, turn_order};
 use super::ports;
+use super::program_costs::{self, Reading};
 use super::results::{Metric, Results};
 use super::routed;
 use super::settings::Measure;
@@ -96,7 +100,8 @@ fn conn_turn(
             let running = contender::start(c, &bench.env)
                 .with_context(|| format!("starting {}", c.name()))?;
             let addr = c.dial(Service::Connect);
-            rate_of(bench, &running.pids(), c.name(), addr, None, results, line)?;
+            let proxy = Proxy::processes(running.pids());
+            rate_of(bench, &proxy, c.name(), addr, None, results, line)?;
             Ok(Vec::new())
         }
         (ConnTurn::Authenticated, Some(keys)) => authenticated(bench, keys, None, results, line),
@@ -108,7 +113,7 @@ fn conn_turn(
             let addr = contender::target_bind(ports::CONN_ROUTED);
             rate_of(
                 bench,
-                &[agent.pid()],
+                &Proxy::agent(&agent),
                 GRANT_ROUTED,
                 addr,
                 None,
@@ -126,7 +131,8 @@ fn conn_turn(
             let agent =
                 contender::start_agent(&bench.env, datapath, &contender::agent_config_extra(None))?;
             let addr = contender::target_bind(ports::CONN_PREAMBLE);
-            rate_of(bench, &[agent.pid()], subject, addr, None, results, line)?;
+            let proxy = Proxy::agent(&agent);
+            rate_of(bench, &proxy, subject, addr, None, results, line)?;
             contender::stop_agent(agent)
         }
     }
@@ -157,18 +163,18 @@ fn authenticated(
         &tuning,
         &contender::agent_config_extra(Some(&sections)),
     )?;
-    let pids = [agent.pid()];
+    let proxy = Proxy::agent(&agent);
     let token = keys.token(3600);
     let preamble = preamble::encode(&token);
     let addr = contender::target_bind(ports::CONN_PREAMBLE);
     let subject = format!("preamble{suffix}");
-    rate_of(bench, &pids, &subject, addr, Some(preamble), results, line)?;
+    rate_of(bench, &proxy, &subject, addr, Some(preamble), results, line)?;
     let runner = &bench.env.topo.runner;
     runner.try_run(|| request_grant(&token, ports::CONN_GRANT, "10m"))??;
     let addr = contender::target_bind(ports::CONN_GRANT);
     rate_of(
         bench,
-        &pids,
+        &proxy,
         &format!("grant{suffix}"),
         addr,
         None,
@@ -185,17 +191,40 @@ fn cpu_of(pids: &[u32]) -> Result<f64> {
         .sum()
 }
 
+/// The processes doing a turn's proxying (the agent, HAProxy; none for
+/// direct), and the agent's operator socket.
+struct Proxy {
+    pids: Vec<u32>,
+    admin: Option<PathBuf>,
+}
+
+impl Proxy {
+    fn processes(pids: Vec<u32>) -> Self {
+        Self { pids, admin: None }
+    }
+
+    fn agent(agent: &Agent) -> Self {
+        Self {
+            pids: vec![agent.pid()],
+            admin: Some(program_costs::admin_socket(agent)),
+        }
+    }
+}
+
 /// One connection-rate measure, with the CPU per connection of the
-/// processes `pids` (the agent, HAProxy; none for direct).
+/// proxy's processes, and with `--bpf-stats` its programs' time per run.
 fn rate_of(
     bench: &Bench<'_>,
-    pids: &[u32],
+    proxy: &Proxy,
     subject: &str,
     addr: std::net::SocketAddr,
     preamble: Option<Vec<u8>>,
     results: &mut Results,
     line: &mut String,
 ) -> Result<()> {
+    let pids = &proxy.pids;
+    let admin = proxy.admin.as_deref().filter(|_| bench.settings.bpf_stats);
+    let programs = admin.map(Reading::take).transpose()?;
     let cpu_before = cpu_of(pids)?;
     // The load generator and the target's servers are this process's
     // threads; the proxy is in the cgroup.
@@ -211,6 +240,7 @@ fn rate_of(
     let cpu = cpu_of(pids)? - cpu_before;
     let machine = cpu::since(&machine_before, bench.env.cgroup)?;
     let own = contender::process_cpu_seconds(std::process::id())? - own_before;
+    let programs_after = admin.map(Reading::take).transpose()?;
     results.add(Metric::ConnectionsPerSecond, subject, rate.per_second);
     line.push_str(&format!(" {subject} {:.0}", rate.per_second));
     // The whole cycle's cost: the load generator, the target, the proxy
@@ -225,6 +255,9 @@ fn rate_of(
         let cpu_us = cpu * 1e6 / rate.cycles_started.max(1) as f64;
         results.add(Metric::AgentCpuPerConnection, subject, cpu_us);
         line.push_str(&format!(" ({cpu_us:.0} µs CPU)"));
+    }
+    if let (Some(after), Some(before)) = (programs_after, &programs) {
+        after.record_since(before, subject, results, line);
     }
     if rate.failed > 0 {
         results.note(format!(

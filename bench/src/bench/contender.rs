@@ -119,6 +119,14 @@ impl Running {
             Running::Processes { guards } => guards.iter().map(ChildGuard::pid).collect(),
         }
     }
+
+    /// The agent's operator socket, for `--bpf-stats`.
+    pub fn admin_socket(&self) -> Option<std::path::PathBuf> {
+        match self {
+            Running::Agent(agent) => Some(super::program_costs::admin_socket(agent)),
+            _ => None,
+        }
+    }
 }
 
 pub fn start(contender: Contender, env: &Env<'_>) -> Result<Running> {
@@ -201,10 +209,14 @@ pub fn start_agent_tuned(env: &Env<'_>, datapath: &str, agent: &str, extra: &str
     } else {
         "auth = \"none\"\n"
     };
+    // The operator socket in the agent's own directory (`--bpf-stats`
+    // scrapes it), never the machine's /run/tcpgate.
     let config = format!(
-        "{no_auth}[agent]\npin_dir = {pin:?}\n{agent}\n[audit]\npath = {audit:?}\n{extra}",
+        "{no_auth}[agent]\npin_dir = {pin:?}\n{agent}\n[audit]\npath = {audit:?}\n\
+         [admin]\nsocket = {admin:?}\n{extra}",
         pin = builder.pin_dir().display().to_string(),
         audit = builder.audit_path().display().to_string(),
+        admin = builder.dir().join("admin.sock").display().to_string(),
     );
     let agent = builder
         .binary(env.agent_binary)

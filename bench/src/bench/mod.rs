@@ -21,6 +21,7 @@ mod iperf;
 mod latency;
 mod machine;
 mod phases;
+mod program_costs;
 mod report;
 mod results;
 mod routed;
@@ -169,6 +170,12 @@ fn measure_all(
     let work = contender::work_dir()?;
     // Held to the end: the fleet's namespaces take the algorithm too.
     let _allowed = settings.congestion_control.allow()?;
+    // On for the whole run, off again when dropped (or if the bench dies).
+    let _stats = settings
+        .bpf_stats
+        .then(tcpgate_tests::bpf_stats::RunStatsOn::enable)
+        .transpose()
+        .context("--bpf-stats: turning on the kernel's eBPF run statistics")?;
     let cgroup = cpu::BenchCgroup::create();
     let topo = Topology::new().context("creating the runner, bastion and target namespaces")?;
     settings.congestion_control.pin(&topo)?;

@@ -15,6 +15,7 @@ use super::interrupt;
 use super::iperf;
 use super::latency;
 use super::ports;
+use super::program_costs::Reading;
 use super::results::{Metric, Results};
 use super::servers::Shared;
 use super::sessions;
@@ -59,7 +60,9 @@ pub fn datapath(bench: &Bench<'_>, results: &mut Results) -> Result<()> {
             let running = contender::start(c, &bench.env)
                 .with_context(|| format!("starting {}", c.name()))?;
             let mut line = format!("run {}/{} {:<17}", rep + 1, s.runs, c.name());
+            let admin = running.admin_socket().filter(|_| s.bpf_stats);
             if bulk {
+                let programs = admin.as_deref().map(Reading::take).transpose()?;
                 let mut cpu = (0.0, Some(0.0), 0.0);
                 for (streams, metric) in [
                     (1, Metric::ThroughputOneStream),
@@ -83,6 +86,9 @@ pub fn datapath(bench: &Bench<'_>, results: &mut Results) -> Result<()> {
                 if let Some(attributed) = cpu.1 {
                     results.add(Metric::CpuPerGibAttributed, c.name(), attributed / cpu.2);
                     line.push_str(&format!(" (attributed {:.2})", attributed / cpu.2));
+                }
+                if let (Some(admin), Some(before)) = (&admin, programs) {
+                    Reading::take(admin)?.record_since(&before, c.name(), results, &mut line);
                 }
             }
             if lat {

@@ -142,7 +142,7 @@ pub fn markdown(
     let _ = writeln!(
         out,
         "Measured {} ({} mode, {} runs per figure; median and min–max), load average {} before and {} after; \
-         TCP congestion control {} in the bench's namespaces (machine default {}){}.\n",
+         TCP congestion control {} in the bench's namespaces (machine default {}){}{}.\n",
         machine.date,
         settings.mode,
         settings.runs,
@@ -152,6 +152,11 @@ pub fn markdown(
         machine.congestion_control_default,
         if settings.rps {
             "; RPS over all CPUs on the bastion's links"
+        } else {
+            ""
+        },
+        if settings.bpf_stats {
+            "; the kernel's eBPF run statistics on (--bpf-stats: two clock reads added to every program run)"
         } else {
             ""
         }

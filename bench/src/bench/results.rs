@@ -26,10 +26,11 @@ pub enum Metric {
     RevocationP99,
     TakeoverTime,
     TakeoverPause,
+    EbpfRunTime,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 19] = [
+    pub const ALL: [Metric; 20] = [
         Metric::ThroughputOneStream,
         Metric::ThroughputEightStreams,
         Metric::CpuPerGib,
@@ -49,6 +50,7 @@ impl Metric {
         Metric::RevocationP99,
         Metric::TakeoverTime,
         Metric::TakeoverPause,
+        Metric::EbpfRunTime,
     ];
 
     pub fn title(self) -> &'static str {
@@ -74,6 +76,7 @@ impl Metric {
             Metric::RevocationP99 => "revocation on another bastion to session reset p99",
             Metric::TakeoverTime => "takeover at 1,000 sessions, successor start to ready",
             Metric::TakeoverPause => "longest stream pause during a takeover (8 streams)",
+            Metric::EbpfRunTime => "eBPF program time per run (--bpf-stats)",
         }
     }
 
@@ -90,6 +93,7 @@ impl Metric {
             Metric::GrantsPerSecond => "grants/s",
             Metric::RevocationP50 | Metric::RevocationP99 => "ms",
             Metric::TakeoverTime | Metric::TakeoverPause => "ms",
+            Metric::EbpfRunTime => "ns",
         }
     }
 

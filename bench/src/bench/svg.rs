@@ -64,7 +64,8 @@ fn value_text(v: f64) -> String {
 pub fn chart(results: &Results, machine: &Machine, settings: &Settings) -> String {
     let metrics: Vec<Metric> = Metric::ALL
         .into_iter()
-        .filter(|&m| !results.subjects(m).is_empty())
+        // A figure per program and turn: for the tables, not a panel.
+        .filter(|&m| m != Metric::EbpfRunTime && !results.subjects(m).is_empty())
         .collect();
     let rows = metrics.len().div_ceil(COLUMNS).max(1);
     let width = PANEL_W * COLUMNS as f64 + 20.0;
@@ -211,6 +212,7 @@ mod tests {
                 out: "target/bench".into(),
                 congestion_control: "cubic".parse().expect("valid"),
                 rps: false,
+                bpf_stats: false,
             })
             .expect("settings");
         let svg = chart(&r, &machine, &settings);
