@@ -257,7 +257,9 @@ fn rate_of(
         line.push_str(&format!(" ({cpu_us:.0} µs CPU)"));
     }
     if let (Some(after), Some(before)) = (programs_after, &programs) {
-        after.record_since(before, subject, results, line);
+        let seconds = after.record_since(before, subject, results, line);
+        let per_cycle_us = seconds * 1e6 / rate.cycles_started.max(1) as f64;
+        results.add(Metric::EbpfCpuPerConnection, subject, per_cycle_us);
     }
     if rate.failed > 0 {
         results.note(format!(

@@ -88,7 +88,8 @@ pub fn datapath(bench: &Bench<'_>, results: &mut Results) -> Result<()> {
                     line.push_str(&format!(" (attributed {:.2})", attributed / cpu.2));
                 }
                 if let (Some(admin), Some(before)) = (&admin, programs) {
-                    Reading::take(admin)?.record_since(&before, c.name(), results, &mut line);
+                    let _ =
+                        Reading::take(admin)?.record_since(&before, c.name(), results, &mut line);
                 }
             }
             if lat {

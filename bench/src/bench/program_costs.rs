@@ -42,15 +42,16 @@ impl Reading {
 
     /// Adds, per program that ran since `before`, its time per run in ns
     /// (subject `"{turn} {program}"`, without the `tcpgate_` prefix), and
-    /// a short summary to the progress `line`.
+    /// a short summary to the progress `line`; returns the seconds all
+    /// of them took since.
     pub fn record_since(
         &self,
         before: &Reading,
         turn: &str,
         results: &mut Results,
         line: &mut String,
-    ) {
-        let mut parts = Vec::new();
+    ) -> f64 {
+        let (mut parts, mut total) = (Vec::new(), 0.0);
         for (program, runs, seconds) in &self.0 {
             let (runs_before, seconds_before) = before
                 .0
@@ -61,6 +62,7 @@ impl Reading {
             if runs <= 0.0 {
                 continue;
             }
+            total += seconds - seconds_before;
             let ns = (seconds - seconds_before) / runs * 1e9;
             let short = program.strip_prefix("tcpgate_").unwrap_or(program);
             results.add(Metric::EbpfRunTime, &format!("{turn} {short}"), ns);
@@ -69,6 +71,7 @@ impl Reading {
         if !parts.is_empty() {
             line.push_str(&format!(" [ebpf ns/run: {}]", parts.join(", ")));
         }
+        total
     }
 }
 
@@ -97,7 +100,8 @@ mod tests {
             ("tcpgate_routed_out", 500.0, 0.000_1),
         ]);
         let (mut results, mut line) = (Results::default(), String::new());
-        after.record_since(&before, "grant-routed", &mut results, &mut line);
+        let total = after.record_since(&before, "grant-routed", &mut results, &mut line);
+        assert!((total - 0.0011).abs() < 1e-9, "{total}");
         // 1 ms over 2,000 runs; a program that did not run adds nothing;
         // one new since the first reading counts from zero.
         let median = |s| results.median(Metric::EbpfRunTime, s);

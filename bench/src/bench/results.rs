@@ -27,10 +27,11 @@ pub enum Metric {
     TakeoverTime,
     TakeoverPause,
     EbpfRunTime,
+    EbpfCpuPerConnection,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 20] = [
+    pub const ALL: [Metric; 21] = [
         Metric::ThroughputOneStream,
         Metric::ThroughputEightStreams,
         Metric::CpuPerGib,
@@ -51,6 +52,7 @@ impl Metric {
         Metric::TakeoverTime,
         Metric::TakeoverPause,
         Metric::EbpfRunTime,
+        Metric::EbpfCpuPerConnection,
     ];
 
     pub fn title(self) -> &'static str {
@@ -77,6 +79,9 @@ impl Metric {
             Metric::TakeoverTime => "takeover at 1,000 sessions, successor start to ready",
             Metric::TakeoverPause => "longest stream pause during a takeover (8 streams)",
             Metric::EbpfRunTime => "eBPF program time per run (--bpf-stats)",
+            Metric::EbpfCpuPerConnection => {
+                "eBPF programs' time per new connection, all programs (--bpf-stats)"
+            }
         }
     }
 
@@ -94,6 +99,7 @@ impl Metric {
             Metric::RevocationP50 | Metric::RevocationP99 => "ms",
             Metric::TakeoverTime | Metric::TakeoverPause => "ms",
             Metric::EbpfRunTime => "ns",
+            Metric::EbpfCpuPerConnection => "µs",
         }
     }
 
