@@ -74,8 +74,8 @@ pub enum ConnectError {
 }
 
 /// Opens the upstream connection, marked so interception leaves it alone,
-/// with the stall bounds set before the handshake (the client's socket
-/// inherits them from its listener).
+/// with the stall bounds and `TCP_NODELAY` set before the handshake (the
+/// client's socket inherits them from its listener).
 pub async fn connect_upstream(
     addr: SocketAddr,
     mark: Option<u32>,
@@ -92,6 +92,7 @@ pub async fn connect_upstream(
         sockopt::set_mark(socket.as_fd(), mark).map_err(ConnectError::Mark)?;
     }
     sockopt::set_stall_timeout(socket.as_fd(), stall_timeout).map_err(ConnectError::Socket)?;
+    sockopt::set_nodelay(socket.as_fd()).map_err(ConnectError::Socket)?;
     match tokio::time::timeout(timeout, socket.connect(addr)).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(source)) => Err(ConnectError::Connect { addr, source }),

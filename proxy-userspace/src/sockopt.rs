@@ -206,6 +206,15 @@ pub fn set_stall_timeout(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io
     setsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, &3 as &libc::c_int)
 }
 
+/// Turns off Nagle's algorithm (`TCP_NODELAY`). A relay writes whatever
+/// arrived: with Nagle on, a write shorter than a segment waits until the
+/// peer acknowledges everything sent before, and a peer delaying its ACK
+/// (up to 40 ms) then stalls request/response traffic that needs no such
+/// wait end to end. Accepted sockets inherit it from their listener.
+pub fn set_nodelay(fd: BorrowedFd<'_>) -> io::Result<()> {
+    setsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, &1 as &libc::c_int)
+}
+
 /// Forces the send buffer size (`SO_SNDBUFFORCE`, needs CAP_NET_ADMIN),
 /// bypassing `net.core.wmem_max`.
 pub fn force_sndbuf(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
@@ -270,6 +279,24 @@ mod tests {
         )
         .expect("get");
         assert_eq!(idle, 9);
+    }
+
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let nodelay = |fd| {
+            let mut value: libc::c_int = 0;
+            getsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, &mut value).expect("get");
+            value
+        };
+        let plain = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let _first = TcpStream::connect(plain.local_addr().expect("addr")).expect("connect");
+        let (accepted, _) = plain.accept().expect("accept");
+        assert_eq!(nodelay(accepted.as_fd()), 0, "Nagle is on by default");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        set_nodelay(listener.as_fd()).expect("set");
+        let _client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        assert_eq!(nodelay(server.as_fd()), 1);
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub mod cmd;
 pub mod etcd;
 pub mod firewall;
 pub mod fixture;
+pub mod held_sockets;
 pub mod http;
 pub mod inspect;
 pub mod install;

@@ -268,7 +268,7 @@ fn connect_helper_relays_and_forwards() -> Result<()> {
         "127.0.0.1:15000",
         "192.0.2.10:9000",
     ]);
-    let _forwarder = ChildGuard::spawn_logged(&mut forward, fx.agent.dir(), "forwarder")?;
+    let forwarder = ChildGuard::spawn_logged(&mut forward, fx.agent.dir(), "forwarder")?;
     let addr: SocketAddr = "127.0.0.1:15000".parse()?;
     let mut local = tcpgate_tests::eventually(
         Duration::from_secs(10),
@@ -282,7 +282,16 @@ fn connect_helper_relays_and_forwards() -> Result<()> {
     let mut back = vec![0u8; 1000];
     local.read_exact(&mut back)?;
     ensure!(back == Payload::new(9, 1000).to_vec(), "forwarded echo");
-    drop((local, _forwarder));
+    // A relay sends at once on both of its sockets (see tests/nodelay.rs).
+    let held = tcpgate_tests::held_sockets::held_connections(forwarder.pid())?;
+    let local_side = local.local_addr()?;
+    for peer in [local_side, "192.0.2.10:9000".parse()?] {
+        ensure!(
+            held.iter().any(|c| c.peer == peer && c.nodelay),
+            "the forwarder's socket to {peer} without TCP_NODELAY: {held:?}"
+        );
+    }
+    drop((local, forwarder));
 
     let bad_token = fx.token_file(
         &fx.keys

@@ -158,11 +158,15 @@ pub async fn run(config: Config, config_path: PathBuf, takeover: bool) -> Result
     }
     for (listener, _) in &listeners {
         // Accepted sockets inherit the stall bounds (TCP_USER_TIMEOUT,
-        // keepalive): set once here instead of on every client socket.
+        // keepalive) and TCP_NODELAY: set once here instead of on every
+        // client socket (a predecessor's listeners too).
         if let Err(e) =
             crate::sockopt::set_stall_timeout(listener.as_fd(), config.agent.stall_timeout)
         {
             tracing::warn!(error = %e, "cannot bound stalls on a listener's sessions");
+        }
+        if let Err(e) = crate::sockopt::set_nodelay(listener.as_fd()) {
+            tracing::warn!(error = %e, "cannot turn off Nagle's algorithm on a listener's sessions");
         }
     }
     let (stop_accepting, accepting) = watch::channel(false);

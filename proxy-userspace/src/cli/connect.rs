@@ -91,7 +91,15 @@ fn report(e: &ClientError) -> i32 {
 
 async fn open(target: SocketAddr, args: &ConnectArgs) -> Result<TcpStream, ClientError> {
     let token = args.token.source()?.read()?;
-    connect_with_preamble(target, &token, args.timeout).await
+    let stream = connect_with_preamble(target, &token, args.timeout).await?;
+    relaying(&stream);
+    Ok(stream)
+}
+
+/// A relay's socket sends what it is given at once (see
+/// [`crate::sockopt::set_nodelay`]); where that fails it still works.
+fn relaying(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
 }
 
 /// Relays stdin to the service and the service to stdout (ssh ProxyCommand).
@@ -151,6 +159,8 @@ async fn forward(listen: SocketAddr, target: SocketAddr, args: &ConnectArgs) -> 
             };
             match connect_with_preamble(target, &token, timeout).await {
                 Ok(mut remote) => {
+                    relaying(&local);
+                    relaying(&remote);
                     let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
                 }
                 // Dropping `local` closes it, so the local client sees the end.

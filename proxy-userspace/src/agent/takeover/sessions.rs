@@ -130,6 +130,8 @@ pub fn adopt(
     let stream = |fd: OwnedFd| {
         let stream = std::net::TcpStream::from(fd);
         stream.set_nonblocking(true)?;
+        // A predecessor of an older release may have left Nagle on.
+        stream.set_nodelay(true)?;
         tokio::net::TcpStream::from_std(stream)
     };
     match (stream(received.client), stream(received.upstream)) {
