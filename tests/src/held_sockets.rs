@@ -4,7 +4,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// One connected TCP socket of the process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +45,6 @@ pub fn held_connections(pid: u32) -> io::Result<Vec<HeldConnection>> {
         else {
             continue;
         };
-        use std::os::fd::AsRawFd;
         // SAFETY: pidfd_getfd copies descriptor `fd` of the process behind
         // `pidfd` into this one, as a new descriptor we own.
         let copied = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
