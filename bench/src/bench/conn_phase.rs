@@ -17,7 +17,7 @@ use super::cpu;
 use super::interrupt;
 use super::phases::{Bench, turn_order};
 use super::ports;
-use super::program_costs::{self, Reading};
+use super::program_costs::Reading;
 use super::results::{Metric, Results};
 use super::routed;
 use super::settings::Measure;
@@ -206,7 +206,7 @@ impl Proxy {
     fn agent(agent: &Agent) -> Self {
         Self {
             pids: vec![agent.pid()],
-            admin: Some(program_costs::admin_socket(agent)),
+            admin: Some(contender::admin_socket(agent)),
         }
     }
 }

@@ -123,7 +123,7 @@ impl Running {
     /// The agent's operator socket, for `--bpf-stats`.
     pub fn admin_socket(&self) -> Option<std::path::PathBuf> {
         match self {
-            Running::Agent(agent) => Some(super::program_costs::admin_socket(agent)),
+            Running::Agent(agent) => Some(admin_socket(agent)),
             _ => None,
         }
     }
@@ -194,6 +194,14 @@ pub fn agent_config_extra(auth: Option<&str>) -> String {
     )
 }
 
+/// The operator socket's file in a bench agent's directory.
+const ADMIN_SOCKET: &str = "admin.sock";
+
+/// Where a bench agent serves `/metrics` (`--bpf-stats` scrapes it).
+pub fn admin_socket(agent: &Agent) -> std::path::PathBuf {
+    agent.dir().join(ADMIN_SOCKET)
+}
+
 /// Starts the release agent on the bastion with `--datapath <datapath>`.
 pub fn start_agent(env: &Env<'_>, datapath: &str, extra: &str) -> Result<Agent> {
     start_agent_tuned(env, datapath, "", extra)
@@ -216,7 +224,7 @@ pub fn start_agent_tuned(env: &Env<'_>, datapath: &str, agent: &str, extra: &str
          [admin]\nsocket = {admin:?}\n{extra}",
         pin = builder.pin_dir().display().to_string(),
         audit = builder.audit_path().display().to_string(),
-        admin = builder.dir().join("admin.sock").display().to_string(),
+        admin = builder.dir().join(ADMIN_SOCKET).display().to_string(),
     );
     let agent = builder
         .binary(env.agent_binary)

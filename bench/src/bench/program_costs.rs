@@ -3,21 +3,15 @@
 //! and `..._run_seconds_total`, counted while the kernel's run statistics
 //! are on, which the bench holds on for the whole run).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
-use tcpgate_tests::agent::Agent;
 use tcpgate_tests::metrics::{parse, scrape_unix};
 
 use super::results::{Metric, Results};
 
 const RUNS: &str = "tcpgate_ebpf_program_runs_total";
 const SECONDS: &str = "tcpgate_ebpf_program_run_seconds_total";
-
-/// Where the bench's agents serve `/metrics`.
-pub fn admin_socket(agent: &Agent) -> PathBuf {
-    agent.dir().join("admin.sock")
-}
 
 /// Each program's (runs, seconds) at one scrape.
 #[derive(Debug, Default)]
