@@ -8,6 +8,7 @@
 use std::io::{Read, Write};
 
 use anyhow::{Context, Result, ensure};
+use tcpgate_tests::auth_fixture::{AuthFixture, authenticate, echo_service};
 use tcpgate_tests::held_sockets::held_connections;
 use tcpgate_tests::{DataPath, ForwardFixture, serve_once};
 
@@ -37,5 +38,42 @@ fn both_session_sockets_send_at_once(path: DataPath) -> Result<()> {
     client.write_all(b"done")?;
     client.shutdown(std::net::Shutdown::Write)?;
     ensure!(server.join()?? == 4, "the session carried the bytes");
+    Ok(())
+}
+
+/// Intercepted sessions (the transparent listener, not a `[[forward]]`),
+/// admitted by a token preamble and by a source grant: the agent's two
+/// sockets send at once either way.
+#[test]
+fn intercepted_sessions_by_preamble_and_by_grant_send_at_once() -> Result<()> {
+    if !tcpgate_tests::require_root() {
+        return Ok(());
+    }
+    let fx = AuthFixture::start()?;
+    let _server = echo_service(&fx, b"")?;
+    let target = AuthFixture::target(9000);
+    let check = |client: &mut std::net::TcpStream, how: &str| -> Result<()> {
+        client.write_all(b"ping")?;
+        let mut back = [0u8; 4];
+        client.read_exact(&mut back)?;
+        ensure!(&back == b"ping", "{how}: echo");
+        let held = held_connections(fx.agent.pid()).context("the agent's sockets")?;
+        let runner_side = client.local_addr()?;
+        let to_runner = held.iter().find(|c| c.peer == runner_side);
+        let to_target = held.iter().find(|c| c.peer == target);
+        ensure!(
+            to_runner.is_some_and(|c| c.nodelay) && to_target.is_some_and(|c| c.nodelay),
+            "{how}: both session sockets with TCP_NODELAY: {held:?}"
+        );
+        Ok(())
+    };
+    let mut by_preamble = fx.dial_from_runner(target)?;
+    let (status, message) = authenticate(&mut by_preamble, &fx.token())?;
+    ensure!(status == 0, "preamble refused: {message}");
+    check(&mut by_preamble, "preamble")?;
+    drop(by_preamble);
+    fx.grant_from_runner(&fx.token(), &["--allow", "192.0.2.10=9000"])?;
+    let mut by_grant = fx.dial_from_runner(target)?;
+    check(&mut by_grant, "grant")?;
     Ok(())
 }
