@@ -82,32 +82,12 @@ impl Ca {
     /// nobody else: what an attacker's certificates come from.
     #[must_use]
     pub fn new(dir: &Path, stem: &str) -> Ca {
-        let (cert, key) = (
-            dir.join(format!("{stem}.pem")),
-            dir.join(format!("{stem}.key")),
-        );
-        let s = |p: &Path| p.display().to_string();
-        openssl(
+        let (cert, key) = req_x509(
             dir,
+            stem,
+            &format!("/CN=tcpgate test CA {stem}"),
             &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &s(&key),
-                "-out",
-                &s(&cert),
-                "-days",
-                "2",
-                "-subj",
-                &format!("/CN=tcpgate test CA {stem}"),
-                "-addext",
                 "basicConstraints=critical,CA:TRUE",
-                "-addext",
                 "keyUsage=critical,keyCertSign,cRLSign",
             ],
         );
@@ -195,42 +175,45 @@ impl Ca {
 /// What people make first: `openssl req -x509` with openssl's default
 /// extensions (so `CA:TRUE`) and the bastion's names as subjectAltName.
 pub fn self_signed(dir: &Path, stem: &str, names: &[&str]) -> ApiCert {
-    let (cert, key) = (
-        dir.join(format!("{stem}.pem")),
-        dir.join(format!("{stem}.key")),
-    );
-    let (cert_s, key_s, san) = (
-        cert.display().to_string(),
-        key.display().to_string(),
-        san(names),
-    );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key_s,
-            "-out",
-            &cert_s,
-            "-subj",
-            "/CN=bastion",
-            "-addext",
-            &san,
-            "-days",
-            "2",
-        ],
-    );
+    let (cert, key) = req_x509(dir, stem, "/CN=bastion", &[&san(names)]);
     ApiCert {
         trust: cert.clone(),
         cert,
         key,
     }
+}
+
+/// `openssl req -x509` for a new P-256 key, valid two days, with `subject`
+/// and each of `extensions` as an `-addext`: `<stem>.pem` and `<stem>.key`
+/// in `dir`.
+fn req_x509(dir: &Path, stem: &str, subject: &str, extensions: &[&str]) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{stem}.pem")),
+        dir.join(format!("{stem}.key")),
+    );
+    let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
+    let mut args = vec![
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &key_s,
+        "-out",
+        &cert_s,
+        "-days",
+        "2",
+        "-subj",
+        subject,
+    ];
+    for &extension in extensions {
+        args.extend(["-addext", extension]);
+    }
+    openssl(dir, &args);
+    (cert, key)
 }
 
 /// A TLS client stream over `tcp`, trusting only `ca`, for `server` (an IP
