@@ -124,19 +124,18 @@ impl Ca {
         openssl(
             dir,
             &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &s(&key),
-                "-out",
-                &s(&csr),
-                "-subj",
-                &format!("/CN=tcpgate {stem}"),
-            ],
+                &["req"][..],
+                &NEW_P256_KEY,
+                &[
+                    "-keyout",
+                    &s(&key),
+                    "-out",
+                    &s(&csr),
+                    "-subj",
+                    &format!("/CN=tcpgate {stem}"),
+                ],
+            ]
+            .concat(),
         );
         openssl(
             dir,
@@ -183,6 +182,15 @@ pub fn self_signed(dir: &Path, stem: &str, names: &[&str]) -> ApiCert {
     }
 }
 
+/// `openssl req` arguments for a new P-256 key, unencrypted.
+const NEW_P256_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+];
+
 /// `openssl req -x509` for a new P-256 key, valid two days, with `subject`
 /// and each of `extensions` as an `-addext`: `<stem>.pem` and `<stem>.key`
 /// in `dir`.
@@ -192,23 +200,10 @@ fn req_x509(dir: &Path, stem: &str, subject: &str, extensions: &[&str]) -> (Path
         dir.join(format!("{stem}.key")),
     );
     let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
-    let mut args = vec![
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        &key_s,
-        "-out",
-        &cert_s,
-        "-days",
-        "2",
-        "-subj",
-        subject,
-    ];
+    let mut args = [&["req", "-x509"][..], &NEW_P256_KEY].concat();
+    args.extend([
+        "-keyout", &key_s, "-out", &cert_s, "-days", "2", "-subj", subject,
+    ]);
     for &extension in extensions {
         args.extend(["-addext", extension]);
     }
