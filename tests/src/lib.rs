@@ -24,6 +24,7 @@
 //! ```
 
 pub mod agent;
+pub mod at_exit;
 pub mod audit;
 pub mod auth_fixture;
 pub mod bpf_stats;

@@ -28,9 +28,9 @@ pub fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// PEM files of every key type, generated once per test binary.
+/// PEM files of every key type, generated once per test binary, in a
+/// directory removed when the process exits.
 pub struct KeyFiles {
-    _dir: tempfile::TempDir,
     pub rsa: Vec<u8>,
     pub rsa_public: Vec<u8>,
     pub rsa2: Vec<u8>,
@@ -45,8 +45,8 @@ pub struct KeyFiles {
 pub fn key_files() -> &'static KeyFiles {
     static KEYS: OnceLock<KeyFiles> = OnceLock::new();
     KEYS.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let d = dir.path();
+        let dir = crate::at_exit::remove_dir_at_exit(tempfile::tempdir().expect("tempdir"));
+        let d = dir.as_path();
         openssl(
             d,
             &[
@@ -178,7 +178,6 @@ pub fn key_files() -> &'static KeyFiles {
             ca_pem: d.join("ca.pem"),
             server_cert: d.join("server.pem"),
             server_key: d.join("server.key"),
-            _dir: dir,
         }
     })
 }

@@ -4,6 +4,8 @@
 
 #[path = "selftest/agent.rs"]
 mod agent;
+#[path = "selftest/keys.rs"]
+mod keys;
 #[path = "selftest/network.rs"]
 mod network;
 #[path = "selftest/notify.rs"]
